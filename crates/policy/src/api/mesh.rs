@@ -1,0 +1,141 @@
+//! The part of Istio's `MeshConfig` that security decisions depend on.
+
+use serde::{Deserialize, Serialize};
+
+/// Mesh-wide settings. Unknown MeshConfig fields (access logging, tracing, ...)
+/// are accepted and ignored so a real `istio` ConfigMap's `mesh` loads as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    /// Policies here without a selector apply mesh-wide.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domain_aliases: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extension_providers: Vec<ExtensionProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<PathNormalization>,
+}
+
+fn default_root_namespace() -> String {
+    "istio-system".to_owned()
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            root_namespace: default_root_namespace(),
+            trust_domain: default_trust_domain(),
+            trust_domain_aliases: Vec::new(),
+            extension_providers: Vec::new(),
+            path_normalization: None,
+        }
+    }
+}
+
+impl MeshConfig {
+    pub fn extension_provider(&self, name: &str) -> Option<&ExtensionProvider> {
+        self.extension_providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn normalization(&self) -> PathNormalizationMode {
+        self.path_normalization
+            .as_ref()
+            .map(|p| p.normalization)
+            .unwrap_or_default()
+            .effective()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathNormalization {
+    #[serde(default)]
+    pub normalization: PathNormalizationMode,
+}
+
+/// `MeshConfig.ProxyPathNormalization.NormalizationType`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalizationMode {
+    /// Istio's default, which is [`PathNormalizationMode::Base`].
+    #[default]
+    Default,
+    None,
+    Base,
+    MergeSlashes,
+    DecodeAndMergeSlashes,
+}
+
+impl PathNormalizationMode {
+    pub fn effective(self) -> PathNormalizationMode {
+        match self {
+            PathNormalizationMode::Default => PathNormalizationMode::Base,
+            other => other,
+        }
+    }
+}
+
+/// `MeshConfig.extensionProviders[]`: the kinds a CUSTOM policy can name.
+/// Providers of other kinds (tracing, logging) are kept by name only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_http: Option<EnvoyExtAuthzHttp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_grpc: Option<EnvoyExtAuthzGrpc>,
+}
+
+impl ExtensionProvider {
+    /// Whether a CUSTOM policy can use this provider for authorization.
+    pub fn is_authorizer(&self) -> bool {
+        self.envoy_ext_authz_http.is_some() || self.envoy_ext_authz_grpc.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyExtAuthzHttp {
+    pub service: String,
+    pub port: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path_prefix: String,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status_on_error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_request_headers_in_check: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub include_additional_headers_in_check: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyExtAuthzGrpc {
+    pub service: String,
+    pub port: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status_on_error: String,
+}

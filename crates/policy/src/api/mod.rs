@@ -1,0 +1,127 @@
+//! Typed Istio API resources, field for field as in `security.istio.io`.
+//!
+//! The structs mirror Istio's protobuf schema (`istio.io/api/security/v1`) in its
+//! JSON/YAML form (camelCase). `v1` and `v1beta1` share one schema, so one set of
+//! types serves both. Unknown fields are rejected, as Kubernetes' structural
+//! schema validation would, so a typo never silently weakens a policy.
+
+mod authorization;
+mod mesh;
+mod meta;
+mod peer_authentication;
+mod request_authentication;
+
+pub use authorization::{
+    Action, AuthorizationPolicy, Condition, ExtensionProviderRef, Operation, Rule, RuleFrom,
+    RuleTo, Source,
+};
+pub use mesh::{
+    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, PathNormalization,
+    PathNormalizationMode,
+};
+pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
+pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationMtls};
+pub use request_authentication::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication};
+
+use serde::{Deserialize, Serialize};
+
+/// The API group of every security kind meshward reads.
+pub const SECURITY_GROUP: &str = "security.istio.io";
+/// API versions of [`SECURITY_GROUP`] that share the schema implemented here.
+pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+/// A Kubernetes-style object: type, metadata and a typed spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Object<S> {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: S,
+    /// Kubernetes adds `status` to stored objects; it carries no policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+impl<S> Object<S> {
+    /// `namespace/name`, the way Istio names a policy in logs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace_or_default(), self.metadata.name)
+    }
+}
+
+/// One of the security kinds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    PeerAuthentication(PeerAuthentication),
+    RequestAuthentication(RequestAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
+}
+
+/// Which security kind a document is, from its `kind` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    PeerAuthentication,
+    RequestAuthentication,
+    AuthorizationPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [
+        Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
+        Kind::AuthorizationPolicy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+
+    pub fn parse(kind: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Policy {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Policy::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Policy::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Policy::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Policy::PeerAuthentication(o) => &o.metadata,
+            Policy::RequestAuthentication(o) => &o.metadata,
+            Policy::AuthorizationPolicy(o) => &o.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Policy::PeerAuthentication(o) => &mut o.metadata,
+            Policy::RequestAuthentication(o) => &mut o.metadata,
+            Policy::AuthorizationPolicy(o) => &mut o.metadata,
+        }
+    }
+
+    /// `Kind namespace/name`, as errors name a resource.
+    pub fn display_name(&self) -> String {
+        let m = self.metadata();
+        format!("{} {}/{}", self.kind(), m.namespace_or_default(), m.name)
+    }
+}

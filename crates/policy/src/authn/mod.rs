@@ -1,0 +1,374 @@
+//! Request authentication: finding, verifying and using JWTs, as Istio's
+//! RequestAuthentication configures Envoy's `jwt_authn` filter.
+//!
+//! A request without a token passes (authorization decides whether that is
+//! acceptable); a request with a token that no rule can verify is rejected
+//! with 401 (403 when only the audience is wrong).
+
+pub mod jwks;
+mod principal;
+mod token;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+pub use jwks::{JwksCache, JwksFetcher};
+pub use principal::JwtPrincipal;
+use token::{Location, extract};
+
+use crate::api::{JwtRule, RequestAuthentication};
+use crate::request::HttpRequest;
+
+/// Claims Envoy always treats as space-delimited lists when matching.
+const SPACE_DELIMITED_DEFAULTS: [&str; 2] = ["permission", "scope"];
+/// Clock skew allowed on `exp` and `nbf` (Envoy's default).
+const CLOCK_SKEW_SECONDS: u64 = 60;
+
+/// What request authentication concluded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthnOutcome {
+    /// No token at any configured location (or no JWT rules apply, or a CORS preflight).
+    NoToken,
+    /// A token verified; the principal and the header changes to make upstream.
+    Authenticated {
+        principal: Box<JwtPrincipal>,
+        headers: HeaderEdits,
+    },
+    /// A token was present and no rule accepted it.
+    Failed(AuthnFailure),
+}
+
+/// Why a present token was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthnFailure {
+    /// 401, or 403 for an audience mismatch (as Envoy).
+    pub status: u16,
+    /// Envoy's wording: "Jwt is expired", "Jwt verification fails", ...
+    pub message: String,
+}
+
+impl AuthnFailure {
+    fn unauthorized(message: impl Into<String>) -> Self {
+        AuthnFailure {
+            status: 401,
+            message: message.into(),
+        }
+    }
+
+    /// The `www-authenticate` value for the response, for the request's URI.
+    pub fn www_authenticate(&self, request: &HttpRequest, scheme: &str) -> String {
+        let path = crate::authz::normalize::strip_query(&request.path);
+        let mut realm = format!("{scheme}://{}{path}", request.host);
+        if realm.len() > 256 {
+            let mut end = 256;
+            while !realm.is_char_boundary(end) {
+                end -= 1;
+            }
+            realm.truncate(end);
+        }
+        format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+    }
+}
+
+/// Header changes for the upstream request after successful authentication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderEdits {
+    /// Headers to remove (the token's header when not forwarded).
+    pub remove: Vec<String>,
+    /// Headers to set, replacing any value the client sent.
+    pub set: Vec<(String, String)>,
+}
+
+impl HeaderEdits {
+    pub fn apply(&self, request: &mut HttpRequest) {
+        for name in &self.remove {
+            request.remove_header(name);
+        }
+        for (name, value) in &self.set {
+            request.set_header(name, value.clone());
+        }
+    }
+}
+
+/// A JWT rule ready to use: its key source and token locations.
+#[derive(Debug, Clone)]
+struct CompiledRule {
+    rule: JwtRule,
+    keys: KeySource,
+    locations: Vec<Location>,
+    space_delimited: Arc<[String]>,
+}
+
+#[derive(Debug, Clone)]
+enum KeySource {
+    Inline(Arc<JwkSet>),
+    Remote(String),
+    /// Validation admits neither-set rules; tokens for them cannot verify.
+    None,
+}
+
+/// The JWT rules of one workload (all applicable RequestAuthentications, merged).
+#[derive(Debug, Clone, Default)]
+pub struct Authenticator {
+    rules: Vec<CompiledRule>,
+    jwks: Arc<JwksCache>,
+}
+
+impl Authenticator {
+    /// Merges the rules of every applicable policy, sorted by issuer as Istio does.
+    pub fn new(policies: &[&RequestAuthentication], jwks: Arc<JwksCache>) -> Authenticator {
+        let mut rules: Vec<&JwtRule> = policies.iter().flat_map(|p| p.spec.jwt_rules.iter()).collect();
+        rules.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        let rules = rules
+            .into_iter()
+            .map(|rule| {
+                let keys = if !rule.jwks.is_empty() {
+                    match jwks::parse_jwks(&rule.jwks) {
+                        Ok(set) => KeySource::Inline(Arc::new(set)),
+                        Err(_) => KeySource::None,
+                    }
+                } else if !rule.jwks_uri.is_empty() {
+                    KeySource::Remote(rule.jwks_uri.clone())
+                } else {
+                    KeySource::None
+                };
+                let mut space_delimited: Vec<String> = SPACE_DELIMITED_DEFAULTS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(rule.space_delimited_claims.iter().cloned())
+                    .collect();
+                space_delimited.sort();
+                space_delimited.dedup();
+                CompiledRule {
+                    locations: token::locations(rule),
+                    rule: rule.clone(),
+                    keys,
+                    space_delimited: space_delimited.into(),
+                }
+            })
+            .collect();
+        Authenticator { rules, jwks }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.rule.issuer.as_str())
+    }
+
+    /// Authenticates one request.
+    pub fn authenticate(&self, request: &HttpRequest) -> AuthnOutcome {
+        if self.rules.is_empty() || is_cors_preflight(request) {
+            return AuthnOutcome::NoToken;
+        }
+        let mut first_failure: Option<AuthnFailure> = None;
+        let mut seen: Vec<String> = Vec::new();
+        for rule in &self.rules {
+            for found in extract(request, &rule.locations) {
+                if seen.contains(&found.token) {
+                    continue;
+                }
+                seen.push(found.token.clone());
+                match self.verify(&found) {
+                    Ok((principal, matched)) => {
+                        let headers = output_headers(&self.rules[matched].rule, &found, &principal);
+                        return AuthnOutcome::Authenticated {
+                            principal: Box::new(principal),
+                            headers,
+                        };
+                    }
+                    Err(failure) => {
+                        first_failure.get_or_insert(failure);
+                    }
+                }
+            }
+        }
+        match first_failure {
+            Some(failure) => AuthnOutcome::Failed(failure),
+            None => AuthnOutcome::NoToken,
+        }
+    }
+
+    /// Verifies a token with the rule for its issuer that reads tokens from
+    /// where this one was found.
+    fn verify(&self, found: &token::Found) -> Result<(JwtPrincipal, usize), AuthnFailure> {
+        let token = found.token.as_str();
+        let parts: Vec<&str> = token.split('.').collect();
+        if parts.len() != 3 {
+            return Err(AuthnFailure::unauthorized(
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+            ));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthnFailure::unauthorized("Jwt header is an invalid JSON or uses an unsupported algorithm"))?;
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1].trim_end_matches('='))
+            .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
+        let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&payload)
+            .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid JSON"))?;
+        let issuer = claims.get("iss").and_then(|v| v.as_str()).unwrap_or_default();
+        let index = self
+            .rules
+            .iter()
+            .position(|r| r.rule.issuer == issuer && r.locations.contains(&found.location))
+            .ok_or_else(|| AuthnFailure::unauthorized("Jwt issuer is not configured"))?;
+        let rule = &self.rules[index];
+
+        let keys = match &rule.keys {
+            KeySource::Inline(keys) => keys.clone(),
+            KeySource::Remote(uri) => self
+                .jwks
+                .keys(uri)
+                .map_err(|_| AuthnFailure::unauthorized("Jwks remote fetch is failed"))?,
+            KeySource::None => return Err(AuthnFailure::unauthorized("Jwks doesn't have key to match kid or alg from Jwt")),
+        };
+        let mut result = verify_with(token, &header, &keys, &rule.rule);
+        if matches!(result, Err(VerifyError::NoKey))
+            && let KeySource::Remote(uri) = &rule.keys
+            && let Some(fresh) = self.jwks.refresh_for_unknown_kid(uri)
+        {
+            result = verify_with(token, &header, &fresh, &rule.rule);
+        }
+        let claims = result.map_err(VerifyError::into_failure)?;
+        Ok((JwtPrincipal::new(claims, rule.space_delimited.clone()), index))
+    }
+}
+
+fn is_cors_preflight(request: &HttpRequest) -> bool {
+    request.method == "OPTIONS"
+        && request.header("origin").is_some_and(|v| !v.is_empty())
+        && request
+            .header("access-control-request-method")
+            .is_some_and(|v| !v.is_empty())
+}
+
+enum VerifyError {
+    NoKey,
+    Failed(jsonwebtoken::errors::ErrorKind),
+}
+
+impl VerifyError {
+    fn into_failure(self) -> AuthnFailure {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match self {
+            VerifyError::NoKey => AuthnFailure::unauthorized("Jwks doesn't have key to match kid or alg from Jwt"),
+            VerifyError::Failed(kind) => match kind {
+                K::ExpiredSignature => AuthnFailure::unauthorized("Jwt is expired"),
+                K::ImmatureSignature => AuthnFailure::unauthorized("Jwt not yet valid"),
+                K::InvalidAudience | K::MissingRequiredClaim(_) => AuthnFailure {
+                    status: 403,
+                    message: "Audiences in Jwt are not allowed".into(),
+                },
+                K::InvalidIssuer => AuthnFailure::unauthorized("Jwt issuer is not configured"),
+                K::InvalidClaimFormat(_) | K::Json(_) => AuthnFailure::unauthorized("Jwt payload is an invalid JSON"),
+                _ => AuthnFailure::unauthorized("Jwt verification fails"),
+            },
+        }
+    }
+}
+
+/// The algorithms a key may verify, pinned by its type (and its `alg`, when
+/// the key states one), so an RSA public key can never be used as an HMAC
+/// secret and `none` is never accepted.
+fn allowed_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
+    use Algorithm::*;
+    let by_type: Vec<Algorithm> = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => vec![ES256],
+            EllipticCurve::P384 => vec![ES384],
+            _ => vec![],
+        },
+        AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
+        AlgorithmParameters::OctetKey(_) => vec![HS256, HS384, HS512],
+        _ => vec![],
+    };
+    match jwk.common.key_algorithm.and_then(|a| Algorithm::from_str_opt(&a.to_string())) {
+        Some(stated) => by_type.into_iter().filter(|a| *a == stated).collect(),
+        None => by_type,
+    }
+}
+
+trait FromStrOpt: Sized {
+    fn from_str_opt(s: &str) -> Option<Self>;
+}
+
+impl FromStrOpt for Algorithm {
+    fn from_str_opt(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
+fn verify_with(
+    token: &str,
+    header: &jsonwebtoken::Header,
+    keys: &JwkSet,
+    rule: &JwtRule,
+) -> Result<serde_json::Map<String, serde_json::Value>, VerifyError> {
+    let candidates = keys.keys.iter().filter(|k| match (&header.kid, &k.common.key_id) {
+        (Some(kid), Some(key_id)) => kid == key_id,
+        // A token without kid is tried against every key (Envoy does the same);
+        // a token with a kid never matches a key without one.
+        (None, _) => true,
+        (Some(_), None) => false,
+    });
+    let mut last = VerifyError::NoKey;
+    for jwk in candidates {
+        if !allowed_algorithms(jwk).contains(&header.alg) {
+            continue;
+        }
+        let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = CLOCK_SKEW_SECONDS;
+        validation.validate_nbf = true;
+        validation.required_spec_claims.clear();
+        validation.set_issuer(&[&rule.issuer]);
+        if rule.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&rule.audiences);
+            validation.required_spec_claims.insert("aud".into());
+        }
+        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &validation) {
+            Ok(data) => return Ok(data.claims),
+            Err(e) => {
+                let kind = e.into_kind();
+                // A signature that does not verify with this key may verify with the next.
+                if matches!(kind, jsonwebtoken::errors::ErrorKind::InvalidSignature) {
+                    last = VerifyError::Failed(kind);
+                    continue;
+                }
+                return Err(VerifyError::Failed(kind));
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Headers to set or remove upstream after `rule` verified `found`.
+fn output_headers(rule: &JwtRule, found: &token::Found, principal: &JwtPrincipal) -> HeaderEdits {
+    let mut edits = HeaderEdits::default();
+    if !rule.forward_original_token
+        && let Some(header) = &found.header
+    {
+        edits.remove.push(header.clone());
+    }
+    if !rule.output_payload_to_header.is_empty() {
+        let payload = found.token.split('.').nth(1).unwrap_or_default();
+        edits.set.push((
+            rule.output_payload_to_header.to_ascii_lowercase(),
+            payload.trim_end_matches('=').to_owned(),
+        ));
+    }
+    for c in &rule.output_claim_to_headers {
+        if let Some(value) = principal.claim_for_header(&c.claim) {
+            edits.set.push((c.header.to_ascii_lowercase(), value));
+        }
+    }
+    edits
+}

@@ -1,0 +1,546 @@
+//! Authorization with Istio's semantics: CUSTOM, then DENY, then ALLOW;
+//! AUDIT marks, dry-run reports, and every decision explains itself.
+//!
+//! An [`Authorizer`] is built once per workload and configuration (the
+//! policies that apply to that workload, compiled and indexed) and then
+//! answers per request without allocation beyond the explanation.
+
+pub(crate) mod attributes;
+pub(crate) mod compile;
+pub mod condition;
+pub mod matcher;
+pub mod normalize;
+pub mod path_template;
+pub(crate) mod trust_domain;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Serialize;
+
+pub use attributes::Attributes;
+use compile::CompiledRule;
+
+use crate::api::{Action, AuthorizationPolicy, ExtensionProvider, MeshConfig};
+use crate::validate::{DRY_RUN_ANNOTATION, parse_bool};
+
+/// A policy by `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Serialize for RuleRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("RuleRef", 3)?;
+        st.serialize_field("policy", &self.policy.to_string())?;
+        st.serialize_field("rule", &self.rule)?;
+        st.serialize_field("action", &self.action)?;
+        st.end()
+    }
+}
+
+/// The policy, rule and action behind an outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    pub policy: PolicyRef,
+    pub rule: Option<usize>,
+    pub action: Action,
+}
+
+/// allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// What a dry-run policy would have done to this request on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DryRunResult {
+    #[serde(serialize_with = "display")]
+    pub policy: PolicyRef,
+    pub action: Action,
+    /// The rule that matched, if any.
+    pub rule: Option<usize>,
+    pub decision: Verdict,
+}
+
+fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// The outcome of authorization for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzDecision {
+    pub verdict: Verdict,
+    /// The rule that decided; `None` when nothing matched (allow with no
+    /// ALLOW policies, or deny-by-default with no ALLOW rule matching).
+    pub deciding: Option<RuleRef>,
+    /// One line for humans: which policy and rule, and what matched.
+    pub reason: String,
+    /// The first AUDIT rule that matched: the request is to be audit-logged.
+    pub audit: Option<RuleRef>,
+    pub dry_run: Vec<DryRunResult>,
+    /// The HTTP status for a CUSTOM denial or provider error (403 otherwise).
+    pub status: u16,
+}
+
+impl AuthzDecision {
+    pub fn allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+/// The answer of an external authorizer for a CUSTOM policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomVerdict {
+    Allow,
+    /// Denied, with the status the provider returned (403 if it did not say).
+    Deny(u16),
+    /// The provider could not be reached or answered nonsense.
+    Error(String),
+}
+
+/// A CUSTOM rule matched: this provider must be asked before deciding.
+#[derive(Debug, Clone)]
+pub struct CustomCheck<'a> {
+    pub rule: RuleRef,
+    pub provider: &'a ExtensionProvider,
+}
+
+#[derive(Debug, Clone)]
+struct PolicyInfo {
+    key: PolicyRef,
+    action: Action,
+    provider: Option<String>,
+}
+
+/// Rules of one action for one protocol, indexed by what can be looked up
+/// exactly (normalized path, peer principal, destination port) so a request
+/// only evaluates the rules that could match it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RuleSet {
+    rules: Vec<CompiledRule>,
+    by_path: HashMap<String, Vec<u32>>,
+    by_principal: HashMap<String, Vec<u32>>,
+    by_port: HashMap<u16, Vec<u32>>,
+    scan: Vec<u32>,
+}
+
+impl RuleSet {
+    fn new(rules: Vec<CompiledRule>) -> RuleSet {
+        let mut set = RuleSet::default();
+        for (i, rule) in rules.iter().enumerate() {
+            let id = i as u32;
+            let push = |map: &mut HashMap<String, Vec<u32>>, keys: Vec<&str>| {
+                for key in keys {
+                    let ids = map.entry(key.to_owned()).or_default();
+                    if ids.last() != Some(&id) {
+                        ids.push(id);
+                    }
+                }
+            };
+            if let Some(paths) = rule.required_paths() {
+                push(&mut set.by_path, paths);
+            } else if let Some(principals) = rule.required_principals() {
+                push(&mut set.by_principal, principals);
+            } else if let Some(ports) = rule.required_ports() {
+                for port in ports {
+                    let ids = set.by_port.entry(port).or_default();
+                    if ids.last() != Some(&id) {
+                        ids.push(id);
+                    }
+                }
+            } else {
+                set.scan.push(id);
+            }
+        }
+        set.rules = rules;
+        set
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule (in policy order) that matches.
+    fn first_match(&self, attrs: &Attributes<'_>) -> Option<&CompiledRule> {
+        let mut best: Option<u32> = None;
+        let mut consider = |ids: &[u32]| {
+            for &id in ids {
+                if best.is_some_and(|b| id >= b) {
+                    break;
+                }
+                if self.rules[id as usize].matches(attrs) {
+                    best = Some(id);
+                    break;
+                }
+            }
+        };
+        if let Some(ids) = attrs.path().and_then(|p| self.by_path.get(p)) {
+            consider(ids);
+        }
+        if let Some(ids) = attrs.principal().and_then(|p| self.by_principal.get(p)) {
+            consider(ids);
+        }
+        if let Some(ids) = self.by_port.get(&attrs.destination_port) {
+            consider(ids);
+        }
+        consider(&self.scan);
+        best.map(|id| &self.rules[id as usize])
+    }
+}
+
+/// One action's rules, for HTTP requests and for TCP connections.
+#[derive(Debug, Clone, Default)]
+struct ActionRules {
+    http: RuleSet,
+    tcp: RuleSet,
+}
+
+impl ActionRules {
+    fn new(rules: Vec<CompiledRule>, action: Action, tcp_filter: impl Fn(&CompiledRule) -> bool) -> Self {
+        let tcp = rules
+            .iter()
+            .filter(|r| tcp_filter(r))
+            .filter_map(|r| r.for_tcp(action))
+            .collect();
+        ActionRules {
+            http: RuleSet::new(rules),
+            tcp: RuleSet::new(tcp),
+        }
+    }
+
+    fn for_request(&self, attrs: &Attributes<'_>) -> &RuleSet {
+        if attrs.is_http() { &self.http } else { &self.tcp }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DryRunPolicy {
+    policy: usize,
+    rules: ActionRules,
+}
+
+/// The compiled authorization policies of one workload.
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    policies: Vec<PolicyInfo>,
+    custom: ActionRules,
+    deny: ActionRules,
+    allow: ActionRules,
+    audit: ActionRules,
+    dry_run: Vec<DryRunPolicy>,
+    /// The provider CUSTOM policies use, when they agree on exactly one that
+    /// MeshConfig defines as an authorizer; otherwise why not.
+    provider: Result<Option<ExtensionProvider>, String>,
+}
+
+impl Default for Authorizer {
+    fn default() -> Self {
+        Authorizer {
+            policies: Vec::new(),
+            custom: ActionRules::default(),
+            deny: ActionRules::default(),
+            allow: ActionRules::default(),
+            audit: ActionRules::default(),
+            dry_run: Vec::new(),
+            provider: Ok(None),
+        }
+    }
+}
+
+/// Whether an AuthorizationPolicy is in dry-run: the annotation parses as true.
+/// A value that does not parse leaves the policy enforced (fail closed).
+pub fn is_dry_run(policy: &AuthorizationPolicy) -> bool {
+    matches!(policy.spec.action, Action::Allow | Action::Deny)
+        && policy
+            .metadata
+            .annotations
+            .get(DRY_RUN_ANNOTATION)
+            .and_then(|v| parse_bool(v))
+            .unwrap_or(false)
+}
+
+impl Authorizer {
+    /// Compiles the policies that apply to one workload.
+    pub fn new(policies: &[&AuthorizationPolicy], mesh: &MeshConfig) -> Authorizer {
+        let mut sorted: Vec<&AuthorizationPolicy> = policies.to_vec();
+        sorted.sort_by(|a, b| {
+            (a.metadata.namespace_or_default(), &a.metadata.name)
+                .cmp(&(b.metadata.namespace_or_default(), &b.metadata.name))
+        });
+        let mut infos = Vec::with_capacity(sorted.len());
+        let mut by_action: HashMap<Action, Vec<CompiledRule>> = HashMap::new();
+        let mut dry_run = Vec::new();
+        for (idx, policy) in sorted.iter().enumerate() {
+            let namespace = policy.metadata.namespace_or_default();
+            infos.push(PolicyInfo {
+                key: PolicyRef {
+                    namespace: namespace.to_owned(),
+                    name: policy.metadata.name.clone(),
+                },
+                action: policy.spec.action,
+                provider: policy.spec.provider.as_ref().map(|p| p.name.clone()),
+            });
+            let rules: Vec<CompiledRule> = policy
+                .spec
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| compile::compile_rule(r, idx, i, namespace, mesh))
+                .collect();
+            if is_dry_run(policy) {
+                dry_run.push(DryRunPolicy {
+                    policy: idx,
+                    rules: ActionRules::new(rules, policy.spec.action, |_| true),
+                });
+            } else {
+                by_action.entry(policy.spec.action).or_default().extend(rules);
+            }
+        }
+        let provider = custom_provider(&infos, mesh);
+        let mut take = |a: Action| by_action.remove(&a).unwrap_or_default();
+        // An HTTP ext_authz provider cannot judge a TCP connection: Istio skips
+        // such CUSTOM policies on TCP. An invalid provider denies everywhere.
+        let custom_on_tcp = match &provider {
+            Ok(Some(p)) => p.envoy_ext_authz_grpc.is_some(),
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        Authorizer {
+            custom: ActionRules::new(take(Action::Custom), Action::Custom, |_| custom_on_tcp),
+            deny: ActionRules::new(take(Action::Deny), Action::Deny, |_| true),
+            allow: ActionRules::new(take(Action::Allow), Action::Allow, |_| true),
+            audit: ActionRules::new(take(Action::Audit), Action::Audit, |_| true),
+            policies: infos,
+            dry_run,
+            provider,
+        }
+    }
+
+    fn rule_ref(&self, rule: &CompiledRule) -> RuleRef {
+        let info = &self.policies[rule.policy];
+        RuleRef {
+            policy: info.key.clone(),
+            rule: Some(rule.rule),
+            action: info.action,
+        }
+    }
+
+    /// Enforced ALLOW policies apply: requests no ALLOW rule matches are denied.
+    fn has_allow(&self) -> bool {
+        self.policies
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.action == Action::Allow && !self.dry_run.iter().any(|d| d.policy == i))
+    }
+
+    /// The external check a request needs before [`Authorizer::decide`], if a
+    /// CUSTOM rule with a valid provider matches it.
+    pub fn custom_check(&self, attrs: &Attributes<'_>) -> Option<CustomCheck<'_>> {
+        let rule = self.custom.for_request(attrs).first_match(attrs)?;
+        match &self.provider {
+            Ok(Some(provider)) => Some(CustomCheck {
+                rule: self.rule_ref(rule),
+                provider,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Decides, given the external authorizer's answer for the check
+    /// [`Authorizer::custom_check`] asked for (`None` if it asked for none).
+    pub fn decide(&self, attrs: &Attributes<'_>, custom: Option<CustomVerdict>) -> AuthzDecision {
+        let audit = self
+            .audit
+            .for_request(attrs)
+            .first_match(attrs)
+            .map(|r| self.rule_ref(r));
+        let dry_run = self.dry_run_results(attrs);
+        let decision = |verdict, deciding, reason, status| AuthzDecision {
+            verdict,
+            deciding,
+            reason,
+            audit: audit.clone(),
+            dry_run: dry_run.clone(),
+            status,
+        };
+
+        if let Some(rule) = self.custom.for_request(attrs).first_match(attrs) {
+            let r = self.rule_ref(rule);
+            match (&self.provider, custom) {
+                (Err(why), _) => {
+                    let reason = format!("denied by {} rule {}: {why}", r.policy, rule.rule);
+                    return decision(Verdict::Deny, Some(r), reason, 403);
+                }
+                (Ok(Some(p)), Some(CustomVerdict::Deny(status))) => {
+                    let reason = format!(
+                        "denied by CUSTOM {} rule {}: provider {:?} denied the request ({})",
+                        r.policy,
+                        rule.rule,
+                        p.name,
+                        rule.explain(attrs)
+                    );
+                    return decision(Verdict::Deny, Some(r), reason, status);
+                }
+                (Ok(Some(p)), Some(CustomVerdict::Error(e))) => {
+                    let fail_open = p.envoy_ext_authz_http.as_ref().map(|h| h.fail_open)
+                        .or(p.envoy_ext_authz_grpc.as_ref().map(|g| g.fail_open))
+                        .unwrap_or(false);
+                    if !fail_open {
+                        let status = status_on_error(p);
+                        let reason = format!(
+                            "denied by CUSTOM {} rule {}: provider {:?} failed ({e}) and failOpen is false",
+                            r.policy, rule.rule, p.name
+                        );
+                        return decision(Verdict::Deny, Some(r), reason, status);
+                    }
+                }
+                (Ok(Some(p)), None) => {
+                    let reason = format!(
+                        "denied by CUSTOM {} rule {}: provider {:?} was not consulted",
+                        r.policy, rule.rule, p.name
+                    );
+                    return decision(Verdict::Deny, Some(r), reason, 403);
+                }
+                // The provider allowed: go on with DENY and ALLOW.
+                (Ok(_), _) => {}
+            }
+        }
+
+        if let Some(rule) = self.deny.for_request(attrs).first_match(attrs) {
+            let r = self.rule_ref(rule);
+            let reason = format!("denied by {} rule {}: {}", r.policy, rule.rule, rule.explain(attrs));
+            return decision(Verdict::Deny, Some(r), reason, 403);
+        }
+
+        if !self.has_allow() {
+            let reason = if self.policies.is_empty() {
+                "allowed: no authorization policy applies".to_owned()
+            } else {
+                "allowed: no DENY rule matched and no ALLOW policy applies".to_owned()
+            };
+            return decision(Verdict::Allow, None, reason, 200);
+        }
+        match self.allow.for_request(attrs).first_match(attrs) {
+            Some(rule) => {
+                let r = self.rule_ref(rule);
+                let reason = format!("allowed by {} rule {}: {}", r.policy, rule.rule, rule.explain(attrs));
+                decision(Verdict::Allow, Some(r), reason, 200)
+            }
+            None => {
+                let names: Vec<String> = self
+                    .policies
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, p)| p.action == Action::Allow && !self.dry_run.iter().any(|d| d.policy == *i))
+                    .map(|(_, p)| p.key.to_string())
+                    .collect();
+                let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+                let more = if names.len() > 5 { format!(" and {} more", names.len() - 5) } else { String::new() };
+                let tcp = if attrs.is_http() { "" } else { " (rules with HTTP-only fields never match TCP traffic)" };
+                let reason = format!(
+                    "denied: no ALLOW rule matched{tcp}; ALLOW policies that apply: {shown}{more}"
+                );
+                decision(Verdict::Deny, None, reason, 403)
+            }
+        }
+    }
+
+    /// Authorizes in one call, asking `ext_authz` when a CUSTOM rule matches.
+    pub fn authorize(
+        &self,
+        attrs: &Attributes<'_>,
+        ext_authz: impl FnOnce(&CustomCheck<'_>) -> CustomVerdict,
+    ) -> AuthzDecision {
+        let custom = self.custom_check(attrs).map(|check| ext_authz(&check));
+        self.decide(attrs, custom)
+    }
+
+    fn dry_run_results(&self, attrs: &Attributes<'_>) -> Vec<DryRunResult> {
+        self.dry_run
+            .iter()
+            .map(|d| {
+                let info = &self.policies[d.policy];
+                let matched = d.rules.for_request(attrs).first_match(attrs);
+                let decision = match (info.action, matched.is_some()) {
+                    (Action::Deny, true) | (Action::Allow, false) => Verdict::Deny,
+                    _ => Verdict::Allow,
+                };
+                DryRunResult {
+                    policy: info.key.clone(),
+                    action: info.action,
+                    rule: matched.map(|r| r.rule),
+                    decision,
+                }
+            })
+            .collect()
+    }
+
+    /// How many rules are compiled (enforced, HTTP form), for metrics.
+    pub fn rule_count(&self) -> usize {
+        [&self.custom, &self.deny, &self.allow, &self.audit]
+            .iter()
+            .map(|a| a.http.rules.len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Whether any CUSTOM rule exists for this protocol.
+    pub fn has_custom(&self, http: bool) -> bool {
+        if http { !self.custom.http.is_empty() } else { !self.custom.tcp.is_empty() }
+    }
+}
+
+fn status_on_error(p: &ExtensionProvider) -> u16 {
+    let s = p
+        .envoy_ext_authz_http
+        .as_ref()
+        .map(|h| h.status_on_error.as_str())
+        .or(p.envoy_ext_authz_grpc.as_ref().map(|g| g.status_on_error.as_str()))
+        .unwrap_or("");
+    s.parse().ok().filter(|c| (200..600).contains(c)).unwrap_or(403)
+}
+
+/// Istio supports one CUSTOM provider per workload, and it must be defined
+/// in MeshConfig as an ext_authz provider. Anything else makes every CUSTOM
+/// rule deny what it matches.
+fn custom_provider(infos: &[PolicyInfo], mesh: &MeshConfig) -> Result<Option<ExtensionProvider>, String> {
+    let mut names: Vec<&str> = infos
+        .iter()
+        .filter(|p| p.action == Action::Custom)
+        .filter_map(|p| p.provider.as_deref())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    match names.as_slice() {
+        [] => Ok(None),
+        [name] => match mesh.extension_provider(name) {
+            Some(p) if p.is_authorizer() => Ok(Some(p.clone())),
+            Some(_) => Err(format!(
+                "CUSTOM provider {name:?} is not an envoyExtAuthzHttp or envoyExtAuthzGrpc provider"
+            )),
+            None => Err(format!(
+                "CUSTOM provider {name:?} is not defined in meshConfig.extensionProviders"
+            )),
+        },
+        many => Err(format!(
+            "only 1 provider can be used per workload, found multiple providers: {}",
+            many.join(", ")
+        )),
+    }
+}

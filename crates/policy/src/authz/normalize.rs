@@ -1,0 +1,199 @@
+//! Path normalization before authorization, as Istio configures Envoy.
+//!
+//! The same normalized path is used for matching and for forwarding, so a
+//! policy on `/admin` cannot be bypassed with `/public/../admin`, `/%61dmin` or
+//! `//admin`. The query and fragment are never part of the matched path.
+
+use crate::api::PathNormalizationMode;
+
+/// Normalizes the path part of a request target for matching. Returns the path
+/// without query or fragment.
+pub fn normalize(target: &str, mode: PathNormalizationMode) -> String {
+    let path = strip_query(target);
+    match mode.effective() {
+        PathNormalizationMode::None => path.to_owned(),
+        PathNormalizationMode::Default | PathNormalizationMode::Base => base(path),
+        PathNormalizationMode::MergeSlashes => merge_slashes(&base(path)),
+        PathNormalizationMode::DecodeAndMergeSlashes => {
+            merge_slashes(&base(&decode_slashes(path)))
+        }
+    }
+}
+
+/// The request target without `?query` and `#fragment`.
+pub fn strip_query(target: &str) -> &str {
+    let end = target.find(['?', '#']).unwrap_or(target.len());
+    &target[..end]
+}
+
+/// RFC 3986 normalization as Envoy's `normalize_path` does it: percent-encoded
+/// unreserved characters are decoded, other escapes get upper-case hex,
+/// backslashes become slashes, and `.`/`..` segments are removed.
+fn base(path: &str) -> String {
+    let decoded = decode_unreserved(path);
+    let slashed = decoded.replace('\\', "/");
+    remove_dot_segments(&slashed)
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            let c = h * 16 + l;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c as char);
+            } else {
+                out.push('%');
+                out.push(bytes[i + 1].to_ascii_uppercase() as char);
+                out.push(bytes[i + 2].to_ascii_uppercase() as char);
+            }
+            i += 3;
+            continue;
+        }
+        // Copy one UTF-8 character.
+        let ch_len = utf8_len(bytes[i]);
+        let end = (i + ch_len).min(bytes.len());
+        out.push_str(path.get(i..end).unwrap_or("\u{FFFD}"));
+        i = end;
+    }
+    out
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7F => 1,
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF7 => 4,
+        _ => 1,
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// `%2F` and `%5C` (either case) decoded to `/` and `\`.
+fn decode_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let esc = rest.get(i..i + 3).unwrap_or("");
+        match esc.to_ascii_uppercase().as_str() {
+            "%2F" => {
+                out.push('/');
+                rest = &rest[i + 3..];
+            }
+            "%5C" => {
+                out.push('\\');
+                rest = &rest[i + 3..];
+            }
+            _ => {
+                out.push('%');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn merge_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut prev_slash = false;
+    for c in path.chars() {
+        if c == '/' && prev_slash {
+            continue;
+        }
+        prev_slash = c == '/';
+        out.push(c);
+    }
+    out
+}
+
+/// RFC 3986 section 5.2.4.
+fn remove_dot_segments(path: &str) -> String {
+    let absolute = path.starts_with('/');
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        if i == 0 && absolute {
+            continue;
+        }
+        match *seg {
+            "." => trailing_slash = i == last,
+            ".." => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut result = String::with_capacity(path.len());
+    if absolute {
+        result.push('/');
+    }
+    result.push_str(&out.join("/"));
+    if trailing_slash && !result.ends_with('/') {
+        result.push('/');
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PathNormalizationMode::*;
+
+    #[test]
+    fn query_and_fragment_are_stripped() {
+        assert_eq!(normalize("/a?b=1", Base), "/a");
+        assert_eq!(normalize("/a#frag", Base), "/a");
+        assert_eq!(normalize("/a?x=/../b", None), "/a");
+    }
+
+    #[test]
+    fn dot_segments() {
+        assert_eq!(normalize("/a/../b", Base), "/b");
+        assert_eq!(normalize("/a/./b", Base), "/a/b");
+        assert_eq!(normalize("/../a", Base), "/a");
+        assert_eq!(normalize("/a/b/..", Base), "/a/");
+        assert_eq!(normalize("/a/.", Base), "/a/");
+        assert_eq!(normalize("/a/../b", None), "/a/../b");
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(normalize("/%61dmin", Base), "/admin");
+        assert_eq!(normalize("/a%2fb", Base), "/a%2Fb");
+        assert_eq!(normalize("/a%2fb", DecodeAndMergeSlashes), "/a/b");
+        assert_eq!(normalize("/a%5cb", DecodeAndMergeSlashes), "/a/b");
+        assert_eq!(normalize("/%2e%2e/admin", Base), "/admin");
+        assert_eq!(normalize("/a%20b", Base), "/a%20b");
+        assert_eq!(normalize("/bad%zz", Base), "/bad%zz");
+        assert_eq!(normalize("/trunc%4", Base), "/trunc%4");
+    }
+
+    #[test]
+    fn slashes() {
+        assert_eq!(normalize("//admin", Base), "//admin");
+        assert_eq!(normalize("//admin", MergeSlashes), "/admin");
+        assert_eq!(normalize("/a\\..\\admin", Base), "/admin");
+    }
+
+    #[test]
+    fn unicode_is_kept() {
+        assert_eq!(normalize("/café/x", Base), "/café/x");
+    }
+}

@@ -1,0 +1,497 @@
+//! Reading policy documents from files, directories and standard input.
+//!
+//! A file may hold many YAML documents. Each one is split out and read on its
+//! own, so a broken document is reported with its line and the valid documents
+//! around it still load. Every document is then validated
+//! ([`crate::validate`]) and only valid ones are returned as policies.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_saphyr::granit_parser::{Event, Parser};
+
+use crate::api::{
+    AuthorizationPolicy, Kind, MeshConfig, Policy, RequestAuthentication, SECURITY_GROUP,
+    SECURITY_VERSIONS,
+};
+use crate::api::{DEFAULT_NAMESPACE, PeerAuthentication};
+use crate::diagnostic::{Diagnostic, Location, Severity};
+use crate::validate;
+
+/// The name standard input is reported under.
+pub const STDIN: &str = "<stdin>";
+
+/// A valid policy and where it was read from.
+#[derive(Debug, Clone)]
+pub struct LoadedPolicy {
+    pub location: Location,
+    pub policy: Policy,
+}
+
+/// Everything read from some inputs: the valid policies and every problem found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub policies: Vec<LoadedPolicy>,
+    pub diagnostics: Vec<Diagnostic>,
+    /// How many documents were read (valid or not, skipped ones included).
+    pub documents: usize,
+}
+
+impl Loaded {
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+
+    pub fn extend(&mut self, other: Loaded) {
+        self.policies.extend(other.policies);
+        self.diagnostics.extend(other.diagnostics);
+        self.documents += other.documents;
+    }
+
+    pub fn into_policies(self) -> Vec<Policy> {
+        self.policies.into_iter().map(|p| p.policy).collect()
+    }
+}
+
+/// Reads every path: files as they are, directories recursively (`.yaml`,
+/// `.yml` and `.json` files, in name order), `-` as standard input.
+pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Loaded {
+    let mut loaded = Loaded::default();
+    for path in paths {
+        let path = path.as_ref();
+        if path == Path::new("-") {
+            let mut text = String::new();
+            match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+                Ok(_) => loaded.extend(load_str(STDIN, &text)),
+                Err(e) => loaded.diagnostics.push(io_error(STDIN, &e)),
+            }
+            continue;
+        }
+        match files_under(path) {
+            Ok(files) => {
+                for file in files {
+                    loaded.extend(load_file(&file));
+                }
+            }
+            Err(e) => loaded
+                .diagnostics
+                .push(io_error(&path.display().to_string(), &e)),
+        }
+    }
+    loaded
+}
+
+/// Reads one file.
+pub fn load_file(path: &Path) -> Loaded {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(&name, &text),
+        Err(e) => Loaded {
+            diagnostics: vec![io_error(&name, &e)],
+            ..Loaded::default()
+        },
+    }
+}
+
+fn io_error(name: &str, e: &std::io::Error) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        location: Location {
+            file: name.into(),
+            line: 0,
+        },
+        resource: None,
+        field: None,
+        message: format!("cannot read: {e}"),
+    }
+}
+
+fn files_under(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        // Reading reports a missing file with its name.
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    let mut files = Vec::new();
+    for entry in entries {
+        if entry.is_dir() {
+            files.extend(files_under(&entry)?);
+        } else if entry
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        {
+            files.push(entry);
+        }
+    }
+    Ok(files)
+}
+
+/// Reads every document of one YAML (or JSON) text.
+pub fn load_str(file: &str, text: &str) -> Loaded {
+    let file: Arc<str> = file.into();
+    let mut loaded = Loaded::default();
+    for chunk in split_documents(text) {
+        let value = match serde_saphyr::from_str::<serde_json::Value>(chunk.text) {
+            Ok(serde_json::Value::Null) => continue, // empty or comment-only document
+            Ok(value) => value,
+            Err(e) => {
+                let line = e.location().map_or(0, |l| l.line() as usize);
+                loaded.documents += 1;
+                loaded.diagnostics.push(Diagnostic {
+                    severity: Severity::Error,
+                    location: Location {
+                        file: file.clone(),
+                        line: chunk.first_line + line.saturating_sub(1),
+                    },
+                    resource: None,
+                    field: None,
+                    message: format!("invalid YAML: {}", first_line_of(&e.to_string())),
+                });
+                continue;
+            }
+        };
+        loaded.documents += 1;
+        let lines = LineMap::build(chunk.text, chunk.first_line);
+        let doc = Document {
+            file: &file,
+            lines: &lines,
+        };
+        match doc.read(value) {
+            Ok(Some(loaded_policy)) => {
+                let problems = validate::validate(&loaded_policy.policy);
+                let resource = loaded_policy.policy.display_name();
+                let valid = !problems.iter().any(|p| p.severity == Severity::Error);
+                loaded.diagnostics.extend(problems.into_iter().map(|p| {
+                    doc.diagnostic(p.severity, Some(resource.clone()), Some(p.field), p.message)
+                }));
+                if valid {
+                    loaded.policies.push(loaded_policy);
+                }
+            }
+            Ok(None) => {}
+            Err(diagnostic) => loaded.diagnostics.push(*diagnostic),
+        }
+    }
+    loaded
+}
+
+fn first_line_of(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// One YAML document's text and the line of the file it starts on.
+struct Chunk<'a> {
+    text: &'a str,
+    first_line: usize,
+}
+
+/// Splits a YAML stream at its document markers (`---` or `...` at column 0).
+///
+/// YAML forbids those markers inside any scalar at column 0, so splitting on
+/// them is exact, and it lets each document be parsed on its own: a syntax
+/// error in one document does not hide the documents after it.
+fn split_documents(text: &str) -> Vec<Chunk<'_>> {
+    let mut chunks = Vec::new();
+    let mut start = 0usize;
+    let mut first_line = 1usize;
+    let mut offset = 0usize;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end_matches(['\n', '\r']);
+        let is_start = is_marker(trimmed, "---");
+        let is_end = is_marker(trimmed, "...");
+        if (is_start || is_end) && offset > start {
+            chunks.push(Chunk {
+                text: &text[start..offset],
+                first_line,
+            });
+        }
+        if is_start || is_end {
+            // A `---` line belongs to the document it opens (it may carry content);
+            // a `...` line closes the previous one and belongs to none.
+            start = if is_start { offset } else { offset + line.len() };
+            first_line = if is_start { index + 1 } else { index + 2 };
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        chunks.push(Chunk {
+            text: &text[start..],
+            first_line,
+        });
+    }
+    chunks
+}
+
+fn is_marker(line: &str, marker: &str) -> bool {
+    line.strip_prefix(marker)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+}
+
+/// Maps field paths (`spec.rules[0].from`) to the line they are written on.
+#[derive(Debug, Default)]
+pub(crate) struct LineMap {
+    lines: HashMap<String, usize>,
+    first_line: usize,
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, next: usize },
+    /// A complex (non-scalar) mapping key: its contents have no field path.
+    Opaque { depth: usize },
+}
+
+impl LineMap {
+    fn build(text: &str, first_line: usize) -> LineMap {
+        let mut lines = HashMap::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        for item in Parser::new_from_str(text) {
+            let Ok((event, span)) = item else { break };
+            let line = first_line + span.start.line().saturating_sub(1);
+            match event {
+                Event::Scalar(..) | Event::Alias(_) => {
+                    let scalar = match &event {
+                        Event::Scalar(v, ..) => v.to_string(),
+                        _ => String::new(),
+                    };
+                    match stack.last_mut() {
+                        Some(Frame::Map { path, key }) => match key.take() {
+                            None => {
+                                lines.entry(join(path, &scalar)).or_insert(line);
+                                *key = Some(scalar);
+                            }
+                            Some(_) => {}
+                        },
+                        Some(Frame::Seq { path, next }) => {
+                            lines.entry(format!("{path}[{next}]")).or_insert(line);
+                            *next += 1;
+                        }
+                        Some(Frame::Opaque { .. }) | None => {}
+                    }
+                }
+                Event::MappingStart(..) | Event::SequenceStart(..) => {
+                    let is_map = matches!(event, Event::MappingStart(..));
+                    let path = match stack.last_mut() {
+                        None => Some(String::new()),
+                        Some(Frame::Map { path, key }) => match key.take() {
+                            Some(k) => Some(join(path, &k)),
+                            None => None, // complex key
+                        },
+                        Some(Frame::Seq { path, next }) => {
+                            let p = format!("{path}[{next}]");
+                            *next += 1;
+                            lines.entry(p.clone()).or_insert(line);
+                            Some(p)
+                        }
+                        Some(Frame::Opaque { depth }) => {
+                            *depth += 1;
+                            continue;
+                        }
+                    };
+                    stack.push(match path {
+                        Some(path) if is_map => Frame::Map { path, key: None },
+                        Some(path) => Frame::Seq { path, next: 0 },
+                        None => Frame::Opaque { depth: 0 },
+                    });
+                }
+                Event::MappingEnd | Event::SequenceEnd => {
+                    if let Some(Frame::Opaque { depth }) = stack.last_mut()
+                        && *depth > 0
+                    {
+                        *depth -= 1;
+                        continue;
+                    }
+                    if let Some(Frame::Opaque { .. }) = stack.pop()
+                        && let Some(Frame::Map { key, .. }) = stack.last_mut()
+                    {
+                        *key = Some(String::from("<complex key>"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        LineMap { lines, first_line }
+    }
+
+    /// The line of `path`, or of its nearest written ancestor (a missing field
+    /// is reported where its parent is).
+    pub(crate) fn line_of(&self, path: &str) -> usize {
+        let mut path = path;
+        loop {
+            if let Some(line) = self.lines.get(path) {
+                return *line;
+            }
+            match path.rfind(['.', '[']) {
+                Some(i) => path = &path[..i],
+                None => return self.first_line,
+            }
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// One parsed document of a file, with what is needed to place its problems.
+struct Document<'a> {
+    file: &'a Arc<str>,
+    lines: &'a LineMap,
+}
+
+impl Document<'_> {
+    fn diagnostic(
+        &self,
+        severity: Severity,
+        resource: Option<String>,
+        field: Option<String>,
+        message: String,
+    ) -> Diagnostic {
+        let line = field
+            .as_deref()
+            .map_or(self.lines.first_line, |f| self.lines.line_of(f));
+        Diagnostic {
+            severity,
+            location: Location {
+                file: self.file.clone(),
+                line,
+            },
+            resource,
+            field,
+            message,
+        }
+    }
+
+    fn error(&self, resource: Option<String>, field: &str, message: String) -> Box<Diagnostic> {
+        Box::new(self.diagnostic(Severity::Error, resource, Some(field.to_owned()), message))
+    }
+
+    /// Turns a document into a typed policy. `Ok(None)`: not a security kind; skipped.
+    fn read(&self, value: serde_json::Value) -> Result<Option<LoadedPolicy>, Box<Diagnostic>> {
+        let serde_json::Value::Object(map) = &value else {
+            return Err(self.error(None, "", "a document must be a mapping with apiVersion, kind, metadata and spec".into()));
+        };
+        let kind_str = map.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+        let api_version = map
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default();
+        let name = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or_default();
+        let namespace = map
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or(DEFAULT_NAMESPACE);
+        let resource = (!kind_str.is_empty()).then(|| format!("{kind_str} {namespace}/{name}"));
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let Some(kind) = Kind::parse(kind_str) else {
+            if kind_str.is_empty() {
+                return Err(self.error(None, "kind", "missing kind: expected PeerAuthentication, RequestAuthentication or AuthorizationPolicy".into()));
+            }
+            if group == SECURITY_GROUP {
+                return Err(self.error(resource, "kind", format!("unknown kind {kind_str:?} in {SECURITY_GROUP}: expected PeerAuthentication, RequestAuthentication or AuthorizationPolicy")));
+            }
+            // Other kinds (Deployments, Services, ...) often share a file with policies.
+            return Ok(None);
+        };
+        if group != SECURITY_GROUP {
+            return Err(self.error(
+                resource,
+                "apiVersion",
+                format!("apiVersion {api_version:?} is not {SECURITY_GROUP}/v1 or {SECURITY_GROUP}/v1beta1"),
+            ));
+        }
+        if !SECURITY_VERSIONS.contains(&version) {
+            return Err(self.error(
+                resource,
+                "apiVersion",
+                format!("version {version:?} of {SECURITY_GROUP} is not supported; use v1 (or v1beta1, the same schema)"),
+            ));
+        }
+        if name.is_empty() {
+            return Err(self.error(resource, "metadata.name", "metadata.name is required".into()));
+        }
+        let policy = match kind {
+            Kind::PeerAuthentication => {
+                self.typed::<PeerAuthentication>(value, &resource).map(Policy::PeerAuthentication)
+            }
+            Kind::RequestAuthentication => self
+                .typed::<RequestAuthentication>(value, &resource)
+                .map(Policy::RequestAuthentication),
+            Kind::AuthorizationPolicy => self
+                .typed::<AuthorizationPolicy>(value, &resource)
+                .map(Policy::AuthorizationPolicy),
+        }?;
+        Ok(Some(LoadedPolicy {
+            location: Location {
+                file: self.file.clone(),
+                line: self.lines.first_line,
+            },
+            policy,
+        }))
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(
+        &self,
+        value: serde_json::Value,
+        resource: &Option<String>,
+    ) -> Result<T, Box<Diagnostic>> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let message = e.inner().to_string();
+            self.error(resource.clone(), &field, message)
+        })
+    }
+}
+
+/// Reads a MeshConfig: either MeshConfig YAML itself, or Istio's `istio`
+/// ConfigMap whose `data.mesh` holds it.
+pub fn load_mesh_config(file: &str, text: &str) -> Result<MeshConfig, Box<Diagnostic>> {
+    let at = |line: usize, message: String| {
+        Box::new(Diagnostic {
+            severity: Severity::Error,
+            location: Location {
+                file: file.into(),
+                line,
+            },
+            resource: Some("MeshConfig".into()),
+            field: None,
+            message,
+        })
+    };
+    let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| {
+        let line = e.location().map_or(0, |l| l.line() as usize);
+        at(line, format!("invalid YAML: {}", first_line_of(&e.to_string())))
+    })?;
+    let value = match value.get("data").and_then(|d| d.get("mesh")) {
+        Some(serde_json::Value::String(mesh)) => serde_saphyr::from_str(mesh).map_err(|e| {
+            at(0, format!("data.mesh is not valid YAML: {}", first_line_of(&e.to_string())))
+        })?,
+        _ => value,
+    };
+    let value = if value.is_null() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        value
+    };
+    let lines = LineMap::build(text, 1);
+    serde_path_to_error::deserialize::<_, MeshConfig>(value).map_err(|e| {
+        let field = e.path().to_string();
+        let mut d = at(lines.line_of(&field), e.inner().to_string());
+        d.field = Some(field);
+        d
+    })
+}

@@ -1,0 +1,137 @@
+//! The inbound decision for one connection or request: effective mTLS mode
+//! for the port, then request authentication, then authorization — the same
+//! steps, in the same order, for the proxy and for `meshward check`.
+
+use serde::Serialize;
+
+use crate::api::MtlsMode;
+use crate::authn::{AuthnOutcome, JwtPrincipal};
+use crate::authz::{Attributes, AuthzDecision, CustomCheck, CustomVerdict, Verdict};
+use crate::request::{Connection, HttpRequest};
+use crate::resolve::WorkloadPolicy;
+
+/// Which step decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    PeerAuthentication,
+    RequestAuthentication,
+    Authorization,
+}
+
+/// The outcome of the inbound pipeline.
+#[derive(Debug, Clone)]
+pub struct InboundDecision {
+    pub verdict: Verdict,
+    /// 200 when allowed; 401/403 (or a CUSTOM provider's status) when denied.
+    pub status: u16,
+    pub stage: Stage,
+    pub mtls_mode: MtlsMode,
+    pub reason: String,
+    /// Present when authorization ran.
+    pub authz: Option<AuthzDecision>,
+    pub principal: Option<JwtPrincipal>,
+    /// For a 401: the `www-authenticate` value.
+    pub www_authenticate: Option<String>,
+    /// For an allowed HTTP request: the headers the application receives.
+    pub upstream_headers: Option<Vec<(String, String)>>,
+}
+
+impl InboundDecision {
+    pub fn allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+
+    fn denied(stage: Stage, status: u16, mode: MtlsMode, reason: String) -> InboundDecision {
+        InboundDecision {
+            verdict: Verdict::Deny,
+            status,
+            stage,
+            mtls_mode: mode,
+            reason,
+            authz: None,
+            principal: None,
+            www_authenticate: None,
+            upstream_headers: None,
+        }
+    }
+}
+
+impl WorkloadPolicy {
+    /// The mTLS step alone: whether this connection may be accepted on its port.
+    pub fn admit_connection(&self, connection: &Connection) -> Result<MtlsMode, String> {
+        let port = connection.destination_port;
+        let mode = self.mtls.mode_for_port(port);
+        match (mode, connection.source_principal.is_some()) {
+            (MtlsMode::Strict, false) => Err(format!(
+                "plaintext connection refused: port {port} requires mutual TLS (STRICT from {})",
+                self.mtls.source_for_port(port)
+            )),
+            (MtlsMode::Disable, true) => Err(format!(
+                "mutual TLS connection refused: port {port} accepts plaintext only (DISABLE from {})",
+                self.mtls.source_for_port(port)
+            )),
+            _ => Ok(mode),
+        }
+    }
+
+    /// Runs the whole inbound pipeline. `ext_authz` answers a CUSTOM check when one is needed.
+    pub fn check(
+        &self,
+        connection: &Connection,
+        http: Option<&HttpRequest>,
+        ext_authz: impl FnOnce(&CustomCheck<'_>) -> CustomVerdict,
+    ) -> InboundDecision {
+        let mode = match self.admit_connection(connection) {
+            Ok(mode) => mode,
+            Err(reason) => {
+                return InboundDecision::denied(
+                    Stage::PeerAuthentication,
+                    403,
+                    self.mtls.mode_for_port(connection.destination_port),
+                    reason,
+                );
+            }
+        };
+        let (principal, edits) = match http.map(|h| self.authn.authenticate(h)) {
+            None | Some(AuthnOutcome::NoToken) => (None, None),
+            Some(AuthnOutcome::Authenticated { principal, headers }) => (Some(*principal), Some(headers)),
+            Some(AuthnOutcome::Failed(failure)) => {
+                let mut d = InboundDecision::denied(
+                    Stage::RequestAuthentication,
+                    failure.status,
+                    mode,
+                    format!("request authentication failed: {}", failure.message),
+                );
+                if let Some(h) = http {
+                    let scheme = if connection.source_principal.is_some() { "https" } else { "http" };
+                    d.www_authenticate = Some(failure.www_authenticate(h, scheme));
+                }
+                return d;
+            }
+        };
+        let attrs = Attributes::new(connection, http, principal.as_ref(), self.normalization);
+        let authz = self.authz.authorize(&attrs, ext_authz);
+        let upstream_headers = match (authz.allowed(), http) {
+            (true, Some(h)) => {
+                let mut upstream = h.clone();
+                if let Some(edits) = &edits {
+                    edits.apply(&mut upstream);
+                }
+                Some(upstream.headers)
+            }
+            _ => None,
+        };
+        InboundDecision {
+            verdict: authz.verdict,
+            status: if authz.allowed() { 200 } else { authz.status },
+            stage: Stage::Authorization,
+            mtls_mode: mode,
+            reason: authz.reason.clone(),
+            authz: Some(authz),
+            principal,
+            www_authenticate: None,
+            upstream_headers,
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! What the policy engine is asked about: one connection and, for HTTP, one request.
+//!
+//! These types are filled by the proxy from the wire and by `meshward check`
+//! from JSON; both then call the same pipeline.
+
+use std::net::IpAddr;
+
+/// The SPIFFE URI scheme prefix that Istio strips before matching principals.
+pub const SPIFFE_PREFIX: &str = "spiffe://";
+
+/// The transport facts about a connection.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Connection {
+    pub source_ip: Option<IpAddr>,
+    /// The peer's SPIFFE ID (`spiffe://td/ns/N/sa/S`) from its verified
+    /// certificate; `None` for a plaintext peer.
+    pub source_principal: Option<String>,
+    pub destination_ip: Option<IpAddr>,
+    /// The workload port the connection arrived on.
+    pub destination_port: u16,
+    /// The TLS server name the peer asked for.
+    pub sni: Option<String>,
+}
+
+/// One HTTP request as the application would receive it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpRequest {
+    pub method: String,
+    /// The request target: path with optional query, as on the request line.
+    pub path: String,
+    /// The `:authority` / `Host`, with port if the client sent one.
+    pub host: String,
+    /// Header names lower-cased; a repeated header appears once per value.
+    pub headers: Vec<(String, String)>,
+    /// The original client address (from trusted `X-Forwarded-For`); defaults to the peer.
+    pub remote_ip: Option<IpAddr>,
+}
+
+impl HttpRequest {
+    /// All values of a header (name lower-cased), joined with `,` as a proxy
+    /// would fold them; `None` when absent.
+    pub fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        let mut values = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        let first = values.next()?;
+        match values.next() {
+            None => Some(std::borrow::Cow::Borrowed(first)),
+            Some(second) => {
+                let mut joined = format!("{first},{second}");
+                for v in values {
+                    joined.push(',');
+                    joined.push_str(v);
+                }
+                Some(std::borrow::Cow::Owned(joined))
+            }
+        }
+    }
+
+    pub fn remove_header(&mut self, name: &str) {
+        self.headers.retain(|(k, _)| k != name);
+    }
+
+    pub fn set_header(&mut self, name: &str, value: String) {
+        self.remove_header(name);
+        self.headers.push((name.to_owned(), value));
+    }
+
+    /// The value of query parameter `name` (first occurrence, percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        let query = self.path.split_once('?')?.1;
+        let query = query.split('#').next().unwrap_or_default();
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k) == name).then(|| decode(v))
+        })
+    }
+
+    /// The value of cookie `name` from the `cookie` headers.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == "cookie")
+            .flat_map(|(_, v)| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_owned())
+            })
+    }
+}
+
+fn decode(s: &str) -> String {
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The parts of an Istio SPIFFE identity that policies match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIdentity<'a> {
+    /// Without the `spiffe://` scheme: `td/ns/N/sa/S`.
+    pub principal: &'a str,
+    pub namespace: Option<&'a str>,
+    pub service_account: Option<&'a str>,
+}
+
+impl<'a> PeerIdentity<'a> {
+    pub fn parse(uri: &'a str) -> PeerIdentity<'a> {
+        let principal = uri.strip_prefix(SPIFFE_PREFIX).unwrap_or(uri);
+        let mut parts = principal.split('/');
+        let _trust_domain = parts.next();
+        let (mut namespace, mut service_account) = (None, None);
+        let rest: Vec<&str> = parts.collect();
+        if let ["ns", ns, "sa", sa] = rest.as_slice() {
+            namespace = Some(*ns);
+            service_account = Some(*sa);
+        }
+        PeerIdentity {
+            principal,
+            namespace,
+            service_account,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_parts() {
+        let id = PeerIdentity::parse("spiffe://cluster.local/ns/foo/sa/bar");
+        assert_eq!(id.principal, "cluster.local/ns/foo/sa/bar");
+        assert_eq!(id.namespace, Some("foo"));
+        assert_eq!(id.service_account, Some("bar"));
+        let odd = PeerIdentity::parse("spiffe://td/workload/x");
+        assert_eq!(odd.namespace, None);
+    }
+
+    #[test]
+    fn query_and_cookies() {
+        let req = HttpRequest {
+            path: "/a?x=1&access_token=abc%2Edef&y".into(),
+            headers: vec![("cookie".into(), "a=1; session=tok; b=2".into())],
+            ..Default::default()
+        };
+        assert_eq!(req.query_param("access_token").as_deref(), Some("abc.def"));
+        assert_eq!(req.query_param("y").as_deref(), Some(""));
+        assert_eq!(req.query_param("z"), None);
+        assert_eq!(req.cookie("session").as_deref(), Some("tok"));
+        assert_eq!(req.cookie("c"), None);
+    }
+
+    #[test]
+    fn folded_headers() {
+        let req = HttpRequest {
+            headers: vec![("x".into(), "1".into()), ("x".into(), "2".into())],
+            ..Default::default()
+        };
+        assert_eq!(req.header("x").as_deref(), Some("1,2"));
+        assert_eq!(req.header("y"), None);
+    }
+}

@@ -1,0 +1,745 @@
+//! Validation of security policies, rule for rule as Istio's admission webhook
+//! (`pkg/config/validation`) applies them, plus warnings for configurations
+//! that are valid but almost certainly not what the author meant.
+//!
+//! Validation sees one object at a time and never panics: every problem is a
+//! [`FieldIssue`] naming the field path, so the loader can point at the line.
+
+use crate::api::{
+    Action, AuthorizationPolicy, JwtRule, ObjectMeta, Operation, PeerAuthentication, Policy,
+    PolicyTargetReference, RequestAuthentication, Source, WorkloadSelector,
+};
+use crate::authz::condition::ConditionKey;
+use crate::authz::path_template;
+use crate::diagnostic::FieldIssue;
+
+/// The annotation that makes an AuthorizationPolicy report instead of enforce.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// All problems with one policy. Errors make it invalid; warnings do not.
+pub fn validate(policy: &Policy) -> Vec<FieldIssue> {
+    let mut v = Issues::default();
+    validate_metadata(policy.metadata(), &mut v);
+    if !matches!(policy, Policy::AuthorizationPolicy(_))
+        && policy.metadata().annotations.contains_key(DRY_RUN_ANNOTATION)
+    {
+        v.error(
+            format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
+            format!("{} has unsupported annotation {DRY_RUN_ANNOTATION}, please remove the annotation", policy.kind()),
+        );
+    }
+    match policy {
+        Policy::PeerAuthentication(pa) => validate_peer_authentication(pa, &mut v),
+        Policy::RequestAuthentication(ra) => validate_request_authentication(ra, &mut v),
+        Policy::AuthorizationPolicy(ap) => validate_authorization_policy(ap, &mut v),
+    }
+    v.0
+}
+
+#[derive(Default)]
+struct Issues(Vec<FieldIssue>);
+
+impl Issues {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldIssue::error(field, message));
+    }
+    fn warning(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldIssue::warning(field, message));
+    }
+}
+
+fn validate_metadata(meta: &ObjectMeta, v: &mut Issues) {
+    if let Err(e) = check_dns1123_subdomain(&meta.name) {
+        v.error("metadata.name", format!("invalid name {:?}: {e}", meta.name));
+    }
+    if let Some(ns) = &meta.namespace
+        && let Err(e) = check_dns1123_label(ns)
+    {
+        v.error("metadata.namespace", format!("invalid namespace {ns:?}: {e}"));
+    }
+}
+
+fn validate_peer_authentication(pa: &PeerAuthentication, v: &mut Issues) {
+    let spec = &pa.spec;
+    validate_selector(spec.selector.as_ref(), v);
+    let has_selector = spec
+        .selector
+        .as_ref()
+        .is_some_and(|s| !s.match_labels.is_empty());
+    if !spec.port_level_mtls.is_empty() && !has_selector {
+        v.error(
+            "spec.portLevelMtls",
+            "mesh/namespace peer authentication cannot have port level mTLS: add a selector (portLevelMtls requires selector)",
+        );
+    }
+    for port in spec.port_level_mtls.keys() {
+        match port.parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => {}
+            _ => v.error(
+                format!("spec.portLevelMtls.{port}"),
+                format!("port must be in range 1..65535, found {port:?}"),
+            ),
+        }
+    }
+}
+
+fn validate_request_authentication(ra: &RequestAuthentication, v: &mut Issues) {
+    let spec = &ra.spec;
+    validate_targeting(
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        v,
+    );
+    let mut issuers = std::collections::HashSet::new();
+    for (i, rule) in spec.jwt_rules.iter().enumerate() {
+        let path = format!("spec.jwtRules[{i}]");
+        if !rule.issuer.is_empty() && !issuers.insert(rule.issuer.as_str()) {
+            v.warning(
+                format!("{path}.issuer"),
+                format!("issuer {:?} appears in more than one jwtRule; only the first is used to verify its tokens", rule.issuer),
+            );
+        }
+        validate_jwt_rule(rule, &path, v);
+    }
+}
+
+fn validate_jwt_rule(rule: &JwtRule, path: &str, v: &mut Issues) {
+    if rule.issuer.is_empty() && rule.jwks_uri.is_empty() {
+        v.error(format!("{path}.issuer"), "issuer or jwksUri must be non-empty string");
+    }
+    for (i, aud) in rule.audiences.iter().enumerate() {
+        if aud.is_empty() {
+            v.error(format!("{path}.audiences[{i}]"), "audience must be non-empty string");
+        }
+    }
+    if !rule.jwks_uri.is_empty()
+        && let Err(e) = check_jwks_uri(&rule.jwks_uri)
+    {
+        v.error(format!("{path}.jwksUri"), e);
+    }
+    if !rule.jwks.is_empty() {
+        if let Err(e) = crate::authn::jwks::parse_jwks(&rule.jwks) {
+            v.error(format!("{path}.jwks"), format!("jwks parse error: {e}"));
+        }
+        if !rule.jwks_uri.is_empty() {
+            v.warning(
+                format!("{path}.jwksUri"),
+                "both jwks and jwksUri are set: the inline jwks is used and jwksUri is ignored",
+            );
+        }
+    }
+    if rule.jwks.is_empty() && rule.jwks_uri.is_empty() {
+        v.warning(
+            format!("{path}.jwksUri"),
+            "neither jwks nor jwksUri is set: keys would be discovered via OpenID configuration, which meshward does not do; tokens from this issuer are rejected",
+        );
+    }
+    for (i, header) in rule.from_headers.iter().enumerate() {
+        if header.name.is_empty() {
+            v.error(
+                format!("{path}.fromHeaders[{i}].name"),
+                "location header name must be non-empty string",
+            );
+        } else if let Err(e) = check_header_name(&header.name) {
+            v.error(format!("{path}.fromHeaders[{i}].name"), e);
+        }
+    }
+    for (i, param) in rule.from_params.iter().enumerate() {
+        if param.is_empty() {
+            v.error(format!("{path}.fromParams[{i}]"), "location query must be non-empty string");
+        }
+    }
+    for (i, cookie) in rule.from_cookies.iter().enumerate() {
+        if cookie.is_empty() {
+            v.error(format!("{path}.fromCookies[{i}]"), "cookie name must be non-empty string");
+        }
+    }
+    if !rule.output_payload_to_header.is_empty()
+        && let Err(e) = check_header_name(&rule.output_payload_to_header)
+    {
+        // Istio admits any value here; a name that is not a header token cannot be sent.
+        v.warning(format!("{path}.outputPayloadToHeader"), e);
+    }
+    for (i, c) in rule.output_claim_to_headers.iter().enumerate() {
+        let p = format!("{path}.outputClaimToHeaders[{i}]");
+        if c.header.is_empty() || c.claim.is_empty() {
+            v.error(&p, "outputClaimToHeaders header and claim value must be non-empty string");
+            continue;
+        }
+        if !c.header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            v.error(format!("{p}.header"), format!("header name {} is not a valid header name", c.header));
+        }
+    }
+    if let Some(timeout) = &rule.timeout
+        && let Err(e) = crate::duration::parse_timeout(timeout)
+    {
+        v.error(format!("{path}.timeout"), e);
+    }
+}
+
+fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
+    let spec = &ap.spec;
+    validate_targeting(
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        v,
+    );
+    match spec.action {
+        Action::Custom if spec.rules.is_empty() => v.error(
+            "spec.rules",
+            "CUSTOM action without `rules` is meaningless as it will never be triggered, add an empty rule `{}` if you want it be triggered for every request",
+        ),
+        Action::Custom if spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) => {
+            v.error("spec.provider.name", "`provider.name` must not be empty")
+        }
+        Action::Deny if spec.rules.is_empty() => v.error(
+            "spec.rules",
+            "DENY action without `rules` is meaningless as it will never be triggered, add an empty rule `{}` if you want it be triggered for every request",
+        ),
+        _ => {}
+    }
+    if spec.provider.is_some() && spec.action != Action::Custom {
+        v.error(
+            "spec.provider",
+            format!("`provider` must not be with non CUSTOM action, found {}", spec.action),
+        );
+    }
+    if let Some(value) = ap.metadata.annotations.get(DRY_RUN_ANNOTATION) {
+        let field = format!("metadata.annotations.{DRY_RUN_ANNOTATION}");
+        match spec.action {
+            Action::Allow | Action::Deny => {
+                if parse_bool(value).is_none() {
+                    v.error(
+                        field,
+                        format!("annotation {DRY_RUN_ANNOTATION} has invalid value ({value}): use \"true\" or \"false\""),
+                    );
+                }
+            }
+            other => v.error(
+                field,
+                format!("the annotation {DRY_RUN_ANNOTATION} currently only supports action ALLOW/DENY, found action {other}"),
+            ),
+        }
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        for (j, from) in rule.from.iter().enumerate() {
+            let p = format!("{path}.from[{j}].source");
+            match &from.source {
+                None => v.error(&p, format!("`from.source` must not be nil, found at rule {i}")),
+                Some(src) => validate_source(src, spec.action, &p, i, v),
+            }
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            let p = format!("{path}.to[{j}].operation");
+            match &to.operation {
+                None => v.error(&p, format!("`to.operation` must not be nil, found at rule {i}")),
+                Some(op) => validate_operation(op, &p, i, v),
+            }
+        }
+        for (j, cond) in rule.when.iter().enumerate() {
+            let p = format!("{path}.when[{j}]");
+            if cond.key.is_empty() {
+                v.error(format!("{p}.key"), "`key` must not be empty");
+                continue;
+            }
+            if cond.values.is_empty() && cond.not_values.is_empty() {
+                v.error(
+                    &p,
+                    format!("at least one of `values` or `notValues` must be set for key {}", cond.key),
+                );
+                continue;
+            }
+            let key = match ConditionKey::parse(&cond.key) {
+                Ok(key) => key,
+                Err(e) => {
+                    v.error(format!("{p}.key"), e.to_string());
+                    continue;
+                }
+            };
+            if spec.action == Action::Custom && (key.0.is_peer_identity() || cond.key.starts_with("request.auth.")) {
+                v.error(
+                    format!("{p}.key"),
+                    format!("{} is currently not supported with CUSTOM action", cond.key),
+                );
+            }
+            for (field, values) in [("values", &cond.values), ("notValues", &cond.not_values)] {
+                for (k, value) in values.iter().enumerate() {
+                    if let Err(e) = key.check_value(value) {
+                        v.error(format!("{p}.{field}[{k}]"), e);
+                    }
+                }
+            }
+        }
+    }
+    if spec.action == Action::Deny && spec.rules.iter().any(denies_all_tcp) {
+        v.warning(
+            "spec.rules",
+            "configured AuthorizationPolicy will deny all traffic to TCP ports under its scope due to the use of only HTTP attributes in a DENY rule; it is recommended to explicitly specify the port",
+        );
+    }
+    if spec.action == Action::Allow && spec.rules.is_empty() {
+        // Valid and meaningful (it denies everything it selects), but a classic surprise.
+        v.warning(
+            "spec.rules",
+            "an ALLOW policy without rules matches nothing: every request to the selected workloads is denied",
+        );
+    }
+}
+
+/// Istio's warning condition: a DENY rule whose `from` or `to` uses only
+/// HTTP attributes turns into "deny every TCP connection" on TCP ports.
+fn denies_all_tcp(rule: &crate::api::Rule) -> bool {
+    let tcp_in_from = rule.from.iter().filter_map(|f| f.source.as_ref()).any(|s| {
+        !(s.principals.is_empty()
+            && s.not_principals.is_empty()
+            && s.ip_blocks.is_empty()
+            && s.not_ip_blocks.is_empty()
+            && s.namespaces.is_empty()
+            && s.not_namespaces.is_empty()
+            && s.remote_ip_blocks.is_empty()
+            && s.not_remote_ip_blocks.is_empty()
+            && s.service_accounts.is_empty()
+            && s.not_service_accounts.is_empty())
+    });
+    let tcp_in_to = rule
+        .to
+        .iter()
+        .filter_map(|t| t.operation.as_ref())
+        .any(|o| !o.ports.is_empty() || !o.not_ports.is_empty());
+    let from_exists = !rule.from.is_empty();
+    let to_exists = !rule.to.is_empty();
+    (from_exists && !to_exists && !tcp_in_from) || (to_exists && !tcp_in_to)
+}
+
+/// Go's `strconv.ParseBool`, which Istio uses for the dry-run annotation.
+pub(crate) fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mut Issues) {
+    let lists: [(&str, &Vec<String>); 12] = [
+        ("principals", &src.principals),
+        ("notPrincipals", &src.not_principals),
+        ("requestPrincipals", &src.request_principals),
+        ("notRequestPrincipals", &src.not_request_principals),
+        ("namespaces", &src.namespaces),
+        ("notNamespaces", &src.not_namespaces),
+        ("serviceAccounts", &src.service_accounts),
+        ("notServiceAccounts", &src.not_service_accounts),
+        ("ipBlocks", &src.ip_blocks),
+        ("notIpBlocks", &src.not_ip_blocks),
+        ("remoteIpBlocks", &src.remote_ip_blocks),
+        ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+    ];
+    if lists.iter().all(|(_, l)| l.is_empty()) {
+        v.error(path, format!("`from.source` must not be empty, found at rule {rule}"));
+    }
+    for (name, list) in lists {
+        for (i, value) in list.iter().enumerate() {
+            if value.is_empty() {
+                v.error(format!("{path}.{name}[{i}]"), format!("empty value not allowed, found in {name}"));
+            }
+        }
+    }
+    for (name, list) in [
+        ("ipBlocks", &src.ip_blocks),
+        ("notIpBlocks", &src.not_ip_blocks),
+        ("remoteIpBlocks", &src.remote_ip_blocks),
+        ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+    ] {
+        for (i, value) in list.iter().enumerate() {
+            if !value.is_empty()
+                && let Err(e) = check_ip_or_cidr(value)
+            {
+                v.error(format!("{path}.{name}[{i}]"), e);
+            }
+        }
+    }
+    let has_sa = !src.service_accounts.is_empty() || !src.not_service_accounts.is_empty();
+    if has_sa
+        && (!src.principals.is_empty()
+            || !src.not_principals.is_empty()
+            || !src.namespaces.is_empty()
+            || !src.not_namespaces.is_empty())
+    {
+        v.error(
+            format!("{path}.serviceAccounts"),
+            format!("cannot set serviceAccounts with namespaces or principals, found at rule {rule}"),
+        );
+    }
+    for (name, list) in [
+        ("serviceAccounts", &src.service_accounts),
+        ("notServiceAccounts", &src.not_service_accounts),
+    ] {
+        if let Err((i, e)) = check_service_accounts(name, list) {
+            v.error(format!("{path}.{name}[{i}]"), e);
+        }
+    }
+    if action == Action::Custom {
+        for (name, list) in [
+            ("namespaces", &src.namespaces),
+            ("notNamespaces", &src.not_namespaces),
+            ("serviceAccounts", &src.service_accounts),
+            ("notServiceAccounts", &src.not_service_accounts),
+            ("principals", &src.principals),
+            ("notPrincipals", &src.not_principals),
+            ("requestPrincipals", &src.request_principals),
+            ("notRequestPrincipals", &src.not_request_principals),
+        ] {
+            if !list.is_empty() {
+                v.error(
+                    format!("{path}.{name}"),
+                    format!("From.{}{} is currently not supported with CUSTOM action", name[..1].to_ascii_uppercase(), &name[1..]),
+                );
+            }
+        }
+    }
+}
+
+fn validate_operation(op: &Operation, path: &str, rule: usize, v: &mut Issues) {
+    let lists: [(&str, &Vec<String>); 8] = [
+        ("hosts", &op.hosts),
+        ("notHosts", &op.not_hosts),
+        ("ports", &op.ports),
+        ("notPorts", &op.not_ports),
+        ("methods", &op.methods),
+        ("notMethods", &op.not_methods),
+        ("paths", &op.paths),
+        ("notPaths", &op.not_paths),
+    ];
+    if lists.iter().all(|(_, l)| l.is_empty()) {
+        v.error(path, format!("`to.operation` must not be empty, found at rule {rule}"));
+    }
+    for (name, list) in lists {
+        for (i, value) in list.iter().enumerate() {
+            if value.is_empty() {
+                v.error(format!("{path}.{name}[{i}]"), format!("empty value not allowed, found in {name}"));
+            }
+        }
+    }
+    for (name, list) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
+        for (i, value) in list.iter().enumerate() {
+            if !value.is_empty()
+                && let Err(e) = check_port(value)
+            {
+                v.error(format!("{path}.{name}[{i}]"), e);
+            }
+        }
+    }
+    for (name, list) in [("methods", &op.methods), ("notMethods", &op.not_methods)] {
+        for (i, value) in list.iter().enumerate() {
+            if value.is_empty() {
+                continue;
+            }
+            let token = value.trim_start_matches('*').trim_end_matches('*');
+            if !token.bytes().all(is_tchar) {
+                // Istio admits any string; such a method can never be on a request.
+                v.warning(
+                    format!("{path}.{name}[{i}]"),
+                    format!("method {value:?} is not an HTTP method token (such as GET or POST) and can never match"),
+                );
+            } else if token.bytes().any(|b| b.is_ascii_lowercase()) {
+                v.warning(
+                    format!("{path}.{name}[{i}]"),
+                    format!("method {value:?} is lowercase; methods match case-sensitively, so it will not match {:?}", value.to_ascii_uppercase()),
+                );
+            }
+        }
+    }
+    for (name, list) in [("paths", &op.paths), ("notPaths", &op.not_paths)] {
+        for (i, value) in list.iter().enumerate() {
+            if let Err(e) = path_template::check(value) {
+                v.error(format!("{path}.{name}[{i}]"), e);
+            }
+        }
+    }
+}
+
+/// `selector` and `targetRef(s)` are alternatives; each is checked on its own terms.
+fn validate_targeting(
+    selector: Option<&WorkloadSelector>,
+    target_ref: Option<&PolicyTargetReference>,
+    target_refs: &[PolicyTargetReference],
+    v: &mut Issues,
+) {
+    let set = [selector.is_some(), target_ref.is_some(), !target_refs.is_empty()];
+    if set.iter().filter(|s| **s).count() > 1 {
+        v.error(
+            "spec",
+            "only one of targetRefs or workloadSelector can be set (selector, targetRef and targetRefs are alternatives)",
+        );
+    }
+    validate_selector(selector, v);
+    if let Some(r) = target_ref {
+        validate_target_ref(r, "spec.targetRef", v);
+    }
+    for (i, r) in target_refs.iter().enumerate() {
+        validate_target_ref(r, &format!("spec.targetRefs[{i}]"), v);
+    }
+}
+
+fn validate_target_ref(r: &PolicyTargetReference, path: &str, v: &mut Issues) {
+    const ALLOWED: [(&str, &str); 4] = [
+        ("gateway.networking.k8s.io", "Gateway"),
+        ("gateway.networking.k8s.io", "GatewayClass"),
+        ("", "Service"),
+        ("networking.istio.io", "ServiceEntry"),
+    ];
+    if !ALLOWED.contains(&(r.group.as_str(), r.kind.as_str())) {
+        v.error(
+            path,
+            format!(
+                "targetRef must be to one of {}; found group {:?} kind {:?}",
+                ALLOWED
+                    .iter()
+                    .map(|(g, k)| if g.is_empty() { format!("core/{k}") } else { format!("{g}/{k}") })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.group,
+                r.kind
+            ),
+        );
+    }
+    if r.name.is_empty() {
+        v.error(format!("{path}.name"), "targetRef name must be set");
+    }
+    if !r.namespace.is_empty() {
+        v.error(
+            format!("{path}.namespace"),
+            "targetRef namespace must not be set; cross namespace referencing is not supported",
+        );
+    }
+    v.warning(
+        path,
+        "policies with targetRef attach to gateways and waypoints; meshward sidecars are selected by `selector`, so this policy applies to no sidecar workload",
+    );
+}
+
+fn validate_selector(selector: Option<&WorkloadSelector>, v: &mut Issues) {
+    let Some(selector) = selector else { return };
+    if selector.match_labels.is_empty() {
+        v.warning("spec.selector", "workload selector specified without labels: it selects every workload in the namespace");
+    }
+    for (k, value) in &selector.match_labels {
+        let path = format!("spec.selector.matchLabels.{k}");
+        if k.is_empty() {
+            v.error(&path, format!("empty key is not supported in selector: {:?}", format!("{k}={value}")));
+            continue;
+        }
+        if k.contains('*') || value.contains('*') {
+            v.error(&path, format!("wildcard is not supported in selector: {:?}", format!("{k}={value}")));
+            continue;
+        }
+        // Kubernetes labels cannot have these values, so the selector would match nothing.
+        if let Err(e) = check_label_key(k) {
+            v.warning(&path, format!("label key {k:?} can never be on a workload: {e}"));
+        }
+        if let Err(e) = check_label_value(value) {
+            v.warning(&path, format!("label value {value:?} can never be on a workload: {e}"));
+        }
+    }
+}
+
+// ---- value checks shared with the matchers ----
+
+/// A port as Istio's `ValidatePorts` reads it: decimal digits, 0-65535.
+pub(crate) fn check_port(value: &str) -> Result<u16, String> {
+    let bad = || format!("bad port ({value}): must be a number in 0-65535");
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    value.parse::<u16>().map_err(|_| bad())
+}
+
+/// An address or CIDR as Istio's `ValidateIPs` reads it. Host bits may be set
+/// in a CIDR (`10.0.0.1/8` means `10.0.0.0/8`).
+pub(crate) fn check_ip_or_cidr(value: &str) -> Result<ipnet::IpNet, String> {
+    if value.contains('/') {
+        return value
+            .parse::<ipnet::IpNet>()
+            .map(|n| n.trunc())
+            .map_err(|e| format!("bad CIDR range ({value}): {e}"));
+    }
+    value
+        .parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("bad IP address ({value})"))
+}
+
+/// Istio's `CheckServiceAccount`: `sa` or `namespace/sa`, no wildcards, at most 16.
+pub(crate) fn check_service_accounts(key: &str, values: &[String]) -> Result<(), (usize, String)> {
+    if values.len() > 16 {
+        return Err((16, format!("may not have more than 16 values, found {} in {key}", values.len())));
+    }
+    for (i, value) in values.iter().enumerate() {
+        let err = |m: String| Err((i, m));
+        if value.is_empty() {
+            return err(format!("empty value not allowed, found in {key}"));
+        }
+        if value.contains('*') {
+            return err(format!("wildcard not allowed, found in {key}"));
+        }
+        match value.matches('/').count() {
+            0 => {}
+            1 => {
+                let (ns, sa) = value.split_once('/').unwrap_or_default();
+                if ns.is_empty() {
+                    return err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty namespace {value:?} in {key}"));
+                }
+                if sa.is_empty() {
+                    return err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty serviceAccount {value:?} in {key}"));
+                }
+            }
+            _ => return err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found {value:?} in {key}")),
+        }
+        if value.len() > 320 {
+            return err(format!("value cannot exceed 320 characters, found {value:?} in {key}"));
+        }
+    }
+    Ok(())
+}
+
+fn check_jwks_uri(uri: &str) -> Result<(), String> {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or_else(|| format!("invalid jwksUri {uri:?}: must be an http:// or https:// URL"))?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(format!("URI scheme {scheme:?} is not supported in jwksUri {uri:?}: use http or https"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+            if !port.is_empty() && !authority.ends_with(']') && port.parse::<u16>().is_err() {
+                return Err(format!("invalid port {port:?} in jwksUri {uri:?}"));
+            }
+            if authority.ends_with(']') { authority } else { host }
+        }
+        _ => authority,
+    };
+    if host.is_empty() {
+        return Err(format!("jwksUri {uri:?} has no host"));
+    }
+    Ok(())
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn check_header_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(format!("invalid HTTP header name {name:?}"));
+    }
+    Ok(())
+}
+
+fn check_dns1123_label(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 63 {
+        return Err("must be 1-63 characters");
+    }
+    let b = s.as_bytes();
+    let ok = b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err("must consist of lower case alphanumeric characters or '-', and start and end with an alphanumeric character")
+    }
+}
+
+fn check_dns1123_subdomain(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("must be 1-253 characters");
+    }
+    for part in s.split('.') {
+        check_dns1123_label(part)
+            .map_err(|_| "must consist of lower case alphanumeric characters, '-' or '.', and start and end with an alphanumeric character")?;
+    }
+    Ok(())
+}
+
+fn check_label_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 63 {
+        return Err("name part must be 1-63 characters");
+    }
+    let b = s.as_bytes();
+    let ok = b
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err("must consist of alphanumeric characters, '-', '_' or '.', and start and end with an alphanumeric character")
+    }
+}
+
+fn check_label_key(k: &str) -> Result<(), &'static str> {
+    match k.split_once('/') {
+        Some((prefix, name)) => {
+            check_dns1123_subdomain(prefix).map_err(|_| "prefix must be a DNS subdomain")?;
+            check_label_name(name)
+        }
+        None => check_label_name(k),
+    }
+}
+
+fn check_label_value(v: &str) -> Result<(), &'static str> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    check_label_name(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_uri_rules() {
+        assert!(check_jwks_uri("https://example.com/jwks").is_ok());
+        assert!(check_jwks_uri("http://127.0.0.1:8080/jwks").is_ok());
+        assert!(check_jwks_uri("http://[::1]:8080/jwks").is_ok());
+        assert!(check_jwks_uri("ftp://example.com/jwks").is_err());
+        assert!(check_jwks_uri("example.com/jwks").is_err());
+        assert!(check_jwks_uri("https:///jwks").is_err());
+        assert!(check_jwks_uri("https://example.com:port/jwks").is_err());
+    }
+
+    #[test]
+    fn label_rules() {
+        assert!(check_label_key("app").is_ok());
+        assert!(check_label_key("app.kubernetes.io/name").is_ok());
+        assert!(check_label_key("-app").is_err());
+        assert!(check_label_value("").is_ok());
+        assert!(check_label_value("v1.2_3").is_ok());
+        assert!(check_label_value("bad value").is_err());
+    }
+
+    #[test]
+    fn ports_and_ips() {
+        assert_eq!(check_port("8080"), Ok(8080));
+        assert!(check_port("65536").is_err());
+        assert!(check_port("http").is_err());
+        assert!(check_ip_or_cidr("10.0.0.0/8").is_ok());
+        assert!(check_ip_or_cidr("10.0.0.1").is_ok());
+        assert!(check_ip_or_cidr("::1").is_ok());
+        assert!(check_ip_or_cidr("10.0.0.0/33").is_err());
+        assert_eq!(check_port("080"), Ok(80));
+        assert!(check_port("+80").is_err());
+        assert!(check_port("").is_err());
+        assert_eq!(check_ip_or_cidr("10.1.2.3/8").map(|n| n.to_string()), Ok("10.0.0.0/8".into()));
+        assert!(check_ip_or_cidr("example.com").is_err());
+    }
+}
