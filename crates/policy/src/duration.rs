@@ -19,7 +19,9 @@ pub fn parse(value: &str) -> Option<Duration> {
 
 /// Istio's `ValidateDuration` for timeouts: at least 1ms, millisecond precision.
 pub fn parse_timeout(value: &str) -> Result<Duration, String> {
-    let d = parse(value).ok_or_else(|| format!("invalid duration {value:?}: use e.g. \"5s\", \"0.5s\" or \"500ms\""))?;
+    let d = parse(value).ok_or_else(|| {
+        format!("invalid duration {value:?}: use e.g. \"5s\", \"0.5s\" or \"500ms\"")
+    })?;
     if d < Duration::from_millis(1) {
         return Err("duration must be greater than 1ms".into());
     }

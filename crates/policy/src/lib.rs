@@ -16,6 +16,7 @@
 pub mod api;
 pub mod authn;
 pub mod authz;
+pub mod check;
 pub mod diagnostic;
 pub mod duration;
 pub mod load;

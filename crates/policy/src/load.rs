@@ -213,7 +213,11 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
         if is_start || is_end {
             // A `---` line belongs to the document it opens (it may carry content);
             // a `...` line closes the previous one and belongs to none.
-            start = if is_start { offset } else { offset + line.len() };
+            start = if is_start {
+                offset
+            } else {
+                offset + line.len()
+            };
             first_line = if is_start { index + 1 } else { index + 2 };
         }
         offset += line.len();
@@ -240,10 +244,18 @@ pub(crate) struct LineMap {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, next: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
     /// A complex (non-scalar) mapping key: its contents have no field path.
-    Opaque { depth: usize },
+    Opaque {
+        depth: usize,
+    },
 }
 
 impl LineMap {
@@ -378,7 +390,11 @@ impl Document<'_> {
     /// Turns a document into a typed policy. `Ok(None)`: not a security kind; skipped.
     fn read(&self, value: serde_json::Value) -> Result<Option<LoadedPolicy>, Box<Diagnostic>> {
         let serde_json::Value::Object(map) = &value else {
-            return Err(self.error(None, "", "a document must be a mapping with apiVersion, kind, metadata and spec".into()));
+            return Err(self.error(
+                None,
+                "",
+                "a document must be a mapping with apiVersion, kind, metadata and spec".into(),
+            ));
         };
         let kind_str = map.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
         let api_version = map
@@ -422,12 +438,16 @@ impl Document<'_> {
             ));
         }
         if name.is_empty() {
-            return Err(self.error(resource, "metadata.name", "metadata.name is required".into()));
+            return Err(self.error(
+                resource,
+                "metadata.name",
+                "metadata.name is required".into(),
+            ));
         }
         let policy = match kind {
-            Kind::PeerAuthentication => {
-                self.typed::<PeerAuthentication>(value, &resource).map(Policy::PeerAuthentication)
-            }
+            Kind::PeerAuthentication => self
+                .typed::<PeerAuthentication>(value, &resource)
+                .map(Policy::PeerAuthentication),
             Kind::RequestAuthentication => self
                 .typed::<RequestAuthentication>(value, &resource)
                 .map(Policy::RequestAuthentication),
@@ -474,11 +494,20 @@ pub fn load_mesh_config(file: &str, text: &str) -> Result<MeshConfig, Box<Diagno
     };
     let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| {
         let line = e.location().map_or(0, |l| l.line() as usize);
-        at(line, format!("invalid YAML: {}", first_line_of(&e.to_string())))
+        at(
+            line,
+            format!("invalid YAML: {}", first_line_of(&e.to_string())),
+        )
     })?;
     let value = match value.get("data").and_then(|d| d.get("mesh")) {
         Some(serde_json::Value::String(mesh)) => serde_saphyr::from_str(mesh).map_err(|e| {
-            at(0, format!("data.mesh is not valid YAML: {}", first_line_of(&e.to_string())))
+            at(
+                0,
+                format!(
+                    "data.mesh is not valid YAML: {}",
+                    first_line_of(&e.to_string())
+                ),
+            )
         })?,
         _ => value,
     };

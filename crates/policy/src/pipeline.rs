@@ -95,7 +95,9 @@ impl WorkloadPolicy {
         };
         let (principal, edits) = match http.map(|h| self.authn.authenticate(h)) {
             None | Some(AuthnOutcome::NoToken) => (None, None),
-            Some(AuthnOutcome::Authenticated { principal, headers }) => (Some(*principal), Some(headers)),
+            Some(AuthnOutcome::Authenticated { principal, headers }) => {
+                (Some(*principal), Some(headers))
+            }
             Some(AuthnOutcome::Failed(failure)) => {
                 let mut d = InboundDecision::denied(
                     Stage::RequestAuthentication,
@@ -104,7 +106,11 @@ impl WorkloadPolicy {
                     format!("request authentication failed: {}", failure.message),
                 );
                 if let Some(h) = http {
-                    let scheme = if connection.source_principal.is_some() { "https" } else { "http" };
+                    let scheme = if connection.source_principal.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
                     d.www_authenticate = Some(failure.www_authenticate(h, scheme));
                 }
                 return d;

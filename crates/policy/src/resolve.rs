@@ -17,7 +17,9 @@ use crate::authn::{Authenticator, JwksCache};
 use crate::authz::{Authorizer, PolicyRef};
 
 /// A workload as policies see it: where it runs and its labels.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 pub struct Workload {
     pub namespace: String,
     #[serde(default)]
@@ -101,20 +103,30 @@ impl PolicySet {
         let meta = policy.metadata();
         let ns = meta.namespace_or_default();
         let root = self.mesh.root_namespace.as_str();
-        let (selector, target_refs): (Option<&WorkloadSelector>, Vec<&PolicyTargetReference>) = match policy {
-            Policy::PeerAuthentication(p) => (p.spec.selector.as_ref(), Vec::new()),
-            Policy::RequestAuthentication(p) => (
-                p.spec.selector.as_ref(),
-                p.spec.target_ref.iter().chain(&p.spec.target_refs).collect(),
-            ),
-            Policy::AuthorizationPolicy(p) => (
-                p.spec.selector.as_ref(),
-                p.spec.target_ref.iter().chain(&p.spec.target_refs).collect(),
-            ),
-        };
+        let (selector, target_refs): (Option<&WorkloadSelector>, Vec<&PolicyTargetReference>) =
+            match policy {
+                Policy::PeerAuthentication(p) => (p.spec.selector.as_ref(), Vec::new()),
+                Policy::RequestAuthentication(p) => (
+                    p.spec.selector.as_ref(),
+                    p.spec
+                        .target_ref
+                        .iter()
+                        .chain(&p.spec.target_refs)
+                        .collect(),
+                ),
+                Policy::AuthorizationPolicy(p) => (
+                    p.spec.selector.as_ref(),
+                    p.spec
+                        .target_ref
+                        .iter()
+                        .chain(&p.spec.target_refs)
+                        .collect(),
+                ),
+            };
         if !target_refs.is_empty() {
             return Applicability::DoesNotApply(
-                "targetRef attaches it to a gateway or waypoint; sidecar workloads ignore it".into(),
+                "targetRef attaches it to a gateway or waypoint; sidecar workloads ignore it"
+                    .into(),
             );
         }
         let has_selector = selector.is_some_and(|s| !s.match_labels.is_empty());
@@ -144,7 +156,11 @@ impl PolicySet {
                         "a PeerAuthentication in the root namespace with a selector is ignored, as Istio ignores it; put it in the workload's namespace".into(),
                     );
                 }
-                if workload.namespace == root { Scope::Workload } else { Scope::MeshSelector }
+                if workload.namespace == root {
+                    Scope::Workload
+                } else {
+                    Scope::MeshSelector
+                }
             }
             (false, false) => Scope::Namespace,
             (false, true) => Scope::Workload,
@@ -290,7 +306,11 @@ impl MtlsPolicy {
         if let Some(w) = workload {
             for (port, m) in &w.spec.port_level_mtls {
                 if let Ok(port) = port.parse::<u16>() {
-                    let m = if m.mode == MtlsMode::Unset { mode } else { m.mode };
+                    let m = if m.mode == MtlsMode::Unset {
+                        mode
+                    } else {
+                        m.mode
+                    };
                     port_modes.insert(port, m);
                 }
             }
@@ -298,7 +318,9 @@ impl MtlsPolicy {
         MtlsPolicy {
             mode,
             decided_by,
-            port_policy: workload.filter(|w| !w.spec.port_level_mtls.is_empty()).map(|w| policy_ref(&w.metadata)),
+            port_policy: workload
+                .filter(|w| !w.spec.port_level_mtls.is_empty())
+                .map(|w| policy_ref(&w.metadata)),
             port_modes,
             superseded,
         }
@@ -314,4 +336,3 @@ pub fn oldest_first(a: &crate::api::ObjectMeta, b: &crate::api::ObjectMeta) -> s
         .then_with(|| a.name.cmp(&b.name))
         .then_with(|| a.namespace_or_default().cmp(b.namespace_or_default()))
 }
-

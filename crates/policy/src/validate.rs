@@ -21,11 +21,17 @@ pub fn validate(policy: &Policy) -> Vec<FieldIssue> {
     let mut v = Issues::default();
     validate_metadata(policy.metadata(), &mut v);
     if !matches!(policy, Policy::AuthorizationPolicy(_))
-        && policy.metadata().annotations.contains_key(DRY_RUN_ANNOTATION)
+        && policy
+            .metadata()
+            .annotations
+            .contains_key(DRY_RUN_ANNOTATION)
     {
         v.error(
             format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
-            format!("{} has unsupported annotation {DRY_RUN_ANNOTATION}, please remove the annotation", policy.kind()),
+            format!(
+                "{} has unsupported annotation {DRY_RUN_ANNOTATION}, please remove the annotation",
+                policy.kind()
+            ),
         );
     }
     match policy {
@@ -50,12 +56,18 @@ impl Issues {
 
 fn validate_metadata(meta: &ObjectMeta, v: &mut Issues) {
     if let Err(e) = check_dns1123_subdomain(&meta.name) {
-        v.error("metadata.name", format!("invalid name {:?}: {e}", meta.name));
+        v.error(
+            "metadata.name",
+            format!("invalid name {:?}: {e}", meta.name),
+        );
     }
     if let Some(ns) = &meta.namespace
         && let Err(e) = check_dns1123_label(ns)
     {
-        v.error("metadata.namespace", format!("invalid namespace {ns:?}: {e}"));
+        v.error(
+            "metadata.namespace",
+            format!("invalid namespace {ns:?}: {e}"),
+        );
     }
 }
 
@@ -106,11 +118,17 @@ fn validate_request_authentication(ra: &RequestAuthentication, v: &mut Issues) {
 
 fn validate_jwt_rule(rule: &JwtRule, path: &str, v: &mut Issues) {
     if rule.issuer.is_empty() && rule.jwks_uri.is_empty() {
-        v.error(format!("{path}.issuer"), "issuer or jwksUri must be non-empty string");
+        v.error(
+            format!("{path}.issuer"),
+            "issuer or jwksUri must be non-empty string",
+        );
     }
     for (i, aud) in rule.audiences.iter().enumerate() {
         if aud.is_empty() {
-            v.error(format!("{path}.audiences[{i}]"), "audience must be non-empty string");
+            v.error(
+                format!("{path}.audiences[{i}]"),
+                "audience must be non-empty string",
+            );
         }
     }
     if !rule.jwks_uri.is_empty()
@@ -147,12 +165,18 @@ fn validate_jwt_rule(rule: &JwtRule, path: &str, v: &mut Issues) {
     }
     for (i, param) in rule.from_params.iter().enumerate() {
         if param.is_empty() {
-            v.error(format!("{path}.fromParams[{i}]"), "location query must be non-empty string");
+            v.error(
+                format!("{path}.fromParams[{i}]"),
+                "location query must be non-empty string",
+            );
         }
     }
     for (i, cookie) in rule.from_cookies.iter().enumerate() {
         if cookie.is_empty() {
-            v.error(format!("{path}.fromCookies[{i}]"), "cookie name must be non-empty string");
+            v.error(
+                format!("{path}.fromCookies[{i}]"),
+                "cookie name must be non-empty string",
+            );
         }
     }
     if !rule.output_payload_to_header.is_empty()
@@ -164,11 +188,21 @@ fn validate_jwt_rule(rule: &JwtRule, path: &str, v: &mut Issues) {
     for (i, c) in rule.output_claim_to_headers.iter().enumerate() {
         let p = format!("{path}.outputClaimToHeaders[{i}]");
         if c.header.is_empty() || c.claim.is_empty() {
-            v.error(&p, "outputClaimToHeaders header and claim value must be non-empty string");
+            v.error(
+                &p,
+                "outputClaimToHeaders header and claim value must be non-empty string",
+            );
             continue;
         }
-        if !c.header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            v.error(format!("{p}.header"), format!("header name {} is not a valid header name", c.header));
+        if !c
+            .header
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            v.error(
+                format!("{p}.header"),
+                format!("header name {} is not a valid header name", c.header),
+            );
         }
     }
     if let Some(timeout) = &rule.timeout
@@ -203,7 +237,10 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
     if spec.provider.is_some() && spec.action != Action::Custom {
         v.error(
             "spec.provider",
-            format!("`provider` must not be with non CUSTOM action, found {}", spec.action),
+            format!(
+                "`provider` must not be with non CUSTOM action, found {}",
+                spec.action
+            ),
         );
     }
     if let Some(value) = ap.metadata.annotations.get(DRY_RUN_ANNOTATION) {
@@ -228,14 +265,20 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
         for (j, from) in rule.from.iter().enumerate() {
             let p = format!("{path}.from[{j}].source");
             match &from.source {
-                None => v.error(&p, format!("`from.source` must not be nil, found at rule {i}")),
+                None => v.error(
+                    &p,
+                    format!("`from.source` must not be nil, found at rule {i}"),
+                ),
                 Some(src) => validate_source(src, spec.action, &p, i, v),
             }
         }
         for (j, to) in rule.to.iter().enumerate() {
             let p = format!("{path}.to[{j}].operation");
             match &to.operation {
-                None => v.error(&p, format!("`to.operation` must not be nil, found at rule {i}")),
+                None => v.error(
+                    &p,
+                    format!("`to.operation` must not be nil, found at rule {i}"),
+                ),
                 Some(op) => validate_operation(op, &p, i, v),
             }
         }
@@ -248,7 +291,10 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
             if cond.values.is_empty() && cond.not_values.is_empty() {
                 v.error(
                     &p,
-                    format!("at least one of `values` or `notValues` must be set for key {}", cond.key),
+                    format!(
+                        "at least one of `values` or `notValues` must be set for key {}",
+                        cond.key
+                    ),
                 );
                 continue;
             }
@@ -259,7 +305,9 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
                     continue;
                 }
             };
-            if spec.action == Action::Custom && (key.0.is_peer_identity() || cond.key.starts_with("request.auth.")) {
+            if spec.action == Action::Custom
+                && (key.0.is_peer_identity() || cond.key.starts_with("request.auth."))
+            {
                 v.error(
                     format!("{p}.key"),
                     format!("{} is currently not supported with CUSTOM action", cond.key),
@@ -339,12 +387,18 @@ fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mu
         ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
     ];
     if lists.iter().all(|(_, l)| l.is_empty()) {
-        v.error(path, format!("`from.source` must not be empty, found at rule {rule}"));
+        v.error(
+            path,
+            format!("`from.source` must not be empty, found at rule {rule}"),
+        );
     }
     for (name, list) in lists {
         for (i, value) in list.iter().enumerate() {
             if value.is_empty() {
-                v.error(format!("{path}.{name}[{i}]"), format!("empty value not allowed, found in {name}"));
+                v.error(
+                    format!("{path}.{name}[{i}]"),
+                    format!("empty value not allowed, found in {name}"),
+                );
             }
         }
     }
@@ -371,7 +425,9 @@ fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mu
     {
         v.error(
             format!("{path}.serviceAccounts"),
-            format!("cannot set serviceAccounts with namespaces or principals, found at rule {rule}"),
+            format!(
+                "cannot set serviceAccounts with namespaces or principals, found at rule {rule}"
+            ),
         );
     }
     for (name, list) in [
@@ -396,7 +452,11 @@ fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mu
             if !list.is_empty() {
                 v.error(
                     format!("{path}.{name}"),
-                    format!("From.{}{} is currently not supported with CUSTOM action", name[..1].to_ascii_uppercase(), &name[1..]),
+                    format!(
+                        "From.{}{} is currently not supported with CUSTOM action",
+                        name[..1].to_ascii_uppercase(),
+                        &name[1..]
+                    ),
                 );
             }
         }
@@ -415,12 +475,18 @@ fn validate_operation(op: &Operation, path: &str, rule: usize, v: &mut Issues) {
         ("notPaths", &op.not_paths),
     ];
     if lists.iter().all(|(_, l)| l.is_empty()) {
-        v.error(path, format!("`to.operation` must not be empty, found at rule {rule}"));
+        v.error(
+            path,
+            format!("`to.operation` must not be empty, found at rule {rule}"),
+        );
     }
     for (name, list) in lists {
         for (i, value) in list.iter().enumerate() {
             if value.is_empty() {
-                v.error(format!("{path}.{name}[{i}]"), format!("empty value not allowed, found in {name}"));
+                v.error(
+                    format!("{path}.{name}[{i}]"),
+                    format!("empty value not allowed, found in {name}"),
+                );
             }
         }
     }
@@ -469,7 +535,11 @@ fn validate_targeting(
     target_refs: &[PolicyTargetReference],
     v: &mut Issues,
 ) {
-    let set = [selector.is_some(), target_ref.is_some(), !target_refs.is_empty()];
+    let set = [
+        selector.is_some(),
+        target_ref.is_some(),
+        !target_refs.is_empty(),
+    ];
     if set.iter().filter(|s| **s).count() > 1 {
         v.error(
             "spec",
@@ -499,7 +569,11 @@ fn validate_target_ref(r: &PolicyTargetReference, path: &str, v: &mut Issues) {
                 "targetRef must be to one of {}; found group {:?} kind {:?}",
                 ALLOWED
                     .iter()
-                    .map(|(g, k)| if g.is_empty() { format!("core/{k}") } else { format!("{g}/{k}") })
+                    .map(|(g, k)| if g.is_empty() {
+                        format!("core/{k}")
+                    } else {
+                        format!("{g}/{k}")
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
                 r.group,
@@ -530,19 +604,37 @@ fn validate_selector(selector: Option<&WorkloadSelector>, v: &mut Issues) {
     for (k, value) in &selector.match_labels {
         let path = format!("spec.selector.matchLabels.{k}");
         if k.is_empty() {
-            v.error(&path, format!("empty key is not supported in selector: {:?}", format!("{k}={value}")));
+            v.error(
+                &path,
+                format!(
+                    "empty key is not supported in selector: {:?}",
+                    format!("{k}={value}")
+                ),
+            );
             continue;
         }
         if k.contains('*') || value.contains('*') {
-            v.error(&path, format!("wildcard is not supported in selector: {:?}", format!("{k}={value}")));
+            v.error(
+                &path,
+                format!(
+                    "wildcard is not supported in selector: {:?}",
+                    format!("{k}={value}")
+                ),
+            );
             continue;
         }
         // Kubernetes labels cannot have these values, so the selector would match nothing.
         if let Err(e) = check_label_key(k) {
-            v.warning(&path, format!("label key {k:?} can never be on a workload: {e}"));
+            v.warning(
+                &path,
+                format!("label key {k:?} can never be on a workload: {e}"),
+            );
         }
         if let Err(e) = check_label_value(value) {
-            v.warning(&path, format!("label value {value:?} can never be on a workload: {e}"));
+            v.warning(
+                &path,
+                format!("label value {value:?} can never be on a workload: {e}"),
+            );
         }
     }
 }
@@ -576,7 +668,13 @@ pub(crate) fn check_ip_or_cidr(value: &str) -> Result<ipnet::IpNet, String> {
 /// Istio's `CheckServiceAccount`: `sa` or `namespace/sa`, no wildcards, at most 16.
 pub(crate) fn check_service_accounts(key: &str, values: &[String]) -> Result<(), (usize, String)> {
     if values.len() > 16 {
-        return Err((16, format!("may not have more than 16 values, found {} in {key}", values.len())));
+        return Err((
+            16,
+            format!(
+                "may not have more than 16 values, found {} in {key}",
+                values.len()
+            ),
+        ));
     }
     for (i, value) in values.iter().enumerate() {
         let err = |m: String| Err((i, m));
@@ -591,16 +689,26 @@ pub(crate) fn check_service_accounts(key: &str, values: &[String]) -> Result<(),
             1 => {
                 let (ns, sa) = value.split_once('/').unwrap_or_default();
                 if ns.is_empty() {
-                    return err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty namespace {value:?} in {key}"));
+                    return err(format!(
+                        "expected format 'serviceAccount' or 'namespace/serviceAccount', found empty namespace {value:?} in {key}"
+                    ));
                 }
                 if sa.is_empty() {
-                    return err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found empty serviceAccount {value:?} in {key}"));
+                    return err(format!(
+                        "expected format 'serviceAccount' or 'namespace/serviceAccount', found empty serviceAccount {value:?} in {key}"
+                    ));
                 }
             }
-            _ => return err(format!("expected format 'serviceAccount' or 'namespace/serviceAccount', found {value:?} in {key}")),
+            _ => {
+                return err(format!(
+                    "expected format 'serviceAccount' or 'namespace/serviceAccount', found {value:?} in {key}"
+                ));
+            }
         }
         if value.len() > 320 {
-            return err(format!("value cannot exceed 320 characters, found {value:?} in {key}"));
+            return err(format!(
+                "value cannot exceed 320 characters, found {value:?} in {key}"
+            ));
         }
     }
     Ok(())
@@ -611,7 +719,9 @@ fn check_jwks_uri(uri: &str) -> Result<(), String> {
         .split_once("://")
         .ok_or_else(|| format!("invalid jwksUri {uri:?}: must be an http:// or https:// URL"))?;
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return Err(format!("URI scheme {scheme:?} is not supported in jwksUri {uri:?}: use http or https"));
+        return Err(format!(
+            "URI scheme {scheme:?} is not supported in jwksUri {uri:?}: use http or https"
+        ));
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let host = match authority.rsplit_once(':') {
@@ -619,7 +729,11 @@ fn check_jwks_uri(uri: &str) -> Result<(), String> {
             if !port.is_empty() && !authority.ends_with(']') && port.parse::<u16>().is_err() {
                 return Err(format!("invalid port {port:?} in jwksUri {uri:?}"));
             }
-            if authority.ends_with(']') { authority } else { host }
+            if authority.ends_with(']') {
+                authority
+            } else {
+                host
+            }
         }
         _ => authority,
     };
@@ -653,7 +767,9 @@ fn check_dns1123_label(s: &str) -> Result<(), &'static str> {
     if ok {
         Ok(())
     } else {
-        Err("must consist of lower case alphanumeric characters or '-', and start and end with an alphanumeric character")
+        Err(
+            "must consist of lower case alphanumeric characters or '-', and start and end with an alphanumeric character",
+        )
     }
 }
 
@@ -681,7 +797,9 @@ fn check_label_name(s: &str) -> Result<(), &'static str> {
     if ok {
         Ok(())
     } else {
-        Err("must consist of alphanumeric characters, '-', '_' or '.', and start and end with an alphanumeric character")
+        Err(
+            "must consist of alphanumeric characters, '-', '_' or '.', and start and end with an alphanumeric character",
+        )
     }
 }
 
@@ -739,7 +857,10 @@ mod tests {
         assert_eq!(check_port("080"), Ok(80));
         assert!(check_port("+80").is_err());
         assert!(check_port("").is_err());
-        assert_eq!(check_ip_or_cidr("10.1.2.3/8").map(|n| n.to_string()), Ok("10.0.0.0/8".into()));
+        assert_eq!(
+            check_ip_or_cidr("10.1.2.3/8").map(|n| n.to_string()),
+            Ok("10.0.0.0/8".into())
+        );
         assert!(check_ip_or_cidr("example.com").is_err());
     }
 }

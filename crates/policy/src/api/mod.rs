@@ -48,7 +48,11 @@ pub struct Object<S> {
 impl<S> Object<S> {
     /// `namespace/name`, the way Istio names a policy in logs.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.metadata.namespace_or_default(), self.metadata.name)
+        format!(
+            "{}/{}",
+            self.metadata.namespace_or_default(),
+            self.metadata.name
+        )
     }
 }
 

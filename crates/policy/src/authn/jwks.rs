@@ -203,7 +203,11 @@ mod tests {
         // Within the refresh interval an unknown kid does not refetch.
         assert!(cache.refresh_for_unknown_kid("http://x/jwks").is_some());
         assert_eq!(fetcher.0.load(Ordering::SeqCst), 1);
-        let eager = JwksCache::with_timing(Some(fetcher.clone()), DEFAULT_CACHE_DURATION, Duration::ZERO);
+        let eager = JwksCache::with_timing(
+            Some(fetcher.clone()),
+            DEFAULT_CACHE_DURATION,
+            Duration::ZERO,
+        );
         assert!(eager.keys("http://y/jwks").is_ok());
         assert!(eager.refresh_for_unknown_kid("http://y/jwks").is_some());
         assert_eq!(fetcher.0.load(Ordering::SeqCst), 3);

@@ -120,7 +120,10 @@ pub struct Authenticator {
 impl Authenticator {
     /// Merges the rules of every applicable policy, sorted by issuer as Istio does.
     pub fn new(policies: &[&RequestAuthentication], jwks: Arc<JwksCache>) -> Authenticator {
-        let mut rules: Vec<&JwtRule> = policies.iter().flat_map(|p| p.spec.jwt_rules.iter()).collect();
+        let mut rules: Vec<&JwtRule> = policies
+            .iter()
+            .flat_map(|p| p.spec.jwt_rules.iter())
+            .collect();
         rules.sort_by(|a, b| a.issuer.cmp(&b.issuer));
         let rules = rules
             .into_iter()
@@ -204,14 +207,21 @@ impl Authenticator {
                 "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
             ));
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthnFailure::unauthorized("Jwt header is an invalid JSON or uses an unsupported algorithm"))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            AuthnFailure::unauthorized(
+                "Jwt header is an invalid JSON or uses an unsupported algorithm",
+            )
+        })?;
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(parts[1].trim_end_matches('='))
             .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
-        let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&payload)
-            .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid JSON"))?;
-        let issuer = claims.get("iss").and_then(|v| v.as_str()).unwrap_or_default();
+        let claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&payload)
+                .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid JSON"))?;
+        let issuer = claims
+            .get("iss")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         let index = self
             .rules
             .iter()
@@ -225,7 +235,11 @@ impl Authenticator {
                 .jwks
                 .keys(uri)
                 .map_err(|_| AuthnFailure::unauthorized("Jwks remote fetch is failed"))?,
-            KeySource::None => return Err(AuthnFailure::unauthorized("Jwks doesn't have key to match kid or alg from Jwt")),
+            KeySource::None => {
+                return Err(AuthnFailure::unauthorized(
+                    "Jwks doesn't have key to match kid or alg from Jwt",
+                ));
+            }
         };
         let mut result = verify_with(token, &header, &keys, &rule.rule);
         if matches!(result, Err(VerifyError::NoKey))
@@ -235,7 +249,10 @@ impl Authenticator {
             result = verify_with(token, &header, &fresh, &rule.rule);
         }
         let claims = result.map_err(VerifyError::into_failure)?;
-        Ok((JwtPrincipal::new(claims, rule.space_delimited.clone()), index))
+        Ok((
+            JwtPrincipal::new(claims, rule.space_delimited.clone()),
+            index,
+        ))
     }
 }
 
@@ -256,7 +273,9 @@ impl VerifyError {
     fn into_failure(self) -> AuthnFailure {
         use jsonwebtoken::errors::ErrorKind as K;
         match self {
-            VerifyError::NoKey => AuthnFailure::unauthorized("Jwks doesn't have key to match kid or alg from Jwt"),
+            VerifyError::NoKey => {
+                AuthnFailure::unauthorized("Jwks doesn't have key to match kid or alg from Jwt")
+            }
             VerifyError::Failed(kind) => match kind {
                 K::ExpiredSignature => AuthnFailure::unauthorized("Jwt is expired"),
                 K::ImmatureSignature => AuthnFailure::unauthorized("Jwt not yet valid"),
@@ -265,7 +284,9 @@ impl VerifyError {
                     message: "Audiences in Jwt are not allowed".into(),
                 },
                 K::InvalidIssuer => AuthnFailure::unauthorized("Jwt issuer is not configured"),
-                K::InvalidClaimFormat(_) | K::Json(_) => AuthnFailure::unauthorized("Jwt payload is an invalid JSON"),
+                K::InvalidClaimFormat(_) | K::Json(_) => {
+                    AuthnFailure::unauthorized("Jwt payload is an invalid JSON")
+                }
                 _ => AuthnFailure::unauthorized("Jwt verification fails"),
             },
         }
@@ -288,7 +309,11 @@ fn allowed_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
         AlgorithmParameters::OctetKey(_) => vec![HS256, HS384, HS512],
         _ => vec![],
     };
-    match jwk.common.key_algorithm.and_then(|a| Algorithm::from_str_opt(&a.to_string())) {
+    match jwk
+        .common
+        .key_algorithm
+        .and_then(|a| Algorithm::from_str_opt(&a.to_string()))
+    {
         Some(stated) => by_type.into_iter().filter(|a| *a == stated).collect(),
         None => by_type,
     }
@@ -310,19 +335,24 @@ fn verify_with(
     keys: &JwkSet,
     rule: &JwtRule,
 ) -> Result<serde_json::Map<String, serde_json::Value>, VerifyError> {
-    let candidates = keys.keys.iter().filter(|k| match (&header.kid, &k.common.key_id) {
-        (Some(kid), Some(key_id)) => kid == key_id,
-        // A token without kid is tried against every key (Envoy does the same);
-        // a token with a kid never matches a key without one.
-        (None, _) => true,
-        (Some(_), None) => false,
-    });
+    let candidates = keys
+        .keys
+        .iter()
+        .filter(|k| match (&header.kid, &k.common.key_id) {
+            (Some(kid), Some(key_id)) => kid == key_id,
+            // A token without kid is tried against every key (Envoy does the same);
+            // a token with a kid never matches a key without one.
+            (None, _) => true,
+            (Some(_), None) => false,
+        });
     let mut last = VerifyError::NoKey;
     for jwk in candidates {
         if !allowed_algorithms(jwk).contains(&header.alg) {
             continue;
         }
-        let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
         let mut validation = Validation::new(header.alg);
         validation.leeway = CLOCK_SKEW_SECONDS;
         validation.validate_nbf = true;
@@ -334,7 +364,11 @@ fn verify_with(
             validation.set_audience(&rule.audiences);
             validation.required_spec_claims.insert("aud".into());
         }
-        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &validation) {
+        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key,
+            &validation,
+        ) {
             Ok(data) => return Ok(data.claims),
             Err(e) => {
                 let kind = e.into_kind();

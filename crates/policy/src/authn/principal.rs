@@ -24,7 +24,10 @@ impl JwtPrincipal {
         let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         let audiences = match claims.get("aud") {
             Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(list)) => list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             _ => Vec::new(),
         };
         JwtPrincipal {
@@ -52,7 +55,9 @@ impl JwtPrincipal {
             value = value.as_object()?.get(key)?;
         }
         match value {
-            Value::String(s) if rest.is_empty() && self.space_delimited.iter().any(|c| c == first) => {
+            Value::String(s)
+                if rest.is_empty() && self.space_delimited.iter().any(|c| c == first) =>
+            {
                 Some(s.split_whitespace().map(Cow::Borrowed).collect())
             }
             Value::String(s) => Some(vec![Cow::Borrowed(s.as_str())]),

@@ -6,7 +6,11 @@ use crate::request::HttpRequest;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Location {
     /// A header (lower-cased name) with a value prefix to strip.
-    Header { name: String, prefix: String, ignore_case: bool },
+    Header {
+        name: String,
+        prefix: String,
+        ignore_case: bool,
+    },
     Param(String),
     Cookie(String),
 }
@@ -51,7 +55,11 @@ pub(super) fn extract(request: &HttpRequest, locations: &[Location]) -> Vec<Foun
     let mut out = Vec::new();
     for location in locations {
         match location {
-            Location::Header { name, prefix, ignore_case } => {
+            Location::Header {
+                name,
+                prefix,
+                ignore_case,
+            } => {
                 for (_, value) in request.headers.iter().filter(|(k, _)| k == name) {
                     let token = if prefix.is_empty() {
                         Some(value.as_str())

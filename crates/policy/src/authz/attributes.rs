@@ -51,10 +51,12 @@ impl<'a> Attributes<'a> {
         jwt: Option<&'a JwtPrincipal>,
         normalization: PathNormalizationMode,
     ) -> Attributes<'a> {
-        let peer = connection.source_principal.as_deref().map(PeerIdentity::parse);
-        let service_account = peer.and_then(|p| {
-            Some(format!("{}/{}", p.namespace?, p.service_account?))
-        });
+        let peer = connection
+            .source_principal
+            .as_deref()
+            .map(PeerIdentity::parse);
+        let service_account =
+            peer.and_then(|p| Some(format!("{}/{}", p.namespace?, p.service_account?)));
         let remote_ip = http.and_then(|h| h.remote_ip).or(connection.source_ip);
         Attributes {
             peer,
@@ -110,11 +112,18 @@ impl<'a> Attributes<'a> {
                     Attr::RequestPrincipal => http
                         .jwt
                         .map(|j| Value::IssSub(j.issuer.as_str(), j.subject.as_str())),
-                    Attr::RequestAudiences => http
-                        .jwt
-                        .map(|j| Value::List(j.audiences.iter().map(|a| Cow::Borrowed(a.as_str())).collect())),
+                    Attr::RequestAudiences => http.jwt.map(|j| {
+                        Value::List(
+                            j.audiences
+                                .iter()
+                                .map(|a| Cow::Borrowed(a.as_str()))
+                                .collect(),
+                        )
+                    }),
                     Attr::RequestPresenter => http.jwt.and_then(|j| j.presenter.as_deref()).map(s),
-                    Attr::RequestClaim(path) => http.jwt.and_then(|j| j.claim_values(path)).map(Value::List),
+                    Attr::RequestClaim(path) => {
+                        http.jwt.and_then(|j| j.claim_values(path)).map(Value::List)
+                    }
                     _ => None,
                 }
             }

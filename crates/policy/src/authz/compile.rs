@@ -42,7 +42,9 @@ impl ValueMatch {
             (ValueMatch::Net(n), AttrValue::Ip(ip)) => n.contains(ip),
             (ValueMatch::Port(p), AttrValue::Port(q)) => p == q,
             (ValueMatch::Exists, _) => true,
-            (ValueMatch::IssSub(i, s), AttrValue::IssSub(iss, sub)) => i.matches(iss) && s.matches(sub),
+            (ValueMatch::IssSub(i, s), AttrValue::IssSub(iss, sub)) => {
+                i.matches(iss) && s.matches(sub)
+            }
             (ValueMatch::Element(m), AttrValue::Str(s)) => s.split(',').any(|e| m.matches(e)),
             _ => false,
         }
@@ -171,7 +173,12 @@ impl CompiledRule {
             return None;
         }
         let strip = |c: &Conjunction| {
-            Conjunction(c.0.iter().filter(|c| !c.attr.is_http_only()).cloned().collect())
+            Conjunction(
+                c.0.iter()
+                    .filter(|c| !c.attr.is_http_only())
+                    .cloned()
+                    .collect(),
+            )
         };
         Some(CompiledRule {
             policy: self.policy,
@@ -199,10 +206,9 @@ impl CompiledRule {
         }
         let mut out = Vec::new();
         for op in &self.to {
-            let clause = op
-                .0
-                .iter()
-                .find(|c| !c.negate && c.attr == Attr::DestinationPort)?;
+            let clause =
+                op.0.iter()
+                    .find(|c| !c.negate && c.attr == Attr::DestinationPort)?;
             for v in &clause.values {
                 match v {
                     ValueMatch::Port(p) => out.push(*p),
@@ -255,7 +261,12 @@ pub(crate) fn compile_rule(
         to: rule
             .to
             .iter()
-            .map(|t| t.operation.as_ref().map(compile_operation).unwrap_or_default())
+            .map(|t| {
+                t.operation
+                    .as_ref()
+                    .map(compile_operation)
+                    .unwrap_or_default()
+            })
             .collect(),
         when: Conjunction(
             rule.when
@@ -334,7 +345,11 @@ fn request_principal(v: &str) -> Option<ValueMatch> {
     } else if let Some(rest) = v.strip_prefix('*') {
         match split {
             Some((iss, sub)) => (
-                if iss == "*" { Presence } else { Suffix(iss[1..].to_owned()) },
+                if iss == "*" {
+                    Presence
+                } else {
+                    Suffix(iss[1..].to_owned())
+                },
                 Exact(sub.to_owned()),
             ),
             None => (Presence, Suffix(rest.to_owned())),
@@ -343,7 +358,11 @@ fn request_principal(v: &str) -> Option<ValueMatch> {
         match split {
             Some((iss, sub)) => (
                 Exact(iss.to_owned()),
-                if sub == "*" { Presence } else { Prefix(sub[..sub.len() - 1].to_owned()) },
+                if sub == "*" {
+                    Presence
+                } else {
+                    Prefix(sub[..sub.len() - 1].to_owned())
+                },
             ),
             None => (Prefix(rest.to_owned()), Presence),
         }
@@ -360,7 +379,13 @@ fn request_principal(v: &str) -> Option<ValueMatch> {
 fn qualify_service_accounts(values: &[String], namespace: &str) -> Vec<String> {
     values
         .iter()
-        .map(|v| if v.contains('/') { v.clone() } else { format!("{namespace}/{v}") })
+        .map(|v| {
+            if v.contains('/') {
+                v.clone()
+            } else {
+                format!("{namespace}/{v}")
+            }
+        })
         .collect()
 }
 
@@ -370,31 +395,157 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     let not_service_accounts = qualify_service_accounts(&s.not_service_accounts, policy_namespace);
     let principals = trust_domain::expand_principals(&s.principals, mesh);
     let not_principals = trust_domain::expand_principals(&s.not_principals, mesh);
-    push(&mut c, Attr::SourcePrincipal, "source.principals", &principals, false, string);
-    push(&mut c, Attr::SourcePrincipal, "source.notPrincipals", &not_principals, true, string);
-    push(&mut c, Attr::RequestPrincipal, "source.requestPrincipals", &s.request_principals, false, request_principal);
-    push(&mut c, Attr::RequestPrincipal, "source.notRequestPrincipals", &s.not_request_principals, true, request_principal);
-    push(&mut c, Attr::SourceNamespace, "source.namespaces", &s.namespaces, false, string);
-    push(&mut c, Attr::SourceNamespace, "source.notNamespaces", &s.not_namespaces, true, string);
-    push(&mut c, Attr::SourceServiceAccount, "source.serviceAccounts", &service_accounts, false, string);
-    push(&mut c, Attr::SourceServiceAccount, "source.notServiceAccounts", &not_service_accounts, true, string);
-    push(&mut c, Attr::SourceIp, "source.ipBlocks", &s.ip_blocks, false, net);
-    push(&mut c, Attr::SourceIp, "source.notIpBlocks", &s.not_ip_blocks, true, net);
-    push(&mut c, Attr::RemoteIp, "source.remoteIpBlocks", &s.remote_ip_blocks, false, net);
-    push(&mut c, Attr::RemoteIp, "source.notRemoteIpBlocks", &s.not_remote_ip_blocks, true, net);
+    push(
+        &mut c,
+        Attr::SourcePrincipal,
+        "source.principals",
+        &principals,
+        false,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::SourcePrincipal,
+        "source.notPrincipals",
+        &not_principals,
+        true,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::RequestPrincipal,
+        "source.requestPrincipals",
+        &s.request_principals,
+        false,
+        request_principal,
+    );
+    push(
+        &mut c,
+        Attr::RequestPrincipal,
+        "source.notRequestPrincipals",
+        &s.not_request_principals,
+        true,
+        request_principal,
+    );
+    push(
+        &mut c,
+        Attr::SourceNamespace,
+        "source.namespaces",
+        &s.namespaces,
+        false,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::SourceNamespace,
+        "source.notNamespaces",
+        &s.not_namespaces,
+        true,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::SourceServiceAccount,
+        "source.serviceAccounts",
+        &service_accounts,
+        false,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::SourceServiceAccount,
+        "source.notServiceAccounts",
+        &not_service_accounts,
+        true,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::SourceIp,
+        "source.ipBlocks",
+        &s.ip_blocks,
+        false,
+        net,
+    );
+    push(
+        &mut c,
+        Attr::SourceIp,
+        "source.notIpBlocks",
+        &s.not_ip_blocks,
+        true,
+        net,
+    );
+    push(
+        &mut c,
+        Attr::RemoteIp,
+        "source.remoteIpBlocks",
+        &s.remote_ip_blocks,
+        false,
+        net,
+    );
+    push(
+        &mut c,
+        Attr::RemoteIp,
+        "source.notRemoteIpBlocks",
+        &s.not_remote_ip_blocks,
+        true,
+        net,
+    );
     Conjunction(c)
 }
 
 fn compile_operation(o: &Operation) -> Conjunction {
     let mut c = Vec::new();
     push(&mut c, Attr::Host, "operation.hosts", &o.hosts, false, host);
-    push(&mut c, Attr::Host, "operation.notHosts", &o.not_hosts, true, host);
-    push(&mut c, Attr::DestinationPort, "operation.ports", &o.ports, false, port);
-    push(&mut c, Attr::DestinationPort, "operation.notPorts", &o.not_ports, true, port);
-    push(&mut c, Attr::Method, "operation.methods", &o.methods, false, string);
-    push(&mut c, Attr::Method, "operation.notMethods", &o.not_methods, true, string);
+    push(
+        &mut c,
+        Attr::Host,
+        "operation.notHosts",
+        &o.not_hosts,
+        true,
+        host,
+    );
+    push(
+        &mut c,
+        Attr::DestinationPort,
+        "operation.ports",
+        &o.ports,
+        false,
+        port,
+    );
+    push(
+        &mut c,
+        Attr::DestinationPort,
+        "operation.notPorts",
+        &o.not_ports,
+        true,
+        port,
+    );
+    push(
+        &mut c,
+        Attr::Method,
+        "operation.methods",
+        &o.methods,
+        false,
+        string,
+    );
+    push(
+        &mut c,
+        Attr::Method,
+        "operation.notMethods",
+        &o.not_methods,
+        true,
+        string,
+    );
     push(&mut c, Attr::Path, "operation.paths", &o.paths, false, path);
-    push(&mut c, Attr::Path, "operation.notPaths", &o.not_paths, true, path);
+    push(
+        &mut c,
+        Attr::Path,
+        "operation.notPaths",
+        &o.not_paths,
+        true,
+        path,
+    );
     Conjunction(c)
 }
 
@@ -431,6 +582,13 @@ fn compile_condition(cond: &Condition, policy_namespace: &str, mesh: &MeshConfig
     let mut c = Vec::new();
     let field = format!("when {}", cond.key);
     push(&mut c, attr.clone(), &field, &values, false, convert);
-    push(&mut c, attr, &format!("{field} notValues"), &not_values, true, convert);
+    push(
+        &mut c,
+        attr,
+        &format!("{field} notValues"),
+        &not_values,
+        true,
+        convert,
+    );
     c
 }

@@ -103,7 +103,9 @@ pub struct ConditionKey(pub Attr);
 /// Why a `when` key is not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("unknown attribute: {0}; supported keys are request.headers[NAME], source.ip, remote.ip, source.namespace, source.principal, source.serviceAccount, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[NAME], destination.ip, destination.port, connection.sni and experimental.envoy.filters.*")]
+    #[error(
+        "unknown attribute: {0}; supported keys are request.headers[NAME], source.ip, remote.ip, source.namespace, source.principal, source.serviceAccount, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[NAME], destination.ip, destination.port, connection.sni and experimental.envoy.filters.*"
+    )]
     Unknown(String),
     #[error("bad key ({0}): should have format a[b]")]
     BadMapKey(String),
@@ -156,7 +158,9 @@ impl ConditionKey {
             k if k.starts_with("destination.labels") => {
                 return Err(KeyError::DestinationLabels(key.into()));
             }
-            "destination.name" | "destination.user" => return Err(KeyError::Deprecated(key.into())),
+            "destination.name" | "destination.user" => {
+                return Err(KeyError::Deprecated(key.into()));
+            }
             k => return Err(KeyError::Unknown(k.into())),
         };
         Ok(ConditionKey(attr))
@@ -169,10 +173,11 @@ impl ConditionKey {
                 check_ip_or_cidr(value).map(|_| ())
             }
             Attr::DestinationPort => check_port(value).map(|_| ()),
-            Attr::SourceServiceAccount => {
-                crate::validate::check_service_accounts("source.serviceAccount", std::slice::from_ref(&value.to_owned()))
-                    .map_err(|(_, e)| e)
-            }
+            Attr::SourceServiceAccount => crate::validate::check_service_accounts(
+                "source.serviceAccount",
+                std::slice::from_ref(&value.to_owned()),
+            )
+            .map_err(|(_, e)| e),
             _ => Ok(()),
         }
     }

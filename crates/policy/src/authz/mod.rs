@@ -209,7 +209,11 @@ struct ActionRules {
 }
 
 impl ActionRules {
-    fn new(rules: Vec<CompiledRule>, action: Action, tcp_filter: impl Fn(&CompiledRule) -> bool) -> Self {
+    fn new(
+        rules: Vec<CompiledRule>,
+        action: Action,
+        tcp_filter: impl Fn(&CompiledRule) -> bool,
+    ) -> Self {
         let tcp = rules
             .iter()
             .filter(|r| tcp_filter(r))
@@ -222,7 +226,11 @@ impl ActionRules {
     }
 
     fn for_request(&self, attrs: &Attributes<'_>) -> &RuleSet {
-        if attrs.is_http() { &self.http } else { &self.tcp }
+        if attrs.is_http() {
+            &self.http
+        } else {
+            &self.tcp
+        }
     }
 }
 
@@ -306,7 +314,10 @@ impl Authorizer {
                     rules: ActionRules::new(rules, policy.spec.action, |_| true),
                 });
             } else {
-                by_action.entry(policy.spec.action).or_default().extend(rules);
+                by_action
+                    .entry(policy.spec.action)
+                    .or_default()
+                    .extend(rules);
             }
         }
         let provider = custom_provider(&infos, mesh);
@@ -395,7 +406,10 @@ impl Authorizer {
                     return decision(Verdict::Deny, Some(r), reason, status);
                 }
                 (Ok(Some(p)), Some(CustomVerdict::Error(e))) => {
-                    let fail_open = p.envoy_ext_authz_http.as_ref().map(|h| h.fail_open)
+                    let fail_open = p
+                        .envoy_ext_authz_http
+                        .as_ref()
+                        .map(|h| h.fail_open)
                         .or(p.envoy_ext_authz_grpc.as_ref().map(|g| g.fail_open))
                         .unwrap_or(false);
                     if !fail_open {
@@ -421,7 +435,12 @@ impl Authorizer {
 
         if let Some(rule) = self.deny.for_request(attrs).first_match(attrs) {
             let r = self.rule_ref(rule);
-            let reason = format!("denied by {} rule {}: {}", r.policy, rule.rule, rule.explain(attrs));
+            let reason = format!(
+                "denied by {} rule {}: {}",
+                r.policy,
+                rule.rule,
+                rule.explain(attrs)
+            );
             return decision(Verdict::Deny, Some(r), reason, 403);
         }
 
@@ -436,7 +455,12 @@ impl Authorizer {
         match self.allow.for_request(attrs).first_match(attrs) {
             Some(rule) => {
                 let r = self.rule_ref(rule);
-                let reason = format!("allowed by {} rule {}: {}", r.policy, rule.rule, rule.explain(attrs));
+                let reason = format!(
+                    "allowed by {} rule {}: {}",
+                    r.policy,
+                    rule.rule,
+                    rule.explain(attrs)
+                );
                 decision(Verdict::Allow, Some(r), reason, 200)
             }
             None => {
@@ -444,12 +468,22 @@ impl Authorizer {
                     .policies
                     .iter()
                     .enumerate()
-                    .filter(|(i, p)| p.action == Action::Allow && !self.dry_run.iter().any(|d| d.policy == *i))
+                    .filter(|(i, p)| {
+                        p.action == Action::Allow && !self.dry_run.iter().any(|d| d.policy == *i)
+                    })
                     .map(|(_, p)| p.key.to_string())
                     .collect();
                 let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-                let more = if names.len() > 5 { format!(" and {} more", names.len() - 5) } else { String::new() };
-                let tcp = if attrs.is_http() { "" } else { " (rules with HTTP-only fields never match TCP traffic)" };
+                let more = if names.len() > 5 {
+                    format!(" and {} more", names.len() - 5)
+                } else {
+                    String::new()
+                };
+                let tcp = if attrs.is_http() {
+                    ""
+                } else {
+                    " (rules with HTTP-only fields never match TCP traffic)"
+                };
                 let reason = format!(
                     "denied: no ALLOW rule matched{tcp}; ALLOW policies that apply: {shown}{more}"
                 );
@@ -502,7 +536,11 @@ impl Authorizer {
 
     /// Whether any CUSTOM rule exists for this protocol.
     pub fn has_custom(&self, http: bool) -> bool {
-        if http { !self.custom.http.is_empty() } else { !self.custom.tcp.is_empty() }
+        if http {
+            !self.custom.http.is_empty()
+        } else {
+            !self.custom.tcp.is_empty()
+        }
     }
 }
 
@@ -511,15 +549,24 @@ fn status_on_error(p: &ExtensionProvider) -> u16 {
         .envoy_ext_authz_http
         .as_ref()
         .map(|h| h.status_on_error.as_str())
-        .or(p.envoy_ext_authz_grpc.as_ref().map(|g| g.status_on_error.as_str()))
+        .or(p
+            .envoy_ext_authz_grpc
+            .as_ref()
+            .map(|g| g.status_on_error.as_str()))
         .unwrap_or("");
-    s.parse().ok().filter(|c| (200..600).contains(c)).unwrap_or(403)
+    s.parse()
+        .ok()
+        .filter(|c| (200..600).contains(c))
+        .unwrap_or(403)
 }
 
 /// Istio supports one CUSTOM provider per workload, and it must be defined
 /// in MeshConfig as an ext_authz provider. Anything else makes every CUSTOM
 /// rule deny what it matches.
-fn custom_provider(infos: &[PolicyInfo], mesh: &MeshConfig) -> Result<Option<ExtensionProvider>, String> {
+fn custom_provider(
+    infos: &[PolicyInfo],
+    mesh: &MeshConfig,
+) -> Result<Option<ExtensionProvider>, String> {
     let mut names: Vec<&str> = infos
         .iter()
         .filter(|p| p.action == Action::Custom)

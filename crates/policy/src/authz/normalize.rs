@@ -14,9 +14,7 @@ pub fn normalize(target: &str, mode: PathNormalizationMode) -> String {
         PathNormalizationMode::None => path.to_owned(),
         PathNormalizationMode::Default | PathNormalizationMode::Base => base(path),
         PathNormalizationMode::MergeSlashes => merge_slashes(&base(path)),
-        PathNormalizationMode::DecodeAndMergeSlashes => {
-            merge_slashes(&base(&decode_slashes(path)))
-        }
+        PathNormalizationMode::DecodeAndMergeSlashes => merge_slashes(&base(&decode_slashes(path))),
     }
 }
 

@@ -55,9 +55,8 @@ pub fn check(path: &str) -> Result<(), String> {
 
 fn is_valid_literal(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b))
 }
 
 impl PathTemplate {
@@ -102,7 +101,12 @@ impl PathTemplate {
                 }
                 // One or more segments, then whatever literals follow it.
                 Segment::Many => {
-                    let after = &self.segments[self.segments.iter().position(|s| *s == Segment::Many).unwrap_or(0) + 1..];
+                    let after = &self.segments[self
+                        .segments
+                        .iter()
+                        .position(|s| *s == Segment::Many)
+                        .unwrap_or(0)
+                        + 1..];
                     let rest = &parts[i.min(parts.len())..];
                     if rest.len() < after.len() + 1 {
                         return false;
@@ -129,7 +133,9 @@ mod tests {
     use super::*;
 
     fn m(t: &str, p: &str) -> bool {
-        PathTemplate::parse(t).map(|t| t.matches(p)).unwrap_or(false)
+        PathTemplate::parse(t)
+            .map(|t| t.matches(p))
+            .unwrap_or(false)
     }
 
     #[test]

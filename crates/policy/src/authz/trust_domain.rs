@@ -49,15 +49,11 @@ fn string_match(a: &str, s: &str) -> bool {
 }
 
 fn prefix_match(a: &str, pattern: &str) -> bool {
-    pattern
-        .strip_suffix('*')
-        .is_some_and(|p| a.starts_with(p))
+    pattern.strip_suffix('*').is_some_and(|p| a.starts_with(p))
 }
 
 fn suffix_match(a: &str, pattern: &str) -> bool {
-    pattern
-        .strip_prefix('*')
-        .is_some_and(|s| a.ends_with(s))
+    pattern.strip_prefix('*').is_some_and(|s| a.ends_with(s))
 }
 
 #[cfg(test)]
@@ -79,14 +75,23 @@ mod tests {
     #[test]
     fn aliases_expand_both_ways() {
         let m = mesh("new-td", &["old-td"]);
-        assert_eq!(expand("old-td/ns/a/sa/b", &m), ["new-td/ns/a/sa/b", "old-td/ns/a/sa/b"]);
-        assert_eq!(expand("new-td/ns/a/sa/b", &m), ["new-td/ns/a/sa/b", "old-td/ns/a/sa/b"]);
+        assert_eq!(
+            expand("old-td/ns/a/sa/b", &m),
+            ["new-td/ns/a/sa/b", "old-td/ns/a/sa/b"]
+        );
+        assert_eq!(
+            expand("new-td/ns/a/sa/b", &m),
+            ["new-td/ns/a/sa/b", "old-td/ns/a/sa/b"]
+        );
     }
 
     #[test]
     fn cluster_local_points_to_the_local_domain() {
         let m = mesh("example.com", &[]);
-        assert_eq!(expand("cluster.local/ns/a/sa/b", &m), ["example.com/ns/a/sa/b"]);
+        assert_eq!(
+            expand("cluster.local/ns/a/sa/b", &m),
+            ["example.com/ns/a/sa/b"]
+        );
     }
 
     #[test]
