@@ -1,1 +1,51 @@
-fn main() {}
+//! `meshward`: zero-trust security for services, with Istio's security API.
+//!
+//! The binary is a thin edge: argument parsing, reading files and printing.
+//! Every decision is made by `meshward-policy`.
+
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod inputs;
+mod jwks_fetch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "meshward",
+    version,
+    about = "Zero-trust security for services: Istio's security policies, without Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate policy files as Istio's admission webhook would.
+    Validate(cmd::validate::Args),
+    /// Decide requests offline: mTLS mode, JWT, authorization — one result per input line.
+    Check(cmd::check::Args),
+    /// Show the effective mTLS mode and every policy that applies to a workload, and why others do not.
+    Describe(cmd::describe::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => cmd::validate::run(args),
+        Command::Check(args) => cmd::check::run(args),
+        Command::Describe(args) => cmd::describe::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

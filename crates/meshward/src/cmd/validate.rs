@@ -1,0 +1,44 @@
+//! `meshward validate`: Istio's admission checks, offline.
+
+use std::process::ExitCode;
+
+use meshward_policy::Severity;
+
+use crate::inputs::PolicyArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    policies: PolicyArgs,
+    /// Treat warnings as errors.
+    #[arg(long)]
+    strict: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let loaded = args.policies.load();
+    for d in &loaded.diagnostics {
+        println!("{d}");
+    }
+    let errors = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    let warnings = loaded.diagnostics.len() - errors;
+    eprintln!(
+        "{} document(s): {} valid polic{}, {errors} error(s), {warnings} warning(s)",
+        loaded.documents,
+        loaded.policies.len(),
+        if loaded.policies.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
+    );
+    Ok(if errors > 0 || (args.strict && warnings > 0) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
