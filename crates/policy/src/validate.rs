@@ -330,6 +330,40 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
     }
 }
 
+/// Istio's warning condition: a DENY rule whose `from` or `to` uses only
+/// HTTP attributes turns into "deny every TCP connection" on TCP ports.
+fn denies_all_tcp(rule: &crate::api::Rule) -> bool {
+    let tcp_in_from = rule.from.iter().filter_map(|f| f.source.as_ref()).any(|s| {
+        !(s.principals.is_empty()
+            && s.not_principals.is_empty()
+            && s.ip_blocks.is_empty()
+            && s.not_ip_blocks.is_empty()
+            && s.namespaces.is_empty()
+            && s.not_namespaces.is_empty()
+            && s.remote_ip_blocks.is_empty()
+            && s.not_remote_ip_blocks.is_empty()
+            && s.service_accounts.is_empty()
+            && s.not_service_accounts.is_empty())
+    });
+    let tcp_in_to = rule
+        .to
+        .iter()
+        .filter_map(|t| t.operation.as_ref())
+        .any(|o| !o.ports.is_empty() || !o.not_ports.is_empty());
+    let from_exists = !rule.from.is_empty();
+    let to_exists = !rule.to.is_empty();
+    (from_exists && !to_exists && !tcp_in_from) || (to_exists && !tcp_in_to)
+}
+
+/// Go's `strconv.ParseBool`, which Istio uses for the dry-run annotation.
+pub(crate) fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mut Issues) {
     let lists: [(&str, &Vec<String>); 12] = [
         ("principals", &src.principals),
