@@ -1,0 +1,314 @@
+//! The `meshward` binary, run as users run it: on the repository's examples,
+//! on broken input, and on standard input.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn meshward(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshward"))
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("meshward starts");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("meshward finishes")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn results(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn validate_accepts_every_example() {
+    let o = meshward(&["validate", "-f", "examples/"], None);
+    assert!(
+        o.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("0 error(s)"), "{}", stderr(&o));
+}
+
+#[test]
+fn validate_reports_file_line_resource_and_field_and_keeps_valid_documents() {
+    let dir = tempdir();
+    let file = dir.join("mixed.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: good, namespace: foo}\nspec:\n  rules: [{}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: foo}\nspec:\n  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
+    )
+    .expect("write");
+    let o = meshward(&["validate", "-f", file.to_str().expect("utf-8")], None);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(
+        out.contains("mixed.yaml:14: error: AuthorizationPolicy foo/bad: spec.rules[0].to[0].operation.ports[0]: bad port (http)"),
+        "{out}"
+    );
+    assert!(
+        stderr(&o).contains("2 document(s): 1 valid policy, 1 error(s)"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn check_decides_the_zero_trust_example() {
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            "examples/zero-trust/policies.yaml",
+            "--input",
+            "examples/zero-trust/requests.jsonl",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = results(&o);
+    let decisions: Vec<(&str, &str)> = r
+        .iter()
+        .map(|v| {
+            (
+                v["decision"].as_str().unwrap_or(""),
+                v["policy"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("allow", "foo/httpbin-viewer"),
+            ("deny", "-"),
+            ("allow", "foo/httpbin-viewer"),
+            ("allow", "foo/httpbin-admin"),
+            ("deny", "foo/deny-legacy"),
+            ("deny", "-"),
+            ("deny", "-"),
+        ]
+    );
+    assert_eq!(r[1]["audited"], true);
+    assert_eq!(r[2]["dry_run"][0]["decision"], "deny");
+    assert_eq!(
+        r[4]["reason"],
+        "denied by foo/deny-legacy rule 0: source.namespaces matched \"legacy\""
+    );
+}
+
+#[test]
+fn check_applies_mtls_modes() {
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            "examples/mtls/",
+            "--input",
+            "examples/mtls/requests.jsonl",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = results(&o);
+    let got: Vec<(&str, &str)> = r
+        .iter()
+        .map(|v| {
+            (
+                v["decision"].as_str().unwrap_or(""),
+                v["mtls_mode"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("allow", "STRICT"),
+            ("deny", "STRICT"),
+            ("allow", "DISABLE"),
+            ("allow", "PERMISSIVE")
+        ]
+    );
+    assert!(
+        r[1]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("requires mutual TLS"),
+        "{}",
+        r[1]
+    );
+}
+
+#[test]
+fn check_verifies_jwts() {
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            "examples/jwt/policies.yaml",
+            "--input",
+            "examples/jwt/requests.jsonl",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = results(&o);
+    let got: Vec<(&str, u64)> = r
+        .iter()
+        .map(|v| {
+            (
+                v["decision"].as_str().unwrap_or(""),
+                v["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("allow", 200),
+            ("deny", 403),
+            ("deny", 401),
+            ("deny", 401),
+            ("allow", 200)
+        ]
+    );
+    assert_eq!(r[0]["request_principal"], "testing@secure.istio.io/alice");
+    assert_eq!(r[0]["upstream_headers"]["x-jwt-sub"], "alice");
+    assert!(
+        r[0]["upstream_headers"].get("authorization").is_none(),
+        "token is not forwarded by default"
+    );
+    assert!(
+        r[2]["www_authenticate"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Bearer realm=")
+    );
+}
+
+#[test]
+fn check_reads_policies_and_requests_from_stdin_and_reports_bad_lines() {
+    let policy =
+        std::fs::read_to_string(repo().join("examples/zero-trust/policies.yaml")).expect("example");
+    let dir = tempdir();
+    let requests = dir.join("r.jsonl");
+    std::fs::write(
+        &requests,
+        "{\"workload\":{\"namespace\":\"foo\"},\"port\":80}\nnot json\n",
+    )
+    .expect("write");
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            "-",
+            "--input",
+            requests.to_str().expect("utf-8"),
+            "-o",
+            "text",
+        ],
+        Some(&policy),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a bad input line makes the exit status 1"
+    );
+    let out = stdout(&o);
+    assert!(out.contains("LINE"), "{out}");
+    assert!(out.contains("r.jsonl:2"), "{out}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn check_refuses_invalid_policies() {
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            "-",
+            "--input",
+            "examples/zero-trust/requests.jsonl",
+        ],
+        Some(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {action: NOPE}\n",
+        ),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("<stdin>:4: error: AuthorizationPolicy default/x: spec.action"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn describe_explains_what_applies_and_what_does_not() {
+    let o = meshward(
+        &[
+            "describe",
+            "-f",
+            "examples/zero-trust/",
+            "-f",
+            "examples/mtls/",
+            "--namespace",
+            "foo",
+            "--labels",
+            "app=finance",
+            "--port",
+            "9090",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "workload mode: STRICT (from istio-system/default)",
+        "port 9090: DISABLE (from foo/finance-metrics portLevelMtls[9090])",
+        "foo/deny-legacy  [namespace-wide, 1 rule(s)]",
+        "foo/allow-nothing  [namespace-wide, 0 rule(s)]",
+        "default: DENY (an enforced ALLOW policy applies)",
+        "AuthorizationPolicy foo/httpbin-viewer: selector app=httpbin does not match (label app=httpbin is app=finance)",
+        "PeerAuthentication legacy/default: it is in namespace \"legacy\"",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "meshward-cli-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let dir = PathBuf::from(dir.to_string_lossy().replace(['(', ')'], ""));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
