@@ -150,3 +150,15 @@ pub struct Condition {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_values: Vec<String>,
 }
+
+/// A spec with just rules and an action (the common case, and handy in tests).
+pub fn authorization_spec(rules: Vec<Rule>, action: Action) -> AuthorizationPolicySpec {
+    AuthorizationPolicySpec {
+        rules,
+        action,
+        provider: (action == Action::Custom).then(|| ExtensionProviderRef {
+            name: "authz".into(),
+        }),
+        ..AuthorizationPolicySpec::default()
+    }
+}

@@ -12,16 +12,20 @@ mod peer_authentication;
 mod request_authentication;
 
 pub use authorization::{
-    Action, AuthorizationPolicy, Condition, ExtensionProviderRef, Operation, Rule, RuleFrom,
-    RuleTo, Source,
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProviderRef,
+    Operation, Rule, RuleFrom, RuleTo, Source, authorization_spec,
 };
 pub use mesh::{
     EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, PathNormalization,
     PathNormalizationMode,
 };
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
-pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationMtls};
-pub use request_authentication::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication};
+pub use peer_authentication::{
+    MtlsMode, PeerAuthentication, PeerAuthenticationMtls, PeerAuthenticationSpec,
+};
+pub use request_authentication::{
+    ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication, RequestAuthenticationSpec,
+};
 
 use serde::{Deserialize, Serialize};
 
