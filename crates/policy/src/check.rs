@@ -190,29 +190,32 @@ impl Checker {
         });
         let deciding = d.authz.as_ref().and_then(|a| a.deciding.clone());
         let audit = d.authz.as_ref().and_then(|a| a.audit.clone());
-        let upstream_headers = d.upstream_headers.map(|headers| {
-            let mut map: BTreeMap<String, OneOrMany> = BTreeMap::new();
-            for (k, v) in headers {
-                match map.remove(&k) {
-                    None => {
-                        map.insert(k, OneOrMany::One(v));
-                    }
-                    Some(OneOrMany::One(first)) => {
-                        map.insert(k, OneOrMany::Many(vec![first, v]));
-                    }
-                    Some(OneOrMany::Many(mut all)) => {
-                        all.push(v);
-                        map.insert(k, OneOrMany::Many(all));
+        let upstream_headers = http
+            .as_ref()
+            .and_then(|h| d.upstream_headers(h))
+            .map(|headers| {
+                let mut map: BTreeMap<String, OneOrMany> = BTreeMap::new();
+                for (k, v) in headers {
+                    match map.remove(&k) {
+                        None => {
+                            map.insert(k, OneOrMany::One(v));
+                        }
+                        Some(OneOrMany::One(first)) => {
+                            map.insert(k, OneOrMany::Many(vec![first, v]));
+                        }
+                        Some(OneOrMany::Many(mut all)) => {
+                            all.push(v);
+                            map.insert(k, OneOrMany::Many(all));
+                        }
                     }
                 }
-            }
-            map
-        });
+                map
+            });
         CheckOutput {
             decision: d.verdict,
             status: d.status,
             mtls_mode: d.mtls_mode,
-            reason: d.reason,
+            reason: d.reason(policy, &connection, http.as_ref()),
             policy: deciding.as_ref().map(|r| r.policy.to_string()),
             rule: deciding.and_then(|r| r.rule),
             audited: audit.is_some(),

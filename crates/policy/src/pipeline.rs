@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::api::MtlsMode;
-use crate::authn::{AuthnOutcome, JwtPrincipal};
+use crate::authn::{AuthnOutcome, HeaderEdits, JwtPrincipal};
 use crate::authz::{Attributes, AuthzDecision, CustomCheck, CustomVerdict, Verdict};
 use crate::request::{Connection, HttpRequest};
 use crate::resolve::WorkloadPolicy;
@@ -27,14 +27,17 @@ pub struct InboundDecision {
     pub status: u16,
     pub stage: Stage,
     pub mtls_mode: MtlsMode,
-    pub reason: String,
+    /// Why the mTLS or JWT step refused; authorization explains itself
+    /// through [`InboundDecision::reason`].
+    pub refusal: Option<String>,
     /// Present when authorization ran.
     pub authz: Option<AuthzDecision>,
     pub principal: Option<JwtPrincipal>,
     /// For a 401: the `www-authenticate` value.
     pub www_authenticate: Option<String>,
-    /// For an allowed HTTP request: the headers the application receives.
-    pub upstream_headers: Option<Vec<(String, String)>>,
+    /// For an allowed, JWT-authenticated request: the header changes to make
+    /// before forwarding (token removal, claim and payload headers).
+    pub header_edits: Option<HeaderEdits>,
 }
 
 impl InboundDecision {
@@ -48,12 +51,49 @@ impl InboundDecision {
             status,
             stage,
             mtls_mode: mode,
-            reason,
+            refusal: Some(reason),
             authz: None,
             principal: None,
             www_authenticate: None,
-            upstream_headers: None,
+            header_edits: None,
         }
+    }
+
+    /// One line for humans on why: the refusal of the mTLS or JWT step, or
+    /// the authorizer's explanation, rebuilt from the same request.
+    pub fn reason(
+        &self,
+        policy: &WorkloadPolicy,
+        connection: &Connection,
+        http: Option<&HttpRequest>,
+    ) -> String {
+        if let Some(refusal) = &self.refusal {
+            return refusal.clone();
+        }
+        match &self.authz {
+            Some(authz) => {
+                let attrs = Attributes::new(
+                    connection,
+                    http,
+                    self.principal.as_ref(),
+                    policy.normalization,
+                );
+                policy.authz.explain(&attrs, authz)
+            }
+            None => String::new(),
+        }
+    }
+
+    /// The headers the application receives for `request` if allowed.
+    pub fn upstream_headers(&self, request: &HttpRequest) -> Option<Vec<(String, String)>> {
+        if !self.allowed() {
+            return None;
+        }
+        let mut upstream = request.clone();
+        if let Some(edits) = &self.header_edits {
+            edits.apply(&mut upstream);
+        }
+        Some(upstream.headers)
     }
 }
 
@@ -118,26 +158,17 @@ impl WorkloadPolicy {
         };
         let attrs = Attributes::new(connection, http, principal.as_ref(), self.normalization);
         let authz = self.authz.authorize(&attrs, ext_authz);
-        let upstream_headers = match (authz.allowed(), http) {
-            (true, Some(h)) => {
-                let mut upstream = h.clone();
-                if let Some(edits) = &edits {
-                    edits.apply(&mut upstream);
-                }
-                Some(upstream.headers)
-            }
-            _ => None,
-        };
+        let header_edits = if authz.allowed() { edits } else { None };
         InboundDecision {
             verdict: authz.verdict,
             status: if authz.allowed() { 200 } else { authz.status },
             stage: Stage::Authorization,
             mtls_mode: mode,
-            reason: authz.reason.clone(),
+            refusal: None,
             authz: Some(authz),
             principal,
             www_authenticate: None,
-            upstream_headers,
+            header_edits,
         }
     }
 }

@@ -218,10 +218,7 @@ impl PolicySet {
 }
 
 fn policy_ref(meta: &crate::api::ObjectMeta) -> PolicyRef {
-    PolicyRef {
-        namespace: meta.namespace_or_default().to_owned(),
-        name: meta.name.clone(),
-    }
+    PolicyRef::new(meta.namespace_or_default(), &meta.name)
 }
 
 /// Everything that decides for one workload, compiled once per config change.

@@ -14,8 +14,8 @@ use crate::request::{Connection, HttpRequest, PeerIdentity};
 #[derive(Debug, Clone)]
 pub struct Attributes<'a> {
     pub(crate) peer: Option<PeerIdentity<'a>>,
-    /// `namespace/serviceaccount` of the peer.
-    pub(crate) service_account: Option<String>,
+    /// `namespace/serviceaccount` of the peer, made on first use.
+    service_account: std::cell::OnceCell<Option<String>>,
     pub(crate) source_ip: Option<IpAddr>,
     pub(crate) remote_ip: Option<IpAddr>,
     pub(crate) destination_ip: Option<IpAddr>,
@@ -28,9 +28,9 @@ pub struct Attributes<'a> {
 pub(crate) struct HttpAttributes<'a> {
     pub(crate) request: &'a HttpRequest,
     /// Normalized, without query.
-    pub(crate) path: String,
+    pub(crate) path: Cow<'a, str>,
     /// Lower-cased authority.
-    pub(crate) host: String,
+    pub(crate) host: Cow<'a, str>,
     pub(crate) jwt: Option<&'a JwtPrincipal>,
 }
 
@@ -55,12 +55,10 @@ impl<'a> Attributes<'a> {
             .source_principal
             .as_deref()
             .map(PeerIdentity::parse);
-        let service_account =
-            peer.and_then(|p| Some(format!("{}/{}", p.namespace?, p.service_account?)));
         let remote_ip = http.and_then(|h| h.remote_ip).or(connection.source_ip);
         Attributes {
             peer,
-            service_account,
+            service_account: std::cell::OnceCell::new(),
             source_ip: connection.source_ip,
             remote_ip,
             destination_ip: connection.destination_ip,
@@ -69,7 +67,11 @@ impl<'a> Attributes<'a> {
             http: http.map(|request| HttpAttributes {
                 request,
                 path: normalize::normalize(&request.path, normalization),
-                host: request.host.to_ascii_lowercase(),
+                host: if request.host.bytes().any(|b| b.is_ascii_uppercase()) {
+                    Cow::Owned(request.host.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(request.host.as_str())
+                },
                 jwt,
             }),
         }
@@ -84,7 +86,7 @@ impl<'a> Attributes<'a> {
     }
 
     pub(crate) fn path(&self) -> Option<&str> {
-        self.http.as_ref().map(|h| h.path.as_str())
+        self.http.as_ref().map(|h| h.path.as_ref())
     }
 
     pub(crate) fn value(&self, attr: &Attr) -> Option<Value<'_>> {
@@ -94,7 +96,14 @@ impl<'a> Attributes<'a> {
         match attr {
             Attr::SourcePrincipal => self.peer.map(|p| s(p.principal)),
             Attr::SourceNamespace => self.peer.and_then(|p| p.namespace).map(s),
-            Attr::SourceServiceAccount => self.service_account.as_deref().map(s),
+            Attr::SourceServiceAccount => self
+                .service_account
+                .get_or_init(|| {
+                    let p = self.peer?;
+                    Some(format!("{}/{}", p.namespace?, p.service_account?))
+                })
+                .as_deref()
+                .map(s),
             Attr::SourceIp => self.source_ip.map(Value::Ip),
             Attr::RemoteIp => self.remote_ip.map(Value::Ip),
             Attr::DestinationIp => self.destination_ip.map(Value::Ip),

@@ -127,28 +127,30 @@ impl CompiledRule {
 
     /// Why this (matching) rule matched: its positive clauses first, briefly.
     pub(crate) fn explain(&self, attrs: &Attributes<'_>) -> String {
-        let mut parts = Vec::new();
-        let matching = |list: &[Conjunction]| list.iter().find(|c| c.matches(attrs)).cloned();
-        let mut clauses: Vec<Clause> = Vec::new();
-        if let Some(s) = matching(&self.from) {
-            clauses.extend(s.0);
+        let from = self.from.iter().find(|c| c.matches(attrs));
+        let to = self.to.iter().find(|c| c.matches(attrs));
+        let clauses = from
+            .into_iter()
+            .chain(to)
+            .chain(std::iter::once(&self.when))
+            .flat_map(|c| c.0.iter());
+        // Positive clauses say most about why a rule matched; list them first.
+        let (positive, negative): (Vec<&Clause>, Vec<&Clause>) = clauses.partition(|c| !c.negate);
+        let total = positive.len() + negative.len();
+        let mut out = String::new();
+        for clause in positive.iter().chain(negative.iter()).take(3) {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(&clause.explain(attrs));
         }
-        if let Some(o) = matching(&self.to) {
-            clauses.extend(o.0);
+        if total > 3 {
+            out.push_str(&format!(", and {} more", total - 3));
         }
-        clauses.extend(self.when.0.iter().cloned());
-        clauses.sort_by_key(|c| c.negate);
-        for clause in clauses.iter().take(3) {
-            parts.push(clause.explain(attrs));
+        if out.is_empty() {
+            out.push_str("the rule matches every request");
         }
-        if clauses.len() > 3 {
-            parts.push(format!("and {} more", clauses.len() - 3));
-        }
-        if parts.is_empty() {
-            "the rule matches every request".to_owned()
-        } else {
-            parts.join(", ")
-        }
+        out
     }
 
     /// Every clause of the rule.

@@ -24,11 +24,20 @@ use compile::CompiledRule;
 use crate::api::{Action, AuthorizationPolicy, ExtensionProvider, MeshConfig};
 use crate::validate::{DRY_RUN_ANNOTATION, parse_bool};
 
-/// A policy by `namespace/name`.
+/// A policy by `namespace/name`; cheap to clone, as decisions carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PolicyRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
+}
+
+impl PolicyRef {
+    pub fn new(namespace: &str, name: &str) -> PolicyRef {
+        PolicyRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
 }
 
 impl fmt::Display for PolicyRef {
@@ -79,6 +88,28 @@ fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, 
     s.collect_str(v)
 }
 
+/// Why authorization decided as it did; [`Authorizer::explain`] turns it
+/// (with the request) into a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The deciding rule matched: a DENY rule, or an ALLOW rule.
+    Matched,
+    /// A CUSTOM rule matched and its provider said no.
+    CustomDenied { provider: String },
+    /// A CUSTOM rule matched and its provider failed, with failOpen false.
+    CustomFailed { provider: String, error: String },
+    /// A CUSTOM rule matched and nobody asked its provider.
+    CustomNotConsulted { provider: String },
+    /// A CUSTOM rule matched but the workload's provider setup is invalid.
+    InvalidProvider(String),
+    /// ALLOW policies apply and none of their rules matched.
+    NoAllowMatched,
+    /// No authorization policy applies at all.
+    NoPolicies,
+    /// Policies apply, no DENY rule matched and no enforced ALLOW policy applies.
+    NoAllowPolicies,
+}
+
 /// The outcome of authorization for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthzDecision {
@@ -86,8 +117,7 @@ pub struct AuthzDecision {
     /// The rule that decided; `None` when nothing matched (allow with no
     /// ALLOW policies, or deny-by-default with no ALLOW rule matching).
     pub deciding: Option<RuleRef>,
-    /// One line for humans: which policy and rule, and what matched.
-    pub reason: String,
+    pub outcome: Outcome,
     /// The first AUDIT rule that matched: the request is to be audit-logged.
     pub audit: Option<RuleRef>,
     pub dry_run: Vec<DryRunResult>,
@@ -294,10 +324,7 @@ impl Authorizer {
         for (idx, policy) in sorted.iter().enumerate() {
             let namespace = policy.metadata.namespace_or_default();
             infos.push(PolicyInfo {
-                key: PolicyRef {
-                    namespace: namespace.to_owned(),
-                    name: policy.metadata.name.clone(),
-                },
+                key: PolicyRef::new(namespace, &policy.metadata.name),
                 action: policy.spec.action,
                 provider: policy.spec.provider.as_ref().map(|p| p.name.clone()),
             });
@@ -373,39 +400,36 @@ impl Authorizer {
     /// Decides, given the external authorizer's answer for the check
     /// [`Authorizer::custom_check`] asked for (`None` if it asked for none).
     pub fn decide(&self, attrs: &Attributes<'_>, custom: Option<CustomVerdict>) -> AuthzDecision {
-        let audit = self
-            .audit
-            .for_request(attrs)
-            .first_match(attrs)
-            .map(|r| self.rule_ref(r));
-        let dry_run = self.dry_run_results(attrs);
-        let decision = |verdict, deciding, reason, status| AuthzDecision {
+        let decision = |verdict, deciding: Option<&CompiledRule>, outcome, status| AuthzDecision {
             verdict,
-            deciding,
-            reason,
-            audit: audit.clone(),
-            dry_run: dry_run.clone(),
+            deciding: deciding.map(|r| self.rule_ref(r)),
+            outcome,
+            audit: self
+                .audit
+                .for_request(attrs)
+                .first_match(attrs)
+                .map(|r| self.rule_ref(r)),
+            dry_run: self.dry_run_results(attrs),
             status,
         };
 
         if let Some(rule) = self.custom.for_request(attrs).first_match(attrs) {
-            let r = self.rule_ref(rule);
             match (&self.provider, custom) {
                 (Err(why), _) => {
-                    let reason = format!("denied by {} rule {}: {why}", r.policy, rule.rule);
-                    return decision(Verdict::Deny, Some(r), reason, 403);
+                    return decision(
+                        Verdict::Deny,
+                        Some(rule),
+                        Outcome::InvalidProvider(why.clone()),
+                        403,
+                    );
                 }
                 (Ok(Some(p)), Some(CustomVerdict::Deny(status))) => {
-                    let reason = format!(
-                        "denied by CUSTOM {} rule {}: provider {:?} denied the request ({})",
-                        r.policy,
-                        rule.rule,
-                        p.name,
-                        rule.explain(attrs)
-                    );
-                    return decision(Verdict::Deny, Some(r), reason, status);
+                    let outcome = Outcome::CustomDenied {
+                        provider: p.name.clone(),
+                    };
+                    return decision(Verdict::Deny, Some(rule), outcome, status);
                 }
-                (Ok(Some(p)), Some(CustomVerdict::Error(e))) => {
+                (Ok(Some(p)), Some(CustomVerdict::Error(error))) => {
                     let fail_open = p
                         .envoy_ext_authz_http
                         .as_ref()
@@ -413,20 +437,18 @@ impl Authorizer {
                         .or(p.envoy_ext_authz_grpc.as_ref().map(|g| g.fail_open))
                         .unwrap_or(false);
                     if !fail_open {
-                        let status = status_on_error(p);
-                        let reason = format!(
-                            "denied by CUSTOM {} rule {}: provider {:?} failed ({e}) and failOpen is false",
-                            r.policy, rule.rule, p.name
-                        );
-                        return decision(Verdict::Deny, Some(r), reason, status);
+                        let outcome = Outcome::CustomFailed {
+                            provider: p.name.clone(),
+                            error,
+                        };
+                        return decision(Verdict::Deny, Some(rule), outcome, status_on_error(p));
                     }
                 }
                 (Ok(Some(p)), None) => {
-                    let reason = format!(
-                        "denied by CUSTOM {} rule {}: provider {:?} was not consulted",
-                        r.policy, rule.rule, p.name
-                    );
-                    return decision(Verdict::Deny, Some(r), reason, 403);
+                    let outcome = Outcome::CustomNotConsulted {
+                        provider: p.name.clone(),
+                    };
+                    return decision(Verdict::Deny, Some(rule), outcome, 403);
                 }
                 // The provider allowed: go on with DENY and ALLOW.
                 (Ok(_), _) => {}
@@ -434,60 +456,95 @@ impl Authorizer {
         }
 
         if let Some(rule) = self.deny.for_request(attrs).first_match(attrs) {
-            let r = self.rule_ref(rule);
-            let reason = format!(
-                "denied by {} rule {}: {}",
-                r.policy,
-                rule.rule,
-                rule.explain(attrs)
-            );
-            return decision(Verdict::Deny, Some(r), reason, 403);
+            return decision(Verdict::Deny, Some(rule), Outcome::Matched, 403);
         }
-
         if !self.has_allow() {
-            let reason = if self.policies.is_empty() {
-                "allowed: no authorization policy applies".to_owned()
+            let outcome = if self.policies.is_empty() {
+                Outcome::NoPolicies
             } else {
-                "allowed: no DENY rule matched and no ALLOW policy applies".to_owned()
+                Outcome::NoAllowPolicies
             };
-            return decision(Verdict::Allow, None, reason, 200);
+            return decision(Verdict::Allow, None, outcome, 200);
         }
         match self.allow.for_request(attrs).first_match(attrs) {
-            Some(rule) => {
-                let r = self.rule_ref(rule);
-                let reason = format!(
-                    "allowed by {} rule {}: {}",
-                    r.policy,
-                    rule.rule,
-                    rule.explain(attrs)
-                );
-                decision(Verdict::Allow, Some(r), reason, 200)
+            Some(rule) => decision(Verdict::Allow, Some(rule), Outcome::Matched, 200),
+            None => decision(Verdict::Deny, None, Outcome::NoAllowMatched, 403),
+        }
+    }
+
+    /// One line for humans: which policy and rule decided, and what matched
+    /// ("denied by foo/deny-legacy rule 0: source.namespaces matched \"legacy\"").
+    /// Computed on demand, from the decision and the same request.
+    pub fn explain(&self, attrs: &Attributes<'_>, decision: &AuthzDecision) -> String {
+        let Some(r) = &decision.deciding else {
+            return match decision.outcome {
+                Outcome::NoPolicies => "allowed: no authorization policy applies".to_owned(),
+                Outcome::NoAllowPolicies => {
+                    "allowed: no DENY rule matched and no ALLOW policy applies".to_owned()
+                }
+                _ => {
+                    let names: Vec<String> = self
+                        .policies
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, p)| {
+                            p.action == Action::Allow
+                                && !self.dry_run.iter().any(|d| d.policy == *i)
+                        })
+                        .map(|(_, p)| p.key.to_string())
+                        .collect();
+                    let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+                    let more = if names.len() > 5 {
+                        format!(" and {} more", names.len() - 5)
+                    } else {
+                        String::new()
+                    };
+                    let tcp = if attrs.is_http() {
+                        ""
+                    } else {
+                        " (rules with HTTP-only fields never match TCP traffic)"
+                    };
+                    format!(
+                        "denied: no ALLOW rule matched{tcp}; ALLOW policies that apply: {shown}{more}"
+                    )
+                }
+            };
+        };
+        let rule_no = r.rule.unwrap_or(0);
+        let set = match r.action {
+            Action::Custom => &self.custom,
+            Action::Deny => &self.deny,
+            Action::Allow => &self.allow,
+            Action::Audit => &self.audit,
+        };
+        let why = set
+            .for_request(attrs)
+            .first_match(attrs)
+            .map(|rule| rule.explain(attrs))
+            .unwrap_or_default();
+        match &decision.outcome {
+            Outcome::InvalidProvider(e) => format!("denied by {} rule {rule_no}: {e}", r.policy),
+            Outcome::CustomDenied { provider } => {
+                format!(
+                    "denied by CUSTOM {} rule {rule_no}: provider {provider:?} denied the request ({why})",
+                    r.policy
+                )
             }
-            None => {
-                let names: Vec<String> = self
-                    .policies
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, p)| {
-                        p.action == Action::Allow && !self.dry_run.iter().any(|d| d.policy == *i)
-                    })
-                    .map(|(_, p)| p.key.to_string())
-                    .collect();
-                let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-                let more = if names.len() > 5 {
-                    format!(" and {} more", names.len() - 5)
+            Outcome::CustomFailed { provider, error } => format!(
+                "denied by CUSTOM {} rule {rule_no}: provider {provider:?} failed ({error}) and failOpen is false",
+                r.policy
+            ),
+            Outcome::CustomNotConsulted { provider } => format!(
+                "denied by CUSTOM {} rule {rule_no}: provider {provider:?} was not consulted",
+                r.policy
+            ),
+            _ => {
+                let verb = if decision.verdict == Verdict::Allow {
+                    "allowed"
                 } else {
-                    String::new()
+                    "denied"
                 };
-                let tcp = if attrs.is_http() {
-                    ""
-                } else {
-                    " (rules with HTTP-only fields never match TCP traffic)"
-                };
-                let reason = format!(
-                    "denied: no ALLOW rule matched{tcp}; ALLOW policies that apply: {shown}{more}"
-                );
-                decision(Verdict::Deny, None, reason, 403)
+                format!("{verb} by {} rule {rule_no}: {why}", r.policy)
             }
         }
     }

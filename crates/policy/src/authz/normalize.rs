@@ -8,14 +8,31 @@ use crate::api::PathNormalizationMode;
 
 /// Normalizes the path part of a request target for matching. Returns the path
 /// without query or fragment.
-pub fn normalize(target: &str, mode: PathNormalizationMode) -> String {
+pub fn normalize(target: &str, mode: PathNormalizationMode) -> std::borrow::Cow<'_, str> {
     let path = strip_query(target);
-    match mode.effective() {
+    let effective = mode.effective();
+    if effective == PathNormalizationMode::None || is_normal(path, effective) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    std::borrow::Cow::Owned(match effective {
         PathNormalizationMode::None => path.to_owned(),
         PathNormalizationMode::Default | PathNormalizationMode::Base => base(path),
         PathNormalizationMode::MergeSlashes => merge_slashes(&base(path)),
         PathNormalizationMode::DecodeAndMergeSlashes => merge_slashes(&base(&decode_slashes(path))),
-    }
+    })
+}
+
+/// Whether normalizing would leave `path` as it is: no escapes, no
+/// backslashes, no dot segments (and no empty segments when merging).
+fn is_normal(path: &str, mode: PathNormalizationMode) -> bool {
+    let merge = matches!(
+        mode,
+        PathNormalizationMode::MergeSlashes | PathNormalizationMode::DecodeAndMergeSlashes
+    );
+    path.starts_with('/')
+        && !path.contains(['%', '\\'])
+        && !(merge && path.contains("//"))
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// The request target without `?query` and `#fragment`.
@@ -25,8 +42,8 @@ pub fn strip_query(target: &str) -> &str {
 }
 
 /// RFC 3986 normalization as Envoy's `normalize_path` does it: percent-encoded
-/// unreserved characters are decoded, other escapes get upper-case hex,
-/// backslashes become slashes, and `.`/`..` segments are removed.
+/// unreserved characters are decoded, other escapes are kept exactly as
+/// written, backslashes become slashes, and `.`/`..` segments are removed.
 fn base(path: &str) -> String {
     let decoded = decode_unreserved(path);
     let slashed = decoded.replace('\\', "/");
@@ -47,8 +64,8 @@ fn decode_unreserved(path: &str) -> String {
                 out.push(c as char);
             } else {
                 out.push('%');
-                out.push(bytes[i + 1].to_ascii_uppercase() as char);
-                out.push(bytes[i + 2].to_ascii_uppercase() as char);
+                out.push(bytes[i + 1] as char);
+                out.push(bytes[i + 2] as char);
             }
             i += 3;
             continue;
@@ -174,7 +191,7 @@ mod tests {
     #[test]
     fn percent_decoding() {
         assert_eq!(normalize("/%61dmin", Base), "/admin");
-        assert_eq!(normalize("/a%2fb", Base), "/a%2Fb");
+        assert_eq!(normalize("/a%2fb", Base), "/a%2fb");
         assert_eq!(normalize("/a%2fb", DecodeAndMergeSlashes), "/a/b");
         assert_eq!(normalize("/a%5cb", DecodeAndMergeSlashes), "/a/b");
         assert_eq!(normalize("/%2e%2e/admin", Base), "/admin");
@@ -188,6 +205,62 @@ mod tests {
         assert_eq!(normalize("//admin", Base), "//admin");
         assert_eq!(normalize("//admin", MergeSlashes), "/admin");
         assert_eq!(normalize("/a\\..\\admin", Base), "/admin");
+    }
+
+    /// The expectations of Istio's normalization integration test.
+    #[test]
+    fn istio_normalization_table() {
+        let table: [(&str, [&str; 4]); 8] = [
+            (
+                "/app/../admin",
+                ["/app/../admin", "/admin", "/admin", "/admin"],
+            ),
+            ("/app//", ["/app//", "/app//", "/app/", "/app/"]),
+            ("/app/%2f", ["/app/%2f", "/app/%2f", "/app/%2f", "/app/"]),
+            (
+                "/xyz%30..//abc",
+                [
+                    "/xyz%30..//abc",
+                    "/xyz0..//abc",
+                    "/xyz0../abc",
+                    "/xyz0../abc",
+                ],
+            ),
+            (
+                "/app/%2E./admin",
+                ["/app/%2E./admin", "/admin", "/admin", "/admin"],
+            ),
+            (
+                "/app\\/\\/\\admin",
+                [
+                    "/app\\/\\/\\admin",
+                    "/app/////admin",
+                    "/app/admin",
+                    "/app/admin",
+                ],
+            ),
+            (
+                "/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc",
+                [
+                    "/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc",
+                    "/%5Capp%2f%5c%2F..%2fadmin%5c/abc",
+                    "/%5Capp%2f%5c%2F..%2fadmin%5c/abc",
+                    "/app/admin/abc",
+                ],
+            ),
+            (
+                "/app//../admin",
+                ["/app//../admin", "/app/admin", "/app/admin", "/app/admin"],
+            ),
+        ];
+        for (input, want) in table {
+            for (mode, want) in [None, Base, MergeSlashes, DecodeAndMergeSlashes]
+                .into_iter()
+                .zip(want)
+            {
+                assert_eq!(normalize(input, mode), want, "{input} under {mode:?}");
+            }
+        }
     }
 
     #[test]
