@@ -1,6 +1,9 @@
 //! The `meshward` binary, run as users run it: on the repository's examples,
 //! on broken input, and on standard input.
 
+// A test that cannot set itself up should stop loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

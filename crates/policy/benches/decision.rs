@@ -8,6 +8,9 @@
 //! Each measurement runs the whole inbound pipeline (mTLS mode, request
 //! authentication, authorization), as the proxy does per request.
 
+// A test that cannot set itself up should stop loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;

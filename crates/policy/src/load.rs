@@ -272,13 +272,13 @@ impl LineMap {
                         _ => String::new(),
                     };
                     match stack.last_mut() {
-                        Some(Frame::Map { path, key }) => match key.take() {
-                            None => {
+                        Some(Frame::Map { path, key }) => {
+                            // A scalar with no pending key is a key; otherwise it is that key's value.
+                            if key.take().is_none() {
                                 lines.entry(join(path, &scalar)).or_insert(line);
                                 *key = Some(scalar);
                             }
-                            Some(_) => {}
-                        },
+                        }
                         Some(Frame::Seq { path, next }) => {
                             lines.entry(format!("{path}[{next}]")).or_insert(line);
                             *next += 1;
@@ -290,10 +290,8 @@ impl LineMap {
                     let is_map = matches!(event, Event::MappingStart(..));
                     let path = match stack.last_mut() {
                         None => Some(String::new()),
-                        Some(Frame::Map { path, key }) => match key.take() {
-                            Some(k) => Some(join(path, &k)),
-                            None => None, // complex key
-                        },
+                        // No pending key: this collection is a complex key.
+                        Some(Frame::Map { path, key }) => key.take().map(|k| join(path, &k)),
                         Some(Frame::Seq { path, next }) => {
                             let p = format!("{path}[{next}]");
                             *next += 1;

@@ -6,6 +6,9 @@
 //! [`Checker`] the CLI uses. JWTs are minted at test time with the keys in
 //! `tests/keys/` so expiry is relative to now.
 
+// A test that cannot set itself up should stop loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

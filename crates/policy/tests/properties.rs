@@ -1,6 +1,9 @@
 //! Properties that must hold for any input: loading and deciding never
 //! panic, and the same request always gets the same decision.
 
+// A test that cannot set itself up should stop loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 
 use meshward_policy::api::{

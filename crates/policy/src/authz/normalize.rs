@@ -29,10 +29,11 @@ fn is_normal(path: &str, mode: PathNormalizationMode) -> bool {
         mode,
         PathNormalizationMode::MergeSlashes | PathNormalizationMode::DecodeAndMergeSlashes
     );
-    path.starts_with('/')
-        && !path.contains(['%', '\\'])
-        && !(merge && path.contains("//"))
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
+    let needs_work = !path.starts_with('/')
+        || path.contains(['%', '\\'])
+        || (merge && path.contains("//"))
+        || path.split('/').any(|seg| seg == "." || seg == "..");
+    !needs_work
 }
 
 /// The request target without `?query` and `#fragment`.
