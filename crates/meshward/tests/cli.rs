@@ -311,7 +311,134 @@ fn tempdir() -> PathBuf {
         std::process::id(),
         std::thread::current().id()
     ));
-    let dir = PathBuf::from(dir.to_string_lossy().replace(['(', ')'], ""));
+
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// A policy that takes its keys from `jwks_uri`, and the first request of the
+/// JWT example (a valid token from issuer testing@secure.istio.io).
+fn jwks_uri_case(jwks_uri: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = tempdir();
+    let policy = dir.join("ra.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: {jwks_uri}\n"
+        ),
+    )
+    .expect("write policy");
+    let requests = dir.join("requests.jsonl");
+    let first = std::fs::read_to_string(repo().join("examples/jwt/requests.jsonl"))
+        .expect("example requests")
+        .lines()
+        .next()
+        .expect("one request")
+        .to_owned();
+    std::fs::write(&requests, first + "\n").expect("write requests");
+    (dir, policy, requests)
+}
+
+#[test]
+fn check_fetches_jwks_uri_over_http() {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let port = listener.local_addr().expect("addr").port();
+    let jwks =
+        std::fs::read_to_string(repo().join("crates/policy/tests/keys/jwks.json")).expect("jwks");
+    let server = std::thread::spawn(move || {
+        // Serve exactly one request, then stop: the CLI fetches once and caches.
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok();
+        let mut request_line = String::new();
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        reader.read_line(&mut request_line).expect("request line");
+        let mut line = String::new();
+        while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+            line.clear();
+        }
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+            jwks.len()
+        )
+        .expect("respond");
+        request_line
+    });
+    let (dir, policy, requests) = jwks_uri_case(&format!("http://127.0.0.1:{port}/jwks"));
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            policy.to_str().expect("utf-8"),
+            "--input",
+            requests.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = results(&o);
+    assert_eq!(r[0]["decision"], "allow", "{}", r[0]);
+    assert_eq!(r[0]["request_principal"], "testing@secure.istio.io/alice");
+    let request_line = server.join().expect("server thread");
+    assert!(
+        request_line.starts_with("GET /jwks HTTP/1.1"),
+        "{request_line}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn check_uses_a_local_jwks_file_instead_of_fetching() {
+    // Port 9 on loopback (discard) is never contacted: the override answers.
+    let uri = "http://127.0.0.1:9/never-fetched";
+    let (dir, policy, requests) = jwks_uri_case(uri);
+    let keys = repo().join("crates/policy/tests/keys/jwks.json");
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            policy.to_str().expect("utf-8"),
+            "--input",
+            requests.to_str().expect("utf-8"),
+            "--jwks",
+            &format!("{uri}={}", keys.display()),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(results(&o)[0]["decision"], "allow");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn check_rejects_tokens_when_jwks_cannot_be_fetched() {
+    // Nothing listens on a port we bound and closed: the fetch fails, the token is rejected.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (dir, policy, requests) = jwks_uri_case(&format!("http://127.0.0.1:{port}/jwks"));
+    let o = meshward(
+        &[
+            "check",
+            "-f",
+            policy.to_str().expect("utf-8"),
+            "--input",
+            requests.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = results(&o);
+    assert_eq!(r[0]["decision"], "deny");
+    assert_eq!(r[0]["status"], 401);
+    assert_eq!(
+        r[0]["reason"],
+        "request authentication failed: Jwks remote fetch is failed"
+    );
+    std::fs::remove_dir_all(dir).ok();
 }
