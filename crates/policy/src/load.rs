@@ -462,16 +462,53 @@ impl Document<'_> {
         }))
     }
 
-    fn typed<T: serde::de::DeserializeOwned>(
+    fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
         &self,
         value: serde_json::Value,
         resource: &Option<String>,
     ) -> Result<T, Box<Diagnostic>> {
-        serde_path_to_error::deserialize(value).map_err(|e| {
+        let typed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
             let field = e.path().to_string();
             let message = e.inner().to_string();
             self.error(resource.clone(), &field, message)
-        })
+        })?;
+        // serde reads a struct from a sequence too (`mtls: [STRICT]`); the
+        // schema says mapping, so such a document is refused.
+        let written = serde_json::to_value(&typed).unwrap_or_default();
+        if let Some(field) = sequence_for_mapping(&value, &written, String::new()) {
+            return Err(self.error(
+                resource.clone(),
+                &field,
+                "expected a mapping (key: value pairs), found a sequence".into(),
+            ));
+        }
+        Ok(typed)
+    }
+}
+
+/// The first path where the document has a sequence and its typed reading a mapping.
+fn sequence_for_mapping(
+    original: &serde_json::Value,
+    typed: &serde_json::Value,
+    path: String,
+) -> Option<String> {
+    use serde_json::Value;
+    match (original, typed) {
+        (Value::Array(_), Value::Object(_)) => Some(path),
+        (Value::Object(o), Value::Object(t)) => t.iter().find_map(|(k, tv)| {
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            o.get(k).and_then(|ov| sequence_for_mapping(ov, tv, child))
+        }),
+        (Value::Array(o), Value::Array(t)) => o
+            .iter()
+            .zip(t)
+            .enumerate()
+            .find_map(|(i, (ov, tv))| sequence_for_mapping(ov, tv, format!("{path}[{i}]"))),
+        _ => None,
     }
 }
 

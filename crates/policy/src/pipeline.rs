@@ -15,6 +15,8 @@ use crate::resolve::WorkloadPolicy;
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     PeerAuthentication,
+    /// The request itself is malformed (Envoy rejects it before any filter).
+    Request,
     RequestAuthentication,
     Authorization,
 }
@@ -133,6 +135,11 @@ impl WorkloadPolicy {
                 );
             }
         };
+        if let Some(h) = http
+            && let Err(reason) = check_request(h)
+        {
+            return InboundDecision::denied(Stage::Request, 400, mode, reason);
+        }
         let (principal, edits) = match http.map(|h| self.authn.authenticate(h)) {
             None | Some(AuthnOutcome::NoToken) => (None, None),
             Some(AuthnOutcome::Authenticated { principal, headers }) => {
@@ -171,4 +178,18 @@ impl WorkloadPolicy {
             header_edits,
         }
     }
+}
+
+/// What Envoy refuses with 400 before any filter runs: a NUL byte, raw or
+/// percent-encoded, in the path, which no normalization can make safe.
+fn check_request(request: &HttpRequest) -> Result<(), String> {
+    let path = crate::authz::normalize::strip_query(&request.path);
+    let bytes = path.as_bytes();
+    let encoded_nul = bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
+    if encoded_nul || path.contains('\0') {
+        return Err("bad request: the path contains a NUL character (%00)".to_owned());
+    }
+    Ok(())
 }

@@ -205,6 +205,14 @@ fn validate_jwt_rule(rule: &JwtRule, path: &str, v: &mut Issues) {
             );
         }
     }
+    for (i, claim) in rule.space_delimited_claims.iter().enumerate() {
+        if claim.is_empty() {
+            v.error(
+                format!("{path}.spaceDelimitedClaims[{i}]"),
+                "claim name must be non-empty string",
+            );
+        }
+    }
     if let Some(timeout) = &rule.timeout
         && let Err(e) = crate::duration::parse_timeout(timeout)
     {
@@ -315,6 +323,13 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
             }
             for (field, values) in [("values", &cond.values), ("notValues", &cond.not_values)] {
                 for (k, value) in values.iter().enumerate() {
+                    if value.is_empty() {
+                        v.error(
+                            format!("{p}.{field}[{k}]"),
+                            format!("empty value not allowed, found in {}", cond.key),
+                        );
+                        continue;
+                    }
                     if let Err(e) = key.check_value(value) {
                         v.error(format!("{p}.{field}[{k}]"), e);
                     }
@@ -708,12 +723,10 @@ pub(crate) fn check_service_accounts(key: &str, values: &[String]) -> Result<(),
 }
 
 fn check_jwks_uri(uri: &str) -> Result<(), String> {
-    let (scheme, rest) = uri
-        .split_once("://")
-        .ok_or_else(|| format!("invalid jwksUri {uri:?}: must be an http:// or https:// URL"))?;
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("", uri));
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
         return Err(format!(
-            "URI scheme {scheme:?} is not supported in jwksUri {uri:?}: use http or https"
+            "URI scheme {scheme:?} is not supported (jwksUri {uri:?} must be an http:// or https:// URL)"
         ));
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();

@@ -40,12 +40,16 @@ pub enum JwksError {
 
 /// Parses a JWKS document (`{"keys":[...]}`), or a single JWK as Istio also accepts.
 pub fn parse_jwks(text: &str) -> Result<JwkSet, JwksError> {
-    let set = match serde_json::from_str::<JwkSet>(text) {
-        Ok(set) => set,
-        Err(set_err) => match serde_json::from_str::<jsonwebtoken::jwk::Jwk>(text) {
-            Ok(key) => JwkSet { keys: vec![key] },
-            Err(_) => return Err(JwksError::Parse(set_err.to_string())),
-        },
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| JwksError::Parse(e.to_string()))?;
+    // A single key (an object with "kty" and no "keys") is accepted as a set of one.
+    let is_single_key = value.get("keys").is_none() && value.get("kty").is_some();
+    let set = if is_single_key {
+        serde_json::from_value::<jsonwebtoken::jwk::Jwk>(value)
+            .map(|key| JwkSet { keys: vec![key] })
+            .map_err(|e| JwksError::Parse(e.to_string()))?
+    } else {
+        serde_json::from_value::<JwkSet>(value).map_err(|e| JwksError::Parse(e.to_string()))?
     };
     if set.keys.is_empty() {
         return Err(JwksError::Empty);
@@ -191,6 +195,8 @@ mod tests {
         assert_eq!(parse_jwks(single).map(|s| s.keys.len()).ok(), Some(1));
         assert!(parse_jwks(r#"{"keys":[]}"#).is_err());
         assert!(parse_jwks("not json").is_err());
+        assert!(parse_jwks(r#"{"keys":"nope"}"#).is_err());
+        assert!(parse_jwks(r#"{"foo":1}"#).is_err());
     }
 
     #[test]

@@ -59,17 +59,18 @@ impl AuthnFailure {
     }
 
     /// The `www-authenticate` value for the response, for the request's URI.
+    /// As Envoy builds it: the original URI, with the path (query included)
+    /// cut to 256 characters.
     pub fn www_authenticate(&self, request: &HttpRequest, scheme: &str) -> String {
-        let path = crate::authz::normalize::strip_query(&request.path);
-        let mut realm = format!("{scheme}://{}{path}", request.host);
-        if realm.len() > 256 {
-            let mut end = 256;
-            while !realm.is_char_boundary(end) {
-                end -= 1;
-            }
-            realm.truncate(end);
+        let mut end = request.path.len().min(256);
+        while !request.path.is_char_boundary(end) {
+            end -= 1;
         }
-        format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+        let path = &request.path[..end];
+        format!(
+            "Bearer realm=\"{scheme}://{}{path}\", error=\"invalid_token\"",
+            request.host
+        )
     }
 }
 
@@ -198,22 +199,25 @@ impl Authenticator {
     }
 
     /// Verifies a token with the rule for its issuer that reads tokens from
-    /// where this one was found.
+    /// where this one was found, in Envoy's order: shape, issuer, time,
+    /// audience, then signature — so the cheap checks say what is wrong
+    /// before any key is needed.
     fn verify(&self, found: &token::Found) -> Result<(JwtPrincipal, usize), AuthnFailure> {
         let token = found.token.as_str();
-        let parts: Vec<&str> = token.split('.').collect();
-        if parts.len() != 3 {
+        // Envoy splits on '.' skipping empty parts: "h.p." has two sections.
+        if token.split('.').filter(|p| !p.is_empty()).count() != 3 {
             return Err(AuthnFailure::unauthorized(
                 "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
             ));
         }
+        let payload_b64 = token.split('.').nth(1).unwrap_or_default();
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             AuthnFailure::unauthorized(
                 "Jwt header is an invalid JSON or uses an unsupported algorithm",
             )
         })?;
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(parts[1].trim_end_matches('='))
+            .decode(payload_b64.trim_end_matches('='))
             .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
         let claims: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&payload)
@@ -228,6 +232,8 @@ impl Authenticator {
             .position(|r| r.rule.issuer == issuer && r.locations.contains(&found.location))
             .ok_or_else(|| AuthnFailure::unauthorized("Jwt issuer is not configured"))?;
         let rule = &self.rules[index];
+        check_time(&claims)?;
+        check_audience(&claims, &rule.rule.audiences)?;
 
         let keys = match &rule.keys {
             KeySource::Inline(keys) => keys.clone(),
@@ -235,24 +241,87 @@ impl Authenticator {
                 .jwks
                 .keys(uri)
                 .map_err(|_| AuthnFailure::unauthorized("Jwks remote fetch is failed"))?,
-            KeySource::None => {
-                return Err(AuthnFailure::unauthorized(
-                    "Jwks doesn't have key to match kid or alg from Jwt",
-                ));
-            }
+            KeySource::None => return Err(VerifyError::NoKey.into_failure()),
         };
-        let mut result = verify_with(token, &header, &keys, &rule.rule);
+        let mut result = verify_signature(token, &header, &keys);
         if matches!(result, Err(VerifyError::NoKey))
             && let KeySource::Remote(uri) = &rule.keys
             && let Some(fresh) = self.jwks.refresh_for_unknown_kid(uri)
         {
-            result = verify_with(token, &header, &fresh, &rule.rule);
+            result = verify_signature(token, &header, &fresh);
         }
-        let claims = result.map_err(VerifyError::into_failure)?;
+        result.map_err(VerifyError::into_failure)?;
         Ok((
             JwtPrincipal::new(claims, rule.space_delimited.clone()),
             index,
         ))
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `exp` and `nbf`, with Envoy's clock skew; both are optional.
+fn check_time(claims: &serde_json::Map<String, serde_json::Value>) -> Result<(), AuthnFailure> {
+    let number = |k: &str| {
+        claims
+            .get(k)
+            .map(|v| v.as_i64().or(v.as_f64().map(|f| f as i64)))
+    };
+    let now = now();
+    let skew = CLOCK_SKEW_SECONDS as i64;
+    match number("nbf") {
+        Some(None) => return Err(AuthnFailure::unauthorized("Jwt payload is an invalid JSON")),
+        Some(Some(nbf)) if nbf > now.saturating_add(skew) => {
+            return Err(AuthnFailure::unauthorized("Jwt not yet valid"));
+        }
+        _ => {}
+    }
+    match number("exp") {
+        Some(None) => Err(AuthnFailure::unauthorized("Jwt payload is an invalid JSON")),
+        Some(Some(exp)) if exp < now.saturating_sub(skew) => {
+            Err(AuthnFailure::unauthorized("Jwt is expired"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Envoy's `CheckAudience`: when audiences are configured, one `aud` value
+/// must equal one of them, comparing without an `http(s)://` scheme and a
+/// trailing slash. A mismatch is 403, not 401.
+fn check_audience(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    configured: &[String],
+) -> Result<(), AuthnFailure> {
+    if configured.is_empty() {
+        return Ok(());
+    }
+    fn canonical(aud: &str) -> &str {
+        let aud = aud
+            .strip_prefix("https://")
+            .or_else(|| aud.strip_prefix("http://"))
+            .unwrap_or(aud);
+        aud.strip_suffix('/').unwrap_or(aud)
+    }
+    let token_auds: Vec<&str> = match claims.get("aud") {
+        Some(serde_json::Value::String(s)) => vec![s.as_str()],
+        Some(serde_json::Value::Array(list)) => list.iter().filter_map(|v| v.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    if token_auds
+        .iter()
+        .any(|a| configured.iter().any(|c| canonical(a) == canonical(c)))
+    {
+        Ok(())
+    } else {
+        Err(AuthnFailure {
+            status: 403,
+            message: "Audiences in Jwt are not allowed".into(),
+        })
     }
 }
 
@@ -265,37 +334,24 @@ fn is_cors_preflight(request: &HttpRequest) -> bool {
 }
 
 enum VerifyError {
+    /// No key has a compatible `kid` and `alg`.
     NoKey,
-    Failed(jsonwebtoken::errors::ErrorKind),
+    /// A key matched by `kid`/`alg`, and the signature did not verify with it.
+    Failed,
 }
 
 impl VerifyError {
     fn into_failure(self) -> AuthnFailure {
-        use jsonwebtoken::errors::ErrorKind as K;
         match self {
             VerifyError::NoKey => {
                 AuthnFailure::unauthorized("Jwks doesn't have key to match kid or alg from Jwt")
             }
-            VerifyError::Failed(kind) => match kind {
-                K::ExpiredSignature => AuthnFailure::unauthorized("Jwt is expired"),
-                K::ImmatureSignature => AuthnFailure::unauthorized("Jwt not yet valid"),
-                K::InvalidAudience | K::MissingRequiredClaim(_) => AuthnFailure {
-                    status: 403,
-                    message: "Audiences in Jwt are not allowed".into(),
-                },
-                K::InvalidIssuer => AuthnFailure::unauthorized("Jwt issuer is not configured"),
-                K::InvalidClaimFormat(_) | K::Json(_) => {
-                    AuthnFailure::unauthorized("Jwt payload is an invalid JSON")
-                }
-                _ => AuthnFailure::unauthorized("Jwt verification fails"),
-            },
+            VerifyError::Failed => AuthnFailure::unauthorized("Jwt verification fails"),
         }
     }
 }
 
-/// The algorithms a key may verify, pinned by its type (and its `alg`, when
-/// the key states one), so an RSA public key can never be used as an HMAC
-/// secret and `none` is never accepted.
+/// The algorithms a key's type can verify.
 fn allowed_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
     use Algorithm::*;
     let by_type: Vec<Algorithm> = match &jwk.algorithm {
@@ -329,24 +385,32 @@ impl FromStrOpt for Algorithm {
     }
 }
 
-fn verify_with(
+/// Verifies the signature as Envoy's `verifyJwt`: a key is a candidate
+/// unless both it and the token name different `kid`s, or it states an `alg`
+/// other than the token's. A candidate only verifies an algorithm its key
+/// type allows, so an RSA public key is never used as an HMAC secret and
+/// `none` never verifies.
+fn verify_signature(
     token: &str,
     header: &jsonwebtoken::Header,
     keys: &JwkSet,
-    rule: &JwtRule,
-) -> Result<serde_json::Map<String, serde_json::Value>, VerifyError> {
-    let candidates = keys
-        .keys
-        .iter()
-        .filter(|k| match (&header.kid, &k.common.key_id) {
-            (Some(kid), Some(key_id)) => kid == key_id,
-            // A token without kid is tried against every key (Envoy does the same);
-            // a token with a kid never matches a key without one.
-            (None, _) => true,
-            (Some(_), None) => false,
-        });
-    let mut last = VerifyError::NoKey;
-    for jwk in candidates {
+) -> Result<(), VerifyError> {
+    let mut kid_alg_matched = false;
+    for jwk in &keys.keys {
+        if let (Some(kid), Some(key_id)) = (&header.kid, &jwk.common.key_id)
+            && kid != key_id
+        {
+            continue;
+        }
+        if let Some(stated) = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| Algorithm::from_str_opt(&a.to_string()))
+            && stated != header.alg
+        {
+            continue;
+        }
+        kid_alg_matched = true;
         if !allowed_algorithms(jwk).contains(&header.alg) {
             continue;
         }
@@ -354,34 +418,20 @@ fn verify_with(
             continue;
         };
         let mut validation = Validation::new(header.alg);
-        validation.leeway = CLOCK_SKEW_SECONDS;
-        validation.validate_nbf = true;
+        // Time, issuer and audience were checked before, in Envoy's order.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        validation.set_issuer(&[&rule.issuer]);
-        if rule.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&rule.audiences);
-            validation.required_spec_claims.insert("aud".into());
-        }
-        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            token,
-            &key,
-            &validation,
-        ) {
-            Ok(data) => return Ok(data.claims),
-            Err(e) => {
-                let kind = e.into_kind();
-                // A signature that does not verify with this key may verify with the next.
-                if matches!(kind, jsonwebtoken::errors::ErrorKind::InvalidSignature) {
-                    last = VerifyError::Failed(kind);
-                    continue;
-                }
-                return Err(VerifyError::Failed(kind));
-            }
+        if jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).is_ok() {
+            return Ok(());
         }
     }
-    Err(last)
+    Err(if kid_alg_matched {
+        VerifyError::Failed
+    } else {
+        VerifyError::NoKey
+    })
 }
 
 /// Headers to set or remove upstream after `rule` verified `found`.

@@ -302,6 +302,10 @@ fn string(v: &str) -> Option<ValueMatch> {
     Some(ValueMatch::Str(StringMatch::parse(v)))
 }
 
+fn namespace(v: &str) -> Option<ValueMatch> {
+    Some(ValueMatch::Str(StringMatch::parse_glob(v)))
+}
+
 fn net(v: &str) -> Option<ValueMatch> {
     // Validation rejects bad CIDRs; a value that slips through matches nothing.
     check_ip_or_cidr(v).ok().map(ValueMatch::Net)
@@ -435,7 +439,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
         "source.namespaces",
         &s.namespaces,
         false,
-        string,
+        namespace,
     );
     push(
         &mut c,
@@ -443,7 +447,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
         "source.notNamespaces",
         &s.not_namespaces,
         true,
-        string,
+        namespace,
     );
     push(
         &mut c,
@@ -568,6 +572,7 @@ fn compile_condition(cond: &Condition, policy_namespace: &str, mesh: &MeshConfig
         Attr::RequestPrincipal => request_principal,
         Attr::RequestHeader(_) => header,
         Attr::InlineHeader(_) => inline_header,
+        Attr::SourceNamespace => namespace,
         _ => string,
     };
     let (values, not_values) = match attr {

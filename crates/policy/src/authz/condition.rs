@@ -119,6 +119,19 @@ pub enum KeyError {
 
 impl ConditionKey {
     pub fn parse(key: &str) -> Result<ConditionKey, KeyError> {
+        // Istio matches these by prefix, so `request.headers` alone (or any
+        // other spelling without brackets) is a malformed map key, not an unknown one.
+        for prefix in [
+            "request.headers",
+            "request.experimental.inline.headers",
+            "request.auth.claims",
+            "experimental.envoy.filters.",
+        ] {
+            let bracket = key.starts_with(prefix) && key[prefix.len()..].starts_with('[');
+            if key.starts_with(prefix) && !bracket && !prefix.ends_with('.') {
+                return Err(KeyError::BadMapKey(key.into()));
+            }
+        }
         let attr = match key {
             "source.ip" => Attr::SourceIp,
             "remote.ip" => Attr::RemoteIp,
