@@ -41,6 +41,21 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `meshward check` on a policy path and a requests file, which must succeed.
+fn check(policies: &str, requests: &str) -> Vec<serde_json::Value> {
+    let o = meshward(&["check", "-f", policies, "--input", requests], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    results(&o)
+}
+
+/// Two string fields of each result, for comparing a whole run at once.
+fn fields<'a>(results: &'a [serde_json::Value], a: &str, b: &str) -> Vec<(&'a str, &'a str)> {
+    results
+        .iter()
+        .map(|v| (v[a].as_str().unwrap_or("-"), v[b].as_str().unwrap_or("-")))
+        .collect()
+}
+
 fn results(o: &Output) -> Vec<serde_json::Value> {
     stdout(o)
         .lines()
@@ -86,29 +101,12 @@ fn validate_reports_file_line_resource_and_field_and_keeps_valid_documents() {
 
 #[test]
 fn check_decides_the_zero_trust_example() {
-    let o = meshward(
-        &[
-            "check",
-            "-f",
-            "examples/zero-trust/policies.yaml",
-            "--input",
-            "examples/zero-trust/requests.jsonl",
-        ],
-        None,
+    let r = check(
+        "examples/zero-trust/policies.yaml",
+        "examples/zero-trust/requests.jsonl",
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = results(&o);
-    let decisions: Vec<(&str, &str)> = r
-        .iter()
-        .map(|v| {
-            (
-                v["decision"].as_str().unwrap_or(""),
-                v["policy"].as_str().unwrap_or("-"),
-            )
-        })
-        .collect();
     assert_eq!(
-        decisions,
+        fields(&r, "decision", "policy"),
         [
             ("allow", "foo/httpbin-viewer"),
             ("deny", "-"),
@@ -129,29 +127,9 @@ fn check_decides_the_zero_trust_example() {
 
 #[test]
 fn check_applies_mtls_modes() {
-    let o = meshward(
-        &[
-            "check",
-            "-f",
-            "examples/mtls/",
-            "--input",
-            "examples/mtls/requests.jsonl",
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = results(&o);
-    let got: Vec<(&str, &str)> = r
-        .iter()
-        .map(|v| {
-            (
-                v["decision"].as_str().unwrap_or(""),
-                v["mtls_mode"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let r = check("examples/mtls/", "examples/mtls/requests.jsonl");
     assert_eq!(
-        got,
+        fields(&r, "decision", "mtls_mode"),
         [
             ("allow", "STRICT"),
             ("deny", "STRICT"),
@@ -171,18 +149,7 @@ fn check_applies_mtls_modes() {
 
 #[test]
 fn check_verifies_jwts() {
-    let o = meshward(
-        &[
-            "check",
-            "-f",
-            "examples/jwt/policies.yaml",
-            "--input",
-            "examples/jwt/requests.jsonl",
-        ],
-        None,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = results(&o);
+    let r = check("examples/jwt/policies.yaml", "examples/jwt/requests.jsonl");
     let got: Vec<(&str, u64)> = r
         .iter()
         .map(|v| {
@@ -368,18 +335,10 @@ fn check_fetches_jwks_uri_over_http() {
         request_line
     });
     let (dir, policy, requests) = jwks_uri_case(&format!("http://127.0.0.1:{port}/jwks"));
-    let o = meshward(
-        &[
-            "check",
-            "-f",
-            policy.to_str().expect("utf-8"),
-            "--input",
-            requests.to_str().expect("utf-8"),
-        ],
-        None,
+    let r = check(
+        policy.to_str().expect("utf-8"),
+        requests.to_str().expect("utf-8"),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = results(&o);
     assert_eq!(r[0]["decision"], "allow", "{}", r[0]);
     assert_eq!(r[0]["request_principal"], "testing@secure.istio.io/alice");
     let request_line = server.join().expect("server thread");
@@ -422,18 +381,10 @@ fn check_rejects_tokens_when_jwks_cannot_be_fetched() {
         .expect("addr")
         .port();
     let (dir, policy, requests) = jwks_uri_case(&format!("http://127.0.0.1:{port}/jwks"));
-    let o = meshward(
-        &[
-            "check",
-            "-f",
-            policy.to_str().expect("utf-8"),
-            "--input",
-            requests.to_str().expect("utf-8"),
-        ],
-        None,
+    let r = check(
+        policy.to_str().expect("utf-8"),
+        requests.to_str().expect("utf-8"),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = results(&o);
     assert_eq!(r[0]["decision"], "deny");
     assert_eq!(r[0]["status"], 401);
     assert_eq!(

@@ -9,10 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::api::{
-    Kind, MeshConfig, MtlsMode, PathNormalizationMode, PeerAuthentication, Policy,
-    PolicyTargetReference, WorkloadSelector,
-};
+use crate::api::{Kind, MeshConfig, MtlsMode, PathNormalizationMode, PeerAuthentication, Policy};
 use crate::authn::{Authenticator, JwksCache};
 use crate::authz::{Authorizer, PolicyRef};
 
@@ -103,26 +100,8 @@ impl PolicySet {
         let meta = policy.metadata();
         let ns = meta.namespace_or_default();
         let root = self.mesh.root_namespace.as_str();
-        let (selector, target_refs): (Option<&WorkloadSelector>, Vec<&PolicyTargetReference>) =
-            match policy {
-                Policy::PeerAuthentication(p) => (p.spec.selector.as_ref(), Vec::new()),
-                Policy::RequestAuthentication(p) => (
-                    p.spec.selector.as_ref(),
-                    p.spec
-                        .target_ref
-                        .iter()
-                        .chain(&p.spec.target_refs)
-                        .collect(),
-                ),
-                Policy::AuthorizationPolicy(p) => (
-                    p.spec.selector.as_ref(),
-                    p.spec
-                        .target_ref
-                        .iter()
-                        .chain(&p.spec.target_refs)
-                        .collect(),
-                ),
-            };
+        let selector = policy.selector();
+        let target_refs = policy.target_refs();
         if !target_refs.is_empty() {
             return Applicability::DoesNotApply(
                 "targetRef attaches it to a gateway or waypoint; sidecar workloads ignore it"

@@ -127,6 +127,25 @@ impl Policy {
         }
     }
 
+    /// `spec.selector`, for every kind.
+    pub fn selector(&self) -> Option<&WorkloadSelector> {
+        match self {
+            Policy::PeerAuthentication(o) => o.spec.selector.as_ref(),
+            Policy::RequestAuthentication(o) => o.spec.selector.as_ref(),
+            Policy::AuthorizationPolicy(o) => o.spec.selector.as_ref(),
+        }
+    }
+
+    /// `spec.targetRef` and `spec.targetRefs` together; PeerAuthentication has neither.
+    pub fn target_refs(&self) -> Vec<&PolicyTargetReference> {
+        let (one, many) = match self {
+            Policy::PeerAuthentication(_) => return Vec::new(),
+            Policy::RequestAuthentication(o) => (&o.spec.target_ref, &o.spec.target_refs),
+            Policy::AuthorizationPolicy(o) => (&o.spec.target_ref, &o.spec.target_refs),
+        };
+        one.iter().chain(many).collect()
+    }
+
     /// `Kind namespace/name`, as errors name a resource.
     pub fn display_name(&self) -> String {
         let m = self.metadata();
