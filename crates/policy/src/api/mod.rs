@@ -35,7 +35,7 @@ pub const SECURITY_GROUP: &str = "security.istio.io";
 pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// A Kubernetes-style object: type, metadata and a typed spec.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Object<S> {
     pub api_version: String,

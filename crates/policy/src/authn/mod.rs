@@ -456,3 +456,99 @@ fn output_headers(rule: &JwtRule, found: &token::Found, principal: &JwtPrincipal
     }
     edits
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use jsonwebtoken::EncodingKey;
+
+    use super::*;
+    use crate::authn::jwks::{FetchError, JwksFetcher};
+
+    /// Serves the given bodies in turn, then the last one forever.
+    struct Rotating(Mutex<Vec<&'static str>>);
+
+    impl JwksFetcher for Rotating {
+        fn fetch(&self, _uri: &str) -> Result<String, FetchError> {
+            let mut bodies = self.0.lock().unwrap();
+            let body = if bodies.len() > 1 {
+                bodies.remove(0)
+            } else {
+                bodies[0]
+            };
+            Ok(body.to_owned())
+        }
+    }
+
+    fn token(kid: &str) -> String {
+        let key = EncodingKey::from_rsa_pem(include_bytes!("../../tests/keys/rsa.pem")).unwrap();
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some(kid.into());
+        let claims = serde_json::json!({"iss": "rotating", "sub": "alice"});
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    fn authenticator(fetcher: Rotating, refresh: Duration) -> Authenticator {
+        let mut ra = RequestAuthentication::default();
+        ra.spec.jwt_rules.push(JwtRule {
+            issuer: "rotating".into(),
+            jwks_uri: "http://127.0.0.1:1/jwks".into(),
+            ..JwtRule::default()
+        });
+        let cache = JwksCache::with_timing(
+            Some(Arc::new(fetcher)),
+            jwks::DEFAULT_CACHE_DURATION,
+            refresh,
+        );
+        Authenticator::new(&[&ra], Arc::new(cache))
+    }
+
+    fn request(token: &str) -> HttpRequest {
+        HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: vec![("authorization".into(), format!("Bearer {token}"))],
+            ..HttpRequest::default()
+        }
+    }
+
+    #[test]
+    fn an_unknown_kid_refreshes_the_keys_once() {
+        // The first fetch returns keys from before the rotation (no rsa-1);
+        // the token's unknown kid makes the authenticator fetch again.
+        let fetcher = Rotating(Mutex::new(vec![
+            include_str!("../../tests/keys/jwks-rotated.json"),
+            include_str!("../../tests/keys/jwks.json"),
+        ]));
+        let authn = authenticator(fetcher, Duration::ZERO);
+        match authn.authenticate(&request(&token("rsa-1"))) {
+            AuthnOutcome::Authenticated { principal, .. } => {
+                assert_eq!(principal.principal(), "rotating/alice")
+            }
+            other => panic!("expected the refreshed keys to verify the token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refreshes_are_rate_limited() {
+        // Within the refresh interval the stale keys stay: the token is refused
+        // rather than turning each bogus kid into a fetch.
+        let fetcher = Rotating(Mutex::new(vec![
+            include_str!("../../tests/keys/jwks-rotated.json"),
+            include_str!("../../tests/keys/jwks.json"),
+        ]));
+        let authn = authenticator(fetcher, Duration::from_secs(3600));
+        match authn.authenticate(&request(&token("rsa-1"))) {
+            AuthnOutcome::Failed(f) => {
+                assert_eq!(f.status, 401);
+                assert_eq!(
+                    f.message,
+                    "Jwks doesn't have key to match kid or alg from Jwt"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}
