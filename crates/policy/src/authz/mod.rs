@@ -282,6 +282,9 @@ pub struct Authorizer {
     /// The provider CUSTOM policies use, when they agree on exactly one that
     /// MeshConfig defines as an authorizer; otherwise why not.
     provider: Result<Option<ExtensionProvider>, String>,
+    /// Enforced (not dry-run) ALLOW policies apply: requests no ALLOW rule
+    /// matches are denied. Decided at compile time, not per request.
+    has_allow: bool,
 }
 
 impl Default for Authorizer {
@@ -294,6 +297,7 @@ impl Default for Authorizer {
             audit: ActionRules::default(),
             dry_run: Vec::new(),
             provider: Ok(None),
+            has_allow: false,
         }
     }
 }
@@ -356,7 +360,11 @@ impl Authorizer {
             Ok(None) => false,
             Err(_) => true,
         };
+        let has_allow = sorted
+            .iter()
+            .any(|p| p.spec.action == Action::Allow && !is_dry_run(p));
         Authorizer {
+            has_allow,
             custom: ActionRules::new(take(Action::Custom), Action::Custom, |_| custom_on_tcp),
             deny: ActionRules::new(take(Action::Deny), Action::Deny, |_| true),
             allow: ActionRules::new(take(Action::Allow), Action::Allow, |_| true),
@@ -374,14 +382,6 @@ impl Authorizer {
             rule: Some(rule.rule),
             action: info.action,
         }
-    }
-
-    /// Enforced ALLOW policies apply: requests no ALLOW rule matches are denied.
-    fn has_allow(&self) -> bool {
-        self.policies
-            .iter()
-            .enumerate()
-            .any(|(i, p)| p.action == Action::Allow && !self.dry_run.iter().any(|d| d.policy == i))
     }
 
     /// The external check a request needs before [`Authorizer::decide`], if a
@@ -458,7 +458,7 @@ impl Authorizer {
         if let Some(rule) = self.deny.for_request(attrs).first_match(attrs) {
             return decision(Verdict::Deny, Some(rule), Outcome::Matched, 403);
         }
-        if !self.has_allow() {
+        if !self.has_allow {
             let outcome = if self.policies.is_empty() {
                 Outcome::NoPolicies
             } else {
