@@ -136,9 +136,9 @@ impl WorkloadPolicy {
             }
         };
         if let Some(h) = http
-            && let Err(reason) = check_request(h)
+            && let Err((status, reason)) = check_request(h)
         {
-            return InboundDecision::denied(Stage::Request, 400, mode, reason);
+            return InboundDecision::denied(Stage::Request, status, mode, reason);
         }
         let (principal, edits) = match http.map(|h| self.authn.authenticate(h)) {
             None | Some(AuthnOutcome::NoToken) => (None, None),
@@ -165,7 +165,18 @@ impl WorkloadPolicy {
         };
         let attrs = Attributes::new(connection, http, principal.as_ref(), self.normalization);
         let authz = self.authz.authorize(&attrs, ext_authz);
-        let header_edits = if authz.allowed() { edits } else { None };
+        // Output headers a client sent itself are removed whether or not a
+        // token verified; a verified token's values are then set.
+        let mut header_edits = HeaderEdits {
+            remove: self.authn.output_headers().to_vec(),
+            set: Vec::new(),
+        };
+        if let Some(edits) = edits {
+            header_edits.remove.extend(edits.remove);
+            header_edits.set.extend(edits.set);
+        }
+        let header_edits =
+            (authz.allowed() && http.is_some() && !header_edits.is_empty()).then_some(header_edits);
         InboundDecision {
             verdict: authz.verdict,
             status: if authz.allowed() { 200 } else { authz.status },
@@ -180,16 +191,28 @@ impl WorkloadPolicy {
     }
 }
 
-/// What Envoy refuses with 400 before any filter runs: a NUL byte, raw or
-/// percent-encoded, in the path, which no normalization can make safe.
-fn check_request(request: &HttpRequest) -> Result<(), String> {
+/// What Envoy refuses before any filter runs: a path that is not in origin
+/// form (404, as Envoy's `absolute_path_rejected`; `OPTIONS *` excepted), and
+/// a NUL byte, raw or percent-encoded, in the path (400), which no
+/// normalization can make safe.
+fn check_request(request: &HttpRequest) -> Result<(), (u16, String)> {
     let path = crate::authz::normalize::strip_query(&request.path);
+    let asterisk = request.method == "OPTIONS" && path == "*";
+    if !path.starts_with('/') && !asterisk {
+        return Err((
+            404,
+            "bad request: the path is not in origin form (it must start with /)".to_owned(),
+        ));
+    }
     let bytes = path.as_bytes();
     let encoded_nul = bytes
         .windows(3)
         .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
     if encoded_nul || path.contains('\0') {
-        return Err("bad request: the path contains a NUL character (%00)".to_owned());
+        return Err((
+            400,
+            "bad request: the path contains a NUL character (%00)".to_owned(),
+        ));
     }
     Ok(())
 }

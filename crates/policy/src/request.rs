@@ -30,7 +30,8 @@ pub struct HttpRequest {
     pub path: String,
     /// The `:authority` / `Host`, with port if the client sent one.
     pub host: String,
-    /// Header names lower-cased; a repeated header appears once per value.
+    /// A repeated header appears once per value. Names compare without
+    /// regard to case, as HTTP says.
     pub headers: Vec<(String, String)>,
     /// The original client address (from trusted `X-Forwarded-For`); defaults to the peer.
     pub remote_ip: Option<IpAddr>,
@@ -43,7 +44,7 @@ impl HttpRequest {
         let mut values = self
             .headers
             .iter()
-            .filter(|(k, _)| k == name)
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str());
         let first = values.next()?;
         match values.next() {
@@ -60,7 +61,7 @@ impl HttpRequest {
     }
 
     pub fn remove_header(&mut self, name: &str) {
-        self.headers.retain(|(k, _)| k != name);
+        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     pub fn set_header(&mut self, name: &str, value: String) {
@@ -82,7 +83,7 @@ impl HttpRequest {
     pub fn cookie(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
-            .filter(|(k, _)| k == "cookie")
+            .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
             .flat_map(|(_, v)| v.split(';'))
             .find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
@@ -98,30 +99,47 @@ fn decode(s: &str) -> String {
         .into_owned()
 }
 
-/// The parts of an Istio SPIFFE identity that policies match on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The parts of a peer identity that policies match on, read the way
+/// Istio's generated matchers read the certificate's URI SAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity<'a> {
-    /// Without the `spiffe://` scheme: `td/ns/N/sa/S`.
-    pub principal: &'a str,
-    pub namespace: Option<&'a str>,
-    pub service_account: Option<&'a str>,
+    /// Without the `spiffe://` scheme (`td/ns/N/sa/S`); `None` when the
+    /// identity is not a SPIFFE ID, which only `principals: ["*"]` matches.
+    pub principal: Option<&'a str>,
+    /// Every segment that follows an `ns` segment and has a segment after it:
+    /// Istio matches namespaces with the regex `.*/ns/<ns>/.*` on the URI.
+    pub namespaces: Vec<&'a str>,
+    /// Every `ns/sa` pair matching Istio's `spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?`.
+    pub service_accounts: Vec<String>,
 }
 
 impl<'a> PeerIdentity<'a> {
     pub fn parse(uri: &'a str) -> PeerIdentity<'a> {
-        let principal = uri.strip_prefix(SPIFFE_PREFIX).unwrap_or(uri);
-        let mut parts = principal.split('/');
-        let _trust_domain = parts.next();
-        let (mut namespace, mut service_account) = (None, None);
-        let rest: Vec<&str> = parts.collect();
-        if let ["ns", ns, "sa", sa] = rest.as_slice() {
-            namespace = Some(*ns);
-            service_account = Some(*sa);
+        let principal = uri.strip_prefix(SPIFFE_PREFIX);
+        let parts: Vec<&str> = uri.split('/').collect();
+        let mut namespaces = Vec::new();
+        let mut service_accounts = Vec::new();
+        for i in 0..parts.len() {
+            if parts[i] != "ns" || i + 2 >= parts.len() {
+                continue;
+            }
+            namespaces.push(parts[i + 1]);
+            // `spiffe://` splits into "spiffe:", "", then the trust domain: the
+            // service-account regex needs the scheme and a non-empty domain first.
+            let after_domain = principal.is_some() && (i > 3 || (i == 3 && !parts[2].is_empty()));
+            if !after_domain {
+                continue;
+            }
+            for j in i + 2..parts.len().saturating_sub(1) {
+                if parts[j] == "sa" && !parts[j + 1].is_empty() {
+                    service_accounts.push(format!("{}/{}", parts[i + 1], parts[j + 1]));
+                }
+            }
         }
         PeerIdentity {
             principal,
-            namespace,
-            service_account,
+            namespaces,
+            service_accounts,
         }
     }
 }
@@ -133,11 +151,32 @@ mod tests {
     #[test]
     fn identity_parts() {
         let id = PeerIdentity::parse("spiffe://cluster.local/ns/foo/sa/bar");
-        assert_eq!(id.principal, "cluster.local/ns/foo/sa/bar");
-        assert_eq!(id.namespace, Some("foo"));
-        assert_eq!(id.service_account, Some("bar"));
+        assert_eq!(id.principal, Some("cluster.local/ns/foo/sa/bar"));
+        assert_eq!(id.namespaces, ["foo"]);
+        assert_eq!(id.service_accounts, ["foo/bar"]);
         let odd = PeerIdentity::parse("spiffe://td/workload/x");
-        assert_eq!(odd.namespace, None);
+        assert!(odd.namespaces.is_empty());
+    }
+
+    /// IDs that are not exactly `td/ns/N/sa/S` still match as Istio's regexes do.
+    #[test]
+    fn longer_ids_follow_istio_regexes() {
+        let id = PeerIdentity::parse("spiffe://td/ns/legacy/sa/x/extra");
+        assert_eq!(id.namespaces, ["legacy"]);
+        assert_eq!(id.service_accounts, ["legacy/x"]);
+        let id = PeerIdentity::parse("spiffe://td/ns/a/team/t/sa/b");
+        assert_eq!(id.service_accounts, ["a/b"]);
+        // No segment after the namespace: `.*/ns/<ns>/.*` needs one.
+        assert!(
+            PeerIdentity::parse("spiffe://td/ns/a")
+                .namespaces
+                .is_empty()
+        );
+        // Not SPIFFE: no principal to match, no service account.
+        let raw = PeerIdentity::parse("td/ns/a/sa/b");
+        assert_eq!(raw.principal, None);
+        assert_eq!(raw.namespaces, ["a"]);
+        assert!(raw.service_accounts.is_empty());
     }
 
     #[test]

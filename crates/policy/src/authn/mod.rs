@@ -84,6 +84,10 @@ pub struct HeaderEdits {
 }
 
 impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty()
+    }
+
     pub fn apply(&self, request: &mut HttpRequest) {
         for name in &self.remove {
             request.remove_header(name);
@@ -116,6 +120,10 @@ enum KeySource {
 pub struct Authenticator {
     rules: Vec<CompiledRule>,
     jwks: Arc<JwksCache>,
+    /// Every header some rule writes from a verified token. A client must
+    /// never be able to send one itself, so they are removed from every
+    /// request before any are set (as Envoy sanitizes them).
+    output_headers: Vec<String>,
 }
 
 impl Authenticator {
@@ -154,7 +162,28 @@ impl Authenticator {
                 }
             })
             .collect();
-        Authenticator { rules, jwks }
+        let mut output_headers: Vec<String> = policies
+            .iter()
+            .flat_map(|p| p.spec.jwt_rules.iter())
+            .flat_map(|r| {
+                std::iter::once(r.output_payload_to_header.as_str())
+                    .chain(r.output_claim_to_headers.iter().map(|c| c.header.as_str()))
+            })
+            .filter(|h| !h.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        output_headers.sort();
+        output_headers.dedup();
+        Authenticator {
+            rules,
+            jwks,
+            output_headers,
+        }
+    }
+
+    /// Headers only a verified token may set; strip them from every request.
+    pub fn output_headers(&self) -> &[String] {
+        &self.output_headers
     }
 
     pub fn is_empty(&self) -> bool {

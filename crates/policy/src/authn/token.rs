@@ -60,7 +60,11 @@ pub(super) fn extract(request: &HttpRequest, locations: &[Location]) -> Vec<Foun
                 prefix,
                 ignore_case,
             } => {
-                for (_, value) in request.headers.iter().filter(|(k, _)| k == name) {
+                for (_, value) in request
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                {
                     let token = if prefix.is_empty() {
                         Some(value.as_str())
                     } else if *ignore_case {

@@ -14,8 +14,6 @@ use crate::request::{Connection, HttpRequest, PeerIdentity};
 #[derive(Debug, Clone)]
 pub struct Attributes<'a> {
     pub(crate) peer: Option<PeerIdentity<'a>>,
-    /// `namespace/serviceaccount` of the peer, made on first use.
-    service_account: std::cell::OnceCell<Option<String>>,
     pub(crate) source_ip: Option<IpAddr>,
     pub(crate) remote_ip: Option<IpAddr>,
     pub(crate) destination_ip: Option<IpAddr>,
@@ -42,6 +40,8 @@ pub(crate) enum Value<'v> {
     Port(u16),
     /// The verified JWT's `iss` and `sub`.
     IssSub(&'v str, &'v str),
+    /// Present, but not matchable by value: only presence (`*`) matches it.
+    Opaque,
 }
 
 impl<'a> Attributes<'a> {
@@ -58,7 +58,6 @@ impl<'a> Attributes<'a> {
         let remote_ip = http.and_then(|h| h.remote_ip).or(connection.source_ip);
         Attributes {
             peer,
-            service_account: std::cell::OnceCell::new(),
             source_ip: connection.source_ip,
             remote_ip,
             destination_ip: connection.destination_ip,
@@ -82,7 +81,7 @@ impl<'a> Attributes<'a> {
     }
 
     pub(crate) fn principal(&self) -> Option<&str> {
-        self.peer.map(|p| p.principal)
+        self.peer.as_ref().and_then(|p| p.principal)
     }
 
     pub(crate) fn path(&self) -> Option<&str> {
@@ -94,16 +93,24 @@ impl<'a> Attributes<'a> {
             Value::Str(Cow::Borrowed(v))
         }
         match attr {
-            Attr::SourcePrincipal => self.peer.map(|p| s(p.principal)),
-            Attr::SourceNamespace => self.peer.and_then(|p| p.namespace).map(s),
-            Attr::SourceServiceAccount => self
-                .service_account
-                .get_or_init(|| {
-                    let p = self.peer?;
-                    Some(format!("{}/{}", p.namespace?, p.service_account?))
+            Attr::SourcePrincipal => self.peer.as_ref().map(|p| match p.principal {
+                Some(principal) => s(principal),
+                None => Value::Opaque,
+            }),
+            Attr::SourceNamespace => self.peer.as_ref().and_then(|p| {
+                (!p.namespaces.is_empty())
+                    .then(|| Value::List(p.namespaces.iter().map(|n| Cow::Borrowed(*n)).collect()))
+            }),
+            Attr::SourceServiceAccount => self.peer.as_ref().and_then(|p| {
+                (!p.service_accounts.is_empty()).then(|| {
+                    Value::List(
+                        p.service_accounts
+                            .iter()
+                            .map(|sa| Cow::Borrowed(sa.as_str()))
+                            .collect(),
+                    )
                 })
-                .as_deref()
-                .map(s),
+            }),
             Attr::SourceIp => self.source_ip.map(Value::Ip),
             Attr::RemoteIp => self.remote_ip.map(Value::Ip),
             Attr::DestinationIp => self.destination_ip.map(Value::Ip),

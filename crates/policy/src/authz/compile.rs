@@ -37,6 +37,7 @@ impl ValueMatch {
         match (self, value) {
             (ValueMatch::Str(m), AttrValue::Str(s)) => m.matches(s),
             (ValueMatch::Str(m), AttrValue::List(l)) => l.iter().any(|s| m.matches(s)),
+            (ValueMatch::Str(StringMatch::Presence), AttrValue::Opaque) => true,
             (ValueMatch::StrIgnoreCase(m), AttrValue::Str(s)) => m.matches(&s.to_ascii_lowercase()),
             (ValueMatch::Template(t), AttrValue::Str(s)) => t.matches(s),
             (ValueMatch::Net(n), AttrValue::Ip(ip)) => n.contains(ip),

@@ -34,7 +34,11 @@ impl StringMatch {
     /// every `*` into `.*`).
     pub fn parse_glob(value: &str) -> StringMatch {
         let stars = value.matches('*').count();
-        let inner_star = value.len() > 1 && value[1..value.len() - 1].contains('*');
+        // `*` is ASCII, so byte positions are safe whatever the value holds.
+        let inner_star = value
+            .bytes()
+            .enumerate()
+            .any(|(i, b)| b == b'*' && i > 0 && i + 1 < value.len());
         if value != "*" && (stars > 1 || inner_star) {
             StringMatch::Glob(value.split('*').map(str::to_owned).collect())
         } else {
@@ -133,6 +137,9 @@ mod tests {
         );
         assert_eq!(StringMatch::parse_glob("*"), StringMatch::Presence);
         assert!(StringMatch::parse_glob("*pay*").matches("eu-payments"));
+        // Non-ASCII first and last characters are fine.
+        assert_eq!(StringMatch::parse_glob("é"), StringMatch::Exact("é".into()));
+        assert!(StringMatch::parse_glob("ü*ü*ü").matches("üaübü"));
     }
 
     #[test]
