@@ -12,7 +12,7 @@ mod token;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 pub use jwks::{JwksCache, JwksFetcher};
@@ -258,7 +258,10 @@ impl Authenticator {
         let index = self
             .rules
             .iter()
-            .position(|r| r.rule.issuer == issuer && r.locations.contains(&found.location))
+            .position(|r| {
+                (r.rule.issuer.is_empty() || r.rule.issuer == issuer)
+                    && r.locations.contains(&found.location)
+            })
             .ok_or_else(|| AuthnFailure::unauthorized("Jwt issuer is not configured"))?;
         let rule = &self.rules[index];
         check_time(&claims)?;
@@ -394,24 +397,7 @@ fn allowed_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
         AlgorithmParameters::OctetKey(_) => vec![HS256, HS384, HS512],
         _ => vec![],
     };
-    match jwk
-        .common
-        .key_algorithm
-        .and_then(|a| Algorithm::from_str_opt(&a.to_string()))
-    {
-        Some(stated) => by_type.into_iter().filter(|a| *a == stated).collect(),
-        None => by_type,
-    }
-}
-
-trait FromStrOpt: Sized {
-    fn from_str_opt(s: &str) -> Option<Self>;
-}
-
-impl FromStrOpt for Algorithm {
-    fn from_str_opt(s: &str) -> Option<Self> {
-        s.parse().ok()
-    }
+    by_type
 }
 
 /// Verifies the signature as Envoy's `verifyJwt`: a key is a candidate
@@ -431,12 +417,14 @@ fn verify_signature(
         {
             continue;
         }
-        if let Some(stated) = jwk
-            .common
-            .key_algorithm
-            .and_then(|a| Algorithm::from_str_opt(&a.to_string()))
-            && stated != header.alg
+        // A key that states an algorithm (even one this crate cannot name,
+        // such as an encryption algorithm) serves only that algorithm.
+        if let Some(stated) = jwk.common.key_algorithm
+            && stated.to_string() != format!("{:?}", header.alg)
         {
+            continue;
+        }
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
             continue;
         }
         kid_alg_matched = true;
@@ -578,6 +566,99 @@ mod tests {
                 );
             }
             other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod key_selection_tests {
+    use jsonwebtoken::EncodingKey;
+
+    use super::*;
+
+    /// The test JWKS with the RSA key's `alg` and `use` replaced.
+    fn jwks_with(alg: Option<&str>, key_use: Option<&str>) -> String {
+        let mut set: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/keys/jwks.json")).unwrap();
+        let key = &mut set["keys"][0];
+        if let Some(alg) = alg {
+            key["alg"] = alg.into();
+        }
+        if let Some(key_use) = key_use {
+            key["use"] = key_use.into();
+        }
+        set.to_string()
+    }
+
+    fn authenticate(issuer: &str, jwks: String) -> AuthnOutcome {
+        let mut ra = RequestAuthentication::default();
+        ra.spec.jwt_rules.push(JwtRule {
+            issuer: issuer.into(),
+            jwks,
+            ..JwtRule::default()
+        });
+        let authn = Authenticator::new(&[&ra], Arc::default());
+        let key = EncodingKey::from_rsa_pem(include_bytes!("../../tests/keys/rsa.pem")).unwrap();
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-1".into());
+        let claims = serde_json::json!({"iss": "https://any.example", "sub": "alice"});
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        authn.authenticate(&HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: vec![("authorization".into(), format!("Bearer {token}"))],
+            ..HttpRequest::default()
+        })
+    }
+
+    fn refused(outcome: AuthnOutcome) -> String {
+        match outcome {
+            AuthnOutcome::Failed(f) => f.message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_stating_its_own_algorithm_only_serves_it() {
+        assert!(matches!(
+            authenticate("https://any.example", jwks_with(Some("RS256"), None)),
+            AuthnOutcome::Authenticated { .. }
+        ));
+        assert_eq!(
+            refused(authenticate(
+                "https://any.example",
+                jwks_with(Some("PS256"), None)
+            )),
+            "Jwks doesn't have key to match kid or alg from Jwt"
+        );
+    }
+
+    #[test]
+    fn encryption_keys_never_verify_signatures() {
+        assert_eq!(
+            refused(authenticate(
+                "https://any.example",
+                jwks_with(Some("RSA-OAEP"), None)
+            )),
+            "Jwks doesn't have key to match kid or alg from Jwt"
+        );
+        assert_eq!(
+            refused(authenticate(
+                "https://any.example",
+                jwks_with(None, Some("enc"))
+            )),
+            "Jwks doesn't have key to match kid or alg from Jwt"
+        );
+    }
+
+    #[test]
+    fn an_empty_issuer_accepts_any_issuer() {
+        let jwks = jwks_with(None, None);
+        match authenticate("", jwks) {
+            AuthnOutcome::Authenticated { principal, .. } => {
+                assert_eq!(principal.issuer, "https://any.example")
+            }
+            other => panic!("expected success, got {other:?}"),
         }
     }
 }

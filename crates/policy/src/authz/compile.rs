@@ -240,15 +240,19 @@ fn required_exact<'r>(alternatives: &'r [Conjunction], attr: &Attr) -> Option<Ve
     Some(out)
 }
 
-/// Compiles one rule of a policy.
+/// Compiles one rule of a policy; `None` when Istio would skip it (an ALLOW
+/// rule with a value that does not compile, or any rule with an unknown key).
 pub(crate) fn compile_rule(
     rule: &Rule,
     policy: usize,
     index: usize,
+    action: crate::api::Action,
     policy_namespace: &str,
     mesh: &MeshConfig,
-) -> CompiledRule {
-    CompiledRule {
+) -> Option<CompiledRule> {
+    let mut dropped = false;
+    let mut unknown_key = false;
+    let compiled = CompiledRule {
         policy,
         rule: index,
         from: rule
@@ -257,7 +261,7 @@ pub(crate) fn compile_rule(
             .map(|f| {
                 f.source
                     .as_ref()
-                    .map(|s| compile_source(s, policy_namespace, mesh))
+                    .map(|s| compile_source(s, policy_namespace, mesh, &mut dropped))
                     .unwrap_or_default()
             })
             .collect(),
@@ -267,21 +271,34 @@ pub(crate) fn compile_rule(
             .map(|t| {
                 t.operation
                     .as_ref()
-                    .map(compile_operation)
+                    .map(|o| compile_operation(o, &mut dropped))
                     .unwrap_or_default()
             })
             .collect(),
         when: Conjunction(
             rule.when
                 .iter()
-                .flat_map(|c| compile_condition(c, policy_namespace, mesh))
+                .flat_map(|c| {
+                    unknown_key |= ConditionKey::parse(&c.key).is_err();
+                    compile_condition(c, policy_namespace, mesh, &mut dropped)
+                })
                 .collect(),
         ),
+    };
+    if unknown_key || (dropped && action == crate::api::Action::Allow) {
+        return None;
     }
+    Some(compiled)
 }
 
+/// Adds a clause for one field. A value that does not compile (validation
+/// rejects those, but the engine does not trust its input) is dropped and
+/// recorded in `dropped`: the caller then applies Istio's `checkError` —
+/// an ALLOW rule with such a value is skipped whole, a DENY/AUDIT/CUSTOM rule
+/// loses the value (and the field, if no value is left), matching more.
 fn push(
     out: &mut Vec<Clause>,
+    dropped: &mut bool,
     attr: Attr,
     field: &str,
     values: &[String],
@@ -291,9 +308,14 @@ fn push(
     if values.is_empty() {
         return;
     }
+    let compiled: Vec<ValueMatch> = values.iter().filter_map(|v| value(v)).collect();
+    *dropped |= compiled.len() != values.len();
+    if compiled.is_empty() {
+        return;
+    }
     out.push(Clause {
         attr,
-        values: values.iter().filter_map(|v| value(v)).collect(),
+        values: compiled,
         negate,
         field: field.to_owned(),
     });
@@ -396,7 +418,12 @@ fn qualify_service_accounts(values: &[String], namespace: &str) -> Vec<String> {
         .collect()
 }
 
-fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conjunction {
+fn compile_source(
+    s: &Source,
+    policy_namespace: &str,
+    mesh: &MeshConfig,
+    dropped: &mut bool,
+) -> Conjunction {
     let mut c = Vec::new();
     let service_accounts = qualify_service_accounts(&s.service_accounts, policy_namespace);
     let not_service_accounts = qualify_service_accounts(&s.not_service_accounts, policy_namespace);
@@ -404,6 +431,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     let not_principals = trust_domain::expand_principals(&s.not_principals, mesh);
     push(
         &mut c,
+        dropped,
         Attr::SourcePrincipal,
         "source.principals",
         &principals,
@@ -412,6 +440,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourcePrincipal,
         "source.notPrincipals",
         &not_principals,
@@ -420,6 +449,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::RequestPrincipal,
         "source.requestPrincipals",
         &s.request_principals,
@@ -428,6 +458,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::RequestPrincipal,
         "source.notRequestPrincipals",
         &s.not_request_principals,
@@ -436,6 +467,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourceNamespace,
         "source.namespaces",
         &s.namespaces,
@@ -444,6 +476,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourceNamespace,
         "source.notNamespaces",
         &s.not_namespaces,
@@ -452,6 +485,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourceServiceAccount,
         "source.serviceAccounts",
         &service_accounts,
@@ -460,6 +494,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourceServiceAccount,
         "source.notServiceAccounts",
         &not_service_accounts,
@@ -468,6 +503,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourceIp,
         "source.ipBlocks",
         &s.ip_blocks,
@@ -476,6 +512,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::SourceIp,
         "source.notIpBlocks",
         &s.not_ip_blocks,
@@ -484,6 +521,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::RemoteIp,
         "source.remoteIpBlocks",
         &s.remote_ip_blocks,
@@ -492,6 +530,7 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     );
     push(
         &mut c,
+        dropped,
         Attr::RemoteIp,
         "source.notRemoteIpBlocks",
         &s.not_remote_ip_blocks,
@@ -501,11 +540,20 @@ fn compile_source(s: &Source, policy_namespace: &str, mesh: &MeshConfig) -> Conj
     Conjunction(c)
 }
 
-fn compile_operation(o: &Operation) -> Conjunction {
+fn compile_operation(o: &Operation, dropped: &mut bool) -> Conjunction {
     let mut c = Vec::new();
-    push(&mut c, Attr::Host, "operation.hosts", &o.hosts, false, host);
     push(
         &mut c,
+        dropped,
+        Attr::Host,
+        "operation.hosts",
+        &o.hosts,
+        false,
+        host,
+    );
+    push(
+        &mut c,
+        dropped,
         Attr::Host,
         "operation.notHosts",
         &o.not_hosts,
@@ -514,6 +562,7 @@ fn compile_operation(o: &Operation) -> Conjunction {
     );
     push(
         &mut c,
+        dropped,
         Attr::DestinationPort,
         "operation.ports",
         &o.ports,
@@ -522,6 +571,7 @@ fn compile_operation(o: &Operation) -> Conjunction {
     );
     push(
         &mut c,
+        dropped,
         Attr::DestinationPort,
         "operation.notPorts",
         &o.not_ports,
@@ -530,6 +580,7 @@ fn compile_operation(o: &Operation) -> Conjunction {
     );
     push(
         &mut c,
+        dropped,
         Attr::Method,
         "operation.methods",
         &o.methods,
@@ -538,15 +589,25 @@ fn compile_operation(o: &Operation) -> Conjunction {
     );
     push(
         &mut c,
+        dropped,
         Attr::Method,
         "operation.notMethods",
         &o.not_methods,
         true,
         string,
     );
-    push(&mut c, Attr::Path, "operation.paths", &o.paths, false, path);
     push(
         &mut c,
+        dropped,
+        Attr::Path,
+        "operation.paths",
+        &o.paths,
+        false,
+        path,
+    );
+    push(
+        &mut c,
+        dropped,
         Attr::Path,
         "operation.notPaths",
         &o.not_paths,
@@ -556,16 +617,16 @@ fn compile_operation(o: &Operation) -> Conjunction {
     Conjunction(c)
 }
 
-fn compile_condition(cond: &Condition, policy_namespace: &str, mesh: &MeshConfig) -> Vec<Clause> {
+fn compile_condition(
+    cond: &Condition,
+    policy_namespace: &str,
+    mesh: &MeshConfig,
+    dropped: &mut bool,
+) -> Vec<Clause> {
     let Ok(ConditionKey(attr)) = ConditionKey::parse(&cond.key) else {
-        // Validation rejects unknown keys; should one get here, fail closed
-        // with a clause that can never hold.
-        return vec![Clause {
-            attr: Attr::Experimental(cond.key.clone()),
-            values: Vec::new(),
-            negate: false,
-            field: format!("when {}", cond.key),
-        }];
+        // Istio skips a rule with an unknown key, whatever its action.
+        *dropped = true;
+        return Vec::new();
     };
     let convert: fn(&str) -> Option<ValueMatch> = match attr {
         Attr::SourceIp | Attr::RemoteIp | Attr::DestinationIp => net,
@@ -589,9 +650,18 @@ fn compile_condition(cond: &Condition, policy_namespace: &str, mesh: &MeshConfig
     };
     let mut c = Vec::new();
     let field = format!("when {}", cond.key);
-    push(&mut c, attr.clone(), &field, &values, false, convert);
     push(
         &mut c,
+        dropped,
+        attr.clone(),
+        &field,
+        &values,
+        false,
+        convert,
+    );
+    push(
+        &mut c,
+        dropped,
         attr,
         &format!("{field} notValues"),
         &not_values,

@@ -337,7 +337,9 @@ impl Authorizer {
                 .rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| compile::compile_rule(r, idx, i, namespace, mesh))
+                .filter_map(|(i, r)| {
+                    compile::compile_rule(r, idx, i, policy.spec.action, namespace, mesh)
+                })
                 .collect();
             if is_dry_run(policy) {
                 dry_run.push(DryRunPolicy {
@@ -624,9 +626,18 @@ fn custom_provider(
     infos: &[PolicyInfo],
     mesh: &MeshConfig,
 ) -> Result<Option<ExtensionProvider>, String> {
-    let mut names: Vec<&str> = infos
+    let customs: Vec<&PolicyInfo> = infos
         .iter()
         .filter(|p| p.action == Action::Custom)
+        .collect();
+    if let Some(p) = customs
+        .iter()
+        .find(|p| p.provider.as_deref().is_none_or(str::is_empty))
+    {
+        return Err(format!("CUSTOM policy {} names no provider", p.key));
+    }
+    let mut names: Vec<&str> = customs
+        .iter()
         .filter_map(|p| p.provider.as_deref())
         .collect();
     names.sort_unstable();
@@ -646,5 +657,103 @@ fn custom_provider(
             "only 1 provider can be used per workload, found multiple providers: {}",
             many.join(", ")
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Operation, Rule, RuleFrom, RuleTo, Source, authorization_spec};
+    use crate::request::{Connection, HttpRequest};
+
+    fn policy(name: &str, action: Action, rule: Rule) -> AuthorizationPolicy {
+        let mut p = AuthorizationPolicy::default();
+        p.metadata.name = name.into();
+        p.metadata.namespace = Some("foo".into());
+        p.spec = authorization_spec(vec![rule], action);
+        p
+    }
+
+    fn from_ips(ip_blocks: &[&str], not_ip_blocks: &[&str]) -> Rule {
+        Rule {
+            from: vec![RuleFrom {
+                source: Some(Source {
+                    ip_blocks: ip_blocks.iter().map(|s| s.to_string()).collect(),
+                    not_ip_blocks: not_ip_blocks.iter().map(|s| s.to_string()).collect(),
+                    ..Source::default()
+                }),
+            }],
+            ..Rule::default()
+        }
+    }
+
+    fn decide(policies: &[AuthorizationPolicy], ip: [u8; 4]) -> AuthzDecision {
+        let refs: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        let authz = Authorizer::new(&refs, &MeshConfig::default());
+        let connection = Connection {
+            source_ip: Some(ip.into()),
+            destination_port: 80,
+            ..Connection::default()
+        };
+        let http = HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            ..HttpRequest::default()
+        };
+        let attrs = Attributes::new(
+            &connection,
+            Some(&http),
+            None,
+            crate::api::PathNormalizationMode::Base,
+        );
+        authz.authorize(&attrs, |_| CustomVerdict::Allow)
+    }
+
+    // Policies built in code skip validation; the engine must still fail closed
+    // the way Istio's builder does (`checkError`).
+
+    #[test]
+    fn an_allow_rule_with_a_bad_value_is_skipped_not_widened() {
+        let allow = policy("allow", Action::Allow, from_ips(&[], &["10.0.0.0/33"]));
+        assert_eq!(decide(&[allow], [192, 168, 0, 1]).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn a_deny_rule_loses_only_its_bad_value() {
+        let deny = policy("deny", Action::Deny, from_ips(&["bad", "10.0.0.0/8"], &[]));
+        assert_eq!(
+            decide(std::slice::from_ref(&deny), [10, 1, 1, 1]).verdict,
+            Verdict::Deny
+        );
+        assert_eq!(decide(&[deny], [192, 168, 0, 1]).verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn a_deny_field_left_without_values_is_dropped_and_matches_more() {
+        let deny = policy("deny", Action::Deny, from_ips(&["bad"], &[]));
+        assert_eq!(decide(&[deny], [192, 168, 0, 1]).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn a_custom_policy_without_provider_denies_what_it_matches() {
+        let mut custom = policy(
+            "custom",
+            Action::Custom,
+            Rule {
+                to: vec![RuleTo {
+                    operation: Some(Operation {
+                        paths: vec!["/".into()],
+                        ..Operation::default()
+                    }),
+                }],
+                ..Rule::default()
+            },
+        );
+        custom.spec.provider = None;
+        let d = decide(&[custom], [10, 0, 0, 1]);
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert!(
+            matches!(d.outcome, Outcome::InvalidProvider(ref why) if why.contains("names no provider"))
+        );
     }
 }
