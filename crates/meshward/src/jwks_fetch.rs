@@ -1,4 +1,4 @@
-//! Fetching `jwksUri` for the CLI: over HTTP(S) with a timeout, or from a
+//! Fetching `jwksUri` for the CLI: over HTTP(S) within the rule's `timeout`, or from a
 //! local file given with `--jwks URI=FILE` for fully offline checks.
 
 use std::collections::HashMap;
@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::bail;
 use meshward_policy::authn::jwks::{FetchError, JwksFetcher};
 
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BODY: u64 = 1 << 20;
 
 pub struct Fetcher {
@@ -29,7 +28,6 @@ impl Fetcher {
         // twice is harmless, so the result is ignored.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let config = ureq::Agent::config_builder()
-            .timeout_global(Some(FETCH_TIMEOUT))
             .http_status_as_error(true)
             .build();
         Ok(Fetcher {
@@ -40,7 +38,7 @@ impl Fetcher {
 }
 
 impl JwksFetcher for Fetcher {
-    fn fetch(&self, uri: &str) -> Result<String, FetchError> {
+    fn fetch(&self, uri: &str, timeout: Duration) -> Result<String, FetchError> {
         let err = |reason: String| FetchError {
             uri: uri.to_owned(),
             reason,
@@ -49,7 +47,14 @@ impl JwksFetcher for Fetcher {
             return std::fs::read_to_string(path)
                 .map_err(|e| err(format!("{}: {e}", path.display())));
         }
-        let mut response = self.agent.get(uri).call().map_err(|e| err(e.to_string()))?;
+        let mut response = self
+            .agent
+            .get(uri)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .call()
+            .map_err(|e| err(e.to_string()))?;
         response
             .body_mut()
             .with_config()

@@ -15,12 +15,17 @@ use jsonwebtoken::jwk::JwkSet;
 
 /// How long fetched keys are used before they are fetched again (Envoy's default).
 pub const DEFAULT_CACHE_DURATION: Duration = Duration::from_secs(300);
-/// The least time between two fetches of one URI triggered by unknown key ids.
+/// The least time between two fetches of one URI (after a failure, or
+/// triggered by unknown key ids).
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// How long keys are still used while their endpoint keeps failing.
+pub const MAX_STALE: Duration = Duration::from_secs(3600);
+/// Istio's default `jwtRules[].timeout`.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Fetches the body of a `jwksUri`. Implementations should time out.
+/// Fetches the body of a `jwksUri`, giving up after `timeout`.
 pub trait JwksFetcher: Send + Sync {
-    fn fetch(&self, uri: &str) -> Result<String, FetchError>;
+    fn fetch(&self, uri: &str, timeout: Duration) -> Result<String, FetchError>;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,8 +63,13 @@ pub fn parse_jwks(text: &str) -> Result<JwkSet, JwksError> {
 }
 
 struct Entry {
+    /// The last keys fetched successfully.
     keys: Option<Arc<JwkSet>>,
-    fetched_at: Instant,
+    /// When `keys` were fetched.
+    fetched_at: Option<Instant>,
+    /// When the last fetch started, successful or not. Set before fetching,
+    /// so concurrent callers do not start the same fetch again.
+    attempted_at: Instant,
 }
 
 /// Keys fetched from `jwksUri`s, shared by every workload of a process.
@@ -85,6 +95,13 @@ impl Default for JwksCache {
     }
 }
 
+/// What to do about a URI, decided under the lock.
+enum Plan {
+    Use(Arc<JwkSet>),
+    Refuse(String),
+    Fetch,
+}
+
 impl JwksCache {
     /// A cache that fetches with `fetcher`; `None` means no remote keys at all
     /// (tokens for a `jwksUri`-only issuer then fail verification).
@@ -105,68 +122,90 @@ impl JwksCache {
         }
     }
 
-    /// The keys for `uri`, fetching them when absent or expired. `Err` says why none are usable.
-    pub fn keys(&self, uri: &str) -> Result<Arc<JwkSet>, String> {
-        if let Some(keys) = self.cached(uri, self.cache_duration) {
-            return Ok(keys);
+    /// The keys for `uri`: cached while fresh, fetched when absent or
+    /// expired. A failing endpoint is retried at most once per refresh
+    /// interval; meanwhile its last keys are used, for up to [`MAX_STALE`].
+    pub fn keys(&self, uri: &str, timeout: Duration) -> Result<Arc<JwkSet>, String> {
+        match self.plan(uri, self.cache_duration) {
+            Plan::Use(keys) => Ok(keys),
+            Plan::Refuse(why) => Err(why),
+            Plan::Fetch => self.fetch(uri, timeout),
         }
-        self.fetch(uri)
     }
 
     /// Fetches again because a token named a key id the cached set lacks,
     /// unless the last fetch was too recent. Returns the (possibly new) keys.
-    pub fn refresh_for_unknown_kid(&self, uri: &str) -> Option<Arc<JwkSet>> {
-        if let Some(keys) = self.cached(uri, self.min_refresh_interval) {
-            return Some(keys);
+    pub fn refresh_for_unknown_kid(&self, uri: &str, timeout: Duration) -> Option<Arc<JwkSet>> {
+        match self.plan(uri, Duration::ZERO) {
+            Plan::Use(keys) => Some(keys),
+            Plan::Refuse(_) => None,
+            Plan::Fetch => self.fetch(uri, timeout).ok(),
         }
-        self.fetch(uri).ok()
     }
 
-    fn cached(&self, uri: &str, max_age: Duration) -> Option<Arc<JwkSet>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = entries.get(uri)?;
-        if entry.fetched_at.elapsed() < max_age {
-            entry.keys.clone()
+    /// Keys younger than `max_age` are used; otherwise a fetch is due unless
+    /// one started within the refresh interval, in which case the last keys
+    /// (if not too stale) or a refusal stand.
+    fn plan(&self, uri: &str, max_age: Duration) -> Plan {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some(entry) = entries.get_mut(uri) {
+            let fresh = entry
+                .fetched_at
+                .is_some_and(|t| now.duration_since(t) < max_age);
+            if let (true, Some(keys)) = (fresh, &entry.keys) {
+                return Plan::Use(keys.clone());
+            }
+            if now.duration_since(entry.attempted_at) < self.min_refresh_interval {
+                let usable = entry
+                    .fetched_at
+                    .is_some_and(|t| now.duration_since(t) < MAX_STALE);
+                return match (&entry.keys, usable) {
+                    (Some(keys), true) => Plan::Use(keys.clone()),
+                    _ => Plan::Refuse(format!("{uri}: the last fetch failed; retrying later")),
+                };
+            }
+            entry.attempted_at = now;
         } else {
-            None
+            entries.insert(
+                uri.to_owned(),
+                Entry {
+                    keys: None,
+                    fetched_at: None,
+                    attempted_at: now,
+                },
+            );
         }
+        Plan::Fetch
     }
 
-    fn fetch(&self, uri: &str) -> Result<Arc<JwkSet>, String> {
+    fn fetch(&self, uri: &str, timeout: Duration) -> Result<Arc<JwkSet>, String> {
         let Some(fetcher) = &self.fetcher else {
             return Err(format!("no fetcher configured for jwksUri {uri}"));
         };
-        // Not holding the lock while fetching: other URIs stay usable.
+        // The lock is not held while fetching: other URIs stay usable.
         let result = fetcher
-            .fetch(uri)
+            .fetch(uri, timeout)
             .map_err(|e| e.to_string())
             .and_then(|body| parse_jwks(&body).map_err(|e| format!("{uri}: {e}")))
             .map(Arc::new);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match &result {
+        let entry = entries.entry(uri.to_owned()).or_insert(Entry {
+            keys: None,
+            fetched_at: None,
+            attempted_at: Instant::now(),
+        });
+        match result {
             Ok(keys) => {
-                entries.insert(
-                    uri.to_owned(),
-                    Entry {
-                        keys: Some(keys.clone()),
-                        fetched_at: Instant::now(),
-                    },
-                );
+                entry.keys = Some(keys.clone());
+                entry.fetched_at = Some(Instant::now());
+                Ok(keys)
             }
-            Err(_) => {
-                // Keep serving the last good keys; remember the attempt so a
-                // failing endpoint is not hammered.
-                let entry = entries.entry(uri.to_owned()).or_insert(Entry {
-                    keys: None,
-                    fetched_at: Instant::now(),
-                });
-                entry.fetched_at = Instant::now();
-                if let Some(keys) = &entry.keys {
-                    return Ok(keys.clone());
-                }
-            }
+            Err(e) => match (&entry.keys, entry.fetched_at) {
+                (Some(keys), Some(t)) if t.elapsed() < MAX_STALE => Ok(keys.clone()),
+                _ => Err(e),
+            },
         }
-        result
     }
 }
 
@@ -179,7 +218,7 @@ mod tests {
 
     struct Counting(AtomicUsize, Result<String, ()>);
     impl JwksFetcher for Counting {
-        fn fetch(&self, uri: &str) -> Result<String, FetchError> {
+        fn fetch(&self, uri: &str, _timeout: Duration) -> Result<String, FetchError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             self.1.clone().map_err(|_| FetchError {
                 uri: uri.into(),
@@ -203,27 +242,55 @@ mod tests {
     fn caches_and_rate_limits_refreshes() {
         let fetcher = Arc::new(Counting(AtomicUsize::new(0), Ok(JWKS.into())));
         let cache = JwksCache::new(Some(fetcher.clone()));
-        assert!(cache.keys("http://x/jwks").is_ok());
-        assert!(cache.keys("http://x/jwks").is_ok());
+        assert!(cache.keys("http://x/jwks", DEFAULT_FETCH_TIMEOUT).is_ok());
+        assert!(cache.keys("http://x/jwks", DEFAULT_FETCH_TIMEOUT).is_ok());
         assert_eq!(fetcher.0.load(Ordering::SeqCst), 1);
         // Within the refresh interval an unknown kid does not refetch.
-        assert!(cache.refresh_for_unknown_kid("http://x/jwks").is_some());
+        assert!(
+            cache
+                .refresh_for_unknown_kid("http://x/jwks", DEFAULT_FETCH_TIMEOUT)
+                .is_some()
+        );
         assert_eq!(fetcher.0.load(Ordering::SeqCst), 1);
         let eager = JwksCache::with_timing(
             Some(fetcher.clone()),
             DEFAULT_CACHE_DURATION,
             Duration::ZERO,
         );
-        assert!(eager.keys("http://y/jwks").is_ok());
-        assert!(eager.refresh_for_unknown_kid("http://y/jwks").is_some());
+        assert!(eager.keys("http://y/jwks", DEFAULT_FETCH_TIMEOUT).is_ok());
+        assert!(
+            eager
+                .refresh_for_unknown_kid("http://y/jwks", DEFAULT_FETCH_TIMEOUT)
+                .is_some()
+        );
         assert_eq!(fetcher.0.load(Ordering::SeqCst), 3);
     }
 
     #[test]
-    fn failing_fetch_is_an_error_not_a_panic() {
+    fn a_failing_endpoint_is_not_hammered() {
         let fetcher = Arc::new(Counting(AtomicUsize::new(0), Err(())));
-        let cache = JwksCache::new(Some(fetcher));
-        assert!(cache.keys("http://down/jwks").is_err());
-        assert!(JwksCache::new(None).keys("http://x").is_err());
+        let cache = JwksCache::new(Some(fetcher.clone()));
+        for _ in 0..100 {
+            assert!(
+                cache
+                    .keys("http://down/jwks", DEFAULT_FETCH_TIMEOUT)
+                    .is_err()
+            );
+            assert!(
+                cache
+                    .refresh_for_unknown_kid("http://down/jwks", DEFAULT_FETCH_TIMEOUT)
+                    .is_none()
+            );
+        }
+        assert_eq!(
+            fetcher.0.load(Ordering::SeqCst),
+            1,
+            "one fetch per refresh interval"
+        );
+        assert!(
+            JwksCache::new(None)
+                .keys("http://x", DEFAULT_FETCH_TIMEOUT)
+                .is_err()
+        );
     }
 }

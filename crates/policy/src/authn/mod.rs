@@ -110,7 +110,10 @@ struct CompiledRule {
 #[derive(Debug, Clone)]
 enum KeySource {
     Inline(Arc<JwkSet>),
-    Remote(String),
+    Remote {
+        uri: String,
+        timeout: std::time::Duration,
+    },
     /// Validation admits neither-set rules; tokens for them cannot verify.
     None,
 }
@@ -143,7 +146,14 @@ impl Authenticator {
                         Err(_) => KeySource::None,
                     }
                 } else if !rule.jwks_uri.is_empty() {
-                    KeySource::Remote(rule.jwks_uri.clone())
+                    KeySource::Remote {
+                        uri: rule.jwks_uri.clone(),
+                        timeout: rule
+                            .timeout
+                            .as_deref()
+                            .and_then(|t| crate::duration::parse_timeout(t).ok())
+                            .unwrap_or(jwks::DEFAULT_FETCH_TIMEOUT),
+                    }
                 } else {
                     KeySource::None
                 };
@@ -200,13 +210,14 @@ impl Authenticator {
             return AuthnOutcome::NoToken;
         }
         let mut first_failure: Option<AuthnFailure> = None;
-        let mut seen: Vec<String> = Vec::new();
+        let mut seen: Vec<(String, token::Location)> = Vec::new();
         for rule in &self.rules {
             for found in extract(request, &rule.locations) {
-                if seen.contains(&found.token) {
+                let key = (found.token.clone(), found.location.clone());
+                if seen.contains(&key) {
                     continue;
                 }
-                seen.push(found.token.clone());
+                seen.push(key);
                 match self.verify(&found) {
                     Ok((principal, matched)) => {
                         let headers = output_headers(&self.rules[matched].rule, &found, &principal);
@@ -255,38 +266,56 @@ impl Authenticator {
             .get("iss")
             .and_then(|v| v.as_str())
             .unwrap_or_default();
-        let index = self
-            .rules
-            .iter()
-            .position(|r| {
-                (r.rule.issuer.is_empty() || r.rule.issuer == issuer)
-                    && r.locations.contains(&found.location)
-            })
-            .ok_or_else(|| AuthnFailure::unauthorized("Jwt issuer is not configured"))?;
-        let rule = &self.rules[index];
-        check_time(&claims)?;
-        check_audience(&claims, &rule.rule.audiences)?;
+        // Every rule for this issuer that reads this location gets its chance
+        // (Envoy's requires_any over providers); the first to accept wins.
+        let mut first_failure = None;
+        for (index, rule) in self.rules.iter().enumerate() {
+            let issuer_matches = rule.rule.issuer.is_empty() || rule.rule.issuer == issuer;
+            if !issuer_matches || !rule.locations.contains(&found.location) {
+                continue;
+            }
+            match self.verify_with_rule(token, &header, &claims, rule) {
+                Ok(()) => {
+                    return Ok((
+                        JwtPrincipal::new(claims, rule.space_delimited.clone()),
+                        index,
+                    ));
+                }
+                Err(failure) => {
+                    first_failure.get_or_insert(failure);
+                }
+            }
+        }
+        Err(first_failure
+            .unwrap_or_else(|| AuthnFailure::unauthorized("Jwt issuer is not configured")))
+    }
 
+    /// Time, audience and signature, in Envoy's order, for one rule.
+    fn verify_with_rule(
+        &self,
+        token: &str,
+        header: &jsonwebtoken::Header,
+        claims: &serde_json::Map<String, serde_json::Value>,
+        rule: &CompiledRule,
+    ) -> Result<(), AuthnFailure> {
+        check_time(claims)?;
+        check_audience(claims, &rule.rule.audiences)?;
         let keys = match &rule.keys {
             KeySource::Inline(keys) => keys.clone(),
-            KeySource::Remote(uri) => self
+            KeySource::Remote { uri, timeout } => self
                 .jwks
-                .keys(uri)
+                .keys(uri, *timeout)
                 .map_err(|_| AuthnFailure::unauthorized("Jwks remote fetch is failed"))?,
             KeySource::None => return Err(VerifyError::NoKey.into_failure()),
         };
-        let mut result = verify_signature(token, &header, &keys);
+        let mut result = verify_signature(token, header, &keys);
         if matches!(result, Err(VerifyError::NoKey))
-            && let KeySource::Remote(uri) = &rule.keys
-            && let Some(fresh) = self.jwks.refresh_for_unknown_kid(uri)
+            && let KeySource::Remote { uri, timeout } = &rule.keys
+            && let Some(fresh) = self.jwks.refresh_for_unknown_kid(uri, *timeout)
         {
-            result = verify_signature(token, &header, &fresh);
+            result = verify_signature(token, header, &fresh);
         }
-        result.map_err(VerifyError::into_failure)?;
-        Ok((
-            JwtPrincipal::new(claims, rule.space_delimited.clone()),
-            index,
-        ))
+        result.map_err(VerifyError::into_failure)
     }
 }
 
@@ -488,7 +517,7 @@ mod tests {
     struct Rotating(Mutex<Vec<&'static str>>);
 
     impl JwksFetcher for Rotating {
-        fn fetch(&self, _uri: &str) -> Result<String, FetchError> {
+        fn fetch(&self, _uri: &str, _timeout: Duration) -> Result<String, FetchError> {
             let mut bodies = self.0.lock().unwrap();
             let body = if bodies.len() > 1 {
                 bodies.remove(0)

@@ -9,7 +9,6 @@ pub(super) enum Location {
     Header {
         name: String,
         prefix: String,
-        ignore_case: bool,
     },
     Param(String),
     Cookie(String),
@@ -24,7 +23,6 @@ pub(super) fn locations(rule: &JwtRule) -> Vec<Location> {
         .map(|h| Location::Header {
             name: h.name.to_ascii_lowercase(),
             prefix: h.prefix.clone(),
-            ignore_case: false,
         })
         .chain(rule.from_params.iter().cloned().map(Location::Param))
         .chain(rule.from_cookies.iter().cloned().map(Location::Cookie))
@@ -36,7 +34,6 @@ pub(super) fn locations(rule: &JwtRule) -> Vec<Location> {
         Location::Header {
             name: "authorization".into(),
             prefix: "Bearer ".into(),
-            ignore_case: true,
         },
         Location::Param("access_token".into()),
     ]
@@ -55,26 +52,16 @@ pub(super) fn extract(request: &HttpRequest, locations: &[Location]) -> Vec<Foun
     let mut out = Vec::new();
     for location in locations {
         match location {
-            Location::Header {
-                name,
-                prefix,
-                ignore_case,
-            } => {
+            Location::Header { name, prefix } => {
                 for (_, value) in request
                     .headers
                     .iter()
                     .filter(|(k, _)| k.eq_ignore_ascii_case(name))
                 {
-                    let token = if prefix.is_empty() {
-                        Some(value.as_str())
-                    } else if *ignore_case {
-                        value
-                            .get(..prefix.len())
-                            .filter(|p| p.eq_ignore_ascii_case(prefix))
-                            .map(|_| &value[prefix.len()..])
-                    } else {
-                        value.strip_prefix(prefix.as_str())
-                    };
+                    let token = value
+                        .get(..prefix.len())
+                        .filter(|p| p.eq_ignore_ascii_case(prefix))
+                        .and_then(|_| value.get(prefix.len()..));
                     if let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) {
                         out.push(Found {
                             token: token.to_owned(),
