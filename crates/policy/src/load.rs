@@ -112,14 +112,29 @@ fn files_under(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         // Reading reports a missing file with its name.
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+    let mut files = Vec::new();
+    let mut visited = std::collections::HashSet::new();
+    walk(path, &mut visited, &mut files)?;
+    Ok(files)
+}
+
+/// Collects policy files below `dir`, in name order. Symbolic links to
+/// directories are followed once each: a link back up the tree ends there.
+fn walk(
+    dir: &Path,
+    visited: &mut std::collections::HashSet<PathBuf>,
+    files: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
+    if !visited.insert(std::fs::canonicalize(dir)?) {
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
     entries.sort();
-    let mut files = Vec::new();
     for entry in entries {
         if entry.is_dir() {
-            files.extend(files_under(&entry)?);
+            walk(&entry, visited, files)?;
         } else if entry
             .extension()
             .and_then(|e| e.to_str())
@@ -128,7 +143,7 @@ fn files_under(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             files.push(entry);
         }
     }
-    Ok(files)
+    Ok(())
 }
 
 /// Reads every document of one YAML (or JSON) text.
@@ -558,4 +573,35 @@ pub fn load_mesh_config(file: &str, text: &str) -> Result<MeshConfig, Box<Diagno
         d.field = Some(field);
         d
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_read_separately_and_placed_by_line() {
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: x}\nspec: {}\n---\n: : bad yaml [\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: x}\nspec:\n  action: NOPE\n";
+        let loaded = load_str("f.yaml", text);
+        assert_eq!(loaded.documents, 3);
+        assert_eq!(
+            loaded.policies.len(),
+            1,
+            "the valid first document still loads"
+        );
+        let lines: Vec<usize> = loaded.diagnostics.iter().map(|d| d.location.line).collect();
+        assert_eq!(lines, [6, 12], "{:?}", loaded.diagnostics);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_loop_ends() {
+        let dir = std::env::temp_dir().join(format!("meshward-load-loop-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/p.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: x}\nspec: {}\n").unwrap();
+        std::os::unix::fs::symlink(&dir, dir.join("sub/loop")).unwrap();
+        let loaded = load_paths(&[&dir]);
+        assert_eq!(loaded.policies.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -190,8 +190,6 @@ impl PolicySet {
             authn: Authenticator::new(&request, self.jwks.clone()),
             authz: Authorizer::new(&authz, &self.mesh),
             normalization: self.mesh.normalization(),
-            request_authentications: request.iter().map(|p| policy_ref(&p.metadata)).collect(),
-            authorization_policies: authz.iter().map(|p| policy_ref(&p.metadata)).collect(),
         }
     }
 }
@@ -208,8 +206,6 @@ pub struct WorkloadPolicy {
     pub authn: Authenticator,
     pub authz: Authorizer,
     pub normalization: PathNormalizationMode,
-    pub request_authentications: Vec<PolicyRef>,
-    pub authorization_policies: Vec<PolicyRef>,
 }
 
 /// The effective mutual TLS mode of a workload, per port, and which policy set it.

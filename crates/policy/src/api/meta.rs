@@ -42,13 +42,6 @@ pub struct WorkloadSelector {
 }
 
 impl WorkloadSelector {
-    /// Every label of the selector is on the workload with the same value.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
-    }
-
     /// The first label that stops the selector from matching, for explanations.
     pub fn first_mismatch(&self, labels: &BTreeMap<String, String>) -> Option<(&str, &str)> {
         self.match_labels

@@ -119,14 +119,6 @@ impl Policy {
         }
     }
 
-    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        match self {
-            Policy::PeerAuthentication(o) => &mut o.metadata,
-            Policy::RequestAuthentication(o) => &mut o.metadata,
-            Policy::AuthorizationPolicy(o) => &mut o.metadata,
-        }
-    }
-
     /// `spec.selector`, for every kind.
     pub fn selector(&self) -> Option<&WorkloadSelector> {
         match self {

@@ -200,10 +200,6 @@ impl Authenticator {
         self.rules.is_empty()
     }
 
-    pub fn issuers(&self) -> impl Iterator<Item = &str> {
-        self.rules.iter().map(|r| r.rule.issuer.as_str())
-    }
-
     /// Authenticates one request.
     pub fn authenticate(&self, request: &HttpRequest) -> AuthnOutcome {
         if self.rules.is_empty() || is_cors_preflight(request) {

@@ -19,8 +19,6 @@ use crate::validate::{check_ip_or_cidr, check_port};
 #[derive(Debug, Clone)]
 pub(crate) enum ValueMatch {
     Str(StringMatch),
-    /// Case-insensitive string match (hosts); literals are stored lower-cased.
-    StrIgnoreCase(StringMatch),
     Template(PathTemplate),
     Net(IpNet),
     Port(u16),
@@ -38,7 +36,6 @@ impl ValueMatch {
             (ValueMatch::Str(m), AttrValue::Str(s)) => m.matches(s),
             (ValueMatch::Str(m), AttrValue::List(l)) => l.iter().any(|s| m.matches(s)),
             (ValueMatch::Str(StringMatch::Presence), AttrValue::Opaque) => true,
-            (ValueMatch::StrIgnoreCase(m), AttrValue::Str(s)) => m.matches(&s.to_ascii_lowercase()),
             (ValueMatch::Template(t), AttrValue::Str(s)) => t.matches(s),
             (ValueMatch::Net(n), AttrValue::Ip(ip)) => n.contains(ip),
             (ValueMatch::Port(p), AttrValue::Port(q)) => p == q,
@@ -53,7 +50,7 @@ impl ValueMatch {
 
     fn describe(&self) -> String {
         match self {
-            ValueMatch::Str(m) | ValueMatch::StrIgnoreCase(m) => m.to_string(),
+            ValueMatch::Str(m) => m.to_string(),
             ValueMatch::Template(t) => format!("{:?}", t.as_str()),
             ValueMatch::Net(n) => format!("\"{n}\""),
             ValueMatch::Port(p) => format!("\"{p}\""),
@@ -347,7 +344,8 @@ fn path(v: &str) -> Option<ValueMatch> {
 }
 
 fn host(v: &str) -> Option<ValueMatch> {
-    Some(ValueMatch::StrIgnoreCase(StringMatch::parse_ignore_case(v)))
+    // Attributes carry the authority lower-cased; the policy side is lowered once here.
+    Some(ValueMatch::Str(StringMatch::parse_ignore_case(v)))
 }
 
 fn header(v: &str) -> Option<ValueMatch> {

@@ -60,13 +60,6 @@ impl StringMatch {
             StringMatch::Glob(parts) => glob_match(parts, value),
         }
     }
-
-    pub fn exact(&self) -> Option<&str> {
-        match self {
-            StringMatch::Exact(s) => Some(s),
-            _ => None,
-        }
-    }
 }
 
 impl std::fmt::Display for StringMatch {

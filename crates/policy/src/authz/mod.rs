@@ -199,10 +199,6 @@ impl RuleSet {
         set
     }
 
-    fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
-
     /// The first rule (in policy order) that matches.
     fn first_match(&self, attrs: &Attributes<'_>) -> Option<&CompiledRule> {
         let mut best: Option<u32> = None;
@@ -239,14 +235,10 @@ struct ActionRules {
 }
 
 impl ActionRules {
-    fn new(
-        rules: Vec<CompiledRule>,
-        action: Action,
-        tcp_filter: impl Fn(&CompiledRule) -> bool,
-    ) -> Self {
+    fn new(rules: Vec<CompiledRule>, action: Action, on_tcp: bool) -> Self {
         let tcp = rules
             .iter()
-            .filter(|r| tcp_filter(r))
+            .filter(|_| on_tcp)
             .filter_map(|r| r.for_tcp(action))
             .collect();
         ActionRules {
@@ -318,10 +310,7 @@ impl Authorizer {
     /// Compiles the policies that apply to one workload.
     pub fn new(policies: &[&AuthorizationPolicy], mesh: &MeshConfig) -> Authorizer {
         let mut sorted: Vec<&AuthorizationPolicy> = policies.to_vec();
-        sorted.sort_by(|a, b| {
-            (a.metadata.namespace_or_default(), &a.metadata.name)
-                .cmp(&(b.metadata.namespace_or_default(), &b.metadata.name))
-        });
+        sorted.sort_by(|a, b| crate::resolve::oldest_first(&a.metadata, &b.metadata));
         let mut infos = Vec::with_capacity(sorted.len());
         let mut by_action: HashMap<Action, Vec<CompiledRule>> = HashMap::new();
         let mut dry_run = Vec::new();
@@ -344,7 +333,7 @@ impl Authorizer {
             if is_dry_run(policy) {
                 dry_run.push(DryRunPolicy {
                     policy: idx,
-                    rules: ActionRules::new(rules, policy.spec.action, |_| true),
+                    rules: ActionRules::new(rules, policy.spec.action, true),
                 });
             } else {
                 by_action
@@ -354,7 +343,21 @@ impl Authorizer {
             }
         }
         let provider = custom_provider(&infos, mesh);
-        let mut take = |a: Action| by_action.remove(&a).unwrap_or_default();
+        // When several rules match, the one reported is the first in the
+        // order of Envoy's RBAC policy map: by the name Istio gives each rule,
+        // `ns[<ns>]-policy[<name>]-rule[<i>]`, compared as strings.
+        let envoy_name = |r: &CompiledRule| {
+            let key = &infos[r.policy].key;
+            format!(
+                "ns[{}]-policy[{}]-rule[{}]",
+                key.namespace, key.name, r.rule
+            )
+        };
+        let mut take = |a: Action| {
+            let mut rules = by_action.remove(&a).unwrap_or_default();
+            rules.sort_by_cached_key(envoy_name);
+            rules
+        };
         // An HTTP ext_authz provider cannot judge a TCP connection: Istio skips
         // such CUSTOM policies on TCP. An invalid provider denies everywhere.
         let custom_on_tcp = match &provider {
@@ -367,10 +370,10 @@ impl Authorizer {
             .any(|p| p.spec.action == Action::Allow && !is_dry_run(p));
         Authorizer {
             has_allow,
-            custom: ActionRules::new(take(Action::Custom), Action::Custom, |_| custom_on_tcp),
-            deny: ActionRules::new(take(Action::Deny), Action::Deny, |_| true),
-            allow: ActionRules::new(take(Action::Allow), Action::Allow, |_| true),
-            audit: ActionRules::new(take(Action::Audit), Action::Audit, |_| true),
+            custom: ActionRules::new(take(Action::Custom), Action::Custom, custom_on_tcp),
+            deny: ActionRules::new(take(Action::Deny), Action::Deny, true),
+            allow: ActionRules::new(take(Action::Allow), Action::Allow, true),
+            audit: ActionRules::new(take(Action::Audit), Action::Audit, true),
             policies: infos,
             dry_run,
             provider,
@@ -579,27 +582,6 @@ impl Authorizer {
                 }
             })
             .collect()
-    }
-
-    /// How many rules are compiled (enforced, HTTP form), for metrics.
-    pub fn rule_count(&self) -> usize {
-        [&self.custom, &self.deny, &self.allow, &self.audit]
-            .iter()
-            .map(|a| a.http.rules.len())
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
-    }
-
-    /// Whether any CUSTOM rule exists for this protocol.
-    pub fn has_custom(&self, http: bool) -> bool {
-        if http {
-            !self.custom.http.is_empty()
-        } else {
-            !self.custom.tcp.is_empty()
-        }
     }
 }
 
