@@ -23,7 +23,7 @@ pub struct Connection {
 }
 
 /// One HTTP request as the application would receive it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct HttpRequest {
     pub method: String,
     /// The request target: path with optional query, as on the request line.
@@ -35,6 +35,37 @@ pub struct HttpRequest {
     pub headers: Vec<(String, String)>,
     /// The original client address (from trusted `X-Forwarded-For`); defaults to the peer.
     pub remote_ip: Option<IpAddr>,
+}
+
+/// Headers whose values are credentials: never printed.
+const SECRET_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
+
+/// Debug output goes to logs, so credentials are left out: the values of
+/// credential headers and the query string (which may carry `access_token`).
+impl std::fmt::Debug for HttpRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = crate::authz::normalize::strip_query(&self.path);
+        let query = if path.len() < self.path.len() {
+            "?<redacted>"
+        } else {
+            ""
+        };
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let secret = SECRET_HEADERS.iter().any(|s| k.eq_ignore_ascii_case(s));
+                (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("path", &format_args!("{path}{query}"))
+            .field("host", &self.host)
+            .field("headers", &headers)
+            .field("remote_ip", &self.remote_ip)
+            .finish()
+    }
 }
 
 impl HttpRequest {
@@ -191,6 +222,26 @@ mod tests {
         assert_eq!(req.query_param("z"), None);
         assert_eq!(req.cookie("session").as_deref(), Some("tok"));
         assert_eq!(req.cookie("c"), None);
+    }
+
+    #[test]
+    fn debug_output_has_no_credentials() {
+        let req = HttpRequest {
+            method: "GET".into(),
+            path: "/a?access_token=secret1".into(),
+            headers: vec![
+                ("Authorization".into(), "Bearer secret2".into()),
+                ("cookie".into(), "session=secret3".into()),
+                ("x-request-id".into(), "visible".into()),
+            ],
+            ..Default::default()
+        };
+        let printed = format!("{req:?}");
+        assert!(!printed.contains("secret"), "{printed}");
+        assert!(
+            printed.contains("visible") && printed.contains("/a?<redacted>"),
+            "{printed}"
+        );
     }
 
     #[test]

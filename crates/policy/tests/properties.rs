@@ -32,6 +32,7 @@ fn value() -> impl Strategy<Value = String> {
         Just("8080".to_owned()),
         Just("GET".to_owned()),
         "[a-z/*.:{}0-9-]{0,12}",
+        "\\PC{0,8}",
     ]
 }
 

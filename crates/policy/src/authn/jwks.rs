@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
 
 /// How long fetched keys are used before they are fetched again (Envoy's default).
 pub const DEFAULT_CACHE_DURATION: Duration = Duration::from_secs(300);
@@ -62,9 +63,100 @@ pub fn parse_jwks(text: &str) -> Result<JwkSet, JwksError> {
     Ok(set)
 }
 
+/// One JWK, ready to verify: which tokens it may verify, and its key decoded
+/// once rather than per request.
+pub struct PreparedKey {
+    kid: Option<String>,
+    /// The `alg` the key states, as written; such a key serves only that algorithm.
+    stated_alg: Option<String>,
+    /// `use: enc`: never used to verify a signature.
+    encryption: bool,
+    /// The algorithms the key's type can verify.
+    algorithms: Vec<Algorithm>,
+    key: Option<DecodingKey>,
+}
+
+/// A key set ready to verify tokens.
+#[derive(Default)]
+pub struct KeySet {
+    keys: Vec<PreparedKey>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<Option<&str>> = self.keys.iter().map(|k| k.kid.as_deref()).collect();
+        f.debug_struct("KeySet").field("kids", &kids).finish()
+    }
+}
+
+impl KeySet {
+    pub fn new(set: &JwkSet) -> KeySet {
+        use Algorithm::*;
+        let keys = set
+            .keys
+            .iter()
+            .map(|jwk| PreparedKey {
+                kid: jwk.common.key_id.clone(),
+                stated_alg: jwk.common.key_algorithm.map(|a| a.to_string()),
+                encryption: matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)),
+                algorithms: match &jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
+                    AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                        EllipticCurve::P256 => vec![ES256],
+                        EllipticCurve::P384 => vec![ES384],
+                        _ => vec![],
+                    },
+                    AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
+                    AlgorithmParameters::OctetKey(_) => vec![HS256, HS384, HS512],
+                    _ => vec![],
+                },
+                key: DecodingKey::from_jwk(jwk).ok(),
+            })
+            .collect();
+        KeySet { keys }
+    }
+
+    /// Verifies a token's signature as Envoy's `verifyJwt`. A key is a
+    /// candidate unless it and the token name different `kid`s, or it states
+    /// an `alg` other than the token's, or it is an encryption key. A
+    /// candidate verifies only an algorithm its key type allows, so an RSA
+    /// public key is never used as an HMAC secret and `none` never verifies.
+    /// `Ok(false)`: no candidate; `Err(())`: candidates, none verified.
+    pub fn verify(&self, token: &str, kid: Option<&str>, alg: Algorithm) -> Result<(), bool> {
+        let Some((message, signature)) = token.rsplit_once('.') else {
+            return Err(false);
+        };
+        let alg_name = format!("{alg:?}");
+        let mut candidate = false;
+        for k in &self.keys {
+            if let (Some(kid), Some(key_id)) = (kid, &k.kid)
+                && kid != key_id
+            {
+                continue;
+            }
+            if k.stated_alg
+                .as_ref()
+                .is_some_and(|stated| *stated != alg_name)
+                || k.encryption
+            {
+                continue;
+            }
+            candidate = true;
+            let Some(key) = &k.key else { continue };
+            if k.algorithms.contains(&alg)
+                && jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, alg)
+                    .unwrap_or(false)
+            {
+                return Ok(());
+            }
+        }
+        Err(candidate)
+    }
+}
+
 struct Entry {
     /// The last keys fetched successfully.
-    keys: Option<Arc<JwkSet>>,
+    keys: Option<Arc<KeySet>>,
     /// When `keys` were fetched.
     fetched_at: Option<Instant>,
     /// When the last fetch started, successful or not. Set before fetching,
@@ -97,7 +189,7 @@ impl Default for JwksCache {
 
 /// What to do about a URI, decided under the lock.
 enum Plan {
-    Use(Arc<JwkSet>),
+    Use(Arc<KeySet>),
     Refuse(String),
     Fetch,
 }
@@ -125,7 +217,7 @@ impl JwksCache {
     /// The keys for `uri`: cached while fresh, fetched when absent or
     /// expired. A failing endpoint is retried at most once per refresh
     /// interval; meanwhile its last keys are used, for up to [`MAX_STALE`].
-    pub fn keys(&self, uri: &str, timeout: Duration) -> Result<Arc<JwkSet>, String> {
+    pub fn keys(&self, uri: &str, timeout: Duration) -> Result<Arc<KeySet>, String> {
         match self.plan(uri, self.cache_duration) {
             Plan::Use(keys) => Ok(keys),
             Plan::Refuse(why) => Err(why),
@@ -135,7 +227,7 @@ impl JwksCache {
 
     /// Fetches again because a token named a key id the cached set lacks,
     /// unless the last fetch was too recent. Returns the (possibly new) keys.
-    pub fn refresh_for_unknown_kid(&self, uri: &str, timeout: Duration) -> Option<Arc<JwkSet>> {
+    pub fn refresh_for_unknown_kid(&self, uri: &str, timeout: Duration) -> Option<Arc<KeySet>> {
         match self.plan(uri, Duration::ZERO) {
             Plan::Use(keys) => Some(keys),
             Plan::Refuse(_) => None,
@@ -179,7 +271,7 @@ impl JwksCache {
         Plan::Fetch
     }
 
-    fn fetch(&self, uri: &str, timeout: Duration) -> Result<Arc<JwkSet>, String> {
+    fn fetch(&self, uri: &str, timeout: Duration) -> Result<Arc<KeySet>, String> {
         let Some(fetcher) = &self.fetcher else {
             return Err(format!("no fetcher configured for jwksUri {uri}"));
         };
@@ -188,7 +280,7 @@ impl JwksCache {
             .fetch(uri, timeout)
             .map_err(|e| e.to_string())
             .and_then(|body| parse_jwks(&body).map_err(|e| format!("{uri}: {e}")))
-            .map(Arc::new);
+            .map(|set| Arc::new(KeySet::new(&set)));
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let entry = entries.entry(uri.to_owned()).or_insert(Entry {
             keys: None,

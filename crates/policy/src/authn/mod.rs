@@ -12,8 +12,6 @@ mod token;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 pub use jwks::{JwksCache, JwksFetcher};
 pub use principal::JwtPrincipal;
@@ -109,7 +107,7 @@ struct CompiledRule {
 
 #[derive(Debug, Clone)]
 enum KeySource {
-    Inline(Arc<JwkSet>),
+    Inline(Arc<jwks::KeySet>),
     Remote {
         uri: String,
         timeout: std::time::Duration,
@@ -142,7 +140,7 @@ impl Authenticator {
             .map(|rule| {
                 let keys = if !rule.jwks.is_empty() {
                     match jwks::parse_jwks(&rule.jwks) {
-                        Ok(set) => KeySource::Inline(Arc::new(set)),
+                        Ok(set) => KeySource::Inline(Arc::new(jwks::KeySet::new(&set))),
                         Err(_) => KeySource::None,
                     }
                 } else if !rule.jwks_uri.is_empty() {
@@ -304,14 +302,21 @@ impl Authenticator {
                 .map_err(|_| AuthnFailure::unauthorized("Jwks remote fetch is failed"))?,
             KeySource::None => return Err(VerifyError::NoKey.into_failure()),
         };
-        let mut result = verify_signature(token, header, &keys);
-        if matches!(result, Err(VerifyError::NoKey))
+        let mut result = keys.verify(token, header.kid.as_deref(), header.alg);
+        if result == Err(false)
             && let KeySource::Remote { uri, timeout } = &rule.keys
             && let Some(fresh) = self.jwks.refresh_for_unknown_kid(uri, *timeout)
         {
-            result = verify_signature(token, header, &fresh);
+            result = fresh.verify(token, header.kid.as_deref(), header.alg);
         }
-        result.map_err(VerifyError::into_failure)
+        result.map_err(|candidate| {
+            if candidate {
+                VerifyError::Failed
+            } else {
+                VerifyError::NoKey
+            }
+            .into_failure()
+        })
     }
 }
 
@@ -408,74 +413,6 @@ impl VerifyError {
     }
 }
 
-/// The algorithms a key's type can verify.
-fn allowed_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
-    use Algorithm::*;
-    let by_type: Vec<Algorithm> = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
-        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
-            EllipticCurve::P256 => vec![ES256],
-            EllipticCurve::P384 => vec![ES384],
-            _ => vec![],
-        },
-        AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
-        AlgorithmParameters::OctetKey(_) => vec![HS256, HS384, HS512],
-        _ => vec![],
-    };
-    by_type
-}
-
-/// Verifies the signature as Envoy's `verifyJwt`: a key is a candidate
-/// unless both it and the token name different `kid`s, or it states an `alg`
-/// other than the token's. A candidate only verifies an algorithm its key
-/// type allows, so an RSA public key is never used as an HMAC secret and
-/// `none` never verifies.
-fn verify_signature(
-    token: &str,
-    header: &jsonwebtoken::Header,
-    keys: &JwkSet,
-) -> Result<(), VerifyError> {
-    let mut kid_alg_matched = false;
-    for jwk in &keys.keys {
-        if let (Some(kid), Some(key_id)) = (&header.kid, &jwk.common.key_id)
-            && kid != key_id
-        {
-            continue;
-        }
-        // A key that states an algorithm (even one this crate cannot name,
-        // such as an encryption algorithm) serves only that algorithm.
-        if let Some(stated) = jwk.common.key_algorithm
-            && stated.to_string() != format!("{:?}", header.alg)
-        {
-            continue;
-        }
-        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
-            continue;
-        }
-        kid_alg_matched = true;
-        if !allowed_algorithms(jwk).contains(&header.alg) {
-            continue;
-        }
-        let Ok(key) = DecodingKey::from_jwk(jwk) else {
-            continue;
-        };
-        let mut validation = Validation::new(header.alg);
-        // Time, issuer and audience were checked before, in Envoy's order.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        validation.required_spec_claims.clear();
-        if jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).is_ok() {
-            return Ok(());
-        }
-    }
-    Err(if kid_alg_matched {
-        VerifyError::Failed
-    } else {
-        VerifyError::NoKey
-    })
-}
-
 /// Headers to set or remove upstream after `rule` verified `found`.
 fn output_headers(rule: &JwtRule, found: &token::Found, principal: &JwtPrincipal) -> HeaderEdits {
     let mut edits = HeaderEdits::default();
@@ -526,7 +463,7 @@ mod tests {
 
     fn token(kid: &str) -> String {
         let key = EncodingKey::from_rsa_pem(include_bytes!("../../tests/keys/rsa.pem")).unwrap();
-        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         header.kid = Some(kid.into());
         let claims = serde_json::json!({"iss": "rotating", "sub": "alice"});
         jsonwebtoken::encode(&header, &claims, &key).unwrap()
@@ -624,7 +561,7 @@ mod key_selection_tests {
         });
         let authn = Authenticator::new(&[&ra], Arc::default());
         let key = EncodingKey::from_rsa_pem(include_bytes!("../../tests/keys/rsa.pem")).unwrap();
-        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         header.kid = Some("rsa-1".into());
         let claims = serde_json::json!({"iss": "https://any.example", "sub": "alice"});
         let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();

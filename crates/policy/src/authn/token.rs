@@ -39,8 +39,8 @@ pub(super) fn locations(rule: &JwtRule) -> Vec<Location> {
     ]
 }
 
-/// A token taken from a request.
-#[derive(Debug, Clone)]
+/// A token taken from a request. Not `Debug`: a token is never printed.
+#[derive(Clone)]
 pub(super) struct Found {
     pub(super) token: String,
     /// The header it came from, to remove unless forwarded.

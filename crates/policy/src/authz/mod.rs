@@ -3,7 +3,9 @@
 //!
 //! An [`Authorizer`] is built once per workload and configuration (the
 //! policies that apply to that workload, compiled and indexed) and then
-//! answers per request without allocation beyond the explanation.
+//! answers per request by looking up only the rules that could match. The
+//! explanation of a decision is built on demand ([`Authorizer::explain`]),
+//! not per request.
 
 pub(crate) mod attributes;
 pub(crate) mod compile;
