@@ -13,7 +13,11 @@ use crate::request::{Connection, HttpRequest, PeerIdentity};
 /// A request (or TCP connection) ready to be matched.
 #[derive(Debug, Clone)]
 pub struct Attributes<'a> {
-    pub(crate) peer: Option<PeerIdentity<'a>>,
+    /// The peer's identity as presented (a SPIFFE URI), if any.
+    peer_uri: Option<&'a str>,
+    /// Namespaces and service accounts read from `peer_uri`, on first use:
+    /// most requests never need them.
+    peer: std::cell::OnceCell<Option<PeerIdentity<'a>>>,
     pub(crate) source_ip: Option<IpAddr>,
     pub(crate) remote_ip: Option<IpAddr>,
     pub(crate) destination_ip: Option<IpAddr>,
@@ -51,13 +55,10 @@ impl<'a> Attributes<'a> {
         jwt: Option<&'a JwtPrincipal>,
         normalization: PathNormalizationMode,
     ) -> Attributes<'a> {
-        let peer = connection
-            .source_principal
-            .as_deref()
-            .map(PeerIdentity::parse);
         let remote_ip = http.and_then(|h| h.remote_ip).or(connection.source_ip);
         Attributes {
-            peer,
+            peer_uri: connection.source_principal.as_deref(),
+            peer: std::cell::OnceCell::new(),
             source_ip: connection.source_ip,
             remote_ip,
             destination_ip: connection.destination_ip,
@@ -80,8 +81,17 @@ impl<'a> Attributes<'a> {
         self.http.is_some()
     }
 
+    /// The peer's SPIFFE ID without `spiffe://`; `None` for plaintext peers
+    /// and identities that are not SPIFFE IDs.
     pub(crate) fn principal(&self) -> Option<&str> {
-        self.peer.as_ref().and_then(|p| p.principal)
+        self.peer_uri
+            .and_then(|u| u.strip_prefix(crate::request::SPIFFE_PREFIX))
+    }
+
+    fn peer(&self) -> Option<&PeerIdentity<'a>> {
+        self.peer
+            .get_or_init(|| self.peer_uri.map(PeerIdentity::parse))
+            .as_ref()
     }
 
     pub(crate) fn path(&self) -> Option<&str> {
@@ -93,15 +103,15 @@ impl<'a> Attributes<'a> {
             Value::Str(Cow::Borrowed(v))
         }
         match attr {
-            Attr::SourcePrincipal => self.peer.as_ref().map(|p| match p.principal {
+            Attr::SourcePrincipal => self.peer_uri.map(|_| match self.principal() {
                 Some(principal) => s(principal),
                 None => Value::Opaque,
             }),
-            Attr::SourceNamespace => self.peer.as_ref().and_then(|p| {
+            Attr::SourceNamespace => self.peer().and_then(|p| {
                 (!p.namespaces.is_empty())
                     .then(|| Value::List(p.namespaces.iter().map(|n| Cow::Borrowed(*n)).collect()))
             }),
-            Attr::SourceServiceAccount => self.peer.as_ref().and_then(|p| {
+            Attr::SourceServiceAccount => self.peer().and_then(|p| {
                 (!p.service_accounts.is_empty()).then(|| {
                     Value::List(
                         p.service_accounts
