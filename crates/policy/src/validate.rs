@@ -348,17 +348,11 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, v: &mut Issues) {
 /// Istio's warning condition: a DENY rule whose `from` or `to` uses only
 /// HTTP attributes turns into "deny every TCP connection" on TCP ports.
 fn denies_all_tcp(rule: &crate::api::Rule) -> bool {
+    // Every source field but requestPrincipals works on TCP.
     let tcp_in_from = rule.from.iter().filter_map(|f| f.source.as_ref()).any(|s| {
-        !(s.principals.is_empty()
-            && s.not_principals.is_empty()
-            && s.ip_blocks.is_empty()
-            && s.not_ip_blocks.is_empty()
-            && s.namespaces.is_empty()
-            && s.not_namespaces.is_empty()
-            && s.remote_ip_blocks.is_empty()
-            && s.not_remote_ip_blocks.is_empty()
-            && s.service_accounts.is_empty()
-            && s.not_service_accounts.is_empty())
+        s.fields()
+            .iter()
+            .any(|(name, list)| !name.contains("equestPrincipals") && !list.is_empty())
     });
     let tcp_in_to = rule
         .to
@@ -380,20 +374,7 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
 }
 
 fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mut Issues) {
-    let lists: [(&str, &Vec<String>); 12] = [
-        ("principals", &src.principals),
-        ("notPrincipals", &src.not_principals),
-        ("requestPrincipals", &src.request_principals),
-        ("notRequestPrincipals", &src.not_request_principals),
-        ("namespaces", &src.namespaces),
-        ("notNamespaces", &src.not_namespaces),
-        ("serviceAccounts", &src.service_accounts),
-        ("notServiceAccounts", &src.not_service_accounts),
-        ("ipBlocks", &src.ip_blocks),
-        ("notIpBlocks", &src.not_ip_blocks),
-        ("remoteIpBlocks", &src.remote_ip_blocks),
-        ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
-    ];
+    let lists = src.fields();
     if lists.iter().all(|(_, l)| l.is_empty()) {
         v.error(
             path,
@@ -447,17 +428,18 @@ fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mu
         }
     }
     if action == Action::Custom {
-        for (name, list) in [
-            ("namespaces", &src.namespaces),
-            ("notNamespaces", &src.not_namespaces),
-            ("serviceAccounts", &src.service_accounts),
-            ("notServiceAccounts", &src.not_service_accounts),
-            ("principals", &src.principals),
-            ("notPrincipals", &src.not_principals),
-            ("requestPrincipals", &src.request_principals),
-            ("notRequestPrincipals", &src.not_request_principals),
-        ] {
-            if !list.is_empty() {
+        const IDENTITY: [&str; 8] = [
+            "namespaces",
+            "notNamespaces",
+            "serviceAccounts",
+            "notServiceAccounts",
+            "principals",
+            "notPrincipals",
+            "requestPrincipals",
+            "notRequestPrincipals",
+        ];
+        for (name, list) in src.fields() {
+            if IDENTITY.contains(&name) && !list.is_empty() {
                 v.error(
                     format!("{path}.{name}"),
                     format!(
@@ -472,16 +454,7 @@ fn validate_source(src: &Source, action: Action, path: &str, rule: usize, v: &mu
 }
 
 fn validate_operation(op: &Operation, path: &str, rule: usize, v: &mut Issues) {
-    let lists: [(&str, &Vec<String>); 8] = [
-        ("hosts", &op.hosts),
-        ("notHosts", &op.not_hosts),
-        ("ports", &op.ports),
-        ("notPorts", &op.not_ports),
-        ("methods", &op.methods),
-        ("notMethods", &op.not_methods),
-        ("paths", &op.paths),
-        ("notPaths", &op.not_paths),
-    ];
+    let lists = op.fields();
     if lists.iter().all(|(_, l)| l.is_empty()) {
         v.error(
             path,

@@ -117,6 +117,26 @@ pub struct Source {
     pub not_remote_ip_blocks: Vec<String>,
 }
 
+impl Source {
+    /// Every field with its YAML name, in schema order.
+    pub fn fields(&self) -> [(&'static str, &[String]); 12] {
+        [
+            ("principals", &self.principals),
+            ("notPrincipals", &self.not_principals),
+            ("requestPrincipals", &self.request_principals),
+            ("notRequestPrincipals", &self.not_request_principals),
+            ("namespaces", &self.namespaces),
+            ("notNamespaces", &self.not_namespaces),
+            ("serviceAccounts", &self.service_accounts),
+            ("notServiceAccounts", &self.not_service_accounts),
+            ("ipBlocks", &self.ip_blocks),
+            ("notIpBlocks", &self.not_ip_blocks),
+            ("remoteIpBlocks", &self.remote_ip_blocks),
+            ("notRemoteIpBlocks", &self.not_remote_ip_blocks),
+        ]
+    }
+}
+
 /// What the request does. Each list is OR-ed; the fields are AND-ed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -137,6 +157,22 @@ pub struct Operation {
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_paths: Vec<String>,
+}
+
+impl Operation {
+    /// Every field with its YAML name, in schema order.
+    pub fn fields(&self) -> [(&'static str, &[String]); 8] {
+        [
+            ("hosts", &self.hosts),
+            ("notHosts", &self.not_hosts),
+            ("ports", &self.ports),
+            ("notPorts", &self.not_ports),
+            ("methods", &self.methods),
+            ("notMethods", &self.not_methods),
+            ("paths", &self.paths),
+            ("notPaths", &self.not_paths),
+        ]
+    }
 }
 
 /// A `when` condition: `key` must have one of `values` and none of `notValues`.

@@ -96,6 +96,29 @@ pub struct ExtensionProvider {
 }
 
 impl ExtensionProvider {
+    /// Whether a failing provider lets requests through.
+    pub fn fail_open(&self) -> bool {
+        match (&self.envoy_ext_authz_http, &self.envoy_ext_authz_grpc) {
+            (Some(h), _) => h.fail_open,
+            (None, Some(g)) => g.fail_open,
+            (None, None) => false,
+        }
+    }
+
+    /// The status to deny with when the provider fails: `statusOnError`, 403 if unset or invalid.
+    pub fn status_on_error(&self) -> u16 {
+        let configured = match (&self.envoy_ext_authz_http, &self.envoy_ext_authz_grpc) {
+            (Some(h), _) => h.status_on_error.as_str(),
+            (None, Some(g)) => g.status_on_error.as_str(),
+            (None, None) => "",
+        };
+        configured
+            .parse()
+            .ok()
+            .filter(|c| (200..600).contains(c))
+            .unwrap_or(403)
+    }
+
     /// Whether a CUSTOM policy can use this provider for authorization.
     pub fn is_authorizer(&self) -> bool {
         self.envoy_ext_authz_http.is_some() || self.envoy_ext_authz_grpc.is_some()

@@ -437,18 +437,12 @@ impl Authorizer {
                     return decision(Verdict::Deny, Some(rule), outcome, status);
                 }
                 (Ok(Some(p)), Some(CustomVerdict::Error(error))) => {
-                    let fail_open = p
-                        .envoy_ext_authz_http
-                        .as_ref()
-                        .map(|h| h.fail_open)
-                        .or(p.envoy_ext_authz_grpc.as_ref().map(|g| g.fail_open))
-                        .unwrap_or(false);
-                    if !fail_open {
+                    if !p.fail_open() {
                         let outcome = Outcome::CustomFailed {
                             provider: p.name.clone(),
                             error,
                         };
-                        return decision(Verdict::Deny, Some(rule), outcome, status_on_error(p));
+                        return decision(Verdict::Deny, Some(rule), outcome, p.status_on_error());
                     }
                 }
                 (Ok(Some(p)), None) => {
@@ -585,22 +579,6 @@ impl Authorizer {
             })
             .collect()
     }
-}
-
-fn status_on_error(p: &ExtensionProvider) -> u16 {
-    let s = p
-        .envoy_ext_authz_http
-        .as_ref()
-        .map(|h| h.status_on_error.as_str())
-        .or(p
-            .envoy_ext_authz_grpc
-            .as_ref()
-            .map(|g| g.status_on_error.as_str()))
-        .unwrap_or("");
-    s.parse()
-        .ok()
-        .filter(|c| (200..600).contains(c))
-        .unwrap_or(403)
 }
 
 /// Istio supports one CUSTOM provider per workload, and it must be defined
