@@ -1,0 +1,149 @@
+//! Checking a certificate chain against a trust bundle, and reading the
+//! SPIFFE identity it carries. Used by the agent on every certificate it is
+//! given and by `meshward ca inspect`; TLS handshakes use rustls verifiers.
+
+use rustls_pki_types::CertificateDer;
+use x509_parser::prelude::*;
+
+use crate::bundle::TrustBundle;
+use crate::spiffe::{SpiffeError, SpiffeId};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("the chain is empty")]
+    Empty,
+    #[error("certificate {index} of the chain cannot be parsed: {reason}")]
+    Parse { index: usize, reason: String },
+    #[error("the workload certificate must have exactly one URI SAN, found {0}")]
+    UriSans(usize),
+    #[error("the workload certificate's URI SAN is not a valid SPIFFE ID: {0}")]
+    Spiffe(#[from] SpiffeError),
+    #[error("the workload certificate must not be a CA")]
+    LeafIsCa,
+    #[error(
+        "certificate {index} of the chain is not valid now (valid {not_before} to {not_after})"
+    )]
+    Expired {
+        index: usize,
+        not_before: String,
+        not_after: String,
+    },
+    #[error("certificate {index} is not signed by the next certificate of the chain")]
+    BadSignature { index: usize },
+    #[error("certificate {index} signs another but is not a CA")]
+    NotCa { index: usize },
+    #[error("the chain does not lead to any root of the trust bundle")]
+    UntrustedRoot,
+}
+
+/// What a verified chain says about its workload certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedLeaf {
+    pub id: SpiffeId,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+fn parse<'a>(index: usize, der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, ChainError> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| ChainError::Parse {
+            index,
+            reason: e.to_string(),
+        })
+}
+
+/// The single SPIFFE ID of a workload certificate.
+pub fn spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, ChainError> {
+    let uris: Vec<&str> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(uri) => Some(*uri),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [uri] => Ok(SpiffeId::parse(uri)?),
+        other => Err(ChainError::UriSans(other.len())),
+    }
+}
+
+fn is_ca(cert: &X509Certificate<'_>) -> bool {
+    cert.basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca)
+}
+
+/// Verifies `chain` (leaf first) at unix time `now`: every certificate valid
+/// now, each signed by the next (which must be a CA), the last one a root of
+/// the bundle or signed by one, and the leaf an X.509-SVID.
+pub fn verify(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: i64,
+) -> Result<VerifiedLeaf, ChainError> {
+    if chain.is_empty() {
+        return Err(ChainError::Empty);
+    }
+    let certs: Vec<X509Certificate<'_>> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse(i, c))
+        .collect::<Result<_, _>>()?;
+    let at = ASN1Time::from_timestamp(now).map_err(|e| ChainError::Parse {
+        index: 0,
+        reason: e.to_string(),
+    })?;
+    for (index, cert) in certs.iter().enumerate() {
+        if !cert.validity().is_valid_at(at) {
+            return Err(ChainError::Expired {
+                index,
+                not_before: cert.validity().not_before.to_string(),
+                not_after: cert.validity().not_after.to_string(),
+            });
+        }
+    }
+    let leaf = &certs[0];
+    let id = spiffe_id(leaf)?;
+    if is_ca(leaf) {
+        return Err(ChainError::LeafIsCa);
+    }
+    for index in 0..certs.len() - 1 {
+        let issuer = &certs[index + 1];
+        if !is_ca(issuer) {
+            return Err(ChainError::NotCa { index: index + 1 });
+        }
+        certs[index]
+            .verify_signature(Some(issuer.public_key()))
+            .map_err(|_| ChainError::BadSignature { index })?;
+    }
+    let last_index = certs.len() - 1;
+    let last = &certs[last_index];
+    let anchored = bundle.contains(&chain[last_index])
+        || bundle.roots().iter().any(|root| {
+            X509Certificate::from_der(root).is_ok_and(|(_, root)| {
+                is_ca(&root)
+                    && root.validity().is_valid_at(at)
+                    && last.verify_signature(Some(root.public_key())).is_ok()
+            })
+        });
+    if !anchored {
+        return Err(ChainError::UntrustedRoot);
+    }
+    Ok(VerifiedLeaf {
+        id,
+        not_before: leaf.validity().not_before.timestamp(),
+        not_after: leaf.validity().not_after.timestamp(),
+    })
+}

@@ -1,0 +1,23 @@
+//! meshward's workload identities: SPIFFE IDs, the mesh CA that issues
+//! X.509-SVIDs over Istio's CSR API, and the trust bundle workloads verify
+//! peers with.
+//!
+//! ```
+//! use meshward_identity::SpiffeId;
+//!
+//! let id: SpiffeId = "spiffe://cluster.local/ns/foo/sa/bar".parse().unwrap();
+//! assert_eq!(id.istio_parts(), Some(("foo", "bar")));
+//! assert!("spiffe://Cluster.Local/ns/foo".parse::<SpiffeId>().is_err());
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod ca;
+pub mod chain;
+pub mod pem;
+pub mod spiffe;
+
+pub use bundle::TrustBundle;
+pub use ca::{CaError, CaFiles, CertificateAuthority, IssuedChain};
+pub use spiffe::SpiffeId;
