@@ -17,6 +17,7 @@ pub mod ca;
 pub mod chain;
 pub mod pem;
 pub mod spiffe;
+pub mod token;
 
 pub use bundle::TrustBundle;
 pub use ca::{CaError, CaFiles, CertificateAuthority, IssuedChain};

@@ -32,6 +32,12 @@ enum Command {
     Check(cmd::check::Args),
     /// Show the effective mTLS mode and every policy that applies to a workload, and why others do not.
     Describe(cmd::describe::Args),
+    /// The mesh certificate authority: init, issue, inspect.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
+    /// Bootstrap tokens that let a new workload obtain its first certificate.
+    #[command(subcommand)]
+    Token(cmd::ca::TokenCommand),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,8 @@ fn main() -> ExitCode {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Describe(args) => cmd::describe::run(args),
+        Command::Ca(command) => cmd::ca::run(command),
+        Command::Token(command) => cmd::ca::run_token(command),
     };
     match result {
         Ok(code) => code,

@@ -393,3 +393,138 @@ fn check_rejects_tokens_when_jwks_cannot_be_fetched() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn ca_init_issue_inspect_and_token_create() {
+    let dir = tempdir();
+    let data = dir.join("data");
+    let data_s = data.to_str().expect("utf-8");
+    let o = meshward(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data_s,
+            "--trust-domain",
+            "example.org",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("trust domain: example.org"),
+        "{}",
+        stdout(&o)
+    );
+
+    let out = dir.join("workload");
+    let o = meshward(
+        &[
+            "ca",
+            "issue",
+            "--data-dir",
+            data_s,
+            "-n",
+            "foo",
+            "--service-account",
+            "bar",
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--ttl",
+            "2h",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("key.pem"))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let chain = out.join("cert-chain.pem");
+    let bundle = data.join("root-cert.pem");
+    let o = meshward(
+        &[
+            "ca",
+            "inspect",
+            chain.to_str().expect("utf-8"),
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("SPIFFE ID:   spiffe://example.org/ns/foo/sa/bar"),
+        "{text}"
+    );
+    assert!(text.contains("chain:       verifies against"), "{text}");
+
+    // Against another mesh's bundle the chain does not verify: exit 1.
+    let other = dir.join("other");
+    let o = meshward(
+        &["ca", "init", "--data-dir", other.to_str().expect("utf-8")],
+        None,
+    );
+    assert!(o.status.success());
+    let other_bundle = other.join("root-cert.pem");
+    let o = meshward(
+        &[
+            "ca",
+            "inspect",
+            chain.to_str().expect("utf-8"),
+            "--bundle",
+            other_bundle.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("does NOT verify"), "{}", stdout(&o));
+
+    // A token is the only thing printed: one line, three JWT sections.
+    let o = meshward(
+        &[
+            "token",
+            "create",
+            "--data-dir",
+            data_s,
+            "-n",
+            "foo",
+            "--service-account",
+            "bar",
+            "--ttl",
+            "10m",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let token = stdout(&o);
+    assert_eq!(token.lines().count(), 1);
+    assert_eq!(token.trim().split('.').count(), 3);
+
+    // The data directory keeps its trust domain.
+    let o = meshward(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data_s,
+            "--trust-domain",
+            "other.org",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("initialised for trust domain \"example.org\""),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

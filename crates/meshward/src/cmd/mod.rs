@@ -1,3 +1,4 @@
+pub mod ca;
 pub mod check;
 pub mod describe;
 pub mod validate;
