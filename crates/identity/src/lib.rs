@@ -16,6 +16,7 @@ pub mod bundle;
 pub mod ca;
 pub mod chain;
 pub mod pem;
+pub mod service;
 pub mod spiffe;
 pub mod token;
 

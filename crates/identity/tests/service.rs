@@ -1,0 +1,263 @@
+//! Istio's certificate service over real TLS on 127.0.0.1: bootstrap with a
+//! token, renew with the issued certificate, and every refusal.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshward_api::istio_ca::IstioCertificateRequest;
+use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use meshward_identity::ca::new_key_and_csr;
+use meshward_identity::service::{self, BootstrapTokens, ClientCertificates};
+use meshward_identity::token::TokenAuthority;
+use meshward_identity::{CaFiles, CertificateAuthority, SpiffeId, TrustBundle, chain};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    bundle: TrustBundle,
+    tokens: TokenAuthority,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start() -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&CaFiles::new(dir.path().join("ca")), "cluster.local")
+            .unwrap(),
+    );
+    let (key, chain) =
+        service::server_identity(&ca, "istio-system", &[], Duration::from_secs(3600)).unwrap();
+    let authenticators: Vec<Box<dyn service::CallerAuthenticator>> = vec![
+        Box::new(BootstrapTokens(
+            TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),
+        )),
+        Box::new(ClientCertificates {
+            bundle: ca.bundle().clone(),
+            trust_domain: "cluster.local".into(),
+        }),
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let bundle = ca.bundle().clone();
+    tokio::spawn(async move {
+        service::serve(listener, ca, &key, &chain, authenticators, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Mesh {
+        tokens: TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),
+        _dir: dir,
+        addr,
+        bundle,
+        stop: Some(stop),
+    }
+}
+
+async fn client(
+    mesh: &Mesh,
+    server_name: &str,
+    identity: Option<Identity>,
+) -> Result<IstioCertificateServiceClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(mesh.bundle.to_pem()))
+        .domain_name(server_name);
+    if let Some(identity) = identity {
+        tls = tls.identity(identity);
+    }
+    let channel = Channel::from_shared(format!("https://{}", mesh.addr))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(IstioCertificateServiceClient::new(channel))
+}
+
+fn request(csr: String, token: Option<&str>, ttl: i64) -> tonic::Request<IstioCertificateRequest> {
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: ttl,
+        metadata: None,
+    });
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn workload() -> SpiffeId {
+    SpiffeId::istio("cluster.local", "foo", "bar").unwrap()
+}
+
+#[tokio::test]
+async fn bootstrap_with_a_token_then_renew_with_the_certificate() {
+    let mesh = start().await;
+    let id = workload();
+    let token = mesh.tokens.create(&id, Duration::from_secs(600)).unwrap();
+
+    // Bootstrap: token → CSR → chain, leaf first, root last.
+    let (key, csr) = new_key_and_csr(&id).unwrap();
+    let mut c = client(&mesh, "istiod.istio-system.svc", None)
+        .await
+        .unwrap();
+    let response = c
+        .create_certificate(request(csr, Some(&token), 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.cert_chain.len(), 2);
+    let chain_pem = response.cert_chain.concat();
+    let certs = meshward_identity::pem::parse_certificates(&chain_pem).unwrap();
+    let verified = chain::verify(&certs, &mesh.bundle, now()).unwrap();
+    assert_eq!(verified.id, id);
+    assert_eq!(
+        verified.not_after - verified.not_before,
+        3600 + 60,
+        "validity_duration honoured"
+    );
+
+    // Renewal: no token, the issued certificate over mutual TLS.
+    let identity = Identity::from_pem(&chain_pem, key.serialize_pem());
+    let mut renewing = client(&mesh, "localhost", Some(identity)).await.unwrap();
+    let (_key2, csr2) = new_key_and_csr(&id).unwrap();
+    let renewed = renewing
+        .create_certificate(request(csr2, None, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let certs = meshward_identity::pem::parse_certificates(&renewed.cert_chain.concat()).unwrap();
+    assert_eq!(chain::verify(&certs, &mesh.bundle, now()).unwrap().id, id);
+
+    // The renewed identity cannot ask for someone else.
+    let (_key3, other_csr) =
+        new_key_and_csr(&SpiffeId::istio("cluster.local", "foo", "admin").unwrap()).unwrap();
+    let status = renewing
+        .create_certificate(request(other_csr, None, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+}
+
+#[tokio::test]
+async fn refusals() {
+    let mesh = start().await;
+    let id = workload();
+    let (_key, csr) = new_key_and_csr(&id).unwrap();
+    let mut c = client(&mesh, "localhost", None).await.unwrap();
+
+    // No credential at all.
+    let status = c
+        .create_certificate(request(csr.clone(), None, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+
+    // A token from another mesh's key.
+    let other_dir = tempfile::tempdir().unwrap();
+    let forged = TokenAuthority::load_or_create(other_dir.path(), "cluster.local")
+        .unwrap()
+        .create(&id, Duration::from_secs(600))
+        .unwrap();
+    let status = c
+        .create_certificate(request(csr.clone(), Some(&forged), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    assert!(status.message().contains("bootstrap token"), "{status}");
+
+    // Garbage token.
+    let status = c
+        .create_certificate(request(csr.clone(), Some("not-a-token"), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // An expired token (1 s lifetime, no leeway).
+    let short = mesh.tokens.create(&id, Duration::from_secs(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let status = c
+        .create_certificate(request(csr.clone(), Some(&short), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    assert!(status.message().contains("expired"), "{status}");
+
+    let token = mesh.tokens.create(&id, Duration::from_secs(600)).unwrap();
+    // A CSR for another identity than the token's.
+    let (_k, other_csr) =
+        new_key_and_csr(&SpiffeId::istio("cluster.local", "foo", "admin").unwrap()).unwrap();
+    let status = c
+        .create_certificate(request(other_csr, Some(&token), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // A malformed CSR.
+    let status = c
+        .create_certificate(request("garbage".into(), Some(&token), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // A TTL beyond the maximum.
+    let status = c
+        .create_certificate(request(csr, Some(&token), 365 * 24 * 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("max allowed TTL"), "{status}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_mesh_is_refused_at_the_handshake() {
+    let mesh = start().await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other =
+        CertificateAuthority::load_or_create(&CaFiles::new(other_dir.path()), "cluster.local")
+            .unwrap();
+    let id = workload();
+    let (key, csr) = new_key_and_csr(&id).unwrap();
+    let foreign = other.sign_csr(&csr, &id, None).unwrap();
+    let identity = Identity::from_pem(foreign.to_pem(), key.serialize_pem());
+    let refused = match client(&mesh, "localhost", Some(identity)).await {
+        Err(_) => true,
+        Ok(mut c) => c.create_certificate(request(csr, None, 0)).await.is_err(),
+    };
+    assert!(refused);
+}
+
+#[tokio::test]
+async fn the_server_certificate_names_istiod_and_localhost() {
+    let mesh = start().await;
+    for name in [
+        "localhost",
+        "istiod.istio-system.svc",
+        "meshward.istio-system.svc",
+    ] {
+        assert!(client(&mesh, name, None).await.is_ok(), "{name}");
+    }
+    assert!(client(&mesh, "elsewhere.example", None).await.is_err());
+}
