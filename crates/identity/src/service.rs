@@ -205,7 +205,13 @@ pub fn server_identity(
     Ok((key, chain))
 }
 
-/// Serves the certificate service on `listener` until `shutdown` completes.
+/// How long in-flight requests may finish after shutdown is asked for.
+/// Idle connections (a client that keeps its channel open) do not hold the
+/// server up past it.
+pub const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Serves the certificate service on `listener` until `shutdown` completes,
+/// then drains for at most [`DRAIN_TIME`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ca: Arc<CertificateAuthority>,
@@ -224,11 +230,26 @@ pub async fn serve(
         .client_ca_root(Certificate::from_pem(ca.bundle().to_pem()))
         .client_auth_optional(true);
     let service = CaService::new(ca, authenticators);
-    Server::builder()
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
+    let server = Server::builder()
         .tls_config(tls)?
         .add_service(IstioCertificateServiceServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream_from(listener), shutdown)
-        .await
+        .serve_with_incoming_shutdown(tokio_stream_from(listener), shutdown);
+    let deadline = async {
+        if stopped.await.is_ok() {
+            tokio::time::sleep(DRAIN_TIME).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result,
+        () = deadline => Ok(()),
+    }
 }
 
 fn tokio_stream_from(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {

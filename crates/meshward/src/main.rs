@@ -38,16 +38,26 @@ enum Command {
     /// Bootstrap tokens that let a new workload obtain its first certificate.
     #[command(subcommand)]
     Token(cmd::ca::TokenCommand),
+    /// The control plane: serves the mesh CA over Istio's certificate API.
+    Server(cmd::server::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHWARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Describe(args) => cmd::describe::run(args),
         Command::Ca(command) => cmd::ca::run(command),
         Command::Token(command) => cmd::ca::run_token(command),
+        Command::Server(args) => cmd::server::run(args),
     };
     match result {
         Ok(code) => code,

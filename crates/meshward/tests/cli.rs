@@ -528,3 +528,119 @@ fn ca_init_issue_inspect_and_token_create() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `meshward server` as a process: it announces its address, issues a
+/// certificate for a token made by `meshward token create`, and stops
+/// cleanly on SIGTERM.
+#[test]
+fn server_issues_certificates_and_stops_on_sigterm() {
+    use std::io::BufRead;
+
+    use meshward_api::istio_ca::IstioCertificateRequest;
+    use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let dir = tempdir();
+    let data = dir.join("data");
+    let data_s = data.to_str().expect("utf-8").to_owned();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_meshward"))
+        .args(["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let mut lines = std::io::BufReader::new(server.stdout.take().expect("stdout")).lines();
+    let mut addr = None;
+    for _ in 0..3 {
+        let line = lines.next().expect("a line").expect("utf-8");
+        if let Some(rest) = line.strip_prefix("listening on https://") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+    }
+    let addr = addr.expect("the server says where it listens");
+
+    let token = stdout(&meshward(
+        &[
+            "token",
+            "create",
+            "--data-dir",
+            &data_s,
+            "-n",
+            "foo",
+            "--service-account",
+            "bar",
+        ],
+        None,
+    ))
+    .trim()
+    .to_owned();
+    let bundle = std::fs::read_to_string(data.join("root-cert.pem")).expect("bundle");
+    let id = meshward_identity::SpiffeId::istio("cluster.local", "foo", "bar").expect("id");
+    let (_key, csr) = meshward_identity::ca::new_key_and_csr(&id).expect("csr");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let chain = runtime.block_on(async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&bundle))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+            .timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connects");
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: 0,
+            metadata: None,
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        IstioCertificateServiceClient::new(channel)
+            .create_certificate(request)
+            .await
+            .expect("issued")
+            .into_inner()
+            .cert_chain
+    });
+    let certs = meshward_identity::pem::parse_certificates(&chain.concat()).expect("pem");
+    let bundle = meshward_identity::TrustBundle::from_pem(&bundle).expect("bundle");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64;
+    assert_eq!(
+        meshward_identity::chain::verify(&certs, &bundle, now)
+            .expect("verifies")
+            .id,
+        id
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    std::fs::remove_dir_all(dir).ok();
+}

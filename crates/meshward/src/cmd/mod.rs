@@ -1,4 +1,5 @@
 pub mod ca;
 pub mod check;
 pub mod describe;
+pub mod server;
 pub mod validate;

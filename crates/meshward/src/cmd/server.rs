@@ -1,0 +1,102 @@
+//! `meshward server`: the control plane process. Today it hosts the mesh CA
+//! over Istio's certificate API; configuration and push join it on the same
+//! port later.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
+use meshward_identity::token::TokenAuthority;
+
+use crate::cmd::ca::{BUNDLE_FILE, open_ca};
+
+/// How long the server's own certificate lives. It is re-issued at every
+/// start; rotating it while running comes with the workload agent.
+const SERVER_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// State: the CA, the trust bundle (root-cert.pem), the token key.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Where to serve (TLS, gRPC).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: SocketAddr,
+    /// The mesh's trust domain (first start only; it is recorded).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// The root namespace: names the server's identity and DNS names.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Extra DNS names or IP addresses for the server's certificate.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let ca = Arc::new(open_ca(&args.data_dir, args.trust_domain.as_deref())?);
+    let tokens = TokenAuthority::load_or_create(&args.data_dir, ca.trust_domain())?;
+    let (key, chain) =
+        service::server_identity(&ca, &args.root_namespace, &args.sans, SERVER_CERT_TTL)?;
+    let authenticators: Vec<Box<dyn CallerAuthenticator>> = vec![
+        Box::new(BootstrapTokens(tokens)),
+        Box::new(ClientCertificates {
+            bundle: ca.bundle().clone(),
+            trust_domain: ca.trust_domain().to_owned(),
+        }),
+    ];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("meshward server: trust domain {}", ca.trust_domain());
+        println!("listening on {}", service::describe_listener(addr));
+        println!(
+            "root certificate: {}",
+            args.data_dir.join(BUNDLE_FILE).display()
+        );
+        service::serve(
+            listener,
+            ca,
+            &key,
+            &chain,
+            authenticators,
+            shutdown_signal(),
+        )
+        .await
+        .context("serving")?;
+        println!("meshward server: stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
