@@ -12,12 +12,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bundle;
 pub mod ca;
 pub mod chain;
 pub mod pem;
 pub mod service;
 pub mod spiffe;
+pub mod tls;
 pub mod token;
 
 pub use bundle::TrustBundle;

@@ -3,70 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use meshward_api::istio_ca::IstioCertificateRequest;
 use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshward_identity::ca::new_key_and_csr;
-use meshward_identity::service::{self, BootstrapTokens, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
-use meshward_identity::{CaFiles, CertificateAuthority, SpiffeId, TrustBundle, chain};
+use meshward_identity::{CaFiles, CertificateAuthority, SpiffeId, chain};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-struct Mesh {
-    _dir: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    bundle: TrustBundle,
-    tokens: TokenAuthority,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-async fn start() -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&CaFiles::new(dir.path().join("ca")), "cluster.local")
-            .unwrap(),
-    );
-    let (key, chain) =
-        service::server_identity(&ca, "istio-system", &[], Duration::from_secs(3600)).unwrap();
-    let authenticators: Vec<Box<dyn service::CallerAuthenticator>> = vec![
-        Box::new(BootstrapTokens(
-            TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),
-        )),
-        Box::new(ClientCertificates {
-            bundle: ca.bundle().clone(),
-            trust_domain: "cluster.local".into(),
-        }),
-    ];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let bundle = ca.bundle().clone();
-    tokio::spawn(async move {
-        service::serve(listener, ca, &key, &chain, authenticators, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Mesh {
-        tokens: TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),
-        _dir: dir,
-        addr,
-        bundle,
-        stop: Some(stop),
-    }
-}
+use common::{Mesh, now, start};
 
 async fn client(
     mesh: &Mesh,
@@ -101,13 +50,6 @@ fn request(csr: String, token: Option<&str>, ttl: i64) -> tonic::Request<IstioCe
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     request
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 fn workload() -> SpiffeId {

@@ -1,0 +1,208 @@
+//! The workload side of identity: keeps a valid certificate for one SPIFFE
+//! ID, from the mesh CA, for as long as the workload runs.
+//!
+//! The key is made in memory for every certificate and never leaves this
+//! process. A new certificate is requested at half the remaining lifetime
+//! (with jitter, so a fleet started together does not renew together),
+//! failures are retried with capped exponential backoff, and the current
+//! certificate keeps being served until it really expires. Each new
+//! certificate is published on a watch channel that TLS configs read on
+//! every handshake, so connections already open are not touched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshward_api::istio_ca::IstioCertificateRequest;
+use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use rand::RngExt as _;
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::bundle::TrustBundle;
+use crate::ca::{IssuedChain, new_key_and_csr};
+use crate::chain;
+use crate::pem;
+use crate::spiffe::SpiffeId;
+use crate::tls::{self, WatchedCert};
+
+/// Where and how the agent gets certificates.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub identity: SpiffeId,
+    /// `https://host:port` of the CA.
+    pub ca_address: String,
+    /// The name to expect in the CA's certificate (`istiod.istio-system.svc`, `localhost`).
+    pub ca_server_name: String,
+    pub bundle: TrustBundle,
+    /// A bootstrap token; renewal works without it, over mutual TLS.
+    pub token: Option<String>,
+    /// Requested lifetime; the CA's default when `None`.
+    pub ttl: Option<Duration>,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: only whether there is one.
+        f.debug_struct("AgentConfig")
+            .field("identity", &self.identity.to_string())
+            .field("ca_address", &self.ca_address)
+            .field("has_token", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl AgentConfig {
+    pub fn new(
+        identity: SpiffeId,
+        ca_address: String,
+        ca_server_name: String,
+        bundle: TrustBundle,
+        token: Option<String>,
+    ) -> AgentConfig {
+        AgentConfig {
+            identity,
+            ca_address,
+            ca_server_name,
+            bundle,
+            token,
+            ttl: None,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("connecting to the CA at {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("the CA refused: {0}")]
+    Refused(String),
+    #[error("the CA's answer is not a valid certificate for {identity}: {reason}")]
+    BadChain { identity: String, reason: String },
+    #[error("making the key or CSR: {0}")]
+    Key(String),
+}
+
+/// The certificate in force, kept by the agent for renewal over mTLS.
+struct Current {
+    key_pem: String,
+    chain_pem: String,
+    not_after: i64,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Starts the agent. The returned [`WatchedCert`] holds `None` until the
+/// first certificate arrives, then always the newest valid one.
+pub fn start(config: AgentConfig) -> (WatchedCert, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(None);
+    let task = tokio::spawn(run(config, tx));
+    (WatchedCert(rx), task)
+}
+
+async fn run(config: AgentConfig, tx: watch::Sender<Option<Arc<CertifiedKey>>>) {
+    let mut current: Option<Current> = None;
+    let mut backoff = config.initial_backoff;
+    loop {
+        match fetch(&config, current.as_ref()).await {
+            Ok((key_pem, chain, certified, not_after)) => {
+                tx.send_replace(Some(certified));
+                let remaining = (not_after - unix_now()).max(0) as f64;
+                // Half the remaining lifetime, ±10 %.
+                let jitter: f64 = rand::rng().random_range(0.9..1.1);
+                let wait = Duration::from_secs_f64(remaining / 2.0 * jitter);
+                tracing::info!(identity = %config.identity, renew_in = ?wait, "workload certificate updated");
+                current = Some(Current {
+                    key_pem,
+                    chain_pem: chain.to_pem(),
+                    not_after,
+                });
+                backoff = config.initial_backoff;
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                tracing::warn!(identity = %config.identity, error = %e, retry_in = ?backoff, "certificate request failed");
+                // The old certificate stays in force until it really expires.
+                if current.as_ref().is_some_and(|c| c.not_after <= unix_now()) {
+                    tx.send_replace(None);
+                    current = None;
+                }
+                let jitter: f64 = rand::rng().random_range(0.8..1.2);
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// One round: new key and CSR, the CA's chain, checked.
+async fn fetch(
+    config: &AgentConfig,
+    current: Option<&Current>,
+) -> Result<(String, IssuedChain, Arc<CertifiedKey>, i64), AgentError> {
+    let (key, csr) =
+        new_key_and_csr(&config.identity).map_err(|e| AgentError::Key(e.to_string()))?;
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(config.bundle.to_pem()))
+        .domain_name(config.ca_server_name.clone());
+    if let Some(current) = current.filter(|c| c.not_after > unix_now()) {
+        tls = tls.identity(Identity::from_pem(&current.chain_pem, &current.key_pem));
+    }
+    let connect_error = |e: tonic::transport::Error| AgentError::Connect {
+        address: config.ca_address.clone(),
+        reason: e.to_string(),
+    };
+    let channel = Channel::from_shared(config.ca_address.clone())
+        .map_err(|e| AgentError::Connect {
+            address: config.ca_address.clone(),
+            reason: e.to_string(),
+        })?
+        .tls_config(tls)
+        .map_err(connect_error)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(connect_error)?;
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: config.ttl.map_or(0, |t| t.as_secs() as i64),
+        metadata: None,
+    });
+    if let Some(token) = &config.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| AgentError::Refused("the token is not a valid header value".into()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let response = IstioCertificateServiceClient::new(channel)
+        .create_certificate(request)
+        .await
+        .map_err(|s| AgentError::Refused(format!("{}: {}", s.code(), s.message())))?
+        .into_inner();
+    let bad = |reason: String| AgentError::BadChain {
+        identity: config.identity.to_string(),
+        reason,
+    };
+    let certificates = pem::parse_certificates(&response.cert_chain.concat()).map_err(bad)?;
+    let verified =
+        chain::verify(&certificates, &config.bundle, unix_now()).map_err(|e| bad(e.to_string()))?;
+    if verified.id != config.identity {
+        return Err(bad(format!("it is for {}", verified.id)));
+    }
+    let chain = IssuedChain { certificates };
+    let certified = tls::certified_key(&key, &chain).map_err(|e| AgentError::Key(e.to_string()))?;
+    Ok((key.serialize_pem(), chain, certified, verified.not_after))
+}
