@@ -164,6 +164,34 @@ async fn refusals() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // A CSR asking for a CA certificate.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let status = c
+        .create_certificate(request(ca_csr, Some(&token), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("CA certificate"), "{status}");
+    // A token signed with this mesh's key but for another audience.
+    let key_pem =
+        std::fs::read(mesh._dir.path().join(meshward_identity::token::TOKEN_KEY)).unwrap();
+    let claims = serde_json::json!({"iss": "meshward", "aud": "someone-else", "sub": id.to_string(), "iat": now(), "exp": now() + 600});
+    let wrong_aud = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(&key_pem).unwrap(),
+    )
+    .unwrap();
+    let (_k, fresh_csr) = new_key_and_csr(&id).unwrap();
+    let status = c
+        .create_certificate(request(fresh_csr, Some(&wrong_aud), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
     // A TTL beyond the maximum.
     let status = c
         .create_certificate(request(csr, Some(&token), 365 * 24 * 3600))
