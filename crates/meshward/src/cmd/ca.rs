@@ -57,6 +57,25 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 1h, 30m, 24h)"))
 }
 
+/// A workload identity named the Istio way.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkloadIdentity {
+    #[arg(short = 'n', long)]
+    namespace: String,
+    #[arg(long)]
+    service_account: String,
+}
+
+impl WorkloadIdentity {
+    fn spiffe_id(&self, ca: &CertificateAuthority) -> anyhow::Result<SpiffeId> {
+        Ok(SpiffeId::istio(
+            ca.trust_domain(),
+            &self.namespace,
+            &self.service_account,
+        )?)
+    }
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum CaCommand {
     /// Create the mesh CA in the data directory (or show the existing one).
@@ -71,10 +90,8 @@ pub enum CaCommand {
     Issue {
         #[command(flatten)]
         dir: DataDir,
-        #[arg(short = 'n', long)]
-        namespace: String,
-        #[arg(long)]
-        service_account: String,
+        #[command(flatten)]
+        workload: WorkloadIdentity,
         /// Written: cert-chain.pem (leaf first), key.pem (0600), root-cert.pem.
         #[arg(long)]
         out: PathBuf,
@@ -96,10 +113,8 @@ pub enum TokenCommand {
     Create {
         #[command(flatten)]
         dir: DataDir,
-        #[arg(short = 'n', long)]
-        namespace: String,
-        #[arg(long)]
-        service_account: String,
+        #[command(flatten)]
+        workload: WorkloadIdentity,
         #[arg(long, value_parser = parse_ttl, default_value = "1h")]
         ttl: Duration,
     },
@@ -125,13 +140,12 @@ pub fn run(command: CaCommand) -> anyhow::Result<ExitCode> {
         }
         CaCommand::Issue {
             dir,
-            namespace,
-            service_account,
+            workload,
             out,
             ttl,
         } => {
             let ca = open_ca(&dir.data_dir, None)?;
-            let id = SpiffeId::istio(ca.trust_domain(), &namespace, &service_account)?;
+            let id = workload.spiffe_id(&ca)?;
             let (key, csr) = ca::new_key_and_csr(&id)?;
             let chain = ca.sign_csr(&csr, &id, Some(ttl))?;
             pem::write_private(&out.join("key.pem"), &key.serialize_pem())?;
@@ -145,14 +159,9 @@ pub fn run(command: CaCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_token(command: TokenCommand) -> anyhow::Result<ExitCode> {
-    let TokenCommand::Create {
-        dir,
-        namespace,
-        service_account,
-        ttl,
-    } = command;
+    let TokenCommand::Create { dir, workload, ttl } = command;
     let ca = open_ca(&dir.data_dir, None)?;
-    let id = SpiffeId::istio(ca.trust_domain(), &namespace, &service_account)?;
+    let id = workload.spiffe_id(&ca)?;
     let tokens = TokenAuthority::load_or_create(&dir.data_dir, ca.trust_domain())?;
     let ttl = if ttl.is_zero() {
         DEFAULT_TOKEN_TTL
