@@ -59,24 +59,30 @@ fn grpc_issuance(c: &mut Criterion) {
         .build()
         .unwrap();
     let mut client = runtime.block_on(async {
-        let (key, chain) =
-            service::server_identity(&ca, "istio-system", &[], Duration::from_secs(3600)).unwrap();
+        let server_cert = service::ServerCertificate::start(
+            ca.clone(),
+            "istio-system".into(),
+            Vec::new(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let authenticators: Vec<Box<dyn CallerAuthenticator>> =
             vec![Box::new(BootstrapTokens(tokens))];
         let server_ca = ca.clone();
         tokio::spawn(async move {
+            let cert = server_cert.cert.clone();
             service::serve(
                 listener,
                 server_ca,
-                &key,
-                &chain,
+                cert,
                 authenticators,
                 std::future::pending(),
             )
             .await
             .unwrap();
+            drop(server_cert);
         });
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&bundle))

@@ -15,14 +15,17 @@ use meshward_api::istio_ca::istio_certificate_service_server::{
 };
 use meshward_api::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
 use rcgen::{KeyPair, SanType};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio::sync::watch;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::bundle::TrustBundle;
 use crate::ca::{CaError, CertificateAuthority, IssuedChain};
 use crate::chain;
 use crate::spiffe::SpiffeId;
+use crate::tls::{self, WatchedCert};
 use crate::token::TokenAuthority;
 
 /// What the service knows about a caller before authenticating it.
@@ -205,30 +208,141 @@ pub fn server_identity(
     Ok((key, chain))
 }
 
+/// The server's own certificate, kept fresh: issued now and again at half
+/// its lifetime, published for the TLS acceptor to read on every handshake.
+pub struct ServerCertificate {
+    pub cert: WatchedCert,
+    /// Ends the renewal task when dropped.
+    _renewal: tokio::task::JoinHandle<()>,
+}
+
+impl ServerCertificate {
+    pub fn start(
+        ca: Arc<CertificateAuthority>,
+        root_namespace: String,
+        extra_sans: Vec<String>,
+        ttl: Duration,
+    ) -> Result<ServerCertificate, CaError> {
+        let issue = move || -> Result<Arc<CertifiedKey>, CaError> {
+            let (key, chain) = server_identity(&ca, &root_namespace, &extra_sans, ttl)?;
+            tls::certified_key(&key, &chain).map_err(|e| CaError::Sign(e.to_string()))
+        };
+        let (tx, rx) = watch::channel(Some(issue()?));
+        let renewal = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 2).await;
+                match issue() {
+                    Ok(cert) => {
+                        tx.send_replace(Some(cert));
+                        tracing::info!("renewed the server's own certificate");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "renewing the server's own certificate failed; retrying in a minute")
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(ServerCertificate {
+            cert: WatchedCert(rx),
+            _renewal: renewal,
+        })
+    }
+}
+
+impl Drop for ServerCertificate {
+    fn drop(&mut self) {
+        self._renewal.abort();
+    }
+}
+
 /// How long in-flight requests may finish after shutdown is asked for.
 /// Idle connections (a client that keeps its channel open) do not hold the
 /// server up past it.
 pub const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS configuration of the CA server: its certificate from `cert`
+/// (read on every handshake, so renewals apply to new connections), client
+/// certificates optional (a bootstrap token suffices) but, when presented,
+/// verified against the mesh's roots; HTTP/2 only.
+fn server_tls(
+    ca: &CertificateAuthority,
+    cert: WatchedCert,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for root in ca.bundle().roots() {
+        roots.add(root.clone())?;
+    }
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        tls::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(clients)
+        .with_cert_resolver(Arc::new(cert));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections, completes TLS handshakes concurrently (a slow
+/// client holds up nobody), and hands finished streams to the gRPC server.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Small gRPC frames must not wait for delayed ACKs (40 ms otherwise).
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                return;
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
 
 /// Serves the certificate service on `listener` until `shutdown` completes,
 /// then drains for at most [`DRAIN_TIME`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ca: Arc<CertificateAuthority>,
-    server_key: &KeyPair,
-    server_chain: &IssuedChain,
+    server_cert: WatchedCert,
     authenticators: Vec<Box<dyn CallerAuthenticator>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            server_chain.to_pem(),
-            server_key.serialize_pem(),
-        ))
-        // Client certificates are optional (a bootstrap token suffices) but,
-        // when presented, must chain to the mesh's roots.
-        .client_ca_root(Certificate::from_pem(ca.bundle().to_pem()))
-        .client_auth_optional(true);
+) -> Result<(), ServeError> {
+    let tls = server_tls(&ca, server_cert).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
     let service = CaService::new(ca, authenticators);
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
@@ -236,9 +350,8 @@ pub async fn serve(
         let _ = stopping.send(());
     };
     let server = Server::builder()
-        .tls_config(tls)?
         .add_service(IstioCertificateServiceServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream_from(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     let deadline = async {
         if stopped.await.is_ok() {
             tokio::time::sleep(DRAIN_TIME).await;
@@ -247,15 +360,17 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        result = server => result,
+        result = server => result.map_err(|e| ServeError::Serve(e.to_string())),
         () = deadline => Ok(()),
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: small gRPC frames must
-/// not wait for the peer's delayed ACK (a 40 ms stall per request otherwise).
-fn tokio_stream_from(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("serving: {0}")]
+    Serve(String),
 }
 
 /// The address a server listens on, for messages.

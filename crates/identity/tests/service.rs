@@ -231,3 +231,27 @@ async fn the_server_certificate_names_istiod_and_localhost() {
     }
     assert!(client(&mesh, "elsewhere.example", None).await.is_err());
 }
+
+#[tokio::test]
+async fn the_server_certificate_renews_itself_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = std::sync::Arc::new(
+        CertificateAuthority::load_or_create(&CaFiles::new(dir.path()), "cluster.local").unwrap(),
+    );
+    let server = meshward_identity::service::ServerCertificate::start(
+        ca,
+        "istio-system".into(),
+        Vec::new(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let mut rx = server.cert.0.clone();
+    let first = rx.borrow_and_update().clone().unwrap();
+    // Renewed at half of 2 s; bounded wait.
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("renewed within 5 s")
+        .unwrap();
+    let second = rx.borrow().clone().unwrap();
+    assert_ne!(first.cert[0], second.cert[0]);
+}

@@ -32,8 +32,13 @@ pub async fn start() -> Mesh {
         CertificateAuthority::load_or_create(&CaFiles::new(dir.path().join("ca")), "cluster.local")
             .unwrap(),
     );
-    let (key, chain) =
-        service::server_identity(&ca, "istio-system", &[], Duration::from_secs(3600)).unwrap();
+    let server_cert = service::ServerCertificate::start(
+        ca.clone(),
+        "istio-system".into(),
+        Vec::new(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
     let authenticators: Vec<Box<dyn service::CallerAuthenticator>> = vec![
         Box::new(BootstrapTokens(
             TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),
@@ -48,11 +53,13 @@ pub async fn start() -> Mesh {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server_ca = ca.clone();
     tokio::spawn(async move {
-        service::serve(listener, server_ca, &key, &chain, authenticators, async {
+        let cert = server_cert.cert.clone();
+        service::serve(listener, server_ca, cert, authenticators, async {
             let _ = stopped.await;
         })
         .await
         .unwrap();
+        drop(server_cert);
     });
     Mesh {
         tokens: TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),

@@ -14,9 +14,9 @@ use meshward_identity::token::TokenAuthority;
 
 use crate::cmd::ca::{BUNDLE_FILE, open_ca};
 
-/// How long the server's own certificate lives. It is re-issued at every
-/// start; rotating it while running comes with the workload agent.
-const SERVER_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long the server's own certificate lives; it is renewed at half that,
+/// while running.
+const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -40,8 +40,6 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ca = Arc::new(open_ca(&args.data_dir, args.trust_domain.as_deref())?);
     let tokens = TokenAuthority::load_or_create(&args.data_dir, ca.trust_domain())?;
-    let (key, chain) =
-        service::server_identity(&ca, &args.root_namespace, &args.sans, SERVER_CERT_TTL)?;
     let authenticators: Vec<Box<dyn CallerAuthenticator>> = vec![
         Box::new(BootstrapTokens(tokens)),
         Box::new(ClientCertificates {
@@ -54,6 +52,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let server_cert = service::ServerCertificate::start(
+            ca.clone(),
+            args.root_namespace.clone(),
+            args.sans.clone(),
+            SERVER_CERT_TTL,
+        )?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -67,8 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         service::serve(
             listener,
             ca,
-            &key,
-            &chain,
+            server_cert.cert.clone(),
             authenticators,
             shutdown_signal(),
         )
