@@ -48,6 +48,8 @@ pub enum CaError {
     Key { path: PathBuf, reason: String },
     #[error("{path}: the CA certificate cannot be used to sign: {reason}", path = path.display())]
     CaCert { path: PathBuf, reason: String },
+    #[error("{dir}: ca-key.pem is not the key of ca-cert.pem; put the matching key there", dir = dir.display())]
+    KeyMismatch { dir: PathBuf },
     #[error("the certificate signing request is malformed or its signature is invalid: {0}")]
     MalformedCsr(String),
     #[error(
@@ -147,9 +149,24 @@ impl CertificateAuthority {
         trust_domain: &str,
     ) -> Result<CertificateAuthority, CaError> {
         let names = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
-        let present: Vec<bool> = names.iter().map(|n| files.path(n).exists()).collect();
+        let mut present: Vec<bool> = names.iter().map(|n| files.path(n).exists()).collect();
+        // The key is written first when a root is created: with only the key
+        // there, another process is most likely writing the rest right now.
+        if present.iter().any(|p| *p) && present.iter().any(|p| !p) && files.path(CA_KEY).exists() {
+            wait_for(files, &names);
+            present = names.iter().map(|n| files.path(n).exists()).collect();
+        }
         if present.iter().all(|p| !p) {
-            create_root(files, trust_domain)?;
+            match create_root(files, trust_domain) {
+                Ok(()) => {}
+                // Another process is creating the root right now: use theirs.
+                Err(CaError::File(PemError::Io { source, .. }))
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    wait_for(files, &names);
+                }
+                Err(e) => return Err(e),
+            }
         } else if present.iter().any(|p| !p) {
             let missing: Vec<&str> = names
                 .iter()
@@ -177,27 +194,59 @@ impl CertificateAuthority {
         })?;
         let cert_path = files.path(CA_CERT);
         let ca_cert = pem::read_certificates(&cert_path)?.remove(0);
-        let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| CaError::CaCert {
-            path: cert_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let root = pem::read_certificates(&files.path(ROOT_CERT))?.remove(0);
+        // Every root in root-cert.pem is trusted (old and new during a rotation);
+        // the chain served to workloads ends at the one ca-cert.pem leads to.
+        let roots = pem::read_certificates(&files.path(ROOT_CERT))?;
         let mut ca_chain = pem::read_certificates(&files.path(CERT_CHAIN))?;
         if ca_chain.first() != Some(&ca_cert) {
             ca_chain.insert(0, ca_cert.clone());
         }
-        if ca_chain.last() != Some(&root) {
-            ca_chain.push(root.clone());
-        }
         ca_chain.dedup();
-        let mut bundle = TrustBundle::new(vec![root.clone()]);
+        let mut bundle = TrustBundle::new(roots.clone());
         let trusted = files.path(TRUSTED_ROOTS);
         if trusted.exists() {
             for extra in pem::read_certificates(&trusted)? {
                 bundle.add(extra);
             }
         }
-        let mode = if ca_cert == root {
+        let check = |reason: String| CaError::CaCert {
+            path: cert_path.clone(),
+            reason,
+        };
+        // Refuse what would sign certificates nobody can verify, as Istio
+        // checks a plug-in CA at startup.
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&ca_cert).map_err(|e| check(e.to_string()))?;
+        if parsed.tbs_certificate.subject_pki.raw
+            != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err(CaError::KeyMismatch {
+                dir: files.dir.clone(),
+            });
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        crate::chain::verify_ca(&ca_chain, &TrustBundle::new(roots.clone()), now).map_err(|e| {
+            check(format!(
+                "{e} (checked ca-cert.pem through cert-chain.pem to root-cert.pem)"
+            ))
+        })?;
+        if let Some(root) = roots.iter().find(|r| {
+            ca_chain.last() != Some(*r) && {
+                // Append the root the chain leads to, when cert-chain.pem stops below it.
+                ca_chain.last().is_some_and(|last| {
+                    crate::chain::verify_ca(
+                        &[last.clone(), (*r).clone()],
+                        &TrustBundle::new(vec![(*r).clone()]),
+                        now,
+                    )
+                    .is_ok()
+                })
+            }
+        }) {
+            ca_chain.push(root.clone());
+        }
+        let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| check(e.to_string()))?;
+        let mode = if roots.contains(&ca_cert) {
             CaMode::SelfSigned
         } else {
             CaMode::PlugIn
@@ -346,6 +395,16 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// Waits (briefly) until another process has written all the CA files.
+fn wait_for(files: &CaFiles, names: &[&str]) {
+    for _ in 0..50 {
+        if names.iter().all(|n| files.path(n).exists()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Creates a self-signed root (ECDSA P-256, 10 years) in `files`.
 fn create_root(files: &CaFiles, trust_domain: &str) -> Result<(), CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -371,7 +430,7 @@ fn create_root(files: &CaFiles, trust_domain: &str) -> Result<(), CaError> {
     let cert_pem = pem::encode_certificate(cert.der());
     // The key first: a crash between the writes leaves an incomplete
     // directory, which the next start reports instead of silently replacing.
-    pem::write_private(&files.path(CA_KEY), &key.serialize_pem())?;
+    pem::create_private(&files.path(CA_KEY), &key.serialize_pem())?;
     pem::write_public(&files.path(CA_CERT), &cert_pem)?;
     pem::write_public(&files.path(CERT_CHAIN), &cert_pem)?;
     pem::write_public(&files.path(ROOT_CERT), &cert_pem)?;

@@ -30,7 +30,7 @@ pub enum ChainError {
     },
     #[error("certificate {index} is not signed by the next certificate of the chain")]
     BadSignature { index: usize },
-    #[error("certificate {index} signs another but is not a CA")]
+    #[error("certificate {index} signs another but is not a CA with the keyCertSign usage")]
     NotCa { index: usize },
     #[error("the chain does not lead to any root of the trust bundle")]
     UntrustedRoot,
@@ -85,14 +85,64 @@ fn is_ca(cert: &X509Certificate<'_>) -> bool {
         .is_some_and(|bc| bc.value.ca)
 }
 
+/// A CA that may sign certificates: basicConstraints CA and, when key usage
+/// is present, keyCertSign.
+fn can_sign(cert: &X509Certificate<'_>) -> bool {
+    is_ca(cert)
+        && match cert.key_usage() {
+            Ok(Some(ku)) => ku.value.key_cert_sign(),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+}
+
 /// Verifies `chain` (leaf first) at unix time `now`: every certificate valid
-/// now, each signed by the next (which must be a CA), the last one a root of
-/// the bundle or signed by one, and the leaf an X.509-SVID.
+/// now, each signed by the next (which must be a CA with keyCertSign), the
+/// last one a root of the bundle or signed by one, and the leaf an X.509-SVID.
 pub fn verify(
     chain: &[CertificateDer<'_>],
     bundle: &TrustBundle,
     now: i64,
 ) -> Result<VerifiedLeaf, ChainError> {
+    let certs = verify_path(chain, bundle, now)?;
+    let leaf = &certs[0];
+    let id = spiffe_id(leaf)?;
+    if is_ca(leaf) {
+        return Err(ChainError::LeafIsCa);
+    }
+    Ok(VerifiedLeaf {
+        id,
+        not_before: leaf.validity().not_before.timestamp(),
+        not_after: certs
+            .iter()
+            .map(|c| c.validity().not_after.timestamp())
+            .min()
+            .unwrap_or(0),
+    })
+}
+
+/// Checks a signing CA's chain (CA certificate first): as [`verify`], but the
+/// first certificate must itself be able to sign.
+pub fn verify_ca(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: i64,
+) -> Result<(), ChainError> {
+    let certs = verify_path(chain, bundle, now)?;
+    if can_sign(&certs[0]) {
+        Ok(())
+    } else {
+        Err(ChainError::NotCa { index: 0 })
+    }
+}
+
+/// The checks every chain gets: parse, validity, signatures, issuers able to
+/// sign, anchored in the bundle.
+fn verify_path<'a>(
+    chain: &'a [CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: i64,
+) -> Result<Vec<X509Certificate<'a>>, ChainError> {
     if chain.is_empty() {
         return Err(ChainError::Empty);
     }
@@ -114,14 +164,9 @@ pub fn verify(
             });
         }
     }
-    let leaf = &certs[0];
-    let id = spiffe_id(leaf)?;
-    if is_ca(leaf) {
-        return Err(ChainError::LeafIsCa);
-    }
     for index in 0..certs.len() - 1 {
         let issuer = &certs[index + 1];
-        if !is_ca(issuer) {
+        if !can_sign(issuer) {
             return Err(ChainError::NotCa { index: index + 1 });
         }
         certs[index]
@@ -133,7 +178,7 @@ pub fn verify(
     let anchored = bundle.contains(&chain[last_index])
         || bundle.roots().iter().any(|root| {
             X509Certificate::from_der(root).is_ok_and(|(_, root)| {
-                is_ca(&root)
+                can_sign(&root)
                     && root.validity().is_valid_at(at)
                     && last.verify_signature(Some(root.public_key())).is_ok()
             })
@@ -141,9 +186,5 @@ pub fn verify(
     if !anchored {
         return Err(ChainError::UntrustedRoot);
     }
-    Ok(VerifiedLeaf {
-        id,
-        not_before: leaf.validity().not_before.timestamp(),
-        not_after: leaf.validity().not_after.timestamp(),
-    })
+    Ok(certs)
 }

@@ -54,30 +54,76 @@ pub fn encode_certificate(der: &CertificateDer<'_>) -> String {
 
 /// Writes a file readable by anyone (certificates), replacing it atomically.
 pub fn write_public(path: &Path, contents: &str) -> Result<(), PemError> {
-    write_atomic(path, contents, 0o644)
-}
-
-/// Writes a private key: mode 0600 from the moment the file exists, replaced atomically.
-pub fn write_private(path: &Path, contents: &str) -> Result<(), PemError> {
-    write_atomic(path, contents, 0o600)
-}
-
-fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), PemError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    let file = write_temp(path, contents)?;
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(&tmp).map_err(io(&tmp))?;
-    file.write_all(contents.as_bytes()).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io(file.path()))?;
+    }
+    file.persist(path).map_err(|e| PemError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    sync_dir(path)
+}
+
+/// Writes a private key, replacing any file there atomically. The key is
+/// only ever in a file of mode 0600 with a random name (created with
+/// O_EXCL, so nothing planted there is followed), then renamed into place;
+/// on any error the temporary file is removed.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PemError> {
+    let file = write_temp(path, contents)?;
+    file.persist(path).map_err(|e| PemError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    sync_dir(path)
+}
+
+/// Like [`write_private`], but fails with `AlreadyExists` if `path` exists:
+/// of two processes creating the same key, exactly one wins.
+pub fn create_private(path: &Path, contents: &str) -> Result<(), PemError> {
+    let file = write_temp(path, contents)?;
+    file.persist_noclobber(path).map_err(|e| PemError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    sync_dir(path)
+}
+
+/// A temporary file in `path`'s directory (mode 0600), holding `contents`, flushed to disk.
+fn write_temp(path: &Path, contents: &str) -> Result<tempfile::NamedTempFile, PemError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".meshward-")
+        .tempfile_in(dir)
+        .map_err(io(dir))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io(file.path()))?;
+    file.as_file().sync_all().map_err(io(file.path()))?;
+    Ok(file)
+}
+
+/// Makes a rename durable: the directory entry reaches the disk too.
+fn sync_dir(path: &Path) -> Result<(), PemError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match std::fs::File::open(dir) {
+        Ok(d) => {
+            let _ = d.sync_all();
+            Ok(())
+        }
+        Err(e) => Err(PemError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+    }
 }

@@ -369,3 +369,81 @@ fn openssl_agrees() {
     );
     assert!(text.contains("CA:FALSE"), "{text}");
 }
+
+#[test]
+fn a_key_that_does_not_match_the_ca_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    plug_in_files(dir.path());
+    let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(dir.path().join(ca::CA_KEY), other.serialize_pem()).unwrap();
+    let err = CertificateAuthority::load_or_create(&CaFiles::new(dir.path()), "cluster.local")
+        .unwrap_err();
+    assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
+}
+
+#[test]
+fn a_chain_that_does_not_reach_the_root_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    plug_in_files(dir.path());
+    // Replace the root with an unrelated one: ca-cert.pem no longer chains to it.
+    let unrelated = tempfile::tempdir().unwrap();
+    let (root_pem, _) = plug_in_files(unrelated.path());
+    std::fs::write(dir.path().join(ca::ROOT_CERT), &root_pem).unwrap();
+    std::fs::write(
+        dir.path().join(ca::CERT_CHAIN),
+        std::fs::read_to_string(dir.path().join(ca::CA_CERT)).unwrap(),
+    )
+    .unwrap();
+    let err = CertificateAuthority::load_or_create(&CaFiles::new(dir.path()), "cluster.local")
+        .unwrap_err();
+    assert!(err.to_string().contains("root-cert.pem"), "{err}");
+}
+
+#[test]
+fn every_root_in_root_cert_pem_is_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root_pem, _) = plug_in_files(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let (old_root, _) = plug_in_files(other.path());
+    std::fs::write(
+        dir.path().join(ca::ROOT_CERT),
+        format!("{root_pem}{old_root}"),
+    )
+    .unwrap();
+    let ca = new_ca(dir.path());
+    assert_eq!(ca.bundle().roots().len(), 2);
+    // The chain served still ends at the root ca-cert.pem leads to.
+    let identity = id("foo", "bar");
+    let (_key, csr) = new_key_and_csr(&identity).unwrap();
+    assert_eq!(
+        ca.sign_csr(&csr, &identity, None)
+            .unwrap()
+            .to_pem_list()
+            .last()
+            .unwrap(),
+        &root_pem
+    );
+}
+
+#[test]
+fn two_processes_creating_the_ca_at_once_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                CertificateAuthority::load_or_create(&CaFiles::new(&path), "cluster.local")
+                    .map(|ca| ca.bundle().clone())
+            })
+        })
+        .collect();
+    let bundles: Vec<TrustBundle> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert!(
+        bundles.windows(2).all(|w| w[0] == w[1]),
+        "every process sees the same root"
+    );
+}
