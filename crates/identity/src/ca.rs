@@ -310,8 +310,11 @@ impl CertificateAuthority {
         if matches!(csr.params.is_ca, IsCa::Ca(_)) {
             return Err(CaError::CaRequested);
         }
+        // The key type comes from the CSR's SubjectPublicKeyInfo itself (rcgen
+        // would infer it from the CSR's signature algorithm, which can differ).
+        let spki = csr_public_key(csr_pem)?;
         let params = self.workload_params(identity, ttl.unwrap_or(DEFAULT_TTL), &[])?;
-        self.sign(&params, &csr.public_key)
+        self.sign(&params, &spki)
     }
 
     /// Issues a certificate for a key the caller holds (the control plane's
@@ -384,6 +387,17 @@ impl CertificateAuthority {
         certificates.extend(self.ca_chain.iter().cloned());
         Ok(IssuedChain { certificates })
     }
+}
+
+/// The SubjectPublicKeyInfo of a CSR whose signature rcgen has already verified.
+fn csr_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, CaError> {
+    use x509_parser::prelude::FromDer;
+    let der = ::pem::parse(csr_pem).map_err(|e| CaError::MalformedCsr(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(der.contents())
+            .map_err(|e| CaError::MalformedCsr(e.to_string()))?;
+    rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| CaError::MalformedCsr(format!("unsupported public key: {e}")))
 }
 
 /// A positive 128-bit serial: 16 random bytes with the top bit cleared and

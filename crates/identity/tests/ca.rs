@@ -447,3 +447,75 @@ fn two_processes_creating_the_ca_at_once_agree() {
         "every process sees the same root"
     );
 }
+
+/// A P-256 key in a CSR signed with SHA-384 (valid; `openssl req -sha384`):
+/// the certificate must certify that P-256 key, whatever the CSR's
+/// signature algorithm suggests.
+#[test]
+fn the_certificate_carries_the_csr_key_whatever_the_csr_signature_algorithm() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "CI must have openssl");
+        eprintln!("openssl not installed: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let csr = dir.path().join("csr.pem");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-sha384",
+        "-subj",
+        "/",
+        "-addext",
+        "subjectAltName=URI:spiffe://cluster.local/ns/foo/sa/bar",
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    let public_der = run(&[
+        "pkey",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-outform",
+        "DER",
+    ]);
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = new_ca(ca_dir.path());
+    let chain = ca
+        .sign_csr(
+            &std::fs::read_to_string(&csr).unwrap(),
+            &id("foo", "bar"),
+            None,
+        )
+        .unwrap();
+    let leaf = X509Certificate::from_der(chain.leaf()).unwrap().1;
+    assert_eq!(leaf.tbs_certificate.subject_pki.raw, public_der.as_slice());
+}
