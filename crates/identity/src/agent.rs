@@ -87,12 +87,19 @@ pub enum AgentError {
     Key(String),
 }
 
-/// The certificate in force, kept by the agent for renewal over mTLS.
+/// The certificate in force, kept by the agent for renewal over mTLS. The
+/// key is wiped from memory when replaced.
 struct Current {
-    key_pem: String,
+    key_pem: zeroize::Zeroizing<String>,
     chain_pem: String,
+    /// The earliest expiry in the chain.
     not_after: i64,
 }
+
+/// Renewals are never closer together than this, however short the lifetime.
+const MIN_RENEW_WAIT: Duration = Duration::from_millis(500);
+/// Retries are never closer together than this.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -111,7 +118,9 @@ pub fn start(config: AgentConfig) -> (WatchedCert, tokio::task::JoinHandle<()>) 
 
 async fn run(config: AgentConfig, tx: watch::Sender<Option<Arc<CertifiedKey>>>) {
     let mut current: Option<Current> = None;
-    let mut backoff = config.initial_backoff;
+    let initial_backoff = config.initial_backoff.max(MIN_BACKOFF);
+    let max_backoff = config.max_backoff.max(initial_backoff);
+    let mut backoff = initial_backoff;
     loop {
         match fetch(&config, current.as_ref()).await {
             Ok((key_pem, chain, certified, not_after)) => {
@@ -119,26 +128,42 @@ async fn run(config: AgentConfig, tx: watch::Sender<Option<Arc<CertifiedKey>>>) 
                 let remaining = (not_after - unix_now()).max(0) as f64;
                 // Half the remaining lifetime, ±10 %.
                 let jitter: f64 = rand::rng().random_range(0.9..1.1);
-                let wait = Duration::from_secs_f64(remaining / 2.0 * jitter);
+                let wait = Duration::try_from_secs_f64(remaining / 2.0 * jitter)
+                    .unwrap_or(MIN_RENEW_WAIT)
+                    .max(MIN_RENEW_WAIT);
                 tracing::info!(identity = %config.identity, renew_in = ?wait, "workload certificate updated");
                 current = Some(Current {
                     key_pem,
                     chain_pem: chain.to_pem(),
                     not_after,
                 });
-                backoff = config.initial_backoff;
+                backoff = initial_backoff;
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
-                tracing::warn!(identity = %config.identity, error = %e, retry_in = ?backoff, "certificate request failed");
-                // The old certificate stays in force until it really expires.
-                if current.as_ref().is_some_and(|c| c.not_after <= unix_now()) {
-                    tx.send_replace(None);
-                    current = None;
+                let level_error = matches!(e, AgentError::BadChain { .. });
+                if level_error {
+                    tracing::error!(identity = %config.identity, error = %e, retry_in = ?backoff, "certificate request failed");
+                } else {
+                    tracing::warn!(identity = %config.identity, error = %e, retry_in = ?backoff, "certificate request failed");
                 }
                 let jitter: f64 = rand::rng().random_range(0.8..1.2);
-                tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                backoff = (backoff * 2).min(config.max_backoff);
+                let mut wait = Duration::try_from_secs_f64(backoff.as_secs_f64() * jitter)
+                    .unwrap_or(max_backoff);
+                // The old certificate stays in force until it really expires,
+                // and not a moment longer.
+                if let Some(c) = &current {
+                    let left =
+                        Duration::from_secs(u64::try_from(c.not_after - unix_now()).unwrap_or(0));
+                    if left < wait {
+                        tokio::time::sleep(left).await;
+                        tx.send_replace(None);
+                        current = None;
+                        wait -= left;
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                backoff = backoff.saturating_mul(2).min(max_backoff);
             }
         }
         if tx.is_closed() {
@@ -151,14 +176,28 @@ async fn run(config: AgentConfig, tx: watch::Sender<Option<Arc<CertifiedKey>>>) 
 async fn fetch(
     config: &AgentConfig,
     current: Option<&Current>,
-) -> Result<(String, IssuedChain, Arc<CertifiedKey>, i64), AgentError> {
+) -> Result<
+    (
+        zeroize::Zeroizing<String>,
+        IssuedChain,
+        Arc<CertifiedKey>,
+        i64,
+    ),
+    AgentError,
+> {
     let (key, csr) =
         new_key_and_csr(&config.identity).map_err(|e| AgentError::Key(e.to_string()))?;
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(config.bundle.to_pem()))
         .domain_name(config.ca_server_name.clone());
-    if let Some(current) = current.filter(|c| c.not_after > unix_now()) {
-        tls = tls.identity(Identity::from_pem(&current.chain_pem, &current.key_pem));
+    // Renewal proves the identity with the certificate in force; the
+    // bootstrap token is only sent when there is none.
+    let renewing = current.filter(|c| c.not_after > unix_now());
+    if let Some(current) = renewing {
+        tls = tls.identity(Identity::from_pem(
+            &current.chain_pem,
+            current.key_pem.as_bytes(),
+        ));
     }
     let connect_error = |e: tonic::transport::Error| AgentError::Connect {
         address: config.ca_address.clone(),
@@ -178,13 +217,18 @@ async fn fetch(
         .map_err(connect_error)?;
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
-        validity_duration: config.ttl.map_or(0, |t| t.as_secs() as i64),
+        validity_duration: config
+            .ttl
+            .map_or(0, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)),
         metadata: None,
     });
-    if let Some(token) = &config.token {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| AgentError::Refused("the token is not a valid header value".into()))?;
+    if let (None, Some(token)) = (renewing, &config.token) {
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| AgentError::Refused("the token is not a valid header value".into()))?;
+        // Never indexed by HPACK, never printed.
+        value.set_sensitive(true);
         request.metadata_mut().insert("authorization", value);
     }
     let response = IstioCertificateServiceClient::new(channel)
@@ -204,5 +248,10 @@ async fn fetch(
     }
     let chain = IssuedChain { certificates };
     let certified = tls::certified_key(&key, &chain).map_err(|e| AgentError::Key(e.to_string()))?;
-    Ok((key.serialize_pem(), chain, certified, verified.not_after))
+    Ok((
+        zeroize::Zeroizing::new(key.serialize_pem()),
+        chain,
+        certified,
+        verified.not_after,
+    ))
 }

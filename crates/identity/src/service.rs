@@ -105,8 +105,8 @@ impl CaService {
         CaService { ca, authenticators }
     }
 
-    /// The first authenticator that recognises the caller decides; a
-    /// presented credential that fails is reported, never skipped silently.
+    /// Each authenticator is tried in turn and the first that accepts the
+    /// caller decides. If none does, every failure is reported.
     fn authenticate(&self, caller: &Caller<'_>) -> Result<SpiffeId, Status> {
         let mut failures = Vec::new();
         for authenticator in &self.authenticators {
