@@ -107,11 +107,11 @@ impl CaService {
 
     /// Each authenticator is tried in turn and the first that accepts the
     /// caller decides. If none does, every failure is reported.
-    fn authenticate(&self, caller: &Caller<'_>) -> Result<SpiffeId, Status> {
+    fn authenticate(&self, caller: &Caller<'_>) -> Result<(SpiffeId, &'static str), Status> {
         let mut failures = Vec::new();
         for authenticator in &self.authenticators {
             match authenticator.authenticate(caller) {
-                Ok(Some(id)) => return Ok(id),
+                Ok(Some(id)) => return Ok((id, authenticator.name())),
                 Ok(None) => {}
                 Err(e) => failures.push(format!("{}: {e}", authenticator.name())),
             }
@@ -156,18 +156,30 @@ impl IstioCertificateService for CaService {
                 .map(|c| CertificateDer::from(c.as_ref().to_vec()))
                 .collect()
         });
-        let identity = self.authenticate(&Caller {
-            bearer: bearer.as_deref(),
-            peer_certs: peer_certs.as_deref(),
-        })?;
+        let peer = request.remote_addr();
+        let (identity, authenticated_by) = self
+            .authenticate(&Caller {
+                bearer: bearer.as_deref(),
+                peer_certs: peer_certs.as_deref(),
+            })
+            .inspect_err(|status| {
+                tracing::warn!(
+                    ?peer,
+                    reason = status.message(),
+                    "certificate request refused: unauthenticated"
+                )
+            })?;
         let request = request.into_inner();
         let ttl = (request.validity_duration > 0)
             .then(|| Duration::from_secs(request.validity_duration as u64));
         let chain = self
             .ca
             .sign_csr(&request.csr, &identity, ttl)
-            .map_err(status_for)?;
-        tracing::info!(identity = %identity, "signed a workload certificate");
+            .map_err(|e| {
+                tracing::warn!(?peer, %identity, authenticated_by, error = %e, "certificate request refused");
+                status_for(e)
+            })?;
+        tracing::info!(?peer, %identity, authenticated_by, "signed a workload certificate");
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain.to_pem_list(),
         }))

@@ -204,7 +204,14 @@ impl ServerCertVerifier for SecureNamingVerifier {
         )?;
         let id = spiffe_id_of(end_entity)?;
         self.trust_domains.check(&id)?;
-        if !self.allowed.contains(&id) {
+        // An allowed identity may appear under any trust domain of the mesh
+        // (its own or an alias), as Istio expands secure-naming SANs.
+        let allowed = self.allowed.iter().any(|a| {
+            a == &id
+                || (a.path() == id.path()
+                    && self.trust_domains.0.iter().any(|td| td == a.trust_domain()))
+        });
+        if !allowed {
             let allowed: Vec<String> = self.allowed.iter().map(ToString::to_string).collect();
             return Err(Error::General(format!(
                 "secure naming: the server is {id}, which is not allowed to run this service (allowed: {})",

@@ -20,8 +20,10 @@ pub const TOKEN_KEY: &str = "token-key.pem";
 /// Who signs and who accepts these tokens: nothing else should.
 const ISSUER: &str = "meshward";
 const AUDIENCE: &str = "meshward-ca";
-/// Tokens are meant for bootstrapping: a day at most unless asked.
+/// Tokens are for bootstrapping: an hour unless asked.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// A token is a bearer credential for an identity: a day at most.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -33,6 +35,8 @@ pub enum TokenError {
     Invalid(String),
     #[error("the token is expired")]
     Expired,
+    #[error("a token may live at most {max:?}; asked for {asked:?}")]
+    TooLong { asked: Duration, max: Duration },
     #[error("the token was made for {found}, not for this mesh ({expected})")]
     WrongTrustDomain { found: String, expected: String },
 }
@@ -103,13 +107,19 @@ impl TokenAuthority {
                 expected: self.trust_domain.clone(),
             });
         }
+        if ttl > MAX_TOKEN_TTL || ttl.is_zero() {
+            return Err(TokenError::TooLong {
+                asked: ttl,
+                max: MAX_TOKEN_TTL,
+            });
+        }
         let iat = now();
         let claims = Claims {
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
             sub: identity.to_string(),
             iat,
-            exp: iat + ttl.as_secs().max(1),
+            exp: iat + ttl.as_secs(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
             .map_err(|e| TokenError::Key(e.to_string()))
@@ -128,6 +138,14 @@ impl TokenAuthority {
                 other => TokenError::Invalid(format!("{other:?}")),
             },
         )?;
+        // Tokens minted elsewhere with this key still obey the lifetime cap.
+        if data.claims.exp.saturating_sub(data.claims.iat) > MAX_TOKEN_TTL.as_secs()
+            || data.claims.iat > now() + 60
+        {
+            return Err(TokenError::Invalid(
+                "lifetime longer than a day, or issued in the future".into(),
+            ));
+        }
         let id =
             SpiffeId::parse(&data.claims.sub).map_err(|e| TokenError::Invalid(e.to_string()))?;
         if id.trust_domain() != self.trust_domain {
@@ -203,6 +221,21 @@ mod tests {
         assert!(matches!(a.verify(&forged), Err(TokenError::Invalid(_))));
         // Garbage.
         assert!(a.verify("not.a.token").is_err());
+        // Lifetimes beyond a day are refused when made and when checked.
+        assert!(matches!(
+            a.create(&id, Duration::from_secs(25 * 3600)),
+            Err(TokenError::TooLong { .. })
+        ));
+        let claims = Claims {
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: id.to_string(),
+            iat: now(),
+            exp: now() + 30 * 24 * 3600,
+        };
+        let long =
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &a.encoding).unwrap();
+        assert!(matches!(a.verify(&long), Err(TokenError::Invalid(_))));
         // Another trust domain cannot even be asked for.
         let foreign = SpiffeId::istio("other.td", "foo", "bar").unwrap();
         assert!(matches!(

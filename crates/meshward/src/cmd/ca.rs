@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshward_identity::ca::{self, CertificateAuthority};
-use meshward_identity::token::{DEFAULT_TOKEN_TTL, TokenAuthority};
+use meshward_identity::token::TokenAuthority;
 use meshward_identity::{CaFiles, SpiffeId, TrustBundle, chain, pem};
 use sha2::Digest;
 use x509_parser::prelude::*;
@@ -37,7 +37,12 @@ pub fn open_ca(
             data_dir.display(),
             existing.trim()
         ),
-        (Some(existing), _) => existing.trim().to_owned(),
+        (Some(existing), _) => {
+            let td = existing.trim().to_owned();
+            meshward_identity::spiffe::check_trust_domain(&td)
+                .with_context(|| format!("{}", recorded.display()))?;
+            td
+        }
         (None, asked) => {
             let td = asked.unwrap_or("cluster.local").to_owned();
             meshward_identity::spiffe::check_trust_domain(&td)
@@ -54,7 +59,11 @@ pub fn open_ca(
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 1h, 30m, 24h)"))
+    let ttl = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 1h, 30m, 24h)"))?;
+    if ttl.is_zero() {
+        return Err("a lifetime must be longer than zero".into());
+    }
+    Ok(ttl)
 }
 
 /// A workload identity named the Istio way.
@@ -163,11 +172,6 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<ExitCode> {
     let ca = open_ca(&dir.data_dir, None)?;
     let id = workload.spiffe_id(&ca)?;
     let tokens = TokenAuthority::load_or_create(&dir.data_dir, ca.trust_domain())?;
-    let ttl = if ttl.is_zero() {
-        DEFAULT_TOKEN_TTL
-    } else {
-        ttl
-    };
     println!("{}", tokens.create(&id, ttl)?);
     Ok(ExitCode::SUCCESS)
 }
