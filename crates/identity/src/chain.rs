@@ -34,6 +34,12 @@ pub enum ChainError {
     NotCa { index: usize },
     #[error("the chain does not lead to any root of the trust bundle")]
     UntrustedRoot,
+    #[error(
+        "the workload certificate's key usage must be digitalSignature without keyCertSign or cRLSign"
+    )]
+    LeafKeyUsage,
+    #[error("the chain is not valid: {0}")]
+    Rejected(String),
 }
 
 /// What a verified chain says about its workload certificate.
@@ -96,20 +102,59 @@ fn can_sign(cert: &X509Certificate<'_>) -> bool {
         }
 }
 
-/// Verifies `chain` (leaf first) at unix time `now`: every certificate valid
-/// now, each signed by the next (which must be a CA with keyCertSign), the
-/// last one a root of the bundle or signed by one, and the leaf an X.509-SVID.
+/// Verifies `chain` (leaf first) at unix time `now` with webpki (path
+/// building to a root of the bundle, validity, signatures with modern
+/// algorithms only, CA constraints, name constraints, the clientAuth usage),
+/// then checks the leaf is an X.509-SVID: not a CA, one SPIFFE URI SAN, no
+/// certificate-signing key usage.
 pub fn verify(
     chain: &[CertificateDer<'_>],
     bundle: &TrustBundle,
     now: i64,
 ) -> Result<VerifiedLeaf, ChainError> {
-    let certs = verify_path(chain, bundle, now)?;
+    let Some((leaf_der, intermediates)) = chain.split_first() else {
+        return Err(ChainError::Empty);
+    };
+    let anchors: Vec<rustls_pki_types::TrustAnchor<'_>> = bundle
+        .roots()
+        .iter()
+        .filter_map(|root| webpki::anchor_from_trusted_cert(root).ok())
+        .collect();
+    let end_entity = webpki::EndEntityCert::try_from(leaf_der).map_err(|e| ChainError::Parse {
+        index: 0,
+        reason: e.to_string(),
+    })?;
+    let time = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(now).unwrap_or(0),
+    ));
+    let algorithms = crate::tls::provider().signature_verification_algorithms.all;
+    end_entity
+        .verify_for_usage(
+            algorithms,
+            &anchors,
+            intermediates,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| from_webpki(e, chain))?;
+
+    let certs: Vec<X509Certificate<'_>> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse(i, c))
+        .collect::<Result<_, _>>()?;
     let leaf = &certs[0];
-    let id = spiffe_id(leaf)?;
     if is_ca(leaf) {
         return Err(ChainError::LeafIsCa);
     }
+    if let Ok(Some(ku)) = leaf.key_usage()
+        && (ku.value.key_cert_sign() || ku.value.crl_sign() || !ku.value.digital_signature())
+    {
+        return Err(ChainError::LeafKeyUsage);
+    }
+    let id = spiffe_id(leaf)?;
     Ok(VerifiedLeaf {
         id,
         not_before: leaf.validity().not_before.timestamp(),
@@ -119,6 +164,35 @@ pub fn verify(
             .min()
             .unwrap_or(0),
     })
+}
+
+fn from_webpki(e: webpki::Error, chain: &[CertificateDer<'_>]) -> ChainError {
+    let validity = |index: usize| {
+        chain
+            .get(index)
+            .and_then(|der| X509Certificate::from_der(der).ok())
+            .map(|(_, c)| {
+                (
+                    c.validity().not_before.to_string(),
+                    c.validity().not_after.to_string(),
+                )
+            })
+            .unwrap_or_default()
+    };
+    match e {
+        webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
+            let (not_before, not_after) = validity(0);
+            ChainError::Expired {
+                index: 0,
+                not_before,
+                not_after,
+            }
+        }
+        webpki::Error::UnknownIssuer => ChainError::UntrustedRoot,
+        webpki::Error::CaUsedAsEndEntity => ChainError::LeafIsCa,
+        webpki::Error::InvalidSignatureForPublicKey => ChainError::BadSignature { index: 0 },
+        other => ChainError::Rejected(format!("{other:?}")),
+    }
 }
 
 /// Checks a signing CA's chain (CA certificate first): as [`verify`], but the
