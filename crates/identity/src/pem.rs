@@ -62,11 +62,7 @@ pub fn write_public(path: &Path, contents: &str) -> Result<(), PemError> {
             .set_permissions(std::fs::Permissions::from_mode(0o644))
             .map_err(io(file.path()))?;
     }
-    file.persist(path).map_err(|e| PemError::Io {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    sync_dir(path)
+    persist(file, path, true)
 }
 
 /// Writes a private key, replacing any file there atomically. The key is
@@ -74,19 +70,24 @@ pub fn write_public(path: &Path, contents: &str) -> Result<(), PemError> {
 /// O_EXCL, so nothing planted there is followed), then renamed into place;
 /// on any error the temporary file is removed.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PemError> {
-    let file = write_temp(path, contents)?;
-    file.persist(path).map_err(|e| PemError::Io {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    sync_dir(path)
+    persist(write_temp(path, contents)?, path, true)
 }
 
 /// Like [`write_private`], but fails with `AlreadyExists` if `path` exists:
 /// of two processes creating the same key, exactly one wins.
 pub fn create_private(path: &Path, contents: &str) -> Result<(), PemError> {
-    let file = write_temp(path, contents)?;
-    file.persist_noclobber(path).map_err(|e| PemError::Io {
+    persist(write_temp(path, contents)?, path, false)
+}
+
+/// Renames the temporary file to `path` (or, without `replace`, only if
+/// nothing is there) and makes the rename durable.
+fn persist(file: tempfile::NamedTempFile, path: &Path, replace: bool) -> Result<(), PemError> {
+    let persisted = if replace {
+        file.persist(path)
+    } else {
+        file.persist_noclobber(path)
+    };
+    persisted.map_err(|e| PemError::Io {
         path: path.to_path_buf(),
         source: e.error,
     })?;
