@@ -278,3 +278,76 @@ async fn foreign_trust_domains_are_refused_unless_aliased() {
     .await;
     assert!(connect(addr, client_cert, naming).await.is_ok());
 }
+
+/// The CA is not there when the agent starts: the agent backs off and
+/// retries, publishes nothing meanwhile, and gets its certificate once the
+/// CA listens.
+#[tokio::test]
+async fn the_agent_waits_for_a_ca_that_starts_later() {
+    use meshward_identity::service::{
+        self, BootstrapTokens, CallerAuthenticator, ServerCertificate,
+    };
+    use meshward_identity::token::TokenAuthority;
+    use meshward_identity::{CaFiles, CertificateAuthority};
+
+    // The CA's files exist (the agent needs the bundle and a token), but
+    // nothing serves them yet.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&CaFiles::new(dir.path().join("ca")), "cluster.local")
+            .unwrap(),
+    );
+    let token = TokenAuthority::load_or_create(dir.path(), "cluster.local")
+        .unwrap()
+        .create(&id("late"), Duration::from_secs(600))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    let mut config = AgentConfig::new(
+        id("late"),
+        format!("https://127.0.0.1:{port}"),
+        "localhost".into(),
+        ca.bundle().clone(),
+        Some(token),
+    );
+    config.initial_backoff = Duration::from_millis(100);
+    config.max_backoff = Duration::from_millis(400);
+    let (cert, _task) = agent::start(config);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        cert.0.borrow().is_none(),
+        "nothing is published while the CA cannot be reached"
+    );
+
+    // Now the CA comes up on that port.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let server_cert = ServerCertificate::start(
+        ca.clone(),
+        "istio-system".into(),
+        Vec::new(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let authenticators: Vec<Box<dyn CallerAuthenticator>> = vec![Box::new(BootstrapTokens(
+        TokenAuthority::load_or_create(dir.path(), "cluster.local").unwrap(),
+    ))];
+    let server = tokio::spawn(service::serve(
+        listener,
+        ca,
+        server_cert.cert.clone(),
+        authenticators,
+        std::future::pending(),
+    ));
+    let mut rx = cert.0.clone();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.is_some()))
+        .await
+        .expect("a certificate within 10 s of the CA coming up")
+        .unwrap();
+    server.abort();
+}

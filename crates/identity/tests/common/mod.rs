@@ -27,6 +27,7 @@ impl Drop for Mesh {
 }
 
 pub async fn start() -> Mesh {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(
         CertificateAuthority::load_or_create(&CaFiles::new(dir.path().join("ca")), "cluster.local")
@@ -48,7 +49,6 @@ pub async fn start() -> Mesh {
             trust_domain: "cluster.local".into(),
         }),
     ];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server_ca = ca.clone();
