@@ -9,7 +9,7 @@ use meshward_policy::authn::JwksCache;
 use meshward_policy::load::{self, Loaded};
 use meshward_policy::{Diagnostic, PolicySet};
 
-use crate::jwks_fetch::Fetcher;
+use meshward_proxy::jwks::Fetcher;
 
 /// Options shared by the commands that read policies.
 #[derive(clap::Args, Debug, Clone)]
@@ -48,7 +48,7 @@ impl PolicyArgs {
                 "the policies above are invalid; fix them (see `meshward validate`) and try again"
             );
         }
-        let fetcher = Fetcher::new(jwks_overrides)?;
+        let fetcher = Fetcher::new(jwks_overrides).map_err(anyhow::Error::msg)?;
         let cache = Arc::new(JwksCache::new(Some(Arc::new(fetcher))));
         Ok(PolicySet::new(mesh, loaded.into_policies()).with_jwks(cache))
     }

@@ -7,7 +7,6 @@
 
 mod cmd;
 mod inputs;
-mod jwks_fetch;
 
 use std::process::ExitCode;
 
@@ -40,6 +39,8 @@ enum Command {
     Token(cmd::ca::TokenCommand),
     /// The control plane: serves the mesh CA over Istio's certificate API.
     Server(cmd::server::Args),
+    /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
+    Proxy(Box<cmd::proxy::Args>),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Command::Ca(command) => cmd::ca::run(command),
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(args),
+        Command::Proxy(args) => cmd::proxy::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -58,6 +58,6 @@ pub mod resolve;
 pub mod validate;
 
 pub use diagnostic::{Diagnostic, Location, Severity};
-pub use pipeline::{InboundDecision, Stage};
+pub use pipeline::{Authenticated, InboundDecision, Stage};
 pub use request::{Connection, HttpRequest};
 pub use resolve::{PolicySet, Workload, WorkloadPolicy};

@@ -107,6 +107,37 @@ fn io_error(name: &str, e: &std::io::Error) -> Diagnostic {
     }
 }
 
+/// The policy files [`load_paths`] would read under `path`, in the same order.
+pub fn policy_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    files_under(path)
+}
+
+/// A cheap fingerprint of what [`load_paths`] would read: every file's name,
+/// size and modification time. Watchers compare it to notice a change
+/// without parsing anything.
+pub fn fingerprint<P: AsRef<Path>>(paths: &[P]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        match files_under(path.as_ref()) {
+            Ok(files) => {
+                for file in files {
+                    file.hash(&mut hasher);
+                    match std::fs::metadata(&file) {
+                        Ok(meta) => {
+                            meta.len().hash(&mut hasher);
+                            meta.modified().ok().hash(&mut hasher);
+                        }
+                        Err(e) => e.kind().hash(&mut hasher),
+                    }
+                }
+            }
+            Err(e) => e.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
 fn files_under(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         // Reading reports a missing file with its name.

@@ -124,21 +124,50 @@ impl WorkloadPolicy {
         http: Option<&HttpRequest>,
         ext_authz: impl FnOnce(&CustomCheck<'_>) -> CustomVerdict,
     ) -> InboundDecision {
+        let authenticated = match self.authenticate(connection, http) {
+            Ok(a) => a,
+            Err(denied) => return *denied,
+        };
+        let custom = {
+            let attrs = authenticated.attributes(self, connection, http);
+            self.authz
+                .custom_check(&attrs)
+                .map(|check| ext_authz(&check))
+        };
+        authenticated.authorize(self, connection, http, custom)
+    }
+
+    /// The steps before authorization: peer authentication, request sanity
+    /// and request authentication. A refusal is the final decision. Callers
+    /// that consult a CUSTOM provider asynchronously (the proxy) ask
+    /// `authz.custom_check` on [`Authenticated::attributes`] in between, then
+    /// call [`Authenticated::authorize`]; [`WorkloadPolicy::check`] does the
+    /// same synchronously.
+    pub fn authenticate(
+        &self,
+        connection: &Connection,
+        http: Option<&HttpRequest>,
+    ) -> Result<Authenticated, Box<InboundDecision>> {
         let mode = match self.admit_connection(connection) {
             Ok(mode) => mode,
             Err(reason) => {
-                return InboundDecision::denied(
+                return Err(Box::new(InboundDecision::denied(
                     Stage::PeerAuthentication,
                     403,
                     self.mtls.mode_for_port(connection.destination_port),
                     reason,
-                );
+                )));
             }
         };
         if let Some(h) = http
             && let Err((status, reason)) = check_request(h)
         {
-            return InboundDecision::denied(Stage::Request, status, mode, reason);
+            return Err(Box::new(InboundDecision::denied(
+                Stage::Request,
+                status,
+                mode,
+                reason,
+            )));
         }
         let (principal, edits) = match http.map(|h| self.authn.authenticate(h)) {
             None | Some(AuthnOutcome::NoToken) => (None, None),
@@ -160,18 +189,60 @@ impl WorkloadPolicy {
                     };
                     d.www_authenticate = Some(failure.www_authenticate(h, scheme));
                 }
-                return d;
+                return Err(Box::new(d));
             }
         };
-        let attrs = Attributes::new(connection, http, principal.as_ref(), self.normalization);
-        let authz = self.authz.authorize(&attrs, ext_authz);
+        Ok(Authenticated {
+            mode,
+            principal,
+            edits,
+        })
+    }
+}
+
+/// A connection or request that passed the steps before authorization.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    mode: MtlsMode,
+    principal: Option<JwtPrincipal>,
+    edits: Option<HeaderEdits>,
+}
+
+impl Authenticated {
+    /// What authorization matches on, for asking `authz.custom_check`.
+    pub fn attributes<'a>(
+        &'a self,
+        policy: &WorkloadPolicy,
+        connection: &'a Connection,
+        http: Option<&'a HttpRequest>,
+    ) -> Attributes<'a> {
+        Attributes::new(
+            connection,
+            http,
+            self.principal.as_ref(),
+            policy.normalization,
+        )
+    }
+
+    /// Authorizes, given the CUSTOM provider's answer if one was asked.
+    pub fn authorize(
+        self,
+        policy: &WorkloadPolicy,
+        connection: &Connection,
+        http: Option<&HttpRequest>,
+        custom: Option<CustomVerdict>,
+    ) -> InboundDecision {
+        let authz = {
+            let attrs = self.attributes(policy, connection, http);
+            policy.authz.decide(&attrs, custom)
+        };
         // Output headers a client sent itself are removed whether or not a
         // token verified; a verified token's values are then set.
         let mut header_edits = HeaderEdits {
-            remove: self.authn.output_headers().to_vec(),
+            remove: policy.authn.output_headers().to_vec(),
             set: Vec::new(),
         };
-        if let Some(edits) = edits {
+        if let Some(edits) = self.edits {
             header_edits.remove.extend(edits.remove);
             header_edits.set.extend(edits.set);
         }
@@ -181,10 +252,10 @@ impl WorkloadPolicy {
             verdict: authz.verdict,
             status: if authz.allowed() { 200 } else { authz.status },
             stage: Stage::Authorization,
-            mtls_mode: mode,
+            mtls_mode: self.mode,
             refusal: None,
             authz: Some(authz),
-            principal,
+            principal: self.principal,
             www_authenticate: None,
             header_edits,
         }

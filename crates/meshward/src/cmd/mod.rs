@@ -1,5 +1,6 @@
 pub mod ca;
 pub mod check;
 pub mod describe;
+pub mod proxy;
 pub mod server;
 pub mod validate;

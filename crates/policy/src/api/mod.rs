@@ -60,8 +60,10 @@ impl<S> Object<S> {
     }
 }
 
-/// One of the security kinds.
-#[derive(Debug, Clone, PartialEq)]
+/// One of the security kinds. Serializes as the object itself (its
+/// `apiVersion` and `kind` say which).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
 pub enum Policy {
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),

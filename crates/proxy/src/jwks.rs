@@ -1,11 +1,10 @@
-//! Fetching `jwksUri` for the CLI: over HTTP(S) within the rule's `timeout`, or from a
-//! local file given with `--jwks URI=FILE` for fully offline checks.
+//! Fetching `jwksUri`: over HTTP(S) within the rule's `timeout`, or from a
+//! local file given with `--jwks URI=FILE` (offline checks, air-gapped proxies).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
 use meshward_policy::authn::jwks::{FetchError, JwksFetcher};
 
 const MAX_BODY: u64 = 1 << 20;
@@ -16,11 +15,11 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(overrides: &[String]) -> anyhow::Result<Fetcher> {
+    pub fn new(overrides: &[String]) -> Result<Fetcher, String> {
         let mut map = HashMap::new();
         for o in overrides {
             let Some((uri, file)) = o.split_once('=') else {
-                bail!("--jwks takes URI=FILE, got {o:?}");
+                return Err(format!("--jwks takes URI=FILE, got {o:?}"));
             };
             map.insert(uri.to_owned(), PathBuf::from(file));
         }

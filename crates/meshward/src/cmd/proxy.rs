@@ -1,0 +1,200 @@
+//! `meshward proxy`: the sidecar. Gets the workload certificate from the
+//! mesh CA with a bootstrap token, reads policies from files (watched for
+//! changes), and serves the workload's ports and the services it calls until
+//! SIGTERM, when it drains.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshward_identity::agent::{self, AgentConfig};
+use meshward_identity::bundle::TrustBundle;
+use meshward_identity::spiffe::SpiffeId;
+use meshward_identity::tls::TrustDomains;
+use meshward_policy::Workload;
+use meshward_policy::authn::JwksCache;
+use meshward_proxy::config::{InboundPort, Limits, ProxyConfig, Upstream};
+use meshward_proxy::identity::WorkloadIdentity;
+use meshward_proxy::jwks::Fetcher;
+use meshward_proxy::log::LogTarget;
+use meshward_proxy::policies::{self, DirSource, PolicyStore};
+use meshward_proxy::{LogTargets, Proxy};
+
+use crate::cmd::server::shutdown_signal;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The workload's SPIFFE ID: spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT.
+    #[arg(long)]
+    identity: String,
+    /// The workload's namespace, when the identity does not name one.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// A workload label, matched by policy selectors (repeatable): app=reviews.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// A workload port: [IP:]PORT=APP_IP:APP_PORT[,protocol=http|http2|grpc|tcp|auto][,port=POLICY_PORT] (repeatable).
+    #[arg(long = "inbound", value_name = "SPEC")]
+    inbound: Vec<InboundPort>,
+    /// A service the workload calls, on a local listener:
+    /// HOST:PORT=LISTEN_IP:PORT,endpoint=IP:PORT[,identity=SPIFFE_ID][,protocol=P][,tls=ISTIO_MUTUAL|DISABLE] (repeatable).
+    #[arg(long = "upstream", value_name = "SPEC")]
+    upstreams: Vec<Upstream>,
+    /// Policy files or directories; changes are picked up while running.
+    #[arg(long = "policies", value_name = "PATH")]
+    policies: Vec<PathBuf>,
+    /// MeshConfig YAML (trust domain aliases, extension providers, path normalization).
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
+    /// Admin endpoints: /healthz/ready, /config_dump, /stats/prometheus.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// The mesh CA (`meshward server`).
+    #[arg(long, default_value = "https://127.0.0.1:15012")]
+    ca_address: String,
+    /// The mesh's root certificate(s): `root-cert.pem` from the server's data directory.
+    #[arg(long)]
+    ca_root: PathBuf,
+    /// The name in the CA's serving certificate.
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    ca_server_name: String,
+    /// A file holding the bootstrap token (`meshward token create`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Requested certificate lifetime (the CA's default when not given).
+    #[arg(long)]
+    cert_ttl: Option<humantime::Duration>,
+    /// Access log: `-` (standard output), a file, or `off`.
+    #[arg(long, default_value = "-")]
+    access_log: LogTarget,
+    /// Audit log (AUDIT matches and dry-run results): `-`, a file, or `off`.
+    #[arg(long, default_value = "-")]
+    audit_log: LogTarget,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "5s")]
+    drain_grace: humantime::Duration,
+    /// How often the policy files are checked for changes.
+    #[arg(long, default_value = "500ms")]
+    watch_interval: humantime::Duration,
+    /// Use FILE for the keys of jwksUri URI instead of fetching it (repeatable).
+    #[arg(long, value_name = "URI=FILE")]
+    jwks: Vec<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let id = SpiffeId::parse(&args.identity)
+        .with_context(|| format!("--identity {:?}", args.identity))?;
+    let namespace = match (&args.namespace, id.istio_parts()) {
+        (Some(ns), _) => ns.clone(),
+        (None, Some((ns, _))) => ns.to_owned(),
+        (None, None) => bail!(
+            "--identity {id} does not name a namespace (spiffe://TD/ns/NS/sa/SA); give --namespace"
+        ),
+    };
+    let mut labels = BTreeMap::new();
+    for label in &args.labels {
+        let Some((k, v)) = label.split_once('=') else {
+            bail!("--label takes KEY=VALUE, got {label:?}");
+        };
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    if args.inbound.is_empty() && args.upstreams.is_empty() {
+        bail!("nothing to serve: give at least one --inbound or --upstream");
+    }
+    let bundle = TrustBundle::read(&args.ca_root)
+        .with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let fetcher = Fetcher::new(&args.jwks).map_err(anyhow::Error::msg)?;
+    let jwks = Arc::new(JwksCache::new(Some(Arc::new(fetcher))));
+    let source = DirSource {
+        paths: args.policies.clone(),
+        mesh_config: args.mesh_config.clone(),
+    };
+    let set = source
+        .load(&jwks)
+        .context("the proxy starts only with valid policies")?;
+    let mut trust_domains = vec![id.trust_domain().to_owned()];
+    trust_domains.extend(set.mesh().trust_domain_aliases.iter().cloned());
+    let workload = Workload { namespace, labels };
+    let config = ProxyConfig {
+        workload: workload.clone(),
+        inbound: args.inbound,
+        upstreams: args.upstreams,
+        admin: Some(args.admin),
+        limits: Limits::default(),
+        drain_grace: args.drain_grace.into(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut agent_config = AgentConfig::new(
+            id.clone(),
+            args.ca_address.clone(),
+            args.ca_server_name.clone(),
+            bundle.clone(),
+            token,
+        );
+        agent_config.ttl = args.cert_ttl.map(Into::into);
+        let (cert, _agent) = agent::start(agent_config);
+        let identity = WorkloadIdentity {
+            id: id.clone(),
+            cert,
+            bundle,
+            trust_domains: TrustDomains(trust_domains),
+        };
+        let store = PolicyStore::new(workload, set, source.describe());
+        policies::warm_jwks(&store, &jwks);
+        let stop_watching = tokio_util::sync::CancellationToken::new();
+        if !source.paths.is_empty() || source.mesh_config.is_some() {
+            tokio::spawn(policies::watch_dir(
+                source,
+                store.clone(),
+                jwks,
+                Duration::from(args.watch_interval),
+                stop_watching.clone(),
+            ));
+        }
+        let logs = LogTargets {
+            access: args.access_log,
+            audit: args.audit_log,
+        };
+        let proxy = Proxy::start(config, identity, store, logs).await?;
+        for l in proxy
+            .listeners()
+            .inbound
+            .iter()
+            .chain(&proxy.listeners().outbound)
+        {
+            eprintln!(
+                "meshward proxy: {} on {} -> {}",
+                l.name,
+                l.address,
+                l.forward_to.join(",")
+            );
+        }
+        if let Some(admin) = proxy.admin_address {
+            eprintln!("meshward proxy: admin on http://{admin} ({id})");
+        }
+        shutdown_signal().await;
+        eprintln!("meshward proxy: draining");
+        stop_watching.cancel();
+        proxy.shutdown().await;
+        eprintln!("meshward proxy: stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,176 @@
+//! Connections to where traffic goes next — the local application (inbound)
+//! or a service's endpoints (outbound) — and the HTTP connection pools on
+//! top of them: HTTP/1.1 keep-alive and HTTP/2 multiplexing.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::Protocol;
+use crate::http::Body;
+use crate::identity::{Peer, handshake_failure};
+use crate::io::UpstreamStream;
+use crate::metrics::{Direction, Metrics};
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {addr}: {source}")]
+    Tcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr}: timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Mutual TLS settings for one destination.
+#[derive(Clone)]
+pub struct MeshTls {
+    pub connector: TlsConnector,
+    /// The SNI sent: the service's host name.
+    pub server_name: ServerName<'static>,
+}
+
+/// Dials one destination's endpoints in turn, with mutual TLS or without.
+#[derive(Clone)]
+pub struct Connector {
+    endpoints: Arc<[SocketAddr]>,
+    next: Arc<AtomicUsize>,
+    tls: Option<MeshTls>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Connector {
+    pub fn new(
+        endpoints: Vec<SocketAddr>,
+        tls: Option<MeshTls>,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Connector {
+        Connector {
+            endpoints: endpoints.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            tls,
+            timeout,
+            metrics,
+        }
+    }
+
+    /// Opens one connection to the next endpoint. Returns the verified
+    /// server identity for mutual TLS.
+    pub async fn connect(&self) -> Result<(UpstreamStream, Option<Peer>), ConnectError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let addr = self.endpoints[i % self.endpoints.len().max(1)];
+        let tcp = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    addr,
+                    timeout: self.timeout,
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok((UpstreamStream::Plain(tcp), None));
+        };
+        let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
+        let stream = match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                self.metrics
+                    .handshake(Direction::Outbound, handshake_failure(&source));
+                return Err(ConnectError::Tls { addr, source });
+            }
+            Err(_) => {
+                self.metrics.handshake(Direction::Outbound, "timeout");
+                return Err(ConnectError::Timeout {
+                    addr,
+                    timeout: self.timeout,
+                });
+            }
+        };
+        self.metrics.handshake(Direction::Outbound, "ok");
+        let peer = Peer::of(stream.get_ref().1);
+        Ok((UpstreamStream::Tls(Box::new(stream)), peer))
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(TokioIo::new(this.connect().await?.0)) })
+    }
+}
+
+/// HTTP connection pools to one destination: one per HTTP version, so a
+/// request keeps the version it came with (gRPC needs HTTP/2 end to end).
+#[derive(Clone)]
+pub struct HttpPools {
+    h1: Client<Connector, Body>,
+    h2: Client<Connector, Body>,
+    protocol: Protocol,
+}
+
+/// Idle pooled connections are closed after this: well before the peer's
+/// own idle limit ([`crate::config::Limits::header_timeout`]), so a request
+/// is never sent on a connection the other side is closing.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+impl HttpPools {
+    /// `h1` and `h2` dial through connectors that offer the matching ALPN.
+    pub fn new(h1: Connector, h2: Connector, protocol: Protocol) -> HttpPools {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .set_host(false);
+        let h1 = builder.build(h1);
+        builder.http2_only(true).timer(TokioTimer::new());
+        let h2 = builder.build(h2);
+        HttpPools { h1, h2, protocol }
+    }
+
+    /// The pool for a request that arrived as `version` on a port of this
+    /// destination's protocol: `http` ports speak HTTP/1.1 upstream,
+    /// `http2`/`grpc` ports HTTP/2, undeclared ones keep the request's version.
+    pub fn for_version(&self, version: Version) -> (&Client<Connector, Body>, Version) {
+        let h2 = match self.protocol {
+            Protocol::Http => false,
+            Protocol::Http2 => true,
+            Protocol::Tcp | Protocol::Sniff => version == Version::HTTP_2,
+        };
+        if h2 {
+            (&self.h2, Version::HTTP_2)
+        } else {
+            (&self.h1, Version::HTTP_11)
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! What both directions do with HTTP: reading a request for the policy
+//! engine, local replies, forwarding hygiene and byte counting.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use meshward_policy::HttpRequest;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends: a forwarded one or a local reply.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The request as the policy engine reads it. An absolute-form HTTP/1
+/// target is kept whole, so the engine refuses it as Envoy does.
+pub fn policy_request<B>(request: &Request<B>) -> HttpRequest {
+    let uri = request.uri();
+    let path = if request.version() != Version::HTTP_2 && uri.scheme().is_some() {
+        uri.to_string()
+    } else {
+        uri.path_and_query()
+            .map(|pq| pq.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned())
+    };
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        })
+        .unwrap_or_default();
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    HttpRequest {
+        method: request.method().as_str().to_owned(),
+        path,
+        host,
+        headers,
+        remote_ip: None::<IpAddr>,
+    }
+}
+
+/// Whether an HTTP/1 request carries both framings, which a proxy and the
+/// server behind it may read differently (request smuggling).
+pub fn conflicting_framing(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
+}
+
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC status a local reply maps to, as Envoy maps them.
+fn grpc_status(status: u16) -> u8 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// A reply made by the proxy itself. gRPC callers get a trailers-only
+/// response whose `grpc-status` says what the HTTP status would have.
+pub fn local_reply(status: u16, message: &str, grpc: bool) -> Response<Body> {
+    let mut response = if grpc {
+        let mut r = Response::new(full(Bytes::new()));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(grpc_status(status))),
+        );
+        let encoded = percent_encode(message);
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(message.to_owned()));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
+    response
+        .headers_mut()
+        .insert(header::SERVER, HeaderValue::from_static("meshward"));
+    response
+}
+
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Connection-level headers are for one hop only (RFC 9110 §7.6.1), and
+/// HTTP/2 forbids them outright.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    // `te: trailers` is the one value that may cross (gRPC needs it).
+    let trailers_only = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
+}
+
+/// Sets the headers of `edits` on `headers`. A value HTTP cannot carry
+/// (a claim with a newline) is left out rather than sent broken.
+pub fn apply_edits(headers: &mut HeaderMap, remove: &[String], set: &[(String, String)]) {
+    for name in remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in set {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.insert(name, value);
+            }
+            _ => tracing::debug!(header = %name, "a header value is not valid in HTTP; not set"),
+        }
+    }
+}
+
+/// The URI to send upstream: `http://AUTHORITY` and the path as authorized,
+/// with the original query.
+pub fn upstream_uri(authority: &str, path: &str, original_target: &str) -> Option<Uri> {
+    let query =
+        &original_target[meshward_policy::authz::normalize::strip_query(original_target).len()..];
+    format!("http://{authority}{path}{query}").parse().ok()
+}
+
+/// Counts the bytes of a body as they pass.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Counted<B> {
+        Counted { inner, count }
+    }
+}
+
+impl<B> HttpBody for Counted<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs a closure when the response body is finished or abandoned: the
+/// access log is written when the exchange is really over.
+pub struct OnDone<B, F: FnOnce()> {
+    inner: B,
+    done: Option<F>,
+}
+
+impl<B, F: FnOnce()> OnDone<B, F> {
+    pub fn new(inner: B, done: F) -> OnDone<B, F> {
+        OnDone {
+            inner,
+            done: Some(done),
+        }
+    }
+}
+
+impl<B, F: FnOnce()> Drop for OnDone<B, F> {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done();
+        }
+    }
+}
+
+impl<B, F> HttpBody for OnDone<B, F>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    F: FnOnce() + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_do_not_cross() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::UPGRADE).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-keep").unwrap(), "1");
+    }
+
+    #[test]
+    fn absolute_form_reaches_the_engine_whole() {
+        let r = Request::get("http://evil/admin").body(()).unwrap();
+        assert_eq!(policy_request(&r).path, "http://evil/admin");
+        let r = Request::get("/a?b=c")
+            .header("host", "Web:80")
+            .body(())
+            .unwrap();
+        let p = policy_request(&r);
+        assert_eq!((p.path.as_str(), p.host.as_str()), ("/a?b=c", "Web:80"));
+    }
+
+    #[test]
+    fn upstream_uri_keeps_the_query_after_the_authorized_path() {
+        let uri = upstream_uri("svc:80", "/admin", "/a/../admin?x=1").unwrap();
+        assert_eq!(uri.to_string(), "http://svc:80/admin?x=1");
+    }
+
+    #[test]
+    fn grpc_replies_carry_the_status_in_headers() {
+        let r = local_reply(403, "RBAC: access denied", true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert_eq!(r.headers()["grpc-message"], "RBAC: access denied");
+        let r = local_reply(401, "Jwt is missing", false);
+        assert_eq!(r.status(), 401);
+    }
+}

@@ -1,0 +1,375 @@
+//! HTTP to this workload: per request, request authentication and
+//! authorization (CUSTOM, DENY, ALLOW, AUDIT, dry-run) by the policy engine,
+//! then forwarding to the application with the path as authorized, a
+//! proxy-set `x-forwarded-client-cert` and the JWT output headers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use http::header::HeaderValue;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use meshward_policy::authz::normalize;
+use meshward_policy::{HttpRequest, InboundDecision, Stage, WorkloadPolicy};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{ConnInfo, InboundTarget};
+use crate::Shared;
+use crate::ext_authz::ExtAuthzAnswer;
+use crate::http::{
+    Body, BoxError, Counted, OnDone, XFCC, apply_edits, conflicting_framing, is_grpc, local_reply,
+    policy_request, protocol_name, strip_hop_by_hop, upstream_uri,
+};
+use crate::log::{AuditRecord, timestamp};
+use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+use crate::policies::Snapshot;
+
+/// Serves HTTP/1.1 or HTTP/2 (by its preface) on an admitted connection.
+pub async fn serve<S>(stream: S, info: ConnInfo, target: Arc<InboundTarget>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(info);
+    let service = {
+        let shared = shared.clone();
+        hyper::service::service_fn(move |request| {
+            handle(request, info.clone(), target.clone(), shared.clone())
+        })
+    };
+    crate::serve_http(&shared, TokioIo::new(stream), service).await;
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    info: Arc<ConnInfo>,
+    target: Arc<InboundTarget>,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let start_time = SystemTime::now();
+    let snapshot = shared.policies.current();
+    let grpc = is_grpc(request.headers());
+    let view = policy_request(&request);
+    let mut record = info.record(&target, protocol_name(request.version()), snapshot.version);
+    record.time = timestamp(start_time);
+    record.method = Some(view.method.clone());
+    record.authority = Some(view.host.clone());
+    record.path =
+        Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
+
+    let framing_conflict = conflicting_framing(request.headers());
+    let (decision, ext) = if framing_conflict {
+        (None, None)
+    } else {
+        let (d, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
+        (Some(d), ext)
+    };
+
+    let finish = |mut record: crate::log::AccessRecord, status: u16, allowed: bool| {
+        record.status = Some(status);
+        record.decision = if allowed { "allow" } else { "deny" };
+        shared
+            .metrics
+            .requests
+            .get_or_create(&DecisionLabels {
+                direction: Direction::Inbound,
+                decision: record.decision,
+                policy: record.policy.clone().unwrap_or_default(),
+            })
+            .inc();
+        shared
+            .metrics
+            .request_duration
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Inbound,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        record
+    };
+
+    let Some(decision) = decision else {
+        let mut record = record;
+        record.stage = Some(Stage::Request);
+        record.reason = Some("bad request: both Transfer-Encoding and Content-Length".into());
+        let record = finish(record, 400, false);
+        record_and_log(&shared, record, started);
+        let mut response = local_reply(400, "Bad Request", grpc);
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(response);
+    };
+
+    describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
+    audit(&shared, &snapshot, &info, &view, &decision, &record);
+
+    if !decision.allowed() {
+        let record = finish(record, decision.status, false);
+        record_and_log(&shared, record, started);
+        return Ok(denial(&decision, ext, grpc));
+    }
+
+    // Forward: the path as authorized, the identity headers as the proxy
+    // sets them, nothing the client claimed about identity.
+    let (mut parts, body) = request.into_parts();
+    let authorized_path = normalize::normalize(&view.path, snapshot.policy.normalization);
+    let authority = if view.host.is_empty() {
+        target.port.app.to_string()
+    } else {
+        view.host.clone()
+    };
+    let (client, version) = target.app.for_version(parts.version);
+    match upstream_uri(&authority, &authorized_path, &view.path) {
+        Some(uri) => parts.uri = uri,
+        None => {
+            let record = finish(record, 400, false);
+            record_and_log(&shared, record, started);
+            return Ok(local_reply(400, "Bad Request", grpc));
+        }
+    }
+    parts.version = version;
+    strip_hop_by_hop(&mut parts.headers);
+    if version == http::Version::HTTP_2 {
+        parts.headers.remove(http::header::HOST);
+    }
+    parts.headers.remove(XFCC);
+    if let Some(peer) = &info.peer
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "By={};Hash={};URI={}",
+            shared.identity.id, peer.cert_sha256, peer.id
+        ))
+    {
+        parts.headers.insert(XFCC, v);
+    }
+    if let Some(edits) = &decision.header_edits {
+        apply_edits(&mut parts.headers, &edits.remove, &edits.set);
+    }
+    let mut downstream_headers = Vec::new();
+    if let Some(ext) = ext {
+        for (name, value) in ext.upstream_headers {
+            parts.headers.insert(name, value);
+        }
+        downstream_headers = ext.downstream_headers;
+    }
+
+    let received = Arc::new(AtomicU64::new(0));
+    let body: Body = Counted::new(body, received.clone())
+        .map_err(|e| Box::new(e) as BoxError)
+        .boxed();
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            for (name, value) in downstream_headers {
+                parts.headers.insert(name, value);
+            }
+            strip_hop_by_hop(&mut parts.headers);
+            let record = finish(record, parts.status.as_u16(), true);
+            let sent = Arc::new(AtomicU64::new(0));
+            let shared = shared.clone();
+            let sent_for_log = sent.clone();
+            let body = OnDone::new(Counted::new(body, sent), move || {
+                let mut record = record;
+                record.bytes_received = received.load(Ordering::Relaxed);
+                record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
+                record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+                shared.logs.access.write(&record);
+            });
+            let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .upstream_errors
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Inbound,
+                })
+                .inc();
+            let mut record = finish(record, 503, true);
+            record.error = Some(e.to_string());
+            record_and_log(&shared, record, started);
+            Ok(local_reply(
+                503,
+                "upstream connect error or disconnect/reset before headers",
+                grpc,
+            ))
+        }
+    }
+}
+
+/// Runs the engine: authentication, then CUSTOM (asked asynchronously),
+/// then the rest of authorization.
+async fn decide(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    info: &ConnInfo,
+    request: &Request<Incoming>,
+    view: &HttpRequest,
+) -> (InboundDecision, Option<ExtAuthzAnswer>) {
+    let policy = &snapshot.policy;
+    let authenticated =
+        match blocking_allowed(policy, || policy.authenticate(&info.connection, Some(view))) {
+            Ok(a) => a,
+            Err(denied) => return (*denied, None),
+        };
+    let provider = {
+        let attrs = authenticated.attributes(policy, &info.connection, Some(view));
+        policy
+            .authz
+            .custom_check(&attrs)
+            .map(|c| c.provider.clone())
+    };
+    let ext = match provider {
+        Some(provider) => Some(
+            shared
+                .ext_authz
+                .check(
+                    &provider,
+                    request.method(),
+                    &view.path,
+                    &view.host,
+                    request.headers(),
+                )
+                .await,
+        ),
+        None => None,
+    };
+    let custom = ext.as_ref().map(|e| e.verdict.clone());
+    let decision = authenticated.authorize(policy, &info.connection, Some(view), custom);
+    (decision, ext)
+}
+
+/// Request authentication may fetch a JWKS (at most every 30 s, within the
+/// rule's timeout): on a multi-threaded runtime that happens off the
+/// scheduler, so other connections are not held up.
+fn blocking_allowed<T>(policy: &WorkloadPolicy, f: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi && !policy.authn.is_empty() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+fn describe_decision(
+    record: &mut crate::log::AccessRecord,
+    decision: &InboundDecision,
+    policy: &WorkloadPolicy,
+    info: &ConnInfo,
+    view: &HttpRequest,
+) {
+    record.stage = Some(decision.stage);
+    record.mtls_mode = Some(decision.mtls_mode.as_str());
+    record.request_principal = decision
+        .principal
+        .as_ref()
+        .map(|p| format!("{}/{}", p.issuer, p.subject));
+    if let Some(rule) = decision.authz.as_ref().and_then(|a| a.deciding.as_ref()) {
+        record.policy = Some(rule.policy.to_string());
+        record.rule = rule.rule;
+    }
+    if !decision.allowed() {
+        record.reason = Some(decision.reason(policy, &info.connection, Some(view)));
+    }
+}
+
+fn audit(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    info: &ConnInfo,
+    view: &HttpRequest,
+    decision: &InboundDecision,
+    record: &crate::log::AccessRecord,
+) {
+    let Some(authz) = &decision.authz else { return };
+    if !shared.logs.audit.is_enabled() || (authz.audit.is_none() && authz.dry_run.is_empty()) {
+        return;
+    }
+    let base = |kind, policy: String, rule, result: String| AuditRecord {
+        time: record.time.clone(),
+        kind,
+        source_address: info.peer_addr,
+        source_principal: info.peer.as_ref().map(|p| p.id.clone()),
+        destination: record.destination.clone(),
+        method: Some(view.method.clone()),
+        path: record.path.clone(),
+        policy,
+        rule,
+        result,
+        decision: if decision.allowed() { "allow" } else { "deny" },
+        config_version: snapshot.version,
+    };
+    if let Some(rule) = &authz.audit {
+        shared.logs.audit.write(&base(
+            "audit",
+            rule.policy.to_string(),
+            rule.rule,
+            "audit".into(),
+        ));
+    }
+    for dry in &authz.dry_run {
+        let result = serde_json::to_value(dry.decision)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        shared
+            .logs
+            .audit
+            .write(&base("dry_run", dry.policy.to_string(), dry.rule, result));
+    }
+}
+
+fn record_and_log(shared: &Shared, mut record: crate::log::AccessRecord, started: Instant) {
+    record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    shared.logs.access.write(&record);
+}
+
+/// The client's answer to a denied request, as Envoy words it.
+fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -> Response<Body> {
+    let status = decision.status;
+    match decision.stage {
+        Stage::RequestAuthentication => {
+            let message = decision
+                .refusal
+                .as_deref()
+                .and_then(|r| r.strip_prefix("request authentication failed: "))
+                .unwrap_or("Jwt verification fails");
+            let mut response = local_reply(status, message, grpc);
+            if let Some(v) = decision
+                .www_authenticate
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
+                response
+                    .headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, v);
+            }
+            response
+        }
+        Stage::Request => local_reply(status, "Bad Request", grpc),
+        Stage::PeerAuthentication => local_reply(status, "RBAC: access denied", grpc),
+        Stage::Authorization => match ext {
+            // The authorizer's own denial: its status, body and headers.
+            Some(ext) if matches!(ext.verdict, meshward_policy::authz::CustomVerdict::Deny(_)) => {
+                let mut response = if grpc {
+                    local_reply(status, "RBAC: access denied", true)
+                } else {
+                    let mut r = local_reply(status, "", false);
+                    *r.body_mut() = crate::http::full(ext.body);
+                    r.headers_mut().remove(http::header::CONTENT_TYPE);
+                    r
+                };
+                for (name, value) in ext.downstream_headers {
+                    response.headers_mut().insert(name, value);
+                }
+                response
+            }
+            _ => local_reply(status, "RBAC: access denied", grpc),
+        },
+    }
+}

@@ -1,0 +1,110 @@
+//! TCP to this workload: one authorization decision per connection (the
+//! rules' L4 form), then bytes both ways with half-close. When the policies
+//! change, the connection is checked again and closed if it is now denied.
+
+use std::sync::Arc;
+
+use meshward_policy::authz::CustomVerdict;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{ConnInfo, InboundTarget};
+use crate::Shared;
+use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+
+pub async fn serve<S>(
+    mut stream: S,
+    info: ConnInfo,
+    target: Arc<InboundTarget>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut changes = shared.policies.subscribe();
+    let snapshot = changes.borrow_and_update().clone();
+    let decision = snapshot.policy.check(&info.connection, None, |_| {
+        CustomVerdict::Error("only envoyExtAuthzGrpc providers can check TCP connections".into())
+    });
+    let mut record = info.record(&target, "TCP", snapshot.version);
+    record.stage = Some(decision.stage);
+    record.mtls_mode = Some(decision.mtls_mode.as_str());
+    if let Some(rule) = decision.authz.as_ref().and_then(|a| a.deciding.as_ref()) {
+        record.policy = Some(rule.policy.to_string());
+        record.rule = rule.rule;
+    }
+    let count = |decision: &'static str, policy: Option<&String>| {
+        shared
+            .metrics
+            .connections
+            .get_or_create(&DecisionLabels {
+                direction: Direction::Inbound,
+                decision,
+                policy: policy.cloned().unwrap_or_default(),
+            })
+            .inc();
+    };
+    if !decision.allowed() {
+        count("deny", record.policy.as_ref());
+        record.decision = "deny";
+        record.reason = Some(decision.reason(&snapshot.policy, &info.connection, None));
+        record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
+        shared.logs.access.write(&record);
+        return;
+    }
+    count("allow", record.policy.as_ref());
+    let (mut app, _) = match target.connector.connect().await {
+        Ok(app) => app,
+        Err(e) => {
+            shared
+                .metrics
+                .upstream_errors
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Inbound,
+                })
+                .inc();
+            record.error = Some(e.to_string());
+            record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
+            shared.logs.access.write(&record);
+            return;
+        }
+    };
+    let copy = tokio::io::copy_bidirectional(&mut stream, &mut app);
+    tokio::pin!(copy);
+    let outcome = loop {
+        tokio::select! {
+            result = &mut copy => break result.map_err(|e| e.to_string()),
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let snapshot = changes.borrow_and_update().clone();
+                let again = snapshot.policy.check(&info.connection, None, |_| {
+                    CustomVerdict::Error("only envoyExtAuthzGrpc providers can check TCP connections".into())
+                });
+                if !again.allowed() {
+                    record.decision = "deny";
+                    record.config_version = snapshot.version;
+                    record.reason = Some(format!(
+                        "closed: the policies changed and now deny it: {}",
+                        again.reason(&snapshot.policy, &info.connection, None)
+                    ));
+                    if let Some(rule) = again.authz.as_ref().and_then(|a| a.deciding.as_ref()) {
+                        record.policy = Some(rule.policy.to_string());
+                        record.rule = rule.rule;
+                    }
+                    count("deny", record.policy.as_ref());
+                    // The byte counts of a cut connection are not known.
+                    break Ok((0, 0));
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok((received, sent)) => {
+            record.bytes_received = received;
+            record.bytes_sent = sent;
+        }
+        Err(e) => record.error = Some(e),
+    }
+    record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
+    shared.logs.access.write(&record);
+}

@@ -1,0 +1,354 @@
+//! `meshward proxy`: the policy enforcement point beside each workload.
+//!
+//! Data flows one way: a listener accepts a connection and hands it, with
+//! its destination, to [`inbound`] or [`outbound`]; those settle the
+//! transport (mutual TLS, [`identity`]), detect the protocol ([`sniff`]),
+//! ask the policy engine ([`meshward_policy`]) through the [`policies`] in
+//! force, and [`forward`] to the application or the next workload.
+//! Decisions are written to the access and audit logs ([`log`]) and counted
+//! ([`metrics`]); [`admin`] serves both.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod ext_authz;
+pub mod forward;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod io;
+pub mod jwks;
+pub mod log;
+pub mod metrics;
+pub mod outbound;
+pub mod policies;
+pub mod sniff;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Limits, ProxyConfig, UpstreamTls};
+use crate::ext_authz::ExtAuthz;
+use crate::forward::{Connector, HttpPools, MeshTls};
+use crate::identity::{ALPN_H2, ALPN_HTTP11, WorkloadIdentity};
+use crate::inbound::InboundTarget;
+use crate::log::{LogSink, LogTarget, Logs};
+use crate::metrics::Metrics;
+use crate::outbound::OutboundTarget;
+use crate::policies::PolicyStore;
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("listening on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("opening the {what} log {target:?}: {source}")]
+    Log {
+        what: &'static str,
+        target: LogTarget,
+        source: std::io::Error,
+    },
+    #[error("upstream {0}: the service name is not a valid TLS server name")]
+    ServerName(String),
+}
+
+/// Where the access and audit logs go.
+#[derive(Debug, Clone)]
+pub struct LogTargets {
+    pub access: LogTarget,
+    pub audit: LogTarget,
+}
+
+/// A listener as `/config_dump` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerInfo {
+    pub address: SocketAddr,
+    /// `inbound|PORT` or `outbound|PORT|HOST`.
+    pub name: String,
+    pub forward_to: Vec<String>,
+    pub protocol: &'static str,
+    /// `mutual`, or `disable` for plaintext upstreams; peer authentication
+    /// decides inbound.
+    pub tls: &'static str,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Listeners {
+    pub inbound: Vec<ListenerInfo>,
+    pub outbound: Vec<ListenerInfo>,
+}
+
+/// What every connection of a proxy shares.
+pub struct Shared {
+    pub identity: WorkloadIdentity,
+    server_tls: Arc<rustls::ServerConfig>,
+    pub policies: PolicyStore,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub logs: Logs,
+    ext_authz: ExtAuthz,
+    shutdown: CancellationToken,
+    http: auto::Builder<TokioExecutor>,
+    pub listeners: Listeners,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    drain_grace: Duration,
+    pub admin_address: Option<SocketAddr>,
+}
+
+impl Proxy {
+    /// Binds every listener (failing before serving anything if one cannot
+    /// be bound) and starts serving.
+    pub async fn start(
+        config: ProxyConfig,
+        identity: WorkloadIdentity,
+        policies: PolicyStore,
+        logs: LogTargets,
+    ) -> Result<Proxy, ProxyError> {
+        let metrics = Arc::new(Metrics::default());
+        let open = |what, target: &LogTarget| {
+            LogSink::open(target, metrics.log_records_dropped.clone()).map_err(|source| {
+                ProxyError::Log {
+                    what,
+                    target: target.clone(),
+                    source,
+                }
+            })
+        };
+        let logs = Logs {
+            access: open("access", &logs.access)?,
+            audit: open("audit", &logs.audit)?,
+        };
+        let limits = config.limits;
+        let bind = |addr: SocketAddr, what: String| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind { addr, what, source })
+        };
+
+        let mut listeners = Listeners::default();
+        let mut inbound = Vec::new();
+        for port in &config.inbound {
+            let name = format!("inbound|{}", port.port);
+            let listener = bind(port.listen, name.clone()).await?;
+            let connector = |_alpn| {
+                Connector::new(
+                    vec![port.app],
+                    None,
+                    limits.connect_timeout,
+                    metrics.clone(),
+                )
+            };
+            let target = InboundTarget {
+                port: port.clone(),
+                app: HttpPools::new(connector(()), connector(()), port.protocol),
+                connector: connector(()),
+            };
+            listeners.inbound.push(ListenerInfo {
+                address: listener.local_addr().unwrap_or(port.listen),
+                name,
+                forward_to: vec![port.app.to_string()],
+                protocol: port.protocol.as_str(),
+                tls: "peer-authentication",
+            });
+            inbound.push((listener, Arc::new(target)));
+        }
+        let mut outbound = Vec::new();
+        for upstream in &config.upstreams {
+            let name = format!("outbound|{}|{}", upstream.port, upstream.service);
+            let listener = bind(upstream.listen, name.clone()).await?;
+            let connector = |alpn: &[&[u8]]| -> Result<Connector, ProxyError> {
+                let tls = match upstream.tls {
+                    UpstreamTls::Disable => None,
+                    UpstreamTls::IstioMutual => Some(MeshTls {
+                        connector: tokio_rustls::TlsConnector::from(
+                            identity.client_config(upstream.identities.clone(), alpn)?,
+                        ),
+                        server_name: ServerName::try_from(upstream.service.clone())
+                            .map_err(|_| ProxyError::ServerName(upstream.name()))?,
+                    }),
+                };
+                Ok(Connector::new(
+                    upstream.endpoints.clone(),
+                    tls,
+                    limits.connect_timeout,
+                    metrics.clone(),
+                ))
+            };
+            let target = OutboundTarget {
+                upstream: upstream.clone(),
+                pools: HttpPools::new(
+                    connector(&[ALPN_HTTP11])?,
+                    connector(&[ALPN_H2])?,
+                    upstream.protocol,
+                ),
+                connector: connector(&[])?,
+            };
+            listeners.outbound.push(ListenerInfo {
+                address: listener.local_addr().unwrap_or(upstream.listen),
+                name,
+                forward_to: upstream.endpoints.iter().map(ToString::to_string).collect(),
+                protocol: upstream.protocol.as_str(),
+                tls: match upstream.tls {
+                    UpstreamTls::IstioMutual => "mutual",
+                    UpstreamTls::Disable => "disable",
+                },
+            });
+            outbound.push((listener, Arc::new(target)));
+        }
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr, "admin".into()).await?),
+            None => None,
+        };
+
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .max_headers(limits.max_headers);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let shared = Arc::new(Shared {
+            server_tls: identity.server_config()?,
+            identity,
+            policies,
+            limits,
+            metrics,
+            logs,
+            ext_authz: ExtAuthz::default(),
+            shutdown: CancellationToken::new(),
+            http,
+            listeners,
+        });
+
+        let tracker = TaskTracker::new();
+        for (listener, target) in inbound {
+            let shared = shared.clone();
+            let conns = tracker.clone();
+            tracker.spawn(accept_loop(listener, shared.clone(), move |tcp, peer| {
+                conns.spawn(inbound::serve(tcp, peer, target.clone(), shared.clone()));
+            }));
+        }
+        for (listener, target) in outbound {
+            let shared = shared.clone();
+            let conns = tracker.clone();
+            tracker.spawn(accept_loop(listener, shared.clone(), move |tcp, peer| {
+                conns.spawn(outbound::serve(tcp, peer, target.clone(), shared.clone()));
+            }));
+        }
+        let admin_address = match admin {
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                tokio::spawn(admin::serve(listener, shared.clone()));
+                addr
+            }
+            None => None,
+        };
+        Ok(Proxy {
+            shared,
+            tracker,
+            drain_grace: config.drain_grace,
+            admin_address,
+        })
+    }
+
+    pub fn policies(&self) -> &PolicyStore {
+        &self.shared.policies
+    }
+
+    pub fn listeners(&self) -> &Listeners {
+        &self.shared.listeners
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Stops accepting, lets in-flight HTTP requests finish and asks HTTP
+    /// connections to close, then waits up to the grace period for every
+    /// connection to end. Returns whether all ended in time.
+    pub async fn shutdown(self) -> bool {
+        self.shared.shutdown.cancel();
+        self.tracker.close();
+        let drained = tokio::time::timeout(self.drain_grace, self.tracker.wait())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(grace = ?self.drain_grace, "connections still open after the drain grace period; closing them");
+        }
+        drained
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    on_accept: impl Fn(tokio::net::TcpStream, SocketAddr),
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => on_accept(tcp, peer),
+            Err(e) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it ends, or until
+/// shutdown, when it finishes in-flight requests and closes.
+async fn serve_http<I, S>(shared: &Shared, io: I, service: S)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            ::http::Request<Incoming>,
+            Response = ::http::Response<crate::http::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = shared.http.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!("HTTP connection ended: {e}");
+            }
+        }
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

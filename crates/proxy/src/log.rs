@@ -1,0 +1,195 @@
+//! Access and audit logs: one JSON object per line.
+//!
+//! Records are serialized on the connection's task and handed to a writer
+//! task through a bounded queue, so a slow disk never stalls traffic; when
+//! the queue is full the record is dropped and counted
+//! (`meshward_log_records_dropped_total`). Paths are logged without their
+//! query string, and no header or token value is ever logged.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshward_policy::Stage;
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::metrics::Direction;
+
+/// Where a log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+impl std::str::FromStr for LogTarget {
+    type Err = std::convert::Infallible;
+
+    /// `-` is standard output, `off` disables, anything else is a file
+    /// appended to.
+    fn from_str(s: &str) -> Result<LogTarget, Self::Err> {
+        Ok(match s {
+            "-" => LogTarget::Stdout,
+            "off" => LogTarget::Off,
+            path => LogTarget::File(PathBuf::from(path)),
+        })
+    }
+}
+
+const QUEUE: usize = 8192;
+
+/// A handle for writing records to one log.
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    dropped: Counter,
+}
+
+impl LogSink {
+    /// Opens `target` and starts its writer task.
+    pub fn open(target: &LogTarget, dropped: Counter) -> std::io::Result<LogSink> {
+        let writer: Box<dyn Write + Send> = match target {
+            LogTarget::Off => return Ok(LogSink { tx: None, dropped }),
+            LogTarget::Stdout => Box::new(std::io::stdout()),
+            LogTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("meshward-log".into())
+            .spawn(move || write_lines(rx, writer))?;
+        Ok(LogSink {
+            tx: Some(tx),
+            dropped,
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn write<R: Serialize>(&self, record: &R) {
+        let Some(tx) = &self.tx else { return };
+        let mut line = match serde_json::to_vec(record) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!("serializing a log record: {e}");
+                return;
+            }
+        };
+        line.push(b'\n');
+        if tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Writes lines in batches: flushes whenever the queue runs empty.
+fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, writer: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::new(writer);
+    while let Some(line) = rx.blocking_recv() {
+        let mut ok = out.write_all(&line).is_ok();
+        while let Ok(line) = rx.try_recv() {
+            ok &= out.write_all(&line).is_ok();
+        }
+        ok &= out.flush().is_ok();
+        if !ok {
+            eprintln!("meshward: writing a log record failed");
+        }
+    }
+}
+
+/// The two logs a proxy writes.
+#[derive(Debug, Clone)]
+pub struct Logs {
+    pub access: LogSink,
+    pub audit: LogSink,
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// One request or connection.
+#[derive(Debug, Serialize)]
+pub struct AccessRecord {
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub direction: Direction,
+    /// `HTTP/1.1`, `HTTP/2` or `TCP`.
+    pub protocol: &'static str,
+    pub source_address: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_principal: Option<Arc<str>>,
+    /// The port the workload serves (inbound) or the service called (outbound).
+    pub destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// The verified JWT's `iss/sub`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_principal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    /// Why, for denials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtls_mode: Option<&'static str>,
+    pub config_version: u64,
+    pub duration_ms: f64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// What went wrong reaching the upstream, if something did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An AUDIT rule matched, or a dry-run policy would have decided.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord {
+    pub time: String,
+    /// `audit` or `dry_run`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub source_address: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_principal: Option<Arc<str>>,
+    pub destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub policy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    /// For dry-run: what the policy would have decided; for audit: `audit`.
+    pub result: String,
+    /// What was actually decided.
+    pub decision: &'static str,
+    pub config_version: u64,
+}

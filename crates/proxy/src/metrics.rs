@@ -1,0 +1,143 @@
+//! Prometheus metrics, served on the admin port at `/stats/prometheus`.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Which way traffic flows through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From a peer to this workload.
+    Inbound,
+    /// From this workload to a service it calls.
+    Outbound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub direction: Direction,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The deciding policy (`namespace/name`), empty when none decided.
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    /// `ok`, or why it failed: `no_client_certificate`, `unknown_ca`,
+    /// `expired`, `trust_domain`, `secure_naming`, `timeout`, `protocol`, `other`.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+/// Every metric the proxy keeps.
+pub struct Metrics {
+    pub requests: Family<DecisionLabels, Counter>,
+    pub connections: Family<DecisionLabels, Counter>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub request_duration: Family<DirectionLabels, Histogram>,
+    pub upstream_errors: Family<DirectionLabels, Counter>,
+    pub certificate_expiry: Gauge,
+    pub config_version: Gauge,
+    pub log_records_dropped: Counter,
+    registry: Registry,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 µs to ~26 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("meshward");
+        let requests = Family::<DecisionLabels, Counter>::default();
+        let connections = Family::<DecisionLabels, Counter>::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let request_duration = Family::<DirectionLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let upstream_errors = Family::<DirectionLabels, Counter>::default();
+        let certificate_expiry = Gauge::default();
+        let config_version = Gauge::default();
+        let log_records_dropped = Counter::default();
+        registry.register(
+            "requests",
+            "HTTP requests by direction, decision and deciding policy",
+            requests.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections by direction, decision and deciding policy (TCP ports, and refusals by peer authentication)",
+            connections.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by direction and result (ok or the failure reason)",
+            handshakes.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's headers to its response's headers",
+            request_duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Requests and connections that could not reach the application or upstream",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the workload certificate expires (Unix time); 0 before the first one",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "config_version",
+            "The version of the policies in force",
+            config_version.clone(),
+        );
+        registry.register(
+            "log_records_dropped",
+            "Access and audit records dropped because the log writer fell behind",
+            log_records_dropped.clone(),
+        );
+        Metrics {
+            requests,
+            connections,
+            handshakes,
+            request_duration,
+            upstream_errors,
+            certificate_expiry,
+            config_version,
+            log_records_dropped,
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn handshake(&self, direction: Direction, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            // Writing to a String cannot fail; an empty scrape is the safe answer.
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,284 @@
+//! Traffic from this workload to a service it calls: the application
+//! speaks plain HTTP or TCP to a local listener, and the proxy carries it
+//! to one of the service's endpoints over mutual TLS, accepting the server
+//! only if secure naming allows its identity. HTTP rides pooled connections.
+//!
+//! Like the inbound side, [`serve`] takes the destination ([`OutboundTarget`]),
+//! not a listener.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::config::{Protocol, Upstream};
+use crate::forward::{Connector, HttpPools};
+use crate::http::{
+    Body, BoxError, Counted, OnDone, is_grpc, local_reply, protocol_name, strip_hop_by_hop,
+};
+use crate::io::{Rewind, read_prefix};
+use crate::log::{AccessRecord, timestamp};
+use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+use crate::sniff;
+
+/// One service the workload calls.
+pub struct OutboundTarget {
+    pub upstream: Upstream,
+    pub pools: HttpPools,
+    pub connector: Connector,
+}
+
+/// Serves one connection from the application to `target`.
+pub async fn serve(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    target: Arc<OutboundTarget>,
+    shared: Arc<Shared>,
+) {
+    let _ = tcp.set_nodelay(true);
+    match target.upstream.protocol {
+        Protocol::Http | Protocol::Http2 => serve_http(tcp, peer, target, shared).await,
+        Protocol::Tcp => serve_tcp(tcp, peer, target, shared).await,
+        Protocol::Sniff => {
+            let Ok(prefix) = read_prefix(
+                &mut tcp,
+                sniff::MAX_PREFIX,
+                sniff::decided,
+                shared.limits.detection_timeout,
+            )
+            .await
+            else {
+                return;
+            };
+            let is_http = sniff::is_http(&prefix);
+            let stream = Rewind::new(prefix, tcp);
+            if is_http {
+                serve_http(stream, peer, target, shared).await
+            } else {
+                serve_tcp(stream, peer, target, shared).await
+            }
+        }
+    }
+}
+
+fn record(target: &OutboundTarget, peer: SocketAddr, protocol: &'static str) -> AccessRecord {
+    AccessRecord {
+        time: timestamp(SystemTime::now()),
+        kind: "access",
+        direction: Direction::Outbound,
+        protocol,
+        source_address: peer,
+        source_principal: None,
+        destination: format!(
+            "outbound|{}|{}",
+            target.upstream.port, target.upstream.service
+        ),
+        upstream: None,
+        method: None,
+        path: None,
+        authority: None,
+        request_principal: None,
+        status: None,
+        decision: "allow",
+        stage: None,
+        policy: None,
+        rule: None,
+        reason: None,
+        mtls_mode: None,
+        config_version: 0,
+        duration_ms: 0.0,
+        bytes_received: 0,
+        bytes_sent: 0,
+        error: None,
+    }
+}
+
+async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    target: Arc<OutboundTarget>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let shared = shared.clone();
+        hyper::service::service_fn(move |request| {
+            handle(request, peer, target.clone(), shared.clone())
+        })
+    };
+    crate::serve_http(&shared, TokioIo::new(stream), service).await;
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    target: Arc<OutboundTarget>,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let grpc = is_grpc(request.headers());
+    let mut record = record(&target, peer, protocol_name(request.version()));
+    let (mut parts, body) = request.into_parts();
+    let target_path = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    record.method = Some(parts.method.to_string());
+    record.path = Some(meshward_policy::authz::normalize::strip_query(&target_path).to_owned());
+    let authority = format!("{}:{}", target.upstream.service, target.upstream.port);
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok().map(str::to_owned))
+        })
+        .unwrap_or_else(|| authority.clone());
+    record.authority = Some(host.clone());
+    let (client, version) = target.pools.for_version(parts.version);
+    let Ok(uri) = format!("http://{host}{target_path}").parse() else {
+        return Ok(local_reply(400, "Bad Request", grpc));
+    };
+    parts.uri = uri;
+    parts.version = version;
+    strip_hop_by_hop(&mut parts.headers);
+    if version == http::Version::HTTP_2 {
+        parts.headers.remove(http::header::HOST);
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let body: Body = Counted::new(body, received.clone())
+        .map_err(|e| Box::new(e) as BoxError)
+        .boxed();
+    let observe = |shared: &Shared, decision: &'static str| {
+        shared
+            .metrics
+            .requests
+            .get_or_create(&DecisionLabels {
+                direction: Direction::Outbound,
+                decision,
+                policy: String::new(),
+            })
+            .inc();
+        shared
+            .metrics
+            .request_duration
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Outbound,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    };
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            observe(&shared, "allow");
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            record.status = Some(parts.status.as_u16());
+            let sent = Arc::new(AtomicU64::new(0));
+            let sent_for_log = sent.clone();
+            let body = OnDone::new(Counted::new(body, sent), move || {
+                record.bytes_received = received.load(Ordering::Relaxed);
+                record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
+                record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+                shared.logs.access.write(&record);
+            });
+            let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(e) => {
+            observe(&shared, "allow");
+            shared
+                .metrics
+                .upstream_errors
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Outbound,
+                })
+                .inc();
+            let error = error_chain(&e);
+            record.status = Some(503);
+            record.error = Some(error);
+            record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+            shared.logs.access.write(&record);
+            Ok(local_reply(
+                503,
+                "upstream connect error or disconnect/reset before headers",
+                grpc,
+            ))
+        }
+    }
+}
+
+/// An error with its causes, which carry the useful part (a TLS or secure
+/// naming failure under "client error (Connect)").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+async fn serve_tcp<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    target: Arc<OutboundTarget>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let started = Instant::now();
+    let mut record = record(&target, peer, "TCP");
+    let counted = |decision| {
+        shared
+            .metrics
+            .connections
+            .get_or_create(&DecisionLabels {
+                direction: Direction::Outbound,
+                decision,
+                policy: String::new(),
+            })
+            .inc();
+    };
+    match target.connector.connect().await {
+        Ok((mut upstream, server)) => {
+            counted("allow");
+            record.upstream = server.map(|s| s.id.to_string());
+            match tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+                Ok((sent_up, received_back)) => {
+                    record.bytes_received = sent_up;
+                    record.bytes_sent = received_back;
+                }
+                Err(e) => record.error = Some(e.to_string()),
+            }
+        }
+        Err(e) => {
+            counted("allow");
+            shared
+                .metrics
+                .upstream_errors
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Outbound,
+                })
+                .inc();
+            record.error = Some(error_chain(&e));
+        }
+    }
+    record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    shared.logs.access.write(&record);
+}

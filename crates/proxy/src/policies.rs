@@ -1,0 +1,217 @@
+//! The policies in force, and where they come from.
+//!
+//! A [`PolicyStore`] holds one compiled [`Snapshot`] at a time. Every request
+//! reads the current one; a change replaces it whole, so a request is decided
+//! by one consistent version and the next request sees the new one. Long-lived
+//! TCP connections subscribe to changes and are re-checked.
+//!
+//! Standalone proxies read a directory ([`watch_dir`]); the control plane
+//! will feed the same store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshward_policy::api::{MeshConfig, Policy};
+use meshward_policy::authn::JwksCache;
+use meshward_policy::load;
+use meshward_policy::{PolicySet, Workload, WorkloadPolicy};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// One version of the configuration, compiled for this workload.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Starts at 1 and grows by one with every accepted change.
+    pub version: u64,
+    pub policy: WorkloadPolicy,
+    pub set: PolicySet,
+    /// Where it was read from.
+    pub source: String,
+    pub loaded_at: SystemTime,
+}
+
+/// The current snapshot, shared by every connection.
+#[derive(Debug, Clone)]
+pub struct PolicyStore {
+    workload: Workload,
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl PolicyStore {
+    pub fn new(workload: Workload, set: PolicySet, source: String) -> PolicyStore {
+        let snapshot = Snapshot {
+            version: 1,
+            policy: set.for_workload(&workload),
+            set,
+            source,
+            loaded_at: SystemTime::now(),
+        };
+        PolicyStore {
+            workload,
+            tx: Arc::new(watch::channel(Arc::new(snapshot)).0),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Notified on every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Puts `set` in force from the next request on; returns the new version.
+    pub fn replace(&self, set: PolicySet, source: String) -> u64 {
+        let mut version = 0;
+        self.tx.send_modify(|current| {
+            version = current.version + 1;
+            *current = Arc::new(Snapshot {
+                version,
+                policy: set.for_workload(&self.workload),
+                set,
+                source,
+                loaded_at: SystemTime::now(),
+            });
+        });
+        version
+    }
+}
+
+/// A policy directory and the mesh config file read with it.
+#[derive(Debug, Clone)]
+pub struct DirSource {
+    pub paths: Vec<PathBuf>,
+    pub mesh_config: Option<PathBuf>,
+}
+
+/// Why a configuration was not put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    MeshConfig(String),
+    #[error(
+        "{count} error(s) in the policies; the previous configuration stays in force:\n{details}"
+    )]
+    Invalid { count: usize, details: String },
+}
+
+impl DirSource {
+    /// Reads and validates everything; any error refuses the whole change,
+    /// as a partial policy set could allow what the full one denies.
+    pub fn load(&self, jwks: &Arc<JwksCache>) -> Result<PolicySet, LoadError> {
+        let mesh = match &self.mesh_config {
+            None => MeshConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    LoadError::MeshConfig(format!("reading mesh config {}: {e}", path.display()))
+                })?;
+                load::load_mesh_config(&path.display().to_string(), &text)
+                    .map_err(|d| LoadError::MeshConfig(d.to_string()))?
+            }
+        };
+        let loaded = load::load_paths(&self.paths);
+        for warning in loaded.diagnostics.iter().filter(|d| !d.is_error()) {
+            tracing::warn!("{warning}");
+        }
+        let errors: Vec<String> = loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect();
+        if !errors.is_empty() {
+            return Err(LoadError::Invalid {
+                count: errors.len(),
+                details: errors.join("\n"),
+            });
+        }
+        Ok(PolicySet::new(mesh, loaded.into_policies()).with_jwks(jwks.clone()))
+    }
+
+    pub fn describe(&self) -> String {
+        let paths: Vec<String> = self.paths.iter().map(|p| p.display().to_string()).collect();
+        paths.join(", ")
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut paths = self.paths.clone();
+        paths.extend(self.mesh_config.clone());
+        load::fingerprint(&paths)
+    }
+}
+
+/// Polls `source` every `interval` and puts each valid change in force. An
+/// invalid change is logged with every error, and the previous
+/// configuration keeps deciding.
+pub async fn watch_dir(
+    source: DirSource,
+    store: PolicyStore,
+    jwks: Arc<JwksCache>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut seen = source.fingerprint();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let current = {
+            let source = source.clone();
+            match tokio::task::spawn_blocking(move || source.fingerprint()).await {
+                Ok(f) => f,
+                Err(_) => continue,
+            }
+        };
+        if current == seen {
+            continue;
+        }
+        seen = current;
+        let loaded = {
+            let (source, jwks) = (source.clone(), jwks.clone());
+            tokio::task::spawn_blocking(move || source.load(&jwks)).await
+        };
+        match loaded {
+            Ok(Ok(set)) => {
+                let version = store.replace(set, source.describe());
+                tracing::info!(version, source = %source.describe(), "policies changed; the new version is in force");
+                warm_jwks(&store, &jwks);
+            }
+            Ok(Err(e)) => tracing::error!("policy change refused: {e}"),
+            Err(e) => tracing::error!("policy reload failed: {e}"),
+        }
+    }
+}
+
+/// Fetches the JWKS of every `jwksUri` the current policies use, off the
+/// request path, so the first request with a token does not wait for it.
+pub fn warm_jwks(store: &PolicyStore, jwks: &Arc<JwksCache>) {
+    let snapshot = store.current();
+    let mut uris = Vec::new();
+    for policy in snapshot.set.policies() {
+        if let Policy::RequestAuthentication(ra) = policy {
+            for rule in &ra.spec.jwt_rules {
+                if !rule.jwks_uri.is_empty() {
+                    uris.push((rule.jwks_uri.clone(), rule.timeout.clone()));
+                }
+            }
+        }
+    }
+    if uris.is_empty() {
+        return;
+    }
+    let jwks = jwks.clone();
+    tokio::task::spawn_blocking(move || {
+        for (uri, timeout) in uris {
+            let timeout = timeout
+                .as_deref()
+                .and_then(meshward_policy::duration::parse)
+                .unwrap_or(Duration::from_secs(5));
+            if let Err(e) = jwks.keys(&uri, timeout) {
+                tracing::warn!(%uri, "fetching JWKS: {e}");
+            }
+        }
+    });
+}
