@@ -134,6 +134,8 @@ pub fn handshake_failure(error: &std::io::Error) -> &'static str {
         return "protocol";
     };
     match tls {
+        // The peer spoke something else: plaintext on a STRICT port.
+        Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => "not_tls",
         Error::NoCertificatesPresented => "no_client_certificate",
         Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },

@@ -1,6 +1,8 @@
 //! Prometheus metrics, served on the admin port at `/stats/prometheus`.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -8,13 +10,22 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Which way traffic flows through the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// From a peer to this workload.
     Inbound,
     /// From this workload to a service it calls.
     Outbound,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -29,7 +40,7 @@ pub struct DecisionLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub direction: Direction,
-    /// `ok`, or why it failed: `no_client_certificate`, `unknown_ca`,
+    /// `ok`, or why it failed: `not_tls`, `no_client_certificate`, `unknown_ca`,
     /// `expired`, `trust_domain`, `secure_naming`, `timeout`, `protocol`, `other`.
     pub result: &'static str,
 }

@@ -134,13 +134,20 @@ pub async fn serve(
                 let reason = handshake_failure(&e);
                 shared.metrics.handshake(Direction::Inbound, reason);
                 tracing::debug!(peer = %peer_addr, port, "inbound TLS handshake failed: {e}");
-                refuse(
-                    &info,
-                    &target,
-                    &shared,
-                    mode,
-                    format!("TLS handshake failed ({reason}): {e}"),
-                );
+                let reason = match reason {
+                    // Plaintext on a STRICT port: said as the engine words it.
+                    "not_tls" => match shared
+                        .policies
+                        .current()
+                        .policy
+                        .admit_connection(&info.connection)
+                    {
+                        Err(refusal) => refusal,
+                        Ok(_) => format!("TLS handshake failed (not TLS): {e}"),
+                    },
+                    _ => format!("TLS handshake failed ({reason}): {e}"),
+                };
+                refuse(&info, &target, &shared, mode, reason);
                 return;
             }
             Err(_) => {

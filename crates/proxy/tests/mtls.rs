@@ -1,0 +1,263 @@
+//! Peer authentication and secure naming, on loopback with real clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use meshward_identity::spiffe::SpiffeId;
+use meshward_identity::tls::TrustDomains;
+use meshward_proxy::identity::WorkloadIdentity;
+
+/// A server proxy for `web` (identity web/sa/web) in front of an echo app.
+async fn web(ca: &Ca, policies: &str, extra_inbound: &[&str]) -> (TestProxy, SocketAddr) {
+    let app = echo_app("web").await;
+    let mut inbound = vec![format!("PORT={app},protocol=http")];
+    inbound.extend(
+        extra_inbound
+            .iter()
+            .map(|s| s.replace("APP", &app.to_string())),
+    );
+    let proxy = start_proxy(ProxySpec {
+        identity: ca.identity(&id("web", "web")),
+        namespace: "web",
+        labels: &[("app", "web")],
+        inbound,
+        upstreams: vec![],
+        policies,
+        mesh_config: None,
+    })
+    .await;
+    (proxy, app)
+}
+
+/// A client workload's proxy (sleep/sa/sleep) with an upstream to `server`
+/// that expects `expected` to run it.
+async fn client(ca: &Ca, server: SocketAddr, expected: &SpiffeId, extra: &str) -> TestProxy {
+    start_proxy(ProxySpec {
+        identity: ca.identity(&id("sleep", "sleep")),
+        namespace: "sleep",
+        labels: &[("app", "sleep")],
+        inbound: vec![],
+        upstreams: vec![format!(
+            "web.web:80=LISTEN,endpoint={server},identity={expected},protocol=http{extra}"
+        )],
+        policies: "",
+        mesh_config: None,
+    })
+    .await
+}
+
+fn handshakes(proxy: &TestProxy, result: &str) -> u64 {
+    let text = proxy.proxy.as_ref().unwrap().metrics().encode();
+    let needle =
+        format!("meshward_tls_handshakes_total{{direction=\"inbound\",result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_plaintext_and_certificates_from_another_ca() {
+    let ca = Ca::new();
+    let (server, _) = web(&ca, STRICT_NS, &[]).await;
+    let port = server.inbound[0];
+
+    // Plaintext: the handshake never starts, the connection is closed.
+    assert!(get(port, "/", &[]).await.is_none());
+    eventually("the plaintext refusal is logged", || {
+        server.access_log().iter().any(|r| {
+            r["decision"] == "deny"
+                && r["stage"] == "peer_authentication"
+                && r["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("plaintext connection refused: port")
+        })
+    })
+    .await;
+
+    // A certificate from another CA, for a mesh-looking identity.
+    let other = Ca::new();
+    let impostor = WorkloadIdentity {
+        id: id("sleep", "sleep"),
+        cert: other.cert(&id("sleep", "sleep")),
+        bundle: ca.ca.bundle().clone(),
+        trust_domains: TrustDomains(vec![TD.into()]),
+    };
+    let config = impostor
+        .client_config(vec![id("web", "web")], &[b"http/1.1"])
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(port).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let outcome = async {
+        let tls = connector
+            .connect("web.web".try_into().unwrap(), tcp)
+            .await
+            .ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let r = http::Request::get("/")
+            .header("host", "web")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.send_request(r).await.ok()
+    }
+    .await;
+    assert!(outcome.is_none(), "a foreign CA's certificate was accepted");
+    eventually("the unknown CA is counted", || {
+        handshakes(&server, "unknown_ca") == 1
+    })
+    .await;
+    assert_eq!(handshakes(&server, "not_tls"), 1);
+
+    // The mesh's own client gets through.
+    let sleep = client(&ca, port, &id("web", "web"), "").await;
+    let (status, body, _) = get(sleep.outbound[0], "/hello", &[]).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body)["path"], "/hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_serves_mutual_tls_and_plaintext_on_one_port() {
+    let ca = Ca::new();
+    let (server, _) = web(&ca, "", &[]).await;
+    let port = server.inbound[0];
+    let sleep = client(&ca, port, &id("web", "web"), "").await;
+
+    let (status, body, _) = get(port, "/plain", &[]).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(seen(&body)["headers"]["x-forwarded-client-cert"].is_null());
+
+    let (status, body, _) = get(sleep.outbound[0], "/mtls", &[]).await.unwrap();
+    assert_eq!(status, 200);
+    let xfcc = seen(&body)["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/web/sa/web;Hash="),
+        "{xfcc}"
+    );
+    assert!(
+        xfcc.ends_with(";URI=spiffe://cluster.local/ns/sleep/sa/sleep"),
+        "{xfcc}"
+    );
+
+    let log = server.access_log();
+    let principals: Vec<&str> = log
+        .iter()
+        .filter_map(|r| r["source_principal"].as_str())
+        .collect();
+    assert_eq!(principals, ["spiffe://cluster.local/ns/sleep/sa/sleep"]);
+    assert!(log.iter().all(|r| r["mtls_mode"] == "PERMISSIVE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_and_port_level_overrides() {
+    let ca = Ca::new();
+    // Workload STRICT, its second port DISABLE.
+    let policies = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web, namespace: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    "18081": {mode: DISABLE}
+"#;
+    let (server, _) = web(&ca, policies, &["PORT=APP,protocol=http,port=18081"]).await;
+    let (strict, disabled) = (server.inbound[0], server.inbound[1]);
+
+    assert!(
+        get(strict, "/", &[]).await.is_none(),
+        "STRICT port served plaintext"
+    );
+    let (status, _, _) = get(disabled, "/", &[]).await.unwrap();
+    assert_eq!(status, 200, "DISABLE port refused plaintext");
+
+    let to_strict = client(&ca, strict, &id("web", "web"), "").await;
+    let (status, _, _) = get(to_strict.outbound[0], "/", &[]).await.unwrap();
+    assert_eq!(status, 200, "STRICT port refused mutual TLS");
+
+    // Mutual TLS to a DISABLE port is refused, and the client's proxy says so.
+    let to_disabled = client(&ca, disabled, &id("web", "web"), "").await;
+    let (status, _, _) = get(to_disabled.outbound[0], "/", &[]).await.unwrap();
+    assert_eq!(status, 503);
+    eventually("the refusal names the port-level mode", || {
+        server.access_log().iter().any(|r| {
+            r["reason"].as_str().is_some_and(|s| {
+                s.contains("port 18081 accepts plaintext only")
+                    && s.contains("web/web portLevelMtls[18081]")
+            })
+        })
+    })
+    .await;
+
+    // A client with tls=DISABLE reaches the DISABLE port in plaintext.
+    let plain = client(&ca, disabled, &id("web", "web"), ",tls=DISABLE").await;
+    let (status, _, _) = get(plain.outbound[0], "/", &[]).await.unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_naming_refuses_a_valid_certificate_for_the_wrong_identity() {
+    let ca = Ca::new();
+    // The workload behind the address has a good mesh certificate — as
+    // `web/sa/impostor`, which is not allowed to run web.web.
+    let app = echo_app("impostor").await;
+    let impostor = start_proxy(ProxySpec {
+        identity: ca.identity(&id("web", "impostor")),
+        namespace: "web",
+        labels: &[],
+        inbound: vec![format!("PORT={app},protocol=http")],
+        upstreams: vec![],
+        policies: "",
+        mesh_config: None,
+    })
+    .await;
+    let sleep = client(&ca, impostor.inbound[0], &id("web", "web"), "").await;
+    let (status, _, _) = get(sleep.outbound[0], "/", &[]).await.unwrap();
+    assert_eq!(status, 503);
+    eventually("the client's log says secure naming refused", || {
+        sleep.access_log().iter().any(|r| {
+            r["error"].as_str().is_some_and(|e| {
+                e.contains("secure naming")
+                    && e.contains("spiffe://cluster.local/ns/web/sa/impostor")
+            })
+        })
+    })
+    .await;
+    assert!(
+        impostor.access_log().iter().all(|r| r["status"].is_null()),
+        "the impostor's application was reached"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sent_identity_headers_never_reach_the_application() {
+    let ca = Ca::new();
+    let (server, _) = web(&ca, "", &[]).await;
+    let sleep = client(&ca, server.inbound[0], &id("web", "web"), "").await;
+    let forged = [(
+        "x-forwarded-client-cert",
+        "By=spiffe://cluster.local/ns/web/sa/web;URI=spiffe://cluster.local/ns/admin/sa/root",
+    )];
+    // Through mutual TLS: replaced by the proxy's own value.
+    let (_, body, _) = get(sleep.outbound[0], "/", &forged).await.unwrap();
+    let xfcc = seen(&body)["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!xfcc.contains("admin"), "{xfcc}");
+    assert!(xfcc.ends_with("URI=spiffe://cluster.local/ns/sleep/sa/sleep"));
+    // Plaintext: removed.
+    let (_, body, _) = get(server.inbound[0], "/", &forged).await.unwrap();
+    assert!(seen(&body)["headers"]["x-forwarded-client-cert"].is_null());
+}
