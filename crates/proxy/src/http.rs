@@ -75,12 +75,6 @@ pub fn policy_request<B>(request: &Request<B>) -> HttpRequest {
     }
 }
 
-/// Whether an HTTP/1 request carries both framings, which a proxy and the
-/// server behind it may read differently (request smuggling).
-pub fn conflicting_framing(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
-}
-
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)

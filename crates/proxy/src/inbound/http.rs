@@ -21,8 +21,8 @@ use super::{ConnInfo, InboundTarget};
 use crate::Shared;
 use crate::ext_authz::ExtAuthzAnswer;
 use crate::http::{
-    Body, BoxError, Counted, OnDone, XFCC, apply_edits, conflicting_framing, is_grpc, local_reply,
-    policy_request, protocol_name, strip_hop_by_hop, upstream_uri,
+    Body, BoxError, Counted, OnDone, XFCC, apply_edits, is_grpc, local_reply, policy_request,
+    protocol_name, strip_hop_by_hop, upstream_uri,
 };
 use crate::log::{AuditRecord, timestamp};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -61,13 +61,7 @@ async fn handle(
     record.path =
         Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
 
-    let framing_conflict = conflicting_framing(request.headers());
-    let (decision, ext) = if framing_conflict {
-        (None, None)
-    } else {
-        let (d, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
-        (Some(d), ext)
-    };
+    let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
 
     let finish = |mut record: crate::log::AccessRecord, status: u16, allowed: bool| {
         record.status = Some(status);
@@ -89,19 +83,6 @@ async fn handle(
             })
             .observe(started.elapsed().as_secs_f64());
         record
-    };
-
-    let Some(decision) = decision else {
-        let mut record = record;
-        record.stage = Some(Stage::Request);
-        record.reason = Some("bad request: both Transfer-Encoding and Content-Length".into());
-        let record = finish(record, 400, false);
-        record_and_log(&shared, record, started);
-        let mut response = local_reply(400, "Bad Request", grpc);
-        response
-            .headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(response);
     };
 
     describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
