@@ -1,0 +1,436 @@
+//! `meshward proxy` as a process: certificate from `meshward server` with a
+//! bootstrap token, real `curl` and `openssl s_client` clients, the admin
+//! endpoints, and draining on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshward")
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "meshward {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("meshward-proxy-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the process when the test ends, however it ends.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A plain HTTP/1.1 application: answers `NAME PATH` (after sleeping MS for
+/// `/delay/MS`), one request per connection.
+fn app(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                if let Some(ms) = path.strip_prefix("/delay/") {
+                    std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                }
+                let body = format!("{name} {path}");
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// GET over plain HTTP/1.1 with std only: (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+struct Mesh {
+    dir: PathBuf,
+    data: PathBuf,
+    ca_addr: String,
+    _server: Process,
+}
+
+fn server(dir: &Path) -> Mesh {
+    let data = dir.join("data");
+    let mut child = Command::new(bin())
+        .args([
+            "server",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ca_addr = None;
+    for _ in 0..3 {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line.strip_prefix("listening on https://") {
+            ca_addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+    }
+    Mesh {
+        dir: dir.to_owned(),
+        data,
+        ca_addr: ca_addr.unwrap(),
+        _server: Process(child),
+    }
+}
+
+impl Mesh {
+    fn token(&self, ns: &str, sa: &str) -> PathBuf {
+        let out = run(&[
+            "token",
+            "create",
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            "-n",
+            ns,
+            "--service-account",
+            sa,
+        ]);
+        let path = self.dir.join(format!("{ns}-{sa}.token"));
+        std::fs::write(&path, out.stdout).unwrap();
+        path
+    }
+
+    /// Issues a certificate with `meshward ca issue`: (cert chain, key, root).
+    fn issue(&self, ns: &str, sa: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let out = self.dir.join(format!("cert-{ns}-{sa}"));
+        run(&[
+            "ca",
+            "issue",
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            "-n",
+            ns,
+            "--service-account",
+            sa,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        (
+            out.join("cert-chain.pem"),
+            out.join("key.pem"),
+            out.join("root-cert.pem"),
+        )
+    }
+
+    /// Starts a proxy for web/sa/web in front of `app`, STRICT on its port.
+    fn web_proxy(&self, app: SocketAddr) -> (Process, u16, SocketAddr, PathBuf) {
+        let policies = self.dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(
+            policies.join("strict.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: web}\nspec: {mtls: {mode: STRICT}}\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = self.dir.join("access.log");
+        let child = Command::new(bin())
+            .args([
+                "proxy",
+                "--identity",
+                "spiffe://cluster.local/ns/web/sa/web",
+                "--label",
+                "app=web",
+                "--inbound",
+                &format!("{port}={app},protocol=http"),
+                "--policies",
+                policies.to_str().unwrap(),
+                "--ca-address",
+                &format!("https://{}", self.ca_addr),
+                "--ca-root",
+                self.data.join("root-cert.pem").to_str().unwrap(),
+                "--ca-server-name",
+                "localhost",
+                "--token-file",
+                self.token("web", "web").to_str().unwrap(),
+                "--admin",
+                &admin.to_string(),
+                "--access-log",
+                log.to_str().unwrap(),
+                "--audit-log",
+                "off",
+                "--drain-grace",
+                "5s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let proxy = Process(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(admin, "/healthz/ready").map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "the proxy did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (proxy, port, admin, log)
+    }
+}
+
+fn tool(name: &str) -> String {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is required (.ci/run installs it)"
+    );
+    name.to_owned()
+}
+
+fn curl(args: &[&str]) -> Output {
+    Command::new(tool("curl"))
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
+    let dir = tempdir("clients");
+    let mesh = server(&dir);
+    let (_proxy, port, admin, log) = mesh.web_proxy(app("web"));
+    let url = format!("https://127.0.0.1:{port}/hello");
+    let (cert, key, root) = mesh.issue("sleep", "sleep");
+    let (cert, key, root) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        root.to_str().unwrap(),
+    );
+
+    // A mesh client certificate: served. (The server certificate carries a
+    // SPIFFE ID, not a DNS name, so curl is told not to check the name.)
+    let ok = curl(&["-k", "--cacert", root, "--cert", cert, "--key", key, &url]);
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout),
+        "web /hello",
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // Plaintext to a STRICT port: refused.
+    let plain = curl(&[&format!("http://127.0.0.1:{port}/hello")]);
+    assert!(!plain.status.success(), "plaintext was served");
+
+    // TLS without a client certificate: refused.
+    let anonymous = curl(&["-k", &url]);
+    assert!(
+        !anonymous.status.success(),
+        "a client without a certificate was served"
+    );
+
+    // openssl s_client with a mesh certificate, then with one from another CA.
+    let s_client = |cert: &str, key: &str| {
+        let mut child = Command::new(tool("openssl"))
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-cert",
+                cert,
+                "-key",
+                key,
+                "-CAfile",
+                root,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET /openssl HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = s_client(cert, key);
+    assert!(
+        stdout.starts_with("HTTP/1.1 200") && stdout.ends_with("web /openssl"),
+        "{stdout}\n{stderr}"
+    );
+
+    let other_dir = dir.join("other");
+    run(&["ca", "init", "--data-dir", other_dir.to_str().unwrap()]);
+    let other_out = dir.join("other-cert");
+    run(&[
+        "ca",
+        "issue",
+        "--data-dir",
+        other_dir.to_str().unwrap(),
+        "-n",
+        "sleep",
+        "--service-account",
+        "sleep",
+        "--out",
+        other_out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = s_client(
+        other_out.join("cert-chain.pem").to_str().unwrap(),
+        other_out.join("key.pem").to_str().unwrap(),
+    );
+    assert!(
+        !stdout.contains("200"),
+        "a foreign CA's certificate was served: {stdout}"
+    );
+    assert!(stderr.contains("alert"), "{stderr}");
+
+    // The admin port: configuration without keys, metrics, and the log.
+    let (status, dump) = http_get(admin, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(
+        dump["certificate"]["spiffe_id"],
+        "spiffe://cluster.local/ns/web/sa/web"
+    );
+    assert_eq!(dump["mtls"]["mode"], "STRICT");
+    assert_eq!(dump["policies"][0]["name"], "strict");
+    assert!(!dump.to_string().contains("PRIVATE KEY"));
+    let (_, metrics) = http_get(admin, "/stats/prometheus").unwrap();
+    for needle in [
+        r#"meshward_requests_total{direction="inbound",decision="allow",policy=""} 2"#,
+        r#"meshward_tls_handshakes_total{direction="inbound",result="unknown_ca"} 1"#,
+        "meshward_certificate_expiry_timestamp_seconds ",
+        "meshward_config_version 1",
+        "meshward_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains(r#""source_principal":"spiffe://cluster.local/ns/sleep/sa/sleep""#),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let dir = tempdir("drain");
+    let mesh = server(&dir);
+    let (mut proxy, port, _admin, _log) = mesh.web_proxy(app("web"));
+    let (cert, key, root) = mesh.issue("sleep", "sleep");
+    let url = format!("https://127.0.0.1:{port}/delay/1500");
+    let args: Vec<String> = [
+        "-k",
+        "--cacert",
+        root.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        &url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let in_flight = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args(["-TERM", &proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting after SIGTERM"
+    );
+    let done = in_flight.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&done.stdout),
+        "web /delay/1500",
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = proxy.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
