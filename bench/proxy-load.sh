@@ -355,7 +355,7 @@ JWKS=$(tr -d '\n' <"$KEYS/jwks.json")
 mkdir -p "$WORK/policies-l4" "$WORK/policies-l7"
 render "$TEMPLATES/policies-l4.yaml.in" "$WORK/policies-l4/policies.yaml"
 render "$TEMPLATES/policies-l7.yaml.in" "$WORK/policies-l7/policies.yaml" JWKS="$JWKS"
-"$MESHWARD" validate --strict -f "$WORK/policies-l4" -f "$WORK/policies-l7" >&2 || die "policies do not validate"
+"$MESHWARD" validate -f "$WORK/policies-l4" -f "$WORK/policies-l7" >&2 || die "policies do not validate"
 
 # --- scenarios ---------------------------------------------------------------------
 
