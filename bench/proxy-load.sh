@@ -190,11 +190,12 @@ pick_ports() { # count -> space-separated ports
     echo "${out[*]}"
 }
 
-wait_until() { # description timeout_s command...
-    local what=$1 timeout=$2 i
-    shift 2
+wait_until() { # description timeout_s pid command... (pid: fail at once if it exits)
+    local what=$1 timeout=$2 pid=$3 i
+    shift 3
     for ((i = 0; i < timeout * 10; i++)); do
         "$@" >/dev/null 2>&1 && return 0
+        proc_alive "$pid" || die "$what: process $pid exited"
         sleep 0.1
     done
     die "timed out after ${timeout}s waiting for $what"
@@ -262,7 +263,8 @@ expect_status() { # scenario want(code, or !200) description curl-args...
     else
         [[ $got == "$want" ]] || die "$scen sanity check: $what: HTTP $got, wanted $want"
     fi
-    log "  ok: $what -> $got (000: connection refused or closed)"
+    [[ $got == 000 ]] && got="000 (no HTTP answer: refused or closed)"
+    log "  ok: $what -> $got"
 }
 
 declare -A R_RPS R_P50 R_P99 R_REQS R_HOPS
@@ -320,7 +322,7 @@ render "$TEMPLATES/nginx.conf.in" "$WORK/nginx.conf" WORK="$WORK" NGINX_PORT="$N
     die "nginx -t: $(cat "$WORK/nginx-test.log")"
 start_bg nginx "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 NGINX_PID=$LAST_PID
-wait_until "nginx on $NGINX_PORT" 10 port_open "$NGINX_PORT"
+wait_until "nginx on $NGINX_PORT" 10 "$NGINX_PID" port_open "$NGINX_PORT"
 log "nginx (pid $NGINX_PID) on 127.0.0.1:$NGINX_PORT"
 
 # The mesh CA, tokens and haproxy's certificates.
@@ -339,7 +341,7 @@ cp "$DATA/root-cert.pem" "$CERTS/root.pem"
 
 start_bg meshward-server "$MESHWARD" server --data-dir "$DATA" --listen "127.0.0.1:$CA_PORT" --trust-domain "$TD"
 CA_PID=$LAST_PID
-wait_until "meshward server" 20 grep -q '^listening on' "$WORK/meshward-server.log"
+wait_until "meshward server" 20 "$CA_PID" grep -q '^listening on' "$WORK/meshward-server.log"
 log "meshward server (pid $CA_PID): $(grep -m1 '^listening on' "$WORK/meshward-server.log")"
 
 # An RS256 JWT signed with the repository's test key (kid rsa-1).
@@ -386,8 +388,8 @@ meshward_pair() {
         --upstream "server.bench:80=127.0.0.1:$cl_listen,endpoint=127.0.0.1:$sv_in,identity=$SERVER_ID,protocol=$proto" \
         --token-file "$WORK/client.token" --admin "127.0.0.1:$cl_admin" --access-log "$cl_log" "${common[@]}"
     local cl_pid=$LAST_PID
-    wait_until "$scen server proxy ready" 30 http_ok "http://127.0.0.1:$sv_admin/healthz/ready"
-    wait_until "$scen client proxy ready" 30 http_ok "http://127.0.0.1:$cl_admin/healthz/ready"
+    wait_until "$scen server proxy ready" 30 "$sv_pid" http_ok "http://127.0.0.1:$sv_admin/healthz/ready"
+    wait_until "$scen client proxy ready" 30 "$cl_pid" http_ok "http://127.0.0.1:$cl_admin/healthz/ready"
     log "$scen: client proxy pid $cl_pid on $cl_listen, server proxy pid $sv_pid on $sv_in ($proto)"
 
     local url=http://127.0.0.1:$cl_listen$PATH_OK auth=(-H "Authorization: Bearer $JWT")
@@ -436,8 +438,8 @@ haproxy_pair() {
     local b_pid=$LAST_PID
     start_bg "$scen-a" "$HAPROXY" -db -f "$WORK/$scen-a.cfg"
     local a_pid=$LAST_PID
-    wait_until "$scen haproxy B" 10 port_open "$b_port"
-    wait_until "$scen haproxy A" 10 port_open "$a_port"
+    wait_until "$scen haproxy B" 10 "$b_pid" port_open "$b_port"
+    wait_until "$scen haproxy A" 10 "$a_pid" port_open "$a_port"
     log "$scen: haproxy A pid $a_pid on $a_port, haproxy B pid $b_pid on $b_port (mode $mode)"
     local url=http://127.0.0.1:$a_port$PATH_OK
     expect_status "$scen" 200 "GET $PATH_OK through the pair" "$url"

@@ -29,6 +29,36 @@ pub struct Snapshot {
     /// Where it was read from.
     pub source: String,
     pub loaded_at: SystemTime,
+    /// Whether some `jwksUri` may have to be fetched while authenticating.
+    pub fetches_jwks: bool,
+}
+
+impl Snapshot {
+    fn new(version: u64, workload: &Workload, set: PolicySet, source: String) -> Snapshot {
+        Snapshot {
+            version,
+            policy: set.for_workload(workload),
+            fetches_jwks: !jwks_uris(&set).is_empty(),
+            set,
+            source,
+            loaded_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Every `jwksUri` of the set's RequestAuthentications, with its timeout.
+fn jwks_uris(set: &PolicySet) -> Vec<(String, Option<String>)> {
+    let mut uris = Vec::new();
+    for policy in set.policies() {
+        if let Policy::RequestAuthentication(ra) = policy {
+            for rule in &ra.spec.jwt_rules {
+                if !rule.jwks_uri.is_empty() {
+                    uris.push((rule.jwks_uri.clone(), rule.timeout.clone()));
+                }
+            }
+        }
+    }
+    uris
 }
 
 /// The current snapshot, shared by every connection.
@@ -40,13 +70,7 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     pub fn new(workload: Workload, set: PolicySet, source: String) -> PolicyStore {
-        let snapshot = Snapshot {
-            version: 1,
-            policy: set.for_workload(&workload),
-            set,
-            source,
-            loaded_at: SystemTime::now(),
-        };
+        let snapshot = Snapshot::new(1, &workload, set, source);
         PolicyStore {
             workload,
             tx: Arc::new(watch::channel(Arc::new(snapshot)).0),
@@ -67,13 +91,7 @@ impl PolicyStore {
         let mut version = 0;
         self.tx.send_modify(|current| {
             version = current.version + 1;
-            *current = Arc::new(Snapshot {
-                version,
-                policy: set.for_workload(&self.workload),
-                set,
-                source,
-                loaded_at: SystemTime::now(),
-            });
+            *current = Arc::new(Snapshot::new(version, &self.workload, set, source));
         });
         version
     }
@@ -188,17 +206,7 @@ pub async fn watch_dir(
 /// Fetches the JWKS of every `jwksUri` the current policies use, off the
 /// request path, so the first request with a token does not wait for it.
 pub fn warm_jwks(store: &PolicyStore, jwks: &Arc<JwksCache>) {
-    let snapshot = store.current();
-    let mut uris = Vec::new();
-    for policy in snapshot.set.policies() {
-        if let Policy::RequestAuthentication(ra) = policy {
-            for rule in &ra.spec.jwt_rules {
-                if !rule.jwks_uri.is_empty() {
-                    uris.push((rule.jwks_uri.clone(), rule.timeout.clone()));
-                }
-            }
-        }
-    }
+    let uris = jwks_uris(&store.current().set);
     if uris.is_empty() {
         return;
     }

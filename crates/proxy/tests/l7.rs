@@ -149,6 +149,11 @@ async fn http1_requests_are_authorized_and_the_deciding_policy_is_logged() {
         metrics.contains(r#"meshward_requests_total{direction="inbound",decision="allow",policy="web/allow-public"} 2"#),
         "{metrics}"
     );
+    // Four client connections, one pooled mutual TLS connection between the proxies.
+    assert!(
+        metrics.contains(r#"meshward_tls_handshakes_total{direction="inbound",result="ok"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,6 +182,11 @@ async fn http2_and_grpc_pass_through_with_authorization() {
     assert_eq!(seen(&body)["version"], "HTTP/2.0");
     let (status, _, _, _) = h2(p.client.outbound[0], "GET", "/private", &[]).await;
     assert_eq!(status, 403);
+    let metrics = p.server.proxy.as_ref().unwrap().metrics().encode();
+    assert!(
+        metrics.contains(r#"meshward_tls_handshakes_total{direction="inbound",result="ok"} 1"#),
+        "HTTP/2 requests share one connection: {metrics}"
+    );
 }
 
 const JWT_POLICIES: &str = r#"

@@ -192,11 +192,12 @@ async fn decide(
     view: &HttpRequest,
 ) -> (InboundDecision, Option<ExtAuthzAnswer>) {
     let policy = &snapshot.policy;
-    let authenticated =
-        match blocking_allowed(policy, || policy.authenticate(&info.connection, Some(view))) {
-            Ok(a) => a,
-            Err(denied) => return (*denied, None),
-        };
+    let authenticated = match blocking_allowed(snapshot, || {
+        policy.authenticate(&info.connection, Some(view))
+    }) {
+        Ok(a) => a,
+        Err(denied) => return (*denied, None),
+    };
     let provider = {
         let attrs = authenticated.attributes(policy, &info.connection, Some(view));
         policy
@@ -224,13 +225,13 @@ async fn decide(
     (decision, ext)
 }
 
-/// Request authentication may fetch a JWKS (at most every 30 s, within the
-/// rule's timeout): on a multi-threaded runtime that happens off the
-/// scheduler, so other connections are not held up.
-fn blocking_allowed<T>(policy: &WorkloadPolicy, f: impl FnOnce() -> T) -> T {
+/// Request authentication may fetch a `jwksUri` (at most every 30 s, within
+/// the rule's timeout): on a multi-threaded runtime that happens off the
+/// scheduler, so other connections are not held up. Inline keys never fetch.
+fn blocking_allowed<T>(snapshot: &Snapshot, f: impl FnOnce() -> T) -> T {
     let multi = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi && !policy.authn.is_empty() {
+    if multi && snapshot.fetches_jwks {
         tokio::task::block_in_place(f)
     } else {
         f()
