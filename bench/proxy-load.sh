@@ -14,6 +14,8 @@
 #                   the JWT (RS256) and authorizes every request (STRICT mTLS,
 #                   RequestAuthentication, DENY without a request principal,
 #                   ALLOW principal + GET + /bench/*)
+#   meshward-l7-nojwt  meshward-l7 without the JWT rules (STRICT mTLS and the ALLOW
+#                   only): the difference is what verifying the JWT costs
 #   meshward-l7-log the same as meshward-l7 with access logs on (to files); skip
 #                   with ACCESS_LOG_RUN=0. All other meshward runs use
 #                   --access-log off --audit-log off.
@@ -32,8 +34,11 @@
 # under load fails the run (exit 1) and prints the logs.
 #
 # Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
-# ACCESS_LOG_RUN=1 KEEP=0 (1 keeps the work directory with logs and configs).
-# Needs: wrk, haproxy, nginx, curl, openssl, ss (installed with apt-get when
+# ACCESS_LOG_RUN=1 KEEP=0 (1 keeps the work directory with logs and configs),
+# QUIET_WAIT=60 (seconds to wait, at start, for the machine to be under 10% busy),
+# ONLY="meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http" (a subset
+# runs only those, after direct).
+# Needs: wrk, haproxy, nginx, curl, openssl, ss, column, ps (installed with apt-get when
 # missing; sudo is used when not root).
 
 set -euo pipefail
@@ -50,6 +55,9 @@ CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
 KEEP=${KEEP:-0}
+QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% busy
+# Which scenarios after direct (always run: the ratios are to it).
+ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http}
 
 NS=bench
 TD=cluster.local
@@ -81,6 +89,8 @@ install_missing() {
     [[ -n $(find_tool openssl) ]] || missing+=(openssl)
     [[ -n $(find_tool ss) ]] || missing+=(iproute2)
     [[ -n $(find_tool nginx) ]] || missing+=(nginx)
+    [[ -n $(find_tool column) ]] || missing+=(bsdextrautils)
+    [[ -n $(find_tool ps) ]] || missing+=(procps)
     ((${#missing[@]})) || return 0
     log "installing: ${missing[*]}"
     $SUDO apt-get update -qq
@@ -92,7 +102,7 @@ install_missing() {
         fi
         pkgs+=("$p")
     done
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >&2
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >&2
 }
 
 install_missing
@@ -227,6 +237,34 @@ cpu_ticks() { # pid -> utime+stime (whole process, all threads)
     echo $((f[11] + f[12]))
 }
 
+# The machine's busy and total ticks since boot (busy includes interrupts and
+# hypervisor steal).
+machine_ticks() {
+    local a
+    read -r -a a < <(head -1 /proc/stat)
+    echo "$((a[1] + a[2] + a[3] + a[6] + a[7] + a[8])) $((a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7] + a[8]))"
+}
+
+# CPU ticks of this shell's reaped children (wrk, once it has exited): `times`
+# must run in this shell, not a subshell, so it writes to a file.
+children_ticks() {
+    times >"$WORK/times.txt"
+    tail -n 1 "$WORK/times.txt" | awk -v hz="$CLK_TCK" '{
+        n = 0
+        for (i = 1; i <= 2; i++) { split($i, p, "m"); sub(/s$/, "", p[2]); n += p[1] * 60 + p[2] }
+        printf "%.0f", n * hz }'
+}
+
+# Ticks of the long-running processes of ours that are not measured hops:
+# nginx (master and workers) and meshward server.
+base_ticks() {
+    local pid n=0
+    for pid in $NGINX_PID $NGINX_WORKERS $CA_PID; do
+        proc_alive "$pid" && n=$((n + $(cpu_ticks "$pid")))
+    done
+    echo "$n"
+}
+
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 
 to_ms() { # wrk duration (12.3us, 4.5ms, 1.2s, 1.0m) -> ms
@@ -267,7 +305,7 @@ expect_status() { # scenario want(code, or !200) description curl-args...
     log "  ok: $what -> $got"
 }
 
-declare -A R_RPS R_P50 R_P99 R_REQS R_HOPS
+declare -A R_RPS R_P50 R_P99 R_REQS R_HOPS R_OTHER
 SCENARIOS=()
 
 # measure scenario url hop_name=pid...
@@ -285,19 +323,34 @@ measure() {
     log "$scen: warm-up $WARMUP"
     run_wrk "$url" "$WARMUP" "$WORK/wrk-$scen-warmup.txt"
     check_wrk "$scen (warm-up)" "$WORK/wrk-$scen-warmup.txt"
+    local m0 m1 c0 c1 b0 b1 ours=0
     for hop in "$@"; do
         pid=${hop#*=}
         before[$pid]=$(cpu_ticks "$pid")
     done
+    c0=$(children_ticks)
+    b0=$(base_ticks)
+    m0=$(machine_ticks)
     log "$scen: load $DURATION"
     run_wrk "$url" "$DURATION" "$WORK/wrk-$scen.txt"
+    m1=$(machine_ticks)
+    b1=$(base_ticks)
+    c1=$(children_ticks)
     local out=$WORK/wrk-$scen.txt hops=()
     for hop in "$@"; do
         name=${hop%%=*}
         pid=${hop#*=}
         proc_alive "$pid" || die "$scen: $name (pid $pid) died under load"
-        hops+=("$name:$(($(cpu_ticks "$pid") - ${before[$pid]})):${idle[$pid]}:$(rss_kib "$pid")")
+        local used=$(($(cpu_ticks "$pid") - ${before[$pid]}))
+        ours=$((ours + used))
+        hops+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid")")
     done
+    # What the rest of the machine used meanwhile: busy ticks not spent by
+    # wrk, nginx, meshward server or the hops, as % of all CPU time.
+    read -r m0b m0t <<<"$m0"
+    read -r m1b m1t <<<"$m1"
+    R_OTHER[$scen]=$(awk -v o=$((m1b - m0b - ours - (b1 - b0) - (c1 - c0))) -v t=$((m1t - m0t)) \
+        'BEGIN { v = t > 0 ? 100 * o / t : 0; if (v < 0) v = 0; printf "%.0f", v }')
     check_wrk "$scen" "$out"
     SCENARIOS+=("$scen")
     R_RPS[$scen]=$(awk '/^Requests\/sec:/{print $2}' "$out")
@@ -305,15 +358,32 @@ measure() {
     R_P50[$scen]=$(to_ms "$(awk '$1=="50%"{print $2}' "$out")")
     R_P99[$scen]=$(to_ms "$(awk '$1=="99%"{print $2}' "$out")")
     R_HOPS[$scen]=${hops[*]}
-    log "$scen: ${R_RPS[$scen]} req/s, p50 ${R_P50[$scen]} ms, p99 ${R_P99[$scen]} ms (${R_REQS[$scen]} requests)"
+    log "$scen: ${R_RPS[$scen]} req/s, p50 ${R_P50[$scen]} ms, p99 ${R_P99[$scen]} ms (${R_REQS[$scen]} requests; other CPU ${R_OTHER[$scen]}%)"
 }
 
 # --- setup -----------------------------------------------------------------------
 
-read -r -a P <<<"$(pick_ports 20)"
+read -r -a P <<<"$(pick_ports 32)"
 NGINX_PORT=${P[0]} CA_PORT=${P[1]}
 log "work directory $WORK; meshward $MESHWARD"
-log "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+# How busy the machine is before we start (1 s sample of /proc/stat): other
+# work on a 2-core machine skews every number here.
+busy_pct() {
+    local a b
+    read -r -a a < <(head -1 /proc/stat)
+    sleep 1
+    read -r -a b < <(head -1 /proc/stat)
+    awk -v u=$((b[1] + b[2] + b[3] + b[6] + b[7] - a[1] - a[2] - a[3] - a[6] - a[7])) \
+        -v t=$((b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7] + b[8] - a[1] - a[2] - a[3] - a[4] - a[5] - a[6] - a[7] - a[8])) \
+        'BEGIN { printf "%.0f", (t > 0 ? 100 * u / t : 0) }'
+}
+BUSY_BEFORE=$(busy_pct)
+for ((waited = 1; BUSY_BEFORE >= 10 && waited < QUIET_WAIT; waited++)); do
+    ((waited % 10 == 1)) && log "the machine is ${BUSY_BEFORE}% busy; waiting up to ${QUIET_WAIT}s for it to go quiet"
+    BUSY_BEFORE=$(busy_pct)
+done
+log "CPU busy before the run: $BUSY_BEFORE% of $(nproc) cores (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+((BUSY_BEFORE < 10)) || log "WARNING: the machine is already ${BUSY_BEFORE}% busy; the numbers will be skewed"
 
 # nginx
 mkdir -p "$WORK/nginx-tmp"
@@ -323,7 +393,8 @@ render "$TEMPLATES/nginx.conf.in" "$WORK/nginx.conf" WORK="$WORK" NGINX_PORT="$N
 start_bg nginx "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 NGINX_PID=$LAST_PID
 wait_until "nginx on $NGINX_PORT" 10 "$NGINX_PID" port_open "$NGINX_PORT"
-log "nginx (pid $NGINX_PID) on 127.0.0.1:$NGINX_PORT"
+NGINX_WORKERS=$(ps -o pid= --ppid "$NGINX_PID" | tr '\n' ' ')
+log "nginx (pid $NGINX_PID, worker $NGINX_WORKERS) on 127.0.0.1:$NGINX_PORT"
 
 # The mesh CA, tokens and haproxy's certificates.
 DATA=$WORK/meshward-data
@@ -354,10 +425,11 @@ JWT=$JWT_HEAD.$JWT_BODY.$JWT_SIG
 
 # Policies, validated as the proxy will load them.
 JWKS=$(tr -d '\n' <"$KEYS/jwks.json")
-mkdir -p "$WORK/policies-l4" "$WORK/policies-l7"
+mkdir -p "$WORK/policies-l4" "$WORK/policies-l7" "$WORK/policies-l7-nojwt"
 render "$TEMPLATES/policies-l4.yaml.in" "$WORK/policies-l4/policies.yaml"
 render "$TEMPLATES/policies-l7.yaml.in" "$WORK/policies-l7/policies.yaml" JWKS="$JWKS"
-"$MESHWARD" validate -f "$WORK/policies-l4" -f "$WORK/policies-l7" >&2 || die "policies do not validate"
+render "$TEMPLATES/policies-l7-nojwt.yaml.in" "$WORK/policies-l7-nojwt/policies.yaml"
+"$MESHWARD" validate -f "$WORK/policies-l4" -f "$WORK/policies-l7" -f "$WORK/policies-l7-nojwt" >&2 || die "policies do not validate"
 
 # --- scenarios ---------------------------------------------------------------------
 
@@ -365,11 +437,15 @@ render "$TEMPLATES/policies-l7.yaml.in" "$WORK/policies-l7/policies.yaml" JWKS="
 measure direct "http://127.0.0.1:$NGINX_PORT$PATH_OK"
 
 next_port=2
-take_port() { PORT=${P[next_port]}; next_port=$((next_port + 1)); }
+take_port() {
+    ((next_port < ${#P[@]})) || die "out of picked ports: raise pick_ports' count"
+    PORT=${P[next_port]}
+    next_port=$((next_port + 1))
+}
 
-# meshward_pair scenario protocol policy_dir access_log(off|on)
+# meshward_pair scenario protocol policy_dir access_log(off|on) jwt(yes|no)
 meshward_pair() {
-    local scen=$1 proto=$2 policies=$3 access=$4 cl_listen sv_in cl_admin sv_admin cl_log sv_log
+    local scen=$1 proto=$2 policies=$3 access=$4 jwt=${5:-yes} cl_listen sv_in cl_admin sv_admin cl_log sv_log
     take_port; cl_listen=$PORT
     take_port; sv_in=$PORT
     take_port; cl_admin=$PORT
@@ -395,8 +471,10 @@ meshward_pair() {
     local url=http://127.0.0.1:$cl_listen$PATH_OK auth=(-H "Authorization: Bearer $JWT")
     expect_status "$scen" 200 "GET $PATH_OK with JWT through the pair" "${auth[@]}" "$url"
     if [[ $proto == http ]]; then
-        expect_status "$scen" 403 "GET without JWT" "$url"
-        expect_status "$scen" 401 "GET with a tampered JWT" -H "Authorization: Bearer ${JWT}x" "$url"
+        if [[ $jwt == yes ]]; then
+            expect_status "$scen" 403 "GET without JWT" "$url"
+            expect_status "$scen" 401 "GET with a tampered JWT" -H "Authorization: Bearer ${JWT}x" "$url"
+        fi
         expect_status "$scen" 403 "GET /other (outside /bench/)" "${auth[@]}" "http://127.0.0.1:$cl_listen/other"
         expect_status "$scen" 403 "POST $PATH_OK" "${auth[@]}" -X POST "$url"
     fi
@@ -450,13 +528,13 @@ haproxy_pair() {
 }
 
 NOTES=()
-meshward_pair meshward-l4 tcp "$WORK/policies-l4" off
-meshward_pair meshward-l7 http "$WORK/policies-l7" off
-if [[ $ACCESS_LOG_RUN == 1 ]]; then
-    meshward_pair meshward-l7-log http "$WORK/policies-l7" on
-fi
-haproxy_pair haproxy-tcp tcp
-haproxy_pair haproxy-http http
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+wanted meshward-l4 && meshward_pair meshward-l4 tcp "$WORK/policies-l4" off
+wanted meshward-l7 && meshward_pair meshward-l7 http "$WORK/policies-l7" off
+wanted meshward-l7-nojwt && meshward_pair meshward-l7-nojwt http "$WORK/policies-l7-nojwt" off no
+[[ $ACCESS_LOG_RUN == 1 ]] && wanted meshward-l7-log && meshward_pair meshward-l7-log http "$WORK/policies-l7" on
+wanted haproxy-tcp && haproxy_pair haproxy-tcp tcp
+wanted haproxy-http && haproxy_pair haproxy-http http
 
 # --- report ------------------------------------------------------------------------
 
@@ -486,10 +564,10 @@ for s in "${SCENARIOS[@]}"; do
             end+=("$(mib "$(hop_field "$i" "$hops" 4)")")
         fi
     done
-    ROWS+=("$s|${R_RPS[$s]}|$(ratio "${R_RPS[$s]}" "${R_RPS[direct]}")|${R_P50[$s]}|$(ratio "${R_P50[$s]}" "${R_P50[direct]}")|${R_P99[$s]}|$(ratio "${R_P99[$s]}" "${R_P99[direct]}")|${cpu[0]}|${cpu[1]}|${idle[0]}|${idle[1]}|${end[0]}|${end[1]}")
+    ROWS+=("$s|$(printf '%.0f' "${R_RPS[$s]}")|$(ratio "${R_RPS[$s]}" "${R_RPS[direct]}")|${R_P50[$s]}|$(ratio "${R_P50[$s]}" "${R_P50[direct]}")|${R_P99[$s]}|$(ratio "${R_P99[$s]}" "${R_P99[direct]}")|${cpu[0]}|${cpu[1]}|${idle[0]}|${idle[1]}|${end[0]}|${end[1]}|${R_OTHER[$s]}")
 done
 
-HEADER="scenario|req/s|req/s ÷ direct|p50 ms|p50 ÷ direct|p99 ms|p99 ÷ direct|CPU-s/1k req hop1|CPU-s/1k req hop2|RSS idle MiB hop1|RSS idle MiB hop2|RSS end MiB hop1|RSS end MiB hop2"
+HEADER="scenario|req/s|req/s ÷ direct|p50 ms|p50 ÷ direct|p99 ms|p99 ÷ direct|CPU-s/1k req hop1|CPU-s/1k req hop2|RSS idle MiB hop1|RSS idle MiB hop2|RSS end MiB hop1|RSS end MiB hop2|other CPU %"
 
 echo
 echo "== proxy load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after a $WARMUP warm-up), $(nproc) cores =="
@@ -503,11 +581,19 @@ echo
 echo "Markdown:"
 echo
 echo "| ${HEADER//|/ | } |"
-echo "|---|$(printf -- '---:|%.0s' $(seq 12))"
+echo "|---|$(printf -- '---:|%.0s' $(seq 13))"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
 echo
 echo "- wrk $("$WRK" -v 2>&1 | head -1 | awk '{print $2}'), \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $WARMUP warm-up, every request with the same \`Authorization: Bearer\` RS256 JWT; backend nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, \`return 200 \"ok\\n\"\`."
 echo "- meshward $("$MESHWARD" --version 2>/dev/null | awk '{print $NF}') (\`$(basename "$MESHWARD")\`), \`--access-log off --audit-log off\` except meshward-l7-log (access logs to files); haproxy $("$HAPROXY" -v | head -1 | awk '{print $3}') with default threads."
+echo "- Identity checks: meshward's client side accepts only the server's SPIFFE ID (secure naming) and the server side allows only the client's principal (L4: per connection; L7: per request, with GET + /bench/* and, in meshward-l7, a verified RS256 JWT); haproxy verifies both chains against the mesh root but checks no SPIFFE ID."
+echo "- other CPU %: busy CPU time during the measured phase not spent by wrk, nginx, meshward server or the hops (other processes, interrupts, hypervisor steal), as % of the machine; more than a few % means the row is skewed."
 echo "- CPU per hop: utime+stime of that proxy process during the measured phase, ÷ (requests ÷ 1,000). RSS: VmRSS before any load and right after it."
-echo "- $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg). wrk, nginx and both proxies share the cores."
+echo "- $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); CPU ${BUSY_BEFORE}% busy in the second before the run (anything else running skews the numbers). wrk, nginx and both proxies share the cores."
 for n in "${NOTES[@]}"; do echo "- $n"; done
+for s in "${SCENARIOS[@]}"; do
+    if ((${R_OTHER[$s]} > 10)); then
+        echo "- WARNING: $s ran while ${R_OTHER[$s]}% of the machine went to other work: its numbers are skewed; run again on a quiet machine."
+        log "WARNING: $s: other CPU ${R_OTHER[$s]}%"
+    fi
+done

@@ -109,13 +109,16 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Header fields per request (Envoy's default is 100).
     pub max_headers: usize,
-    /// For the TLS handshake and the first bytes of a connection.
+    /// For the TLS handshake, a complete ClientHello, and the rest of a
+    /// protocol's first bytes once they started arriving.
     pub handshake_timeout: Duration,
     /// For a request's headers to arrive, counted from when the connection
     /// became idle: an HTTP/1 connection with no request for this long is
     /// closed (slow-header clients too).
     pub header_timeout: Duration,
-    /// For protocol detection on ports without a declared protocol.
+    /// For a connection's first byte on ports that must look at it
+    /// (PERMISSIVE, DISABLE, undeclared protocol): a client that sends
+    /// nothing by then is a plaintext client of a server-first protocol.
     pub detection_timeout: Duration,
     /// For connecting to the application or an upstream endpoint.
     pub connect_timeout: Duration,

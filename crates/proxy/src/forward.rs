@@ -26,6 +26,8 @@ use crate::metrics::{Direction, Metrics};
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("no endpoint to connect to")]
+    NoEndpoints,
     #[error("connecting to {addr}: {source}")]
     Tcp {
         addr: SocketAddr,
@@ -77,8 +79,11 @@ impl Connector {
     /// Opens one connection to the next endpoint. Returns the verified
     /// server identity for mutual TLS.
     pub async fn connect(&self) -> Result<(UpstreamStream, Option<Peer>), ConnectError> {
+        if self.endpoints.is_empty() {
+            return Err(ConnectError::NoEndpoints);
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let addr = self.endpoints[i % self.endpoints.len().max(1)];
+        let addr = self.endpoints[i % self.endpoints.len()];
         let tcp = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),

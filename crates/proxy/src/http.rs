@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -36,10 +37,12 @@ pub fn protocol_name(version: Version) -> &'static str {
 }
 
 /// The request as the policy engine reads it. An absolute-form HTTP/1
-/// target is kept whole, so the engine refuses it as Envoy does.
+/// target, and CONNECT's authority form, are kept whole, so the engine
+/// refuses them as Envoy does.
 pub fn policy_request<B>(request: &Request<B>) -> HttpRequest {
     let uri = request.uri();
-    let path = if request.version() != Version::HTTP_2 && uri.scheme().is_some() {
+    let absolute = request.version() != Version::HTTP_2 && uri.scheme().is_some();
+    let path = if absolute || request.method() == http::Method::CONNECT {
         uri.to_string()
     } else {
         uri.path_and_query()
@@ -137,6 +140,16 @@ fn percent_encode(message: &str) -> String {
     out
 }
 
+/// A 400 that also ends the connection: after a malformed request, what
+/// follows on the connection cannot be trusted to be framed as intended.
+pub fn bad_request(grpc: bool) -> Response<Body> {
+    let mut response = local_reply(400, "Bad Request", grpc);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// Connection-level headers are for one hop only (RFC 9110 §7.6.1), and
 /// HTTP/2 forbids them outright.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -190,12 +203,55 @@ pub fn apply_edits(headers: &mut HeaderMap, remove: &[String], set: &[(String, S
     }
 }
 
-/// The URI to send upstream: `http://AUTHORITY` and the path as authorized,
-/// with the original query.
-pub fn upstream_uri(authority: &str, path: &str, original_target: &str) -> Option<Uri> {
+/// The authority a request is for (`:authority`, else the one `Host`), or
+/// `fallback` when it names none. `None` when it is not a plain `host[:port]`
+/// (user info, a path or query smuggled into `Host`) or `Host` is repeated:
+/// such a request is refused, as the authority authorized must be the one
+/// the application gets.
+pub fn request_authority<B>(request: &Request<B>, fallback: &str) -> Option<Authority> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return None;
+    }
+    let text = match (request.uri().authority(), first) {
+        (Some(a), _) => a.as_str().to_owned(),
+        (None, Some(h)) => h.to_str().ok()?.to_owned(),
+        (None, None) => fallback.to_owned(),
+    };
+    if text.is_empty() || text.contains(['@', '/', '?', '#']) {
+        return None;
+    }
+    Authority::try_from(text).ok()
+}
+
+/// What the upstream gets: the URI `http://AUTHORITY` + the path as
+/// authorized + the original query, and the authority in `Host` for
+/// HTTP/1.1 (HTTP/2 carries it in `:authority`).
+pub fn set_upstream_target(
+    parts: &mut http::request::Parts,
+    authority: &Authority,
+    path: &str,
+    original_target: &str,
+) -> Option<()> {
     let query =
         &original_target[meshward_policy::authz::normalize::strip_query(original_target).len()..];
-    format!("http://{authority}{path}{query}").parse().ok()
+    let path_and_query = PathAndQuery::try_from(format!("{path}{query}")).ok()?;
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .ok()?;
+    if parts.version == Version::HTTP_2 {
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.headers.insert(
+            header::HOST,
+            HeaderValue::from_str(authority.as_str()).ok()?,
+        );
+    }
+    Some(())
 }
 
 /// Counts the bytes of a body as they pass.
@@ -323,9 +379,42 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_keeps_the_query_after_the_authorized_path() {
-        let uri = upstream_uri("svc:80", "/admin", "/a/../admin?x=1").unwrap();
-        assert_eq!(uri.to_string(), "http://svc:80/admin?x=1");
+    fn the_upstream_gets_the_authorized_path_and_authority() {
+        let (mut parts, _) = Request::get("/a/../admin?x=1")
+            .header("host", "svc:80")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let authority = Authority::from_static("svc:80");
+        set_upstream_target(&mut parts, &authority, "/admin", "/a/../admin?x=1").unwrap();
+        assert_eq!(parts.uri.to_string(), "http://svc:80/admin?x=1");
+        assert_eq!(parts.headers["host"], "svc:80");
+    }
+
+    #[test]
+    fn a_host_that_is_not_an_authority_is_refused() {
+        let with = |host: &str| {
+            let r = Request::get("/public")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            request_authority(&r, "127.0.0.1:1").map(|a| a.to_string())
+        };
+        assert_eq!(with("web:80").as_deref(), Some("web:80"));
+        assert_eq!(with("web/admin?"), None);
+        assert_eq!(with("user@web"), None);
+        assert_eq!(with("web#x"), None);
+        let twice = Request::get("/")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(request_authority(&twice, "x:1"), None);
+        let none = Request::get("/").body(()).unwrap();
+        assert_eq!(
+            request_authority(&none, "127.0.0.1:1").unwrap(),
+            "127.0.0.1:1"
+        );
     }
 
     #[test]

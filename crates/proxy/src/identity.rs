@@ -28,6 +28,10 @@ pub struct WorkloadIdentity {
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN for HTTP/1.1 between proxies.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Offered by every meshward client beside the protocol it wants, as
+/// Istio's sidecars offer `istio`: it tells a PERMISSIVE port the mesh's
+/// mutual TLS from an application's own TLS, which passes through.
+pub const ALPN_MESH: &[u8] = b"istio";
 
 impl WorkloadIdentity {
     pub fn has_certificate(&self) -> bool {
@@ -40,11 +44,12 @@ impl WorkloadIdentity {
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
         let clients = SpiffeClientVerifier::new(&self.bundle, self.trust_domains.clone(), true)?;
         let mut config = tls::server_config(self.cert.clone(), clients)?;
-        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_MESH.to_vec()];
         Ok(Arc::new(config))
     }
 
-    /// Outbound mutual TLS to a service run by one of `allowed`.
+    /// Outbound mutual TLS to a service run by one of `allowed`, offering
+    /// `alpn` and the mesh marker.
     pub fn client_config(
         &self,
         allowed: Vec<SpiffeId>,
@@ -53,6 +58,7 @@ impl WorkloadIdentity {
         let server = SecureNamingVerifier::new(&self.bundle, self.trust_domains.clone(), allowed)?;
         let mut config = tls::client_config(self.cert.clone(), server)?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.alpn_protocols.push(ALPN_MESH.to_vec());
         Ok(Arc::new(config))
     }
 

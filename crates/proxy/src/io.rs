@@ -70,23 +70,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
-/// Reads the first bytes of `stream` (up to `max`), waiting at most until
-/// `deadline` for more once something has arrived. Returns what was read; an
-/// empty result means the peer closed or sent nothing in time.
+/// Reads the first bytes of `stream` (up to `max`) until `enough` says the
+/// protocol is decided. If nothing arrives within `first_byte`, returns
+/// nothing (a server-first protocol); once bytes flow, keeps reading until
+/// decided, for at most `rest` — so a client cannot make an HTTP connection
+/// look like TCP by pausing mid-method. An empty result also means the peer
+/// closed.
 pub async fn read_prefix<S: AsyncRead + Unpin>(
     stream: &mut S,
     max: usize,
     enough: impl Fn(&[u8]) -> bool,
-    timeout: std::time::Duration,
+    first_byte: std::time::Duration,
+    rest: std::time::Duration,
 ) -> io::Result<Bytes> {
     let mut buf = Vec::with_capacity(max);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let mut deadline = tokio::time::Instant::now() + first_byte;
     while buf.len() < max && !enough(&buf) {
         let mut chunk = [0u8; 256];
         let want = (max - buf.len()).min(chunk.len());
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])).await {
             Ok(Ok(0)) | Err(_) => break,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) => {
+                if buf.is_empty() {
+                    deadline = tokio::time::Instant::now() + rest;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
             Ok(Err(e)) => return Err(e),
         }
     }
@@ -191,7 +200,8 @@ mod tests {
         a.write_all(b"hello world").await.unwrap();
         drop(a);
         let mut b = b;
-        let prefix = read_prefix(&mut b, 5, |_| false, std::time::Duration::from_secs(1))
+        let second = std::time::Duration::from_secs(1);
+        let prefix = read_prefix(&mut b, 5, |_| false, second, second)
             .await
             .unwrap();
         assert_eq!(&prefix[..], b"hello");

@@ -105,7 +105,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub logs: Logs,
     ext_authz: ExtAuthz,
+    /// Draining: stop accepting, finish in-flight HTTP requests.
     shutdown: CancellationToken,
+    /// The grace period is over: close whatever is still open.
+    stop_now: CancellationToken,
     http: auto::Builder<TokioExecutor>,
     pub listeners: Listeners,
 }
@@ -153,18 +156,16 @@ impl Proxy {
         for port in &config.inbound {
             let name = format!("inbound|{}", port.port);
             let listener = bind(port.listen, name.clone()).await?;
-            let connector = |_alpn| {
-                Connector::new(
-                    vec![port.app],
-                    None,
-                    limits.connect_timeout,
-                    metrics.clone(),
-                )
-            };
+            let connector = Connector::new(
+                vec![port.app],
+                None,
+                limits.connect_timeout,
+                metrics.clone(),
+            );
             let target = InboundTarget {
                 port: port.clone(),
-                app: HttpPools::new(connector(()), connector(()), port.protocol),
-                connector: connector(()),
+                app: HttpPools::new(connector.clone(), connector.clone(), port.protocol),
+                connector,
             };
             listeners.inbound.push(ListenerInfo {
                 address: listener.local_addr().unwrap_or(port.listen),
@@ -229,8 +230,11 @@ impl Proxy {
             .header_read_timeout(limits.header_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .max_headers(limits.max_headers);
+        // HTTP/2 peers that vanish are found by pings.
         http.http2()
             .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(20))
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         let shared = Arc::new(Shared {
             server_tls: identity.server_config()?,
@@ -241,6 +245,7 @@ impl Proxy {
             logs,
             ext_authz: ExtAuthz::default(),
             shutdown: CancellationToken::new(),
+            stop_now: CancellationToken::new(),
             http,
             listeners,
         });
@@ -299,6 +304,9 @@ impl Proxy {
             .is_ok();
         if !drained {
             tracing::warn!(grace = ?self.drain_grace, "connections still open after the drain grace period; closing them");
+            self.shared.stop_now.cancel();
+            // Closing is immediate; the bound only guards against a stuck task.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
         }
         drained
     }
@@ -348,7 +356,10 @@ where
         }
         _ = shared.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shared.stop_now.cancelled() => {}
+            }
         }
     }
 }

@@ -23,7 +23,8 @@ use crate::Shared;
 use crate::config::{Protocol, Upstream};
 use crate::forward::{Connector, HttpPools};
 use crate::http::{
-    Body, BoxError, Counted, OnDone, is_grpc, local_reply, protocol_name, strip_hop_by_hop,
+    Body, BoxError, Counted, OnDone, is_grpc, local_reply, protocol_name, request_authority,
+    set_upstream_target, strip_hop_by_hop,
 };
 use crate::io::{Rewind, read_prefix};
 use crate::log::{AccessRecord, timestamp};
@@ -54,6 +55,7 @@ pub async fn serve(
                 sniff::MAX_PREFIX,
                 sniff::decided,
                 shared.limits.detection_timeout,
+                shared.limits.handshake_timeout,
             )
             .await
             else {
@@ -128,7 +130,7 @@ async fn handle(
     let started = Instant::now();
     let grpc = is_grpc(request.headers());
     let mut record = record(&target, peer, protocol_name(request.version()));
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let target_path = parts
         .uri
         .path_and_query()
@@ -136,28 +138,26 @@ async fn handle(
         .unwrap_or_else(|| "/".into());
     record.method = Some(parts.method.to_string());
     record.path = Some(meshward_policy::authz::normalize::strip_query(&target_path).to_owned());
-    let authority = format!("{}:{}", target.upstream.service, target.upstream.port);
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok().map(str::to_owned))
-        })
-        .unwrap_or_else(|| authority.clone());
-    record.authority = Some(host.clone());
+    let service = format!("{}:{}", target.upstream.service, target.upstream.port);
+    let request_view = Request::from_parts(parts, ());
+    let authority = request_authority(&request_view, &service);
+    let (mut parts, ()) = request_view.into_parts();
     let (client, version) = target.pools.for_version(parts.version);
-    let Ok(uri) = format!("http://{host}{target_path}").parse() else {
-        return Ok(local_reply(400, "Bad Request", grpc));
-    };
-    parts.uri = uri;
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
-    if version == http::Version::HTTP_2 {
-        parts.headers.remove(http::header::HOST);
+    let targeted = authority.as_ref().and_then(|a| {
+        record.authority = Some(a.to_string());
+        let path = meshward_policy::authz::normalize::strip_query(&target_path);
+        set_upstream_target(&mut parts, a, path, &target_path)
+    });
+    if targeted.is_none() {
+        record.status = Some(400);
+        record.decision = "deny";
+        record.error =
+            Some("bad request: the authority (Host) is not HOST[:PORT], or is repeated".into());
+        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        shared.logs.access.write(&record);
+        return Ok(crate::http::bad_request(grpc));
     }
     let received = Arc::new(AtomicU64::new(0));
     let body: Body = Counted::new(body, received.clone())
@@ -259,7 +259,11 @@ async fn serve_tcp<S>(
         Ok((mut upstream, server)) => {
             counted("allow");
             record.upstream = server.map(|s| s.id.to_string());
-            match tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+            let copied = tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => copied,
+                _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
+            };
+            match copied {
                 Ok((sent_up, received_back)) => {
                     record.bytes_received = sent_up;
                     record.bytes_sent = received_back;

@@ -38,7 +38,7 @@ impl Snapshot {
         Snapshot {
             version,
             policy: set.for_workload(workload),
-            fetches_jwks: !jwks_uris(&set).is_empty(),
+            fetches_jwks: !jwks_uris(&set, workload).is_empty(),
             set,
             source,
             loaded_at: SystemTime::now(),
@@ -46,11 +46,17 @@ impl Snapshot {
     }
 }
 
-/// Every `jwksUri` of the set's RequestAuthentications, with its timeout.
-fn jwks_uris(set: &PolicySet) -> Vec<(String, Option<String>)> {
+/// Every `jwksUri` of the RequestAuthentications that apply to `workload`,
+/// with its timeout.
+fn jwks_uris(set: &PolicySet, workload: &Workload) -> Vec<(String, Option<String>)> {
     let mut uris = Vec::new();
     for policy in set.policies() {
-        if let Policy::RequestAuthentication(ra) = policy {
+        if let Policy::RequestAuthentication(ra) = policy
+            && matches!(
+                set.applicability(policy, workload),
+                meshward_policy::resolve::Applicability::Applies(_)
+            )
+        {
             for rule in &ra.spec.jwt_rules {
                 if !rule.jwks_uri.is_empty() {
                     uris.push((rule.jwks_uri.clone(), rule.timeout.clone()));
@@ -66,6 +72,8 @@ fn jwks_uris(set: &PolicySet) -> Vec<(String, Option<String>)> {
 pub struct PolicyStore {
     workload: Workload,
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// One change at a time; readers never wait for it.
+    writer: Arc<std::sync::Mutex<()>>,
 }
 
 impl PolicyStore {
@@ -74,6 +82,7 @@ impl PolicyStore {
         PolicyStore {
             workload,
             tx: Arc::new(watch::channel(Arc::new(snapshot)).0),
+            writer: Arc::default(),
         }
     }
 
@@ -87,12 +96,17 @@ impl PolicyStore {
     }
 
     /// Puts `set` in force from the next request on; returns the new version.
+    /// The new snapshot is compiled before it is swapped in, so requests
+    /// keep reading the old one meanwhile.
     pub fn replace(&self, set: PolicySet, source: String) -> u64 {
-        let mut version = 0;
-        self.tx.send_modify(|current| {
-            version = current.version + 1;
-            *current = Arc::new(Snapshot::new(version, &self.workload, set, source));
-        });
+        // A writer that panicked left nothing half-done: the swap is one step.
+        let _writing = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let version = self.tx.borrow().version + 1;
+        let snapshot = Snapshot::new(version, &self.workload, set, source);
+        self.tx.send_replace(Arc::new(snapshot));
         version
     }
 }
@@ -206,7 +220,8 @@ pub async fn watch_dir(
 /// Fetches the JWKS of every `jwksUri` the current policies use, off the
 /// request path, so the first request with a token does not wait for it.
 pub fn warm_jwks(store: &PolicyStore, jwks: &Arc<JwksCache>) {
-    let uris = jwks_uris(&store.current().set);
+    let snapshot = store.current();
+    let uris = jwks_uris(&snapshot.set, &snapshot.policy.workload);
     if uris.is_empty() {
         return;
     }

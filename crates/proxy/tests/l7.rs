@@ -553,6 +553,47 @@ async fn smuggling_and_oversized_requests_are_refused() {
     let nul = raw_exchange(port, b"GET /a%00b HTTP/1.1\r\nHost: web\r\n\r\n").await;
     assert!(nul.starts_with("HTTP/1.1 400"), "{nul}");
 
+    // A Host that would put another path on the wire, or two Hosts.
+    let host_path = raw_exchange(port, b"GET /public HTTP/1.1\r\nHost: web/admin?\r\n\r\n").await;
+    assert!(host_path.starts_with("HTTP/1.1 400"), "{host_path}");
+    let two_hosts = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").await;
+    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+
     let (status, _, _) = get(port, "/fine", &[]).await.unwrap();
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pausing_mid_method_is_still_read_as_http() {
+    let ca = Ca::new();
+    let app = echo_app("web").await;
+    let server = start_proxy(ProxySpec {
+        identity: ca.identity(&id("web", "web")),
+        namespace: "web",
+        labels: &[],
+        inbound: vec![format!("PORT={app},protocol=auto")],
+        upstreams: vec![],
+        policies: "",
+        mesh_config: None,
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(server.inbound[0])
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    tcp.write_all(b"ET / HTTP/1.1\r\nHost: web\r\nx-forwarded-client-cert: forged\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        !out.contains("forged"),
+        "read as TCP: the forged header reached the app\n{out}"
+    );
 }

@@ -261,3 +261,50 @@ async fn client_sent_identity_headers_never_reach_the_application() {
     let (_, body, _) = get(server.inbound[0], "/", &forged).await.unwrap();
     assert!(seen(&body)["headers"]["x-forwarded-client-cert"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applications_own_tls_passes_through_a_permissive_port() {
+    let ca = Ca::new();
+    let app = tcp_echo().await;
+    let server = start_proxy(ProxySpec {
+        identity: ca.identity(&id("db", "db")),
+        namespace: "db",
+        labels: &[],
+        inbound: vec![format!("PORT={app},protocol=tcp")],
+        upstreams: vec![],
+        policies: "",
+        mesh_config: None,
+    })
+    .await;
+    // A ClientHello without the mesh's ALPN marker, as an application's own
+    // TLS client sends it: it must reach the application untouched.
+    let config = rustls::ClientConfig::builder_with_provider(meshward_identity::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        "db.example".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.inbound[0])
+        .await
+        .unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let mut echoed = vec![0u8; hello.len()];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_exact(&mut echoed),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        echoed, hello,
+        "the application's ClientHello did not pass through"
+    );
+}

@@ -22,7 +22,7 @@ use crate::Shared;
 use crate::ext_authz::ExtAuthzAnswer;
 use crate::http::{
     Body, BoxError, Counted, OnDone, XFCC, apply_edits, is_grpc, local_reply, policy_request,
-    protocol_name, strip_hop_by_hop, upstream_uri,
+    protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
 };
 use crate::log::{AuditRecord, timestamp};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -61,6 +61,7 @@ async fn handle(
     record.path =
         Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
 
+    let authority = request_authority(&request, &target.port.app.to_string());
     let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
 
     let finish = |mut record: crate::log::AccessRecord, status: u16, allowed: bool| {
@@ -98,24 +99,19 @@ async fn handle(
     // sets them, nothing the client claimed about identity.
     let (mut parts, body) = request.into_parts();
     let authorized_path = normalize::normalize(&view.path, snapshot.policy.normalization);
-    let authority = if view.host.is_empty() {
-        target.port.app.to_string()
-    } else {
-        view.host.clone()
-    };
     let (client, version) = target.app.for_version(parts.version);
-    match upstream_uri(&authority, &authorized_path, &view.path) {
-        Some(uri) => parts.uri = uri,
-        None => {
-            let record = finish(record, 400, false);
-            record_and_log(&shared, record, started);
-            return Ok(local_reply(400, "Bad Request", grpc));
-        }
-    }
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
-    if version == http::Version::HTTP_2 {
-        parts.headers.remove(http::header::HOST);
+    let targeted = authority
+        .as_ref()
+        .and_then(|a| set_upstream_target(&mut parts, a, &authorized_path, &view.path));
+    if targeted.is_none() {
+        let mut record = finish(record, 400, false);
+        record.stage = Some(Stage::Request);
+        record.reason =
+            Some("bad request: the authority (Host) is not HOST[:PORT], or is repeated".into());
+        record_and_log(&shared, record, started);
+        return Ok(crate::http::bad_request(grpc));
     }
     parts.headers.remove(XFCC);
     if let Some(peer) = &info.peer
@@ -206,18 +202,24 @@ async fn decide(
             .map(|c| c.provider.clone())
     };
     let ext = match provider {
-        Some(provider) => Some(
-            shared
-                .ext_authz
-                .check(
-                    &provider,
-                    request.method(),
-                    &view.path,
-                    &view.host,
-                    request.headers(),
-                )
-                .await,
-        ),
+        Some(provider) => {
+            // The authorizer sees the request as the application would: the
+            // path as authorized, no identity header the client set itself.
+            let path = normalize::normalize(&view.path, policy.normalization);
+            let query = &view.path[normalize::strip_query(&view.path).len()..];
+            let mut headers = request.headers().clone();
+            headers.remove(XFCC);
+            for name in policy.authn.output_headers() {
+                headers.remove(name.as_str());
+            }
+            let target = format!("{path}{query}");
+            Some(
+                shared
+                    .ext_authz
+                    .check(&provider, request.method(), &target, &view.host, &headers)
+                    .await,
+            )
+        }
         None => None,
     };
     let custom = ext.as_ref().map(|e| e.verdict.clone());
@@ -333,7 +335,7 @@ fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -
             }
             response
         }
-        Stage::Request => local_reply(status, "Bad Request", grpc),
+        Stage::Request => crate::http::bad_request(grpc),
         Stage::PeerAuthentication => local_reply(status, "RBAC: access denied", grpc),
         Stage::Authorization => match ext {
             // The authorizer's own denial: its status, body and headers.

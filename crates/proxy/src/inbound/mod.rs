@@ -25,7 +25,7 @@ use crate::identity::{Peer, handshake_failure};
 use crate::io::{Rewind, read_prefix};
 use crate::log::{AccessRecord, timestamp};
 use crate::metrics::{DecisionLabels, Direction};
-use crate::sniff;
+use crate::sniff::{self, Transport};
 
 /// One workload port and the way to its application.
 pub struct InboundTarget {
@@ -76,10 +76,6 @@ impl ConnInfo {
     }
 }
 
-fn mode_name(mode: MtlsMode) -> &'static str {
-    mode.as_str()
-}
-
 /// Serves one accepted connection to `target`.
 pub async fn serve(
     tcp: TcpStream,
@@ -92,20 +88,21 @@ pub async fn serve(
     let start_time = SystemTime::now();
     let port = target.port.port;
     let mode = shared.policies.current().policy.mtls.mode_for_port(port);
-    // STRICT needs no look: anything but a TLS handshake fails it. The other
-    // modes look at the first byte, with the detection timeout: a client of a
-    // server-first protocol sends nothing and is plaintext.
+    // STRICT needs no look: anything but the mesh's TLS fails it. The other
+    // modes look without consuming: the mesh's mutual TLS is terminated; an
+    // application's own TLS and plaintext pass through as plaintext peers.
     let tls = match mode {
         MtlsMode::Strict => true,
-        _ => {
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(shared.limits.detection_timeout, tcp.peek(&mut first)).await
-            {
-                Ok(Ok(0)) | Ok(Err(_)) => return,
-                Ok(Ok(_)) => first[0] == 0x16,
-                Err(_) => false,
-            }
-        }
+        _ => match sniff::transport(
+            &tcp,
+            shared.limits.detection_timeout,
+            shared.limits.handshake_timeout,
+        )
+        .await
+        {
+            None => return,
+            Some(transport) => transport == Transport::MeshTls,
+        },
     };
     let mut info = ConnInfo {
         connection: Connection {
@@ -215,7 +212,7 @@ fn refuse(
     record.stage = Some(Stage::PeerAuthentication);
     record.policy = Some(policy);
     record.reason = Some(reason);
-    record.mtls_mode = Some(mode_name(mode));
+    record.mtls_mode = Some(mode.as_str());
     record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
     shared.logs.access.write(&record);
 }
@@ -234,6 +231,7 @@ where
                 sniff::MAX_PREFIX,
                 sniff::decided,
                 shared.limits.detection_timeout,
+                shared.limits.handshake_timeout,
             )
             .await
             {

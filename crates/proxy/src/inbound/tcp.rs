@@ -21,9 +21,7 @@ pub async fn serve<S>(
 {
     let mut changes = shared.policies.subscribe();
     let snapshot = changes.borrow_and_update().clone();
-    let decision = snapshot.policy.check(&info.connection, None, |_| {
-        CustomVerdict::Error("only envoyExtAuthzGrpc providers can check TCP connections".into())
-    });
+    let decision = decide(&snapshot.policy, &info);
     let mut record = info.record(&target, "TCP", snapshot.version);
     record.stage = Some(decision.stage);
     record.mtls_mode = Some(decision.mtls_mode.as_str());
@@ -69,17 +67,19 @@ pub async fn serve<S>(
     };
     let copy = tokio::io::copy_bidirectional(&mut stream, &mut app);
     tokio::pin!(copy);
+    let mut watching = true;
     let outcome = loop {
         tokio::select! {
             result = &mut copy => break result.map_err(|e| e.to_string()),
-            changed = changes.changed() => {
+            _ = shared.stop_now.cancelled() => break Err("closed: the drain grace period ended".to_owned()),
+            changed = changes.changed(), if watching => {
                 if changed.is_err() {
+                    // The store is gone (shutting down): nothing more to re-check.
+                    watching = false;
                     continue;
                 }
                 let snapshot = changes.borrow_and_update().clone();
-                let again = snapshot.policy.check(&info.connection, None, |_| {
-                    CustomVerdict::Error("only envoyExtAuthzGrpc providers can check TCP connections".into())
-                });
+                let again = decide(&snapshot.policy, &info);
                 if !again.allowed() {
                     record.decision = "deny";
                     record.config_version = snapshot.version;
@@ -107,4 +107,19 @@ pub async fn serve<S>(
     }
     record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
     shared.logs.access.write(&record);
+}
+
+/// The decision for a TCP connection. CUSTOM on TCP is only for gRPC
+/// providers (the engine skips HTTP ones), which the proxy cannot ask yet:
+/// such a check fails, and the provider's `failOpen` decides.
+fn decide(
+    policy: &meshward_policy::WorkloadPolicy,
+    info: &ConnInfo,
+) -> meshward_policy::InboundDecision {
+    policy.check(&info.connection, None, |check| {
+        CustomVerdict::Error(format!(
+            "provider {:?} is envoyExtAuthzGrpc, which meshward's proxy does not speak yet",
+            check.provider.name
+        ))
+    })
 }
