@@ -218,13 +218,13 @@ render() { # template out KEY=VALUE...
     local text kv
     text=$(<"$1")
     shift
-    local out=$1
+    local dest=$1
     shift
     for kv in "$@"; do
         text=${text//@${kv%%=*}@/${kv#*=}}
     done
-    [[ $text != *@[A-Z_]*@* ]] || die "unrendered placeholder in $out"
-    printf '%s\n' "$text" >"$out"
+    [[ $text != *@[A-Z_]*@* ]] || die "unrendered placeholder in $dest"
+    printf '%s\n' "$text" >"$dest"
 }
 
 # --- measurement ---------------------------------------------------------------
@@ -245,14 +245,14 @@ machine_ticks() {
     echo "$((a[1] + a[2] + a[3] + a[6] + a[7] + a[8])) $((a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7] + a[8]))"
 }
 
-# CPU ticks of this shell's reaped children (wrk, once it has exited): `times`
-# must run in this shell, not a subshell, so it writes to a file.
+# CPU ticks of this shell's reaped children (wrk, once it has exited), into
+# CHILD_TICKS: `times` must run in this shell, not in a $(...) subshell.
 children_ticks() {
     times >"$WORK/times.txt"
-    tail -n 1 "$WORK/times.txt" | awk -v hz="$CLK_TCK" '{
+    CHILD_TICKS=$(tail -n 1 "$WORK/times.txt" | awk -v hz="$CLK_TCK" '{
         n = 0
         for (i = 1; i <= 2; i++) { split($i, p, "m"); sub(/s$/, "", p[2]); n += p[1] * 60 + p[2] }
-        printf "%.0f", n * hz }'
+        printf "%.0f", n * hz }')
 }
 
 # Ticks of the long-running processes of ours that are not measured hops:
@@ -328,22 +328,24 @@ measure() {
         pid=${hop#*=}
         before[$pid]=$(cpu_ticks "$pid")
     done
-    c0=$(children_ticks)
+    children_ticks
+    c0=$CHILD_TICKS
     b0=$(base_ticks)
     m0=$(machine_ticks)
     log "$scen: load $DURATION"
     run_wrk "$url" "$DURATION" "$WORK/wrk-$scen.txt"
     m1=$(machine_ticks)
     b1=$(base_ticks)
-    c1=$(children_ticks)
-    local out=$WORK/wrk-$scen.txt hops=()
+    children_ticks
+    c1=$CHILD_TICKS
+    local wrk_out=$WORK/wrk-$scen.txt hop_rows=()
     for hop in "$@"; do
         name=${hop%%=*}
         pid=${hop#*=}
         proc_alive "$pid" || die "$scen: $name (pid $pid) died under load"
         local used=$(($(cpu_ticks "$pid") - ${before[$pid]}))
         ours=$((ours + used))
-        hops+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid")")
+        hop_rows+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid")")
     done
     # What the rest of the machine used meanwhile: busy ticks not spent by
     # wrk, nginx, meshward server or the hops, as % of all CPU time.
@@ -351,13 +353,13 @@ measure() {
     read -r m1b m1t <<<"$m1"
     R_OTHER[$scen]=$(awk -v o=$((m1b - m0b - ours - (b1 - b0) - (c1 - c0))) -v t=$((m1t - m0t)) \
         'BEGIN { v = t > 0 ? 100 * o / t : 0; if (v < 0) v = 0; printf "%.0f", v }')
-    check_wrk "$scen" "$out"
+    check_wrk "$scen" "$wrk_out"
     SCENARIOS+=("$scen")
-    R_RPS[$scen]=$(awk '/^Requests\/sec:/{print $2}' "$out")
-    R_REQS[$scen]=$(awk '/ requests in /{print $1}' "$out")
-    R_P50[$scen]=$(to_ms "$(awk '$1=="50%"{print $2}' "$out")")
-    R_P99[$scen]=$(to_ms "$(awk '$1=="99%"{print $2}' "$out")")
-    R_HOPS[$scen]=${hops[*]}
+    R_RPS[$scen]=$(awk '/^Requests\/sec:/{print $2}' "$wrk_out")
+    R_REQS[$scen]=$(awk '/ requests in /{print $1}' "$wrk_out")
+    R_P50[$scen]=$(to_ms "$(awk '$1=="50%"{print $2}' "$wrk_out")")
+    R_P99[$scen]=$(to_ms "$(awk '$1=="99%"{print $2}' "$wrk_out")")
+    R_HOPS[$scen]=${hop_rows[*]}
     log "$scen: ${R_RPS[$scen]} req/s, p50 ${R_P50[$scen]} ms, p99 ${R_P99[$scen]} ms (${R_REQS[$scen]} requests; other CPU ${R_OTHER[$scen]}%)"
 }
 
@@ -552,19 +554,19 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 ROWS=()
 for s in "${SCENARIOS[@]}"; do
-    hops=${R_HOPS[$s]}
-    cpu=() idle=() end=()
+    hop_str=${R_HOPS[$s]}
+    cpu_col=() idle_col=() end_col=()
     for i in 0 1; do
-        t=$(hop_field "$i" "$hops" 2)
+        t=$(hop_field "$i" "$hop_str" 2)
         if [[ $t == - || -z $t ]]; then
-            cpu+=("-") idle+=("-") end+=("-")
+            cpu_col+=("-") idle_col+=("-") end_col+=("-")
         else
-            cpu+=("$(cpu_per_1k "$t" "${R_REQS[$s]}")")
-            idle+=("$(mib "$(hop_field "$i" "$hops" 3)")")
-            end+=("$(mib "$(hop_field "$i" "$hops" 4)")")
+            cpu_col+=("$(cpu_per_1k "$t" "${R_REQS[$s]}")")
+            idle_col+=("$(mib "$(hop_field "$i" "$hop_str" 3)")")
+            end_col+=("$(mib "$(hop_field "$i" "$hop_str" 4)")")
         fi
     done
-    ROWS+=("$s|$(printf '%.0f' "${R_RPS[$s]}")|$(ratio "${R_RPS[$s]}" "${R_RPS[direct]}")|${R_P50[$s]}|$(ratio "${R_P50[$s]}" "${R_P50[direct]}")|${R_P99[$s]}|$(ratio "${R_P99[$s]}" "${R_P99[direct]}")|${cpu[0]}|${cpu[1]}|${idle[0]}|${idle[1]}|${end[0]}|${end[1]}|${R_OTHER[$s]}")
+    ROWS+=("$s|$(printf '%.0f' "${R_RPS[$s]}")|$(ratio "${R_RPS[$s]}" "${R_RPS[direct]}")|${R_P50[$s]}|$(ratio "${R_P50[$s]}" "${R_P50[direct]}")|${R_P99[$s]}|$(ratio "${R_P99[$s]}" "${R_P99[direct]}")|${cpu_col[0]}|${cpu_col[1]}|${idle_col[0]}|${idle_col[1]}|${end_col[0]}|${end_col[1]}|${R_OTHER[$s]}")
 done
 
 HEADER="scenario|req/s|req/s ÷ direct|p50 ms|p50 ÷ direct|p99 ms|p99 ÷ direct|CPU-s/1k req hop1|CPU-s/1k req hop2|RSS idle MiB hop1|RSS idle MiB hop2|RSS end MiB hop1|RSS end MiB hop2|other CPU %"
@@ -585,7 +587,7 @@ echo "|---|$(printf -- '---:|%.0s' $(seq 13))"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
 echo
 echo "- wrk $("$WRK" -v 2>&1 | head -1 | awk '{print $2}'), \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $WARMUP warm-up, every request with the same \`Authorization: Bearer\` RS256 JWT; backend nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, \`return 200 \"ok\\n\"\`."
-echo "- meshward $("$MESHWARD" --version 2>/dev/null | awk '{print $NF}') (\`$(basename "$MESHWARD")\`), \`--access-log off --audit-log off\` except meshward-l7-log (access logs to files); haproxy $("$HAPROXY" -v | head -1 | awk '{print $3}') with default threads."
+echo "- meshward $("$MESHWARD" --version 2>/dev/null | awk '{print $NF}') (\`$MESHWARD\`; repository at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)), \`--access-log off --audit-log off\` except meshward-l7-log (access logs to files); haproxy $("$HAPROXY" -v | head -1 | awk '{print $3}') with default threads."
 echo "- Identity checks: meshward's client side accepts only the server's SPIFFE ID (secure naming) and the server side allows only the client's principal (L4: per connection; L7: per request, with GET + /bench/* and, in meshward-l7, a verified RS256 JWT); haproxy verifies both chains against the mesh root but checks no SPIFFE ID."
 echo "- other CPU %: busy CPU time during the measured phase not spent by wrk, nginx, meshward server or the hops (other processes, interrupts, hypervisor steal), as % of the machine; more than a few % means the row is skewed."
 echo "- CPU per hop: utime+stime of that proxy process during the measured phase, ÷ (requests ÷ 1,000). RSS: VmRSS before any load and right after it."
