@@ -254,6 +254,28 @@ pub fn set_upstream_target(
     Some(())
 }
 
+/// The response body for the client: counted, and the access record
+/// written (with bytes both ways and the duration) when it ends or is
+/// abandoned.
+pub fn logged_response_body(
+    body: hyper::body::Incoming,
+    mut record: crate::log::AccessRecord,
+    received: Arc<AtomicU64>,
+    started: std::time::Instant,
+    access: crate::log::LogSink,
+) -> Body {
+    let sent = Arc::new(AtomicU64::new(0));
+    let sent_for_log = sent.clone();
+    OnDone::new(Counted::new(body, sent), move || {
+        record.bytes_received = received.load(Ordering::Relaxed);
+        record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
+        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        access.write(&record);
+    })
+    .map_err(|e| Box::new(e) as BoxError)
+    .boxed()
+}
+
 /// Counts the bytes of a body as they pass.
 pub struct Counted<B> {
     inner: B,

@@ -169,6 +169,44 @@ pub struct AccessRecord {
     pub error: Option<String>,
 }
 
+impl AccessRecord {
+    /// A record for traffic starting at `time`, allowed until said otherwise.
+    pub fn new(
+        time: SystemTime,
+        direction: Direction,
+        protocol: &'static str,
+        source_address: SocketAddr,
+        destination: String,
+    ) -> AccessRecord {
+        AccessRecord {
+            time: timestamp(time),
+            kind: "access",
+            direction,
+            protocol,
+            source_address,
+            source_principal: None,
+            destination,
+            upstream: None,
+            method: None,
+            path: None,
+            authority: None,
+            request_principal: None,
+            status: None,
+            decision: "allow",
+            stage: None,
+            policy: None,
+            rule: None,
+            reason: None,
+            mtls_mode: None,
+            config_version: 0,
+            duration_ms: 0.0,
+            bytes_received: 0,
+            bytes_sent: 0,
+            error: None,
+        }
+    }
+}
+
 /// An AUDIT rule matched, or a dry-run policy would have decided.
 #[derive(Debug, Serialize)]
 pub struct AuditRecord {

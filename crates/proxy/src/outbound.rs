@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Instant, SystemTime};
 
 use http::{Request, Response};
@@ -23,11 +23,11 @@ use crate::Shared;
 use crate::config::{Protocol, Upstream};
 use crate::forward::{Connector, HttpPools};
 use crate::http::{
-    Body, BoxError, Counted, OnDone, is_grpc, local_reply, protocol_name, request_authority,
-    set_upstream_target, strip_hop_by_hop,
+    Body, BoxError, Counted, is_grpc, local_reply, logged_response_body, protocol_name,
+    request_authority, set_upstream_target, strip_hop_by_hop,
 };
 use crate::io::{Rewind, read_prefix};
-use crate::log::{AccessRecord, timestamp};
+use crate::log::AccessRecord;
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
 use crate::sniff;
 
@@ -73,35 +73,16 @@ pub async fn serve(
 }
 
 fn record(target: &OutboundTarget, peer: SocketAddr, protocol: &'static str) -> AccessRecord {
-    AccessRecord {
-        time: timestamp(SystemTime::now()),
-        kind: "access",
-        direction: Direction::Outbound,
+    AccessRecord::new(
+        SystemTime::now(),
+        Direction::Outbound,
         protocol,
-        source_address: peer,
-        source_principal: None,
-        destination: format!(
+        peer,
+        format!(
             "outbound|{}|{}",
             target.upstream.port, target.upstream.service
         ),
-        upstream: None,
-        method: None,
-        path: None,
-        authority: None,
-        request_principal: None,
-        status: None,
-        decision: "allow",
-        stage: None,
-        policy: None,
-        rule: None,
-        reason: None,
-        mtls_mode: None,
-        config_version: 0,
-        duration_ms: 0.0,
-        bytes_received: 0,
-        bytes_sent: 0,
-        error: None,
-    }
+    )
 }
 
 async fn serve_http<S>(
@@ -187,15 +168,8 @@ async fn handle(
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             record.status = Some(parts.status.as_u16());
-            let sent = Arc::new(AtomicU64::new(0));
-            let sent_for_log = sent.clone();
-            let body = OnDone::new(Counted::new(body, sent), move || {
-                record.bytes_received = received.load(Ordering::Relaxed);
-                record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
-                record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-                shared.logs.access.write(&record);
-            });
-            let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
+            let body =
+                logged_response_body(body, record, received, started, shared.logs.access.clone());
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {

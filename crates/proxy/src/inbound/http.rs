@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Instant, SystemTime};
 
 use http::header::HeaderValue;
@@ -21,8 +21,8 @@ use super::{ConnInfo, InboundTarget};
 use crate::Shared;
 use crate::ext_authz::ExtAuthzAnswer;
 use crate::http::{
-    Body, BoxError, Counted, OnDone, XFCC, apply_edits, is_grpc, local_reply, policy_request,
-    protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
+    Body, BoxError, Counted, XFCC, apply_edits, is_grpc, local_reply, logged_response_body,
+    policy_request, protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
 };
 use crate::log::{AuditRecord, timestamp};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -145,17 +145,8 @@ async fn handle(
             }
             strip_hop_by_hop(&mut parts.headers);
             let record = finish(record, parts.status.as_u16(), true);
-            let sent = Arc::new(AtomicU64::new(0));
-            let shared = shared.clone();
-            let sent_for_log = sent.clone();
-            let body = OnDone::new(Counted::new(body, sent), move || {
-                let mut record = record;
-                record.bytes_received = received.load(Ordering::Relaxed);
-                record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
-                record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-                shared.logs.access.write(&record);
-            });
-            let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
+            let body =
+                logged_response_body(body, record, received, started, shared.logs.access.clone());
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {

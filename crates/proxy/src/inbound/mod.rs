@@ -23,7 +23,7 @@ use crate::config::{InboundPort, Protocol};
 use crate::forward::HttpPools;
 use crate::identity::{Peer, handshake_failure};
 use crate::io::{Rewind, read_prefix};
-use crate::log::{AccessRecord, timestamp};
+use crate::log::AccessRecord;
 use crate::metrics::{DecisionLabels, Direction};
 use crate::sniff::{self, Transport};
 
@@ -47,32 +47,17 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     fn record(&self, target: &InboundTarget, protocol: &'static str, version: u64) -> AccessRecord {
-        AccessRecord {
-            time: timestamp(self.start_time),
-            kind: "access",
-            direction: Direction::Inbound,
+        let mut record = AccessRecord::new(
+            self.start_time,
+            Direction::Inbound,
             protocol,
-            source_address: self.peer_addr,
-            source_principal: self.peer.as_ref().map(|p| p.id.clone()),
-            destination: format!("inbound|{}", target.port.port),
-            upstream: Some(target.port.app.to_string()),
-            method: None,
-            path: None,
-            authority: None,
-            request_principal: None,
-            status: None,
-            decision: "allow",
-            stage: None,
-            policy: None,
-            rule: None,
-            reason: None,
-            mtls_mode: None,
-            config_version: version,
-            duration_ms: 0.0,
-            bytes_received: 0,
-            bytes_sent: 0,
-            error: None,
-        }
+            self.peer_addr,
+            format!("inbound|{}", target.port.port),
+        );
+        record.source_principal = self.peer.as_ref().map(|p| p.id.clone());
+        record.upstream = Some(target.port.app.to_string());
+        record.config_version = version;
+        record
     }
 }
 
