@@ -142,6 +142,12 @@ impl Metrics {
             .inc();
     }
 
+    pub fn upstream_error(&self, direction: Direction) {
+        self.upstream_errors
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();

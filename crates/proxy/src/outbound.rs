@@ -174,13 +174,7 @@ async fn handle(
         }
         Err(e) => {
             observe(&shared, "allow");
-            shared
-                .metrics
-                .upstream_errors
-                .get_or_create(&DirectionLabels {
-                    direction: Direction::Outbound,
-                })
-                .inc();
+            shared.metrics.upstream_error(Direction::Outbound);
             let error = error_chain(&e);
             record.status = Some(503);
             record.error = Some(error);
@@ -247,13 +241,7 @@ async fn serve_tcp<S>(
         }
         Err(e) => {
             counted("allow");
-            shared
-                .metrics
-                .upstream_errors
-                .get_or_create(&DirectionLabels {
-                    direction: Direction::Outbound,
-                })
-                .inc();
+            shared.metrics.upstream_error(Direction::Outbound);
             record.error = Some(error_chain(&e));
         }
     }

@@ -150,13 +150,7 @@ async fn handle(
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
-            shared
-                .metrics
-                .upstream_errors
-                .get_or_create(&DirectionLabels {
-                    direction: Direction::Inbound,
-                })
-                .inc();
+            shared.metrics.upstream_error(Direction::Inbound);
             let mut record = finish(record, 503, true);
             record.error = Some(e.to_string());
             record_and_log(&shared, record, started);

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{ConnInfo, InboundTarget};
 use crate::Shared;
-use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+use crate::metrics::{DecisionLabels, Direction};
 
 pub async fn serve<S>(
     mut stream: S,
@@ -52,13 +52,7 @@ pub async fn serve<S>(
     let (mut app, _) = match target.connector.connect().await {
         Ok(app) => app,
         Err(e) => {
-            shared
-                .metrics
-                .upstream_errors
-                .get_or_create(&DirectionLabels {
-                    direction: Direction::Inbound,
-                })
-                .inc();
+            shared.metrics.upstream_error(Direction::Inbound);
             record.error = Some(e.to_string());
             record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
             shared.logs.access.write(&record);
