@@ -15,7 +15,9 @@ use crate::api::{
     AuthorizationPolicy, Kind, MeshConfig, Policy, RequestAuthentication, SECURITY_GROUP,
     SECURITY_VERSIONS,
 };
-use crate::api::{DEFAULT_NAMESPACE, PeerAuthentication};
+use crate::api::{
+    DEFAULT_NAMESPACE, NETWORKING_GROUP, NETWORKING_VERSIONS, PeerAuthentication, RegistryObject,
+};
 use crate::diagnostic::{Diagnostic, Location, Severity};
 use crate::validate;
 
@@ -29,10 +31,13 @@ pub struct LoadedPolicy {
     pub policy: Policy,
 }
 
-/// Everything read from some inputs: the valid policies and every problem found.
+/// Everything read from some inputs: the valid policies, the registry
+/// objects, and every problem found.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub policies: Vec<LoadedPolicy>,
+    /// `WorkloadEntry` and `ServiceEntry` documents.
+    pub registry: Vec<RegistryObject>,
     pub diagnostics: Vec<Diagnostic>,
     /// How many documents were read (valid or not, skipped ones included).
     pub documents: usize,
@@ -45,6 +50,7 @@ impl Loaded {
 
     pub fn extend(&mut self, other: Loaded) {
         self.policies.extend(other.policies);
+        self.registry.extend(other.registry);
         self.diagnostics.extend(other.diagnostics);
         self.documents += other.documents;
     }
@@ -177,6 +183,65 @@ fn walk(
     Ok(())
 }
 
+/// What one document turned out to be.
+enum Read {
+    Policy(LoadedPolicy),
+    Registry(RegistryObject),
+    Skipped,
+}
+
+/// The registry rules Istio's webhook applies to the fields meshward uses.
+fn validate_registry(object: &RegistryObject) -> Result<(), (&'static str, String)> {
+    let port_ok = |p: u32| (1..=65535).contains(&p);
+    let check_workload = |w: &crate::api::WorkloadEntrySpec, field: &'static str| {
+        for (name, port) in &w.ports {
+            if !port_ok(*port) {
+                return Err((field, format!("port {name}: {port} is not 1-65535")));
+            }
+        }
+        if !w.address.is_empty()
+            && w.address.parse::<std::net::IpAddr>().is_err()
+            && !w.address.starts_with("unix://")
+            && w.address.contains(['/', ' '])
+        {
+            return Err((
+                field,
+                format!("address {:?} is not an IP address or host name", w.address),
+            ));
+        }
+        Ok(())
+    };
+    match object {
+        RegistryObject::WorkloadEntry(we) => check_workload(&we.spec, "spec"),
+        RegistryObject::ServiceEntry(se) => {
+            if se.spec.hosts.is_empty() || se.spec.hosts.iter().any(String::is_empty) {
+                return Err((
+                    "spec.hosts",
+                    "at least one non-empty host is required".into(),
+                ));
+            }
+            for p in &se.spec.ports {
+                if !port_ok(p.number) {
+                    return Err((
+                        "spec.ports",
+                        format!("port number {} is not 1-65535", p.number),
+                    ));
+                }
+            }
+            if se.spec.workload_selector.is_some() && !se.spec.endpoints.is_empty() {
+                return Err((
+                    "spec.workloadSelector",
+                    "only one of workloadSelector or endpoints can be set".into(),
+                ));
+            }
+            for e in &se.spec.endpoints {
+                check_workload(e, "spec.endpoints")?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Reads every document of one YAML (or JSON) text.
 pub fn load_str(file: &str, text: &str) -> Loaded {
     let file: Arc<str> = file.into();
@@ -208,7 +273,21 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
             lines: &lines,
         };
         match doc.read(value) {
-            Ok(Some(loaded_policy)) => {
+            Ok(Read::Registry(object)) => match validate_registry(&object) {
+                Ok(()) => loaded.registry.push(object),
+                Err((field, message)) => loaded.diagnostics.push(doc.diagnostic(
+                    Severity::Error,
+                    Some(format!(
+                        "{} {}/{}",
+                        object.kind(),
+                        object.metadata().namespace_or_default(),
+                        object.metadata().name
+                    )),
+                    Some(field.to_owned()),
+                    message,
+                )),
+            },
+            Ok(Read::Policy(loaded_policy)) => {
                 let problems = validate::validate(&loaded_policy.policy);
                 let resource = loaded_policy.policy.display_name();
                 let valid = !problems.iter().any(|p| p.severity == Severity::Error);
@@ -219,7 +298,7 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
                     loaded.policies.push(loaded_policy);
                 }
             }
-            Ok(None) => {}
+            Ok(Read::Skipped) => {}
             Err(diagnostic) => loaded.diagnostics.push(*diagnostic),
         }
     }
@@ -431,8 +510,9 @@ impl Document<'_> {
         Box::new(self.diagnostic(Severity::Error, resource, Some(field.to_owned()), message))
     }
 
-    /// Turns a document into a typed policy. `Ok(None)`: not a security kind; skipped.
-    fn read(&self, value: serde_json::Value) -> Result<Option<LoadedPolicy>, Box<Diagnostic>> {
+    /// Turns a document into a typed policy or registry object; other kinds
+    /// are skipped.
+    fn read(&self, value: serde_json::Value) -> Result<Read, Box<Diagnostic>> {
         let serde_json::Value::Object(map) = &value else {
             return Err(self.error(
                 None,
@@ -457,6 +537,27 @@ impl Document<'_> {
             .unwrap_or(DEFAULT_NAMESPACE);
         let resource = (!kind_str.is_empty()).then(|| format!("{kind_str} {namespace}/{name}"));
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        if group == NETWORKING_GROUP && matches!(kind_str, "WorkloadEntry" | "ServiceEntry") {
+            if !NETWORKING_VERSIONS.contains(&version) {
+                return Err(self.error(
+                    resource,
+                    "apiVersion",
+                    format!("version {version:?} of {NETWORKING_GROUP} is not supported; use v1"),
+                ));
+            }
+            if name.is_empty() {
+                return Err(self.error(
+                    resource,
+                    "metadata.name",
+                    "metadata.name is required".into(),
+                ));
+            }
+            return Ok(Read::Registry(if kind_str == "WorkloadEntry" {
+                RegistryObject::WorkloadEntry(self.typed(value, &resource)?)
+            } else {
+                RegistryObject::ServiceEntry(self.typed(value, &resource)?)
+            }));
+        }
         let Some(kind) = Kind::parse(kind_str) else {
             if kind_str.is_empty() {
                 return Err(self.error(None, "kind", "missing kind: expected PeerAuthentication, RequestAuthentication or AuthorizationPolicy".into()));
@@ -465,7 +566,7 @@ impl Document<'_> {
                 return Err(self.error(resource, "kind", format!("unknown kind {kind_str:?} in {SECURITY_GROUP}: expected PeerAuthentication, RequestAuthentication or AuthorizationPolicy")));
             }
             // Other kinds (Deployments, Services, ...) often share a file with policies.
-            return Ok(None);
+            return Ok(Read::Skipped);
         };
         if group != SECURITY_GROUP {
             return Err(self.error(
@@ -499,7 +600,7 @@ impl Document<'_> {
                 .typed::<AuthorizationPolicy>(value, &resource)
                 .map(Policy::AuthorizationPolicy),
         }?;
-        Ok(Some(LoadedPolicy {
+        Ok(Read::Policy(LoadedPolicy {
             location: Location {
                 file: self.file.clone(),
                 line: self.lines.first_line,
@@ -622,6 +723,50 @@ mod tests {
         );
         let lines: Vec<usize> = loaded.diagnostics.iter().map(|d| d.location.line).collect();
         assert_eq!(lines, [6, 12], "{:?}", loaded.diagnostics);
+    }
+
+    #[test]
+    fn registry_kinds_load_beside_policies_and_are_checked() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec:
+  address: 127.0.0.1
+  ports: {http: 19080}
+  labels: {app: reviews, version: v1}
+  serviceAccount: reviews
+  network: net1
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews.bookinfo]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {labels: {app: reviews}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: broken, namespace: bookinfo}
+spec:
+  hosts: []
+"#;
+        let loaded = load_str("registry.yaml", text);
+        assert_eq!(loaded.registry.len(), 2, "{:?}", loaded.diagnostics);
+        let RegistryObject::WorkloadEntry(we) = &loaded.registry[0] else {
+            panic!("not a WorkloadEntry")
+        };
+        assert_eq!(we.spec.service_account, "reviews");
+        assert_eq!(we.spec.other["network"], "net1", "unused fields are kept");
+        let d = &loaded.diagnostics[0];
+        assert_eq!(
+            (d.location.line, d.field.as_deref()),
+            (26, Some("spec.hosts")),
+            "{d}"
+        );
     }
 
     #[cfg(unix)]

@@ -9,6 +9,7 @@ mod authorization;
 mod mesh;
 mod meta;
 mod peer_authentication;
+mod registry;
 mod request_authentication;
 
 pub use authorization::{
@@ -22,6 +23,10 @@ pub use mesh::{
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
 pub use peer_authentication::{
     MtlsMode, PeerAuthentication, PeerAuthenticationMtls, PeerAuthenticationSpec,
+};
+pub use registry::{
+    NETWORKING_GROUP, NETWORKING_VERSIONS, RegistryObject, ServiceEntry, ServiceEntrySpec,
+    ServicePort, WorkloadEntry, WorkloadEntrySpec, WorkloadSelectorLabels,
 };
 pub use request_authentication::{
     ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication, RequestAuthenticationSpec,
