@@ -1,0 +1,7 @@
+//! The meshward control plane: the config store, the workload registry and
+//! secure naming, and what each proxy is sent.
+
+#![forbid(unsafe_code)]
+
+pub mod registry;
+pub mod store;

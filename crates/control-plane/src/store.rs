@@ -1,0 +1,466 @@
+//! The config store: every object the server serves, validated by the
+//! policy engine's loader and persisted in an embedded database (redb) in
+//! the data directory, so applied configuration survives restarts.
+//!
+//! A write is all or nothing: a text with any invalid document changes
+//! nothing, and the error is the one `meshward validate` prints. Each object
+//! keeps the `creationTimestamp` of its first write (PeerAuthentication's
+//! oldest-wins depends on it); writes that change nothing are not versions.
+//! Objects come from the API or from a watched directory; the directory's
+//! objects are replaced as a set whenever the directory changes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use meshward_policy::api::{MeshConfig, Policy, RegistryObject};
+use meshward_policy::load::{self, Loaded};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// `Kind/namespace/name` → [`Stored`] as JSON.
+const OBJECTS: TableDefinition<&str, &str> = TableDefinition::new("objects");
+/// `version` → the store's version; `mesh` → MeshConfig YAML.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// What wrote an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Api,
+    /// The watched config directory.
+    Directory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    source: Source,
+    object: serde_json::Value,
+}
+
+/// Why a write was refused. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    #[error("the store in {path}: {source}")]
+    Database {
+        path: String,
+        #[source]
+        source: Box<redb::Error>,
+    },
+}
+
+/// What a write did to one object, as `kubectl apply` says it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub key: String,
+    /// `created`, `configured`, `unchanged` or `deleted`.
+    pub action: &'static str,
+}
+
+/// Everything in the store, typed: what push and describe work from.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub version: u64,
+    pub mesh: MeshConfig,
+    pub policies: Vec<Policy>,
+    pub registry: Vec<RegistryObject>,
+}
+
+pub struct Store {
+    db: redb::Database,
+    path: String,
+    current: RwLock<Arc<Config>>,
+}
+
+/// One more version: every write that changes something is one.
+fn bump_version(meta: &mut redb::Table<&str, &str>) -> Result<(), redb::StorageError> {
+    let version = meta
+        .get("version")?
+        .and_then(|v| v.value().parse::<u64>().ok())
+        .unwrap_or(0);
+    meta.insert("version", (version + 1).to_string().as_str())?;
+    Ok(())
+}
+
+fn key_of(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
+}
+
+/// Every valid object of a load, with its key and JSON.
+fn objects_of(loaded: &Loaded) -> Vec<(String, serde_json::Value)> {
+    let policies = loaded.policies.iter().map(|p| {
+        let meta = p.policy.metadata();
+        (
+            key_of(
+                p.policy.kind().as_str(),
+                meta.namespace_or_default(),
+                &meta.name,
+            ),
+            serde_json::to_value(&p.policy),
+        )
+    });
+    let registry = loaded.registry.iter().map(|r| {
+        let meta = r.metadata();
+        (
+            key_of(r.kind(), meta.namespace_or_default(), &meta.name),
+            serde_json::to_value(r),
+        )
+    });
+    policies
+        .chain(registry)
+        .filter_map(|(k, v)| Some((k, v.ok()?)))
+        .collect()
+}
+
+/// The object without its creation time, for telling real changes.
+fn without_timestamp(mut object: serde_json::Value) -> serde_json::Value {
+    if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("creationTimestamp");
+    }
+    object
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let shown = path.display().to_string();
+        let db = redb::Database::create(path).map_err(|e| StoreError::Database {
+            path: shown.clone(),
+            source: Box::new(e.into()),
+        })?;
+        let store = Store {
+            db,
+            path: shown,
+            current: RwLock::new(Arc::default()),
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    fn db_error(&self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::Database {
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Validates every document of `text` and writes them all, or none.
+    pub fn apply(&self, file: &str, text: &str) -> Result<Vec<Change>, StoreError> {
+        let loaded = load::load_str(file, text);
+        let errors: Vec<String> = loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect();
+        if !errors.is_empty() {
+            return Err(StoreError::Invalid(errors));
+        }
+        self.write(objects_of(&loaded), Source::Api, false)
+    }
+
+    /// Puts the directory's objects in force: those no longer in it are
+    /// deleted. `loaded` must be free of errors (the caller reports them and
+    /// keeps the previous state).
+    pub fn sync_directory(&self, loaded: &Loaded) -> Result<Vec<Change>, StoreError> {
+        self.write(objects_of(loaded), Source::Directory, true)
+    }
+
+    fn write(
+        &self,
+        objects: Vec<(String, serde_json::Value)>,
+        source: Source,
+        replace_source: bool,
+    ) -> Result<Vec<Change>, StoreError> {
+        let now = jiff::Timestamp::now().to_string();
+        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let mut changes = Vec::new();
+        {
+            let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
+            let incoming: BTreeMap<&str, ()> =
+                objects.iter().map(|(k, _)| (k.as_str(), ())).collect();
+            if replace_source {
+                let mut gone = Vec::new();
+                for entry in table.iter().map_err(|e| self.db_error(e))? {
+                    let (k, v) = entry.map_err(|e| self.db_error(e))?;
+                    let stored: Option<Stored> = serde_json::from_str(v.value()).ok();
+                    if stored.is_some_and(|s| s.source == source)
+                        && !incoming.contains_key(k.value())
+                    {
+                        gone.push(k.value().to_owned());
+                    }
+                }
+                for k in gone {
+                    table.remove(k.as_str()).map_err(|e| self.db_error(e))?;
+                    changes.push(Change {
+                        key: k,
+                        action: "deleted",
+                    });
+                }
+            }
+            for (key, mut object) in objects {
+                let previous: Option<Stored> = table
+                    .get(key.as_str())
+                    .map_err(|e| self.db_error(e))?
+                    .and_then(|v| serde_json::from_str(v.value()).ok());
+                let created = previous
+                    .as_ref()
+                    .and_then(|p| p.object.pointer("/metadata/creationTimestamp").cloned())
+                    .unwrap_or_else(|| serde_json::Value::String(now.clone()));
+                if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                    meta.insert("creationTimestamp".into(), created);
+                }
+                let action = match &previous {
+                    None => "created",
+                    Some(p)
+                        if without_timestamp(p.object.clone())
+                            == without_timestamp(object.clone())
+                            && p.source == source =>
+                    {
+                        "unchanged"
+                    }
+                    Some(_) => "configured",
+                };
+                if action != "unchanged" {
+                    let stored = Stored {
+                        source: source.clone(),
+                        object,
+                    };
+                    let json = serde_json::to_string(&stored).unwrap_or_default();
+                    table
+                        .insert(key.as_str(), json.as_str())
+                        .map_err(|e| self.db_error(e))?;
+                }
+                changes.push(Change { key, action });
+            }
+            if changes.iter().any(|c| c.action != "unchanged") {
+                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.db_error(e))?;
+        self.reload()?;
+        Ok(changes)
+    }
+
+    /// Replaces the MeshConfig (YAML, or Istio's `istio` ConfigMap) after
+    /// checking it loads.
+    pub fn set_mesh_config(&self, file: &str, text: &str) -> Result<(), StoreError> {
+        load::load_mesh_config(file, text).map_err(|d| StoreError::Invalid(vec![d.to_string()]))?;
+        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+            meta.insert("mesh", text).map_err(|e| self.db_error(e))?;
+            bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+        }
+        txn.commit().map_err(|e| self.db_error(e))?;
+        self.reload()
+    }
+
+    /// Deletes one object; `false` if there was none.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let key = key_of(kind, namespace, name);
+        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let existed = {
+            let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
+            let existed = table
+                .remove(key.as_str())
+                .map_err(|e| self.db_error(e))?
+                .is_some();
+            if existed {
+                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            }
+            existed
+        };
+        txn.commit().map_err(|e| self.db_error(e))?;
+        self.reload()?;
+        Ok(existed)
+    }
+
+    /// Objects of `kind` (all kinds when empty), in `namespace` (all when
+    /// `None`), named `name` (all when `None`), as stored.
+    pub fn get(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = match txn.open_table(OBJECTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.db_error(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.db_error(e))? {
+            let (k, v) = entry.map_err(|e| self.db_error(e))?;
+            let mut parts = k.value().splitn(3, '/');
+            let (Some(k_kind), Some(k_ns), Some(k_name)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let wanted = (kind.is_empty() || k_kind.eq_ignore_ascii_case(kind))
+                && namespace.is_none_or(|ns| ns == k_ns)
+                && name.is_none_or(|n| n == k_name);
+            if wanted && let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
+                out.push(stored.object);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-reads everything into the typed [`Config`]. Stored objects were
+    /// valid when written; one that no longer loads (a newer meshward
+    /// stored it) is skipped with a warning rather than taking the rest down.
+    fn reload(&self) -> Result<(), StoreError> {
+        let objects = self.get("", None, None)?;
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let (version, mesh) = match txn.open_table(META) {
+            Ok(meta) => {
+                let read = |k: &str| -> Result<Option<String>, StoreError> {
+                    Ok(meta
+                        .get(k)
+                        .map_err(|e| self.db_error(e))?
+                        .map(|v| v.value().to_owned()))
+                };
+                (
+                    read("version")?.and_then(|v| v.parse().ok()).unwrap_or(0),
+                    read("mesh")?,
+                )
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => (0, None),
+            Err(e) => return Err(self.db_error(e)),
+        };
+        let mut config = Config {
+            version,
+            ..Config::default()
+        };
+        if let Some(text) = mesh {
+            match load::load_mesh_config("mesh (stored)", &text) {
+                Ok(m) => config.mesh = m,
+                Err(d) => tracing::warn!("the stored mesh config no longer loads: {d}"),
+            }
+        }
+        for object in objects {
+            let text = object.to_string();
+            let loaded = load::load_str("store", &text);
+            if loaded.has_errors() {
+                tracing::warn!(diagnostics = ?loaded.diagnostics, "a stored object no longer loads");
+            }
+            config
+                .policies
+                .extend(loaded.policies.into_iter().map(|p| p.policy));
+            config.registry.extend(loaded.registry);
+        }
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: web}\nspec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}\n";
+
+    #[test]
+    fn applied_objects_survive_a_restart_and_keep_their_creation_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        let changes = store.apply("deny.yaml", DENY).unwrap();
+        assert_eq!(changes[0].action, "created");
+        let created = store
+            .get("AuthorizationPolicy", Some("web"), Some("deny"))
+            .unwrap()[0]["metadata"]["creationTimestamp"]
+            .clone();
+        assert!(created.is_string());
+        assert_eq!(store.config().version, 1);
+        assert_eq!(
+            store.apply("deny.yaml", DENY).unwrap()[0].action,
+            "unchanged"
+        );
+        assert_eq!(
+            store.config().version,
+            1,
+            "an unchanged apply is not a version"
+        );
+        let changed = DENY.replace("/admin", "/root");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(
+            store.apply("deny.yaml", &changed).unwrap()[0].action,
+            "configured"
+        );
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let config = store.config();
+        assert_eq!(config.version, 2);
+        assert_eq!(config.policies.len(), 1);
+        let again = store.get("authorizationpolicy", None, None).unwrap();
+        assert_eq!(
+            again[0]["metadata"]["creationTimestamp"], created,
+            "kept on update"
+        );
+        assert_eq!(
+            again[0]["spec"]["rules"][0]["to"][0]["operation"]["paths"][0],
+            "/root"
+        );
+    }
+
+    #[test]
+    fn an_invalid_document_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store.apply("deny.yaml", DENY).unwrap();
+        let bad = format!(
+            "{DENY}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: web}}\nspec: {{action: NOPE}}\n"
+        );
+        let Err(StoreError::Invalid(errors)) = store.apply("bad.yaml", &bad) else {
+            panic!("an invalid document was accepted");
+        };
+        assert!(
+            errors[0].starts_with("bad.yaml:9: error: AuthorizationPolicy web/bad: spec.action"),
+            "{errors:?}"
+        );
+        assert_eq!(store.get("", None, None).unwrap().len(), 1);
+        assert_eq!(store.config().version, 1);
+    }
+
+    #[test]
+    fn the_directory_replaces_its_own_objects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store.apply("api.yaml", DENY).unwrap();
+        let other = DENY.replace("name: deny", "name: from-dir");
+        let loaded = load::load_str("dir.yaml", &other);
+        store.sync_directory(&loaded).unwrap();
+        assert_eq!(store.config().policies.len(), 2);
+        let changes = store.sync_directory(&Loaded::default()).unwrap();
+        assert_eq!(
+            changes,
+            [Change {
+                key: "AuthorizationPolicy/web/from-dir".into(),
+                action: "deleted"
+            }]
+        );
+        assert_eq!(store.config().policies.len(), 1, "the API's object stays");
+        assert!(store.delete("AuthorizationPolicy", "web", "deny").unwrap());
+        assert!(store.config().policies.is_empty());
+    }
+}
