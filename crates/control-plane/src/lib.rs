@@ -3,5 +3,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod api;
+pub mod push;
 pub mod registry;
 pub mod store;
+pub mod watch;

@@ -353,16 +353,32 @@ pub async fn serve(
     authenticators: Vec<Box<dyn CallerAuthenticator>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let tls = server_tls(&ca, server_cert).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(CaService::new(
+        ca.clone(),
+        authenticators,
+    )));
+    serve_routes(listener, &ca, server_cert, routes, shutdown).await
+}
+
+/// Serves `routes` (the certificate service and whatever the control plane
+/// adds beside it) on one TLS port: the server's own certificate, client
+/// certificates of the mesh verified when presented.
+pub async fn serve_routes(
+    listener: tokio::net::TcpListener,
+    ca: &CertificateAuthority,
+    server_cert: WatchedCert,
+    routes: tonic::service::Routes,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let tls = server_tls(ca, server_cert).map_err(|e| ServeError::Tls(e.to_string()))?;
     let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
-    let service = CaService::new(ca, authenticators);
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
         let _ = stopping.send(());
     };
     let server = Server::builder()
-        .add_service(IstioCertificateServiceServer::new(service))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown);
     let deadline = async {
         if stopped.await.is_ok() {

@@ -39,6 +39,14 @@ enum Command {
     Token(cmd::ca::TokenCommand),
     /// The control plane: serves the mesh CA over Istio's certificate API.
     Server(cmd::server::Args),
+    /// Store policies, WorkloadEntries and ServiceEntries in a running server (validated first).
+    Apply(cmd::control::ApplyArgs),
+    /// Show stored configuration: KIND [NAME] [-n NS] [-o yaml|json].
+    Get(cmd::control::GetArgs),
+    /// Delete one stored object: KIND NAME -n NS.
+    Delete(cmd::control::DeleteArgs),
+    /// Every proxy connected to the server: workload, identity, certificate expiry, versions sent and acknowledged.
+    Status(cmd::control::StatusArgs),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
 }
@@ -60,6 +68,10 @@ fn main() -> ExitCode {
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(args),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::Apply(args) => cmd::control::apply(args),
+        Command::Get(args) => cmd::control::get(args),
+        Command::Delete(args) => cmd::control::delete(args),
+        Command::Status(args) => cmd::control::status(args),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,6 @@
-//! `meshward server`: the control plane process. Today it hosts the mesh CA
-//! over Istio's certificate API; configuration and push join it on the same
-//! port later.
+//! `meshward server`: the control plane process. On one TLS port: the mesh
+//! CA over Istio's certificate API, the configuration API (admin only), and
+//! the distribution stream proxies connect to.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +12,28 @@ use anyhow::Context;
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
 
+use meshward_api::control::config_service_server::ConfigServiceServer;
+use meshward_api::control::distribution_server::DistributionServer;
+use meshward_api::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use meshward_control_plane::admin::{admin_dir, write_admin_credential};
+use meshward_control_plane::api::ConfigApi;
+use meshward_control_plane::push::{DistributionService, Hub};
+use meshward_control_plane::store::Store;
+use meshward_control_plane::watch;
+
 use crate::cmd::ca::{BUNDLE_FILE, open_ca};
+
+/// The config store's file in the data directory.
+const STORE_FILE: &str = "store.redb";
+
+/// Ends a task when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// How long the server's own certificate lives; it is renewed at half that,
 /// while running.
@@ -35,6 +56,10 @@ pub struct Args {
     /// Extra DNS names or IP addresses for the server's certificate.
     #[arg(long = "san")]
     sans: Vec<String>,
+    /// A directory of policies, WorkloadEntries and ServiceEntries, watched:
+    /// changes are in force within a second.
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -68,11 +93,39 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "root certificate: {}",
             args.data_dir.join(BUNDLE_FILE).display()
         );
-        service::serve(
+        let store = Arc::new(
+            Store::open(&args.data_dir.join(STORE_FILE)).context("opening the config store")?,
+        );
+        let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
+        println!("admin credential: {}", admin_dir(&args.data_dir).display());
+        let hub = Arc::new(Hub::new(
+            store.clone(),
+            ca.trust_domain().to_owned(),
+            ca.bundle().to_pem(),
+        ));
+        let _watcher = args.config_dir.clone().map(|dir| {
+            println!("watching {}", dir.display());
+            AbortOnDrop(tokio::spawn(watch::watch(
+                dir,
+                store.clone(),
+                hub.clone(),
+                Duration::from_millis(500),
+            )))
+        });
+        let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(
+            service::CaService::new(ca.clone(), authenticators),
+        ))
+        .add_service(ConfigServiceServer::new(ConfigApi::new(
+            store.clone(),
+            hub.clone(),
+            admin,
+        )))
+        .add_service(DistributionServer::new(DistributionService(hub.clone())));
+        service::serve_routes(
             listener,
-            ca,
+            &ca,
             server_cert.cert.clone(),
-            authenticators,
+            routes,
             shutdown_signal(),
         )
         .await

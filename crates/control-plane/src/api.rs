@@ -1,0 +1,145 @@
+//! The configuration API (`meshward apply|get|delete|status`): every call
+//! must come from the admin identity, proven by the admin client certificate
+//! the server makes at init. Never anonymous.
+
+use std::sync::Arc;
+
+use meshward_api::control::config_service_server::ConfigService;
+use meshward_api::control::{
+    ApplyRequest, ApplyResponse, Change, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    StatusRequest, StatusResponse,
+};
+use meshward_identity::spiffe::SpiffeId;
+use meshward_identity::tls::spiffe_id_of;
+use tonic::{Request, Response, Status};
+
+use crate::push::Hub;
+use crate::store::{Store, StoreError};
+
+/// The service account of the admin credential, in the root namespace.
+pub const ADMIN_SERVICE_ACCOUNT: &str = "meshward-admin";
+
+pub struct ConfigApi {
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    admin: SpiffeId,
+}
+
+impl ConfigApi {
+    pub fn new(store: Arc<Store>, hub: Arc<Hub>, admin: SpiffeId) -> ConfigApi {
+        ConfigApi { store, hub, admin }
+    }
+
+    /// The caller must present the admin certificate (its chain was verified
+    /// against the mesh's roots in the TLS handshake).
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let certs = request.peer_certs().ok_or_else(|| {
+            Status::unauthenticated(
+                "the config API needs the admin client certificate (meshward --admin-dir DIR)",
+            )
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let id = spiffe_id_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if id != self.admin {
+            tracing::warn!(caller = %id, "config API call refused: not the admin identity");
+            return Err(Status::permission_denied(format!(
+                "{id} may not change configuration; only {} may",
+                self.admin
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid(errors) => Status::invalid_argument(errors.join("\n")),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigService for ConfigApi {
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        self.authorize(&request)?;
+        let ApplyRequest {
+            file,
+            text,
+            mesh_config,
+        } = request.into_inner();
+        let store = self.store.clone();
+        let changes = tokio::task::spawn_blocking(move || {
+            if mesh_config {
+                store.set_mesh_config(&file, &text).map(|()| {
+                    vec![crate::store::Change {
+                        key: "MeshConfig".into(),
+                        action: "configured",
+                    }]
+                })
+            } else {
+                store.apply(&file, &text)
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status_of)?;
+        let version = self.store.config().version;
+        self.hub.changed(version);
+        tracing::info!(version, changes = changes.len(), "configuration applied");
+        Ok(Response::new(ApplyResponse {
+            changes: changes
+                .into_iter()
+                .map(|c| Change {
+                    key: c.key,
+                    action: c.action.into(),
+                })
+                .collect(),
+            version,
+        }))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let objects = self
+            .store
+            .get(&r.kind, r.namespace.as_deref(), r.name.as_deref())
+            .map_err(status_of)?;
+        Ok(Response::new(GetResponse {
+            objects_json: serde_json::Value::Array(objects).to_string(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let deleted = self
+            .store
+            .delete(&r.kind, &r.namespace, &r.name)
+            .map_err(status_of)?;
+        let version = self.store.config().version;
+        if deleted {
+            self.hub.changed(version);
+        }
+        Ok(Response::new(DeleteResponse { deleted, version }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(StatusResponse {
+            version: self.store.config().version,
+            proxies: self.hub.status(),
+        }))
+    }
+}

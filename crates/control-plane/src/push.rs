@@ -1,0 +1,363 @@
+//! Distribution: each proxy's stream, in xDS's delta style.
+//!
+//! A proxy connects with its workload certificate; the registry says which
+//! workload it is. It receives only what concerns it: the policies of its
+//! namespace and the root namespace, the mesh config, the trust bundle, its
+//! own workload, and the services it subscribes to (their endpoints and the
+//! identities allowed to run them). The first response on a stream is a
+//! full snapshot; after that, a change to the store is pushed — after a
+//! short debounce, so a burst of applies makes a bounded number of pushes —
+//! as the resources that changed and the names removed. Every response
+//! carries a nonce that the proxy ACKs, or NACKs with the error, staying on
+//! its last good version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshward_api::control::distribution_server::Distribution;
+use meshward_api::control::{DistributionRequest, DistributionResponse, ProxyStatus, Resource};
+use meshward_api::types;
+use meshward_identity::spiffe::SpiffeId;
+use meshward_identity::tls::spiffe_id_of;
+use meshward_policy::api::Policy;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::Registry;
+use crate::store::{Config, Store};
+
+/// What `meshward status` shows of one stream.
+#[derive(Debug, Clone, Default)]
+struct Session {
+    identity: String,
+    workload: String,
+    peer: String,
+    certificate_expiry: i64,
+    sent_version: u64,
+    acked_version: u64,
+    nack: String,
+}
+
+/// The registry of one store version, derived once and shared by every
+/// stream.
+struct Derived {
+    version: u64,
+    registry: Arc<Registry>,
+}
+
+/// Every stream, and the signal that the store changed.
+pub struct Hub {
+    store: Arc<Store>,
+    trust_domain: String,
+    bundle_pem: String,
+    changes: watch::Sender<u64>,
+    sessions: Mutex<HashMap<u64, Session>>,
+    next_session: AtomicU64,
+    derived: Mutex<Option<Derived>>,
+    /// How long a stream waits after a change for more changes.
+    pub debounce: Duration,
+    /// Pushes sent (full and delta), and NACKs received.
+    pub pushes: AtomicU64,
+    pub nacks: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn resource(name: String, type_url: &str, body: Vec<u8>) -> Resource {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    Resource {
+        name,
+        type_url: type_url.to_owned(),
+        version: format!("{:016x}", hasher.finish()),
+        body,
+    }
+}
+
+impl Hub {
+    pub fn new(store: Arc<Store>, trust_domain: String, bundle_pem: String) -> Hub {
+        let version = store.config().version;
+        Hub {
+            store,
+            trust_domain,
+            bundle_pem,
+            changes: watch::channel(version).0,
+            sessions: Mutex::default(),
+            next_session: AtomicU64::new(1),
+            derived: Mutex::default(),
+            debounce: Duration::from_millis(100),
+            pushes: AtomicU64::new(0),
+            nacks: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store_version(&self) -> u64 {
+        self.store.config().version
+    }
+
+    /// The store changed: every stream recomputes (after its debounce).
+    pub fn changed(&self, version: u64) {
+        self.changes.send_replace(version);
+    }
+
+    pub fn connected(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    pub fn status(&self) -> Vec<ProxyStatus> {
+        let mut out: Vec<ProxyStatus> = lock(&self.sessions)
+            .values()
+            .map(|s| ProxyStatus {
+                identity: s.identity.clone(),
+                workload: s.workload.clone(),
+                peer_address: s.peer.clone(),
+                certificate_expiry: s.certificate_expiry,
+                sent_version: s.sent_version,
+                acked_version: s.acked_version,
+                nack: s.nack.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.workload, &a.identity).cmp(&(&b.workload, &b.identity)));
+        out
+    }
+
+    fn registry(&self, config: &Config) -> Arc<Registry> {
+        let mut derived = lock(&self.derived);
+        if let Some(d) = derived.as_ref().filter(|d| d.version == config.version) {
+            return d.registry.clone();
+        }
+        let registry = Arc::new(Registry::new(&config.registry, &self.trust_domain));
+        *derived = Some(Derived {
+            version: config.version,
+            registry: registry.clone(),
+        });
+        registry
+    }
+
+    /// Everything one proxy is sent, by resource name.
+    fn view(
+        &self,
+        identity: &SpiffeId,
+        peer: Option<SocketAddr>,
+        subscribe: &[String],
+    ) -> (u64, String, BTreeMap<String, Resource>) {
+        let config = self.store.config();
+        let registry = self.registry(&config);
+        let peer_ip = peer.map(|p| p.ip().to_string());
+        let id = identity.to_string();
+        let workload = registry.workload_for(&id, peer_ip.as_deref()).cloned();
+        let namespace = workload
+            .as_ref()
+            .map(|w| w.namespace.clone())
+            .or_else(|| identity.istio_parts().map(|(ns, _)| ns.to_owned()))
+            .unwrap_or_default();
+        let root = config.mesh.root_namespace.clone();
+        let mut out = BTreeMap::new();
+        let mut put = |r: Resource| {
+            out.insert(r.name.clone(), r);
+        };
+        for policy in &config.policies {
+            let meta = policy.metadata();
+            let ns = meta.namespace_or_default();
+            if ns != namespace && ns != root {
+                continue;
+            }
+            if let Ok(body) = serde_json::to_vec(policy) {
+                put(resource(policy_name(policy), types::POLICY, body));
+            }
+        }
+        if let Ok(body) = serde_json::to_vec(&config.mesh) {
+            put(resource("mesh".into(), types::MESH_CONFIG, body));
+        }
+        put(resource(
+            "bundle".into(),
+            types::TRUST_BUNDLE,
+            self.bundle_pem.clone().into_bytes(),
+        ));
+        let own = serde_json::json!({
+            "name": workload.as_ref().map(|w| w.name.clone()),
+            "namespace": namespace,
+            "labels": workload.as_ref().map(|w| w.labels.clone()).unwrap_or_default(),
+        });
+        put(resource(
+            "workload".into(),
+            types::WORKLOAD,
+            own.to_string().into_bytes(),
+        ));
+        for host in subscribe {
+            if let Some(service) = registry.services.get(&host.to_ascii_lowercase())
+                && let Ok(body) = serde_json::to_vec(service)
+            {
+                put(resource(
+                    format!("service/{}", service.host),
+                    types::SERVICE,
+                    body,
+                ));
+            }
+        }
+        let name = workload.map(|w| w.name).unwrap_or_default();
+        (config.version, name, out)
+    }
+}
+
+fn policy_name(policy: &Policy) -> String {
+    let meta = policy.metadata();
+    format!(
+        "{}/{}/{}",
+        policy.kind().as_str(),
+        meta.namespace_or_default(),
+        meta.name
+    )
+}
+
+/// The gRPC service over a [`Hub`].
+pub struct DistributionService(pub Arc<Hub>);
+
+#[tonic::async_trait]
+impl Distribution for DistributionService {
+    type StreamStream = ReceiverStream<Result<DistributionResponse, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DistributionRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let certs = request.peer_certs().ok_or_else(|| {
+            Status::unauthenticated("a proxy connects with its workload certificate")
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let identity = spiffe_id_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let expiry = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .unwrap_or(0);
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.0.clone();
+        let id = hub.next_session.fetch_add(1, Ordering::Relaxed);
+        lock(&hub.sessions).insert(
+            id,
+            Session {
+                identity: identity.to_string(),
+                peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+                certificate_expiry: expiry,
+                ..Session::default()
+            },
+        );
+        tokio::spawn(async move {
+            let result = session(&hub, id, &identity, peer, inbound, tx).await;
+            lock(&hub.sessions).remove(&id);
+            if let Err(e) = result {
+                tracing::debug!(%identity, "distribution stream ended: {e}");
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn session(
+    hub: &Hub,
+    id: u64,
+    identity: &SpiffeId,
+    peer: Option<SocketAddr>,
+    mut inbound: Streaming<DistributionRequest>,
+    tx: mpsc::Sender<Result<DistributionResponse, Status>>,
+) -> Result<(), Status> {
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
+    let mut subscribe = first.subscribe;
+    let mut changes = hub.changes.subscribe();
+    changes.borrow_and_update();
+    let mut sent: BTreeMap<String, Resource> = BTreeMap::new();
+    let mut nonce = 0u64;
+    let mut pending: Option<(String, u64)> = None;
+    let mut full = true;
+    loop {
+        let (version, workload, view) = hub.view(identity, peer, &subscribe);
+        let changed: Vec<Resource> = view
+            .values()
+            .filter(|r| sent.get(&r.name).is_none_or(|s| s.version != r.version))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = sent
+            .keys()
+            .filter(|k| !view.contains_key(*k))
+            .cloned()
+            .collect();
+        if full || !changed.is_empty() || !removed.is_empty() {
+            nonce += 1;
+            let response = DistributionResponse {
+                system_version: version.to_string(),
+                resources: if full {
+                    view.values().cloned().collect()
+                } else {
+                    changed
+                },
+                removed: if full { Vec::new() } else { removed },
+                nonce: nonce.to_string(),
+                full,
+            };
+            if tx.send(Ok(response)).await.is_err() {
+                return Ok(());
+            }
+            hub.pushes.fetch_add(1, Ordering::Relaxed);
+            pending = Some((nonce.to_string(), version));
+            full = false;
+            sent = view;
+            if let Some(s) = lock(&hub.sessions).get_mut(&id) {
+                s.sent_version = version;
+                s.workload = workload;
+            }
+        } else if let Some(s) = lock(&hub.sessions).get_mut(&id) {
+            // Nothing of this version concerns the proxy: it is current.
+            if s.acked_version == s.sent_version && s.nack.is_empty() {
+                s.acked_version = version;
+            }
+            s.sent_version = version;
+        }
+        // Wait for an answer, a subscription change or a store change.
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let Some(request) = message? else { return Ok(()) };
+                    if let Some((expected, version)) = &pending
+                        && &request.response_nonce == expected
+                    {
+                        if let Some(s) = lock(&hub.sessions).get_mut(&id) {
+                            if request.error_detail.is_empty() {
+                                s.acked_version = *version;
+                                s.nack.clear();
+                            } else {
+                                s.nack = request.error_detail.clone();
+                                hub.nacks.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%identity, version, error = %request.error_detail, "a proxy refused a configuration");
+                            }
+                        }
+                        pending = None;
+                    }
+                    if !request.subscribe.is_empty() && request.subscribe != subscribe {
+                        subscribe = request.subscribe;
+                        break;
+                    }
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(hub.debounce).await;
+                    changes.borrow_and_update();
+                    break;
+                }
+            }
+        }
+    }
+}

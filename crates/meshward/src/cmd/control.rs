@@ -1,0 +1,256 @@
+//! `meshward apply | get | delete | status`: the configuration API of a
+//! running `meshward server`, called with the admin credential.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshward_api::control::config_service_client::ConfigServiceClient;
+use meshward_api::control::{ApplyRequest, DeleteRequest, GetRequest, StatusRequest};
+use meshward_control_plane::admin::admin_dir;
+use meshward_policy::load;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::inputs::print_diagnostics;
+
+/// Where the server is and how to prove being its admin.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    #[arg(long, default_value = "https://127.0.0.1:15012")]
+    server: String,
+    /// The server's data directory (its `admin/` holds the admin credential).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The admin credential's directory, when not under --data-dir.
+    #[arg(long)]
+    admin_dir: Option<PathBuf>,
+    /// The name in the server's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ApplyArgs {
+    /// Files or directories of policies, WorkloadEntries and ServiceEntries.
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// The files are MeshConfig (or Istio's `istio` ConfigMap).
+    #[arg(long)]
+    mesh_config: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GetArgs {
+    /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadEntry, ServiceEntry, or `all`.
+    kind: String,
+    name: Option<String>,
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[arg(short = 'o', long, default_value = "yaml", value_parser = ["yaml", "json"])]
+    output: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    kind: String,
+    name: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+async fn client(args: &ServerArgs) -> anyhow::Result<ConfigServiceClient<Channel>> {
+    let dir = match (&args.admin_dir, &args.data_dir) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(data)) => admin_dir(data),
+        (None, None) => bail!(
+            "give --data-dir (the server's) or --admin-dir: the config API needs the admin credential"
+        ),
+    };
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("root-cert.pem")?))
+        .identity(Identity::from_pem(
+            read("cert-chain.pem")?,
+            read("key.pem")?,
+        ))
+        .domain_name(args.server_name.clone());
+    let channel = Channel::from_shared(args.server.clone())
+        .with_context(|| format!("--server {}", args.server))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.server))?;
+    Ok(ConfigServiceClient::new(channel))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The server's refusal, as it worded it.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    // Everything is checked first, with the same engine the server uses:
+    // nothing is sent unless every file is valid.
+    let mut texts = Vec::new();
+    for path in &args.files {
+        let files =
+            load::policy_files(path).with_context(|| format!("reading {}", path.display()))?;
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            texts.push((file.display().to_string(), text));
+        }
+    }
+    if !args.mesh_config {
+        let mut invalid = false;
+        for (file, text) in &texts {
+            let loaded = load::load_str(file, text);
+            print_diagnostics(&loaded.diagnostics);
+            invalid |= loaded.has_errors();
+        }
+        if invalid {
+            eprintln!("nothing was applied: fix the errors above (see `meshward validate`)");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    runtime()?.block_on(async {
+        let mut client = client(&args.server).await?;
+        for (file, text) in texts {
+            let response = client
+                .apply(ApplyRequest {
+                    file,
+                    text,
+                    mesh_config: args.mesh_config,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            for change in response.changes {
+                println!("{} {}", change.key, change.action);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = client(&args.server).await?;
+        let kind = if args.kind == "all" {
+            String::new()
+        } else {
+            args.kind.clone()
+        };
+        let response = client
+            .get(GetRequest {
+                kind,
+                namespace: args.namespace.clone(),
+                name: args.name.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let objects: Vec<serde_json::Value> = serde_json::from_str(&response.objects_json)?;
+        if args.name.is_some() && objects.is_empty() {
+            eprintln!("not found");
+            return Ok(ExitCode::from(1));
+        }
+        if args.output == "json" {
+            println!("{}", serde_json::to_string_pretty(&objects)?);
+        } else {
+            for object in &objects {
+                println!("---\n{}", serde_saphyr::to_string(object)?.trim_end());
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = client(&args.server).await?;
+        let response = client
+            .delete(DeleteRequest {
+                kind: args.kind.clone(),
+                namespace: args.namespace.clone(),
+                name: args.name.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        if response.deleted {
+            println!("{}/{}/{} deleted", args.kind, args.namespace, args.name);
+            Ok(ExitCode::SUCCESS)
+        } else {
+            eprintln!("{}/{}/{} not found", args.kind, args.namespace, args.name);
+            Ok(ExitCode::from(1))
+        }
+    })
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = client(&args.server).await?;
+        let response = client
+            .status(StatusRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner();
+        println!("config version {}", response.version);
+        println!(
+            "{:<28} {:<52} {:<20} {:>5} {:>5} {:<8} ERROR",
+            "WORKLOAD", "IDENTITY", "CERT EXPIRES", "SENT", "ACKED", "SYNC"
+        );
+        for p in response.proxies {
+            let expires = std::time::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(p.certificate_expiry).unwrap_or(0));
+            let sync = if !p.nack.is_empty() {
+                "NACKED"
+            } else if p.acked_version == p.sent_version {
+                "SYNCED"
+            } else {
+                "STALE"
+            };
+            println!(
+                "{:<28} {:<52} {:<20} {:>5} {:>5} {:<8} {}",
+                if p.workload.is_empty() {
+                    "-"
+                } else {
+                    &p.workload
+                },
+                p.identity,
+                humantime::format_rfc3339_seconds(expires).to_string(),
+                p.sent_version,
+                p.acked_version,
+                sync,
+                p.nack
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
