@@ -127,12 +127,14 @@ fn server(dir: &Path) -> Mesh {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut ca_addr = None;
-    for _ in 0..3 {
+    while ca_addr.is_none() {
         let line = lines.next().unwrap().unwrap();
         if let Some(rest) = line.strip_prefix("listening on https://") {
             ca_addr = rest.split_whitespace().next().map(str::to_owned);
         }
     }
+    // Keep reading, so the server never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     Mesh {
         dir: dir.to_owned(),
         data,

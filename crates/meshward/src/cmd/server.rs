@@ -23,6 +23,17 @@ use meshward_control_plane::watch;
 
 use crate::cmd::ca::{BUNDLE_FILE, open_ca};
 
+/// Prints a status line. A server whose standard output was closed (its
+/// launcher stopped reading) keeps serving: the line is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, $($arg)*);
+        let _ = out.flush();
+    }};
+}
+
 /// The config store's file in the data directory.
 const STORE_FILE: &str = "store.redb";
 
@@ -87,9 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        println!("meshward server: trust domain {}", ca.trust_domain());
-        println!("listening on {}", service::describe_listener(addr));
-        println!(
+        say!("meshward server: trust domain {}", ca.trust_domain());
+        say!("listening on {}", service::describe_listener(addr));
+        say!(
             "root certificate: {}",
             args.data_dir.join(BUNDLE_FILE).display()
         );
@@ -97,14 +108,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Store::open(&args.data_dir.join(STORE_FILE)).context("opening the config store")?,
         );
         let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
-        println!("admin credential: {}", admin_dir(&args.data_dir).display());
+        say!("admin credential: {}", admin_dir(&args.data_dir).display());
         let hub = Arc::new(Hub::new(
             store.clone(),
             ca.trust_domain().to_owned(),
             ca.bundle().to_pem(),
         ));
         let _watcher = args.config_dir.clone().map(|dir| {
-            println!("watching {}", dir.display());
+            say!("watching {}", dir.display());
             AbortOnDrop(tokio::spawn(watch::watch(
                 dir,
                 store.clone(),
@@ -130,7 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
         .await
         .context("serving")?;
-        println!("meshward server: stopped");
+        say!("meshward server: stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
