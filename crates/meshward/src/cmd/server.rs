@@ -94,21 +94,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.sans.clone(),
             SERVER_CERT_TTL,
         )?;
+        let store = Arc::new(
+            Store::open(&args.data_dir.join(STORE_FILE)).context("opening the config store")?,
+        );
+        let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         say!("meshward server: trust domain {}", ca.trust_domain());
         say!("listening on {}", service::describe_listener(addr));
+        say!("admin credential: {}", admin_dir(&args.data_dir).display());
         say!(
             "root certificate: {}",
             args.data_dir.join(BUNDLE_FILE).display()
         );
-        let store = Arc::new(
-            Store::open(&args.data_dir.join(STORE_FILE)).context("opening the config store")?,
-        );
-        let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
-        say!("admin credential: {}", admin_dir(&args.data_dir).display());
         let hub = Arc::new(Hub::new(
             store.clone(),
             ca.trust_domain().to_owned(),

@@ -1,0 +1,188 @@
+//! The config API of `meshward server` as processes: apply, get, delete,
+//! validation refusals, the admin credential, restarts, and the watched
+//! config directory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn meshward(mesh: &Mesh, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .args([
+            "--server",
+            &format!("https://{}", mesh.ca_addr),
+            "--data-dir",
+            mesh.data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+}
+
+fn stored(mesh: &Mesh) -> Vec<serde_json::Value> {
+    let out = meshward(mesh, &["get", "all", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn repo(path: &str) -> String {
+    format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
+    let dir = tempdir("control-apply");
+    let mut mesh = server(&dir);
+
+    let out = meshward(
+        &mesh,
+        &["apply", "-f", &repo("examples/zero-trust/policies.yaml")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("AuthorizationPolicy/foo/deny-legacy created"),
+        "{stdout}"
+    );
+    let before = stored(&mesh);
+    assert_eq!(before.len(), 6);
+    let created = before[0]["metadata"]["creationTimestamp"].clone();
+    assert!(created.is_string());
+
+    // An invalid document: refused with validate's words, nothing changes.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: foo}\nspec: {action: NOPE}\n",
+    )
+    .unwrap();
+    let out = meshward(&mesh, &["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.yaml:4: error: AuthorizationPolicy foo/bad: spec.action"),
+        "{stderr}"
+    );
+    assert_eq!(stored(&mesh).len(), 6);
+
+    // Not the admin: a workload certificate is refused.
+    let workload = dir.join("workload-cert");
+    run(&[
+        "ca",
+        "issue",
+        "--data-dir",
+        mesh.data.to_str().unwrap(),
+        "-n",
+        "foo",
+        "--service-account",
+        "sleep",
+        "--out",
+        workload.to_str().unwrap(),
+    ]);
+    let out = Command::new(bin())
+        .args([
+            "apply",
+            "-f",
+            &repo("examples/mtls/policies.yaml"),
+            "--server",
+            &format!("https://{}", mesh.ca_addr),
+        ])
+        .args(["--admin-dir", workload.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("may not change configuration"), "{stderr}");
+
+    // Delete, then restart: what was applied is still there, as it was.
+    let out = meshward(
+        &mesh,
+        &["delete", "AuthorizationPolicy", "deny-legacy", "-n", "foo"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stored(&mesh).len(), 5);
+    let _ = mesh.server.0.kill();
+    let _ = mesh.server.0.wait();
+    mesh = server(&dir);
+    let after = stored(&mesh);
+    assert_eq!(after.len(), 5);
+    assert_eq!(
+        after[0]["metadata"]["creationTimestamp"], created,
+        "creationTimestamp kept"
+    );
+}
+
+#[test]
+fn the_config_directory_is_watched_and_a_broken_file_changes_nothing() {
+    let dir = tempdir("control-dir");
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::copy(
+        repo("examples/mtls/policies.yaml"),
+        config.join("mtls.yaml"),
+    )
+    .unwrap();
+    let mesh = server_with(&dir, &["--config-dir", config.to_str().unwrap()]);
+    let wait_for = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = stored(&mesh).len();
+            if n == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {count} objects, have {n}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let initial = {
+        wait_for_some(&mesh);
+        stored(&mesh).len()
+    };
+    std::fs::copy(repo("examples/jwt/policies.yaml"), config.join("jwt.yaml")).unwrap();
+    let jwt = load_count(&repo("examples/jwt/policies.yaml"));
+    wait_for(initial + jwt);
+    // A broken file: the directory is refused whole, nothing changes.
+    std::fs::write(config.join("broken.yaml"), "kind: AuthorizationPolicy\napiVersion: security.istio.io/v1\nmetadata: {name: x}\nspec: {action: NOPE}\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stored(&mesh).len(), initial + jwt);
+    // Removing files removes their objects.
+    std::fs::remove_file(config.join("broken.yaml")).unwrap();
+    std::fs::remove_file(config.join("jwt.yaml")).unwrap();
+    wait_for(initial);
+}
+
+fn wait_for_some(mesh: &Mesh) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored(mesh).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the config directory was not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn load_count(path: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    meshward_policy::load::load_str(path, &text).policies.len()
+}
