@@ -22,3 +22,42 @@ pub mod types {
     pub const SERVICE: &str = "meshward.io/Service";
     pub const WORKLOAD: &str = "meshward.io/Workload";
 }
+
+/// The JSON bodies of distributed resources that are meshward's own (policies
+/// travel as the Istio objects themselves).
+pub mod resources {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde::{Deserialize, Serialize};
+
+    /// One address of a service, and who runs it there.
+    #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+    pub struct Endpoint {
+        pub address: String,
+        /// Service port number → the port the workload listens on.
+        pub ports: BTreeMap<u16, u16>,
+        pub identity: String,
+    }
+
+    /// A service host: its ports, endpoints, and the identities allowed to
+    /// serve it (what a client's proxy checks: secure naming).
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Service {
+        pub host: String,
+        /// `namespace/name` of the ServiceEntry.
+        pub entry: String,
+        /// Port number → Istio protocol name (`HTTP`, `GRPC`, `TCP`, ...).
+        pub ports: BTreeMap<u16, String>,
+        pub endpoints: Vec<Endpoint>,
+        pub identities: BTreeSet<String>,
+    }
+
+    /// The proxy's own workload, as the registry knows it.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct OwnWorkload {
+        /// `namespace/name` of its WorkloadEntry, if one matched.
+        pub name: Option<String>,
+        pub namespace: String,
+        pub labels: BTreeMap<String, String>,
+    }
+}

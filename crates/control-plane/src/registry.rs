@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use meshward_api::resources::{Endpoint, Service};
 use meshward_identity::spiffe::SpiffeId;
 use meshward_policy::api::{RegistryObject, ServiceEntry, WorkloadEntry, WorkloadEntrySpec};
 use serde::{Deserialize, Serialize};
@@ -21,28 +22,6 @@ pub struct Workload {
     /// entry names none, as in Istio.
     pub identity: String,
     pub address: String,
-}
-
-/// One address of a service, and who runs it there.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Endpoint {
-    pub address: String,
-    /// Service port number → the port the workload listens on.
-    pub ports: BTreeMap<u16, u16>,
-    pub identity: String,
-}
-
-/// A service host: its ports, endpoints, and the identities allowed to
-/// serve it (what a client's proxy checks: secure naming).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Service {
-    pub host: String,
-    /// `namespace/name` of the ServiceEntry.
-    pub entry: String,
-    /// Port number → Istio protocol name (`HTTP`, `GRPC`, `TCP`, ...).
-    pub ports: BTreeMap<u16, String>,
-    pub endpoints: Vec<Endpoint>,
-    pub identities: BTreeSet<String>,
 }
 
 /// The registry derived from a set of objects.

@@ -50,12 +50,19 @@ pub struct MeshTls {
     pub server_name: ServerName<'static>,
 }
 
+/// Where a destination is and how to talk to it; replaced whole when the
+/// control plane sends new endpoints or identities.
+struct Route {
+    endpoints: Vec<SocketAddr>,
+    tls: Option<MeshTls>,
+}
+
 /// Dials one destination's endpoints in turn, with mutual TLS or without.
+/// Clones share the route, so an update reaches every pool at once.
 #[derive(Clone)]
 pub struct Connector {
-    endpoints: Arc<[SocketAddr]>,
+    route: Arc<std::sync::RwLock<Arc<Route>>>,
     next: Arc<AtomicUsize>,
-    tls: Option<MeshTls>,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -68,22 +75,35 @@ impl Connector {
         metrics: Arc<Metrics>,
     ) -> Connector {
         Connector {
-            endpoints: endpoints.into(),
+            route: Arc::new(std::sync::RwLock::new(Arc::new(Route { endpoints, tls }))),
             next: Arc::new(AtomicUsize::new(0)),
-            tls,
             timeout,
             metrics,
         }
     }
 
+    /// New endpoints and TLS settings, for the connections opened from now on.
+    pub fn set_route(&self, endpoints: Vec<SocketAddr>, tls: Option<MeshTls>) {
+        *self
+            .route
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(Route { endpoints, tls });
+    }
+
     /// Opens one connection to the next endpoint. Returns the verified
     /// server identity for mutual TLS.
     pub async fn connect(&self) -> Result<(UpstreamStream, Option<Peer>), ConnectError> {
-        if self.endpoints.is_empty() {
+        let route = self
+            .route
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if route.endpoints.is_empty() {
             return Err(ConnectError::NoEndpoints);
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let addr = self.endpoints[i % self.endpoints.len()];
+        let addr = route.endpoints[i % route.endpoints.len()];
         let tcp = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
@@ -95,7 +115,7 @@ impl Connector {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let Some(tls) = &self.tls else {
+        let Some(tls) = &route.tls else {
             return Ok((UpstreamStream::Plain(tcp), None));
         };
         let handshake = tls.connector.connect(tls.server_name.clone(), tcp);

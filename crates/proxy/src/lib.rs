@@ -33,7 +33,6 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +40,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, ProxyConfig, UpstreamTls};
 use crate::ext_authz::ExtAuthz;
-use crate::forward::{Connector, HttpPools, MeshTls};
-use crate::identity::{ALPN_H2, ALPN_HTTP11, WorkloadIdentity};
+use crate::forward::{Connector, HttpPools};
+use crate::identity::WorkloadIdentity;
 use crate::inbound::InboundTarget;
 use crate::log::{LogSink, LogTarget, Logs};
 use crate::metrics::Metrics;
@@ -116,6 +115,7 @@ pub struct Shared {
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
+    outbound: Vec<Arc<OutboundTarget>>,
     tracker: TaskTracker,
     drain_grace: Duration,
     pub admin_address: Option<SocketAddr>,
@@ -180,33 +180,8 @@ impl Proxy {
         for upstream in &config.upstreams {
             let name = format!("outbound|{}|{}", upstream.port, upstream.service);
             let listener = bind(upstream.listen, name.clone()).await?;
-            let connector = |alpn: &[&[u8]]| -> Result<Connector, ProxyError> {
-                let tls = match upstream.tls {
-                    UpstreamTls::Disable => None,
-                    UpstreamTls::IstioMutual => Some(MeshTls {
-                        connector: tokio_rustls::TlsConnector::from(
-                            identity.client_config(upstream.identities.clone(), alpn)?,
-                        ),
-                        server_name: ServerName::try_from(upstream.service.clone())
-                            .map_err(|_| ProxyError::ServerName(upstream.name()))?,
-                    }),
-                };
-                Ok(Connector::new(
-                    upstream.endpoints.clone(),
-                    tls,
-                    limits.connect_timeout,
-                    metrics.clone(),
-                ))
-            };
-            let target = OutboundTarget {
-                upstream: upstream.clone(),
-                pools: HttpPools::new(
-                    connector(&[ALPN_HTTP11])?,
-                    connector(&[ALPN_H2])?,
-                    upstream.protocol,
-                ),
-                connector: connector(&[])?,
-            };
+            let target =
+                OutboundTarget::new(upstream, &identity, limits.connect_timeout, &metrics)?;
             listeners.outbound.push(ListenerInfo {
                 address: listener.local_addr().unwrap_or(upstream.listen),
                 name,
@@ -251,6 +226,8 @@ impl Proxy {
         });
 
         let tracker = TaskTracker::new();
+        let outbound_targets: Vec<Arc<OutboundTarget>> =
+            outbound.iter().map(|(_, t)| t.clone()).collect();
         for (listener, target) in inbound {
             let shared = shared.clone();
             let conns = tracker.clone();
@@ -275,6 +252,7 @@ impl Proxy {
         };
         Ok(Proxy {
             shared,
+            outbound: outbound_targets,
             tracker,
             drain_grace: config.drain_grace,
             admin_address,
@@ -283,6 +261,15 @@ impl Proxy {
 
     pub fn policies(&self) -> &PolicyStore {
         &self.shared.policies
+    }
+
+    /// The services this workload calls, for the control plane to route.
+    pub fn outbound(&self) -> &[Arc<OutboundTarget>] {
+        &self.outbound
+    }
+
+    pub fn identity(&self) -> &WorkloadIdentity {
+        &self.shared.identity
     }
 
     pub fn listeners(&self) -> &Listeners {

@@ -20,12 +20,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::Shared;
-use crate::config::{Protocol, Upstream};
-use crate::forward::{Connector, HttpPools};
+use crate::config::{Protocol, Upstream, UpstreamTls};
+use crate::forward::{Connector, HttpPools, MeshTls};
 use crate::http::{
     Body, BoxError, Counted, is_grpc, local_reply, logged_response_body, protocol_name,
     request_authority, set_upstream_target, strip_hop_by_hop,
 };
+use crate::identity::{ALPN_H2, ALPN_HTTP11, WorkloadIdentity};
 use crate::io::{Rewind, read_prefix};
 use crate::log::AccessRecord;
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -36,6 +37,70 @@ pub struct OutboundTarget {
     pub upstream: Upstream,
     pub pools: HttpPools,
     pub connector: Connector,
+    /// Every connector of this target with the ALPN it offers (HTTP/1.1
+    /// pool, HTTP/2 pool, TCP), so a new route reaches them all.
+    routes: [(Connector, &'static [&'static [u8]]); 3],
+}
+
+impl OutboundTarget {
+    pub fn new(
+        upstream: &Upstream,
+        identity: &WorkloadIdentity,
+        timeout: std::time::Duration,
+        metrics: &Arc<crate::metrics::Metrics>,
+    ) -> Result<OutboundTarget, crate::ProxyError> {
+        const H1: &[&[u8]] = &[ALPN_HTTP11];
+        const H2: &[&[u8]] = &[ALPN_H2];
+        const TCP: &[&[u8]] = &[];
+        let connector = |alpn: &[&[u8]]| -> Result<Connector, crate::ProxyError> {
+            let tls = mesh_tls(upstream, identity, upstream.identities.clone(), alpn)?;
+            Ok(Connector::new(
+                upstream.endpoints.clone(),
+                tls,
+                timeout,
+                metrics.clone(),
+            ))
+        };
+        let (h1, h2, tcp) = (connector(H1)?, connector(H2)?, connector(TCP)?);
+        Ok(OutboundTarget {
+            upstream: upstream.clone(),
+            pools: HttpPools::new(h1.clone(), h2.clone(), upstream.protocol),
+            connector: tcp.clone(),
+            routes: [(h1, H1), (h2, H2), (tcp, TCP)],
+        })
+    }
+
+    /// Endpoints and secure-naming identities from the control plane.
+    pub fn set_destination(
+        &self,
+        identity: &WorkloadIdentity,
+        endpoints: Vec<SocketAddr>,
+        identities: Vec<meshward_identity::spiffe::SpiffeId>,
+    ) -> Result<(), crate::ProxyError> {
+        for (connector, alpn) in &self.routes {
+            let tls = mesh_tls(&self.upstream, identity, identities.clone(), alpn)?;
+            connector.set_route(endpoints.clone(), tls);
+        }
+        Ok(())
+    }
+}
+
+/// Mutual TLS to `upstream` accepting only `identities`, offering `alpn`;
+/// `None` for `tls=DISABLE`.
+fn mesh_tls(
+    upstream: &Upstream,
+    identity: &WorkloadIdentity,
+    identities: Vec<meshward_identity::spiffe::SpiffeId>,
+    alpn: &[&[u8]],
+) -> Result<Option<MeshTls>, crate::ProxyError> {
+    match upstream.tls {
+        UpstreamTls::Disable => Ok(None),
+        UpstreamTls::IstioMutual => Ok(Some(MeshTls {
+            connector: tokio_rustls::TlsConnector::from(identity.client_config(identities, alpn)?),
+            server_name: rustls::pki_types::ServerName::try_from(upstream.service.clone())
+                .map_err(|_| crate::ProxyError::ServerName(upstream.name()))?,
+        })),
+    }
 }
 
 /// Serves one connection from the application to `target`.
