@@ -100,6 +100,25 @@ impl Upstream {
     pub fn name(&self) -> String {
         format!("{}:{}", self.service, self.port)
     }
+
+    /// Without a control plane, the spec itself must say where the service
+    /// is and who may run it.
+    pub fn check_static(&self) -> Result<(), SpecError> {
+        let spec = self.name();
+        if self.endpoints.is_empty() {
+            return Err(spec_error(
+                &spec,
+                "no endpoint: add endpoint=IP:PORT for each workload that runs the service (or use --control-plane)",
+            ));
+        }
+        if self.tls == UpstreamTls::IstioMutual && self.identities.is_empty() {
+            return Err(spec_error(
+                &spec,
+                "no identity: mutual TLS needs identity=spiffe://... for secure naming (or tls=DISABLE, or --control-plane)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Bounds on what a peer can make the proxy hold or wait for.
@@ -280,18 +299,6 @@ impl FromStr for Upstream {
                 }
             }
         }
-        if upstream.endpoints.is_empty() {
-            return Err(spec_error(
-                spec,
-                "no endpoint: add endpoint=IP:PORT for each workload that runs the service",
-            ));
-        }
-        if upstream.tls == UpstreamTls::IstioMutual && upstream.identities.is_empty() {
-            return Err(spec_error(
-                spec,
-                "no identity: mutual TLS needs identity=spiffe://... for secure naming (or tls=DISABLE)",
-            ));
-        }
         Ok(upstream)
     }
 }
@@ -328,13 +335,19 @@ mod tests {
         assert_eq!(u.tls, UpstreamTls::IstioMutual);
         let e = "r:80=127.0.0.1:1,endpoint=127.0.0.1:2"
             .parse::<Upstream>()
+            .unwrap()
+            .check_static()
             .unwrap_err();
         assert!(e.reason.contains("secure naming"), "{e}");
         let u: Upstream = "r:80=127.0.0.1:1,endpoint=127.0.0.1:2,tls=DISABLE"
             .parse()
             .unwrap();
         assert_eq!(u.tls, UpstreamTls::Disable);
-        assert!("r:80=127.0.0.1:1".parse::<Upstream>().is_err());
+        let bare: Upstream = "r:80=127.0.0.1:1".parse().unwrap();
+        assert!(
+            bare.check_static().is_err(),
+            "a control plane must fill it in"
+        );
     }
 
     #[test]

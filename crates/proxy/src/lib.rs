@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod ext_authz;
 pub mod forward;
 pub mod http;
@@ -278,6 +279,10 @@ impl Proxy {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
     }
 
     /// Stops accepting, lets in-flight HTTP requests finish and asks HTTP

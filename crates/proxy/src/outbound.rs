@@ -35,7 +35,11 @@ use crate::sniff;
 /// One service the workload calls.
 pub struct OutboundTarget {
     pub upstream: Upstream,
-    pub pools: HttpPools,
+    /// Replaced when the destination changes: connections pooled for the
+    /// old endpoints or identities are not used again.
+    pools: std::sync::RwLock<HttpPools>,
+    /// The endpoints and identities the current route was made for.
+    destination: std::sync::Mutex<(Vec<SocketAddr>, Vec<meshward_identity::spiffe::SpiffeId>)>,
     pub connector: Connector,
     /// Every connector of this target with the ALPN it offers (HTTP/1.1
     /// pool, HTTP/2 pool, TCP), so a new route reaches them all.
@@ -64,23 +68,55 @@ impl OutboundTarget {
         let (h1, h2, tcp) = (connector(H1)?, connector(H2)?, connector(TCP)?);
         Ok(OutboundTarget {
             upstream: upstream.clone(),
-            pools: HttpPools::new(h1.clone(), h2.clone(), upstream.protocol),
+            pools: std::sync::RwLock::new(HttpPools::new(
+                h1.clone(),
+                h2.clone(),
+                upstream.protocol,
+            )),
+            destination: std::sync::Mutex::new((
+                upstream.endpoints.clone(),
+                upstream.identities.clone(),
+            )),
             connector: tcp.clone(),
             routes: [(h1, H1), (h2, H2), (tcp, TCP)],
         })
     }
 
-    /// Endpoints and secure-naming identities from the control plane.
+    /// The pools requests go through now.
+    pub fn pools(&self) -> HttpPools {
+        self.pools
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Endpoints and secure-naming identities from the control plane. When
+    /// they change, pooled connections are left to finish and new requests
+    /// open connections checked against the new identities.
     pub fn set_destination(
         &self,
         identity: &WorkloadIdentity,
         endpoints: Vec<SocketAddr>,
         identities: Vec<meshward_identity::spiffe::SpiffeId>,
     ) -> Result<(), crate::ProxyError> {
+        let mut current = self
+            .destination
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 == endpoints && current.1 == identities {
+            return Ok(());
+        }
         for (connector, alpn) in &self.routes {
             let tls = mesh_tls(&self.upstream, identity, identities.clone(), alpn)?;
             connector.set_route(endpoints.clone(), tls);
         }
+        let (h1, h2) = (self.routes[0].0.clone(), self.routes[1].0.clone());
+        *self
+            .pools
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            HttpPools::new(h1, h2, self.upstream.protocol);
+        *current = (endpoints, identities);
         Ok(())
     }
 }
@@ -188,7 +224,8 @@ async fn handle(
     let request_view = Request::from_parts(parts, ());
     let authority = request_authority(&request_view, &service);
     let (mut parts, ()) = request_view.into_parts();
-    let (client, version) = target.pools.for_version(parts.version);
+    let pools = target.pools();
+    let (client, version) = pools.for_version(parts.version);
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
     let targeted = authority.as_ref().and_then(|a| {

@@ -70,19 +70,18 @@ fn jwks_uris(set: &PolicySet, workload: &Workload) -> Vec<(String, Option<String
 /// The current snapshot, shared by every connection.
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
-    workload: Workload,
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
-    /// One change at a time; readers never wait for it.
-    writer: Arc<std::sync::Mutex<()>>,
+    /// The workload policies are compiled for. Locked by writers only, one
+    /// change at a time; readers never wait for it.
+    writer: Arc<std::sync::Mutex<Workload>>,
 }
 
 impl PolicyStore {
     pub fn new(workload: Workload, set: PolicySet, source: String) -> PolicyStore {
         let snapshot = Snapshot::new(1, &workload, set, source);
         PolicyStore {
-            workload,
             tx: Arc::new(watch::channel(Arc::new(snapshot)).0),
-            writer: Arc::default(),
+            writer: Arc::new(std::sync::Mutex::new(workload)),
         }
     }
 
@@ -99,13 +98,22 @@ impl PolicyStore {
     /// The new snapshot is compiled before it is swapped in, so requests
     /// keep reading the old one meanwhile.
     pub fn replace(&self, set: PolicySet, source: String) -> u64 {
+        self.replace_for(set, None, source)
+    }
+
+    /// Like [`PolicyStore::replace`], and when `workload` is given (the
+    /// control plane says which workload this is), compiles for it from now on.
+    pub fn replace_for(&self, set: PolicySet, workload: Option<Workload>, source: String) -> u64 {
         // A writer that panicked left nothing half-done: the swap is one step.
-        let _writing = self
+        let mut current = self
             .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(workload) = workload {
+            *current = workload;
+        }
         let version = self.tx.borrow().version + 1;
-        let snapshot = Snapshot::new(version, &self.workload, set, source);
+        let snapshot = Snapshot::new(version, &current, set, source);
         self.tx.send_replace(Arc::new(snapshot));
         version
     }

@@ -149,6 +149,11 @@ async fn permissive_serves_mutual_tls_and_plaintext_on_one_port() {
         "{xfcc}"
     );
 
+    // Records are written when a response ends, by the log thread.
+    eventually("both requests are logged", || {
+        server.access_log().len() == 2
+    })
+    .await;
     let log = server.access_log();
     let principals: Vec<&str> = log
         .iter()

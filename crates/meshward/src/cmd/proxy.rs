@@ -18,6 +18,7 @@ use meshward_identity::tls::TrustDomains;
 use meshward_policy::Workload;
 use meshward_policy::authn::JwksCache;
 use meshward_proxy::config::{InboundPort, Limits, ProxyConfig, Upstream};
+use meshward_proxy::control::{self, ControlPlane};
 use meshward_proxy::identity::WorkloadIdentity;
 use meshward_proxy::jwks::Fetcher;
 use meshward_proxy::log::LogTarget;
@@ -47,6 +48,15 @@ pub struct Args {
     /// Policy files or directories; changes are picked up while running.
     #[arg(long = "policies", value_name = "PATH")]
     policies: Vec<PathBuf>,
+    /// Take policies, the workload's namespace and labels, and the services'
+    /// endpoints and identities from this control plane (`meshward server`,
+    /// HOST:PORT) instead of files.
+    #[arg(long, value_name = "HOST:PORT")]
+    control_plane: Option<String>,
+    /// The identity the control plane's certificate must carry (default:
+    /// spiffe://TRUST_DOMAIN/ns/istio-system/sa/meshward).
+    #[arg(long)]
+    control_plane_identity: Option<String>,
     /// MeshConfig YAML (trust domain aliases, extension providers, path normalization).
     #[arg(long)]
     mesh_config: Option<PathBuf>,
@@ -105,6 +115,38 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.inbound.is_empty() && args.upstreams.is_empty() {
         bail!("nothing to serve: give at least one --inbound or --upstream");
     }
+    if args.control_plane.is_some() && !args.policies.is_empty() {
+        bail!("give --policies or --control-plane, not both: policies come from one place");
+    }
+    if args.control_plane.is_none() {
+        for upstream in &args.upstreams {
+            upstream.check_static().with_context(|| "--upstream")?;
+        }
+    }
+    let control_plane = match &args.control_plane {
+        None => None,
+        Some(address) => {
+            let address = address.trim_start_matches("https://");
+            let socket = std::net::ToSocketAddrs::to_socket_addrs(address)
+                .with_context(|| format!("--control-plane {address}"))?
+                .next()
+                .with_context(|| format!("--control-plane {address}: no address"))?;
+            let identity = match &args.control_plane_identity {
+                Some(id) => {
+                    SpiffeId::parse(id).with_context(|| format!("--control-plane-identity {id}"))?
+                }
+                None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
+            };
+            Some(ControlPlane {
+                address: socket,
+                server_name: address
+                    .rsplit_once(':')
+                    .map_or(address, |(host, _)| host)
+                    .to_owned(),
+                identity,
+            })
+        }
+    };
     let bundle = TrustBundle::read(&args.ca_root)
         .with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
     let token = match &args.token_file {
@@ -160,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let store = PolicyStore::new(workload, set, source.describe());
         policies::warm_jwks(&store, &jwks);
         let stop_watching = tokio_util::sync::CancellationToken::new();
+        let control_jwks = jwks.clone();
         if !source.paths.is_empty() || source.mesh_config.is_some() {
             tokio::spawn(policies::watch_dir(
                 source,
@@ -173,7 +216,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             access: args.access_log,
             audit: args.audit_log,
         };
-        let proxy = Proxy::start(config, identity, store, logs).await?;
+        let proxy = Proxy::start(config, identity, store.clone(), logs).await?;
+        if let Some(control_plane) = control_plane {
+            eprintln!(
+                "meshward proxy: configuration from {} ({})",
+                control_plane.address, control_plane.identity
+            );
+            tokio::spawn(control::run(
+                control_plane,
+                proxy.identity().clone(),
+                store,
+                proxy.outbound().to_vec(),
+                control_jwks,
+                proxy.metrics_handle(),
+                stop_watching.clone(),
+            ));
+        }
         for l in proxy
             .listeners()
             .inbound

@@ -118,14 +118,14 @@ pub fn server(dir: &Path) -> Mesh {
 /// `meshward server` on a free port with `extra` arguments.
 pub fn server_with(dir: &Path, extra: &[&str]) -> Mesh {
     let data = dir.join("data");
+    let listen: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(bin())
-        .args([
-            "server",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["server", "--data-dir", data.to_str().unwrap()])
+        .args(listen)
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -186,5 +186,21 @@ impl Mesh {
             out.join("key.pem"),
             out.join("root-cert.pem"),
         )
+    }
+}
+
+/// GET over plain HTTP/1.1 until it answers `status`, for at most `within`.
+pub fn eventually_status(addr: SocketAddr, path: &str, status: u16, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let got = http_get(addr, path).map(|r| r.0);
+        if got == Some(status) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "GET {path} via {addr}: wanted {status}, still {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -1,0 +1,282 @@
+//! Configuration from the control plane: one distribution stream to
+//! `meshward server`, over mutual TLS with the workload certificate. The
+//! server is accepted only as the control plane's own identity (secure
+//! naming, as for any upstream).
+//!
+//! Each response is applied whole or not at all: the policies must load and
+//! validate with the engine, the mesh config and services must parse. A
+//! good one is put in force and ACKed; a bad one is NACKed with the error
+//! and the proxy stays on its last good version. When the server is away,
+//! the proxy keeps enforcing what it has (fail static, never open) and
+//! reconnects with capped, jittered backoff; every new stream starts with a
+//! full snapshot.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshward_api::control::distribution_client::DistributionClient;
+use meshward_api::control::{DistributionRequest, DistributionResponse, Resource};
+use meshward_api::resources::{OwnWorkload, Service};
+use meshward_api::types;
+use meshward_identity::spiffe::SpiffeId;
+use meshward_policy::api::{MeshConfig, Policy};
+use meshward_policy::authn::JwksCache;
+use meshward_policy::{PolicySet, Workload, load};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::{Connector, MeshTls};
+use crate::identity::{ALPN_H2, WorkloadIdentity};
+use crate::metrics::Metrics;
+use crate::outbound::OutboundTarget;
+use crate::policies::PolicyStore;
+
+/// Where the control plane is and who it must be.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    pub address: SocketAddr,
+    /// The name sent as SNI.
+    pub server_name: String,
+    /// The identity the server's certificate must carry.
+    pub identity: SpiffeId,
+}
+
+/// Reconnection backoff: doubling from 200 ms, at most 10 s, ±20 % jitter.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What a stream currently holds, by resource name.
+type Resources = BTreeMap<String, Resource>;
+
+/// Runs until `stop`: connect, receive, apply, answer; reconnect on loss.
+pub async fn run(
+    control_plane: ControlPlane,
+    identity: WorkloadIdentity,
+    store: PolicyStore,
+    outbound: Vec<Arc<OutboundTarget>>,
+    jwks: Arc<JwksCache>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let subscribe: Vec<String> = outbound
+        .iter()
+        .map(|t| t.upstream.service.clone())
+        .collect();
+    let mut backoff = BACKOFF_START;
+    loop {
+        let session = stream(
+            &control_plane,
+            &identity,
+            &store,
+            &outbound,
+            &jwks,
+            &metrics,
+            &subscribe,
+        );
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            outcome = session => outcome,
+        };
+        match outcome {
+            // A stream that delivered something resets the backoff.
+            Ok(true) => backoff = BACKOFF_START,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                address = %control_plane.address,
+                "control plane unavailable ({e}); enforcing the last good configuration"
+            ),
+        }
+        let jitter = 0.8 + 0.4 * (rand_fraction());
+        let wait = backoff.mul_f64(jitter);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A fraction in [0, 1) from the clock: jitter needs no more.
+fn rand_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}
+
+/// One stream. `Ok(true)` if it applied at least one response.
+async fn stream(
+    control_plane: &ControlPlane,
+    identity: &WorkloadIdentity,
+    store: &PolicyStore,
+    outbound: &[Arc<OutboundTarget>],
+    jwks: &Arc<JwksCache>,
+    metrics: &Arc<Metrics>,
+    subscribe: &[String],
+) -> Result<bool, String> {
+    let tls = MeshTls {
+        connector: tokio_rustls::TlsConnector::from(
+            identity
+                .client_config(vec![control_plane.identity.clone()], &[ALPN_H2])
+                .map_err(|e| e.to_string())?,
+        ),
+        server_name: rustls::pki_types::ServerName::try_from(control_plane.server_name.clone())
+            .map_err(|e| e.to_string())?,
+    };
+    let connector = Connector::new(
+        vec![control_plane.address],
+        Some(tls),
+        Duration::from_secs(5),
+        metrics.clone(),
+    );
+    let channel = tonic::transport::Endpoint::from_static("http://control-plane")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DistributionRequest {
+        subscribe: subscribe.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut responses = DistributionClient::new(channel)
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+    let mut good: Resources = BTreeMap::new();
+    let mut applied = false;
+    while let Some(response) = responses
+        .message()
+        .await
+        .map_err(|e| e.message().to_owned())?
+    {
+        let nonce = response.nonce.clone();
+        let version = response.system_version.clone();
+        let candidate = merge(&good, response);
+        let answer = match apply(&candidate, identity, store, outbound, jwks, &version) {
+            Ok(()) => {
+                good = candidate;
+                applied = true;
+                tracing::info!(version, "configuration from the control plane is in force");
+                DistributionRequest {
+                    response_nonce: nonce,
+                    ..Default::default()
+                }
+            }
+            Err(error) => {
+                tracing::error!(
+                    version,
+                    "configuration from the control plane refused: {error}"
+                );
+                DistributionRequest {
+                    response_nonce: nonce,
+                    error_detail: error,
+                    ..Default::default()
+                }
+            }
+        };
+        if tx.send(answer).await.is_err() {
+            break;
+        }
+    }
+    Ok(applied)
+}
+
+/// The resources after `response`: a full snapshot replaces everything.
+fn merge(current: &Resources, response: DistributionResponse) -> Resources {
+    let mut next = if response.full {
+        BTreeMap::new()
+    } else {
+        current.clone()
+    };
+    for name in response.removed {
+        next.remove(&name);
+    }
+    for resource in response.resources {
+        next.insert(resource.name.clone(), resource);
+    }
+    next
+}
+
+/// Everything parsed before anything changes; then policies and routes.
+fn apply(
+    resources: &Resources,
+    identity: &WorkloadIdentity,
+    store: &PolicyStore,
+    outbound: &[Arc<OutboundTarget>],
+    jwks: &Arc<JwksCache>,
+    version: &str,
+) -> Result<(), String> {
+    let mut policies: Vec<Policy> = Vec::new();
+    let mut mesh = MeshConfig::default();
+    let mut workload: Option<Workload> = None;
+    let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    for resource in resources.values() {
+        let body = std::str::from_utf8(&resource.body)
+            .map_err(|_| format!("{}: not UTF-8", resource.name))?;
+        match resource.type_url.as_str() {
+            types::POLICY => {
+                let loaded = load::load_str(&resource.name, body);
+                if loaded.has_errors() {
+                    let errors: Vec<String> =
+                        loaded.diagnostics.iter().map(ToString::to_string).collect();
+                    return Err(errors.join("; "));
+                }
+                policies.extend(loaded.policies.into_iter().map(|p| p.policy));
+            }
+            types::MESH_CONFIG => {
+                mesh = serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
+            }
+            types::WORKLOAD => {
+                let own: OwnWorkload =
+                    serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
+                workload = Some(Workload {
+                    namespace: own.namespace,
+                    labels: own.labels,
+                });
+            }
+            types::SERVICE => {
+                let service: Service =
+                    serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
+                services.insert(service.host.clone(), service);
+            }
+            // The bundle is read at start; rotating it live is not done yet.
+            types::TRUST_BUNDLE => {}
+            other => tracing::debug!(type_url = other, "ignoring an unknown resource type"),
+        }
+    }
+    let mut routes = Vec::new();
+    for target in outbound {
+        let Some(service) = services.get(&target.upstream.service) else {
+            continue;
+        };
+        let endpoints: Vec<SocketAddr> = service
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let port = e.ports.get(&target.upstream.port).copied()?;
+                Some(SocketAddr::new(e.address.parse().ok()?, port))
+            })
+            .collect();
+        let identities: Vec<SpiffeId> = service
+            .identities
+            .iter()
+            .map(|i| SpiffeId::parse(i).map_err(|e| format!("service {}: {i}: {e}", service.host)))
+            .collect::<Result<_, _>>()?;
+        routes.push((target, endpoints, identities));
+    }
+    let set = PolicySet::new(mesh, policies).with_jwks(jwks.clone());
+    store.replace_for(set, workload, format!("control plane, version {version}"));
+    for (target, endpoints, identities) in routes {
+        target
+            .set_destination(identity, endpoints, identities)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
