@@ -43,11 +43,16 @@ struct Session {
     nack: String,
 }
 
-/// The registry of one store version, derived once and shared by every
-/// stream.
+/// What one store version means for streams, derived once and shared by
+/// every stream: the registry, and each policy and the mesh config already
+/// encoded as a resource.
 struct Derived {
     version: u64,
-    registry: Arc<Registry>,
+    registry: Registry,
+    /// (namespace, resource) per policy.
+    policies: Vec<(String, Resource)>,
+    mesh: Resource,
+    root_namespace: String,
 }
 
 /// Every stream, and the signal that the store changed.
@@ -58,7 +63,7 @@ pub struct Hub {
     changes: watch::Sender<u64>,
     sessions: Mutex<HashMap<u64, Session>>,
     next_session: AtomicU64,
-    derived: Mutex<Option<Derived>>,
+    derived: Mutex<Option<Arc<Derived>>>,
     /// How long a stream waits after a change for more changes.
     pub debounce: Duration,
     /// Pushes sent (full and delta), and NACKs received.
@@ -128,17 +133,35 @@ impl Hub {
         out
     }
 
-    fn registry(&self, config: &Config) -> Arc<Registry> {
+    fn derived(&self, config: &Config) -> Arc<Derived> {
         let mut derived = lock(&self.derived);
         if let Some(d) = derived.as_ref().filter(|d| d.version == config.version) {
-            return d.registry.clone();
+            return d.clone();
         }
-        let registry = Arc::new(Registry::new(&config.registry, &self.trust_domain));
-        *derived = Some(Derived {
+        let policies = config
+            .policies
+            .iter()
+            .filter_map(|policy| {
+                let body = serde_json::to_vec(policy).ok()?;
+                Some((
+                    policy.metadata().namespace_or_default().to_owned(),
+                    resource(policy_name(policy), types::POLICY, body),
+                ))
+            })
+            .collect();
+        let d = Arc::new(Derived {
             version: config.version,
-            registry: registry.clone(),
+            registry: Registry::new(&config.registry, &self.trust_domain),
+            policies,
+            mesh: resource(
+                "mesh".into(),
+                types::MESH_CONFIG,
+                serde_json::to_vec(&config.mesh).unwrap_or_default(),
+            ),
+            root_namespace: config.mesh.root_namespace.clone(),
         });
-        registry
+        *derived = Some(d.clone());
+        d
     }
 
     /// Everything one proxy is sent, by resource name.
@@ -149,7 +172,8 @@ impl Hub {
         subscribe: &[String],
     ) -> (u64, String, BTreeMap<String, Resource>) {
         let config = self.store.config();
-        let registry = self.registry(&config);
+        let derived = self.derived(&config);
+        let registry = &derived.registry;
         let peer_ip = peer.map(|p| p.ip().to_string());
         let id = identity.to_string();
         let workload = registry.workload_for(&id, peer_ip.as_deref()).cloned();
@@ -158,24 +182,16 @@ impl Hub {
             .map(|w| w.namespace.clone())
             .or_else(|| identity.istio_parts().map(|(ns, _)| ns.to_owned()))
             .unwrap_or_default();
-        let root = config.mesh.root_namespace.clone();
         let mut out = BTreeMap::new();
         let mut put = |r: Resource| {
             out.insert(r.name.clone(), r);
         };
-        for policy in &config.policies {
-            let meta = policy.metadata();
-            let ns = meta.namespace_or_default();
-            if ns != namespace && ns != root {
-                continue;
-            }
-            if let Ok(body) = serde_json::to_vec(policy) {
-                put(resource(policy_name(policy), types::POLICY, body));
+        for (ns, policy) in &derived.policies {
+            if *ns == namespace || *ns == derived.root_namespace {
+                put(policy.clone());
             }
         }
-        if let Ok(body) = serde_json::to_vec(&config.mesh) {
-            put(resource("mesh".into(), types::MESH_CONFIG, body));
-        }
+        put(derived.mesh.clone());
         put(resource(
             "bundle".into(),
             types::TRUST_BUNDLE,
