@@ -69,6 +69,9 @@ pub struct Hub {
     /// Pushes sent (full and delta), and NACKs received.
     pub pushes: AtomicU64,
     pub nacks: AtomicU64,
+    /// Seconds from a store change to each push it caused.
+    pub push_latency: prometheus_client::metrics::histogram::Histogram,
+    changed_at: Mutex<std::time::Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -100,6 +103,10 @@ impl Hub {
             debounce: Duration::from_millis(100),
             pushes: AtomicU64::new(0),
             nacks: AtomicU64::new(0),
+            push_latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
+            ),
+            changed_at: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -109,6 +116,7 @@ impl Hub {
 
     /// The store changed: every stream recomputes (after its debounce).
     pub fn changed(&self, version: u64) {
+        *lock(&self.changed_at) = std::time::Instant::now();
         self.changes.send_replace(version);
     }
 
@@ -326,6 +334,10 @@ async fn session(
                 return Ok(());
             }
             hub.pushes.fetch_add(1, Ordering::Relaxed);
+            if !full {
+                hub.push_latency
+                    .observe(lock(&hub.changed_at).elapsed().as_secs_f64());
+            }
             pending = Some((nonce.to_string(), version));
             full = false;
             sent = view;

@@ -95,6 +95,14 @@ impl CallerAuthenticator for ClientCertificates {
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     authenticators: Vec<Box<dyn CallerAuthenticator>>,
+    counters: Arc<CaCounters>,
+}
+
+/// Certificate requests signed and refused, for the server's metrics.
+#[derive(Debug, Default)]
+pub struct CaCounters {
+    pub signed: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 impl CaService {
@@ -102,7 +110,16 @@ impl CaService {
         ca: Arc<CertificateAuthority>,
         authenticators: Vec<Box<dyn CallerAuthenticator>>,
     ) -> CaService {
-        CaService { ca, authenticators }
+        CaService {
+            ca,
+            authenticators,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The counters this service updates.
+    pub fn counters(&self) -> Arc<CaCounters> {
+        self.counters.clone()
     }
 
     /// Each authenticator is tried in turn and the first that accepts the
@@ -163,6 +180,9 @@ impl IstioCertificateService for CaService {
                 peer_certs: peer_certs.as_deref(),
             })
             .inspect_err(|status| {
+                self.counters
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     ?peer,
                     reason = status.message(),
@@ -176,9 +196,13 @@ impl IstioCertificateService for CaService {
             .ca
             .sign_csr(&request.csr, &identity, ttl)
             .map_err(|e| {
+                self.counters.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(?peer, %identity, authenticated_by, error = %e, "certificate request refused");
                 status_for(e)
             })?;
+        self.counters
+            .signed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(?peer, %identity, authenticated_by, "signed a workload certificate");
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain.to_pem_list(),

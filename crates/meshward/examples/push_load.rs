@@ -207,7 +207,10 @@ fn meshward_binary() -> std::path::PathBuf {
         return path.into();
     }
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|examples| examples.parent()).unwrap().join("meshward")
+    exe.parent()
+        .and_then(|examples| examples.parent())
+        .unwrap()
+        .join("meshward")
 }
 
 fn main() {

@@ -133,7 +133,11 @@ spec:
 fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
     let dir = tempdir("push");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut mesh = server_with(&dir, &["--listen", &listen]);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut mesh = server_with(
+        &dir,
+        &["--listen", &listen, "--metrics", &metrics.to_string()],
+    );
     let web_in = free_port();
     let sleep_out: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     assert!(
@@ -202,6 +206,16 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
     let status = String::from_utf8_lossy(&status.stdout);
     assert_eq!(status.matches("SYNCED").count(), 2, "{status}");
     assert!(status.contains("web/web"), "{status}");
+
+    let (_, text) = http_get(metrics, "/metrics").unwrap();
+    for needle in [
+        "meshward_server_connected_proxies 2",
+        "meshward_server_csr_signed_total 2",
+        "meshward_server_push_latency_seconds_count",
+        "meshward_server_nacks_total 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
 
     // The server goes away: the proxies keep enforcing and serving.
     let _ = mesh.server.0.kill();

@@ -71,6 +71,9 @@ pub struct Args {
     /// changes are in force within a second.
     #[arg(long)]
     config_dir: Option<PathBuf>,
+    /// Prometheus metrics over plain HTTP (`/metrics`); Istio uses 15014.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -123,15 +126,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Duration::from_millis(500),
             )))
         });
-        let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(
-            service::CaService::new(ca.clone(), authenticators),
-        ))
-        .add_service(ConfigServiceServer::new(ConfigApi::new(
-            store.clone(),
-            hub.clone(),
-            admin,
-        )))
-        .add_service(DistributionServer::new(DistributionService(hub.clone())));
+        let ca_service = service::CaService::new(ca.clone(), authenticators);
+        let ca_counters = ca_service.counters();
+        let _metrics = match args.metrics {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--metrics {addr}"))?;
+                say!("metrics on http://{}/metrics", listener.local_addr()?);
+                Some(AbortOnDrop(tokio::spawn(
+                    meshward_control_plane::metrics::serve(listener, hub.clone(), ca_counters),
+                )))
+            }
+            None => None,
+        };
+        let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(ca_service))
+            .add_service(ConfigServiceServer::new(ConfigApi::new(
+                store.clone(),
+                hub.clone(),
+                admin,
+            )))
+            .add_service(DistributionServer::new(DistributionService(hub.clone())));
         service::serve_routes(
             listener,
             &ca,
