@@ -64,8 +64,11 @@ pub struct Hub {
     sessions: Mutex<HashMap<u64, Session>>,
     next_session: AtomicU64,
     derived: Mutex<Option<Arc<Derived>>>,
-    /// How long a stream waits after a change for more changes.
+    /// How long a stream waits after a change for more changes...
     pub debounce: Duration,
+    /// ...and at most this long in all, so a steady stream of changes
+    /// still gets pushed.
+    pub debounce_max: Duration,
     /// Pushes sent (full and delta), and NACKs received.
     pub pushes: AtomicU64,
     pub nacks: AtomicU64,
@@ -101,6 +104,7 @@ impl Hub {
             next_session: AtomicU64::new(1),
             derived: Mutex::default(),
             debounce: Duration::from_millis(100),
+            debounce_max: Duration::from_secs(1),
             pushes: AtomicU64::new(0),
             nacks: AtomicU64::new(0),
             push_latency: prometheus_client::metrics::histogram::Histogram::new(
@@ -381,8 +385,18 @@ async fn session(
                     if changed.is_err() {
                         return Ok(());
                     }
-                    tokio::time::sleep(hub.debounce).await;
+                    // As istiod debounces: wait until changes stop for
+                    // `debounce`, but no longer than `debounce_max`.
+                    let started = tokio::time::Instant::now();
                     changes.borrow_and_update();
+                    loop {
+                        tokio::time::sleep(hub.debounce).await;
+                        let more = changes.has_changed().unwrap_or(false);
+                        changes.borrow_and_update();
+                        if !more || started.elapsed() >= hub.debounce_max {
+                            break;
+                        }
+                    }
                     break;
                 }
             }

@@ -217,6 +217,48 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 
+    // A burst of 100 applies makes a bounded number of pushes (debounce).
+    let pushes = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("meshward_server_pushes_total "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = pushes(&text);
+    let burst = dir.join("burst");
+    std::fs::create_dir_all(&burst).unwrap();
+    for i in 0..100 {
+        std::fs::write(
+            burst.join(format!("p{i:03}.yaml")),
+            DENY_X
+                .replace("deny-x", &format!("burst-{i}"))
+                .replace("/public/x", &format!("/burst/{i}")),
+        )
+        .unwrap();
+    }
+    let burst_started = Instant::now();
+    let out = Command::new(bin())
+        .args(["apply", "-f", burst.to_str().unwrap()])
+        .args(["--server", &format!("https://{}", mesh.ca_addr)])
+        .args(["--data-dir", mesh.data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually_status(sleep_out, "/burst/99", 403, Duration::from_secs(5));
+    let after = pushes(&http_get(metrics, "/metrics").unwrap().1);
+    // web gets every policy (its namespace); sleep's view does not change.
+    assert!(
+        after - before <= 30,
+        "100 applies made {} pushes",
+        after - before
+    );
+
     // The server goes away: the proxies keep enforcing and serving.
     let _ = mesh.server.0.kill();
     let _ = mesh.server.0.wait();
