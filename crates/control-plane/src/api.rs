@@ -106,10 +106,16 @@ impl ConfigService for ConfigApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        let objects = self
-            .store
-            .get(&r.kind, r.namespace.as_deref(), r.name.as_deref())
-            .map_err(status_of)?;
+        let objects = if r.kind.eq_ignore_ascii_case("MeshConfig") {
+            vec![
+                serde_json::to_value(&self.store.config().mesh)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            ]
+        } else {
+            self.store
+                .get(&r.kind, r.namespace.as_deref(), r.name.as_deref())
+                .map_err(status_of)?
+        };
         Ok(Response::new(GetResponse {
             objects_json: serde_json::Value::Array(objects).to_string(),
         }))

@@ -62,6 +62,30 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
     let created = before[0]["metadata"]["creationTimestamp"].clone();
     assert!(created.is_string());
 
+    // describe works on what the server holds, as on files.
+    let live = meshward(&mesh, &["describe", "-n", "foo", "-l", "app=httpbin"]);
+    let files = Command::new(bin())
+        .args([
+            "describe",
+            "-f",
+            &repo("examples/zero-trust/policies.yaml"),
+            "-n",
+            "foo",
+            "-l",
+            "app=httpbin",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        live.status.success(),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&live.stdout),
+        String::from_utf8_lossy(&files.stdout)
+    );
+
     // An invalid document: refused with validate's words, nothing changes.
     let bad = dir.join("bad.yaml");
     std::fs::write(

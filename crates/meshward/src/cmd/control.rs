@@ -20,10 +20,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "https://127.0.0.1:15012")]
     server: String,
     /// The server's data directory (its `admin/` holds the admin credential).
-    #[arg(long)]
+    #[arg(long, id = "data_dir")]
     data_dir: Option<PathBuf>,
     /// The admin credential's directory, when not under --data-dir.
-    #[arg(long)]
+    #[arg(long, id = "admin_dir")]
     admin_dir: Option<PathBuf>,
     /// The name in the server's certificate.
     #[arg(long, default_value = "localhost")]
@@ -155,6 +155,37 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             }
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Every policy and the mesh config a running server holds, for
+/// `describe` against the live configuration.
+pub fn live_policy_set(args: &ServerArgs) -> anyhow::Result<meshward_policy::PolicySet> {
+    runtime()?.block_on(async {
+        let mut client = client(args).await?;
+        let fetch = |kind: &str| GetRequest {
+            kind: kind.to_owned(),
+            namespace: None,
+            name: None,
+        };
+        let all = client.get(fetch("")).await.map_err(refused)?.into_inner();
+        let mesh = client
+            .get(fetch("MeshConfig"))
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let mesh: Vec<meshward_policy::api::MeshConfig> = serde_json::from_str(&mesh.objects_json)?;
+        let objects: Vec<serde_json::Value> = serde_json::from_str(&all.objects_json)?;
+        let mut policies = Vec::new();
+        for object in objects {
+            let loaded = load::load_str("server", &object.to_string());
+            print_diagnostics(&loaded.diagnostics);
+            policies.extend(loaded.policies.into_iter().map(|p| p.policy));
+        }
+        Ok(meshward_policy::PolicySet::new(
+            mesh.into_iter().next().unwrap_or_default(),
+            policies,
+        ))
     })
 }
 

@@ -10,12 +10,20 @@ use meshward_policy::authz::is_dry_run;
 use meshward_policy::resolve::{Applicability, oldest_first};
 use meshward_policy::{PolicySet, Workload};
 
+use crate::cmd::control::ServerArgs;
 use crate::inputs::PolicyArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Policy files or directories; or, with --data-dir/--admin-dir, what a
+    /// running server holds.
+    #[arg(short = 'f', long = "filename", num_args = 1.., required_unless_present_any = ["data_dir", "admin_dir"])]
+    files: Vec<std::path::PathBuf>,
+    /// MeshConfig YAML, or Istio's `istio` ConfigMap with `data.mesh`.
+    #[arg(long)]
+    mesh_config: Option<std::path::PathBuf>,
     #[command(flatten)]
-    policies: PolicyArgs,
+    server: ServerArgs,
     /// The workload's namespace.
     #[arg(short = 'n', long)]
     namespace: String,
@@ -39,7 +47,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         namespace: args.namespace.clone(),
         labels,
     };
-    let set = args.policies.policy_set(&[])?;
+    let set = if args.files.is_empty() {
+        crate::cmd::control::live_policy_set(&args.server)?
+    } else {
+        PolicyArgs {
+            files: args.files.clone(),
+            mesh_config: args.mesh_config.clone(),
+        }
+        .policy_set(&[])?
+    };
     print!("{}", describe(&set, &workload, &args.port));
     Ok(ExitCode::SUCCESS)
 }
