@@ -280,3 +280,79 @@ fn apply(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, body: &str) -> Resource {
+        Resource {
+            name: name.into(),
+            type_url: types::POLICY.into(),
+            version: "1".into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    const GOOD: &str = r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"a","namespace":"web"},"spec":{"action":"DENY","rules":[{}]}}"#;
+
+    #[test]
+    fn deltas_merge_and_snapshots_replace() {
+        let first = DistributionResponse {
+            resources: vec![policy("a", GOOD), policy("b", GOOD)],
+            full: true,
+            ..Default::default()
+        };
+        let held = merge(&BTreeMap::new(), first);
+        let delta = DistributionResponse {
+            resources: vec![policy("c", GOOD)],
+            removed: vec!["a".into()],
+            ..Default::default()
+        };
+        let held = merge(&held, delta);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["b", "c"]);
+        let snapshot = DistributionResponse {
+            resources: vec![policy("d", GOOD)],
+            full: true,
+            ..Default::default()
+        };
+        assert_eq!(merge(&held, snapshot).keys().collect::<Vec<_>>(), ["d"]);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_resource_is_refused_and_nothing_changes() {
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = meshward_identity::ca::CertificateAuthority::load_or_create(
+            &meshward_identity::ca::CaFiles::new(ca_dir.path().join("ca")),
+            "cluster.local",
+        )
+        .unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(None);
+        let identity = WorkloadIdentity {
+            id: SpiffeId::parse("spiffe://cluster.local/ns/web/sa/web").unwrap(),
+            cert: meshward_identity::tls::WatchedCert(rx),
+            bundle: ca.bundle().clone(),
+            trust_domains: meshward_identity::tls::TrustDomains(vec!["cluster.local".into()]),
+        };
+        let store = PolicyStore::new(Workload::default(), PolicySet::default(), "start".into());
+        let jwks = Arc::new(JwksCache::default());
+        let mut held = BTreeMap::new();
+        held.insert("a".to_owned(), policy("a", GOOD));
+        apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
+        assert_eq!(store.current().version, 2);
+        held.insert(
+            "bad".to_owned(),
+            policy(
+                "bad",
+                &GOOD.replace("DENY", "NOPE").replace("\"a\"", "\"bad\""),
+            ),
+        );
+        let error = apply(&held, &identity, &store, &[], &jwks, "2").unwrap_err();
+        assert!(error.contains("spec.action"), "{error}");
+        assert_eq!(
+            store.current().version,
+            2,
+            "the last good configuration stays"
+        );
+    }
+}
