@@ -157,12 +157,7 @@ impl Store {
     /// Validates every document of `text` and writes them all, or none.
     pub fn apply(&self, file: &str, text: &str) -> Result<Vec<Change>, StoreError> {
         let loaded = load::load_str(file, text);
-        let errors: Vec<String> = loaded
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error())
-            .map(ToString::to_string)
-            .collect();
+        let errors = loaded.errors();
         if !errors.is_empty() {
             return Err(StoreError::Invalid(errors));
         }

@@ -15,12 +15,7 @@ use crate::store::Store;
 /// Loads `dir` into `store`; returns the errors that refused it, if any.
 pub fn sync(dir: &PathBuf, store: &Store) -> Result<usize, Vec<String>> {
     let loaded = load::load_paths(std::slice::from_ref(dir));
-    let errors: Vec<String> = loaded
-        .diagnostics
-        .iter()
-        .filter(|d| d.is_error())
-        .map(ToString::to_string)
-        .collect();
+    let errors = loaded.errors();
     if !errors.is_empty() {
         return Err(errors);
     }

@@ -6,26 +6,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn meshward(mesh: &Mesh, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .args([
-            "--server",
-            &format!("https://{}", mesh.ca_addr),
-            "--data-dir",
-            mesh.data.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap()
-}
-
 fn stored(mesh: &Mesh) -> Vec<serde_json::Value> {
-    let out = meshward(mesh, &["get", "all", "-o", "json"]);
+    let out = mesh.admin(&["get", "all", "-o", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -43,10 +30,7 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
     let dir = tempdir("control-apply");
     let mut mesh = server(&dir);
 
-    let out = meshward(
-        &mesh,
-        &["apply", "-f", &repo("examples/zero-trust/policies.yaml")],
-    );
+    let out = mesh.admin(&["apply", "-f", &repo("examples/zero-trust/policies.yaml")]);
     assert!(
         out.status.success(),
         "{}",
@@ -63,7 +47,7 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
     assert!(created.is_string());
 
     // describe works on what the server holds, as on files.
-    let live = meshward(&mesh, &["describe", "-n", "foo", "-l", "app=httpbin"]);
+    let live = mesh.admin(&["describe", "-n", "foo", "-l", "app=httpbin"]);
     let files = Command::new(bin())
         .args([
             "describe",
@@ -93,7 +77,7 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: foo}\nspec: {action: NOPE}\n",
     )
     .unwrap();
-    let out = meshward(&mesh, &["apply", "-f", bad.to_str().unwrap()]);
+    let out = mesh.admin(&["apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -132,10 +116,7 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
     assert!(stderr.contains("may not change configuration"), "{stderr}");
 
     // Delete, then restart: what was applied is still there, as it was.
-    let out = meshward(
-        &mesh,
-        &["delete", "AuthorizationPolicy", "deny-legacy", "-n", "foo"],
-    );
+    let out = mesh.admin(&["delete", "AuthorizationPolicy", "deny-legacy", "-n", "foo"]);
     assert!(
         out.status.success(),
         "{}",

@@ -67,12 +67,7 @@ fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Process, SocketAd
 fn apply(mesh: &Mesh, dir: &Path, name: &str, yaml: &str) -> std::process::Output {
     let file = dir.join(name);
     std::fs::write(&file, yaml).unwrap();
-    Command::new(bin())
-        .args(["apply", "-f", file.to_str().unwrap()])
-        .args(["--server", &format!("https://{}", mesh.ca_addr)])
-        .args(["--data-dir", mesh.data.to_str().unwrap()])
-        .output()
-        .unwrap()
+    mesh.admin(&["apply", "-f", file.to_str().unwrap()])
 }
 
 fn registry(web_port: u16, web_sa: &str) -> String {
@@ -198,11 +193,7 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
     assert_eq!(http_get(sleep_out, "/public/y").unwrap().0, 200);
 
     // `meshward status` shows both proxies in sync.
-    let status = Command::new(bin())
-        .args(["status", "--server", &format!("https://{}", mesh.ca_addr)])
-        .args(["--data-dir", mesh.data.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let status = mesh.admin(&["status"]);
     let status = String::from_utf8_lossy(&status.stdout);
     assert_eq!(status.matches("SYNCED").count(), 2, "{status}");
     assert!(status.contains("web/web"), "{status}");
@@ -239,12 +230,7 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
         .unwrap();
     }
     let burst_started = Instant::now();
-    let out = Command::new(bin())
-        .args(["apply", "-f", burst.to_str().unwrap()])
-        .args(["--server", &format!("https://{}", mesh.ca_addr)])
-        .args(["--data-dir", mesh.data.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = mesh.admin(&["apply", "-f", burst.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -270,12 +256,7 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
 
     // It comes back; a change made then reaches the proxies.
     mesh = server_with(&dir, &["--listen", &listen]);
-    let out = Command::new(bin())
-        .args(["delete", "AuthorizationPolicy", "deny-x", "-n", "web"])
-        .args(["--server", &format!("https://{}", mesh.ca_addr)])
-        .args(["--data-dir", mesh.data.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = mesh.admin(&["delete", "AuthorizationPolicy", "deny-x", "-n", "web"]);
     assert!(
         out.status.success(),
         "{}",

@@ -48,6 +48,15 @@ impl Loaded {
         self.diagnostics.iter().any(Diagnostic::is_error)
     }
 
+    /// Every error, one line each as `meshward validate` prints it.
+    pub fn errors(&self) -> Vec<String> {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect()
+    }
+
     pub fn extend(&mut self, other: Loaded) {
         self.policies.extend(other.policies);
         self.registry.extend(other.registry);

@@ -224,9 +224,7 @@ fn apply(
             types::POLICY => {
                 let loaded = load::load_str(&resource.name, body);
                 if loaded.has_errors() {
-                    let errors: Vec<String> =
-                        loaded.diagnostics.iter().map(ToString::to_string).collect();
-                    return Err(errors.join("; "));
+                    return Err(loaded.errors().join("; "));
                 }
                 policies.extend(loaded.policies.into_iter().map(|p| p.policy));
             }

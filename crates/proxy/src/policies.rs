@@ -155,12 +155,7 @@ impl DirSource {
         for warning in loaded.diagnostics.iter().filter(|d| !d.is_error()) {
             tracing::warn!("{warning}");
         }
-        let errors: Vec<String> = loaded
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error())
-            .map(ToString::to_string)
-            .collect();
+        let errors = loaded.errors();
         if !errors.is_empty() {
             return Err(LoadError::Invalid {
                 count: errors.len(),

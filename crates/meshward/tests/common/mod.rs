@@ -150,6 +150,16 @@ pub fn server_with(dir: &Path, extra: &[&str]) -> Mesh {
 }
 
 impl Mesh {
+    /// Runs a `meshward` command against this server with the admin credential.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .args(["--server", &format!("https://{}", self.ca_addr)])
+            .args(["--data-dir", self.data.to_str().unwrap()])
+            .output()
+            .unwrap()
+    }
+
     pub fn token(&self, ns: &str, sa: &str) -> PathBuf {
         let out = run(&[
             "token",
