@@ -10,7 +10,6 @@ use meshward_api::control::{
     StatusRequest, StatusResponse,
 };
 use meshward_identity::spiffe::SpiffeId;
-use meshward_identity::tls::spiffe_id_of;
 use tonic::{Request, Response, Status};
 
 use crate::push::Hub;
@@ -33,15 +32,10 @@ impl ConfigApi {
     /// The caller must present the admin certificate (its chain was verified
     /// against the mesh's roots in the TLS handshake).
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let certs = request.peer_certs().ok_or_else(|| {
-            Status::unauthenticated(
-                "the config API needs the admin client certificate (meshward --admin-dir DIR)",
-            )
-        })?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let id = spiffe_id_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let (id, _) = crate::push::caller(
+            request,
+            "the config API needs the admin client certificate (meshward --data-dir or --admin-dir)",
+        )?;
         if id != self.admin {
             tracing::warn!(caller = %id, "config API call refused: not the admin identity");
             return Err(Status::permission_denied(format!(
@@ -127,10 +121,12 @@ impl ConfigService for ConfigApi {
     ) -> Result<Response<DeleteResponse>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        let deleted = self
-            .store
-            .delete(&r.kind, &r.namespace, &r.name)
-            .map_err(status_of)?;
+        let store = self.store.clone();
+        let deleted =
+            tokio::task::spawn_blocking(move || store.delete(&r.kind, &r.namespace, &r.name))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(status_of)?;
         let version = self.store.config().version;
         if deleted {
             self.hub.changed(version);

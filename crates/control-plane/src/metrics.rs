@@ -65,6 +65,8 @@ pub fn encode(hub: &Hub, ca: &CaCounters) -> String {
 pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>, ca: Arc<CaCounters>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
+            // Out of descriptors and the like: pause rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let (hub, ca) = (hub.clone(), ca.clone());

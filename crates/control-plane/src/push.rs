@@ -31,6 +31,11 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::registry::Registry;
 use crate::store::{Config, Store};
 
+/// A NACK's error is kept (and logged) up to this many characters.
+const MAX_NACK: usize = 1024;
+/// A stream must say what it subscribes to within this.
+const FIRST_MESSAGE: Duration = Duration::from_secs(30);
+
 /// What `meshward status` shows of one stream.
 #[derive(Debug, Clone, Default)]
 struct Session {
@@ -59,7 +64,7 @@ struct Derived {
 pub struct Hub {
     store: Arc<Store>,
     trust_domain: String,
-    bundle_pem: String,
+    bundle: Resource,
     changes: watch::Sender<u64>,
     sessions: Mutex<HashMap<u64, Session>>,
     next_session: AtomicU64,
@@ -98,7 +103,11 @@ impl Hub {
         Hub {
             store,
             trust_domain,
-            bundle_pem,
+            bundle: resource(
+                "bundle".into(),
+                types::TRUST_BUNDLE,
+                bundle_pem.into_bytes(),
+            ),
             changes: watch::channel(version).0,
             sessions: Mutex::default(),
             next_session: AtomicU64::new(1),
@@ -186,9 +195,8 @@ impl Hub {
         let config = self.store.config();
         let derived = self.derived(&config);
         let registry = &derived.registry;
-        let peer_ip = peer.map(|p| p.ip().to_string());
         let id = identity.to_string();
-        let workload = registry.workload_for(&id, peer_ip.as_deref()).cloned();
+        let workload = registry.workload_for(&id, peer.map(|p| p.ip())).cloned();
         let namespace = workload
             .as_ref()
             .map(|w| w.namespace.clone())
@@ -204,11 +212,7 @@ impl Hub {
             }
         }
         put(derived.mesh.clone());
-        put(resource(
-            "bundle".into(),
-            types::TRUST_BUNDLE,
-            self.bundle_pem.clone().into_bytes(),
-        ));
+        put(self.bundle.clone());
         let own = serde_json::json!({
             "name": workload.as_ref().map(|w| w.name.clone()),
             "namespace": namespace,
@@ -233,6 +237,22 @@ impl Hub {
         let name = workload.map(|w| w.name).unwrap_or_default();
         (config.version, name, out)
     }
+}
+
+/// The caller's SPIFFE ID and certificate expiry (Unix seconds), from the
+/// client certificate verified in the TLS handshake.
+pub(crate) fn caller<T>(request: &Request<T>, missing: &str) -> Result<(SpiffeId, i64), Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated(missing.to_owned()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated(missing.to_owned()))?;
+    let identity = spiffe_id_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    let expiry = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .unwrap_or(0);
+    Ok((identity, expiry))
 }
 
 fn policy_name(policy: &Policy) -> String {
@@ -299,7 +319,10 @@ async fn session(
     mut inbound: Streaming<DistributionRequest>,
     tx: mpsc::Sender<Result<DistributionResponse, Status>>,
 ) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else {
+    let first = tokio::time::timeout(FIRST_MESSAGE, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no subscription within 30 s"))??;
+    let Some(first) = first else {
         return Ok(());
     };
     let mut subscribe = first.subscribe;
@@ -350,9 +373,12 @@ async fn session(
                 s.workload = workload;
             }
         } else if let Some(s) = lock(&hub.sessions).get_mut(&id) {
-            // Nothing of this version concerns the proxy: it is current.
-            if s.acked_version == s.sent_version && s.nack.is_empty() {
-                s.acked_version = version;
+            // Nothing of this version concerns the proxy: once it ACKs what
+            // it was sent, it is current with this version too.
+            match &mut pending {
+                Some((_, pending_version)) => *pending_version = version,
+                None if s.nack.is_empty() => s.acked_version = version,
+                None => {}
             }
             s.sent_version = version;
         }
@@ -369,9 +395,10 @@ async fn session(
                                 s.acked_version = *version;
                                 s.nack.clear();
                             } else {
-                                s.nack = request.error_detail.clone();
+                                // The proxy's words, bounded.
+                                s.nack = request.error_detail.chars().take(MAX_NACK).collect();
                                 hub.nacks.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(%identity, version, error = %request.error_detail, "a proxy refused a configuration");
+                                tracing::warn!(%identity, version, error = %s.nack, "a proxy refused a configuration");
                             }
                         }
                         pending = None;

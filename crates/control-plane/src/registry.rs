@@ -142,14 +142,31 @@ impl Registry {
     }
 
     /// The workload a proxy with `identity` runs as. When several
-    /// WorkloadEntries share the identity, `address` (the proxy's own, if
-    /// known) picks one; otherwise the first by name.
-    pub fn workload_for(&self, identity: &str, address: Option<&str>) -> Option<&Workload> {
-        let mut candidates = self.workloads.iter().filter(|w| w.identity == identity);
-        let first = candidates.clone().min_by(|a, b| a.name.cmp(&b.name));
-        match address {
-            Some(address) => candidates.find(|w| w.address == address).or(first),
-            None => first,
+    /// WorkloadEntries share the identity, the proxy's address must pick
+    /// one; if it matches none of them, none is chosen (the proxy gets its
+    /// namespace's policies without labels) rather than another workload's.
+    pub fn workload_for(
+        &self,
+        identity: &str,
+        address: Option<std::net::IpAddr>,
+    ) -> Option<&Workload> {
+        let candidates: Vec<&Workload> = self
+            .workloads
+            .iter()
+            .filter(|w| w.identity == identity)
+            .collect();
+        let address = address.map(|a| a.to_canonical());
+        let by_address = address.and_then(|ip| {
+            candidates.iter().copied().find(|w| {
+                w.address
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.to_canonical() == ip)
+            })
+        });
+        match (by_address, candidates.as_slice()) {
+            (Some(w), _) => Some(w),
+            (None, [only]) => Some(only),
+            _ => None,
         }
     }
 }
@@ -234,7 +251,7 @@ spec:
         let w = r
             .workload_for(
                 "spiffe://cluster.local/ns/bookinfo/sa/reviews-v2",
-                Some("127.0.0.2"),
+                Some("::ffff:127.0.0.2".parse().unwrap()),
             )
             .unwrap();
         assert_eq!(

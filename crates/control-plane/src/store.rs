@@ -72,6 +72,9 @@ pub struct Store {
     db: redb::Database,
     path: String,
     current: RwLock<Arc<Config>>,
+    /// Held from a write's start to its reload, so the configuration in
+    /// force is always one committed state with its own version.
+    writing: std::sync::Mutex<()>,
 }
 
 /// One more version: every write that changes something is one.
@@ -82,6 +85,21 @@ fn bump_version(meta: &mut redb::Table<&str, &str>) -> Result<(), redb::StorageE
         .unwrap_or(0);
     meta.insert("version", (version + 1).to_string().as_str())?;
     Ok(())
+}
+
+/// The kind as stored (`authorizationpolicy` → `AuthorizationPolicy`).
+fn canonical_kind(kind: &str) -> &str {
+    const KINDS: [&str; 5] = [
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "RequestAuthentication",
+        "WorkloadEntry",
+        "ServiceEntry",
+    ];
+    KINDS
+        .into_iter()
+        .find(|k| k.eq_ignore_ascii_case(kind))
+        .unwrap_or(kind)
 }
 
 fn key_of(kind: &str, namespace: &str, name: &str) -> String {
@@ -134,9 +152,16 @@ impl Store {
             db,
             path: shown,
             current: RwLock::new(Arc::default()),
+            writing: std::sync::Mutex::new(()),
         };
         store.reload()?;
         Ok(store)
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn db_error(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -177,6 +202,7 @@ impl Store {
         source: Source,
         replace_source: bool,
     ) -> Result<Vec<Change>, StoreError> {
+        let _writing = self.lock_writes();
         let now = jiff::Timestamp::now().to_string();
         let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
         let mut changes = Vec::new();
@@ -215,6 +241,18 @@ impl Store {
                 if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
                     meta.insert("creationTimestamp".into(), created);
                 }
+                // The directory never overwrites what the API wrote; an
+                // API write takes an object over from the directory.
+                if source == Source::Directory
+                    && previous.as_ref().is_some_and(|p| p.source == Source::Api)
+                {
+                    tracing::warn!(%key, "the config directory has an object the API also wrote; the API's stays");
+                    changes.push(Change {
+                        key,
+                        action: "conflict",
+                    });
+                    continue;
+                }
                 let action = match &previous {
                     None => "created",
                     Some(p)
@@ -252,11 +290,18 @@ impl Store {
     /// checking it loads.
     pub fn set_mesh_config(&self, file: &str, text: &str) -> Result<(), StoreError> {
         load::load_mesh_config(file, text).map_err(|d| StoreError::Invalid(vec![d.to_string()]))?;
+        let _writing = self.lock_writes();
         let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-            meta.insert("mesh", text).map_err(|e| self.db_error(e))?;
-            bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            let unchanged = meta
+                .get("mesh")
+                .map_err(|e| self.db_error(e))?
+                .is_some_and(|v| v.value() == text);
+            if !unchanged {
+                meta.insert("mesh", text).map_err(|e| self.db_error(e))?;
+                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            }
         }
         txn.commit().map_err(|e| self.db_error(e))?;
         self.reload()
@@ -264,7 +309,9 @@ impl Store {
 
     /// Deletes one object; `false` if there was none.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        let kind = canonical_kind(kind);
         let key = key_of(kind, namespace, name);
+        let _writing = self.lock_writes();
         let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
         let existed = {
             let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
@@ -320,8 +367,20 @@ impl Store {
     /// valid when written; one that no longer loads (a newer meshward
     /// stored it) is skipped with a warning rather than taking the rest down.
     fn reload(&self) -> Result<(), StoreError> {
-        let objects = self.get("", None, None)?;
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let mut objects = Vec::new();
+        match txn.open_table(OBJECTS) {
+            Ok(table) => {
+                for entry in table.iter().map_err(|e| self.db_error(e))? {
+                    let (_, v) = entry.map_err(|e| self.db_error(e))?;
+                    if let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
+                        objects.push(stored.object);
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.db_error(e)),
+        }
         let (version, mesh) = match txn.open_table(META) {
             Ok(meta) => {
                 let read = |k: &str| -> Result<Option<String>, StoreError> {
@@ -455,7 +514,22 @@ mod tests {
             }]
         );
         assert_eq!(store.config().policies.len(), 1, "the API's object stays");
-        assert!(store.delete("AuthorizationPolicy", "web", "deny").unwrap());
+        assert!(store.delete("authorizationpolicy", "web", "deny").unwrap());
         assert!(store.config().policies.is_empty());
+
+        // The directory never takes over what the API wrote, and removing
+        // its file never deletes the API's object.
+        store.apply("api.yaml", DENY).unwrap();
+        let same_key = load::load_str("dir.yaml", &DENY.replace("/admin", "/from-dir"));
+        let changes = store.sync_directory(&same_key).unwrap();
+        assert_eq!(changes[0].action, "conflict");
+        store.sync_directory(&Loaded::default()).unwrap();
+        let kept = store
+            .get("AuthorizationPolicy", Some("web"), Some("deny"))
+            .unwrap();
+        assert_eq!(
+            kept[0]["spec"]["rules"][0]["to"][0]["operation"]["paths"][0],
+            "/admin"
+        );
     }
 }

@@ -12,23 +12,36 @@ use meshward_policy::load;
 use crate::push::Hub;
 use crate::store::Store;
 
-/// Loads `dir` into `store`; returns the errors that refused it, if any.
-pub fn sync(dir: &PathBuf, store: &Store) -> Result<usize, Vec<String>> {
+/// Why a directory was not put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The files have errors: nothing to do until they change.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    /// The store failed: worth trying again.
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Loads `dir` into `store`; returns how many objects changed.
+pub fn sync(dir: &PathBuf, store: &Store) -> Result<usize, SyncError> {
     let loaded = load::load_paths(std::slice::from_ref(dir));
     let errors = loaded.errors();
     if !errors.is_empty() {
-        return Err(errors);
+        return Err(SyncError::Invalid(errors));
     }
-    let changes = store
-        .sync_directory(&loaded)
-        .map_err(|e| vec![e.to_string()])?;
+    let changes = store.sync_directory(&loaded)?;
     Ok(changes.iter().filter(|c| c.action != "unchanged").count())
 }
 
-/// Polls `dir` every `interval` until the task is dropped.
+/// Polls `dir` every `interval` until the task is dropped. A change is
+/// loaded once the directory has looked the same on two polls in a row, so
+/// a copy in progress (or an editor's save) is not read half-written; a
+/// failed load is retried.
 pub async fn watch(dir: PathBuf, store: Arc<Store>, hub: Arc<Hub>, interval: Duration) {
     let fingerprint = |dir: &PathBuf| load::fingerprint(std::slice::from_ref(dir));
-    let mut seen = None;
+    let mut synced = None;
+    let mut previous = None;
     loop {
         let current = {
             let dir = dir.clone();
@@ -36,23 +49,31 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, hub: Arc<Hub>, interval: Dur
                 .await
                 .ok()
         };
-        if current.is_some() && current != seen {
-            seen = current;
+        let settled = current.is_some() && (current == previous || synced.is_none());
+        if settled && current != synced {
             let (dir, store) = (dir.clone(), store.clone());
             match tokio::task::spawn_blocking(move || sync(&dir, &store)).await {
-                Ok(Ok(0)) => {}
                 Ok(Ok(changed)) => {
-                    let version = hub.store_version();
-                    hub.changed(version);
-                    tracing::info!(changed, version, "config directory changed");
+                    synced = current;
+                    if changed > 0 {
+                        let version = hub.store_version();
+                        hub.changed(version);
+                        tracing::info!(changed, version, "config directory changed");
+                    }
                 }
-                Ok(Err(errors)) => tracing::error!(
-                    "config directory refused; the previous configuration stays in force:\n{}",
-                    errors.join("\n")
-                ),
+                Ok(Err(SyncError::Invalid(errors))) => {
+                    // Not retried until the files change: the errors are in them.
+                    synced = current;
+                    tracing::error!(
+                        "config directory refused; the previous configuration stays in force:\n{}",
+                        errors.join("\n")
+                    );
+                }
+                Ok(Err(e)) => tracing::error!("config directory: {e}; retrying"),
                 Err(e) => tracing::error!("config directory: {e}"),
             }
         }
+        previous = current;
         tokio::time::sleep(interval).await;
     }
 }

@@ -96,6 +96,9 @@ pub struct CaService {
     ca: Arc<CertificateAuthority>,
     authenticators: Vec<Box<dyn CallerAuthenticator>>,
     counters: Arc<CaCounters>,
+    /// Identities only the server itself issues (its own, the admin's):
+    /// never signed for a caller, whatever it holds.
+    reserved: Vec<SpiffeId>,
 }
 
 /// Certificate requests signed and refused, for the server's metrics.
@@ -114,7 +117,14 @@ impl CaService {
             ca,
             authenticators,
             counters: Arc::default(),
+            reserved: Vec::new(),
         }
+    }
+
+    /// Refuses to sign for `reserved` identities.
+    pub fn with_reserved(mut self, reserved: Vec<SpiffeId>) -> CaService {
+        self.reserved = reserved;
+        self
     }
 
     /// The counters this service updates.
@@ -189,6 +199,15 @@ impl IstioCertificateService for CaService {
                     "certificate request refused: unauthenticated"
                 )
             })?;
+        if self.reserved.contains(&identity) {
+            self.counters
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(?peer, %identity, "certificate request refused: a reserved identity");
+            return Err(Status::permission_denied(format!(
+                "{identity} is reserved to the control plane; it is never issued on request"
+            )));
+        }
         let request = request.into_inner();
         let ttl = (request.validity_duration > 0)
             .then(|| Duration::from_secs(request.validity_duration as u64));
@@ -210,6 +229,15 @@ impl IstioCertificateService for CaService {
     }
 }
 
+/// The control plane's own identity: `spiffe://TD/ns/ROOT_NS/sa/meshward`.
+pub fn server_spiffe_id(
+    ca: &CertificateAuthority,
+    root_namespace: &str,
+) -> Result<SpiffeId, CaError> {
+    SpiffeId::istio(ca.trust_domain(), root_namespace, "meshward")
+        .map_err(|e| CaError::Sign(e.to_string()))
+}
+
 /// The control plane's own serving certificate: its SPIFFE ID plus the names
 /// Istio agents dial (`istiod.<root-namespace>.svc`), `localhost`, 127.0.0.1
 /// and any extra names. The key is made here and never leaves memory.
@@ -219,8 +247,7 @@ pub fn server_identity(
     extra_sans: &[String],
     ttl: Duration,
 ) -> Result<(KeyPair, IssuedChain), CaError> {
-    let id = SpiffeId::istio(ca.trust_domain(), root_namespace, "meshward")
-        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let id = server_spiffe_id(ca, root_namespace)?;
     let mut sans: Vec<SanType> = Vec::new();
     let names = [
         "localhost".to_owned(),
@@ -401,7 +428,10 @@ pub async fn serve_routes(
         shutdown.await;
         let _ = stopping.send(());
     };
+    // Pings find proxies that vanished without closing their stream.
     let server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown);
     let deadline = async {

@@ -133,7 +133,11 @@ async fn stream(
         Duration::from_secs(5),
         metrics.clone(),
     );
+    // Pings find a server that vanished without closing the stream.
     let channel = tonic::transport::Endpoint::from_static("http://control-plane")
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
         .map_err(|e| format!("connecting: {e}"))?;
@@ -252,6 +256,8 @@ fn apply(
     let mut routes = Vec::new();
     for target in outbound {
         let Some(service) = services.get(&target.upstream.service) else {
+            // Not (or no longer) in the registry: nowhere to send it.
+            routes.push((target, Vec::new(), Vec::new()));
             continue;
         };
         let endpoints: Vec<SocketAddr> = service
@@ -262,19 +268,35 @@ fn apply(
                 Some(SocketAddr::new(e.address.parse().ok()?, port))
             })
             .collect();
+        // A name that is not a SPIFFE ID can match no certificate: it is
+        // left out rather than holding up every other update.
         let identities: Vec<SpiffeId> = service
             .identities
             .iter()
-            .map(|i| SpiffeId::parse(i).map_err(|e| format!("service {}: {i}: {e}", service.host)))
-            .collect::<Result<_, _>>()?;
+            .filter_map(|i| match SpiffeId::parse(i) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(service = %service.host, identity = %i, "ignoring an identity that is not a SPIFFE ID: {e}");
+                    None
+                }
+            })
+            .collect();
         routes.push((target, endpoints, identities));
     }
+    let prepared = routes
+        .into_iter()
+        .map(|(target, endpoints, identities)| {
+            target
+                .prepare_destination(identity, endpoints, identities)
+                .map(|route| (target, route))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Everything parsed and built: now it all takes effect.
     let set = PolicySet::new(mesh, policies).with_jwks(jwks.clone());
     store.replace_for(set, workload, format!("control plane, version {version}"));
-    for (target, endpoints, identities) in routes {
-        target
-            .set_destination(identity, endpoints, identities)
-            .map_err(|e| e.to_string())?;
+    for (target, route) in prepared {
+        target.set_destination(route);
     }
     Ok(())
 }

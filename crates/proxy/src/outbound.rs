@@ -90,25 +90,44 @@ impl OutboundTarget {
             .clone()
     }
 
-    /// Endpoints and secure-naming identities from the control plane. When
-    /// they change, pooled connections are left to finish and new requests
-    /// open connections checked against the new identities.
-    pub fn set_destination(
+    /// Builds what [`OutboundTarget::set_destination`] puts in force: every
+    /// TLS config for new endpoints and secure-naming identities. Nothing
+    /// changes yet, so a failure leaves the target as it was.
+    pub fn prepare_destination(
         &self,
         identity: &WorkloadIdentity,
         endpoints: Vec<SocketAddr>,
         identities: Vec<meshward_identity::spiffe::SpiffeId>,
-    ) -> Result<(), crate::ProxyError> {
+    ) -> Result<Destination, crate::ProxyError> {
+        let tls = [0, 1, 2].map(|i| {
+            mesh_tls(
+                &self.upstream,
+                identity,
+                identities.clone(),
+                self.routes[i].1,
+            )
+        });
+        let [a, b, c] = tls;
+        Ok(Destination {
+            endpoints,
+            identities,
+            tls: [a?, b?, c?],
+        })
+    }
+
+    /// Endpoints and identities from the control plane. When they change,
+    /// pooled connections are left to finish and new requests open
+    /// connections checked against the new identities.
+    pub fn set_destination(&self, destination: Destination) {
         let mut current = self
             .destination
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.0 == endpoints && current.1 == identities {
-            return Ok(());
+        if current.0 == destination.endpoints && current.1 == destination.identities {
+            return;
         }
-        for (connector, alpn) in &self.routes {
-            let tls = mesh_tls(&self.upstream, identity, identities.clone(), alpn)?;
-            connector.set_route(endpoints.clone(), tls);
+        for ((connector, _), tls) in self.routes.iter().zip(destination.tls) {
+            connector.set_route(destination.endpoints.clone(), tls);
         }
         let (h1, h2) = (self.routes[0].0.clone(), self.routes[1].0.clone());
         *self
@@ -116,9 +135,15 @@ impl OutboundTarget {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             HttpPools::new(h1, h2, self.upstream.protocol);
-        *current = (endpoints, identities);
-        Ok(())
+        *current = (destination.endpoints, destination.identities);
     }
+}
+
+/// A destination ready to be put in force.
+pub struct Destination {
+    endpoints: Vec<SocketAddr>,
+    identities: Vec<meshward_identity::spiffe::SpiffeId>,
+    tls: [Option<MeshTls>; 3],
 }
 
 /// Mutual TLS to `upstream` accepting only `identities`, offering `alpn`;

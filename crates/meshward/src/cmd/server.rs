@@ -126,7 +126,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Duration::from_millis(500),
             )))
         });
-        let ca_service = service::CaService::new(ca.clone(), authenticators);
+        let own = service::server_spiffe_id(&ca, &args.root_namespace)?;
+        let ca_service = service::CaService::new(ca.clone(), authenticators)
+            .with_reserved(vec![admin.clone(), own]);
         let ca_counters = ca_service.counters();
         let _metrics = match args.metrics {
             Some(addr) => {
