@@ -47,6 +47,8 @@ enum Command {
     Delete(cmd::control::DeleteArgs),
     /// Every proxy connected to the server: workload, identity, certificate expiry, versions sent and acknowledged.
     Status(cmd::control::StatusArgs),
+    /// A tiny workload for demos and tests: echoes what it received, calls other URLs.
+    DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
 }
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(args),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::Apply(args) => cmd::control::apply(args),
         Command::Get(args) => cmd::control::get(args),
         Command::Delete(args) => cmd::control::delete(args),
