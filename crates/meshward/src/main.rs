@@ -47,6 +47,8 @@ enum Command {
     Delete(cmd::control::DeleteArgs),
     /// Every proxy connected to the server: workload, identity, certificate expiry, versions sent and acknowledged.
     Status(cmd::control::StatusArgs),
+    /// A whole local mesh from a directory of Istio YAML: control plane, proxies, workloads.
+    Up(cmd::up::Args),
     /// A tiny workload for demos and tests: echoes what it received, calls other URLs.
     DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Server(args) => cmd::server::run(args),
         Command::Proxy(args) => cmd::proxy::run(*args),
         Command::DemoApp(args) => cmd::demo_app::run(args),
+        Command::Up(args) => cmd::up::run(args),
         Command::Apply(args) => cmd::control::apply(args),
         Command::Get(args) => cmd::control::get(args),
         Command::Delete(args) => cmd::control::delete(args),

@@ -15,7 +15,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::inputs::print_diagnostics;
 
 /// Where the server is and how to prove being its admin.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerArgs {
     #[arg(long, default_value = "https://127.0.0.1:15012")]
     server: String,
@@ -71,7 +71,7 @@ pub struct StatusArgs {
     server: ServerArgs,
 }
 
-async fn client(args: &ServerArgs) -> anyhow::Result<ConfigServiceClient<Channel>> {
+pub async fn client(args: &ServerArgs) -> anyhow::Result<ConfigServiceClient<Channel>> {
     let dir = match (&args.admin_dir, &args.data_dir) {
         (Some(dir), _) => dir.clone(),
         (None, Some(data)) => admin_dir(data),
@@ -284,4 +284,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+impl ServerArgs {
+    /// The server at `address` (HOST:PORT), with the admin credential under `data_dir`.
+    pub fn local(address: &str, data_dir: PathBuf) -> ServerArgs {
+        ServerArgs {
+            server: format!("https://{address}"),
+            data_dir: Some(data_dir),
+            admin_dir: None,
+            server_name: "localhost".into(),
+        }
+    }
 }

@@ -4,8 +4,10 @@
 //! httpbin's `/headers` shows them), and calls on request:
 //!
 //! - `GET /call?url=URL` — fetches URL (plain HTTP, usually the local
-//!   listener of a proxy's upstream) and answers with its status and body,
-//!   so chains A → B → C can be exercised;
+//!   listener of a proxy's upstream) and answers with its status and body;
+//! - `GET /call/HOST:PORT/PATH` — the same for a service named with
+//!   `--upstream HOST:PORT=ADDR` (what `meshward up` passes), so chains
+//!   A → B → C read `/call/b.ns:80/call/c.ns:80/`;
 //! - `GET /status/CODE` — answers CODE;
 //! - `GET /delay/MS` — answers after MS milliseconds (at most a minute).
 //!
@@ -38,6 +40,9 @@ pub struct Args {
     /// Also echo raw TCP here.
     #[arg(long)]
     tcp_echo: Option<SocketAddr>,
+    /// A service it can call as `/call/HOST:PORT/...`, at ADDR (repeatable).
+    #[arg(long = "upstream", value_name = "HOST:PORT=ADDR")]
+    upstreams: Vec<String>,
 }
 
 /// Bodies from `/call` are cut here.
@@ -45,6 +50,7 @@ const MAX_BODY: usize = 1 << 20;
 
 struct App {
     name: String,
+    upstreams: BTreeMap<String, String>,
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -65,8 +71,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             tokio::spawn(tcp_echo(echo));
         }
         eprintln!("demo-app {}: http://{}", args.name, listener.local_addr()?);
+        let mut upstreams = BTreeMap::new();
+        for u in &args.upstreams {
+            let Some((service, addr)) = u.split_once('=') else {
+                anyhow::bail!("--upstream takes HOST:PORT=ADDR, got {u:?}");
+            };
+            upstreams.insert(service.to_owned(), addr.to_owned());
+        }
         let app = Arc::new(App {
             name: args.name,
+            upstreams,
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
         let serve = async {
@@ -160,7 +174,7 @@ async fn handle(
         let Some(url) = url else {
             return Ok(json(
                 StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": "/call needs ?url=http://..."}),
+                &serde_json::json!({"error": "/call needs ?url=http://... or /call/HOST:PORT/... for a known upstream", "upstreams": app.upstreams}),
             ));
         };
         let called = call(&app.client, &url).await;

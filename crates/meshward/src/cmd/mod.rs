@@ -5,4 +5,5 @@ pub mod demo_app;
 pub mod describe;
 pub mod proxy;
 pub mod server;
+pub mod up;
 pub mod validate;

@@ -1,0 +1,603 @@
+//! `meshward up DIR`: a whole local mesh in one command.
+//!
+//! DIR holds Istio YAML: WorkloadEntries (one per workload), ServiceEntries
+//! (the services they run) and the security policies. `up` starts the
+//! control plane watching DIR, gives every workload its certificate, its
+//! proxy and its application (`meshward demo-app` unless the entry's
+//! `meshward.io/command` annotation names another; `meshward.io/proxy:
+//! "false"` runs a workload without a proxy), waits until all are ready,
+//! and prints where to call each service from each workload. It then
+//! streams allowed and denied decisions with the deciding policy until
+//! Ctrl-C or SIGTERM, when it stops everything it started.
+//!
+//! Everything listens on 127.0.0.1 on free ports. Addresses and ports
+//! written in DIR's WorkloadEntries are replaced by the ones chosen; each
+//! named port's number stays the port policies name.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use meshward_api::control::ApplyRequest;
+use meshward_identity::spiffe::SpiffeId;
+use meshward_identity::token::TokenAuthority;
+use meshward_policy::api::{RegistryObject, ServiceEntry, WorkloadEntry};
+use meshward_policy::load;
+use meshward_proxy::config::Protocol;
+use serde::Serialize;
+
+use crate::cmd::control::{ServerArgs, client};
+use crate::inputs::print_diagnostics;
+
+/// The annotation naming a workload's command (`{port}` and `{name}` are
+/// replaced); `demo-app` when absent.
+const COMMAND: &str = "meshward.io/command";
+/// `"false"`: the workload runs without a proxy (a legacy workload).
+const PROXY: &str = "meshward.io/proxy";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The mesh: WorkloadEntries, ServiceEntries and policies (watched).
+    dir: PathBuf,
+    /// Keep the control plane's state here (a temporary directory otherwise).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How long to wait for everything to be ready.
+    #[arg(long, default_value = "60s")]
+    ready_timeout: humantime::Duration,
+}
+
+/// What `up` started, as written to `DATA/up.json` for scripts and tests.
+#[derive(Debug, Serialize)]
+struct Mesh {
+    control_plane: String,
+    data_dir: PathBuf,
+    workloads: Vec<Started>,
+}
+
+#[derive(Debug, Serialize)]
+struct Started {
+    name: String,
+    identity: String,
+    proxied: bool,
+    /// The application's own address.
+    app: SocketAddr,
+    /// Workload port (as policies name it) → where peers reach it.
+    ports: BTreeMap<u16, SocketAddr>,
+    /// `host:port` → the local address this workload calls it on.
+    upstreams: BTreeMap<String, SocketAddr>,
+    admin: Option<SocketAddr>,
+    access_log: Option<PathBuf>,
+}
+
+/// Processes that are stopped (SIGTERM, then kill after 5 s) when dropped.
+#[derive(Default)]
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<u32> {
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let pid = child.id();
+        self.0.push((name.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Names and statuses of processes that have exited.
+    fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        self.0
+            .iter_mut()
+            .filter_map(|(name, child)| child.try_wait().ok().flatten().map(|s| (name.clone(), s)))
+            .collect()
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        // Newest first: proxies and applications before the control plane.
+        for (_, child) in self.0.iter().rev() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in self.0.iter_mut().rev() {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: up\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let loaded = load::load_paths(std::slice::from_ref(&args.dir));
+    print_diagnostics(&loaded.diagnostics);
+    if loaded.has_errors() {
+        bail!(
+            "{} has errors (above); fix them and run again",
+            args.dir.display()
+        );
+    }
+    let entries: Vec<&WorkloadEntry> = loaded
+        .registry
+        .iter()
+        .filter_map(|o| match o {
+            RegistryObject::WorkloadEntry(we) => Some(we),
+            RegistryObject::ServiceEntry(_) => None,
+        })
+        .collect();
+    let services: Vec<&ServiceEntry> = loaded
+        .registry
+        .iter()
+        .filter_map(|o| match o {
+            RegistryObject::ServiceEntry(se) => Some(se),
+            RegistryObject::WorkloadEntry(_) => None,
+        })
+        .collect();
+    if entries.is_empty() {
+        bail!(
+            "{} has no WorkloadEntry: nothing to run",
+            args.dir.display()
+        );
+    }
+    let exe = std::env::current_exe().context("finding the meshward binary")?;
+    let (data, temporary) = match &args.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("meshward-up-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(data.join("logs"))?;
+    let _cleanup = temporary.then(|| RemoveOnDrop(data.clone()));
+    let mut children = Children::default();
+
+    // The control plane, watching DIR.
+    let listen = free_addr()?;
+    let mut server = Command::new(&exe);
+    server
+        .args(["server", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &listen.to_string(), "--config-dir"])
+        .arg(&args.dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    children.spawn("meshward server", &mut server)?;
+    let stdout = children.0[0].1.stdout.take().context("server output")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("listening on") => break,
+            Some(Ok(_)) => {}
+            _ => bail!("the control plane did not start (its errors are above)"),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let trust_domain = std::fs::read_to_string(data.join("trust-domain"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|_| "cluster.local".into());
+    let tokens = TokenAuthority::load_or_create(&data, &trust_domain)?;
+
+    // Addresses for every workload, then the registry as it really is.
+    struct Plan<'a> {
+        entry: &'a WorkloadEntry,
+        name: String,
+        identity: SpiffeId,
+        proxied: bool,
+        app: SocketAddr,
+        /// (port name, workload port number, where peers reach it)
+        ports: Vec<(String, u16, SocketAddr)>,
+    }
+    let mut plans = Vec::new();
+    for entry in &entries {
+        let ns = entry.metadata.namespace_or_default();
+        let sa = if entry.spec.service_account.is_empty() {
+            "default"
+        } else {
+            &entry.spec.service_account
+        };
+        let proxied = entry
+            .metadata
+            .annotations
+            .get(PROXY)
+            .is_none_or(|v| v != "false");
+        let app = free_addr()?;
+        let mut ports = Vec::new();
+        for (port_name, number) in &entry.spec.ports {
+            let number = u16::try_from(*number).context("a port number")?;
+            ports.push((
+                port_name.clone(),
+                number,
+                if proxied { free_addr()? } else { app },
+            ));
+        }
+        plans.push(Plan {
+            entry,
+            name: format!("{ns}/{}", entry.metadata.name),
+            identity: SpiffeId::istio(&trust_domain, ns, sa)?,
+            proxied,
+            app,
+            ports,
+        });
+    }
+    let mut registry = String::new();
+    for plan in &plans {
+        let mut entry = (*plan.entry).clone();
+        entry.spec.address = "127.0.0.1".into();
+        entry.spec.ports = plan
+            .ports
+            .iter()
+            .map(|(name, _, addr)| (name.clone(), u32::from(addr.port())))
+            .collect();
+        registry.push_str(&serde_json::to_string(&entry)?);
+        registry.push_str("\n---\n");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let server_args = ServerArgs::local(&listen.to_string(), data.clone());
+    runtime.block_on(async {
+        client(&server_args)
+            .await?
+            .apply(ApplyRequest {
+                file: format!("{} (addresses chosen by meshward up)", args.dir.display()),
+                text: registry,
+                mesh_config: false,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        anyhow::Ok(())
+    })?;
+
+    // Workloads and their proxies.
+    let service_ports: Vec<(String, u16, String)> = services
+        .iter()
+        .flat_map(|se| {
+            se.spec.hosts.iter().flat_map(move |host| {
+                se.spec.ports.iter().filter_map(move |p| {
+                    Some((
+                        host.clone(),
+                        u16::try_from(p.number).ok()?,
+                        p.protocol.clone(),
+                    ))
+                })
+            })
+        })
+        .collect();
+    // Where each workload's named ports are, for workloads without a proxy.
+    let views: Vec<(String, BTreeMap<String, String>, Vec<(String, SocketAddr)>)> = plans
+        .iter()
+        .map(|p| {
+            (
+                p.entry.metadata.namespace_or_default().to_owned(),
+                p.entry.spec.labels.clone(),
+                p.ports.iter().map(|(n, _, a)| (n.clone(), *a)).collect(),
+            )
+        })
+        .collect();
+    let mut started = Vec::new();
+    for plan in &plans {
+        // The local address this workload calls each service on.
+        let mut upstreams = BTreeMap::new();
+        for (host, port, _) in &service_ports {
+            let addr = if plan.proxied {
+                Some(free_addr()?)
+            } else {
+                // Without a proxy, services are called where their workloads listen.
+                endpoint_of(&views, &services, host, *port)
+            };
+            if let Some(addr) = addr {
+                upstreams.insert(format!("{host}:{port}"), addr);
+            }
+        }
+        let app_command = plan.entry.metadata.annotations.get(COMMAND).cloned();
+        let mut app = match &app_command {
+            None => {
+                let mut c = Command::new(&exe);
+                c.args([
+                    "demo-app",
+                    "--name",
+                    &plan.entry.metadata.name,
+                    "--listen",
+                    &plan.app.to_string(),
+                ]);
+                c
+            }
+            Some(command) => {
+                let mut c = Command::new("sh");
+                c.args([
+                    "-c",
+                    &command
+                        .replace("{port}", &plan.app.port().to_string())
+                        .replace("{name}", &plan.entry.metadata.name),
+                ]);
+                c
+            }
+        };
+        let stderr = |what: &str| -> anyhow::Result<Stdio> {
+            let path = data
+                .join("logs")
+                .join(format!("{}.{what}.log", plan.name.replace('/', ".")));
+            Ok(Stdio::from(std::fs::File::create(path)?))
+        };
+        app.stdout(Stdio::null()).stderr(stderr("app")?);
+        children.spawn(&format!("{} (application)", plan.name), &mut app)?;
+
+        let mut admin = None;
+        let mut access_log = None;
+        if plan.proxied {
+            let admin_addr = free_addr()?;
+            let log = data
+                .join("logs")
+                .join(format!("{}.jsonl", plan.name.replace('/', ".")));
+            let token = data
+                .join("logs")
+                .join(format!("{}.token", plan.name.replace('/', ".")));
+            meshward_identity::pem::write_private(
+                &token,
+                &tokens.create(&plan.identity, Duration::from_secs(3600))?,
+            )?;
+            let mut proxy = Command::new(&exe);
+            proxy.args(["proxy", "--identity", &plan.identity.to_string()]);
+            for (k, v) in &plan.entry.spec.labels {
+                proxy.args(["--label", &format!("{k}={v}")]);
+            }
+            for (port_name, number, addr) in &plan.ports {
+                let protocol = Protocol::from_port_name(port_name).as_str();
+                proxy.args([
+                    "--inbound",
+                    &format!("{addr}={},protocol={protocol},port={number}", plan.app),
+                ]);
+            }
+            for (host, port, protocol) in &service_ports {
+                let local = free_addr()?;
+                let protocol = Protocol::from_port_name(&protocol.to_ascii_lowercase()).as_str();
+                proxy.args([
+                    "--upstream",
+                    &format!("{host}:{port}={local},protocol={protocol}"),
+                ]);
+                upstreams.insert(format!("{host}:{port}"), local);
+            }
+            proxy
+                .args(["--control-plane", &listen.to_string()])
+                .args(["--ca-address", &format!("https://{listen}")])
+                .arg("--ca-root")
+                .arg(data.join("root-cert.pem"))
+                .args(["--ca-server-name", "localhost", "--token-file"])
+                .arg(&token)
+                .args(["--admin", &admin_addr.to_string(), "--access-log"])
+                .arg(&log)
+                .args(["--audit-log"])
+                .arg(
+                    data.join("logs")
+                        .join(format!("{}.audit.jsonl", plan.name.replace('/', "."))),
+                )
+                .stdout(Stdio::null())
+                .stderr(stderr("proxy")?);
+            children.spawn(&format!("{} (proxy)", plan.name), &mut proxy)?;
+            admin = Some(admin_addr);
+            access_log = Some(log);
+        }
+        started.push(Started {
+            name: plan.name.clone(),
+            identity: plan.identity.to_string(),
+            proxied: plan.proxied,
+            app: plan.app,
+            ports: plan.ports.iter().map(|(_, n, a)| (*n, *a)).collect(),
+            upstreams,
+            admin,
+            access_log,
+        });
+    }
+
+    // Ready: every application listens, every proxy has its certificate and
+    // the control plane's configuration. A process that exits is reported.
+    let deadline = Instant::now() + Duration::from(args.ready_timeout);
+    let mut pending: Vec<&Started> = started.iter().collect();
+    while !pending.is_empty() {
+        for (name, status) in children.exited() {
+            eprintln!("meshward up: {name} exited ({status}); it is not running");
+        }
+        pending.retain(|w| {
+            let app_up = TcpStream::connect_timeout(&w.app, Duration::from_millis(200)).is_ok();
+            let proxy_up = w.admin.is_none_or(|admin| {
+                http_status(admin, "/healthz/ready").is_some_and(|r| r.0 == 200)
+                    && http_status(admin, "/config_dump")
+                        .is_some_and(|r| r.1.contains("control plane, version"))
+            });
+            !(app_up && proxy_up)
+        });
+        if Instant::now() > deadline {
+            let names: Vec<&str> = pending.iter().map(|w| w.name.as_str()).collect();
+            eprintln!(
+                "meshward up: not ready after {}: {}",
+                args.ready_timeout,
+                names.join(", ")
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mesh = Mesh {
+        control_plane: format!("https://{listen}"),
+        data_dir: data.clone(),
+        workloads: started,
+    };
+    std::fs::write(data.join("up.json"), serde_json::to_string_pretty(&mesh)?)?;
+    print_table(&mesh);
+
+    // Live decisions until Ctrl-C / SIGTERM.
+    let stop = Arc::new(AtomicBool::new(false));
+    for w in &mesh.workloads {
+        if let Some(log) = w.access_log.clone() {
+            let stop = stop.clone();
+            let name = w.name.clone();
+            std::thread::spawn(move || tail_decisions(&name, &log, &stop));
+        }
+    }
+    runtime.block_on(crate::cmd::server::shutdown_signal());
+    stop.store(true, Ordering::Relaxed);
+    println!("meshward up: stopping");
+    drop(children);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where a service's first endpoint listens, for workloads without a proxy.
+fn endpoint_of(
+    plans: &[(String, BTreeMap<String, String>, Vec<(String, SocketAddr)>)],
+    services: &[&ServiceEntry],
+    host: &str,
+    port: u16,
+) -> Option<SocketAddr> {
+    let se = services
+        .iter()
+        .find(|se| se.spec.hosts.iter().any(|h| h == host))?;
+    let port_name = se
+        .spec
+        .ports
+        .iter()
+        .find(|p| p.number == u32::from(port))?
+        .name
+        .clone();
+    let selector = se.spec.workload_selector.as_ref()?;
+    let ns = se.metadata.namespace_or_default();
+    plans.iter().find_map(|(plan_ns, labels, ports)| {
+        (plan_ns == ns && selector.matches(labels))
+            .then(|| ports.iter().find(|(n, _)| *n == port_name).map(|(_, a)| *a))
+            .flatten()
+    })
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn print_table(mesh: &Mesh) {
+    println!(
+        "meshward up: control plane {}, state in {}",
+        mesh.control_plane,
+        mesh.data_dir.display()
+    );
+    println!();
+    println!(
+        "{:<28} {:<56} PORTS (peers reach it at)",
+        "WORKLOAD", "IDENTITY"
+    );
+    for w in &mesh.workloads {
+        let ports: Vec<String> = w.ports.iter().map(|(p, a)| format!("{p} -> {a}")).collect();
+        let identity = if w.proxied {
+            w.identity.as_str()
+        } else {
+            "(no proxy)"
+        };
+        println!("{:<28} {:<56} {}", w.name, identity, ports.join(", "));
+    }
+    println!();
+    println!("{:<28} {:<36} CALL IT AT", "FROM", "SERVICE");
+    for w in &mesh.workloads {
+        for (service, addr) in &w.upstreams {
+            println!("{:<28} {:<36} http://{addr}", w.name, service);
+        }
+    }
+    println!();
+    println!("Decisions follow (Ctrl-C stops everything):");
+}
+
+/// Prints each new access record of `log` as one compact line.
+fn tail_decisions(workload: &str, log: &Path, stop: &AtomicBool) {
+    let mut offset = 0u64;
+    let mut partial = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(mut file) = std::fs::File::open(log) {
+            use std::io::Seek;
+            if file.seek(std::io::SeekFrom::Start(offset)).is_ok() {
+                let mut text = String::new();
+                if let Ok(n) = file.read_to_string(&mut text) {
+                    offset += n as u64;
+                    partial.push_str(&text);
+                    while let Some(end) = partial.find('\n') {
+                        let line: String = partial.drain(..=end).collect();
+                        if let Ok(r) = serde_json::from_str::<serde_json::Value>(&line) {
+                            print_decision(workload, &r);
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn print_decision(workload: &str, r: &serde_json::Value) {
+    if r["direction"] != "inbound" {
+        return;
+    }
+    let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+    let from = r["source_principal"].as_str().map_or_else(
+        || format!("{} (plaintext)", text("source_address")),
+        |p| p.rsplit("/ns/").next().unwrap_or(p).replace("/sa/", "/"),
+    );
+    let policy = match (r["policy"].as_str(), r["rule"].as_u64()) {
+        (Some(p), Some(rule)) => format!("{p} rule {rule}"),
+        (Some(p), None) => p.to_owned(),
+        _ => String::new(),
+    };
+    let decision = text("decision").to_ascii_uppercase();
+    let status = r["status"]
+        .as_u64()
+        .map_or_else(|| "-".to_owned(), |s| s.to_string());
+    let mut line = format!(
+        "{:<5} {} -> {} {} {} {} {}",
+        decision,
+        from,
+        workload,
+        text("method"),
+        text("path"),
+        status,
+        policy
+    );
+    if decision == "DENY"
+        && let Some(reason) = r["reason"].as_str()
+    {
+        line.push_str(&format!(" ({reason})"));
+    }
+    println!("{}", line.trim_end());
+}
