@@ -298,14 +298,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .collect();
     // Where each workload's named ports are, for workloads without a proxy.
-    let views: Vec<(String, BTreeMap<String, String>, Vec<(String, SocketAddr)>)> = plans
+    let views: Vec<Placed> = plans
         .iter()
-        .map(|p| {
-            (
-                p.entry.metadata.namespace_or_default().to_owned(),
-                p.entry.spec.labels.clone(),
-                p.ports.iter().map(|(n, _, a)| (n.clone(), *a)).collect(),
-            )
+        .map(|p| Placed {
+            namespace: p.entry.metadata.namespace_or_default().to_owned(),
+            labels: p.entry.spec.labels.clone(),
+            ports: p.ports.iter().map(|(n, _, a)| (n.clone(), *a)).collect(),
         })
         .collect();
     let mut started = Vec::new();
@@ -476,9 +474,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A workload's namespace, labels, and where its named ports are.
+struct Placed {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    ports: Vec<(String, SocketAddr)>,
+}
+
 /// Where a service's first endpoint listens, for workloads without a proxy.
 fn endpoint_of(
-    plans: &[(String, BTreeMap<String, String>, Vec<(String, SocketAddr)>)],
+    plans: &[Placed],
     services: &[&ServiceEntry],
     host: &str,
     port: u16,
@@ -495,9 +500,14 @@ fn endpoint_of(
         .clone();
     let selector = se.spec.workload_selector.as_ref()?;
     let ns = se.metadata.namespace_or_default();
-    plans.iter().find_map(|(plan_ns, labels, ports)| {
-        (plan_ns == ns && selector.matches(labels))
-            .then(|| ports.iter().find(|(n, _)| *n == port_name).map(|(_, a)| *a))
+    plans.iter().find_map(|p| {
+        (p.namespace == ns && selector.matches(&p.labels))
+            .then(|| {
+                p.ports
+                    .iter()
+                    .find(|(n, _)| *n == port_name)
+                    .map(|(_, a)| *a)
+            })
             .flatten()
     })
 }
