@@ -161,16 +161,29 @@ async fn handle(
     } else if let Some(ms) = path.strip_prefix("/delay/") {
         let ms = ms.parse::<u64>().unwrap_or(0).min(60_000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
-    } else if path == "/call" {
-        let url = request.uri().query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("url="))
-                .map(|u| {
-                    percent_encoding::percent_decode_str(u)
-                        .decode_utf8_lossy()
-                        .into_owned()
-                })
-        });
+    } else if path == "/call" || path.starts_with("/call/") {
+        let url = match path.strip_prefix("/call/") {
+            Some(rest) => {
+                let (service, tail) = rest.split_once('/').unwrap_or((rest, ""));
+                let query = request
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                app.upstreams
+                    .get(service)
+                    .map(|addr| format!("http://{addr}/{tail}{query}"))
+            }
+            None => request.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("url="))
+                    .map(|u| {
+                        percent_encoding::percent_decode_str(u)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
+            }),
+        };
         let Some(url) = url else {
             return Ok(json(
                 StatusCode::BAD_REQUEST,

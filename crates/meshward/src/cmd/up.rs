@@ -332,6 +332,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     "--listen",
                     &plan.app.to_string(),
                 ]);
+                for (service, addr) in &upstreams {
+                    c.args(["--upstream", &format!("{service}={addr}")]);
+                }
                 c
             }
             Some(command) => {
@@ -381,13 +384,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ]);
             }
             for (host, port, protocol) in &service_ports {
-                let local = free_addr()?;
+                let Some(local) = upstreams.get(&format!("{host}:{port}")) else {
+                    continue;
+                };
                 let protocol = Protocol::from_port_name(&protocol.to_ascii_lowercase()).as_str();
                 proxy.args([
                     "--upstream",
                     &format!("{host}:{port}={local},protocol={protocol}"),
                 ]);
-                upstreams.insert(format!("{host}:{port}"), local);
             }
             proxy
                 .args(["--control-plane", &listen.to_string()])

@@ -1,0 +1,306 @@
+//! Istio's security walkthrough, end to end: `meshward up examples/bookinfo`
+//! with real processes, called with real HTTP clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Up {
+    process: Process,
+    dir: PathBuf,
+    data: PathBuf,
+    stderr: PathBuf,
+    mesh: serde_json::Value,
+}
+
+impl Up {
+    fn start(name: &str) -> Up {
+        let root = tempdir(name);
+        let dir = root.join("bookinfo");
+        std::fs::create_dir_all(&dir).unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
+        for file in ["workloads.yaml", "policies.yaml"] {
+            std::fs::copy(example.join(file), dir.join(file)).unwrap();
+        }
+        let data = root.join("data");
+        let stderr = root.join("up.stderr");
+        let child = Command::new(bin())
+            .args([
+                "up",
+                dir.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let process = Process(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let up_json = data.join("up.json");
+        while !up_json.exists() {
+            assert!(Instant::now() < deadline, "meshward up did not get ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mesh = serde_json::from_str(&std::fs::read_to_string(up_json).unwrap()).unwrap();
+        Up {
+            process,
+            dir,
+            data,
+            stderr,
+            mesh,
+        }
+    }
+
+    fn workload(&self, name: &str) -> &serde_json::Value {
+        self.mesh["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .unwrap_or_else(|| panic!("no workload {name}"))
+    }
+
+    /// Where `from` calls `service` (`host:port`).
+    fn call(&self, from: &str, service: &str) -> SocketAddr {
+        self.workload(from)["upstreams"][service]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn log(&self, workload: &str) -> Vec<serde_json::Value> {
+        let file = self
+            .data
+            .join("logs")
+            .join(format!("{}.jsonl", workload.replace('/', ".")));
+        read_lines(&file)
+    }
+
+    /// SIGTERM, as Ctrl-C: everything `up` started stops.
+    fn stop(mut self) {
+        let admins: Vec<SocketAddr> = self.mesh["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["admin"].as_str().map(|a| a.parse().unwrap()))
+            .collect();
+        Command::new("kill")
+            .args(["-TERM", &self.process.0.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.process.0.try_wait().unwrap() {
+                assert!(status.success(), "{status:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "meshward up did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for admin in admins {
+            assert!(
+                http_get(admin, "/healthz/ready").is_none(),
+                "a proxy outlived meshward up"
+            );
+        }
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// GET with headers, over plain HTTP/1.1 (std only): (status, body).
+fn get(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut head = format!("GET {path} HTTP/1.1\r\nhost: bookinfo\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+fn token(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/bookinfo")
+        .join(name);
+    format!("Bearer {}", std::fs::read_to_string(path).unwrap().trim())
+}
+
+fn status_soon(addr: SocketAddr, path: &str, headers: &[(&str, String)], want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = get(addr, path, headers).map(|r| r.0);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path}: wanted {want}, still {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_zero_trust_walkthrough() {
+    let up = Up::start("walkthrough");
+    let jwt = [("authorization", token("alice.jwt"))];
+
+    // deny-all, then the calls the app makes: A→B and B→C allowed, A→C not.
+    let sleep_to_productpage = up.call("bookinfo/sleep", "productpage.bookinfo:9080");
+    assert_eq!(get(sleep_to_productpage, "/", &jwt).unwrap().0, 200);
+    let productpage_to_reviews = up.call("bookinfo/productpage", "reviews.bookinfo:9080");
+    assert_eq!(
+        get(productpage_to_reviews, "/reviews/0", &[]).unwrap().0,
+        200
+    );
+    let reviews_to_ratings = up.call("bookinfo/reviews-v1", "ratings.bookinfo:9080");
+    assert_eq!(get(reviews_to_ratings, "/ratings/0", &[]).unwrap().0, 200);
+    let sleep_to_reviews = up.call("bookinfo/sleep", "reviews.bookinfo:9080");
+    assert_eq!(
+        get(sleep_to_reviews, "/reviews/0", &[]).unwrap().0,
+        403,
+        "A→C"
+    );
+    assert_eq!(get(productpage_to_reviews, "/", &[]).unwrap().0, 200);
+    let admin_to_ratings = up.call("bookinfo/admin", "ratings.bookinfo:9080");
+    assert_eq!(
+        get(admin_to_ratings, "/anything", &[]).unwrap().0,
+        200,
+        "admin has full access"
+    );
+
+    // A→B→C through the applications themselves.
+    let (status, body) = get(
+        sleep_to_productpage,
+        "/call/reviews.bookinfo:9080/call/ratings.bookinfo:9080/ratings/0",
+        &jwt,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let chain: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(chain["call"]["status"], 200, "{chain}");
+    assert_eq!(chain["call"]["body"]["call"]["status"], 200, "{chain}");
+    assert_eq!(
+        chain["call"]["body"]["call"]["body"]["name"], "ratings",
+        "{chain}"
+    );
+    // The ratings workload saw reviews' identity, set by the proxies.
+    let xfcc = chain["call"]["body"]["call"]["body"]["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap();
+    assert!(
+        xfcc.ends_with("URI=spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"),
+        "{xfcc}"
+    );
+
+    // JWT: valid passes, expired fails, missing fails where the DENY demands it.
+    let (status, body) = get(sleep_to_productpage, "/headers", &jwt).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("\"x-jwt-sub\":\"alice\""), "{body}");
+    let expired = [("authorization", token("expired.jwt"))];
+    assert_eq!(
+        get(sleep_to_productpage, "/", &expired).unwrap(),
+        (401, "Jwt is expired".into())
+    );
+    assert_eq!(get(sleep_to_productpage, "/", &[]).unwrap().0, 403);
+
+    // The deciding policy is in the access log.
+    let reviews_log: Vec<serde_json::Value> = ["bookinfo/reviews-v1", "bookinfo/reviews-v2"]
+        .iter()
+        .flat_map(|w| up.log(w))
+        .collect();
+    assert!(
+        reviews_log
+            .iter()
+            .any(|r| r["policy"] == "bookinfo/reviews-viewer" && r["decision"] == "allow")
+    );
+    assert!(reviews_log.iter().any(|r| r["decision"] == "deny"
+        && r["source_principal"] == "spiffe://cluster.local/ns/bookinfo/sa/sleep"));
+
+    // STRICT refuses a workload without a proxy; PERMISSIVE lets it in again
+    // (to authorization, which still decides).
+    let legacy_to_productpage = up.call("legacy/legacy", "productpage.bookinfo:9080");
+    assert!(
+        get(legacy_to_productpage, "/", &[]).is_none(),
+        "STRICT served plaintext"
+    );
+    let policies = up.dir.join("policies.yaml");
+    let text = std::fs::read_to_string(&policies).unwrap();
+    std::fs::write(
+        &policies,
+        text.replace(
+            "spec: {mtls: {mode: STRICT}}",
+            "spec: {mtls: {mode: PERMISSIVE}}",
+        ),
+    )
+    .unwrap();
+    status_soon(legacy_to_productpage, "/", &[], 403);
+    let productpage_log = up.log("bookinfo/productpage");
+    let last = productpage_log.last().unwrap();
+    assert_eq!(last["stage"], "authorization", "{last}");
+    assert_eq!(last["mtls_mode"], "PERMISSIVE");
+
+    // A policy applied while traffic flows takes effect.
+    std::fs::write(
+        up.dir.join("deny-reviews-0.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-reviews-0, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [/reviews/0]}}]}]\n",
+    )
+    .unwrap();
+    status_soon(productpage_to_reviews, "/reviews/0", &[], 403);
+    assert_eq!(
+        get(productpage_to_reviews, "/reviews/1", &[]).unwrap().0,
+        200
+    );
+
+    // A broken file: the error is printed, the previous policies stay.
+    std::fs::write(up.dir.join("broken.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: bookinfo}\nspec: {action: NOPE}\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&up.stderr)
+        .unwrap()
+        .contains("broken.yaml:4: error")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the validation error was not printed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        get(productpage_to_reviews, "/reviews/0", &[]).unwrap().0,
+        403
+    );
+    assert_eq!(
+        get(productpage_to_reviews, "/reviews/1", &[]).unwrap().0,
+        200
+    );
+
+    up.stop();
+}
