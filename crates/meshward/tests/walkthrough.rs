@@ -12,6 +12,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// `meshward up` picks free ports by binding and releasing them; two meshes
+/// starting at once in one test process could pick the same. One at a time.
+static ONE_MESH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_mesh() -> std::sync::MutexGuard<'static, ()> {
+    ONE_MESH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct Up {
     process: Process,
     dir: PathBuf,
@@ -170,6 +180,7 @@ fn status_soon(addr: SocketAddr, path: &str, headers: &[(&str, String)], want: u
 
 #[test]
 fn the_zero_trust_walkthrough() {
+    let _one = one_mesh();
     let up = Up::start("walkthrough");
     let jwt = [("authorization", token("alice.jwt"))];
 
@@ -324,6 +335,7 @@ fn the_zero_trust_walkthrough() {
 
 #[test]
 fn a_workload_that_fails_to_start_is_reported() {
+    let _one = one_mesh();
     let root = tempdir("up-failing");
     let dir = root.join("mesh");
     std::fs::create_dir_all(&dir).unwrap();
