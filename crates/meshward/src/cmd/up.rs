@@ -103,10 +103,12 @@ impl Drop for Children {
     fn drop(&mut self) {
         // Newest first: proxies and applications before the control plane.
         for (_, child) in self.0.iter().rev() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for (_, child) in self.0.iter_mut().rev() {
