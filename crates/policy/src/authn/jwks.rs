@@ -74,6 +74,71 @@ pub struct PreparedKey {
     /// The algorithms the key's type can verify.
     algorithms: Vec<Algorithm>,
     key: Option<DecodingKey>,
+    /// The key parsed once per algorithm it can verify, so a request pays
+    /// only for the signature check (parsing an RSA key from its JWK
+    /// components costs as much as verifying with it).
+    parsed: Vec<(Algorithm, aws_lc_rs::signature::ParsedPublicKey)>,
+}
+
+/// The key of `jwk`, parsed for each algorithm in `algorithms` that aws-lc
+/// verifies directly (RS*, PS*, ES256, ES384). Others are left to
+/// jsonwebtoken.
+fn parse_key(
+    jwk: &jsonwebtoken::jwk::Jwk,
+    algorithms: &[Algorithm],
+) -> Vec<(Algorithm, aws_lc_rs::signature::ParsedPublicKey)> {
+    use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let decode = |s: &str| b64.decode(s.trim_end_matches('=')).ok();
+    let mut out = Vec::new();
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(rsa) => {
+            let (Some(n), Some(e)) = (decode(&rsa.n), decode(&rsa.e)) else {
+                return out;
+            };
+            let components = RsaPublicKeyComponents {
+                n: &n[..],
+                e: &e[..],
+            };
+            for alg in algorithms {
+                let params: &'static sig::RsaParameters = match alg {
+                    Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+                    Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+                    Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+                    Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+                    Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+                    Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+                    _ => continue,
+                };
+                if let Ok(parsed) = components.to_parsed_public_key(params) {
+                    out.push((*alg, parsed));
+                }
+            }
+        }
+        AlgorithmParameters::EllipticCurve(ec) => {
+            let (Some(x), Some(y)) = (decode(&ec.x), decode(&ec.y)) else {
+                return out;
+            };
+            let (alg, verification): (Algorithm, &'static sig::EcdsaVerificationAlgorithm) =
+                match ec.curve {
+                    EllipticCurve::P256 => (Algorithm::ES256, &sig::ECDSA_P256_SHA256_FIXED),
+                    EllipticCurve::P384 => (Algorithm::ES384, &sig::ECDSA_P384_SHA384_FIXED),
+                    _ => return out,
+                };
+            let mut point = Vec::with_capacity(1 + x.len() + y.len());
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            if algorithms.contains(&alg)
+                && let Ok(parsed) = ParsedPublicKey::new(verification, &point)
+            {
+                out.push((alg, parsed));
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 /// A key set ready to verify tokens.
@@ -95,11 +160,8 @@ impl KeySet {
         let keys = set
             .keys
             .iter()
-            .map(|jwk| PreparedKey {
-                kid: jwk.common.key_id.clone(),
-                stated_alg: jwk.common.key_algorithm.map(|a| a.to_string()),
-                encryption: matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)),
-                algorithms: match &jwk.algorithm {
+            .map(|jwk| {
+                let algorithms = match &jwk.algorithm {
                     AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
                     AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
                         EllipticCurve::P256 => vec![ES256],
@@ -109,8 +171,15 @@ impl KeySet {
                     AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
                     AlgorithmParameters::OctetKey(_) => vec![HS256, HS384, HS512],
                     _ => vec![],
-                },
-                key: DecodingKey::from_jwk(jwk).ok(),
+                };
+                PreparedKey {
+                    parsed: parse_key(jwk, &algorithms),
+                    kid: jwk.common.key_id.clone(),
+                    stated_alg: jwk.common.key_algorithm.map(|a| a.to_string()),
+                    encryption: matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)),
+                    algorithms,
+                    key: DecodingKey::from_jwk(jwk).ok(),
+                }
             })
             .collect();
         KeySet { keys }
@@ -142,10 +211,22 @@ impl KeySet {
                 continue;
             }
             candidate = true;
+            if !k.algorithms.contains(&alg) {
+                continue;
+            }
+            if let Some((_, parsed)) = k.parsed.iter().find(|(a, _)| *a == alg) {
+                use base64::Engine as _;
+                let verified = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(signature)
+                    .is_ok_and(|sig| parsed.verify_sig(message.as_bytes(), &sig).is_ok());
+                if verified {
+                    return Ok(());
+                }
+                continue;
+            }
             let Some(key) = &k.key else { continue };
-            if k.algorithms.contains(&alg)
-                && jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, alg)
-                    .unwrap_or(false)
+            if jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, alg)
+                .unwrap_or(false)
             {
                 return Ok(());
             }
