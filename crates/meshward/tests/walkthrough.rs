@@ -31,6 +31,7 @@ struct Up {
 }
 
 impl Up {
+    /// `meshward up` on a copy of examples/bookinfo.
     fn start(name: &str) -> Up {
         let root = tempdir(name);
         let dir = root.join("bookinfo");
@@ -39,6 +40,12 @@ impl Up {
         for file in ["workloads.yaml", "policies.yaml"] {
             std::fs::copy(example.join(file), dir.join(file)).unwrap();
         }
+        Up::launch(&root, dir, &[])
+    }
+
+    /// `meshward up DIR` with state under `root`; returns once it wrote
+    /// `up.json` (everything ready, or reported as not).
+    fn launch(root: &Path, dir: PathBuf, extra: &[&str]) -> Up {
         let data = root.join("data");
         let stderr = root.join("up.stderr");
         let child = Command::new(bin())
@@ -48,12 +55,13 @@ impl Up {
                 "--data-dir",
                 data.to_str().unwrap(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
         let process = Process(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         let up_json = data.join("up.json");
         while !up_json.exists() {
             assert!(Instant::now() < deadline, "meshward up did not get ready");
@@ -357,40 +365,9 @@ spec: {serviceAccount: broken, labels: {app: broken}, ports: {http: 80}}
 "#,
     )
     .unwrap();
-    let data = root.join("data");
-    let stderr = root.join("up.stderr");
-    let child = Command::new(bin())
-        .args([
-            "up",
-            dir.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--ready-timeout",
-            "5s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let mut up = Process(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !data.join("up.json").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "meshward up did not finish starting"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let said = std::fs::read_to_string(&stderr).unwrap();
+    let up = Up::launch(&root, dir, &["--ready-timeout", "5s"]);
+    let said = std::fs::read_to_string(&up.stderr).unwrap();
     assert!(said.contains("demo/broken (application) exited"), "{said}");
     assert!(said.contains("not ready after 5s: demo/broken"), "{said}");
-    Command::new("kill")
-        .args(["-TERM", &up.0.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while up.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "meshward up did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    up.stop();
 }
