@@ -274,8 +274,7 @@ async fn foreign_trust_domains_are_refused_unless_aliased() {
     let reason = SpiffeClientVerifier::new(&mesh.bundle, TrustDomains(vec!["new.td".into()]), true)
         .unwrap()
         .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())
-        .err()
-        .expect("the verifier refuses the foreign trust domain")
+        .expect_err("the verifier refuses the foreign trust domain")
         .to_string();
     assert!(reason.contains("cluster.local"), "{reason}");
     // ...unless cluster.local is one of its aliases.
