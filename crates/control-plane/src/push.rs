@@ -134,6 +134,7 @@ impl Hub {
     }
 
     /// The store versions the hub has been told of, as streams see them.
+    #[cfg(test)]
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
