@@ -55,3 +55,58 @@ pub fn write_admin_credential(
     ca::write_bundle(&dir.join("root-cert.pem"), authority.bundle())?;
     Ok(id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshward_identity::ca::CaFiles;
+
+    #[test]
+    fn the_admin_credential_is_the_admin_identity_with_a_private_key_file() {
+        let data = tempfile::tempdir().unwrap();
+        let authority =
+            CertificateAuthority::load_or_create(&CaFiles::new(data.path()), "cluster.local")
+                .unwrap();
+        let dir = admin_dir(data.path());
+        let id = write_admin_credential(&authority, "istio-system", &dir).unwrap();
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/meshward-admin"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "the admin key is its owner's only");
+        }
+        let chain_pem = std::fs::read_to_string(dir.join("cert-chain.pem")).unwrap();
+        let certs = pem::parse_certificates(&chain_pem).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let verified = meshward_identity::chain::verify(&certs, authority.bundle(), now).unwrap();
+        assert_eq!(verified.id, id);
+        // The key on disk is the certificate's.
+        let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("key.pem")).unwrap())
+            .unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
+        assert_eq!(
+            leaf.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("root-cert.pem")).unwrap(),
+            authority.bundle().to_pem(),
+            "the admin trusts the mesh's roots"
+        );
+
+        // Every start makes a new one.
+        write_admin_credential(&authority, "istio-system", &dir).unwrap();
+        let again = std::fs::read_to_string(dir.join("cert-chain.pem")).unwrap();
+        assert_ne!(again, chain_pem);
+    }
+}

@@ -133,6 +133,12 @@ impl Hub {
         self.changes.send_replace(version);
     }
 
+    /// The store versions the hub has been told of, as streams see them.
+    #[cfg(test)]
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     pub fn connected(&self) -> usize {
         lock(&self.sessions).len()
     }

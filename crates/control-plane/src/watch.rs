@@ -77,3 +77,88 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, hub: Arc<Hub>, interval: Dur
         tokio::time::sleep(interval).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: web}\nspec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}\n";
+
+    fn store(dir: &tempfile::TempDir) -> Arc<Store> {
+        Arc::new(Store::open(&dir.path().join("store.redb")).unwrap())
+    }
+
+    #[test]
+    fn a_directory_is_put_in_force_whole_or_not_at_all() {
+        let data = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let dir = config.path().to_path_buf();
+        let store = store(&data);
+        std::fs::write(dir.join("deny.yaml"), DENY).unwrap();
+        assert_eq!(sync(&dir, &store).unwrap(), 1);
+        assert_eq!(sync(&dir, &store).unwrap(), 0, "nothing changed");
+        let version = store.config().version;
+
+        // A second, valid file and a broken one: neither is taken.
+        std::fs::write(
+            dir.join("more.yaml"),
+            DENY.replace("name: deny", "name: more"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("broken.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: web}\nspec: {action: NOPE}\n",
+        )
+        .unwrap();
+        match sync(&dir, &store) {
+            Err(SyncError::Invalid(errors)) => {
+                assert_eq!(errors.len(), 1, "{errors:?}");
+                assert!(errors[0].contains("broken.yaml:4"), "{errors:?}");
+            }
+            other => panic!("expected the directory to be refused, got {other:?}"),
+        }
+        assert_eq!(store.config().version, version, "nothing changed");
+        assert_eq!(store.config().policies.len(), 1);
+
+        // Fixed: both new objects go in; removing a file removes its object.
+        std::fs::remove_file(dir.join("broken.yaml")).unwrap();
+        assert_eq!(sync(&dir, &store).unwrap(), 1);
+        assert_eq!(store.config().policies.len(), 2);
+        std::fs::remove_file(dir.join("deny.yaml")).unwrap();
+        assert_eq!(sync(&dir, &store).unwrap(), 1);
+        let names: Vec<String> = store
+            .config()
+            .policies
+            .iter()
+            .map(|p| p.metadata().name.clone())
+            .collect();
+        assert_eq!(names, ["more"]);
+    }
+
+    #[tokio::test]
+    async fn the_watcher_applies_changes_and_tells_the_hub() {
+        let data = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let store = store(&data);
+        let hub = Arc::new(Hub::new(
+            store.clone(),
+            "cluster.local".into(),
+            String::new(),
+        ));
+        let mut changes = hub.subscribe();
+        let task = tokio::spawn(watch(
+            config.path().to_path_buf(),
+            store.clone(),
+            hub.clone(),
+            Duration::from_millis(10),
+        ));
+        std::fs::write(config.path().join("deny.yaml"), DENY).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), changes.changed())
+            .await
+            .expect("the hub is told within 30 s")
+            .unwrap();
+        assert_eq!(*changes.borrow(), store.config().version);
+        assert_eq!(store.config().policies.len(), 1);
+        task.abort();
+    }
+}

@@ -209,14 +209,43 @@ async fn a_client_certificate_from_another_mesh_is_refused_at_the_handshake() {
         CertificateAuthority::load_or_create(&CaFiles::new(other_dir.path()), "cluster.local")
             .unwrap();
     let id = workload();
+    let token = mesh.tokens.create(&id, Duration::from_secs(600)).unwrap();
     let (key, csr) = new_key_and_csr(&id).unwrap();
+
+    // The token alone is enough: without a client certificate the same
+    // request is granted...
+    let mut plain = client(&mesh, "localhost", None).await.unwrap();
+    plain
+        .create_certificate(request(csr.clone(), Some(&token), 0))
+        .await
+        .expect("a valid bootstrap token is accepted");
+
+    // ...so when a foreign certificate is added, the handshake is the only
+    // thing that can refuse it: a transport failure, never an answer from
+    // the service.
     let foreign = other.sign_csr(&csr, &id, None).unwrap();
     let identity = Identity::from_pem(foreign.to_pem(), key.serialize_pem());
-    let refused = match client(&mesh, "localhost", Some(identity)).await {
-        Err(_) => true,
-        Ok(mut c) => c.create_certificate(request(csr, None, 0)).await.is_err(),
+    let refusal = match client(&mesh, "localhost", Some(identity)).await {
+        Err(e) => format!("{e:?}"),
+        Ok(mut c) => {
+            let status = c
+                .create_certificate(request(csr, Some(&token), 0))
+                .await
+                .expect_err("a certificate from another CA is refused");
+            assert!(
+                matches!(status.code(), Code::Unavailable | Code::Unknown),
+                "refused by the service rather than the handshake: {status}"
+            );
+            format!("{status:?}")
+        }
     };
-    assert!(refused);
+    // The server's verifier ends the handshake with a fatal alert (both
+    // roots have the same subject, so the foreign chain fails on its
+    // signature: decrypt_error).
+    assert!(
+        refusal.contains("received fatal alert"),
+        "not refused by a TLS alert: {refusal}"
+    );
 }
 
 #[tokio::test]

@@ -47,10 +47,17 @@ struct Issues(Vec<FieldIssue>);
 
 impl Issues {
     fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldIssue::error(field, message));
+        self.push(FieldIssue::error(field, message));
     }
     fn warning(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldIssue::warning(field, message));
+        self.push(FieldIssue::warning(field, message));
+    }
+    /// Two checks can find the same fault (an empty service account is
+    /// both an empty value and a bad service account): say it once.
+    fn push(&mut self, issue: FieldIssue) {
+        if !self.0.contains(&issue) {
+            self.0.push(issue);
+        }
     }
 }
 

@@ -121,11 +121,18 @@ struct ValidateCase {
     yaml: String,
     /// Whether the one document in `yaml` is loaded as a valid policy.
     valid: bool,
-    /// Substrings, each of which some error must contain (message, field or resource).
+    /// Every error the document gets, each as a substring of its text
+    /// (message, field or resource): each needle names a different error,
+    /// and there are no others. Absent means none.
     #[serde(default)]
     errors: Vec<String>,
+    /// Every warning, as `errors` (absent means none).
     #[serde(default)]
     warnings: Vec<String>,
+    /// How many policies load: one when `valid`, none otherwise, unless
+    /// given (documents of other kinds beside a policy, several policies).
+    #[serde(default)]
+    policies: Option<usize>,
     /// Expected 1-based line of the first error.
     #[serde(default)]
     line: Option<usize>,
@@ -390,16 +397,15 @@ fn run_validate(file: &str, case: &ValidateCase) -> Result<(), String> {
             loaded.policies.len()
         ));
     }
-    for needle in &case.errors {
-        if !errors.iter().any(|e| e.contains(needle.as_str())) {
-            problems.push(format!("no error contains {needle:?}"));
-        }
+    let want_policies = case.policies.unwrap_or(usize::from(case.valid));
+    if loaded.policies.len() != want_policies {
+        problems.push(format!(
+            "policies loaded: want {want_policies}, got {}",
+            loaded.policies.len()
+        ));
     }
-    for needle in &case.warnings {
-        if !warnings.iter().any(|w| w.contains(needle.as_str())) {
-            problems.push(format!("no warning contains {needle:?}"));
-        }
-    }
+    problems.extend(match_exactly("error", &case.errors, &errors));
+    problems.extend(match_exactly("warning", &case.warnings, &warnings));
     if let Some(line) = case.line {
         let have = loaded
             .diagnostics
@@ -421,6 +427,31 @@ fn run_validate(file: &str, case: &ValidateCase) -> Result<(), String> {
     }
 }
 
+/// Pairs each needle with a different diagnostic containing it (first
+/// fit, needles in order), and reports needles left without one and
+/// diagnostics no needle accounts for.
+fn match_exactly(what: &str, needles: &[String], have: &[String]) -> Vec<String> {
+    let mut unclaimed: Vec<&String> = have.iter().collect();
+    let mut problems = Vec::new();
+    for needle in needles {
+        match unclaimed.iter().position(|d| d.contains(needle.as_str())) {
+            Some(i) => {
+                unclaimed.remove(i);
+            }
+            None => problems.push(format!("no {what} contains {needle:?}")),
+        }
+    }
+    problems.extend(
+        unclaimed
+            .into_iter()
+            .map(|d| format!("unexpected {what}: {d}")),
+    );
+    problems
+}
+
+/// The number of cases the suite holds today; raise it when adding cases.
+const MIN_CASES: usize = 923;
+
 #[test]
 fn conformance_cases() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases");
@@ -428,7 +459,7 @@ fn conformance_cases() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("tests/cases exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     files.sort();
     let only = std::env::var("CASES").ok();
@@ -463,6 +494,10 @@ fn conformance_cases() {
             "{name}: policies do not load:\n{}",
             errors.join("\n")
         );
+        assert!(
+            !file.cases.is_empty() || !file.validate.is_empty(),
+            "{name}: a case file holds at least one case"
+        );
         let set = PolicySet::new(mesh, loaded.into_policies());
         for case in &file.cases {
             match run_case(&name, &set, case) {
@@ -484,10 +519,14 @@ fn conformance_cases() {
         failures.len(),
         failures.join("\n")
     );
-    if only.is_none() {
-        assert!(
-            passed >= 300,
-            "the suite should hold at least 300 cases; it has {passed}"
-        );
+    match only {
+        // A filter that selects nothing is a mistake, not a pass.
+        Some(filter) => assert!(passed > 0, "CASES={filter:?} selects no case"),
+        // The suite only grows: a lost file or a parse that silently yields
+        // fewer cases fails here.
+        None => assert!(
+            passed >= MIN_CASES,
+            "the suite holds {MIN_CASES} cases or more; it ran {passed}"
+        ),
     }
 }

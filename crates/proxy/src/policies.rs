@@ -74,6 +74,16 @@ pub struct PolicyStore {
     /// The workload policies are compiled for. Locked by writers only, one
     /// change at a time; readers never wait for it.
     writer: Arc<std::sync::Mutex<Workload>>,
+    /// Changes looked at and turned down, so that "the old policies are
+    /// still in force" can be told apart from "nobody looked yet".
+    refused: Arc<std::sync::Mutex<Refused>>,
+}
+
+/// How many changes were refused, and why the last one was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refused {
+    pub count: u64,
+    pub last_error: Option<String>,
 }
 
 impl PolicyStore {
@@ -82,7 +92,26 @@ impl PolicyStore {
         PolicyStore {
             tx: Arc::new(watch::channel(Arc::new(snapshot)).0),
             writer: Arc::new(std::sync::Mutex::new(workload)),
+            refused: Arc::default(),
         }
+    }
+
+    /// Records a change that was not put in force.
+    pub fn refuse(&self, error: String) {
+        let mut refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        refused.count += 1;
+        refused.last_error = Some(error);
+    }
+
+    /// The changes refused so far.
+    pub fn refused(&self) -> Refused {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
@@ -214,8 +243,14 @@ pub async fn watch_dir(
                 tracing::info!(version, source = %source.describe(), "policies changed; the new version is in force");
                 warm_jwks(&store, &jwks);
             }
-            Ok(Err(e)) => tracing::error!("policy change refused: {e}"),
-            Err(e) => tracing::error!("policy reload failed: {e}"),
+            Ok(Err(e)) => {
+                tracing::error!("policy change refused: {e}");
+                store.refuse(e.to_string());
+            }
+            Err(e) => {
+                tracing::error!("policy reload failed: {e}");
+                store.refuse(format!("policy reload failed: {e}"));
+            }
         }
     }
 }

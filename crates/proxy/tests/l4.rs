@@ -212,10 +212,32 @@ async fn certificate_rotation_under_continuous_traffic_fails_no_request() {
             }
         }));
     }
+    // What the server proxy actually presents: a handshake of our own every
+    // 100 ms, as the client proxy would make it, recording the peer's leaf.
+    let probe = tokio_rustls::TlsConnector::from(
+        client_cert
+            .client_config(vec![id("db", "db")], &[])
+            .unwrap(),
+    );
+    let server_name = rustls::pki_types::ServerName::try_from("db.db").unwrap();
     while tokio::time::Instant::now() < deadline {
-        if let Some(s) = server_cert.summary() {
-            serials.insert(s.serial);
+        let tcp = TcpStream::connect(server.inbound[0]).await.unwrap();
+        match probe.connect(server_name.clone(), tcp).await {
+            Ok(tls) => {
+                let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+                let summary = meshward_proxy::identity::CertificateSummary::of(&presented)
+                    .expect("a certificate summary");
+                assert_eq!(
+                    summary.spiffe_id.as_deref(),
+                    Some("spiffe://cluster.local/ns/db/sa/db")
+                );
+                serials.insert(summary.serial);
+            }
+            // The probe's own certificate may be between rotations: the
+            // workers count real failures, the probe only watches.
+            Err(e) => eprintln!("probe handshake: {e}"),
         }
+        // pacing: samples the presented certificate every 100 ms.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for w in workers {
@@ -227,7 +249,7 @@ async fn certificate_rotation_under_continuous_traffic_fails_no_request() {
     );
     assert!(
         serials.len() >= 3,
-        "the server certificate rotated only {} times",
+        "the server presented only {} rotated certificates",
         serials.len() - 1
     );
     assert!(exchanges > 100, "only {exchanges} exchanges");

@@ -439,6 +439,7 @@ fn output_headers(rule: &JwtRule, found: &token::Found, principal: &JwtPrincipal
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use jsonwebtoken::EncodingKey;
@@ -446,11 +447,22 @@ mod tests {
     use super::*;
     use crate::authn::jwks::{FetchError, JwksFetcher};
 
-    /// Serves the given bodies in turn, then the last one forever.
-    struct Rotating(Mutex<Vec<&'static str>>);
+    /// Serves the given bodies in turn, then the last one forever, and
+    /// counts the fetches.
+    struct Rotating(Mutex<Vec<&'static str>>, AtomicUsize);
+
+    impl Rotating {
+        fn new(bodies: Vec<&'static str>) -> Arc<Rotating> {
+            Arc::new(Rotating(Mutex::new(bodies), AtomicUsize::new(0)))
+        }
+        fn fetches(&self) -> usize {
+            self.1.load(Ordering::SeqCst)
+        }
+    }
 
     impl JwksFetcher for Rotating {
         fn fetch(&self, _uri: &str, _timeout: Duration) -> Result<String, FetchError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
             let mut bodies = self.0.lock().unwrap();
             let body = if bodies.len() > 1 {
                 bodies.remove(0)
@@ -469,18 +481,14 @@ mod tests {
         jsonwebtoken::encode(&header, &claims, &key).unwrap()
     }
 
-    fn authenticator(fetcher: Rotating, refresh: Duration) -> Authenticator {
+    fn authenticator(fetcher: Arc<Rotating>, refresh: Duration) -> Authenticator {
         let mut ra = RequestAuthentication::default();
         ra.spec.jwt_rules.push(JwtRule {
             issuer: "rotating".into(),
             jwks_uri: "http://127.0.0.1:1/jwks".into(),
             ..JwtRule::default()
         });
-        let cache = JwksCache::with_timing(
-            Some(Arc::new(fetcher)),
-            jwks::DEFAULT_CACHE_DURATION,
-            refresh,
-        );
+        let cache = JwksCache::with_timing(Some(fetcher), jwks::DEFAULT_CACHE_DURATION, refresh);
         Authenticator::new(&[&ra], Arc::new(cache))
     }
 
@@ -497,16 +505,23 @@ mod tests {
     fn an_unknown_kid_refreshes_the_keys_once() {
         // The first fetch returns keys from before the rotation (no rsa-1);
         // the token's unknown kid makes the authenticator fetch again.
-        let fetcher = Rotating(Mutex::new(vec![
+        let fetcher = Rotating::new(vec![
             include_str!("../../tests/keys/jwks-rotated.json"),
             include_str!("../../tests/keys/jwks.json"),
-        ]));
-        let authn = authenticator(fetcher, Duration::ZERO);
-        match authn.authenticate(&request(&token("rsa-1"))) {
-            AuthnOutcome::Authenticated { principal, .. } => {
-                assert_eq!(principal.principal(), "rotating/alice")
+        ]);
+        let authn = authenticator(fetcher.clone(), Duration::ZERO);
+        for attempt in 0..2 {
+            match authn.authenticate(&request(&token("rsa-1"))) {
+                AuthnOutcome::Authenticated { principal, .. } => {
+                    assert_eq!(principal.principal(), "rotating/alice")
+                }
+                other => panic!(
+                    "attempt {attempt}: expected the refreshed keys to verify the token, got {other:?}"
+                ),
             }
-            other => panic!("expected the refreshed keys to verify the token, got {other:?}"),
+            // The first fetch, and one refresh for the unknown kid; the
+            // second request finds the kid in the refreshed keys.
+            assert_eq!(fetcher.fetches(), 2, "attempt {attempt}");
         }
     }
 
@@ -514,20 +529,27 @@ mod tests {
     fn refreshes_are_rate_limited() {
         // Within the refresh interval the stale keys stay: the token is refused
         // rather than turning each bogus kid into a fetch.
-        let fetcher = Rotating(Mutex::new(vec![
+        let fetcher = Rotating::new(vec![
             include_str!("../../tests/keys/jwks-rotated.json"),
             include_str!("../../tests/keys/jwks.json"),
-        ]));
-        let authn = authenticator(fetcher, Duration::from_secs(3600));
-        match authn.authenticate(&request(&token("rsa-1"))) {
-            AuthnOutcome::Failed(f) => {
-                assert_eq!(f.status, 401);
-                assert_eq!(
-                    f.message,
-                    "Jwks doesn't have key to match kid or alg from Jwt"
-                );
+        ]);
+        let authn = authenticator(fetcher.clone(), Duration::from_secs(3600));
+        for attempt in 0..3 {
+            match authn.authenticate(&request(&token("rsa-1"))) {
+                AuthnOutcome::Failed(f) => {
+                    assert_eq!(f.status, 401);
+                    assert_eq!(
+                        f.message,
+                        "Jwks doesn't have key to match kid or alg from Jwt"
+                    );
+                }
+                other => panic!("attempt {attempt}: expected a refusal, got {other:?}"),
             }
-            other => panic!("expected a refusal, got {other:?}"),
+            assert_eq!(
+                fetcher.fetches(),
+                1,
+                "attempt {attempt}: only the first fetch"
+            );
         }
     }
 }

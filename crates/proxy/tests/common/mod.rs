@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -103,22 +104,33 @@ pub fn free_addr() -> SocketAddr {
 /// `{"name","method","path","version","headers":{..}}`. `/delay/MS` answers
 /// after MS milliseconds. gRPC requests get a gRPC answer with trailers.
 pub async fn echo_app(name: &'static str) -> SocketAddr {
+    counting_echo_app(name).await.0
+}
+
+/// [`echo_app`], with the number of requests it has received.
+pub async fn counting_echo_app(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            let counter = counter.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |r| echo(name, r));
+                let service = hyper::service::service_fn(move |r| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    echo(name, r)
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
             });
         }
     });
-    addr
+    (addr, requests)
 }
 
 type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -232,15 +244,27 @@ pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits (bounded) until `f` holds.
+/// Waits until `f` holds, or fails the test after a deadline generous
+/// enough for a busy machine.
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("timed out waiting for: {what}");
+}
+
+/// The value of one sample in Prometheus text, by its exact name and
+/// labels (`name{a="b"}`): `None` when absent. Parsed, so `} 1` never
+/// matches `} 10`.
+pub fn metric(text: &str, sample: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().expect("a numeric sample"))
+    })
 }
 
 pub struct ProxySpec<'a> {
