@@ -199,7 +199,7 @@ impl Hub {
         let mut refused = lock(&self.refused);
         forget_old(&mut refused);
         let mut out: Vec<&Refused> = refused.iter().collect();
-        out.sort_by(|a, b| b.last.cmp(&a.last));
+        out.sort_by_key(|r| std::cmp::Reverse(r.last));
         out.into_iter()
             .map(|r| RefusedProxy {
                 identity: r.identity.clone(),
