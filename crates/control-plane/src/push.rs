@@ -8,9 +8,11 @@
 //! stream is refused with a status that says why, and the refusal is kept
 //! for `meshward status`: a proxy is never given another workload's labels.
 //! The same check runs again before every push, so a proxy whose claim
-//! stops holding (its WorkloadEntry changed) is cut off. It receives only what concerns it: the policies of its
-//! namespace and the root namespace, the mesh config, the trust bundle, its
-//! own workload, and the services it subscribes to (their endpoints and the
+//! stops holding (its WorkloadEntry changed) is cut off.
+//!
+//! A proxy receives only what concerns it: the policies of its namespace
+//! and the root namespace, the mesh config, the trust bundle, its own
+//! workload, and the services it subscribes to (their endpoints and the
 //! identities allowed to run them). The first response on a stream is a
 //! full snapshot; after that, a change to the store is pushed — after a
 //! short debounce, so a burst of applies makes a bounded number of pushes —
@@ -229,7 +231,12 @@ impl Hub {
                 r.last = now;
                 r.peer = peer;
                 r.certificate_expiry = session.certificate_expiry;
-                tracing::debug!(identity = %session.identity, claim = %session.claim, attempts = r.attempts, "refused a proxy again: {reason}");
+                tracing::debug!(
+                    identity = %session.identity,
+                    claim = %session.claim,
+                    attempts = r.attempts,
+                    "refused a proxy again: {reason}"
+                );
                 return;
             }
             Some(r) => *r = refused_now(session, peer, reason.clone(), now),
@@ -339,6 +346,22 @@ impl Hub {
         }
         let name = workload.map(|w| w.name).unwrap_or_default();
         Ok((config.version, name, out))
+    }
+}
+
+/// The status a refused stream ends with: the claim does not hold
+/// (`PermissionDenied`), or the server cannot tell which workload the proxy
+/// is (`FailedPrecondition`). The message is the refusal's, for the proxy's
+/// log.
+fn refused_status(refusal: &Refusal) -> Status {
+    match refusal {
+        Refusal::Malformed { .. } => Status::invalid_argument(refusal.to_string()),
+        Refusal::WrongIdentity { .. } | Refusal::WrongAddress { .. } => {
+            Status::permission_denied(refusal.to_string())
+        }
+        Refusal::NoSuchWorkload { .. }
+        | Refusal::UncheckableAddress { .. }
+        | Refusal::Ambiguous { .. } => Status::failed_precondition(refusal.to_string()),
     }
 }
 
@@ -479,7 +502,7 @@ async fn session(
             Err(refusal) => {
                 hub.refuse(&this, peer, &refusal);
                 // The proxy reads why from the status; it may be gone.
-                let _ = tx.send(Err(refusal.status())).await;
+                let _ = tx.send(Err(refused_status(&refusal))).await;
                 return Ok(());
             }
         };
@@ -643,6 +666,9 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
         let unclaimed = session("");
         let refusal = hub.view(&reviews(), peer(), None, &[]).unwrap_err();
         assert!(matches!(refusal, Refusal::Ambiguous { .. }), "{refusal}");
+        let status = refused_status(&refusal);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(status.message(), refusal.to_string());
         // The proxy retries from another port: the same proxy, counted.
         hub.refuse(&unclaimed, peer(), &refusal);
         hub.refuse(
@@ -663,11 +689,15 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
             .view(&reviews(), peer(), Some("bookinfo/reviews-v3"), &[])
             .unwrap_err();
         hub.refuse(&claimed, peer(), &other);
-        assert_eq!(hub.refused().len(), 2);
-        assert_eq!(
-            hub.refused()[0].claimed_workload,
-            "bookinfo/reviews-v3",
-            "newest first"
+        let claims: Vec<String> = hub
+            .refused()
+            .into_iter()
+            .map(|r| r.claimed_workload)
+            .collect();
+        assert_eq!(claims.len(), 2, "{claims:?}");
+        assert!(
+            claims.contains(&"bookinfo/reviews-v3".to_owned()),
+            "{claims:?}"
         );
 
         hub.accepted(&unclaimed, peer());
@@ -704,6 +734,10 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
         assert!(
             matches!(&refusal, Refusal::WrongIdentity { runs_as, .. } if runs_as.ends_with("/sa/bookinfo-reviews-v2")),
             "{refusal}"
+        );
+        assert_eq!(
+            refused_status(&refusal).code(),
+            tonic::Code::PermissionDenied
         );
         // The other workload of that identity is now the only candidate.
         let (_, name, _) = hub.view(&reviews(), peer(), None, &[]).unwrap();

@@ -115,10 +115,6 @@ pub async fn run(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let subscribe: Vec<String> = outbound
-        .iter()
-        .map(|t| t.upstream.service.clone())
-        .collect();
     let mut backoff = BACKOFF_START;
     // Whether any configuration from the control plane was ever in force.
     let mut configured = false;
@@ -133,7 +129,6 @@ pub async fn run(
             &outbound,
             &jwks,
             &metrics,
-            &subscribe,
             &mut applied,
         );
         let outcome = tokio::select! {
@@ -189,7 +184,6 @@ fn rand_fraction() -> f64 {
 
 /// One stream, until the server ends it; `applied` is set once it put a
 /// response in force.
-#[allow(clippy::too_many_arguments)]
 async fn stream(
     control_plane: &ControlPlane,
     identity: &WorkloadIdentity,
@@ -197,7 +191,6 @@ async fn stream(
     outbound: &[Arc<OutboundTarget>],
     jwks: &Arc<JwksCache>,
     metrics: &Arc<Metrics>,
-    subscribe: &[String],
     applied: &mut bool,
 ) -> Result<(), Ended> {
     let lost = |e: &dyn std::fmt::Display| Ended::Lost(e.to_string());
@@ -226,7 +219,11 @@ async fn stream(
         .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
-        subscribe: subscribe.to_vec(),
+        // The services this workload calls: their endpoints and identities.
+        subscribe: outbound
+            .iter()
+            .map(|t| t.upstream.service.clone())
+            .collect(),
         workload: control_plane.workload.clone().unwrap_or_default(),
         ..Default::default()
     })
