@@ -142,6 +142,7 @@ impl ConfigService for ConfigApi {
         Ok(Response::new(StatusResponse {
             version: self.store.config().version,
             proxies: self.hub.status(),
+            refused: self.hub.refused(),
         }))
     }
 }

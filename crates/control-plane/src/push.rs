@@ -1,9 +1,18 @@
 //! Distribution: each proxy's stream, in xDS's delta style.
 //!
-//! A proxy connects with its workload certificate; the registry says which
-//! workload it is. It receives only what concerns it: the policies of its
-//! namespace and the root namespace, the mesh config, the trust bundle, its
-//! own workload, and the services it subscribes to (their endpoints and the
+//! A proxy connects with its workload certificate and may claim a workload
+//! (`meshward proxy --workload NAMESPACE/NAME`); the registry checks the
+//! claim against the certificate and the connection's address, or, without
+//! one, finds the only workload the certificate can be. When it cannot tell
+//! — the claim does not hold, or several workloads share the identity — the
+//! stream is refused with a status that says why, and the refusal is kept
+//! for `meshward status`: a proxy is never given another workload's labels.
+//! The same check runs again before every push, so a proxy whose claim
+//! stops holding (its WorkloadEntry changed) is cut off.
+//!
+//! A proxy receives only what concerns it: the policies of its namespace
+//! and the root namespace, the mesh config, the trust bundle, its own
+//! workload, and the services it subscribes to (their endpoints and the
 //! identities allowed to run them). The first response on a stream is a
 //! full snapshot; after that, a change to the store is pushed — after a
 //! short debounce, so a burst of applies makes a bounded number of pushes —
@@ -19,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshward_api::control::distribution_server::Distribution;
-use meshward_api::control::{DistributionRequest, DistributionResponse, ProxyStatus, Resource};
+use meshward_api::control::{
+    DistributionRequest, DistributionResponse, ProxyStatus, RefusedProxy, Resource,
+};
 use meshward_api::types;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::tls::spiffe_id_of;
@@ -28,24 +39,53 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::registry::Registry;
+use crate::registry::{Refusal, Registry};
 use crate::store::{Config, Store};
 
 /// A NACK's error is kept (and logged) up to this many characters.
 const MAX_NACK: usize = 1024;
 /// A stream must say what it subscribes to within this.
 const FIRST_MESSAGE: Duration = Duration::from_secs(30);
+/// At most this many refused proxies are remembered for `status`...
+const MAX_REFUSED: usize = 64;
+/// ...each until this long after its last refusal (a refused proxy retries
+/// at least every 12 s, so one still trying stays listed).
+const REFUSED_KEPT: Duration = Duration::from_secs(120);
 
 /// What `meshward status` shows of one stream.
 #[derive(Debug, Clone, Default)]
 struct Session {
     identity: String,
     workload: String,
+    /// The workload the proxy claimed, if any.
+    claim: String,
     peer: String,
     certificate_expiry: i64,
     sent_version: u64,
     acked_version: u64,
     nack: String,
+}
+
+/// A proxy refused recently: who, from where, and why.
+#[derive(Debug, Clone)]
+struct Refused {
+    identity: String,
+    claim: String,
+    peer: Option<SocketAddr>,
+    certificate_expiry: i64,
+    reason: String,
+    last: std::time::SystemTime,
+    attempts: u64,
+}
+
+impl Refused {
+    /// One proxy, as far as the server can tell: its identity, its claim
+    /// and the address it connects from (the port changes every time).
+    fn is(&self, identity: &str, claim: &str, peer: Option<SocketAddr>) -> bool {
+        self.identity == identity
+            && self.claim == claim
+            && self.peer.map(|p| p.ip().to_canonical()) == peer.map(|p| p.ip().to_canonical())
+    }
 }
 
 /// What one store version means for streams, derived once and shared by
@@ -67,6 +107,7 @@ pub struct Hub {
     bundle: Resource,
     changes: watch::Sender<u64>,
     sessions: Mutex<HashMap<u64, Session>>,
+    refused: Mutex<Vec<Refused>>,
     next_session: AtomicU64,
     derived: Mutex<Option<Arc<Derived>>>,
     /// How long a stream waits after a change for more changes...
@@ -110,6 +151,7 @@ impl Hub {
             ),
             changes: watch::channel(version).0,
             sessions: Mutex::default(),
+            refused: Mutex::default(),
             next_session: AtomicU64::new(1),
             derived: Mutex::default(),
             debounce: Duration::from_millis(100),
@@ -160,6 +202,72 @@ impl Hub {
         out
     }
 
+    /// The proxies refused within [`REFUSED_KEPT`], newest first.
+    pub fn refused(&self) -> Vec<RefusedProxy> {
+        let mut refused = lock(&self.refused);
+        forget_old(&mut refused);
+        let mut out: Vec<&Refused> = refused.iter().collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.last));
+        out.into_iter()
+            .map(|r| RefusedProxy {
+                identity: r.identity.clone(),
+                claimed_workload: r.claim.clone(),
+                peer_address: r.peer.map(|p| p.to_string()).unwrap_or_default(),
+                reason: r.reason.clone(),
+                last_refused: unix_seconds(r.last),
+                attempts: r.attempts,
+                certificate_expiry: r.certificate_expiry,
+            })
+            .collect()
+    }
+
+    /// Records and logs a refusal: logged once per proxy and reason, then
+    /// counted, so a proxy retrying does not flood the log.
+    fn refuse(&self, session: &Session, peer: Option<SocketAddr>, refusal: &Refusal) {
+        let reason = refusal.to_string();
+        let mut refused = lock(&self.refused);
+        forget_old(&mut refused);
+        let now = std::time::SystemTime::now();
+        match refused
+            .iter_mut()
+            .find(|r| r.is(&session.identity, &session.claim, peer))
+        {
+            Some(r) if r.reason == reason => {
+                r.attempts += 1;
+                r.last = now;
+                r.peer = peer;
+                r.certificate_expiry = session.certificate_expiry;
+                tracing::debug!(
+                    identity = %session.identity,
+                    claim = %session.claim,
+                    attempts = r.attempts,
+                    "refused a proxy again: {reason}"
+                );
+                return;
+            }
+            Some(r) => *r = refused_now(session, peer, reason.clone(), now),
+            None => {
+                if refused.len() >= MAX_REFUSED
+                    && let Some(oldest) = (0..refused.len()).min_by_key(|&i| refused[i].last)
+                {
+                    refused.swap_remove(oldest);
+                }
+                refused.push(refused_now(session, peer, reason.clone(), now));
+            }
+        }
+        tracing::warn!(
+            identity = %session.identity,
+            claim = %session.claim,
+            peer = %session.peer,
+            "refused a proxy's distribution stream: {reason}"
+        );
+    }
+
+    /// The proxy was accepted: it is no longer listed as refused.
+    fn accepted(&self, session: &Session, peer: Option<SocketAddr>) {
+        lock(&self.refused).retain(|r| !r.is(&session.identity, &session.claim, peer));
+    }
+
     fn derived(&self, config: &Config) -> Arc<Derived> {
         let mut derived = lock(&self.derived);
         if let Some(d) = derived.as_ref().filter(|d| d.version == config.version) {
@@ -191,18 +299,20 @@ impl Hub {
         d
     }
 
-    /// Everything one proxy is sent, by resource name.
+    /// Everything one proxy is sent, by resource name; refused when the
+    /// registry cannot tell which workload the proxy is.
     fn view(
         &self,
         identity: &SpiffeId,
         peer: Option<SocketAddr>,
+        claim: Option<&str>,
         subscribe: &[String],
-    ) -> (u64, String, BTreeMap<String, Resource>) {
+    ) -> Result<(u64, String, BTreeMap<String, Resource>), Refusal> {
         let config = self.store.config();
         let derived = self.derived(&config);
         let registry = &derived.registry;
         let id = identity.to_string();
-        let workload = registry.workload_for(&id, peer.map(|p| p.ip())).cloned();
+        let workload = registry.resolve(&id, peer.map(|p| p.ip()), claim)?.cloned();
         let namespace = workload
             .as_ref()
             .map(|w| w.namespace.clone())
@@ -241,8 +351,50 @@ impl Hub {
             }
         }
         let name = workload.map(|w| w.name).unwrap_or_default();
-        (config.version, name, out)
+        Ok((config.version, name, out))
     }
+}
+
+/// The status a refused stream ends with: the claim does not hold
+/// (`PermissionDenied`), or the server cannot tell which workload the proxy
+/// is (`FailedPrecondition`). The message is the refusal's, for the proxy's
+/// log.
+fn refused_status(refusal: &Refusal) -> Status {
+    match refusal {
+        Refusal::Malformed { .. } => Status::invalid_argument(refusal.to_string()),
+        Refusal::WrongIdentity { .. } | Refusal::WrongAddress { .. } => {
+            Status::permission_denied(refusal.to_string())
+        }
+        Refusal::NoSuchWorkload { .. }
+        | Refusal::UncheckableAddress { .. }
+        | Refusal::Ambiguous { .. } => Status::failed_precondition(refusal.to_string()),
+    }
+}
+
+fn forget_old(refused: &mut Vec<Refused>) {
+    refused.retain(|r| r.last.elapsed().is_ok_and(|age| age < REFUSED_KEPT));
+}
+
+fn refused_now(
+    session: &Session,
+    peer: Option<SocketAddr>,
+    reason: String,
+    now: std::time::SystemTime,
+) -> Refused {
+    Refused {
+        identity: session.identity.clone(),
+        claim: session.claim.clone(),
+        peer,
+        certificate_expiry: session.certificate_expiry,
+        reason,
+        last: now,
+        attempts: 1,
+    }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The caller's SPIFFE ID and certificate expiry (Unix seconds), from the
@@ -332,6 +484,17 @@ async fn session(
         return Ok(());
     };
     let mut subscribe = first.subscribe;
+    // The claim is the first request's; later requests cannot change it.
+    let claim = (!first.workload.is_empty()).then_some(first.workload);
+    let this = {
+        let mut sessions = lock(&hub.sessions);
+        let Some(s) = sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        s.claim = claim.clone().unwrap_or_default();
+        s.clone()
+    };
+    let mut accepted = false;
     let mut changes = hub.changes.subscribe();
     changes.borrow_and_update();
     let mut sent: BTreeMap<String, Resource> = BTreeMap::new();
@@ -339,7 +502,20 @@ async fn session(
     let mut pending: Option<(String, u64)> = None;
     let mut full = true;
     loop {
-        let (version, workload, view) = hub.view(identity, peer, &subscribe);
+        let (version, workload, view) = match hub.view(identity, peer, claim.as_deref(), &subscribe)
+        {
+            Ok(view) => view,
+            Err(refusal) => {
+                hub.refuse(&this, peer, &refusal);
+                // The proxy reads why from the status; it may be gone.
+                let _ = tx.send(Err(refused_status(&refusal))).await;
+                return Ok(());
+            }
+        };
+        if !accepted {
+            accepted = true;
+            hub.accepted(&this, peer);
+        }
         let changed: Vec<Resource> = view
             .values()
             .filter(|r| sent.get(&r.name).is_none_or(|s| s.version != r.version))
@@ -434,5 +610,143 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// reviews-v1 and reviews-v2 as `meshward up` runs them: one service
+    /// account, one address.
+    const SHARED: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec: {address: 127.0.0.1, labels: {app: reviews, version: v1}, serviceAccount: bookinfo-reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: bookinfo-reviews}
+"#;
+
+    fn hub(dir: &tempfile::TempDir) -> Hub {
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        store.apply("workloads.yaml", SHARED).unwrap();
+        Hub::new(store, "cluster.local".into(), String::new())
+    }
+
+    fn reviews() -> SpiffeId {
+        SpiffeId::parse("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews").unwrap()
+    }
+
+    fn peer() -> Option<SocketAddr> {
+        Some("127.0.0.1:40000".parse().unwrap())
+    }
+
+    fn session(claim: &str) -> Session {
+        Session {
+            identity: reviews().to_string(),
+            claim: claim.into(),
+            ..Session::default()
+        }
+    }
+
+    #[test]
+    fn a_proxy_is_sent_the_labels_of_the_workload_it_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        for (claim, version) in [("bookinfo/reviews-v1", "v1"), ("bookinfo/reviews-v2", "v2")] {
+            let (_, name, view) = hub.view(&reviews(), peer(), Some(claim), &[]).unwrap();
+            assert_eq!(name, claim);
+            let own: serde_json::Value = serde_json::from_slice(&view["workload"].body).unwrap();
+            assert_eq!(own["labels"]["version"], version, "{own}");
+        }
+    }
+
+    #[test]
+    fn a_refused_proxy_is_listed_once_with_why_until_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let unclaimed = session("");
+        let refusal = hub.view(&reviews(), peer(), None, &[]).unwrap_err();
+        assert!(matches!(refusal, Refusal::Ambiguous { .. }), "{refusal}");
+        let status = refused_status(&refusal);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(status.message(), refusal.to_string());
+        // The proxy retries from another port: the same proxy, counted.
+        hub.refuse(&unclaimed, peer(), &refusal);
+        hub.refuse(
+            &unclaimed,
+            Some("[::ffff:127.0.0.1]:40001".parse().unwrap()),
+            &refusal,
+        );
+        let listed = hub.refused();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].attempts, 2);
+        assert_eq!(listed[0].reason, refusal.to_string());
+        assert_eq!(listed[0].claimed_workload, "");
+        assert_eq!(hub.connected(), 0, "a refused proxy is not a connected one");
+
+        // Another proxy's refusal is its own row.
+        let claimed = session("bookinfo/reviews-v3");
+        let other = hub
+            .view(&reviews(), peer(), Some("bookinfo/reviews-v3"), &[])
+            .unwrap_err();
+        hub.refuse(&claimed, peer(), &other);
+        let claims: Vec<String> = hub
+            .refused()
+            .into_iter()
+            .map(|r| r.claimed_workload)
+            .collect();
+        assert_eq!(claims.len(), 2, "{claims:?}");
+        assert!(
+            claims.contains(&"bookinfo/reviews-v3".to_owned()),
+            "{claims:?}"
+        );
+
+        hub.accepted(&unclaimed, peer());
+        assert_eq!(hub.refused().len(), 1);
+    }
+
+    #[test]
+    fn the_record_of_refusals_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let refusal = hub.view(&reviews(), peer(), None, &[]).unwrap_err();
+        for i in 0..(MAX_REFUSED + 10) {
+            hub.refuse(&session(&format!("bookinfo/w{i}")), peer(), &refusal);
+        }
+        assert_eq!(hub.refused().len(), MAX_REFUSED);
+    }
+
+    #[test]
+    fn a_claim_that_stops_holding_is_refused_on_the_next_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let claim = Some("bookinfo/reviews-v2");
+        assert!(hub.view(&reviews(), peer(), claim, &[]).is_ok());
+        hub.store
+            .apply(
+                "workloads.yaml",
+                &SHARED.replace(
+                    "version: v2}, serviceAccount: bookinfo-reviews",
+                    "version: v2}, serviceAccount: bookinfo-reviews-v2",
+                ),
+            )
+            .unwrap();
+        let refusal = hub.view(&reviews(), peer(), claim, &[]).unwrap_err();
+        assert!(
+            matches!(&refusal, Refusal::WrongIdentity { runs_as, .. } if runs_as.ends_with("/sa/bookinfo-reviews-v2")),
+            "{refusal}"
+        );
+        assert_eq!(
+            refused_status(&refusal).code(),
+            tonic::Code::PermissionDenied
+        );
+        // The other workload of that identity is now the only candidate.
+        let (_, name, _) = hub.view(&reviews(), peer(), None, &[]).unwrap();
+        assert_eq!(name, "bookinfo/reviews-v1");
     }
 }

@@ -5,6 +5,7 @@
 //! endpoints' service accounts plus the entry's `subjectAltNames`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 pub use meshward_api::resources::{Endpoint, Service};
 use meshward_identity::spiffe::SpiffeId;
@@ -141,34 +142,136 @@ impl Registry {
         }
     }
 
-    /// The workload a proxy with `identity` runs as. When several
-    /// WorkloadEntries share the identity, the proxy's address must pick
-    /// one; if it matches none of them, none is chosen (the proxy gets its
-    /// namespace's policies without labels) rather than another workload's.
-    pub fn workload_for(
+    /// Which WorkloadEntry a proxy is: the one it claims (`NAMESPACE/NAME`,
+    /// from `meshward proxy --workload`), or, without a claim, the only one
+    /// that runs as its identity. An entry is given to a proxy only when
+    /// the entry's identity is the certificate's and, when the entry has an
+    /// address, the connection comes from it: the entry's labels decide
+    /// which policies the proxy enforces, so another workload's must never
+    /// reach it. `Ok(None)`: no claim and no entry runs as this identity
+    /// (the proxy gets its identity's namespace, without labels).
+    pub fn resolve(
         &self,
         identity: &str,
-        address: Option<std::net::IpAddr>,
-    ) -> Option<&Workload> {
-        let candidates: Vec<&Workload> = self
-            .workloads
-            .iter()
-            .filter(|w| w.identity == identity)
-            .collect();
-        let address = address.map(|a| a.to_canonical());
-        let by_address = address.and_then(|ip| {
-            candidates.iter().copied().find(|w| {
-                w.address
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| a.to_canonical() == ip)
-            })
-        });
-        match (by_address, candidates.as_slice()) {
-            (Some(w), _) => Some(w),
-            (None, [only]) => Some(only),
-            _ => None,
-        }
+        peer: Option<IpAddr>,
+        claim: Option<&str>,
+    ) -> Result<Option<&Workload>, Refusal> {
+        let workload = match claim {
+            Some(claim) => {
+                // Printable ASCII only: the claim is echoed in logs and status.
+                let well_formed = claim.len() <= MAX_CLAIM
+                    && claim.bytes().all(|b| b.is_ascii_graphic())
+                    && claim.split_once('/').is_some_and(|(ns, name)| {
+                        !ns.is_empty() && !name.is_empty() && !name.contains('/')
+                    });
+                if !well_formed {
+                    return Err(Refusal::Malformed {
+                        claim: claim.chars().take(MAX_CLAIM).collect(),
+                    });
+                }
+                let workload =
+                    self.workloads
+                        .iter()
+                        .find(|w| w.name == claim)
+                        .ok_or_else(|| Refusal::NoSuchWorkload {
+                            claim: claim.to_owned(),
+                        })?;
+                if workload.identity != identity {
+                    return Err(Refusal::WrongIdentity {
+                        workload: workload.name.clone(),
+                        runs_as: workload.identity.clone(),
+                        certificate: identity.to_owned(),
+                    });
+                }
+                workload
+            }
+            None => {
+                let candidates: Vec<&Workload> = self
+                    .workloads
+                    .iter()
+                    .filter(|w| w.identity == identity)
+                    .collect();
+                match candidates.as_slice() {
+                    [] => return Ok(None),
+                    [only] => *only,
+                    several => {
+                        return Err(Refusal::Ambiguous {
+                            identity: identity.to_owned(),
+                            workloads: several.iter().map(|w| w.name.clone()).collect(),
+                        });
+                    }
+                }
+            }
+        };
+        check_address(workload, peer)?;
+        Ok(Some(workload))
     }
+}
+
+/// Kubernetes' limits: a namespace of 63 characters, a name of 253, and the `/`.
+const MAX_CLAIM: usize = 63 + 1 + 253;
+
+/// Where an entry has an address, the proxy's connection must come from it.
+fn check_address(workload: &Workload, peer: Option<IpAddr>) -> Result<(), Refusal> {
+    if workload.address.is_empty() {
+        return Ok(());
+    }
+    let Ok(address) = workload.address.parse::<IpAddr>() else {
+        return Err(Refusal::UncheckableAddress {
+            workload: workload.name.clone(),
+            address: workload.address.clone(),
+        });
+    };
+    // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+    let peer = peer.map(|p| p.to_canonical());
+    if peer == Some(address.to_canonical()) {
+        return Ok(());
+    }
+    Err(Refusal::WrongAddress {
+        workload: workload.name.clone(),
+        address: workload.address.clone(),
+        peer: peer.map_or_else(|| "an unknown address".to_owned(), |p| p.to_string()),
+    })
+}
+
+/// Why the server refuses to tell a proxy which workload it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the claimed workload {claim:?} is not NAMESPACE/NAME (meshward proxy --workload)")]
+    Malformed { claim: String },
+    #[error(
+        "no WorkloadEntry {claim}: the proxy claims a workload the registry does not have (meshward get WorkloadEntry)"
+    )]
+    NoSuchWorkload { claim: String },
+    #[error(
+        "workload {workload} runs as {runs_as}; the certificate is {certificate}: a proxy gets a WorkloadEntry only with that entry's identity"
+    )]
+    WrongIdentity {
+        workload: String,
+        runs_as: String,
+        certificate: String,
+    },
+    #[error(
+        "workload {workload} is at {address}; the proxy connects from {peer}: a proxy gets a WorkloadEntry only from that entry's address"
+    )]
+    WrongAddress {
+        workload: String,
+        address: String,
+        peer: String,
+    },
+    #[error(
+        "workload {workload} has the address {address:?}, which is not an IP address: the proxy's connection cannot be checked against it"
+    )]
+    UncheckableAddress { workload: String, address: String },
+    #[error(
+        "{} WorkloadEntries run as {identity} ({}): the proxy must say which one it is (meshward proxy --workload NAMESPACE/NAME)",
+        workloads.len(),
+        workloads.join(", ")
+    )]
+    Ambiguous {
+        identity: String,
+        workloads: Vec<String>,
+    },
 }
 
 #[cfg(test)]
@@ -246,21 +349,196 @@ spec:
     }
 
     #[test]
-    fn a_proxy_is_the_workload_its_identity_and_address_name() {
+    fn a_proxy_is_the_only_workload_its_identity_and_address_name() {
         let r = registry(BOOKINFO);
         let w = r
-            .workload_for(
+            .resolve(
                 "spiffe://cluster.local/ns/bookinfo/sa/reviews-v2",
                 Some("::ffff:127.0.0.2".parse().unwrap()),
+                None,
             )
+            .unwrap()
             .unwrap();
         assert_eq!(
             (w.name.as_str(), w.labels["version"].as_str()),
             ("bookinfo/reviews-v2", "v2")
         );
-        assert!(
-            r.workload_for("spiffe://cluster.local/ns/bookinfo/sa/nobody", None)
-                .is_none()
+        assert_eq!(
+            r.resolve(
+                "spiffe://cluster.local/ns/bookinfo/sa/nobody",
+                Some(LOCAL),
+                None
+            ),
+            Ok(None),
+            "an identity without a WorkloadEntry gets none"
         );
+    }
+
+    /// reviews-v1 and reviews-v2 as `meshward up` runs them: one service
+    /// account, one address.
+    const SHARED: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec: {address: 127.0.0.1, labels: {app: reviews, version: v1}, serviceAccount: bookinfo-reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: bookinfo-reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings, namespace: bookinfo}
+spec: {labels: {app: ratings}, serviceAccount: bookinfo-ratings}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: details, namespace: bookinfo}
+spec: {address: details.example, labels: {app: details}, serviceAccount: bookinfo-details}
+"#;
+
+    const REVIEWS: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_correct_claim_picks_that_workload_among_several() {
+        let r = registry(SHARED);
+        for (claim, version) in [("bookinfo/reviews-v1", "v1"), ("bookinfo/reviews-v2", "v2")] {
+            let w = r
+                .resolve(REVIEWS, Some(LOCAL), Some(claim))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (w.name.as_str(), w.labels["version"].as_str()),
+                (claim, version)
+            );
+        }
+        // The IPv4-mapped form of the entry's address is the same address.
+        let w = r
+            .resolve(
+                REVIEWS,
+                Some("::ffff:127.0.0.1".parse().unwrap()),
+                Some("bookinfo/reviews-v2"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.name, "bookinfo/reviews-v2");
+        // An entry without an address is claimed by identity alone.
+        let w = r
+            .resolve(
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings",
+                Some("10.1.2.3".parse().unwrap()),
+                Some("bookinfo/ratings"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.name, "bookinfo/ratings");
+    }
+
+    #[test]
+    fn several_candidates_without_a_claim_are_refused_never_picked() {
+        let r = registry(SHARED);
+        let refusal = r.resolve(REVIEWS, Some(LOCAL), None).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::Ambiguous {
+                identity: REVIEWS.into(),
+                workloads: vec!["bookinfo/reviews-v1".into(), "bookinfo/reviews-v2".into()],
+            }
+        );
+        let text = refusal.to_string();
+        assert!(
+            text.contains("bookinfo/reviews-v1, bookinfo/reviews-v2")
+                && text.contains("--workload"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_claim_with_another_identity_is_refused() {
+        let r = registry(SHARED);
+        let ratings = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings";
+        let refusal = r
+            .resolve(ratings, Some(LOCAL), Some("bookinfo/reviews-v2"))
+            .unwrap_err();
+        assert_eq!(
+            refusal.to_string(),
+            format!(
+                "workload bookinfo/reviews-v2 runs as {REVIEWS}; the certificate is {ratings}: \
+                 a proxy gets a WorkloadEntry only with that entry's identity"
+            )
+        );
+    }
+
+    #[test]
+    fn a_claim_from_another_address_is_refused() {
+        let r = registry(SHARED);
+        let refusal = r
+            .resolve(
+                REVIEWS,
+                Some("127.0.0.2".parse().unwrap()),
+                Some("bookinfo/reviews-v2"),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&refusal, Refusal::WrongAddress { peer, .. } if peer == "127.0.0.2"),
+            "{refusal}"
+        );
+        // No address known for the connection: nothing to check it against.
+        assert!(matches!(
+            r.resolve(REVIEWS, None, Some("bookinfo/reviews-v2")),
+            Err(Refusal::WrongAddress { .. })
+        ));
+        // An address that is not an IP cannot be checked: refused, not skipped.
+        assert!(matches!(
+            r.resolve(
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-details",
+                Some(LOCAL),
+                Some("bookinfo/details")
+            ),
+            Err(Refusal::UncheckableAddress { .. })
+        ));
+    }
+
+    #[test]
+    fn the_only_candidate_without_a_claim_must_still_come_from_its_address() {
+        let r = registry(BOOKINFO);
+        let refusal = r
+            .resolve(
+                "spiffe://cluster.local/ns/bookinfo/sa/reviews-v2",
+                Some(LOCAL),
+                None,
+            )
+            .unwrap_err();
+        assert!(matches!(refusal, Refusal::WrongAddress { .. }), "{refusal}");
+    }
+
+    #[test]
+    fn a_claim_naming_no_entry_or_malformed_is_refused() {
+        let r = registry(SHARED);
+        assert_eq!(
+            r.resolve(REVIEWS, Some(LOCAL), Some("bookinfo/reviews-v3")),
+            Err(Refusal::NoSuchWorkload {
+                claim: "bookinfo/reviews-v3".into()
+            })
+        );
+        for claim in [
+            "reviews-v2",
+            "/reviews-v2",
+            "bookinfo/",
+            "a/b/c",
+            "bookinfo/reviews-v2\nERROR a forged log line",
+            "bookinfo/reviews v2",
+            &"x/".repeat(400),
+        ] {
+            assert!(
+                matches!(
+                    r.resolve(REVIEWS, Some(LOCAL), Some(claim)),
+                    Err(Refusal::Malformed { claim: kept }) if kept.len() <= MAX_CLAIM
+                ),
+                "{claim}"
+            );
+        }
     }
 }

@@ -10,6 +10,13 @@
 //! the proxy keeps enforcing what it has (fail static, never open) and
 //! reconnects with capped, jittered backoff; every new stream starts with a
 //! full snapshot.
+//!
+//! The proxy says which workload it is (`--workload NAMESPACE/NAME`); the
+//! server refuses the stream when that claim does not hold or when it
+//! cannot tell which workload the proxy is. A refused proxy never takes
+//! another workload's labels: it keeps what it enforced (the last good
+//! configuration, or, before any, [`awaiting_configuration`]: every inbound
+//! request denied), logs the server's reason once, and retries.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,7 +28,7 @@ use meshward_api::control::{DistributionRequest, DistributionResponse, Resource}
 use meshward_api::resources::{OwnWorkload, Service};
 use meshward_api::types;
 use meshward_identity::spiffe::SpiffeId;
-use meshward_policy::api::{MeshConfig, Policy};
+use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy};
 use meshward_policy::authn::JwksCache;
 use meshward_policy::{PolicySet, Workload, load};
 use tokio::sync::mpsc;
@@ -42,6 +49,53 @@ pub struct ControlPlane {
     pub server_name: String,
     /// The identity the server's certificate must carry.
     pub identity: SpiffeId,
+    /// The WorkloadEntry this proxy says it is, `NAMESPACE/NAME`.
+    pub workload: Option<String>,
+}
+
+/// The name of the policy a proxy enforces until its first configuration.
+pub const AWAITING: &str = "meshward-awaiting-control-plane";
+
+/// What a proxy configured by the control plane enforces before its first
+/// configuration is in force — at start, and for as long as the server
+/// refuses it: an ALLOW policy without rules in the root namespace, which
+/// denies every inbound request and connection. A proxy that does not yet
+/// know its policies (or which workload the server takes it for) must not
+/// serve as if it had none, which would allow everything.
+pub fn awaiting_configuration(mesh: MeshConfig) -> PolicySet {
+    let deny_all = AuthorizationPolicy {
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        metadata: ObjectMeta {
+            name: AWAITING.into(),
+            namespace: Some(mesh.root_namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        ..AuthorizationPolicy::default()
+    };
+    PolicySet::new(mesh, vec![Policy::AuthorizationPolicy(deny_all)])
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ended {
+    /// Unreachable, closed or lost: the proxy reconnects.
+    Lost(String),
+    /// The server refused this proxy: its claim does not hold, or the
+    /// server cannot tell which workload it is. Retrying may succeed once
+    /// the registry changes.
+    Refused(String),
+}
+
+impl Ended {
+    fn from_status(status: &tonic::Status) -> Ended {
+        match status.code() {
+            tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument => Ended::Refused(status.message().to_owned()),
+            _ => Ended::Lost(status.message().to_owned()),
+        }
+    }
 }
 
 /// Reconnection backoff: doubling from 200 ms, at most 10 s, ±20 % jitter.
@@ -61,12 +115,13 @@ pub async fn run(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let subscribe: Vec<String> = outbound
-        .iter()
-        .map(|t| t.upstream.service.clone())
-        .collect();
     let mut backoff = BACKOFF_START;
+    // Whether any configuration from the control plane was ever in force.
+    let mut configured = false;
+    // The last way a stream ended, logged once until it changes.
+    let mut last_ended: Option<Ended> = None;
     loop {
+        let mut applied = false;
         let session = stream(
             &control_plane,
             &identity,
@@ -74,20 +129,39 @@ pub async fn run(
             &outbound,
             &jwks,
             &metrics,
-            &subscribe,
+            &mut applied,
         );
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
             outcome = session => outcome,
         };
-        match outcome {
-            // A stream that delivered something resets the backoff.
-            Ok(true) => backoff = BACKOFF_START,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(
-                address = %control_plane.address,
-                "control plane unavailable ({e}); enforcing the last good configuration"
-            ),
+        if applied {
+            // A stream that delivered something resets the backoff, and a
+            // later failure is news again.
+            backoff = BACKOFF_START;
+            configured = true;
+            last_ended = None;
+        }
+        if let Err(ended) = outcome {
+            let enforcing = if configured {
+                "enforcing the last good configuration"
+            } else {
+                "denying every inbound request until a configuration arrives"
+            };
+            let repeated = last_ended.as_ref() == Some(&ended);
+            match &ended {
+                _ if repeated => tracing::debug!(?ended, "control plane stream ended again"),
+                Ended::Refused(reason) => tracing::error!(
+                    address = %control_plane.address,
+                    workload = control_plane.workload.as_deref().unwrap_or("(none claimed)"),
+                    "the control plane refused this proxy: {reason}; {enforcing}, retrying"
+                ),
+                Ended::Lost(e) => tracing::warn!(
+                    address = %control_plane.address,
+                    "control plane unavailable ({e}); {enforcing}"
+                ),
+            }
+            last_ended = Some(ended);
         }
         let jitter = 0.8 + 0.4 * (rand_fraction());
         let wait = backoff.mul_f64(jitter);
@@ -108,7 +182,8 @@ fn rand_fraction() -> f64 {
     f64::from(nanos % 1000) / 1000.0
 }
 
-/// One stream. `Ok(true)` if it applied at least one response.
+/// One stream, until the server ends it; `applied` is set once it put a
+/// response in force.
 async fn stream(
     control_plane: &ControlPlane,
     identity: &WorkloadIdentity,
@@ -116,16 +191,17 @@ async fn stream(
     outbound: &[Arc<OutboundTarget>],
     jwks: &Arc<JwksCache>,
     metrics: &Arc<Metrics>,
-    subscribe: &[String],
-) -> Result<bool, String> {
+    applied: &mut bool,
+) -> Result<(), Ended> {
+    let lost = |e: &dyn std::fmt::Display| Ended::Lost(e.to_string());
     let tls = MeshTls {
         connector: tokio_rustls::TlsConnector::from(
             identity
                 .client_config(vec![control_plane.identity.clone()], &[ALPN_H2])
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| lost(&e))?,
         ),
         server_name: rustls::pki_types::ServerName::try_from(control_plane.server_name.clone())
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| lost(&e))?,
     };
     let connector = Connector::new(
         vec![control_plane.address],
@@ -140,25 +216,29 @@ async fn stream(
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("connecting: {e}"))?;
+        .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
-        subscribe: subscribe.to_vec(),
+        // The services this workload calls: their endpoints and identities.
+        subscribe: outbound
+            .iter()
+            .map(|t| t.upstream.service.clone())
+            .collect(),
+        workload: control_plane.workload.clone().unwrap_or_default(),
         ..Default::default()
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| lost(&e))?;
     let mut responses = DistributionClient::new(channel)
         .stream(ReceiverStream::new(rx))
         .await
-        .map_err(|e| e.message().to_owned())?
+        .map_err(|s| Ended::from_status(&s))?
         .into_inner();
     let mut good: Resources = BTreeMap::new();
-    let mut applied = false;
     while let Some(response) = responses
         .message()
         .await
-        .map_err(|e| e.message().to_owned())?
+        .map_err(|s| Ended::from_status(&s))?
     {
         let nonce = response.nonce.clone();
         let version = response.system_version.clone();
@@ -166,7 +246,7 @@ async fn stream(
         let answer = match apply(&candidate, identity, store, outbound, jwks, &version) {
             Ok(()) => {
                 good = candidate;
-                applied = true;
+                *applied = true;
                 tracing::info!(version, "configuration from the control plane is in force");
                 DistributionRequest {
                     response_nonce: nonce,
@@ -189,7 +269,7 @@ async fn stream(
             break;
         }
     }
-    Ok(applied)
+    Ok(())
 }
 
 /// The resources after `response`: a full snapshot replaces everything.
@@ -337,6 +417,50 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(merge(&held, snapshot).keys().collect::<Vec<_>>(), ["d"]);
+    }
+
+    #[test]
+    fn before_its_first_configuration_a_proxy_denies_everything() {
+        let set = awaiting_configuration(MeshConfig::default());
+        let workload = Workload {
+            namespace: "bookinfo".into(),
+            labels: [("app".to_owned(), "reviews".to_owned())].into(),
+        };
+        let policy = set.for_workload(&workload);
+        let connection = meshward_policy::Connection {
+            source_principal: Some("spiffe://cluster.local/ns/bookinfo/sa/productpage".into()),
+            destination_port: 9080,
+            ..Default::default()
+        };
+        let http = meshward_policy::HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            host: "reviews".into(),
+            ..Default::default()
+        };
+        let decision = policy.check(&connection, Some(&http), |_| unreachable!("no CUSTOM"));
+        assert!(!decision.allowed(), "{decision:?}");
+        assert_eq!(decision.status, 403);
+        let tcp = policy.check(&connection, None, |_| unreachable!("no CUSTOM"));
+        assert!(!tcp.allowed(), "{tcp:?}");
+    }
+
+    #[test]
+    fn a_refusal_is_told_apart_from_a_lost_stream() {
+        for code in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::InvalidArgument,
+        ] {
+            assert_eq!(
+                Ended::from_status(&tonic::Status::new(code, "why")),
+                Ended::Refused("why".into())
+            );
+        }
+        assert_eq!(
+            Ended::from_status(&tonic::Status::unavailable("gone")),
+            Ended::Lost("gone".into())
+        );
     }
 
     #[tokio::test]

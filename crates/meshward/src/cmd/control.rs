@@ -282,6 +282,38 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 p.nack
             );
         }
+        // Proxies the server would not give a workload, and why.
+        let now = std::time::SystemTime::now();
+        for r in response.refused {
+            let expires = std::time::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(r.certificate_expiry).unwrap_or(0));
+            let ago = now
+                .duration_since(
+                    std::time::UNIX_EPOCH
+                        + Duration::from_secs(u64::try_from(r.last_refused).unwrap_or(0)),
+                )
+                .map_or(0, |d| d.as_secs());
+            println!(
+                "{:<28} {:<52} {:<20} {:>5} {:>5} {:<8} {} ({} from {}, last {ago} s ago)",
+                if r.claimed_workload.is_empty() {
+                    "-"
+                } else {
+                    &r.claimed_workload
+                },
+                r.identity,
+                humantime::format_rfc3339_seconds(expires).to_string(),
+                "-",
+                "-",
+                "REFUSED",
+                r.reason,
+                if r.attempts == 1 {
+                    "once".to_owned()
+                } else {
+                    format!("{} times", r.attempts)
+                },
+                r.peer_address,
+            );
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

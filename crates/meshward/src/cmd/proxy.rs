@@ -53,6 +53,13 @@ pub struct Args {
     /// HOST:PORT) instead of files.
     #[arg(long, value_name = "HOST:PORT")]
     control_plane: Option<String>,
+    /// The WorkloadEntry this proxy serves, NAMESPACE/NAME. The control
+    /// plane accepts the claim only if that entry runs as --identity and,
+    /// when the entry has an address, the proxy connects from it; without
+    /// it, the proxy is the only entry with its identity, and is refused
+    /// when several share it.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "control_plane")]
+    workload: Option<String>,
     /// The identity the control plane's certificate must carry (default:
     /// spiffe://TRUST_DOMAIN/ns/istio-system/sa/meshward).
     #[arg(long)]
@@ -105,6 +112,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "--identity {id} does not name a namespace (spiffe://TD/ns/NS/sa/SA); give --namespace"
         ),
     };
+    if let Some(claim) = &args.workload {
+        let Some((claimed_ns, name)) = claim.split_once('/') else {
+            bail!("--workload takes NAMESPACE/NAME (a WorkloadEntry), got {claim:?}");
+        };
+        if claimed_ns.is_empty() || name.is_empty() || name.contains('/') {
+            bail!("--workload takes NAMESPACE/NAME (a WorkloadEntry), got {claim:?}");
+        }
+        if let Some((ns, _)) = id.istio_parts()
+            && ns != claimed_ns
+        {
+            bail!(
+                "--workload {claim} is in namespace {claimed_ns}, but --identity {id} is in {ns}: \
+                 a WorkloadEntry's identity is in its own namespace"
+            );
+        }
+    }
     let mut labels = BTreeMap::new();
     for label in &args.labels {
         let Some((k, v)) = label.split_once('=') else {
@@ -144,6 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .map_or(address, |(host, _)| host)
                     .to_owned(),
                 identity,
+                workload: args.workload.clone(),
             })
         }
     };
@@ -199,7 +223,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             bundle,
             trust_domains: TrustDomains(trust_domains),
         };
-        let store = PolicyStore::new(workload, set, source.describe());
+        // Configured by the control plane: nothing is served as allowed
+        // until its first configuration is in force.
+        let store = match &control_plane {
+            Some(_) => PolicyStore::new(
+                workload,
+                control::awaiting_configuration(set.mesh().clone()),
+                "awaiting the control plane's first configuration: every inbound request is denied"
+                    .into(),
+            ),
+            None => PolicyStore::new(workload, set, source.describe()),
+        };
         policies::warm_jwks(&store, &jwks);
         let stop_watching = tokio_util::sync::CancellationToken::new();
         let control_jwks = jwks.clone();

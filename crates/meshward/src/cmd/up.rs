@@ -375,6 +375,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             )?;
             let mut proxy = Command::new(&exe);
             proxy.args(["proxy", "--identity", &plan.identity.to_string()]);
+            // Which WorkloadEntry it is: several may share the identity.
+            proxy.args(["--workload", &plan.name]);
             for (k, v) in &plan.entry.spec.labels {
                 proxy.args(["--label", &format!("{k}={v}")]);
             }
