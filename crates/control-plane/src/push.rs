@@ -3,8 +3,8 @@
 //! A proxy connects with its workload certificate; the registry says which
 //! workload it is. It receives only what concerns it: the policies of its
 //! namespace and the root namespace, the mesh config, the trust bundle, its
-//! own workload, and the services it subscribes to (their endpoints and the
-//! identities allowed to run them). The first response on a stream is a
+//! own workload, the services it subscribes to (their endpoints and the
+//! identities allowed to run them), and the whole revocation list. The first response on a stream is a
 //! full snapshot; after that, a change to the store is pushed — after a
 //! short debounce, so a burst of applies makes a bounded number of pushes —
 //! as the resources that changed and the names removed. Every response
@@ -57,6 +57,8 @@ struct Derived {
     /// (namespace, resource) per policy.
     policies: Vec<(String, Resource)>,
     mesh: Resource,
+    /// The whole list, for every proxy (it is small).
+    revocations: Resource,
     root_namespace: String,
 }
 
@@ -179,6 +181,11 @@ impl Hub {
                 types::MESH_CONFIG,
                 serde_json::to_vec(&config.mesh).unwrap_or_default(),
             ),
+            revocations: resource(
+                "revocations".into(),
+                types::REVOCATIONS,
+                serde_json::to_vec(&config.revocations).unwrap_or_default(),
+            ),
             root_namespace: config.mesh.root_namespace.clone(),
         });
         *derived = Some(d.clone());
@@ -212,6 +219,7 @@ impl Hub {
             }
         }
         put(derived.mesh.clone());
+        put(derived.revocations.clone());
         put(self.bundle.clone());
         let own = serde_json::json!({
             "name": workload.as_ref().map(|w| w.name.clone()),
@@ -283,6 +291,10 @@ impl Distribution for DistributionService {
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let identity = spiffe_id_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if let Err(revoked) = self.0.store.revocations().current().check_certificate(leaf) {
+            tracing::warn!(%identity, %revoked, "distribution stream refused");
+            return Err(Status::permission_denied(format!("{revoked}")));
+        }
         let expiry = x509_parser::parse_x509_certificate(leaf)
             .map(|(_, c)| c.validity().not_after.timestamp())
             .unwrap_or(0);
