@@ -150,6 +150,19 @@ impl RevocationList {
         Ok(list)
     }
 
+    /// The entries, by kind and value.
+    pub fn entries(&self) -> Vec<Revocation> {
+        self.entries
+            .iter()
+            .map(|((kind, value), e)| Revocation {
+                kind: *kind,
+                value: value.clone(),
+                reason: e.reason.clone(),
+                revoked_at: e.revoked_at.clone(),
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -198,6 +198,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             cert,
             bundle,
             trust_domains: TrustDomains(trust_domains),
+            // Filled by the control plane; empty for a proxy without one.
+            revocations: Default::default(),
         };
         let store = PolicyStore::new(workload, set, source.describe());
         policies::warm_jwks(&store, &jwks);
