@@ -91,7 +91,9 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
 }
 
 /// A revoked peer is refused with the `certificate_revoked` alert; who and
-/// why goes to the log (rustls' error carries no text).
+/// why goes to the debug log (rustls' error carries no text; the proxy
+/// counts refusals by reason, and a revoked peer retrying must not flood
+/// the log).
 fn check_revoked(
     revocations: &Revocations,
     end_entity: &CertificateDer<'_>,
@@ -101,7 +103,7 @@ fn check_revoked(
         .current()
         .check_certificate(end_entity)
         .map_err(|revoked| {
-            tracing::warn!(%revoked, "TLS handshake refused: the {side} is revoked");
+            tracing::debug!(%revoked, "TLS handshake refused: the {side} is revoked");
             Error::InvalidCertificate(rustls::CertificateError::Revoked)
         })
 }
