@@ -21,6 +21,8 @@ pub mod types {
     pub const TRUST_BUNDLE: &str = "meshward.io/TrustBundle";
     pub const SERVICE: &str = "meshward.io/Service";
     pub const WORKLOAD: &str = "meshward.io/Workload";
+    /// The whole revocation list, sent to every proxy.
+    pub const REVOCATIONS: &str = "meshward.io/Revocations";
 }
 
 /// The JSON bodies of distributed resources that are meshward's own (policies
@@ -59,5 +61,58 @@ pub mod resources {
         pub name: Option<String>,
         pub namespace: String,
         pub labels: BTreeMap<String, String>,
+    }
+
+    /// What a revocation names.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum RevocationKind {
+        /// A workload identity (SPIFFE ID): every certificate and token for it.
+        Identity,
+        /// One certificate, by its serial number.
+        Serial,
+        /// One bootstrap token, by its id (`jti`).
+        Token,
+    }
+
+    impl RevocationKind {
+        pub const ALL: [RevocationKind; 3] = [
+            RevocationKind::Identity,
+            RevocationKind::Serial,
+            RevocationKind::Token,
+        ];
+
+        pub fn as_str(self) -> &'static str {
+            match self {
+                RevocationKind::Identity => "identity",
+                RevocationKind::Serial => "serial",
+                RevocationKind::Token => "token",
+            }
+        }
+    }
+
+    impl std::str::FromStr for RevocationKind {
+        type Err = String;
+
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            RevocationKind::ALL
+                .into_iter()
+                .find(|k| k.as_str().eq_ignore_ascii_case(s))
+                .ok_or_else(|| format!("{s:?} is not identity, serial or token"))
+        }
+    }
+
+    /// One entry of the revocation list, as the store keeps it, `meshward get
+    /// revocations` shows it and proxies receive it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Revocation {
+        pub kind: RevocationKind,
+        /// The SPIFFE ID, the serial (lower-case hex bytes joined by `:`, as
+        /// `meshward ca inspect` prints it) or the token id.
+        pub value: String,
+        pub reason: String,
+        /// RFC 3339.
+        pub revoked_at: String,
     }
 }

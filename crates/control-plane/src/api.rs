@@ -1,14 +1,15 @@
-//! The configuration API (`meshward apply|get|delete|status`): every call
-//! must come from the admin identity, proven by the admin client certificate
-//! the server makes at init. Never anonymous.
+//! The configuration API (`meshward apply|get|delete|status|revoke`): every
+//! call must come from the admin identity, proven by the admin client
+//! certificate the server makes at init. Never anonymous.
 
 use std::sync::Arc;
 
 use meshward_api::control::config_service_server::ConfigService;
 use meshward_api::control::{
     ApplyRequest, ApplyResponse, Change, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    StatusRequest, StatusResponse,
+    RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
 };
+use meshward_api::resources::RevocationKind;
 use meshward_identity::spiffe::SpiffeId;
 use tonic::{Request, Response, Status};
 
@@ -22,11 +23,25 @@ pub struct ConfigApi {
     store: Arc<Store>,
     hub: Arc<Hub>,
     admin: SpiffeId,
+    /// Identities that may not be revoked: the control plane's own (every
+    /// proxy would refuse the server, and nothing could undo it).
+    unrevocable: Vec<SpiffeId>,
 }
 
 impl ConfigApi {
     pub fn new(store: Arc<Store>, hub: Arc<Hub>, admin: SpiffeId) -> ConfigApi {
-        ConfigApi { store, hub, admin }
+        ConfigApi {
+            store,
+            hub,
+            admin,
+            unrevocable: Vec::new(),
+        }
+    }
+
+    /// Refuses to revoke `identities`.
+    pub fn with_unrevocable(mut self, identities: Vec<SpiffeId>) -> ConfigApi {
+        self.unrevocable = identities;
+        self
     }
 
     /// The caller must present the admin certificate (its chain was verified
@@ -105,6 +120,16 @@ impl ConfigService for ConfigApi {
                 serde_json::to_value(&self.store.config().mesh)
                     .map_err(|e| Status::internal(e.to_string()))?,
             ]
+        } else if r.kind.eq_ignore_ascii_case("Revocation")
+            || r.kind.eq_ignore_ascii_case("Revocations")
+        {
+            self.store
+                .config()
+                .revocations
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()
+                .map_err(|e| Status::internal(e.to_string()))?
         } else {
             self.store
                 .get(&r.kind, r.namespace.as_deref(), r.name.as_deref())
@@ -143,6 +168,46 @@ impl ConfigService for ConfigApi {
             version: self.store.config().version,
             proxies: self.hub.status(),
             refused: self.hub.refused(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let kind: RevocationKind = r.kind.parse().map_err(Status::invalid_argument)?;
+        if kind == RevocationKind::Identity
+            && let Ok(id) = SpiffeId::parse(r.value.trim())
+            && self.unrevocable.contains(&id)
+        {
+            return Err(Status::invalid_argument(format!(
+                "{id} is the control plane's own identity: revoked, every proxy would refuse the server"
+            )));
+        }
+        let store = self.store.clone();
+        let (revocation, created) =
+            tokio::task::spawn_blocking(move || store.revoke(kind, &r.value, &r.reason))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(status_of)?;
+        let version = self.store.config().version;
+        if created {
+            self.hub.changed(version);
+            tracing::warn!(
+                kind = revocation.kind.as_str(),
+                value = %revocation.value,
+                reason = %revocation.reason,
+                version,
+                "revoked"
+            );
+        }
+        Ok(Response::new(RevokeResponse {
+            revocation_json: serde_json::to_string(&revocation)
+                .map_err(|e| Status::internal(e.to_string()))?,
+            created,
+            version,
         }))
     }
 }

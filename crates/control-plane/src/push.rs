@@ -12,8 +12,9 @@
 //!
 //! A proxy receives only what concerns it: the policies of its namespace
 //! and the root namespace, the mesh config, the trust bundle, its own
-//! workload, and the services it subscribes to (their endpoints and the
-//! identities allowed to run them). The first response on a stream is a
+//! workload, the services it subscribes to (their endpoints and the
+//! identities allowed to run them), and the whole revocation list. The
+//! first response on a stream is a
 //! full snapshot; after that, a change to the store is pushed — after a
 //! short debounce, so a burst of applies makes a bounded number of pushes —
 //! as the resources that changed and the names removed. Every response
@@ -97,6 +98,8 @@ struct Derived {
     /// (namespace, resource) per policy.
     policies: Vec<(String, Resource)>,
     mesh: Resource,
+    /// The whole list, for every proxy (it is small).
+    revocations: Resource,
     root_namespace: String,
 }
 
@@ -293,6 +296,11 @@ impl Hub {
                 types::MESH_CONFIG,
                 serde_json::to_vec(&config.mesh).unwrap_or_default(),
             ),
+            revocations: resource(
+                "revocations".into(),
+                types::REVOCATIONS,
+                serde_json::to_vec(&config.revocations).unwrap_or_default(),
+            ),
             root_namespace: config.mesh.root_namespace.clone(),
         });
         *derived = Some(d.clone());
@@ -328,6 +336,7 @@ impl Hub {
             }
         }
         put(derived.mesh.clone());
+        put(derived.revocations.clone());
         put(self.bundle.clone());
         let own = serde_json::json!({
             "name": workload.as_ref().map(|w| w.name.clone()),

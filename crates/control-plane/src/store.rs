@@ -8,11 +8,19 @@
 //! oldest-wins depends on it); writes that change nothing are not versions.
 //! Objects come from the API or from a watched directory; the directory's
 //! objects are replaced as a set whenever the directory changes.
+//!
+//! Beside the objects: the revocation list (`meshward revoke`), each write a
+//! version like any other, published to the CA as it commits; and the ids
+//! of single-use bootstrap tokens already used, so no restart makes one
+//! usable again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use meshward_api::resources::{Revocation, RevocationKind};
+use meshward_identity::revocation::{self, RevocationList, Revocations};
+use meshward_identity::service::TokenLedger;
 use meshward_policy::api::{MeshConfig, Policy, RegistryObject};
 use meshward_policy::load::{self, Loaded};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -22,6 +30,13 @@ use serde::{Deserialize, Serialize};
 const OBJECTS: TableDefinition<&str, &str> = TableDefinition::new("objects");
 /// `version` → the store's version; `mesh` → MeshConfig YAML.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// `kind/value` → [`Revocation`] as JSON.
+const REVOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("revocations");
+/// Single-use token id → its expiry (Unix seconds), after which the record
+/// is dropped (the token is refused as expired anyway).
+const SPENT_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("spent_tokens");
+/// A revocation's reason is for people: one line, this long at most.
+const MAX_REASON: usize = 512;
 
 /// What wrote an object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,12 +81,16 @@ pub struct Config {
     pub mesh: MeshConfig,
     pub policies: Vec<Policy>,
     pub registry: Vec<RegistryObject>,
+    /// By kind, then value.
+    pub revocations: Vec<Revocation>,
 }
 
 pub struct Store {
     db: redb::Database,
     path: String,
     current: RwLock<Arc<Config>>,
+    /// The revocation list of `current`, for the CA.
+    revoked: Revocations,
     /// Held from a write's start to its reload, so the configuration in
     /// force is always one committed state with its own version.
     writing: std::sync::Mutex<()>,
@@ -152,6 +171,7 @@ impl Store {
             db,
             path: shown,
             current: RwLock::new(Arc::default()),
+            revoked: Revocations::new(),
             writing: std::sync::Mutex::new(()),
         };
         store.reload()?;
@@ -363,6 +383,63 @@ impl Store {
         Ok(out)
     }
 
+    /// The revocation list in force, kept current by every write.
+    pub fn revocations(&self) -> Revocations {
+        self.revoked.clone()
+    }
+
+    /// Adds `value` of `kind` to the revocation list. Returns the entry and
+    /// whether it is new; revoking again keeps the first entry (its time
+    /// and reason).
+    pub fn revoke(
+        &self,
+        kind: RevocationKind,
+        value: &str,
+        reason: &str,
+    ) -> Result<(Revocation, bool), StoreError> {
+        let value = revocation::canonical(kind, value)
+            .map_err(|e| StoreError::Invalid(vec![e.to_string()]))?;
+        let reason = reason.trim();
+        if reason.chars().count() > MAX_REASON || reason.chars().any(char::is_control) {
+            return Err(StoreError::Invalid(vec![format!(
+                "the reason must be one line of at most {MAX_REASON} characters"
+            )]));
+        }
+        let key = format!("{}/{value}", kind.as_str());
+        let _writing = self.lock_writes();
+        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let (entry, created) = {
+            let mut table = txn.open_table(REVOCATIONS).map_err(|e| self.db_error(e))?;
+            let existing: Option<Revocation> = table
+                .get(key.as_str())
+                .map_err(|e| self.db_error(e))?
+                .and_then(|v| serde_json::from_str(v.value()).ok());
+            match existing {
+                Some(entry) => (entry, false),
+                None => {
+                    let entry = Revocation {
+                        kind,
+                        value,
+                        reason: reason.to_owned(),
+                        revoked_at: jiff::Timestamp::now()
+                            .strftime("%Y-%m-%dT%H:%M:%SZ")
+                            .to_string(),
+                    };
+                    let json = serde_json::to_string(&entry).unwrap_or_default();
+                    table
+                        .insert(key.as_str(), json.as_str())
+                        .map_err(|e| self.db_error(e))?;
+                    let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+                    bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+                    (entry, true)
+                }
+            }
+        };
+        txn.commit().map_err(|e| self.db_error(e))?;
+        self.reload()?;
+        Ok((entry, created))
+    }
+
     /// Re-reads everything into the typed [`Config`]. Stored objects were
     /// valid when written; one that no longer loads (a newer meshward
     /// stored it) is skipped with a warning rather than taking the rest down.
@@ -397,8 +474,34 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => (0, None),
             Err(e) => return Err(self.db_error(e)),
         };
+        let mut revocations = Vec::new();
+        match txn.open_table(REVOCATIONS) {
+            Ok(table) => {
+                for entry in table.iter().map_err(|e| self.db_error(e))? {
+                    let (_, v) = entry.map_err(|e| self.db_error(e))?;
+                    match serde_json::from_str::<Revocation>(v.value()) {
+                        Ok(r) => revocations.push(r),
+                        Err(e) => tracing::error!("a stored revocation no longer loads: {e}"),
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.db_error(e)),
+        }
+        revocations.sort_by(|a, b| (a.kind, &a.value).cmp(&(b.kind, &b.value)));
+        // Every entry was checked when written; should one not be now, the
+        // list in force stays as it was rather than losing entries.
+        match RevocationList::new(&revocations) {
+            Ok(list) => {
+                self.revoked.replace(list);
+            }
+            Err(e) => tracing::error!(
+                "the stored revocation list no longer loads, keeping the previous one: {e}"
+            ),
+        }
         let mut config = Config {
             version,
+            revocations,
             ..Config::default()
         };
         if let Some(text) = mesh {
@@ -423,6 +526,41 @@ impl Store {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
         Ok(())
+    }
+}
+
+/// Single-use tokens: spent in one write transaction, which redb runs one
+/// at a time, so the look and the mark cannot be split by another use.
+impl TokenLedger for Store {
+    fn spend(&self, id: &str, expires: u64) -> Result<bool, String> {
+        let now = jiff::Timestamp::now().as_second().max(0).unsigned_abs();
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| self.db_error(e).to_string())?;
+        let spent = {
+            let mut table = txn
+                .open_table(SPENT_TOKENS)
+                .map_err(|e| self.db_error(e).to_string())?;
+            if table
+                .get(id)
+                .map_err(|e| self.db_error(e).to_string())?
+                .is_some()
+            {
+                false
+            } else {
+                table
+                    .insert(id, expires)
+                    .map_err(|e| self.db_error(e).to_string())?;
+                // Records of expired tokens are no longer needed.
+                table
+                    .retain(|_, expires| expires >= now)
+                    .map_err(|e| self.db_error(e).to_string())?;
+                true
+            }
+        };
+        txn.commit().map_err(|e| self.db_error(e).to_string())?;
+        Ok(spent)
     }
 }
 
@@ -531,5 +669,93 @@ mod tests {
             kept[0]["spec"]["rules"][0]["to"][0]["operation"]["paths"][0],
             "/admin"
         );
+    }
+
+    #[test]
+    fn revocations_persist_are_versions_and_reach_the_ca_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        let ca_view = store.revocations();
+        let id = "spiffe://cluster.local/ns/web/sa/web";
+        let (entry, created) = store
+            .revoke(RevocationKind::Identity, id, "stolen laptop")
+            .unwrap();
+        assert!(created);
+        assert_eq!(entry.value, id);
+        assert_eq!(store.config().version, 1);
+        let parsed = meshward_identity::SpiffeId::parse(id).unwrap();
+        assert!(ca_view.current().check_identity(&parsed).is_err());
+        // Again: the first entry stays, nothing changes.
+        let (again, created) = store
+            .revoke(RevocationKind::Identity, id, "other words")
+            .unwrap();
+        assert!(!created);
+        assert_eq!(again, entry);
+        assert_eq!(store.config().version, 1);
+        // Serials are kept in one spelling.
+        let (serial, _) = store.revoke(RevocationKind::Serial, "0A0B0C", "").unwrap();
+        assert_eq!(serial.value, "0a:0b:0c");
+        // Nonsense is refused and changes nothing.
+        for (kind, value, reason) in [
+            (RevocationKind::Identity, "web/web", ""),
+            (RevocationKind::Serial, "xyz", ""),
+            (RevocationKind::Token, "a b", ""),
+            (RevocationKind::Token, "t", "two\nlines"),
+        ] {
+            assert!(
+                matches!(
+                    store.revoke(kind, value, reason),
+                    Err(StoreError::Invalid(_))
+                ),
+                "{value:?} {reason:?}"
+            );
+        }
+        assert_eq!(store.config().version, 2);
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let config = store.config();
+        assert_eq!(config.revocations.len(), 2);
+        assert_eq!(config.revocations[0].reason, "stolen laptop");
+        assert!(
+            store
+                .revocations()
+                .current()
+                .check_serial("0a:0b:0c")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_single_use_token_is_spent_once_across_threads_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let expires = jiff::Timestamp::now().as_second().unsigned_abs() + 600;
+        let racing: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || store.spend("t1", expires).unwrap())
+            })
+            .collect();
+        let spent = racing
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|spent| *spent)
+            .count();
+        assert_eq!(spent, 1, "exactly one of eight racing uses spends it");
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(
+            !store.spend("t1", expires).unwrap(),
+            "still spent after a restart"
+        );
+        // Records of expired tokens are not kept (such a token is refused
+        // as expired before it is ever spent); unexpired ones are.
+        assert!(store.spend("old", 1).unwrap());
+        assert!(store.spend("t2", expires).unwrap());
+        assert!(store.spend("old", 1).unwrap(), "forgotten once expired");
+        assert!(!store.spend("t2", expires).unwrap());
     }
 }

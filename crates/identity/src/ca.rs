@@ -261,6 +261,8 @@ impl CertificateAuthority {
         })
     }
 
+    /// The longest lifetime a CSR may ask for (Istio's
+    /// `MAX_WORKLOAD_CERT_TTL`).
     pub fn with_max_ttl(mut self, max_ttl: Duration) -> CertificateAuthority {
         self.max_ttl = max_ttl;
         self
@@ -313,12 +315,26 @@ impl CertificateAuthority {
         // The key type comes from the CSR's SubjectPublicKeyInfo itself (rcgen
         // would infer it from the CSR's signature algorithm, which can differ).
         let spki = csr_public_key(csr_pem)?;
-        let params = self.workload_params(identity, ttl.unwrap_or(DEFAULT_TTL), &[])?;
+        // As Istio's CA: a lifetime asked for beyond the maximum is refused,
+        // not shortened. Unasked, the default, but never beyond the maximum.
+        let ttl = match ttl {
+            Some(ttl) if ttl > self.max_ttl => {
+                return Err(CaError::TtlTooLong {
+                    requested: ttl,
+                    max: self.max_ttl,
+                });
+            }
+            Some(ttl) => ttl,
+            None => DEFAULT_TTL.min(self.max_ttl),
+        };
+        let params = self.workload_params(identity, ttl, &[])?;
         self.sign(&params, &spki)
     }
 
     /// Issues a certificate for a key the caller holds (the control plane's
-    /// own serving key, or `meshward ca issue`), with extra DNS/IP names.
+    /// own serving key, the admin credential), with extra DNS/IP names. The
+    /// workload maximum does not apply: these lifetimes are the server's own
+    /// choice, as Istio's CA signs its own certificates unchecked.
     pub fn issue_for_key(
         &self,
         key: &KeyPair,
@@ -340,12 +356,6 @@ impl CertificateAuthority {
             return Err(CaError::WrongTrustDomain {
                 found: identity.trust_domain().to_owned(),
                 expected: self.trust_domain.clone(),
-            });
-        }
-        if ttl > self.max_ttl {
-            return Err(CaError::TtlTooLong {
-                requested: ttl,
-                max: self.max_ttl,
             });
         }
         let uri = identity

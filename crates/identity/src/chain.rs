@@ -50,6 +50,8 @@ pub struct VerifiedLeaf {
     pub not_before: i64,
     /// Unix seconds.
     pub not_after: i64,
+    /// The leaf's serial, as revocations name it ([`crate::revocation::serial_hex`]).
+    pub serial: String,
 }
 
 fn parse<'a>(index: usize, der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, ChainError> {
@@ -163,6 +165,7 @@ pub fn verify(
             .map(|c| c.validity().not_after.timestamp())
             .min()
             .unwrap_or(0),
+        serial: crate::revocation::serial_hex(leaf.raw_serial()),
     })
 }
 

@@ -17,6 +17,7 @@ pub mod bundle;
 pub mod ca;
 pub mod chain;
 pub mod pem;
+pub mod revocation;
 pub mod service;
 pub mod spiffe;
 pub mod tls;

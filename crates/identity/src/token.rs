@@ -3,8 +3,10 @@
 //!
 //! A token is a JWT (ES256) signed with the control plane's token key
 //! (`token-key.pem`, mode 0600), naming one workload identity, for this CA
-//! only, with an expiry. Whoever holds it can get that identity's
-//! certificate until it expires, so it is printed once and never logged.
+//! only, with an expiry and an id (`jti`) that `meshward revoke token`
+//! names. Whoever holds it can get that identity's certificate until it
+//! expires — or once, for a single-use token — so it is printed once and
+//! never logged.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,6 +43,15 @@ pub enum TokenError {
     WrongTrustDomain { found: String, expected: String },
 }
 
+/// How often a token may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uses {
+    /// Until it expires.
+    Reusable,
+    /// Once: the server records its id when it is used.
+    Once,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     iss: String,
@@ -49,6 +60,30 @@ struct Claims {
     sub: String,
     iat: u64,
     exp: u64,
+    /// The token's id: random, what revocation and single use record.
+    /// Tokens made before ids existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
+    /// meshward's own claim: the server accepts the token once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    single_use: bool,
+}
+
+/// A token just made, and its id.
+#[derive(Debug)]
+pub struct NewToken {
+    pub token: String,
+    pub id: String,
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub identity: SpiffeId,
+    pub id: Option<String>,
+    pub uses: Uses,
+    /// Unix seconds.
+    pub expires: u64,
 }
 
 /// Signs and checks bootstrap tokens.
@@ -99,8 +134,19 @@ impl TokenAuthority {
         })
     }
 
-    /// A token for `identity`, valid for `ttl`.
+    /// A reusable token for `identity`, valid for `ttl`.
     pub fn create(&self, identity: &SpiffeId, ttl: Duration) -> Result<String, TokenError> {
+        self.issue(identity, ttl, Uses::Reusable).map(|t| t.token)
+    }
+
+    /// A token for `identity`, valid for `ttl`, used as `uses` says, with a
+    /// fresh random id.
+    pub fn issue(
+        &self,
+        identity: &SpiffeId,
+        ttl: Duration,
+        uses: Uses,
+    ) -> Result<NewToken, TokenError> {
         if identity.trust_domain() != self.trust_domain {
             return Err(TokenError::WrongTrustDomain {
                 found: identity.trust_domain().to_owned(),
@@ -114,19 +160,29 @@ impl TokenAuthority {
             });
         }
         let iat = now();
+        let id = hex::encode(rand::random::<[u8; 16]>());
         let claims = Claims {
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
             sub: identity.to_string(),
             iat,
             exp: iat + ttl.as_secs(),
+            jti: Some(id.clone()),
+            single_use: uses == Uses::Once,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
-            .map_err(|e| TokenError::Key(e.to_string()))
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
+            .map_err(|e| TokenError::Key(e.to_string()))?;
+        Ok(NewToken { token, id })
     }
 
     /// The identity a token proves, if it is ours, unexpired and for this mesh.
     pub fn verify(&self, token: &str) -> Result<SpiffeId, TokenError> {
+        self.verify_claims(token).map(|t| t.identity)
+    }
+
+    /// Everything a token says, if it is ours, unexpired and for this mesh.
+    /// Whether its id is revoked or already used is for the caller to check.
+    pub fn verify_claims(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
@@ -154,7 +210,26 @@ impl TokenAuthority {
                 expected: self.trust_domain.clone(),
             });
         }
-        Ok(id)
+        let jti = data.claims.jti;
+        if let Some(jti) = &jti {
+            crate::revocation::canonical(meshward_api::resources::RevocationKind::Token, jti)
+                .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        }
+        if data.claims.single_use && jti.is_none() {
+            return Err(TokenError::Invalid(
+                "a single-use token without an id".into(),
+            ));
+        }
+        Ok(VerifiedToken {
+            identity: id,
+            id: jti,
+            uses: if data.claims.single_use {
+                Uses::Once
+            } else {
+                Uses::Reusable
+            },
+            expires: data.claims.exp,
+        })
     }
 }
 
@@ -175,6 +250,9 @@ mod tests {
             .unwrap();
         // A restarted authority (same key file) accepts it.
         assert_eq!(authority(dir.path()).verify(&token).unwrap(), id);
+        let claims = authority(dir.path()).verify_claims(&token).unwrap();
+        assert_eq!(claims.uses, Uses::Reusable);
+        assert_eq!(claims.id.as_ref().map(String::len), Some(32), "a random id");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -198,6 +276,8 @@ mod tests {
             sub: id.to_string(),
             iat: 1,
             exp: 2,
+            jti: None,
+            single_use: false,
         };
         let expired =
             jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &a.encoding).unwrap();
@@ -209,6 +289,8 @@ mod tests {
             sub: id.to_string(),
             iat: now(),
             exp: now() + 60,
+            jti: None,
+            single_use: false,
         };
         let wrong_aud =
             jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &a.encoding).unwrap();
@@ -232,6 +314,8 @@ mod tests {
             sub: id.to_string(),
             iat: now(),
             exp: now() + 30 * 24 * 3600,
+            jti: None,
+            single_use: false,
         };
         let long =
             jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &a.encoding).unwrap();
@@ -241,6 +325,36 @@ mod tests {
         assert!(matches!(
             a.create(&foreign, DEFAULT_TOKEN_TTL),
             Err(TokenError::WrongTrustDomain { .. })
+        ));
+    }
+
+    #[test]
+    fn single_use_tokens_say_so_and_every_token_has_its_own_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authority(dir.path());
+        let id = SpiffeId::istio("cluster.local", "foo", "bar").unwrap();
+        let once = a.issue(&id, DEFAULT_TOKEN_TTL, Uses::Once).unwrap();
+        let claims = a.verify_claims(&once.token).unwrap();
+        assert_eq!(claims.uses, Uses::Once);
+        assert_eq!(claims.id.as_deref(), Some(once.id.as_str()));
+        assert_eq!(claims.identity, id);
+        let again = a.issue(&id, DEFAULT_TOKEN_TTL, Uses::Once).unwrap();
+        assert_ne!(again.id, once.id);
+        // A single-use claim without an id cannot be honoured: refused.
+        let claims = Claims {
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: id.to_string(),
+            iat: now(),
+            exp: now() + 60,
+            jti: None,
+            single_use: true,
+        };
+        let no_id =
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &a.encoding).unwrap();
+        assert!(matches!(
+            a.verify_claims(&no_id),
+            Err(TokenError::Invalid(_))
         ));
     }
 }

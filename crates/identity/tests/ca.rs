@@ -171,6 +171,22 @@ fn honours_the_requested_ttl_up_to_the_maximum() {
 }
 
 #[test]
+fn an_unasked_lifetime_is_the_default_but_never_beyond_the_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = id("foo", "bar");
+    let (_key, csr) = new_key_and_csr(&identity).unwrap();
+    let lifetime = |ca: &meshward_identity::CertificateAuthority| {
+        let chain = ca.sign_csr(&csr, &identity, None).unwrap();
+        let v = chain::verify(&chain.certificates, ca.bundle(), now()).unwrap();
+        v.not_after - v.not_before - 60
+    };
+    let ca = new_ca(dir.path());
+    assert_eq!(lifetime(&ca), 24 * 3600, "Istio's default, 24 h");
+    let ca = new_ca(dir.path()).with_max_ttl(Duration::from_secs(3600));
+    assert_eq!(lifetime(&ca), 3600, "the maximum, when lower");
+}
+
+#[test]
 fn refuses_a_csr_for_another_identity() {
     let dir = tempfile::tempdir().unwrap();
     let ca = new_ca(dir.path());

@@ -47,6 +47,8 @@ enum Command {
     Delete(cmd::control::DeleteArgs),
     /// Every proxy connected to the server: workload, identity, certificate expiry, versions sent and acknowledged.
     Status(cmd::control::StatusArgs),
+    /// Revoke a workload identity, a certificate serial or a bootstrap token id: the CA stops issuing for it, proxies refuse it.
+    Revoke(cmd::control::RevokeArgs),
     /// A whole local mesh from a directory of Istio YAML: control plane, proxies, workloads.
     Up(cmd::up::Args),
     /// A tiny workload for demos and tests: echoes what it received, calls other URLs.
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         Command::Get(args) => cmd::control::get(args),
         Command::Delete(args) => cmd::control::delete(args),
         Command::Status(args) => cmd::control::status(args),
+        Command::Revoke(args) => cmd::control::revoke(args),
     };
     match result {
         Ok(code) => code,

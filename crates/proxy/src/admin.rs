@@ -127,6 +127,7 @@ fn config_dump(shared: &Shared) -> String {
         },
         "certificate": shared.identity.summary(),
         "trust_domains": shared.identity.trust_domains.0,
+        "revocations": shared.identity.revocations.current().entries(),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

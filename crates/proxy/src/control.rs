@@ -4,7 +4,8 @@
 //! naming, as for any upstream).
 //!
 //! Each response is applied whole or not at all: the policies must load and
-//! validate with the engine, the mesh config and services must parse. A
+//! validate with the engine, the mesh config, services and the revocation
+//! list must parse. A
 //! good one is put in force and ACKed; a bad one is NACKed with the error
 //! and the proxy stays on its last good version. When the server is away,
 //! the proxy keeps enforcing what it has (fail static, never open) and
@@ -25,8 +26,9 @@ use std::time::Duration;
 
 use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::control::{DistributionRequest, DistributionResponse, Resource};
-use meshward_api::resources::{OwnWorkload, Service};
+use meshward_api::resources::{OwnWorkload, Revocation, Service};
 use meshward_api::types;
+use meshward_identity::revocation::RevocationList;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy};
 use meshward_policy::authn::JwksCache;
@@ -202,6 +204,7 @@ async fn stream(
         ),
         server_name: rustls::pki_types::ServerName::try_from(control_plane.server_name.clone())
             .map_err(|e| lost(&e))?,
+        revocations: identity.revocations.clone(),
     };
     let connector = Connector::new(
         vec![control_plane.address],
@@ -301,6 +304,7 @@ fn apply(
     let mut mesh = MeshConfig::default();
     let mut workload: Option<Workload> = None;
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    let mut revocations = RevocationList::default();
     for resource in resources.values() {
         let body = std::str::from_utf8(&resource.body)
             .map_err(|_| format!("{}: not UTF-8", resource.name))?;
@@ -327,6 +331,12 @@ fn apply(
                 let service: Service =
                     serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
                 services.insert(service.host.clone(), service);
+            }
+            types::REVOCATIONS => {
+                let entries: Vec<Revocation> =
+                    serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
+                revocations =
+                    RevocationList::new(&entries).map_err(|e| format!("{}: {e}", resource.name))?;
             }
             // The bundle is read at start; rotating it live is not done yet.
             types::TRUST_BUNDLE => {}
@@ -372,7 +382,14 @@ fn apply(
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // Everything parsed and built: now it all takes effect.
+    // Everything parsed and built: now it all takes effect. Revocations
+    // first, so nothing is put in force that a revoked peer could still use.
+    if identity.revocations.replace(revocations) {
+        tracing::info!(
+            entries = identity.revocations.current().len(),
+            "revocation list updated"
+        );
+    }
     let set = PolicySet::new(mesh, policies).with_jwks(jwks.clone());
     store.replace_for(set, workload, format!("control plane, version {version}"));
     for (target, route) in prepared {
@@ -477,6 +494,7 @@ mod tests {
             cert: meshward_identity::tls::WatchedCert(rx),
             bundle: ca.bundle().clone(),
             trust_domains: meshward_identity::tls::TrustDomains(vec!["cluster.local".into()]),
+            revocations: Default::default(),
         };
         let store = PolicyStore::new(Workload::default(), PolicySet::default(), "start".into());
         let jwks = Arc::new(JwksCache::default());
@@ -497,6 +515,59 @@ mod tests {
             store.current().version,
             2,
             "the last good configuration stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_revocation_list_is_put_in_force_or_refused_whole() {
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = meshward_identity::ca::CertificateAuthority::load_or_create(
+            &meshward_identity::ca::CaFiles::new(ca_dir.path().join("ca")),
+            "cluster.local",
+        )
+        .unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(None);
+        let identity = WorkloadIdentity {
+            id: SpiffeId::parse("spiffe://cluster.local/ns/web/sa/web").unwrap(),
+            cert: meshward_identity::tls::WatchedCert(rx),
+            bundle: ca.bundle().clone(),
+            trust_domains: meshward_identity::tls::TrustDomains(vec!["cluster.local".into()]),
+            revocations: Default::default(),
+        };
+        let store = PolicyStore::new(Workload::default(), PolicySet::default(), "start".into());
+        let jwks = Arc::new(JwksCache::default());
+        let list = |body: &str| Resource {
+            name: "revocations".into(),
+            type_url: types::REVOCATIONS.into(),
+            version: "1".into(),
+            body: body.as_bytes().to_vec(),
+        };
+        let mut held = BTreeMap::new();
+        held.insert(
+            "revocations".to_owned(),
+            list(r#"[{"kind":"serial","value":"0A:0B","reason":"lost","revokedAt":"t"}]"#),
+        );
+        apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
+        assert!(
+            identity
+                .revocations
+                .current()
+                .check_serial("0a:0b")
+                .is_err()
+        );
+        held.insert(
+            "revocations".to_owned(),
+            list(r#"[{"kind":"serial","value":"not hex","reason":"","revokedAt":"t"}]"#),
+        );
+        let error = apply(&held, &identity, &store, &[], &jwks, "2").unwrap_err();
+        assert!(error.contains("not a certificate serial"), "{error}");
+        assert!(
+            identity
+                .revocations
+                .current()
+                .check_serial("0a:0b")
+                .is_err(),
+            "the last good list stays"
         );
     }
 }

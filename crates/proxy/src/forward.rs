@@ -48,6 +48,8 @@ pub struct MeshTls {
     pub connector: TlsConnector,
     /// The SNI sent: the service's host name.
     pub server_name: ServerName<'static>,
+    /// Open connections to a server revoked later are cut.
+    pub revocations: meshward_identity::revocation::Revocations,
 }
 
 /// Where a destination is and how to talk to it; replaced whole when the
@@ -136,7 +138,16 @@ impl Connector {
         };
         self.metrics.handshake(Direction::Outbound, "ok");
         let peer = Peer::of(stream.get_ref().1);
-        Ok((UpstreamStream::Tls(Box::new(stream)), peer))
+        let watch = peer.as_ref().and_then(|peer| {
+            crate::revocation::watch(
+                stream.get_ref().0,
+                peer,
+                &tls.revocations,
+                Direction::Outbound,
+                &self.metrics,
+            )
+        });
+        Ok((UpstreamStream::Tls(Box::new(stream), watch), peer))
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use meshward_identity::bundle::TrustBundle;
+use meshward_identity::revocation::{Revocations, serial_hex};
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::tls::{
     self, SecureNamingVerifier, SpiffeClientVerifier, TrustDomains, WatchedCert,
@@ -22,6 +23,8 @@ pub struct WorkloadIdentity {
     pub bundle: TrustBundle,
     /// The mesh's trust domain and its aliases: peers from these are accepted.
     pub trust_domains: TrustDomains,
+    /// Peers refused at the handshake, and cut when revoked while connected.
+    pub revocations: Revocations,
 }
 
 /// ALPN for HTTP/2 between proxies.
@@ -42,7 +45,12 @@ impl WorkloadIdentity {
     /// whenever TLS is used (PERMISSIVE differs from STRICT only in also
     /// accepting plaintext, which never reaches TLS).
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        let clients = SpiffeClientVerifier::new(&self.bundle, self.trust_domains.clone(), true)?;
+        let clients = SpiffeClientVerifier::with_revocations(
+            &self.bundle,
+            self.trust_domains.clone(),
+            true,
+            self.revocations.clone(),
+        )?;
         let mut config = tls::server_config(self.cert.clone(), clients)?;
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_MESH.to_vec()];
         Ok(Arc::new(config))
@@ -55,7 +63,12 @@ impl WorkloadIdentity {
         allowed: Vec<SpiffeId>,
         alpn: &[&[u8]],
     ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-        let server = SecureNamingVerifier::new(&self.bundle, self.trust_domains.clone(), allowed)?;
+        let server = SecureNamingVerifier::with_revocations(
+            &self.bundle,
+            self.trust_domains.clone(),
+            allowed,
+            self.revocations.clone(),
+        )?;
         let mut config = tls::client_config(self.cert.clone(), server)?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.alpn_protocols.push(ALPN_MESH.to_vec());
@@ -115,6 +128,8 @@ pub struct Peer {
     /// The SPIFFE ID (`spiffe://td/ns/N/sa/S`).
     pub id: Arc<str>,
     pub cert_sha256: String,
+    /// Its certificate's serial, as revocations name it.
+    pub serial: Arc<str>,
 }
 
 impl Peer {
@@ -123,9 +138,11 @@ impl Peer {
     pub fn of(session: &rustls::CommonState) -> Option<Peer> {
         let leaf = session.peer_certificates()?.first()?;
         let id = tls::spiffe_id_of(leaf).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
         Some(Peer {
             id: Arc::from(id.to_string()),
             cert_sha256: fingerprint(leaf),
+            serial: Arc::from(serial_hex(cert.raw_serial())),
         })
     }
 }
@@ -143,6 +160,8 @@ pub fn handshake_failure(error: &std::io::Error) -> &'static str {
         // The peer spoke something else: plaintext on a STRICT port.
         Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => "not_tls",
         Error::NoCertificatesPresented => "no_client_certificate",
+        Error::InvalidCertificate(CertificateError::Revoked)
+        | Error::AlertReceived(rustls::AlertDescription::CertificateRevoked) => "revoked",
         Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => "expired",

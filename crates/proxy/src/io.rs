@@ -102,12 +102,16 @@ pub async fn read_prefix<S: AsyncRead + Unpin>(
     Ok(Bytes::from(buf))
 }
 
-/// A connection to an upstream endpoint: mutual TLS or, for `tls=DISABLE`
-/// destinations, plaintext.
+/// A connection to an upstream endpoint: mutual TLS (watched for the
+/// server's revocation while it lives) or, for `tls=DISABLE` destinations,
+/// plaintext.
 #[derive(Debug)]
 pub enum UpstreamStream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(
+        Box<tokio_rustls::client::TlsStream<TcpStream>>,
+        Option<crate::revocation::CutWhenRevoked>,
+    ),
 }
 
 impl UpstreamStream {
@@ -115,7 +119,7 @@ impl UpstreamStream {
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {
             UpstreamStream::Plain(_) => None,
-            UpstreamStream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+            UpstreamStream::Tls(tls, _) => tls.get_ref().1.alpn_protocol(),
         }
     }
 }
@@ -127,7 +131,7 @@ macro_rules! delegate {
                 let $s = Pin::new($s);
                 $e
             }
-            UpstreamStream::Tls($s) => {
+            UpstreamStream::Tls($s, _) => {
                 let $s = Pin::new($s.as_mut());
                 $e
             }
@@ -165,7 +169,7 @@ impl AsyncWrite for UpstreamStream {
     fn is_write_vectored(&self) -> bool {
         match self {
             UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s, _) => s.is_write_vectored(),
         }
     }
 

@@ -24,6 +24,7 @@ pub mod log;
 pub mod metrics;
 pub mod outbound;
 pub mod policies;
+pub mod revocation;
 pub mod sniff;
 
 use std::convert::Infallible;

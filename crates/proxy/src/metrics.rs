@@ -41,7 +41,7 @@ pub struct DecisionLabels {
 pub struct HandshakeLabels {
     pub direction: Direction,
     /// `ok`, or why it failed: `not_tls`, `no_client_certificate`, `unknown_ca`,
-    /// `expired`, `trust_domain`, `secure_naming`, `timeout`, `protocol`, `other`.
+    /// `expired`, `revoked`, `trust_domain`, `secure_naming`, `timeout`, `protocol`, `other`.
     pub result: &'static str,
 }
 
@@ -57,6 +57,7 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram>,
     pub upstream_errors: Family<DirectionLabels, Counter>,
+    pub revoked_peers_cut: Family<DirectionLabels, Counter>,
     pub certificate_expiry: Gauge,
     pub config_version: Gauge,
     pub log_records_dropped: Counter,
@@ -78,6 +79,7 @@ impl Default for Metrics {
             duration_histogram as fn() -> Histogram,
         );
         let upstream_errors = Family::<DirectionLabels, Counter>::default();
+        let revoked_peers_cut = Family::<DirectionLabels, Counter>::default();
         let certificate_expiry = Gauge::default();
         let config_version = Gauge::default();
         let log_records_dropped = Counter::default();
@@ -107,6 +109,11 @@ impl Default for Metrics {
             upstream_errors.clone(),
         );
         registry.register(
+            "revoked_peer_connections_closed",
+            "Open connections closed because the peer's identity or certificate was revoked",
+            revoked_peers_cut.clone(),
+        );
+        registry.register(
             "certificate_expiry_timestamp_seconds",
             "When the workload certificate expires (Unix time); 0 before the first one",
             certificate_expiry.clone(),
@@ -127,6 +134,7 @@ impl Default for Metrics {
             handshakes,
             request_duration,
             upstream_errors,
+            revoked_peers_cut,
             certificate_expiry,
             config_version,
             log_records_dropped,

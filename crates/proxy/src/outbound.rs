@@ -160,6 +160,7 @@ fn mesh_tls(
             connector: tokio_rustls::TlsConnector::from(identity.client_config(identities, alpn)?),
             server_name: rustls::pki_types::ServerName::try_from(upstream.service.clone())
                 .map_err(|_| crate::ProxyError::ServerName(upstream.name()))?,
+            revocations: identity.revocations.clone(),
         })),
     }
 }

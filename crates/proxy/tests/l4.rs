@@ -176,6 +176,7 @@ async fn certificate_rotation_under_continuous_traffic_fails_no_request() {
             cert,
             bundle: ca.ca.bundle().clone(),
             trust_domains: TrustDomains(vec![TD.into()]),
+            revocations: Default::default(),
         }
     };
     let server_identity = agent_identity("db", "db");

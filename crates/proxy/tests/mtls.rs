@@ -87,6 +87,7 @@ async fn strict_refuses_plaintext_and_certificates_from_another_ca() {
         cert: other.cert(&id("sleep", "sleep")),
         bundle: ca.ca.bundle().clone(),
         trust_domains: TrustDomains(vec![TD.into()]),
+        revocations: Default::default(),
     };
     let config = impostor
         .client_config(vec![id("web", "web")], &[b"http/1.1"])

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshward_identity::ca::{self, CertificateAuthority};
-use meshward_identity::token::TokenAuthority;
+use meshward_identity::token::{TokenAuthority, Uses};
 use meshward_identity::{CaFiles, SpiffeId, TrustBundle, chain, pem};
 use sha2::Digest;
 use x509_parser::prelude::*;
@@ -126,6 +126,10 @@ pub enum TokenCommand {
         workload: WorkloadIdentity,
         #[arg(long, value_parser = parse_ttl, default_value = "1h")]
         ttl: Duration,
+        /// The server accepts the token once (it records the token's id in
+        /// its store); a second use, even after a restart, is refused.
+        #[arg(long)]
+        single_use: bool,
     },
 }
 
@@ -168,11 +172,24 @@ pub fn run(command: CaCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_token(command: TokenCommand) -> anyhow::Result<ExitCode> {
-    let TokenCommand::Create { dir, workload, ttl } = command;
+    let TokenCommand::Create {
+        dir,
+        workload,
+        ttl,
+        single_use,
+    } = command;
     let ca = open_ca(&dir.data_dir, None)?;
     let id = workload.spiffe_id(&ca)?;
     let tokens = TokenAuthority::load_or_create(&dir.data_dir, ca.trust_domain())?;
-    println!("{}", tokens.create(&id, ttl)?);
+    let uses = if single_use {
+        Uses::Once
+    } else {
+        Uses::Reusable
+    };
+    let token = tokens.issue(&id, ttl, uses)?;
+    println!("{}", token.token);
+    // The id is not a secret: it is what `meshward revoke token` takes.
+    eprintln!("token id: {}", token.id);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,5 +1,5 @@
-//! `meshward apply | get | delete | status`: the configuration API of a
-//! running `meshward server`, called with the admin credential.
+//! `meshward apply | get | delete | status | revoke`: the configuration API
+//! of a running `meshward server`, called with the admin credential.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshward_api::control::config_service_client::ConfigServiceClient;
-use meshward_api::control::{ApplyRequest, DeleteRequest, GetRequest, StatusRequest};
+use meshward_api::control::{
+    ApplyRequest, DeleteRequest, GetRequest, RevokeRequest, StatusRequest,
+};
+use meshward_api::resources::{Revocation, RevocationKind};
 use meshward_control_plane::admin::admin_dir;
 use meshward_policy::load;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -44,13 +47,29 @@ pub struct ApplyArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
-    /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadEntry, ServiceEntry, or `all`.
+    /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadEntry, ServiceEntry, `all`, or `revocations`.
     kind: String,
     name: Option<String>,
     #[arg(short = 'n', long)]
     namespace: Option<String>,
-    #[arg(short = 'o', long, default_value = "yaml", value_parser = ["yaml", "json"])]
-    output: String,
+    /// yaml (the default for objects) or json; revocations are a table unless asked.
+    #[arg(short = 'o', long, value_parser = ["yaml", "json"])]
+    output: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RevokeArgs {
+    /// What VALUE is: identity (a SPIFFE ID), serial (a certificate serial in
+    /// hex, as `meshward ca inspect` prints it) or token (a bootstrap token's
+    /// id, as `meshward token create` prints it).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(["identity", "serial", "token"]))]
+    kind: String,
+    value: String,
+    /// Why, kept with the entry and shown by `meshward get revocations`.
+    #[arg(long, default_value = "")]
+    reason: String,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -189,6 +208,10 @@ pub fn live_policy_set(args: &ServerArgs) -> anyhow::Result<meshward_policy::Pol
     })
 }
 
+fn is_revocations(kind: &str) -> bool {
+    kind.eq_ignore_ascii_case("revocations") || kind.eq_ignore_ascii_case("revocation")
+}
+
 pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let mut client = client(&args.server).await?;
@@ -197,6 +220,20 @@ pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
         } else {
             args.kind.clone()
         };
+        if is_revocations(&kind) && args.output.is_none() {
+            let response = client
+                .get(GetRequest {
+                    kind,
+                    namespace: None,
+                    name: None,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let list: Vec<Revocation> = serde_json::from_str(&response.objects_json)?;
+            print_revocations(&list);
+            return Ok(ExitCode::SUCCESS);
+        }
         let response = client
             .get(GetRequest {
                 kind,
@@ -211,7 +248,7 @@ pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             eprintln!("not found");
             return Ok(ExitCode::from(1));
         }
-        if args.output == "json" {
+        if args.output.as_deref() == Some("json") {
             println!("{}", serde_json::to_string_pretty(&objects)?);
         } else {
             for object in &objects {
@@ -312,6 +349,56 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     format!("{} times", r.attempts)
                 },
                 r.peer_address,
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_revocations(list: &[Revocation]) {
+    println!("{:<9} {:<60} {:<21} REASON", "KIND", "VALUE", "REVOKED AT");
+    for r in list {
+        println!(
+            "{:<9} {:<60} {:<21} {}",
+            r.kind.as_str(),
+            r.value,
+            r.revoked_at,
+            r.reason
+        );
+    }
+}
+
+pub fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = client(&args.server).await?;
+        let response = client
+            .revoke(RevokeRequest {
+                kind: args.kind.clone(),
+                value: args.value.clone(),
+                reason: args.reason.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let entry: Revocation = serde_json::from_str(&response.revocation_json)?;
+        if response.created {
+            println!(
+                "{} {} revoked (config version {})",
+                entry.kind.as_str(),
+                entry.value,
+                response.version
+            );
+        } else {
+            println!(
+                "{} {} was already revoked at {}",
+                entry.kind.as_str(),
+                entry.value,
+                entry.revoked_at
+            );
+        }
+        if entry.kind == RevocationKind::Token {
+            eprintln!(
+                "note: certificates already issued with this token stay valid; revoke their identity or serial to refuse them too"
             );
         }
         Ok(ExitCode::SUCCESS)

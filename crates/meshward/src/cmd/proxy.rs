@@ -222,6 +222,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             cert,
             bundle,
             trust_domains: TrustDomains(trust_domains),
+            // Filled by the control plane; empty for a proxy without one.
+            revocations: Default::default(),
         };
         // Configured by the control plane: nothing is served as allowed
         // until its first configuration is in force.

@@ -74,10 +74,26 @@ pub struct Args {
     /// Prometheus metrics over plain HTTP (`/metrics`); Istio uses 15014.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The longest lifetime a workload certificate may ask for, at bootstrap
+    /// and renewal (Istio's MAX_WORKLOAD_CERT_TTL); longer requests are
+    /// refused. A request without a lifetime gets 24h, or this when shorter.
+    #[arg(long, default_value = "24h", value_parser = positive_duration)]
+    max_workload_cert_ttl: humantime::Duration,
+}
+
+fn positive_duration(s: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = s.parse().map_err(|e| format!("{e} (use e.g. 24h, 90m)"))?;
+    if Duration::from(d).is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let ca = Arc::new(open_ca(&args.data_dir, args.trust_domain.as_deref())?);
+    let ca = Arc::new(
+        open_ca(&args.data_dir, args.trust_domain.as_deref())?
+            .with_max_ttl(args.max_workload_cert_ttl.into()),
+    );
     let tokens = TokenAuthority::load_or_create(&args.data_dir, ca.trust_domain())?;
     let authenticators: Vec<Box<dyn CallerAuthenticator>> = vec![
         Box::new(BootstrapTokens(tokens)),
@@ -127,8 +143,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             )))
         });
         let own = service::server_spiffe_id(&ca, &args.root_namespace)?;
+        // Revocations and used single-use tokens live in the store: the CA
+        // reads the list the store keeps current, and spends tokens there.
         let ca_service = service::CaService::new(ca.clone(), authenticators)
-            .with_reserved(vec![admin.clone(), own]);
+            .with_reserved(vec![admin.clone(), own.clone()])
+            .with_revocations(store.revocations())
+            .with_token_ledger(store.clone());
         let ca_counters = ca_service.counters();
         let _metrics = match args.metrics {
             Some(addr) => {
@@ -143,11 +163,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(ca_service))
-            .add_service(ConfigServiceServer::new(ConfigApi::new(
-                store.clone(),
-                hub.clone(),
-                admin,
-            )))
+            .add_service(ConfigServiceServer::new(
+                ConfigApi::new(store.clone(), hub.clone(), admin).with_unrevocable(vec![own]),
+            ))
             .add_service(DistributionServer::new(DistributionService(hub.clone())));
         service::serve_routes(
             listener,

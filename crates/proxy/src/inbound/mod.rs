@@ -147,6 +147,16 @@ pub async fn serve(
     shared.metrics.handshake(Direction::Inbound, "ok");
     let session = stream.get_ref().1;
     info.peer = Peer::of(session);
+    // Lives as long as this connection is served.
+    let _revocation = info.peer.as_ref().and_then(|peer| {
+        crate::revocation::watch(
+            stream.get_ref().0,
+            peer,
+            &shared.identity.revocations,
+            Direction::Inbound,
+            &shared.metrics,
+        )
+    });
     info.connection.sni = session.server_name().map(str::to_owned);
     info.connection.source_principal = info.peer.as_ref().map(|p| p.id.to_string());
     if admit(&info, &target, &shared) {

@@ -74,6 +74,7 @@ impl Ca {
             cert: self.cert(id),
             bundle: self.ca.bundle().clone(),
             trust_domains: TrustDomains(vec![TD.into()]),
+            revocations: Default::default(),
         }
     }
 
