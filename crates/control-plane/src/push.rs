@@ -371,7 +371,7 @@ impl Hub {
 fn refused_status(refusal: &Refusal) -> Status {
     match refusal {
         Refusal::Malformed { .. } => Status::invalid_argument(refusal.to_string()),
-        Refusal::WrongIdentity { .. } | Refusal::WrongAddress { .. } => {
+        Refusal::WrongIdentity { .. } | Refusal::WrongAddress { .. } | Refusal::Revoked(_) => {
             Status::permission_denied(refusal.to_string())
         }
         Refusal::NoSuchWorkload { .. }
@@ -453,6 +453,7 @@ impl Distribution for DistributionService {
         let expiry = x509_parser::parse_x509_certificate(leaf)
             .map(|(_, c)| c.validity().not_after.timestamp())
             .unwrap_or(0);
+        let certificate = leaf.clone().into_owned();
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -468,7 +469,7 @@ impl Distribution for DistributionService {
             },
         );
         tokio::spawn(async move {
-            let result = session(&hub, id, &identity, peer, inbound, tx).await;
+            let result = session(&hub, id, &identity, &certificate, peer, inbound, tx).await;
             lock(&hub.sessions).remove(&id);
             if let Err(e) = result {
                 tracing::debug!(%identity, "distribution stream ended: {e}");
@@ -482,6 +483,7 @@ async fn session(
     hub: &Hub,
     id: u64,
     identity: &SpiffeId,
+    certificate: &tonic::transport::CertificateDer<'static>,
     peer: Option<SocketAddr>,
     mut inbound: Streaming<DistributionRequest>,
     tx: mpsc::Sender<Result<DistributionResponse, Status>>,
@@ -511,16 +513,24 @@ async fn session(
     let mut pending: Option<(String, u64)> = None;
     let mut full = true;
     loop {
-        let (version, workload, view) = match hub.view(identity, peer, claim.as_deref(), &subscribe)
-        {
-            Ok(view) => view,
-            Err(refusal) => {
-                hub.refuse(&this, peer, &refusal);
-                // The proxy reads why from the status; it may be gone.
-                let _ = tx.send(Err(refused_status(&refusal))).await;
-                return Ok(());
-            }
-        };
+        // Checked with every version, like the claim: a proxy revoked while
+        // connected is cut off at the next push.
+        let revoked = hub
+            .store
+            .revocations()
+            .current()
+            .check_certificate(certificate)
+            .map_err(|revoked| Refusal::Revoked(revoked.to_string()));
+        let (version, workload, view) =
+            match revoked.and_then(|()| hub.view(identity, peer, claim.as_deref(), &subscribe)) {
+                Ok(view) => view,
+                Err(refusal) => {
+                    hub.refuse(&this, peer, &refusal);
+                    // The proxy reads why from the status; it may be gone.
+                    let _ = tx.send(Err(refused_status(&refusal))).await;
+                    return Ok(());
+                }
+            };
         if !accepted {
             accepted = true;
             hub.accepted(&this, peer);

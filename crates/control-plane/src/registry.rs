@@ -272,6 +272,10 @@ pub enum Refusal {
         identity: String,
         workloads: Vec<String>,
     },
+    /// Not the registry's refusal but the stream's: a revoked certificate
+    /// gets no configuration, whichever workload it is.
+    #[error("the proxy's certificate is revoked ({0}): it gets no configuration")]
+    Revoked(String),
 }
 
 #[cfg(test)]

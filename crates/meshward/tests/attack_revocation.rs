@@ -383,6 +383,29 @@ fn a_revoked_client_is_refused_at_the_handshake_and_its_open_connections_are_cut
     // Another identity is untouched.
     let web = issue(&m.mesh, "web", "web", "renew-web");
     create_certificate(&m.mesh, &spiffe("web", "web"), None, Some(&web), 0).unwrap();
+
+    // The revoked proxy's configuration stream is cut off as well: status
+    // lists it as refused, with the revocation as the reason, while web's
+    // proxy stays connected.
+    let mut status = String::new();
+    wait_until(
+        "status lists the revoked proxy as refused",
+        Duration::from_secs(60),
+        || {
+            status = stdout(&m.mesh.admin(&["status"]));
+            status.lines().any(|l| {
+                l.contains(&sleep_id)
+                    && l.contains("REFUSED")
+                    && l.contains(&format!("identity {sleep_id} was revoked"))
+            })
+        },
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(&spiffe("web", "web")) && l.contains("SYNCED")),
+        "{status}"
+    );
 }
 
 #[test]
