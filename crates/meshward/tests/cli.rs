@@ -312,9 +312,7 @@ fn check_fetches_jwks_uri_over_http() {
                 .map_err(|e| format!("no connection to the JWKS server: {e}"))
         });
         stream.set_nonblocking(false).expect("blocking");
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .ok();
+        stream.set_read_timeout(Some(common::SETTLE)).ok();
         let mut request_line = String::new();
         let mut reader = BufReader::new(stream.try_clone().expect("clone"));
         reader.read_line(&mut request_line).expect("request line");
@@ -587,7 +585,7 @@ fn server_issues_certificates_and_stops_on_sigterm() {
             .expect("uri")
             .tls_config(tls)
             .expect("tls")
-            .timeout(std::time::Duration::from_secs(10))
+            .timeout(common::COMMAND)
             .connect()
             .await
             .expect("connects");

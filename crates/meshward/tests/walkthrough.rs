@@ -7,7 +7,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::*;
 
@@ -142,8 +141,8 @@ fn read_lines(path: &Path) -> Vec<serde_json::Value> {
 /// GET with headers, over plain HTTP/1.1 (std only): (status, body).
 fn get(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, SETTLE).ok()?;
+    s.set_read_timeout(Some(SETTLE)).ok()?;
     let mut head = format!("GET {path} HTTP/1.1\r\nhost: bookinfo\r\nconnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));

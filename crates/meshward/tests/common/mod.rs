@@ -536,8 +536,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// GET over plain HTTP/1.1 with std only: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut s = TcpStream::connect_timeout(&addr, SETTLE).ok()?;
+    s.set_read_timeout(Some(SETTLE)).ok()?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
