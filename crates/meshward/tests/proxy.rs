@@ -186,8 +186,8 @@ fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
     assert_eq!(dump["mtls"]["mode"], "STRICT");
     assert_eq!(dump["policies"][0]["name"], "strict");
     assert!(!dump.to_string().contains("PRIVATE KEY"));
-    let (_, metrics) = http_get(admin, "/stats/prometheus").unwrap();
-    for (series, value) in [
+    // Counted as each exchange ends, which the client may see first.
+    let expected = [
         (
             r#"meshward_requests_total{direction="inbound",decision="allow",policy=""}"#,
             2.0,
@@ -197,23 +197,31 @@ fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
             1.0,
         ),
         ("meshward_config_version", 1.0),
-    ] {
-        assert_eq!(
-            metric(&metrics, series),
-            Some(value),
-            "{series} in\n{metrics}"
-        );
-    }
+    ];
+    let metrics = wait_for(SETTLE, || {
+        let (_, metrics) = http_get(admin, "/stats/prometheus").ok_or("no metrics")?;
+        for (series, value) in expected {
+            let got = metric(&metrics, series);
+            if got != Some(value) {
+                return Err(format!("{series} is {got:?}, not {value}, in\n{metrics}"));
+            }
+        }
+        Ok(metrics)
+    });
     for name in [
         "meshward_certificate_expiry_timestamp_seconds ",
         "meshward_request_duration_seconds_bucket",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
-    let log = std::fs::read_to_string(log).unwrap();
-    assert!(
-        log.contains(r#""source_principal":"spiffe://cluster.local/ns/sleep/sa/sleep""#),
-        "{log}"
+    wait_until(
+        SETTLE,
+        "the mesh client's request in the access log",
+        || {
+            std::fs::read_to_string(&log).is_ok_and(|log| {
+                log.contains(r#""source_principal":"spiffe://cluster.local/ns/sleep/sa/sleep""#)
+            })
+        },
     );
 }
 
