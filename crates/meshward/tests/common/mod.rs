@@ -257,6 +257,8 @@ pub struct Logs {
     pub name: String,
     pub stdout: Stream,
     pub stderr: Stream,
+    /// Already shown in a failure message: not printed again on drop.
+    shown: std::sync::atomic::AtomicBool,
 }
 
 impl Logs {
@@ -329,6 +331,7 @@ impl Logs {
 
     /// Both streams' last 16 KiB, for a failure message.
     pub fn dump(&self) -> String {
+        self.shown.store(true, std::sync::atomic::Ordering::SeqCst);
         let tail = |s: String| {
             let start = s.len().saturating_sub(16 * 1024);
             let start = (start..s.len())
@@ -348,7 +351,7 @@ impl Logs {
 
 impl Drop for Logs {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.shown.load(std::sync::atomic::Ordering::SeqCst) {
             eprintln!("{}", self.dump());
         }
     }
@@ -382,6 +385,7 @@ pub fn spawn(name: &str, command: &mut Command) -> Spawned {
             name: name.to_owned(),
             stdout,
             stderr,
+            shown: Default::default(),
         },
         stdin,
     }
@@ -420,6 +424,14 @@ impl Spawned {
     /// Fails the test (showing its output) if it has exited.
     pub fn assert_running(&mut self) {
         if let Some(status) = self.process.try_wait() {
+            // Its last words may still be in the pipe (or held open a moment
+            // by a child it passed the stream to).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !(self.logs.stdout.closed() && self.logs.stderr.closed())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20)); // pacing: the poll interval
+            }
             panic!("{} exited ({status}){}", self.logs.name, self.logs.dump());
         }
     }
