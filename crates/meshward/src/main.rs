@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod children;
 mod cmd;
 mod inputs;
 
@@ -55,9 +56,17 @@ enum Command {
     DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
+    /// Runs a command so that it stops with the meshward that started it (used by `up`).
+    #[command(hide = true)]
+    Guard(cmd::guard::Args),
 }
 
 fn main() -> ExitCode {
+    // First: a child of `up` (or of a test) must not run on without it.
+    if let Err(e) = children::honour_parent() {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -76,6 +85,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => cmd::proxy::run(*args),
         Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::Up(args) => cmd::up::run(args),
+        Command::Guard(args) => cmd::guard::run(args),
         Command::Apply(args) => cmd::control::apply(args),
         Command::Get(args) => cmd::control::get(args),
         Command::Delete(args) => cmd::control::delete(args),

@@ -17,9 +17,9 @@ mod common;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use meshward_api::istio_ca::IstioCertificateRequest;
@@ -32,12 +32,8 @@ fn spiffe(ns: &str, sa: &str) -> String {
 }
 
 /// Waits for `condition`, failing with `what` after `within`.
-fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until(what: &str, within: Duration, condition: impl FnMut() -> bool) {
+    common::wait_until(within, what, condition);
 }
 
 fn stderr(out: &Output) -> String {
@@ -174,9 +170,10 @@ fn closed(conn: &mut TcpStream) -> bool {
 
 /// `meshward proxy` for `ns/sa`, configured by the control plane; returns
 /// once it is ready and configured.
-fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Process, SocketAddr) {
+fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAddr) {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = Command::new(bin())
+    let mut command = meshward();
+    command
         .args(["proxy", "--identity", &spiffe(ns, sa)])
         .args(args)
         .args(["--control-plane", &mesh.ca_addr])
@@ -188,15 +185,11 @@ fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Process, SocketAd
         .args(["--ca-server-name", "localhost"])
         .args(["--token-file", mesh.token(ns, sa).to_str().unwrap()])
         .args(["--admin", &admin.to_string()])
-        .args(["--access-log", "off", "--audit-log", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let process = Process(child);
+        .args(["--access-log", "off", "--audit-log", "off"]);
+    let process = spawn(&format!("meshward proxy ({ns}/{sa})"), &mut command);
     wait_until(
         &format!("proxy {ns}/{sa} ready and configured"),
-        Duration::from_secs(30),
+        START,
         || {
             http_get(admin, "/healthz/ready").map(|r| r.0) == Some(200)
                 && http_get(admin, "/config_dump")
@@ -240,8 +233,8 @@ spec: {{mtls: {{mode: STRICT}}}}
 /// `sleep` to `web` known to work.
 struct TwoProxies {
     mesh: Mesh,
-    _web: Process,
-    _sleep: Process,
+    _web: Spawned,
+    _sleep: Spawned,
     web_admin: SocketAddr,
     sleep_admin: SocketAddr,
     /// `sleep`'s local listeners for `web.web:80` (HTTP) and `:81` (TCP).
@@ -535,15 +528,15 @@ fn tokens_lifetimes_and_who_may_revoke_at_a_running_ca() {
     // Only the admin revokes: a workload's certificate is refused, and
     // the list does not change.
     let workload_cert = issue(&mesh, "web", "web", "not-admin");
-    let out = Command::new(bin())
-        .args(["revoke", "identity", &spiffe("sleep", "sleep")])
-        .args(["--server", &format!("https://{}", mesh.ca_addr)])
-        .args([
-            "--admin-dir",
-            workload_cert.0.parent().unwrap().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = output(
+        meshward()
+            .args(["revoke", "identity", &spiffe("sleep", "sleep")])
+            .args(["--server", &format!("https://{}", mesh.ca_addr)])
+            .args([
+                "--admin-dir",
+                workload_cert.0.parent().unwrap().to_str().unwrap(),
+            ]),
+    );
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("may not change configuration"),

@@ -13,8 +13,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use common::*;
 
@@ -24,14 +24,7 @@ const RATINGS: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings";
 /// Waits until `check` returns `Some`, for at most `within`; `what` says
 /// what was awaited when it never comes.
 fn wait_for<T>(within: Duration, what: impl Fn() -> String, check: impl Fn() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{}", what());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for(within, || check().ok_or_else(&what))
 }
 
 fn text(output: &Output) -> String {
@@ -68,7 +61,7 @@ fn policy_names(dump: &serde_json::Value) -> Vec<String> {
 /// `meshward up DIR`, stopped with SIGTERM (as Ctrl-C) when the test ends,
 /// however it ends, so everything it started stops with it.
 struct Up {
-    process: Process,
+    _process: Spawned,
     data: PathBuf,
     mesh: serde_json::Value,
 }
@@ -76,33 +69,24 @@ struct Up {
 impl Up {
     fn start(root: &Path, dir: &Path) -> Up {
         let data = root.join("data");
-        let child = Command::new(bin())
-            .args(["up", dir.to_str().unwrap(), "--data-dir"])
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(root.join("up.stderr")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut up = Up {
-            process: Process(child),
-            data: data.clone(),
-            mesh: serde_json::Value::Null,
-        };
-        // up.json is written once everything is ready (or reported not).
-        up.mesh = wait_for(
-            Duration::from_secs(90),
-            || {
-                format!(
-                    "meshward up did not get ready: {}",
-                    std::fs::read_to_string(root.join("up.stderr")).unwrap_or_default()
-                )
-            },
-            || {
-                let text = std::fs::read_to_string(data.join("up.json")).ok()?;
-                serde_json::from_str(&text).ok()
-            },
+        let mut process = spawn(
+            "meshward up",
+            meshward()
+                .args(["up", dir.to_str().unwrap(), "--data-dir"])
+                .arg(&data),
         );
-        up
+        // up.json is written once everything is ready (or reported not).
+        let mesh = common::wait_for(START, || {
+            process.assert_running();
+            let text = std::fs::read_to_string(data.join("up.json"))
+                .map_err(|e| format!("meshward up is not ready: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        });
+        Up {
+            _process: process,
+            data,
+            mesh,
+        }
     }
 
     fn workload(&self, name: &str) -> &serde_json::Value {
@@ -133,13 +117,13 @@ impl Up {
 
     /// A `meshward` command against up's control plane, as its admin.
     fn admin(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
-            .args(["--server", self.mesh["control_plane"].as_str().unwrap()])
-            .arg("--data-dir")
-            .arg(&self.data)
-            .output()
-            .unwrap()
+        output(
+            meshward()
+                .args(args)
+                .args(["--server", self.mesh["control_plane"].as_str().unwrap()])
+                .arg("--data-dir")
+                .arg(&self.data),
+        )
     }
 
     fn proxy_log(&self, workload: &str) -> String {
@@ -148,22 +132,6 @@ impl Up {
             .join("logs")
             .join(format!("{}.proxy.log", workload.replace('/', ".")));
         std::fs::read_to_string(file).unwrap_or_default()
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.process.0.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline && matches!(self.process.0.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // `Process` kills it if it is still running.
     }
 }
 
@@ -338,23 +306,18 @@ metadata: {name: ratings, namespace: bookinfo}
 spec: {address: 127.0.0.1, serviceAccount: bookinfo-ratings, labels: {app: ratings}}
 "#;
 
-/// A proxy started by hand: (process, its inbound, its admin, its log).
+/// A proxy started by hand: (process, its inbound, its admin).
 struct Proxy {
-    _process: Process,
+    process: Spawned,
     inbound: SocketAddr,
     admin: SocketAddr,
-    log: PathBuf,
 }
 
 impl Proxy {
     fn start(mesh: &Mesh, sa: &str, claim: Option<&str>, app: SocketAddr) -> Proxy {
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = mesh.dir.join(format!(
-            "{sa}-{}.log",
-            claim.unwrap_or("none").replace('/', ".")
-        ));
-        let mut command = Command::new(bin());
+        let mut command = meshward();
         command
             .args(["proxy", "--identity"])
             .arg(format!("spiffe://cluster.local/ns/bookinfo/sa/{sa}"))
@@ -366,25 +329,22 @@ impl Proxy {
             .args(["--ca-server-name", "localhost", "--token-file"])
             .arg(mesh.token("bookinfo", sa))
             .args(["--admin", &admin.to_string()])
-            .args(["--access-log", "off", "--audit-log", "off"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .args(["--access-log", "off", "--audit-log", "off"]);
         if let Some(claim) = claim {
             command.args(["--workload", claim]);
         }
-        let process = Process(command.spawn().unwrap());
+        let process = spawn(&format!("meshward proxy ({sa})"), &mut command);
         // Ready: it has its certificate, so it has reached the server.
-        eventually_status(admin, "/healthz/ready", 200, Duration::from_secs(20));
+        eventually_status(admin, "/healthz/ready", 200, START);
         Proxy {
-            _process: process,
+            process,
             inbound,
             admin,
-            log,
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.logs.stderr()
     }
 }
 

@@ -4,33 +4,21 @@
 // A test that cannot set itself up should stop loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn meshward(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshward"))
-        .args(args)
-        .current_dir(repo())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("meshward starts");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-    }
-    drop(child.stdin.take());
-    child.wait_with_output().expect("meshward finishes")
+    common::output_with_input(
+        Command::new(common::bin()).args(args).current_dir(repo()),
+        stdin.unwrap_or("").as_bytes(),
+    )
 }
 
 fn stdout(o: &Output) -> String {
@@ -313,12 +301,18 @@ fn check_fetches_jwks_uri_over_http() {
     let port = listener.local_addr().expect("addr").port();
     let jwks =
         std::fs::read_to_string(repo().join("crates/policy/tests/keys/jwks.json")).expect("jwks");
+    // Accepting without blocking, so the thread ends (and join returns)
+    // within the deadline even if the CLI never connects.
+    listener.set_nonblocking(true).expect("non-blocking");
     let server = std::thread::spawn(move || {
         // Serve exactly one request, then stop: the CLI fetches once and caches.
-        let (mut stream, _) = listener.accept().expect("accept");
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .ok();
+        let (mut stream, _) = common::wait_for(common::COMMAND, || {
+            listener
+                .accept()
+                .map_err(|e| format!("no connection to the JWKS server: {e}"))
+        });
+        stream.set_nonblocking(false).expect("blocking");
+        stream.set_read_timeout(Some(common::SETTLE)).ok();
         let mut request_line = String::new();
         let mut reader = BufReader::new(stream.try_clone().expect("clone"));
         reader.read_line(&mut request_line).expect("request line");
@@ -534,8 +528,6 @@ fn ca_init_issue_inspect_and_token_create() {
 /// cleanly on SIGTERM.
 #[test]
 fn server_issues_certificates_and_stops_on_sigterm() {
-    use std::io::BufRead;
-
     use meshward_api::istio_ca::IstioCertificateRequest;
     use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -543,21 +535,24 @@ fn server_issues_certificates_and_stops_on_sigterm() {
     let dir = tempdir();
     let data = dir.join("data");
     let data_s = data.to_str().expect("utf-8").to_owned();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_meshward"))
-        .args(["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("server starts");
-    let mut lines = std::io::BufReader::new(server.stdout.take().expect("stdout")).lines();
-    let mut addr = None;
-    for _ in 0..3 {
-        let line = lines.next().expect("a line").expect("utf-8");
-        if let Some(rest) = line.strip_prefix("listening on https://") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-    }
-    let addr = addr.expect("the server says where it listens");
+    let mut server = common::spawn(
+        "meshward server",
+        Command::new(common::bin()).args([
+            "server",
+            "--data-dir",
+            &data_s,
+            "--listen",
+            "127.0.0.1:0",
+        ]),
+    );
+    let line = server
+        .logs
+        .wait_for_stdout("listening on https://", common::START);
+    let addr = line
+        .strip_prefix("listening on https://")
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the server says where it listens")
+        .to_owned();
 
     let token = stdout(&meshward(
         &[
@@ -590,7 +585,7 @@ fn server_issues_certificates_and_stops_on_sigterm() {
             .expect("uri")
             .tls_config(tls)
             .expect("tls")
-            .timeout(std::time::Duration::from_secs(10))
+            .timeout(common::COMMAND)
             .connect()
             .await
             .expect("connects");
@@ -623,24 +618,10 @@ fn server_issues_certificates_and_stops_on_sigterm() {
         id
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = server.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not stop within 10 s of SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = server.stop();
     assert!(status.success(), "exit status {status}");
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    server
+        .logs
+        .wait_for_stdout("meshward server: stopped", common::SETTLE);
     std::fs::remove_dir_all(dir).ok();
 }

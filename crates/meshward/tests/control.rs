@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
-
 use common::*;
 
 fn stored(mesh: &Mesh) -> Vec<serde_json::Value> {
@@ -48,18 +45,15 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
 
     // describe works on what the server holds, as on files.
     let live = mesh.admin(&["describe", "-n", "foo", "-l", "app=httpbin"]);
-    let files = Command::new(bin())
-        .args([
-            "describe",
-            "-f",
-            &repo("examples/zero-trust/policies.yaml"),
-            "-n",
-            "foo",
-            "-l",
-            "app=httpbin",
-        ])
-        .output()
-        .unwrap();
+    let files = output(meshward().args([
+        "describe",
+        "-f",
+        &repo("examples/zero-trust/policies.yaml"),
+        "-n",
+        "foo",
+        "-l",
+        "app=httpbin",
+    ]));
     assert!(
         live.status.success(),
         "{}",
@@ -100,17 +94,17 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
         "--out",
         workload.to_str().unwrap(),
     ]);
-    let out = Command::new(bin())
-        .args([
-            "apply",
-            "-f",
-            &repo("examples/mtls/policies.yaml"),
-            "--server",
-            &format!("https://{}", mesh.ca_addr),
-        ])
-        .args(["--admin-dir", workload.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = output(
+        meshward()
+            .args([
+                "apply",
+                "-f",
+                &repo("examples/mtls/policies.yaml"),
+                "--server",
+                &format!("https://{}", mesh.ca_addr),
+            ])
+            .args(["--admin-dir", workload.to_str().unwrap()]),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("may not change configuration"), "{stderr}");
@@ -136,6 +130,9 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
 
 #[test]
 fn the_config_directory_is_watched_and_a_broken_file_changes_nothing() {
+    // Objects in examples/mtls/policies.yaml and examples/jwt/policies.yaml.
+    const MTLS: usize = 3;
+    const JWT: usize = 3;
     let dir = tempdir("control-dir");
     let config = dir.join("config");
     std::fs::create_dir_all(&config).unwrap();
@@ -145,49 +142,33 @@ fn the_config_directory_is_watched_and_a_broken_file_changes_nothing() {
     )
     .unwrap();
     let mesh = server_with(&dir, &["--config-dir", config.to_str().unwrap()]);
-    let wait_for = |count: usize| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+    let holds = |count: usize| {
+        wait_for(SETTLE, || {
             let n = stored(&mesh).len();
             if n == count {
-                return;
+                Ok(())
+            } else {
+                Err(format!("the server holds {n} objects, not {count}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "expected {count} objects, have {n}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     };
-    let initial = {
-        wait_for_some(&mesh);
-        stored(&mesh).len()
-    };
+    holds(MTLS);
     std::fs::copy(repo("examples/jwt/policies.yaml"), config.join("jwt.yaml")).unwrap();
-    let jwt = load_count(&repo("examples/jwt/policies.yaml"));
-    wait_for(initial + jwt);
-    // A broken file: the directory is refused whole, nothing changes.
+    holds(MTLS + JWT);
+    // A broken file: the directory is refused whole (the server says so),
+    // nothing changes.
     std::fs::write(config.join("broken.yaml"), "kind: AuthorizationPolicy\napiVersion: security.istio.io/v1\nmetadata: {name: x}\nspec: {action: NOPE}\n").unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(stored(&mesh).len(), initial + jwt);
+    let refused = mesh
+        .server_logs
+        .wait_for_stderr("config directory refused", SETTLE);
+    assert!(
+        mesh.server_logs.stderr().contains("broken.yaml:4: error"),
+        "{refused}\n{}",
+        mesh.server_logs.stderr()
+    );
+    assert_eq!(stored(&mesh).len(), MTLS + JWT);
     // Removing files removes their objects.
     std::fs::remove_file(config.join("broken.yaml")).unwrap();
     std::fs::remove_file(config.join("jwt.yaml")).unwrap();
-    wait_for(initial);
-}
-
-fn wait_for_some(mesh: &Mesh) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stored(mesh).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the config directory was not loaded"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn load_count(path: &str) -> usize {
-    let text = std::fs::read_to_string(path).unwrap();
-    meshward_policy::load::load_str(path, &text).policies.len()
+    holds(MTLS);
 }

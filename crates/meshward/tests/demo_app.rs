@@ -5,21 +5,16 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 
-fn demo_app(name: &str) -> (Process, SocketAddr) {
+fn demo_app(name: &str) -> (Spawned, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = Command::new(bin())
-        .args(["demo-app", "--name", name, "--listen", &addr.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let process = Process(child);
-    eventually_status(addr, "/", 200, Duration::from_secs(10));
+    let process = spawn(
+        "meshward demo-app",
+        meshward().args(["demo-app", "--name", name, "--listen", &addr.to_string()]),
+    );
+    eventually_status(addr, "/", 200, START);
     (process, addr)
 }
 

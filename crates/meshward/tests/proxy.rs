@@ -6,22 +6,21 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use common::*;
 
 /// The web workload's proxy, for these tests.
 trait WebProxy {
-    /// Starts a proxy for web/sa/web in front of `app`, STRICT on its port.
-    fn web_proxy(&self, app: SocketAddr) -> (Process, u16, SocketAddr, PathBuf);
+    /// Starts a proxy for web/sa/web in front of `app`, STRICT on its port,
+    /// draining for at most `drain_grace` on SIGTERM.
+    fn web_proxy(&self, app: SocketAddr, drain_grace: &str) -> (Spawned, u16, SocketAddr, PathBuf);
 }
 
 impl WebProxy for Mesh {
-    fn web_proxy(&self, app: SocketAddr) -> (Process, u16, SocketAddr, PathBuf) {
+    fn web_proxy(&self, app: SocketAddr, drain_grace: &str) -> (Spawned, u16, SocketAddr, PathBuf) {
         let policies = self.dir.join("policies");
         std::fs::create_dir_all(&policies).unwrap();
         std::fs::write(
@@ -32,8 +31,9 @@ impl WebProxy for Mesh {
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = self.dir.join("access.log");
-        let child = Command::new(bin())
-            .args([
+        let proxy = spawn(
+            "meshward proxy",
+            meshward().args([
                 "proxy",
                 "--identity",
                 "spiffe://cluster.local/ns/web/sa/web",
@@ -58,18 +58,10 @@ impl WebProxy for Mesh {
                 "--audit-log",
                 "off",
                 "--drain-grace",
-                "5s",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let proxy = Process(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(admin, "/healthz/ready").map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "the proxy did not become ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                drain_grace,
+            ]),
+        );
+        eventually_status(admin, "/healthz/ready", 200, START);
         (proxy, port, admin, log)
     }
 }
@@ -87,18 +79,18 @@ fn tool(name: &str) -> String {
 }
 
 fn curl(args: &[&str]) -> Output {
-    Command::new(tool("curl"))
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .output()
-        .unwrap()
+    output(
+        Command::new(tool("curl"))
+            .args(["-sS", "--max-time", "30"])
+            .args(args),
+    )
 }
 
 #[test]
 fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
     let dir = tempdir("clients");
     let mesh = server(&dir);
-    let (_proxy, port, admin, log) = mesh.web_proxy(app("web"));
+    let (_proxy, port, admin, log) = mesh.web_proxy(app("web"), "5s");
     let url = format!("https://127.0.0.1:{port}/hello");
     let (cert, key, root) = mesh.issue("sleep", "sleep");
     let (cert, key, root) = (
@@ -129,9 +121,12 @@ fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
     );
 
     // openssl s_client with a mesh certificate, then with one from another CA.
+    // `-quiet` keeps the connection after the request is sent, until the
+    // server closes it (`connection: close`) or refuses the handshake.
     let s_client = |cert: &str, key: &str| {
-        let mut child = Command::new(tool("openssl"))
-            .args([
+        let mut s_client = spawn(
+            "openssl s_client",
+            Command::new(tool("openssl")).args([
                 "s_client",
                 "-quiet",
                 "-connect",
@@ -142,23 +137,12 @@ fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
                 key,
                 "-CAfile",
                 root,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"GET /openssl HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            ]),
+        );
+        s_client.input(b"GET /openssl HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n");
+        s_client.wait_exit(COMMAND);
+        s_client.logs.wait_closed(SETTLE);
+        (s_client.logs.stdout(), s_client.logs.stderr())
     };
     let (stdout, stderr) = s_client(cert, key);
     assert!(
@@ -202,20 +186,42 @@ fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
     assert_eq!(dump["mtls"]["mode"], "STRICT");
     assert_eq!(dump["policies"][0]["name"], "strict");
     assert!(!dump.to_string().contains("PRIVATE KEY"));
-    let (_, metrics) = http_get(admin, "/stats/prometheus").unwrap();
-    for needle in [
-        r#"meshward_requests_total{direction="inbound",decision="allow",policy=""} 2"#,
-        r#"meshward_tls_handshakes_total{direction="inbound",result="unknown_ca"} 1"#,
+    // Counted as each exchange ends, which the client may see first.
+    let expected = [
+        (
+            r#"meshward_requests_total{direction="inbound",decision="allow",policy=""}"#,
+            2.0,
+        ),
+        (
+            r#"meshward_tls_handshakes_total{direction="inbound",result="unknown_ca"}"#,
+            1.0,
+        ),
+        ("meshward_config_version", 1.0),
+    ];
+    let metrics = wait_for(SETTLE, || {
+        let (_, metrics) = http_get(admin, "/stats/prometheus").ok_or("no metrics")?;
+        for (series, value) in expected {
+            let got = metric(&metrics, series);
+            if got != Some(value) {
+                return Err(format!("{series} is {got:?}, not {value}, in\n{metrics}"));
+            }
+        }
+        Ok(metrics)
+    });
+    for name in [
         "meshward_certificate_expiry_timestamp_seconds ",
-        "meshward_config_version 1",
         "meshward_request_duration_seconds_bucket",
     ] {
-        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
-    let log = std::fs::read_to_string(log).unwrap();
-    assert!(
-        log.contains(r#""source_principal":"spiffe://cluster.local/ns/sleep/sa/sleep""#),
-        "{log}"
+    wait_until(
+        SETTLE,
+        "the mesh client's request in the access log",
+        || {
+            std::fs::read_to_string(&log).is_ok_and(|log| {
+                log.contains(r#""source_principal":"spiffe://cluster.local/ns/sleep/sa/sleep""#)
+            })
+        },
     );
 }
 
@@ -223,9 +229,11 @@ fn the_proxy_serves_curl_and_openssl_over_mutual_tls_and_refuses_outsiders() {
 fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let dir = tempdir("drain");
     let mesh = server(&dir);
-    let (mut proxy, port, _admin, _log) = mesh.web_proxy(app("web"));
+    let held = HeldApp::start("web");
+    // A grace long enough that only the drain, not its end, is tested.
+    let (mut proxy, port, _admin, _log) = mesh.web_proxy(held.addr, "60s");
     let (cert, key, root) = mesh.issue("sleep", "sleep");
-    let url = format!("https://127.0.0.1:{port}/delay/1500");
+    let url = format!("https://127.0.0.1:{port}/hold");
     let args: Vec<String> = [
         "-k",
         "--cacert",
@@ -243,34 +251,24 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         curl(&args)
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let killed = Command::new("kill")
-        .args(["-TERM", &proxy.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "still accepting after SIGTERM"
-    );
+    // The request is at the application, held there: in flight.
+    held.arrived("/hold");
+    proxy.process.signal(nix::sys::signal::Signal::SIGTERM);
+    proxy
+        .logs
+        .wait_for_stderr("meshward proxy: draining", SETTLE);
+    wait_until(SETTLE, "the proxy to stop accepting", || {
+        TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
+    proxy.assert_running();
+    held.release();
     let done = in_flight.join().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&done.stdout),
-        "web /delay/1500",
+        "web /hold",
         "{}",
         String::from_utf8_lossy(&done.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = proxy.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxy did not exit after draining"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = proxy.wait_exit(SETTLE);
     assert!(status.success(), "{status:?}");
 }

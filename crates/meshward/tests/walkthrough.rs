@@ -7,8 +7,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -23,10 +21,9 @@ fn one_mesh() -> std::sync::MutexGuard<'static, ()> {
 }
 
 struct Up {
-    process: Process,
+    up: Spawned,
     dir: PathBuf,
     data: PathBuf,
-    stderr: PathBuf,
     mesh: serde_json::Value,
 }
 
@@ -44,36 +41,32 @@ impl Up {
     }
 
     /// `meshward up DIR` with state under `root`; returns once it wrote
-    /// `up.json` (everything ready, or reported as not).
+    /// `up.json` (everything ready, or reported as not). Fails at once,
+    /// with its output, if `up` exits first.
     fn launch(root: &Path, dir: PathBuf, extra: &[&str]) -> Up {
         let data = root.join("data");
-        let stderr = root.join("up.stderr");
-        let child = Command::new(bin())
-            .args([
-                "up",
-                dir.to_str().unwrap(),
-                "--data-dir",
-                data.to_str().unwrap(),
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let process = Process(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut up = spawn(
+            "meshward up",
+            meshward()
+                .args([
+                    "up",
+                    dir.to_str().unwrap(),
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                ])
+                .args(extra),
+        );
         let up_json = data.join("up.json");
-        while !up_json.exists() {
-            assert!(Instant::now() < deadline, "meshward up did not get ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        let mesh = serde_json::from_str(&std::fs::read_to_string(up_json).unwrap()).unwrap();
+        // `up` writes up.json whole (renamed into place) once ready.
+        let text = wait_for(START, || {
+            up.assert_running();
+            std::fs::read_to_string(&up_json).map_err(|e| format!("{}: {e}", up_json.display()))
+        });
+        let mesh = serde_json::from_str(&text).unwrap();
         Up {
-            process,
+            up,
             dir,
             data,
-            stderr,
             mesh,
         }
     }
@@ -112,19 +105,16 @@ impl Up {
             .iter()
             .filter_map(|w| w["admin"].as_str().map(|a| a.parse().unwrap()))
             .collect();
-        Command::new("kill")
-            .args(["-TERM", &self.process.0.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.process.0.try_wait().unwrap() {
-                assert!(status.success(), "{status:?}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "meshward up did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let group = self.mesh["process_group"].as_i64().unwrap();
+        let status = self.up.stop();
+        assert!(status.success(), "{status:?}{}", self.up.logs.dump());
+        // `up` reaped its children before exiting: its group is empty.
+        let group = nix::unistd::Pid::from_raw(i32::try_from(group).unwrap());
+        assert_eq!(
+            nix::sys::signal::killpg(group, None),
+            Err(nix::errno::Errno::ESRCH),
+            "a process of up's group outlived it"
+        );
         for admin in admins {
             assert!(
                 http_get(admin, "/healthz/ready").is_none(),
@@ -134,19 +124,25 @@ impl Up {
     }
 }
 
+/// The records of a JSON-lines log; a line still being written (no newline
+/// yet) is left for the next read, any other line must parse.
 fn read_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: not JSON: {l}: {e}", path.display()))
+        })
         .collect()
 }
 
 /// GET with headers, over plain HTTP/1.1 (std only): (status, body).
 fn get(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, SETTLE).ok()?;
+    s.set_read_timeout(Some(SETTLE)).ok()?;
     let mut head = format!("GET {path} HTTP/1.1\r\nhost: bookinfo\r\nconnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -172,18 +168,14 @@ fn token(name: &str) -> String {
 }
 
 fn status_soon(addr: SocketAddr, path: &str, headers: &[(&str, String)], want: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_for(SETTLE, || {
         let got = get(addr, path, headers).map(|r| r.0);
         if got == Some(want) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("GET {path}: wanted {want}, got {got:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "GET {path}: wanted {want}, still {got:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 #[test]
@@ -252,8 +244,7 @@ fn the_zero_trust_walkthrough() {
     assert_eq!(get(sleep_to_productpage, "/", &[]).unwrap().0, 403);
 
     // The deciding policy is in the access log.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until(SETTLE, "decisions in the access logs", || {
         let reviews_log: Vec<serde_json::Value> = ["bookinfo/reviews-v1", "bookinfo/reviews-v2"]
             .iter()
             .flat_map(|w| up.log(w))
@@ -265,15 +256,8 @@ fn the_zero_trust_walkthrough() {
             r["decision"] == "deny"
                 && r["source_principal"] == "spiffe://cluster.local/ns/bookinfo/sa/sleep"
         });
-        if allowed && denied {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "decisions missing from the access logs"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        allowed && denied
+    });
 
     // STRICT refuses a workload without a proxy; PERMISSIVE lets it in again
     // (to authorization, which still decides).
@@ -294,15 +278,13 @@ fn the_zero_trust_walkthrough() {
     .unwrap();
     status_soon(legacy_to_productpage, "/", &[], 403);
     // The access log says authorization decided, under PERMISSIVE.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !up.log("bookinfo/productpage").iter().any(|r| {
-        r["stage"] == "authorization"
-            && r["mtls_mode"] == "PERMISSIVE"
-            && r["source_principal"].is_null()
-    }) {
-        assert!(Instant::now() < deadline, "no PERMISSIVE plaintext record");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(SETTLE, "a PERMISSIVE plaintext record", || {
+        up.log("bookinfo/productpage").iter().any(|r| {
+            r["stage"] == "authorization"
+                && r["mtls_mode"] == "PERMISSIVE"
+                && r["source_principal"].is_null()
+        })
+    });
 
     // A policy applied while traffic flows takes effect.
     std::fs::write(
@@ -318,17 +300,7 @@ fn the_zero_trust_walkthrough() {
 
     // A broken file: the error is printed, the previous policies stay.
     std::fs::write(up.dir.join("broken.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: bookinfo}\nspec: {action: NOPE}\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&up.stderr)
-        .unwrap()
-        .contains("broken.yaml:4: error")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the validation error was not printed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    up.up.logs.wait_for_stderr("broken.yaml:4: error", SETTLE);
     assert_eq!(
         get(productpage_to_reviews, "/reviews/0", &[]).unwrap().0,
         403
@@ -366,8 +338,12 @@ spec: {serviceAccount: broken, labels: {app: broken}, ports: {http: 80}}
     )
     .unwrap();
     let up = Up::launch(&root, dir, &["--ready-timeout", "5s"]);
-    let said = std::fs::read_to_string(&up.stderr).unwrap();
-    assert!(said.contains("demo/broken (application) exited"), "{said}");
-    assert!(said.contains("not ready after 5s: demo/broken"), "{said}");
+    // Written before up.json, so already there (or on its way through the pipe).
+    up.up
+        .logs
+        .wait_for_stderr("demo/broken (application) exited", SETTLE);
+    up.up
+        .logs
+        .wait_for_stderr("not ready after 5s: demo/broken", SETTLE);
     up.stop();
 }

@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -333,15 +332,10 @@ spec:
 "#,
     )
     .unwrap();
-    let mut denied = false;
-    for _ in 0..50 {
-        if send("/admin").await == 403 {
-            denied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(denied, "the new policy was not applied");
+    eventually_async("the new policy to be applied", async || {
+        send("/admin").await == 403
+    })
+    .await;
     assert_eq!(
         send("/other").await,
         200,
@@ -610,13 +604,13 @@ async fn a_client_pausing_mid_method_is_still_read_as_http() {
     // The pause is the attack: it outlasts the wait for a connection's first
     // bytes several times over, so a detector that timed out into TCP here
     // would let the forged header through.
-    // pacing: the pause is what is tested, not a wait for a condition.
-    tokio::time::sleep(meshward_proxy::config::Limits::default().detection_timeout * 4).await;
+    let pause = meshward_proxy::config::Limits::default().detection_timeout * 4;
+    tokio::time::sleep(pause).await; // pacing: the pause is what is tested
     tcp.write_all(b"ET / HTTP/1.1\r\nHost: web\r\nx-forwarded-client-cert: forged\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut out))
+    tokio::time::timeout(SETTLE, tcp.read_to_string(&mut out))
         .await
         .unwrap()
         .unwrap();

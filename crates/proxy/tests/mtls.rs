@@ -318,13 +318,10 @@ async fn an_applications_own_tls_passes_through_a_permissive_port() {
         .unwrap();
     tcp.write_all(&hello).await.unwrap();
     let mut echoed = vec![0u8; hello.len()];
-    tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tcp.read_exact(&mut echoed),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    tokio::time::timeout(SETTLE, tcp.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         echoed, hello,
         "the application's ClientHello did not pass through"

@@ -3,6 +3,7 @@ pub mod check;
 pub mod control;
 pub mod demo_app;
 pub mod describe;
+pub mod guard;
 pub mod proxy;
 pub mod server;
 pub mod up;

@@ -79,6 +79,13 @@ pub struct Args {
     /// refused. A request without a lifetime gets 24h, or this when shorter.
     #[arg(long, default_value = "24h", value_parser = positive_duration)]
     max_workload_cert_ttl: humantime::Duration,
+    /// Changes are pushed once none came for this long (istiod's
+    /// PILOT_DEBOUNCE_AFTER).
+    #[arg(long, default_value = "100ms")]
+    debounce: humantime::Duration,
+    /// ... and at the latest this long after the first (PILOT_DEBOUNCE_MAX).
+    #[arg(long, default_value = "1s")]
+    debounce_max: humantime::Duration,
 }
 
 fn positive_duration(s: &str) -> Result<humantime::Duration, String> {
@@ -128,11 +135,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "root certificate: {}",
             args.data_dir.join(BUNDLE_FILE).display()
         );
-        let hub = Arc::new(Hub::new(
+        let mut hub = Hub::new(
             store.clone(),
             ca.trust_domain().to_owned(),
             ca.bundle().to_pem(),
-        ));
+        );
+        hub.debounce = args.debounce.into();
+        hub.debounce_max = args.debounce_max.into();
+        let hub = Arc::new(hub);
         let _watcher = args.config_dir.clone().map(|dir| {
             say!("watching {}", dir.display());
             AbortOnDrop(tokio::spawn(watch::watch(

@@ -8,7 +8,10 @@
 //! "false"` runs a workload without a proxy), waits until all are ready,
 //! and prints where to call each service from each workload. It then
 //! streams allowed and denied decisions with the deciding policy until
-//! Ctrl-C or SIGTERM, when it stops everything it started.
+//! Ctrl-C, SIGTERM or SIGHUP (its terminal closed), when it stops
+//! everything it started. Its children share a process group of their own
+//! and are tied to it (`children.rs`): killed with SIGKILL, `up` takes them
+//! with it.
 //!
 //! Everything listens on 127.0.0.1 on free ports. Addresses and ports
 //! written in DIR's WorkloadEntries are replaced by the ones chosen; each
@@ -18,7 +21,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -32,6 +35,7 @@ use meshward_policy::load;
 use meshward_proxy::config::Protocol;
 use serde::Serialize;
 
+use crate::children::{Group, StopSignals};
 use crate::cmd::control::{ServerArgs, client};
 use crate::inputs::print_diagnostics;
 
@@ -58,6 +62,8 @@ pub struct Args {
 struct Mesh {
     control_plane: String,
     data_dir: PathBuf,
+    /// The process group of everything `up` started (`kill -- -GROUP`).
+    process_group: Option<i32>,
     workloads: Vec<Started>,
 }
 
@@ -74,51 +80,6 @@ struct Started {
     upstreams: BTreeMap<String, SocketAddr>,
     admin: Option<SocketAddr>,
     access_log: Option<PathBuf>,
-}
-
-/// Processes that are stopped (SIGTERM, then kill after 5 s) when dropped.
-#[derive(Default)]
-struct Children(Vec<(String, Child)>);
-
-impl Children {
-    fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<u32> {
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let pid = child.id();
-        self.0.push((name.to_owned(), child));
-        Ok(pid)
-    }
-
-    /// Names and statuses of processes that have exited.
-    fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
-        self.0
-            .iter_mut()
-            .filter_map(|(name, child)| child.try_wait().ok().flatten().map(|s| (name.clone(), s)))
-            .collect()
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        // Newest first: proxies and applications before the control plane.
-        for (_, child) in self.0.iter().rev() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in self.0.iter_mut().rev() {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
@@ -176,6 +137,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let exe = std::env::current_exe().context("finding the meshward binary")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Before anything starts: from here on a stop request stops it all.
+    let mut signals = runtime
+        .block_on(async { StopSignals::install() })
+        .context("installing signal handlers")?;
     let (data, temporary) = match &args.data_dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -185,7 +153,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(data.join("logs"))?;
     let _cleanup = temporary.then(|| RemoveOnDrop(data.clone()));
-    let mut children = Children::default();
+    // Started from this (the main) thread, which lives as long as `up`:
+    // the children's parent-death signal is tied to it.
+    let mut children = Group::default();
 
     // The control plane, watching DIR.
     let listen = free_addr()?;
@@ -197,8 +167,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .arg(&args.dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    children.spawn("meshward server", &mut server)?;
-    let stdout = children.0[0].1.stdout.take().context("server output")?;
+    let stdout = children
+        .spawn("meshward server", &mut server)?
+        .stdout
+        .take()
+        .context("server output")?;
     let mut lines = std::io::BufReader::new(stdout).lines();
     loop {
         match lines.next() {
@@ -267,9 +240,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         registry.push_str(&serde_json::to_string(&entry)?);
         registry.push_str("\n---\n");
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let server_args = ServerArgs::local(&listen.to_string(), data.clone());
     runtime.block_on(async {
         client(&server_args)
@@ -340,8 +310,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 c
             }
             Some(command) => {
-                let mut c = Command::new("sh");
+                // Under `meshward guard`, so that what the command starts
+                // stops with `up` too.
+                let mut c = Command::new(&exe);
                 c.args([
+                    "guard",
+                    "--",
+                    "sh",
                     "-c",
                     &command
                         .replace("{port}", &plan.app.port().to_string())
@@ -455,18 +430,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let signal = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_millis(100), signals.recv())
+                .await
+                .ok()
+        });
+        if let Some(signal) = signal {
+            println!("meshward up: stopping ({signal})");
+            return Ok(ExitCode::SUCCESS);
+        }
     }
 
     let mesh = Mesh {
         control_plane: format!("https://{listen}"),
         data_dir: data.clone(),
+        process_group: children.id(),
         workloads: started,
     };
-    std::fs::write(data.join("up.json"), serde_json::to_string_pretty(&mesh)?)?;
+    write_atomically(&data.join("up.json"), &serde_json::to_string_pretty(&mesh)?)?;
     print_table(&mesh);
 
-    // Live decisions until Ctrl-C / SIGTERM.
+    // Live decisions until Ctrl-C, SIGTERM or SIGHUP.
     let stop = Arc::new(AtomicBool::new(false));
     for w in &mesh.workloads {
         if let Some(log) = w.access_log.clone() {
@@ -475,11 +459,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             std::thread::spawn(move || tail_decisions(&name, &log, &stop));
         }
     }
-    runtime.block_on(crate::cmd::server::shutdown_signal());
+    let signal = runtime.block_on(signals.recv());
     stop.store(true, Ordering::Relaxed);
-    println!("meshward up: stopping");
-    drop(children);
+    println!("meshward up: stopping ({signal})");
+    children.stop();
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `path` whole or not at all (a temporary file renamed into place),
+/// so a script polling for it never reads half of it.
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A workload's namespace, labels, and where its named ports are.

@@ -142,7 +142,8 @@ async fn echo(
 ) -> Result<Response<EchoBody>, Infallible> {
     let path = request.uri().path().to_owned();
     if let Some(ms) = path.strip_prefix("/delay/") {
-        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        let ms = Duration::from_millis(ms.parse().unwrap_or(0));
+        tokio::time::sleep(ms).await; // pacing: the delay asked for
     }
     let headers: BTreeMap<String, String> = request
         .headers()
@@ -237,24 +238,38 @@ impl TestProxy {
     }
 }
 
+/// The records of a JSON-lines log; a line still being written (no newline
+/// yet) is left for the next read, any other line must parse.
 pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: not JSON: {l}: {e}", path.display()))
+        })
         .collect()
 }
 
-/// Waits until `f` holds, or fails the test after a deadline generous
-/// enough for a busy machine.
+/// How long a change gets to take effect: generous, as CI machines are
+/// shared; it costs time only when a test fails.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Waits until `f` holds, or fails the test after [`SETTLE`].
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !f() {
+    eventually_async(what, async || f()).await;
+}
+
+/// [`eventually`] for a condition that must await (a request).
+pub async fn eventually_async(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while !f().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for: {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // pacing: the poll interval
     }
 }
 
@@ -371,7 +386,7 @@ pub async fn get(
         request = request.header(*k, *v);
     }
     let request = request.body(http_body_util::Empty::<Bytes>::new()).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+    let response = tokio::time::timeout(SETTLE, sender.send_request(request))
         .await
         .ok()?
         .ok()?;
@@ -391,7 +406,7 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let _ = tcp.write_all(bytes).await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(SETTLE, tcp.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
