@@ -211,3 +211,85 @@ impl ConfigService for ConfigApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: web}\nspec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}\n";
+
+    fn api(dir: &tempfile::TempDir) -> (ConfigApi, Arc<Store>) {
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let hub = Arc::new(Hub::new(
+            store.clone(),
+            "cluster.local".into(),
+            String::new(),
+        ));
+        let admin =
+            SpiffeId::istio("cluster.local", "istio-system", ADMIN_SERVICE_ACCOUNT).unwrap();
+        (ConfigApi::new(store.clone(), hub, admin), store)
+    }
+
+    /// A call that arrives without a verified client certificate (as over
+    /// a connection whose TLS layer gave none) is refused before anything
+    /// is read or written.
+    #[tokio::test]
+    async fn every_call_without_the_admin_certificate_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (api, store) = api(&dir);
+        let version = store.config().version;
+        let refused = [
+            api.apply(Request::new(ApplyRequest {
+                file: "deny.yaml".into(),
+                text: DENY.into(),
+                mesh_config: false,
+            }))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+            api.get(Request::new(GetRequest::default()))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            api.delete(Request::new(DeleteRequest::default()))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            api.status(Request::new(StatusRequest::default()))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            api.revoke(Request::new(RevokeRequest {
+                kind: "identity".into(),
+                value: "spiffe://cluster.local/ns/web/sa/web".into(),
+                reason: String::new(),
+            }))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        ];
+        for status in refused {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+            assert!(
+                status.message().contains("admin client certificate"),
+                "{status}"
+            );
+        }
+        assert_eq!(store.config().version, version);
+        assert!(store.config().policies.is_empty());
+        assert!(store.config().revocations.is_empty());
+    }
+
+    #[test]
+    fn invalid_input_is_the_callers_error_and_the_loaders_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = api(&dir);
+        let e = store
+            .apply("bad.yaml", &DENY.replace("DENY", "NOPE"))
+            .unwrap_err();
+        let status = status_of(e);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("bad.yaml:4"), "{status}");
+        assert!(status.message().contains("spec.action"), "{status}");
+    }
+}
