@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use meshward_identity::limits::{self, Limits};
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
 
@@ -74,7 +75,23 @@ pub struct Args {
     /// Prometheus metrics over plain HTTP (`/metrics`); Istio uses 15014.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Connections without a client certificate (bootstrapping, or in their
+    /// TLS handshake) from one address (IPv6: one /64); more are closed at
+    /// once. Raise it when many workloads bootstrap from one address.
+    #[arg(long, default_value_t = Limits::default().unauthenticated_per_peer)]
+    max_unauthenticated_per_peer: usize,
+    /// Connections without a client certificate in total.
+    #[arg(long, default_value_t = Limits::default().unauthenticated_total)]
+    max_unauthenticated: usize,
 }
+
+/// The largest ApplyRequest (one file's text): tonic's usual 4 MiB, so every
+/// file that applied before still does; a Kubernetes object is at most
+/// 1.5 MiB. Only a connection with a client certificate reaches it.
+const CONFIG_MAX_MESSAGE: usize = 4 << 20;
+/// The largest DistributionRequest: a nonce, an error and the hosts a proxy
+/// subscribes to (a thousand full-length names fit).
+const DISTRIBUTION_MAX_MESSAGE: usize = 256 << 10;
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ca = Arc::new(open_ca(&args.data_dir, args.trust_domain.as_deref())?);
@@ -142,18 +159,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(ca_service))
-            .add_service(ConfigServiceServer::new(ConfigApi::new(
-                store.clone(),
-                hub.clone(),
-                admin,
-            )))
-            .add_service(DistributionServer::new(DistributionService(hub.clone())));
+        let routes = tonic::service::Routes::new(
+            IstioCertificateServiceServer::new(ca_service)
+                .max_decoding_message_size(limits::CREATE_CERTIFICATE_MAX_MESSAGE),
+        )
+        .add_service(
+            ConfigServiceServer::new(ConfigApi::new(store.clone(), hub.clone(), admin))
+                .max_decoding_message_size(CONFIG_MAX_MESSAGE),
+        )
+        .add_service(
+            DistributionServer::new(DistributionService(hub.clone()))
+                .max_decoding_message_size(DISTRIBUTION_MAX_MESSAGE),
+        );
+        let limits = Limits {
+            unauthenticated_per_peer: args.max_unauthenticated_per_peer,
+            unauthenticated_total: args.max_unauthenticated,
+            ..Limits::default()
+        };
         service::serve_routes(
             listener,
             &ca,
             server_cert.cert.clone(),
             routes,
+            limits,
             shutdown_signal(),
         )
         .await
