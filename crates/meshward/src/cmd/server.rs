@@ -78,11 +78,13 @@ pub struct Args {
     /// Connections without a client certificate (bootstrapping, or in their
     /// TLS handshake) from one address (IPv6: one /64); more are closed at
     /// once. Raise it when many workloads bootstrap from one address.
-    #[arg(long, default_value_t = Limits::default().unauthenticated_per_peer)]
-    max_unauthenticated_per_peer: usize,
+    #[arg(long, default_value_t = Limits::default().unauthenticated_per_peer as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_unauthenticated_per_peer: u64,
     /// Connections without a client certificate in total.
-    #[arg(long, default_value_t = Limits::default().unauthenticated_total)]
-    max_unauthenticated: usize,
+    #[arg(long, default_value_t = Limits::default().unauthenticated_total as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_unauthenticated: u64,
 }
 
 /// The largest ApplyRequest (one file's text): tonic's usual 4 MiB, so every
@@ -172,8 +174,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .max_decoding_message_size(DISTRIBUTION_MAX_MESSAGE),
         );
         let limits = Limits {
-            unauthenticated_per_peer: args.max_unauthenticated_per_peer,
-            unauthenticated_total: args.max_unauthenticated,
+            unauthenticated_per_peer: usize::try_from(args.max_unauthenticated_per_peer)
+                .unwrap_or(usize::MAX),
+            unauthenticated_total: usize::try_from(args.max_unauthenticated).unwrap_or(usize::MAX),
             ..Limits::default()
         };
         service::serve_routes(
