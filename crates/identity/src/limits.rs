@@ -16,9 +16,11 @@
 //!   closed at once.
 //!
 //! Together these bound what strangers can make the server hold, whatever
-//! they send: about `total × (TLS and HTTP/2 state + 64 KiB of unread flow
-//! control window + headers) + body budget`, and every byte of it for at
-//! most the connection's lifetime.
+//! they send and from however many addresses: about `total × (TLS and
+//! HTTP/2 state ~30 KiB + streams × ~20 KiB + 64 KiB of unread flow-control
+//! window) + body budget`, with the defaults 64 × 170 KiB + 4 MiB ≈ 15 MiB,
+//! each byte for at most a connection's lifetime. The attack tests of
+//! `meshward` (`tests/attack_server.rs`) measure it on a running server.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -96,11 +98,16 @@ impl Default for Limits {
             // A local mesh runs every proxy from 127.0.0.1 and each opens an
             // unauthenticated connection to bootstrap; retries absorb bursts.
             unauthenticated_per_peer: 32,
-            unauthenticated_total: 256,
-            unauthenticated_body_bytes: 16 << 20,
+            // Each such connection lives seconds and a bootstrap takes
+            // milliseconds: 64 at once serve hundreds of bootstraps a second.
+            unauthenticated_total: 64,
+            // Room for thousands of bootstraps (a CSR is ~1 KiB) or 64
+            // requests at the size limit.
+            unauthenticated_body_bytes: 4 << 20,
             unauthenticated: ConnectionLimits {
-                // A bootstrap is one call.
-                max_concurrent_streams: 4,
+                // A bootstrap is one call. Each open stream costs the
+                // server some 20 KiB besides its body.
+                max_concurrent_streams: 2,
                 stream_window: 65_535,
                 connection_window: 65_535,
                 max_frame_size: 16_384,

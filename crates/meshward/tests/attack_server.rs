@@ -21,7 +21,7 @@ use meshward_api::control::DistributionRequest;
 use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::istio_ca::IstioCertificateRequest;
 use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshward_identity::limits::{CLOSE_GRACE, Limits};
+use meshward_identity::limits::{CLOSE_GRACE, CREATE_CERTIFICATE_MAX_MESSAGE, Limits};
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -165,12 +165,15 @@ async fn half_send(sender: h2::client::SendRequest<Bytes>, plan: HalfBody) -> St
 }
 
 /// The attacking connections and their streams.
+#[derive(Default)]
 struct Attack {
     connections: Vec<JoinHandle<()>>,
     streams: Vec<JoinHandle<Vec<String>>>,
     /// Kept, so that only the server can end the connections (an HTTP/2
     /// client ends its connection itself once it has nothing left to send).
     _senders: Vec<h2::client::SendRequest<Bytes>>,
+    /// Connections the server closed before their TLS handshake.
+    refused: usize,
 }
 
 impl Attack {
@@ -179,23 +182,24 @@ impl Attack {
     /// the server ends a stream, the attacker opens it again, until the
     /// server closes the connection.
     async fn launch(
+        &mut self,
         target: &Target,
         source: IpAddr,
         connections: usize,
         streams: &[HalfBody],
-    ) -> Attack {
-        let mut attack = Attack {
-            connections: Vec::new(),
-            streams: Vec::new(),
-            _senders: Vec::new(),
-        };
+    ) {
+        let attack = self;
         for _ in 0..connections {
             let tcp = tcp_from(source, target.addr).await.unwrap();
-            let tls = target
+            // A connection over the server's caps is closed at once.
+            let Ok(tls) = target
                 .tls
                 .connect("localhost".try_into().unwrap(), tcp)
                 .await
-                .expect("the attacker's TLS handshake");
+            else {
+                attack.refused += 1;
+                continue;
+            };
             let (sender, connection) = h2::client::Builder::new()
                 .max_concurrent_reset_streams(1000)
                 .handshake::<_, Bytes>(tls)
@@ -221,7 +225,6 @@ impl Attack {
             }
             attack._senders.push(sender);
         }
-        attack
     }
 
     fn open_connections(&self) -> usize {
@@ -293,28 +296,49 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Runs `streams` on each of `connections` stranger connections against a
-/// fresh server: RSS raised by less than [`RSS_BOUND_KIB`], every attacking
-/// connection closed by the server, and an honest bootstrap served meanwhile.
-fn attack_is_contained(name: &str, connections: usize, streams: &[HalfBody]) {
+/// Whether an honest bootstrap must be served during an attack.
+#[derive(PartialEq)]
+enum Honest {
+    Served,
+    /// The attack fills every place for connections without a client
+    /// certificate: a bootstrap may be refused until it ends.
+    MayBeRefused,
+}
+
+/// Runs `streams` on each of `connections` stranger connections from each
+/// of `strangers` against a fresh server: RSS raised by less than
+/// [`RSS_BOUND_KIB`], every attacking connection closed by the server, an
+/// honest bootstrap (from 127.0.0.1) served meanwhile if `honest` says so.
+/// Returns how many attacking connections were refused at once.
+fn attack_is_contained(
+    name: &str,
+    strangers: &[&str],
+    connections: usize,
+    streams: &[HalfBody],
+    honest: Honest,
+) -> usize {
     let dir = tempdir(name);
     let mesh = server(&dir);
     let pid = mesh.server.0.id();
     let token = std::fs::read_to_string(mesh.token("honest", "client")).unwrap();
     let token = token.trim().to_owned();
     let target = Target::of(&mesh);
-    let stranger: IpAddr = "127.0.0.1".parse().unwrap();
 
-    runtime().block_on(async {
+    let refused = runtime().block_on(async {
         // Warm up: the first request's one-time allocations are not the attack's.
         create_certificate(&target, &token)
             .await
             .expect("an honest bootstrap before the attack");
         let before = rss_and_reset_peak(pid);
         let started = Instant::now();
-        let attack = Attack::launch(&target, stranger, connections, streams).await;
+        let mut attack = Attack::default();
+        for stranger in strangers {
+            let stranger: IpAddr = stranger.parse().unwrap();
+            attack.launch(&target, stranger, connections, streams).await;
+        }
+        let refused = attack.refused;
 
-        let honest = create_certificate(&target, &token).await;
+        let bootstrap = create_certificate(&target, &token).await;
         let open_meanwhile = attack.open_connections();
         let ended = attack.closed(CLOSE_WITHIN).await;
         let closed_after = started.elapsed();
@@ -322,8 +346,9 @@ fn attack_is_contained(name: &str, connections: usize, streams: &[HalfBody]) {
         let after = proc_status_kib(pid, "VmRSS:");
         println!(
             "{name}: server RSS {before} KiB before, peak {peak} KiB (+{} KiB), {after} KiB after; \
-             attacking connections closed after {closed_after:?}; honest CreateCertificate with \
-             {open_meanwhile} attacking connections open: {honest:?}",
+             {refused} attacking connections refused at once, the others closed after \
+             {closed_after:?}; honest CreateCertificate with {open_meanwhile} attacking \
+             connections open: {bootstrap:?}",
             peak.saturating_sub(before)
         );
         let ended = ended.unwrap();
@@ -332,13 +357,17 @@ fn attack_is_contained(name: &str, connections: usize, streams: &[HalfBody]) {
             peak.saturating_sub(before) < RSS_BOUND_KIB,
             "the attack raised the server's RSS from {before} KiB to {peak} KiB"
         );
-        assert_eq!(
-            honest.expect("an honest bootstrap during the attack"),
-            2,
-            "a workload certificate and the root"
-        );
+        if honest == Honest::Served {
+            assert_eq!(
+                bootstrap.expect("an honest bootstrap during the attack"),
+                2,
+                "a workload certificate and the root"
+            );
+        }
+        refused
     });
     std::fs::remove_dir_all(dir).ok();
+    refused
 }
 
 /// (a) 20 connections, each with streams to every method that send large
@@ -359,6 +388,7 @@ fn twenty_stranger_connections_with_half_sent_bodies_are_contained() {
     };
     attack_is_contained(
         "attack-twenty",
+        &["127.0.0.1"],
         20,
         &[
             large(CREATE_CERTIFICATE),
@@ -366,6 +396,7 @@ fn twenty_stranger_connections_with_half_sent_bodies_are_contained() {
             large(APPLY),
             small(DISTRIBUTION),
         ],
+        Honest::Served,
     );
 }
 
@@ -383,7 +414,34 @@ fn one_stranger_connection_with_a_hundred_half_sent_streams_is_contained() {
             send: (1 << 20) - 1,
         })
         .collect();
-    attack_is_contained("attack-hundred", 1, &streams);
+    attack_is_contained(
+        "attack-hundred",
+        &["127.0.0.1"],
+        1,
+        &streams,
+        Honest::Served,
+    );
+}
+
+/// (c) The most one address can hold: its whole share of connections,
+/// each with as many streams as the server allows, every one a
+/// CreateCertificate message just under the size limit with all but its
+/// last byte sent.
+#[test]
+fn one_stranger_address_at_every_limit_is_contained() {
+    let limits = Limits::default();
+    let at_the_limit = HalfBody {
+        path: CREATE_CERTIFICATE,
+        declared: CREATE_CERTIFICATE_MAX_MESSAGE as u32 - 1,
+        send: CREATE_CERTIFICATE_MAX_MESSAGE - 2,
+    };
+    attack_is_contained(
+        "attack-share",
+        &["127.0.0.2"],
+        limits.unauthenticated_per_peer,
+        &vec![at_the_limit; limits.unauthenticated.max_concurrent_streams as usize],
+        Honest::Served,
+    );
 }
 
 /// A stranger's address holds at most its share of connections without a
@@ -524,4 +582,35 @@ fn a_proxy_stream_outlives_the_limits_of_strangers() {
         assert!(delivered.is_ok(), "the policy never arrived on the stream");
     });
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// (d) The most strangers can hold together: from many addresses, every
+/// one at its share, more connections than the total cap, each as in (c).
+/// The connections over the cap are refused at once; the rest hold what
+/// the total cap and the body budget allow, within the same bound. (Honest
+/// bootstraps may be refused while every place is taken.)
+#[test]
+fn strangers_from_many_addresses_at_every_limit_are_contained() {
+    let limits = Limits::default();
+    let at_the_limit = HalfBody {
+        path: CREATE_CERTIFICATE,
+        declared: CREATE_CERTIFICATE_MAX_MESSAGE as u32 - 1,
+        send: CREATE_CERTIFICATE_MAX_MESSAGE - 2,
+    };
+    let addresses = limits.unauthenticated_total / limits.unauthenticated_per_peer + 2;
+    let strangers: Vec<String> = (0..addresses)
+        .map(|i| format!("127.0.1.{}", i + 1))
+        .collect();
+    let strangers: Vec<&str> = strangers.iter().map(String::as_str).collect();
+    let refused = attack_is_contained(
+        "attack-total",
+        &strangers,
+        limits.unauthenticated_per_peer,
+        &vec![at_the_limit; limits.unauthenticated.max_concurrent_streams as usize],
+        Honest::MayBeRefused,
+    );
+    assert!(
+        refused >= addresses * limits.unauthenticated_per_peer - limits.unauthenticated_total,
+        "{refused} connections over the total were refused"
+    );
 }
