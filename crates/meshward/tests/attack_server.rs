@@ -12,6 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::istio_ca::IstioCertificateRequest;
 use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshward_identity::limits::{CLOSE_GRACE, CREATE_CERTIFICATE_MAX_MESSAGE, Limits};
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -65,18 +68,34 @@ struct Target {
 
 impl Target {
     fn of(mesh: &Mesh) -> Target {
+        Target::with_identity(mesh, None)
+    }
+
+    /// With `identity`, (certificate chain, key) PEM files, as a client
+    /// certificate.
+    fn with_identity(mesh: &Mesh, identity: Option<(&Path, &Path)>) -> Target {
         let root_pem = std::fs::read_to_string(mesh.data.join("root-cert.pem")).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for cert in meshward_identity::pem::parse_certificates(&root_pem).unwrap() {
             roots.add(cert).unwrap();
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let mut config = match identity {
+            None => config.with_no_client_auth(),
+            Some((chain, key)) => {
+                let chain = meshward_identity::pem::parse_certificates(
+                    &std::fs::read_to_string(chain).unwrap(),
+                )
+                .unwrap();
+                let key = PrivateKeyDer::from_pem_file(key).unwrap();
+                config.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
         config.alpn_protocols = vec![b"h2".to_vec()];
         Target {
             addr: mesh.ca_addr.parse().unwrap(),
@@ -613,4 +632,40 @@ fn strangers_from_many_addresses_at_every_limit_are_contained() {
         refused >= addresses * limits.unauthenticated_per_peer - limits.unauthenticated_total,
         "{refused} connections over the total were refused"
     );
+}
+
+/// A workload of the mesh (a valid client certificate, not the admin's)
+/// cannot make the server read a large config message: its Apply is
+/// refused on its headers, while its body is still half-sent.
+#[test]
+fn a_workload_cannot_make_the_server_read_a_config_message() {
+    let dir = tempdir("attack-workload-config");
+    let mesh = server(&dir);
+    let (cert, key, _) = mesh.issue("web", "web");
+    let target = Target::with_identity(&mesh, Some((&cert, &key)));
+
+    runtime().block_on(async {
+        let tcp = tcp_from("127.0.0.1".parse().unwrap(), target.addr)
+            .await
+            .unwrap();
+        let tls = target
+            .tls
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let (sender, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(connection);
+        let half = HalfBody {
+            path: APPLY,
+            declared: 4 << 20,
+            send: 1 << 20,
+        };
+        let ended = tokio::time::timeout(CLOSE_WITHIN, half_send(sender, half))
+            .await
+            .expect("an answer");
+        // 7: PERMISSION_DENIED (a server that read first would wait for the
+        // rest of the message, then answer DEADLINE_EXCEEDED).
+        assert_eq!(ended, format!("{APPLY} grpc-status 7"));
+    });
+    std::fs::remove_dir_all(dir).ok();
 }

@@ -13,11 +13,10 @@ use meshward_identity::limits::{self, Limits};
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
 
-use meshward_api::control::config_service_server::ConfigServiceServer;
 use meshward_api::control::distribution_server::DistributionServer;
 use meshward_api::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use meshward_control_plane::admin::{admin_dir, write_admin_credential};
-use meshward_control_plane::api::ConfigApi;
+use meshward_control_plane::api::{ConfigApi, config_server};
 use meshward_control_plane::push::{DistributionService, Hub};
 use meshward_control_plane::store::Store;
 use meshward_control_plane::watch;
@@ -89,7 +88,7 @@ pub struct Args {
 
 /// The largest ApplyRequest (one file's text): tonic's usual 4 MiB, so every
 /// file that applied before still does; a Kubernetes object is at most
-/// 1.5 MiB. Only a connection with a client certificate reaches it.
+/// 1.5 MiB. Only the admin's requests are decoded at all.
 const CONFIG_MAX_MESSAGE: usize = 4 << 20;
 /// The largest DistributionRequest: a nonce, an error and the hosts a proxy
 /// subscribes to (a thousand full-length names fit).
@@ -165,10 +164,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             IstioCertificateServiceServer::new(ca_service)
                 .max_decoding_message_size(limits::CREATE_CERTIFICATE_MAX_MESSAGE),
         )
-        .add_service(
-            ConfigServiceServer::new(ConfigApi::new(store.clone(), hub.clone(), admin))
-                .max_decoding_message_size(CONFIG_MAX_MESSAGE),
-        )
+        .add_service(config_server(
+            ConfigApi::new(store.clone(), hub.clone(), admin),
+            CONFIG_MAX_MESSAGE,
+        ))
         .add_service(
             DistributionServer::new(DistributionService(hub.clone()))
                 .max_decoding_message_size(DISTRIBUTION_MAX_MESSAGE),
