@@ -19,8 +19,7 @@ use tower::ServiceExt;
 
 use crate::ca::CertificateAuthority;
 use crate::limits::{
-    Admission, Admitted, BudgetedBody, CLOSE_GRACE, CREATE_CERTIFICATE_PATH, ConnectionLimits,
-    Limits, LogThrottle,
+    Admission, Admitted, BudgetedBody, CLOSE_GRACE, CREATE_CERTIFICATE_PATH, Limits, LogThrottle,
 };
 use crate::tls::{self, WatchedCert};
 
@@ -33,8 +32,6 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 pub enum ServeError {
     #[error("TLS configuration: {0}")]
     Tls(String),
-    #[error("serving: {0}")]
-    Serve(String),
 }
 
 /// The address a server listens on, for messages.
@@ -179,9 +176,12 @@ impl Port {
             &self.limits.unauthenticated
         };
         let port = self.clone();
+        let deadline = limits.request_timeout;
         let service = hyper::service::service_fn(move |request| {
             let (port, info) = (port.clone(), info.clone());
-            async move { Ok::<_, Infallible>(port.request(request, info, authenticated).await) }
+            async move {
+                Ok::<_, Infallible>(port.request(request, info, authenticated, deadline).await)
+            }
         });
         let mut conn = pin!(
             limits
@@ -222,18 +222,14 @@ impl Port {
 
     /// One request: refused at once when an unauthenticated connection asks
     /// for anything but CreateCertificate (before any of its body is read),
-    /// otherwise routed, with a deadline for its response to start.
+    /// otherwise routed; its response must start within `deadline`.
     async fn request(
         &self,
         mut request: http::Request<Incoming>,
         info: TlsConnectInfo<TcpConnectInfo>,
         authenticated: bool,
+        deadline: Duration,
     ) -> http::Response<tonic::body::Body> {
-        let limits: &ConnectionLimits = if authenticated {
-            &self.limits.authenticated
-        } else {
-            &self.limits.unauthenticated
-        };
         if !authenticated && request.uri().path() != CREATE_CERTIFICATE_PATH {
             return Status::unauthenticated(format!(
                 "{} needs a client certificate of the mesh; without one, only CreateCertificate (with a bootstrap token) is served",
@@ -245,14 +241,11 @@ impl Port {
         request.extensions_mut().insert(info);
         let budget = (!authenticated).then(|| self.body_budget.clone());
         let request = request.map(|body| BudgetedBody::new(body, budget));
-        match tokio::time::timeout(limits.request_timeout, self.routes.clone().oneshot(request))
-            .await
-        {
+        match tokio::time::timeout(deadline, self.routes.clone().oneshot(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},
             Err(_) => Status::deadline_exceeded(format!(
-                "the request was not received and answered within {:?}",
-                limits.request_timeout
+                "the request was not received and answered within {deadline:?}"
             ))
             .into_http(),
         }

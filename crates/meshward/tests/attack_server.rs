@@ -1,10 +1,12 @@
-//! Attacks on `meshward server`'s one TLS port by a stranger: a client with
-//! no client certificate and no token, speaking HTTP/2 over TLS, that opens
-//! gRPC streams and sends most of a large message without ever finishing
-//! it. Against the running server process: its resident memory must stay
-//! within a bound, the server must close the attacking connections, and an
-//! honest client's CreateCertificate (with a bootstrap token) must succeed
-//! while the attack is on.
+//! Attacks on `meshward server`'s one TLS port, against the running
+//! process. Mostly by a stranger: a client with no client certificate and
+//! no token, speaking HTTP/2 over TLS, that opens gRPC streams and sends
+//! most of a large message without ever finishing it. The server's resident
+//! memory must stay within a bound, the server must close the attacking
+//! connections, and an honest client's CreateCertificate (with a bootstrap
+//! token) must succeed while the attack is on. Also: one address's share of
+//! connections, a workload that is not the admin sending a config message,
+//! and a proxy's stream, which the limits on strangers must not end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,7 +24,9 @@ use meshward_api::control::DistributionRequest;
 use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::istio_ca::IstioCertificateRequest;
 use meshward_api::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshward_identity::limits::{CLOSE_GRACE, CREATE_CERTIFICATE_MAX_MESSAGE, Limits};
+use meshward_identity::limits::{
+    CLOSE_GRACE, CREATE_CERTIFICATE_MAX_MESSAGE, CREATE_CERTIFICATE_PATH, Limits,
+};
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::io::AsyncReadExt;
@@ -34,7 +38,7 @@ const RSS_BOUND_KIB: u64 = 20 * 1024;
 /// How long the server may take to close every attacking connection.
 const CLOSE_WITHIN: Duration = Duration::from_secs(120);
 
-const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+const CREATE_CERTIFICATE: &str = CREATE_CERTIFICATE_PATH;
 const APPLY: &str = "/meshward.v1.ConfigService/Apply";
 const DISTRIBUTION: &str = "/meshward.v1.Distribution/Stream";
 
