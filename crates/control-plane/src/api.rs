@@ -4,13 +4,14 @@
 
 use std::sync::Arc;
 
-use meshward_api::control::config_service_server::ConfigService;
+use meshward_api::control::config_service_server::{ConfigService, ConfigServiceServer};
 use meshward_api::control::{
     ApplyRequest, ApplyResponse, Change, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
     RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
 };
 use meshward_api::resources::RevocationKind;
 use meshward_identity::spiffe::SpiffeId;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::push::Hub;
@@ -47,19 +48,47 @@ impl ConfigApi {
     /// The caller must present the admin certificate (its chain was verified
     /// against the mesh's roots in the TLS handshake).
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let (id, _) = crate::push::caller(
-            request,
-            "the config API needs the admin client certificate (meshward --data-dir or --admin-dir)",
-        )?;
-        if id != self.admin {
-            tracing::warn!(caller = %id, "config API call refused: not the admin identity");
-            return Err(Status::permission_denied(format!(
-                "{id} may not change configuration; only {} may",
-                self.admin
-            )));
-        }
-        Ok(())
+        authorize_admin(&self.admin, request)
     }
+}
+
+fn authorize_admin<T>(admin: &SpiffeId, request: &Request<T>) -> Result<(), Status> {
+    let (id, _) = crate::push::caller(
+        request,
+        "the config API needs the admin client certificate (meshward --data-dir or --admin-dir)",
+    )?;
+    if id != *admin {
+        tracing::warn!(caller = %id, "config API call refused: not the admin identity");
+        return Err(Status::permission_denied(format!(
+            "{id} may not change configuration; only {admin} may"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a config API request from anyone but the admin on its headers,
+/// before its body is read.
+#[derive(Clone)]
+pub struct AdminOnly(SpiffeId);
+
+impl tonic::service::Interceptor for AdminOnly {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        authorize_admin(&self.0, &request).map(|()| request)
+    }
+}
+
+/// The config API as served: messages up to `max_message` bytes, decoded
+/// only for the admin (so no one else can make the server read a large
+/// one); each call checks the caller again.
+pub fn config_server(
+    api: ConfigApi,
+    max_message: usize,
+) -> InterceptedService<ConfigServiceServer<ConfigApi>, AdminOnly> {
+    let admin_only = AdminOnly(api.admin.clone());
+    InterceptedService::new(
+        ConfigServiceServer::new(api).max_decoding_message_size(max_message),
+        admin_only,
+    )
 }
 
 fn status_of(e: StoreError) -> Status {

@@ -8,7 +8,6 @@
 //! CA signs the CSR for that identity and nothing else, and a single-use
 //! token is spent in the [`TokenLedger`] before the certificate is sent.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +19,13 @@ use rcgen::{KeyPair, SanType};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::bundle::TrustBundle;
 use crate::ca::{CaError, CertificateAuthority, IssuedChain};
 use crate::chain;
+use crate::limits::Limits;
+pub use crate::port::{DRAIN_TIME, ServeError, describe_listener, serve_routes};
 use crate::revocation::{Revocations, Revoked};
 use crate::spiffe::SpiffeId;
 use crate::tls::{self, WatchedCert};
@@ -440,82 +440,9 @@ impl Drop for ServerCertificate {
     }
 }
 
-/// How long in-flight requests may finish after shutdown is asked for.
-/// Idle connections (a client that keeps its channel open) do not hold the
-/// server up past it.
-pub const DRAIN_TIME: Duration = Duration::from_secs(5);
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The TLS configuration of the CA server: its certificate from `cert`
-/// (read on every handshake, so renewals apply to new connections), client
-/// certificates optional (a bootstrap token suffices) but, when presented,
-/// verified against the mesh's roots; HTTP/2 only.
-fn server_tls(
-    ca: &CertificateAuthority,
-    cert: WatchedCert,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    for root in ca.bundle().roots() {
-        roots.add(root.clone())?;
-    }
-    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        tls::provider(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(clients)
-        .with_cert_resolver(Arc::new(cert));
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
-}
-
-/// Accepts TCP connections, completes TLS handshakes concurrently (a slow
-/// client holds up nobody), and hands finished streams to the gRPC server.
-fn tls_incoming(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-) -> tokio_stream::wrappers::ReceiverStream<
-    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            // Small gRPC frames must not wait for delayed ACKs (40 ms otherwise).
-            let _ = tcp.set_nodelay(true);
-            if tx.is_closed() {
-                return;
-            }
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-/// Serves the certificate service on `listener` until `shutdown` completes,
-/// then drains for at most [`DRAIN_TIME`].
+/// Serves the certificate service alone on `listener`, within the default
+/// [`Limits`], until `shutdown` completes, then drains for at most
+/// [`DRAIN_TIME`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ca: Arc<CertificateAuthority>,
@@ -523,60 +450,19 @@ pub async fn serve(
     authenticators: Vec<Box<dyn CallerAuthenticator>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(CaService::new(
-        ca.clone(),
-        authenticators,
-    )));
-    serve_routes(listener, &ca, server_cert, routes, shutdown).await
-}
-
-/// Serves `routes` (the certificate service and whatever the control plane
-/// adds beside it) on one TLS port: the server's own certificate, client
-/// certificates of the mesh verified when presented.
-pub async fn serve_routes(
-    listener: tokio::net::TcpListener,
-    ca: &CertificateAuthority,
-    server_cert: WatchedCert,
-    routes: tonic::service::Routes,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let tls = server_tls(ca, server_cert).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stopping.send(());
-    };
-    // Pings find proxies that vanished without closing their stream.
-    let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown);
-    let deadline = async {
-        if stopped.await.is_ok() {
-            tokio::time::sleep(DRAIN_TIME).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server => result.map_err(|e| ServeError::Serve(e.to_string())),
-        () = deadline => Ok(()),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("TLS configuration: {0}")]
-    Tls(String),
-    #[error("serving: {0}")]
-    Serve(String),
-}
-
-/// The address a server listens on, for messages.
-pub fn describe_listener(addr: SocketAddr) -> String {
-    format!("https://{addr} (istio.v1.auth.IstioCertificateService)")
+    let routes = tonic::service::Routes::new(
+        IstioCertificateServiceServer::new(CaService::new(ca.clone(), authenticators))
+            .max_decoding_message_size(crate::limits::CREATE_CERTIFICATE_MAX_MESSAGE),
+    );
+    serve_routes(
+        listener,
+        &ca,
+        server_cert,
+        routes,
+        Limits::default(),
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]

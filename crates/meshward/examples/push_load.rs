@@ -79,6 +79,12 @@ async fn run(n: usize) {
             data.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
+            // Every simulated proxy connects from 127.0.0.1 at once, and
+            // counts as unauthenticated until its TLS handshake is done.
+            "--max-unauthenticated-per-peer",
+            &(n + 16).to_string(),
+            "--max-unauthenticated",
+            &(n + 16).to_string(),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use meshward_identity::limits::{self, Limits};
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
 
-use meshward_api::control::config_service_server::ConfigServiceServer;
 use meshward_api::control::distribution_server::DistributionServer;
 use meshward_api::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use meshward_control_plane::admin::{admin_dir, write_admin_credential};
-use meshward_control_plane::api::ConfigApi;
+use meshward_control_plane::api::{ConfigApi, config_server};
 use meshward_control_plane::push::{DistributionService, Hub};
 use meshward_control_plane::store::Store;
 use meshward_control_plane::watch;
@@ -86,6 +86,16 @@ pub struct Args {
     /// ... and at the latest this long after the first (PILOT_DEBOUNCE_MAX).
     #[arg(long, default_value = "1s")]
     debounce_max: humantime::Duration,
+    /// Connections without a client certificate (bootstrapping, or in their
+    /// TLS handshake) from one address (IPv6: one /64); more are closed at
+    /// once. Raise it when many workloads bootstrap from one address.
+    #[arg(long, default_value_t = Limits::default().unauthenticated_per_peer as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_unauthenticated_per_peer: u64,
+    /// Connections without a client certificate in total.
+    #[arg(long, default_value_t = Limits::default().unauthenticated_total as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_unauthenticated: u64,
 }
 
 fn positive_duration(s: &str) -> Result<humantime::Duration, String> {
@@ -95,6 +105,14 @@ fn positive_duration(s: &str) -> Result<humantime::Duration, String> {
     }
     Ok(d)
 }
+
+/// The largest ApplyRequest (one file's text): tonic's usual 4 MiB, so every
+/// file that applied before still does; a Kubernetes object is at most
+/// 1.5 MiB. Only the admin's requests are decoded at all.
+const CONFIG_MAX_MESSAGE: usize = 4 << 20;
+/// The largest DistributionRequest: a nonce, an error and the hosts a proxy
+/// subscribes to (a thousand full-length names fit).
+const DISTRIBUTION_MAX_MESSAGE: usize = 256 << 10;
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ca = Arc::new(
@@ -172,16 +190,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(ca_service))
-            .add_service(ConfigServiceServer::new(
-                ConfigApi::new(store.clone(), hub.clone(), admin).with_unrevocable(vec![own]),
-            ))
-            .add_service(DistributionServer::new(DistributionService(hub.clone())));
+        let routes = tonic::service::Routes::new(
+            IstioCertificateServiceServer::new(ca_service)
+                .max_decoding_message_size(limits::CREATE_CERTIFICATE_MAX_MESSAGE),
+        )
+        .add_service(config_server(
+            ConfigApi::new(store.clone(), hub.clone(), admin).with_unrevocable(vec![own]),
+            CONFIG_MAX_MESSAGE,
+        ))
+        .add_service(
+            DistributionServer::new(DistributionService(hub.clone()))
+                .max_decoding_message_size(DISTRIBUTION_MAX_MESSAGE),
+        );
+        let limits = Limits {
+            unauthenticated_per_peer: usize::try_from(args.max_unauthenticated_per_peer)
+                .unwrap_or(usize::MAX),
+            unauthenticated_total: usize::try_from(args.max_unauthenticated).unwrap_or(usize::MAX),
+            ..Limits::default()
+        };
         service::serve_routes(
             listener,
             &ca,
             server_cert.cert.clone(),
             routes,
+            limits,
             shutdown_signal(),
         )
         .await
