@@ -100,23 +100,26 @@ impl HttpRequest {
         self.headers.push((name.to_owned(), value));
     }
 
-    /// The value of query parameter `name` (first occurrence, percent-decoded).
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        let query = self.path.split_once('?')?.1;
+    /// Every value of query parameter `name`, in order, percent-decoded.
+    pub fn query_params<'a>(&'a self, name: &'a str) -> impl Iterator<Item = String> + 'a {
+        let query = self.path.split_once('?').map_or("", |(_, q)| q);
         let query = query.split('#').next().unwrap_or_default();
-        query.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k) == name).then(|| decode(v))
-        })
+        query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .filter_map(move |pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (decode(k) == name).then(|| decode(v))
+            })
     }
 
-    /// The value of cookie `name` from the `cookie` headers.
-    pub fn cookie(&self, name: &str) -> Option<String> {
+    /// Every value of cookie `name` from the `cookie` headers, in order.
+    pub fn cookies<'a>(&'a self, name: &'a str) -> impl Iterator<Item = String> + 'a {
         self.headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
             .flat_map(|(_, v)| v.split(';'))
-            .find_map(|c| {
+            .filter_map(move |c| {
                 let (k, v) = c.trim().split_once('=')?;
                 (k == name).then(|| v.trim_matches('"').to_owned())
             })
@@ -213,15 +216,20 @@ mod tests {
     #[test]
     fn query_and_cookies() {
         let req = HttpRequest {
-            path: "/a?x=1&access_token=abc%2Edef&y".into(),
-            headers: vec![("cookie".into(), "a=1; session=tok; b=2".into())],
+            path: "/a?x=1&access_token=abc%2Edef&y&&access_token=second#f".into(),
+            headers: vec![
+                ("cookie".into(), "a=1; session=tok; b=2".into()),
+                ("Cookie".into(), "session=\"again\"".into()),
+            ],
             ..Default::default()
         };
-        assert_eq!(req.query_param("access_token").as_deref(), Some("abc.def"));
-        assert_eq!(req.query_param("y").as_deref(), Some(""));
-        assert_eq!(req.query_param("z"), None);
-        assert_eq!(req.cookie("session").as_deref(), Some("tok"));
-        assert_eq!(req.cookie("c"), None);
+        let all = |name| req.query_params(name).collect::<Vec<_>>();
+        assert_eq!(all("access_token"), ["abc.def", "second"]);
+        assert_eq!(all("y"), [""]);
+        assert!(all("z").is_empty());
+        let cookies = |name| req.cookies(name).collect::<Vec<_>>();
+        assert_eq!(cookies("session"), ["tok", "again"]);
+        assert!(cookies("c").is_empty());
     }
 
     #[test]

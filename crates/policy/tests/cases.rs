@@ -43,6 +43,10 @@ struct Case {
     input: Value,
     #[serde(default)]
     jwt: Option<Jwt>,
+    /// Several tokens, placed in order after `jwt` (a header already set
+    /// gets one more value).
+    #[serde(default)]
+    jwts: Vec<Jwt>,
     expect: Expect,
 }
 
@@ -213,18 +217,9 @@ fn place_token(input: &mut Value, jwt: &Jwt, token: &str) {
         .expect("headers is an object");
     let parts: Vec<&str> = jwt.at.splitn(3, ':').collect();
     match parts.as_slice() {
-        ["header"] => {
-            headers.insert(
-                "authorization".into(),
-                Value::from(format!("Bearer {token}")),
-            );
-        }
-        ["header", name, prefix] => {
-            headers.insert(name.to_string(), Value::from(format!("{prefix}{token}")));
-        }
-        ["header", name] => {
-            headers.insert(name.to_string(), Value::from(token.to_owned()));
-        }
+        ["header"] => add_header(headers, "authorization", format!("Bearer {token}")),
+        ["header", name, prefix] => add_header(headers, name, format!("{prefix}{token}")),
+        ["header", name] => add_header(headers, name, token.to_owned()),
         ["param", name] => {
             let path = http
                 .get("path")
@@ -247,9 +242,20 @@ fn place_token(input: &mut Value, jwt: &Jwt, token: &str) {
     }
 }
 
+/// Sets a header, or adds a value when it is already there.
+fn add_header(headers: &mut serde_json::Map<String, Value>, name: &str, value: String) {
+    match headers.get_mut(name) {
+        None => {
+            headers.insert(name.to_owned(), Value::from(value));
+        }
+        Some(Value::Array(values)) => values.push(Value::from(value)),
+        Some(first) => *first = Value::from(vec![first.clone(), Value::from(value)]),
+    }
+}
+
 fn run_case(file: &str, set: &PolicySet, case: &Case) -> Result<(), String> {
     let mut input = case.input.clone();
-    if let Some(jwt) = &case.jwt {
+    for jwt in case.jwt.iter().chain(&case.jwts) {
         let token = mint(jwt);
         place_token(&mut input, jwt, &token);
     }
