@@ -359,3 +359,57 @@ fn a_request_with_a_forged_token_beside_a_good_one_is_refused() {
     assert!(received.iter().all(|h| !h.contains(&forged)));
     web.assert_alive();
 }
+
+#[test]
+fn tokens_with_critical_header_extensions_are_refused() {
+    let app = App::start();
+    let mut web = Sidecar::start("crit", POLICIES, app.addr);
+    // Signed with the right key: only the header's extensions are wrong.
+    let critical = mint("admin", "rsa.pem", |h| {
+        h.crit = Some(vec!["exp-ext".into()]);
+        h.extras.insert("exp-ext", 1);
+    });
+    let unencoded = mint("admin", "rsa.pem", |h| {
+        h.crit = Some(vec!["b64".into()]);
+        h.extras.insert("b64", false);
+    });
+    let unencoded_uncritical = mint("admin", "rsa.pem", |h| {
+        h.extras.insert("b64", false);
+    });
+    let refusals = [
+        (
+            "/crit",
+            &critical,
+            "Jwt header lists critical extensions (crit) that are not supported",
+        ),
+        (
+            "/b64",
+            &unencoded,
+            "Jwt header has an unencoded payload (b64: false), which is not supported",
+        ),
+        (
+            "/b64-not-critical",
+            &unencoded_uncritical,
+            "Jwt header has an unencoded payload (b64: false), which is not supported",
+        ),
+    ];
+    for (path, token, message) in refusals {
+        let r = reply(
+            web.port,
+            &get(path, &[("authorization", &format!("Bearer {token}"))]),
+        );
+        assert_eq!((r.status, r.body.as_str()), (401, message), "{path}: {r:?}");
+    }
+    let ok = reply(
+        web.port,
+        &get(
+            "/plain",
+            &[("authorization", &format!("Bearer {}", good_token("alice")))],
+        ),
+    );
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let received = app.received();
+    assert_eq!(received.len(), 1, "{received:#?}");
+    assert!(received[0].starts_with("GET /plain "), "{received:#?}");
+    web.assert_alive();
+}

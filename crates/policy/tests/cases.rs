@@ -70,6 +70,9 @@ struct Jwt {
     /// A literal token instead of a minted one.
     #[serde(default)]
     raw: Option<String>,
+    /// More header parameters (`crit`, `b64`, ...) for the minted token.
+    #[serde(default)]
+    header: serde_json::Map<String, Value>,
 }
 
 fn default_alg() -> String {
@@ -202,6 +205,13 @@ fn mint(jwt: &Jwt) -> String {
         Some("~") => None,
         Some(kid) => Some(kid.to_owned()),
     };
+    if !jwt.header.is_empty() {
+        let mut fields = serde_json::to_value(&header).expect("a header is JSON");
+        if let Some(fields) = fields.as_object_mut() {
+            fields.extend(jwt.header.clone());
+        }
+        header = serde_json::from_value(fields).expect("header parameters of the right types");
+    }
     jsonwebtoken::encode(&header, &claims, &key).expect("signing a test token")
 }
 

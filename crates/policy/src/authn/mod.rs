@@ -575,6 +575,35 @@ impl ParsedTokens {
     }
 }
 
+/// Header parameters that change what a signature means, which this
+/// verifier does not implement, so a token using them is refused rather than
+/// read as if they were absent (the JWT library parses `crit` and keeps
+/// `b64` among unknown fields, and checks neither). Envoy checks neither
+/// either; refusing is what RFC 7515 asks.
+fn check_extensions(header: &jsonwebtoken::Header) -> Result<(), AuthnFailure> {
+    // RFC 7797: with `b64: false` the payload is signed as raw bytes, not as
+    // its base64url form. `true` is the default meaning.
+    if header
+        .extras
+        .inner()
+        .get("b64")
+        .is_some_and(|b64| b64 != &serde_json::Value::Bool(true))
+    {
+        return Err(AuthnFailure::unauthorized(
+            "Jwt header has an unencoded payload (b64: false), which is not supported",
+        ));
+    }
+    // RFC 7515 §4.1.11: a recipient that does not understand an extension
+    // listed in `crit` must reject the token; meshward understands none (an
+    // empty list is itself invalid).
+    if header.crit.is_some() {
+        return Err(AuthnFailure::unauthorized(
+            "Jwt header lists critical extensions (crit) that are not supported",
+        ));
+    }
+    Ok(())
+}
+
 /// Shape, header and payload, with Envoy's messages.
 fn parse_token(token: &str) -> Result<ParsedToken, AuthnFailure> {
     // Envoy splits on '.' skipping empty parts: "h.p." has two sections.
@@ -587,6 +616,7 @@ fn parse_token(token: &str) -> Result<ParsedToken, AuthnFailure> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| {
         AuthnFailure::unauthorized("Jwt header is an invalid JSON or uses an unsupported algorithm")
     })?;
+    check_extensions(&header)?;
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload_b64.trim_end_matches('='))
         .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
