@@ -28,6 +28,16 @@ spec:
     jwks: '{{JWKS}}'
     outputClaimToHeaders:
     - {header: x-jwt-sub, claim: sub}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-blocked-host, namespace: web}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        hosts: ["blocked.example", "blocked.example:*"]
 "#;
 
 fn keys() -> PathBuf {
@@ -411,5 +421,33 @@ fn tokens_with_critical_header_extensions_are_refused() {
     let received = app.received();
     assert_eq!(received.len(), 1, "{received:#?}");
     assert!(received[0].starts_with("GET /plain "), "{received:#?}");
+    web.assert_alive();
+}
+
+#[test]
+fn a_trailing_dot_does_not_get_a_host_past_a_deny() {
+    let app = App::start();
+    let mut web = Sidecar::start("host-dot", POLICIES, app.addr);
+    let request =
+        |host: &str| format!("GET /{host} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    for host in [
+        "blocked.example",
+        "blocked.example.",
+        "BLOCKED.example.",
+        "blocked.example.:8080",
+    ] {
+        let r = reply(web.port, &request(host));
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (403, "RBAC: access denied"),
+            "Host: {host}: {r:?}"
+        );
+    }
+    // Another host passes, and the application gets it without the dot.
+    let r = reply(web.port, &request("web.example.:8080"));
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = app.request_for("/web.example.:8080");
+    assert!(head.contains("host: web.example:8080\r\n"), "{head}");
+    assert_eq!(app.received().len(), 1, "{:#?}", app.received());
     web.assert_alive();
 }

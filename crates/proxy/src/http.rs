@@ -203,6 +203,46 @@ pub fn apply_edits(headers: &mut HeaderMap, remove: &[String], set: &[(String, S
     }
 }
 
+/// Removes one trailing dot from the request's host, in the URI's authority
+/// and in `Host`, before anything reads them, as Envoy's
+/// `strip_trailing_host_dot` does: the engine authorizes, and the
+/// application receives, `blocked.example`, never `blocked.example.`.
+pub fn strip_trailing_host_dot<B>(request: &mut Request<B>) {
+    use meshward_policy::request::strip_trailing_host_dot as strip;
+    if let Some(authority) = request
+        .uri()
+        .authority()
+        .and_then(|a| strip(a.as_str()))
+        .and_then(|a| Authority::try_from(a).ok())
+    {
+        let mut parts = request.uri().clone().into_parts();
+        parts.authority = Some(authority);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    let hosts: Vec<HeaderValue> = request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .cloned()
+        .collect();
+    let stripped = |value: &HeaderValue| {
+        value
+            .to_str()
+            .ok()
+            .and_then(strip)
+            .and_then(|s| HeaderValue::from_str(&s).ok())
+    };
+    if hosts.iter().any(|h| stripped(h).is_some()) {
+        request.headers_mut().remove(header::HOST);
+        for host in hosts {
+            let value = stripped(&host).unwrap_or(host);
+            request.headers_mut().append(header::HOST, value);
+        }
+    }
+}
+
 /// The authority a request is for (`:authority`, else the one `Host`), or
 /// `fallback` when it names none. `None` when it is not a plain `host[:port]`
 /// (user info, a path or query smuggled into `Host`) or `Host` is repeated:
@@ -437,6 +477,23 @@ mod tests {
             request_authority(&none, "127.0.0.1:1").unwrap(),
             "127.0.0.1:1"
         );
+    }
+
+    #[test]
+    fn a_trailing_host_dot_is_removed_before_anything_reads_the_host() {
+        let mut r = Request::get("/")
+            .header("host", "blocked.example.:8080")
+            .body(())
+            .unwrap();
+        strip_trailing_host_dot(&mut r);
+        assert_eq!(r.headers()["host"], "blocked.example:8080");
+        assert_eq!(policy_request(&r).host, "blocked.example:8080");
+        let mut r = Request::get("http://blocked.example./x").body(()).unwrap();
+        strip_trailing_host_dot(&mut r);
+        assert_eq!(r.uri().to_string(), "http://blocked.example/x");
+        let mut r = Request::get("/").header("host", "web:80").body(()).unwrap();
+        strip_trailing_host_dot(&mut r);
+        assert_eq!(r.headers()["host"], "web:80");
     }
 
     #[test]

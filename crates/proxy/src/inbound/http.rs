@@ -23,6 +23,7 @@ use crate::ext_authz::ExtAuthzAnswer;
 use crate::http::{
     Body, BoxError, Counted, XFCC, apply_edits, is_grpc, local_reply, logged_response_body,
     policy_request, protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
+    strip_trailing_host_dot,
 };
 use crate::log::{AuditRecord, timestamp};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -44,7 +45,7 @@ where
 }
 
 async fn handle(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     info: Arc<ConnInfo>,
     target: Arc<InboundTarget>,
     shared: Arc<Shared>,
@@ -53,6 +54,7 @@ async fn handle(
     let start_time = SystemTime::now();
     let snapshot = shared.policies.current();
     let grpc = is_grpc(request.headers());
+    strip_trailing_host_dot(&mut request);
     let view = policy_request(&request);
     let mut record = info.record(&target, protocol_name(request.version()), snapshot.version);
     record.time = timestamp(start_time);
