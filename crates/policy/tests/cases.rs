@@ -133,6 +133,13 @@ struct ValidateCase {
     errors: Vec<String>,
     #[serde(default)]
     warnings: Vec<String>,
+    /// Substrings no warning may contain.
+    #[serde(default)]
+    no_warnings: Vec<String>,
+    /// The mesh config in force (Istio's defaults when absent), for the
+    /// warnings that depend on it, as `meshward validate --mesh-config`.
+    #[serde(default)]
+    mesh: Option<Value>,
     /// Expected 1-based line of the first error.
     #[serde(default)]
     line: Option<usize>,
@@ -384,7 +391,13 @@ fn run_case(file: &str, set: &PolicySet, case: &Case) -> Result<(), String> {
 }
 
 fn run_validate(file: &str, case: &ValidateCase) -> Result<(), String> {
-    let loaded = load::load_str("case.yaml", &case.yaml);
+    let mut loaded = load::load_str("case.yaml", &case.yaml);
+    let mesh: MeshConfig = match &case.mesh {
+        Some(m) => serde_json::from_value(m.clone()).map_err(|e| format!("mesh: {e}"))?,
+        None => MeshConfig::default(),
+    };
+    let mesh_warnings = loaded.mesh_warnings(&mesh);
+    loaded.diagnostics.extend(mesh_warnings);
     let errors: Vec<String> = loaded
         .diagnostics
         .iter()
@@ -414,6 +427,11 @@ fn run_validate(file: &str, case: &ValidateCase) -> Result<(), String> {
     for needle in &case.warnings {
         if !warnings.iter().any(|w| w.contains(needle.as_str())) {
             problems.push(format!("no warning contains {needle:?}"));
+        }
+    }
+    for needle in &case.no_warnings {
+        if warnings.iter().any(|w| w.contains(needle.as_str())) {
+            problems.push(format!("a warning contains {needle:?}"));
         }
     }
     if let Some(line) = case.line {
