@@ -38,6 +38,16 @@ spec:
   - to:
     - operation:
         hosts: ["blocked.example", "blocked.example:*"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin-paths, namespace: web}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/allow/admin/{**}", "/store/{**}/cart"]
 "#;
 
 fn keys() -> PathBuf {
@@ -449,5 +459,34 @@ fn a_trailing_dot_does_not_get_a_host_past_a_deny() {
     let head = app.request_for("/web.example.:8080");
     assert!(head.contains("host: web.example:8080\r\n"), "{head}");
     assert_eq!(app.received().len(), 1, "{:#?}", app.received());
+    web.assert_alive();
+}
+
+#[test]
+fn a_double_star_template_matches_empty_and_slashes_so_nothing_slips_past_a_deny() {
+    let app = App::start();
+    let mut web = Sidecar::start("double-star", POLICIES, app.addr);
+    // `{**}` is zero or more characters, slashes included (Envoy's
+    // `[pchar/]*`): the empty remainder and an empty middle are matched.
+    for path in [
+        "/allow/admin/",
+        "/allow/admin/users/7",
+        "/store//cart",
+        "/store/a/b/cart",
+    ] {
+        let r = reply(web.port, &get(path, &[]));
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (403, "RBAC: access denied"),
+            "{path}: {r:?}"
+        );
+    }
+    // What the templates do not cover passes.
+    for path in ["/allow/admin", "/store/cart"] {
+        let r = reply(web.port, &get(path, &[]));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        app.request_for(path);
+    }
+    assert_eq!(app.received().len(), 2, "{:#?}", app.received());
     web.assert_alive();
 }
