@@ -273,6 +273,29 @@ fn describe_explains_what_applies_and_what_does_not() {
 }
 
 #[test]
+fn validate_refuses_an_empty_port_level_mtls_and_an_empty_issuer() {
+    let o = meshward(
+        &["validate", "-f", "-"],
+        Some(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  portLevelMtls: {}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: foo}\nspec:\n  jwtRules:\n  - issuer: \"\"\n    jwksUri: https://issuer.example/jwks\n",
+        ),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    for needle in [
+        "<stdin>:6: error: PeerAuthentication foo/pa: spec.portLevelMtls: port level mTLS, if defined, must have at least one element",
+        "<stdin>:13: error: RequestAuthentication foo/ra: spec.jwtRules[0].issuer: issuer must be non-empty string when set",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(
+        stderr(&o).contains("2 document(s): 0 valid policies, 2 error(s)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn validate_describe_and_up_warn_about_paths_that_base_normalization_leaves_open() {
     let dir = tempdir();
     let merge = dir.join("mesh-merge-slashes.yaml");

@@ -79,13 +79,23 @@ fn validate_peer_authentication(pa: &PeerAuthentication, v: &mut Issues) {
         .selector
         .as_ref()
         .is_some_and(|s| !s.match_labels.is_empty());
-    if !spec.port_level_mtls.is_empty() && !has_selector {
+    if spec.port_modes().next().is_some() && !has_selector {
         v.error(
             "spec.portLevelMtls",
             "mesh/namespace peer authentication cannot have port level mTLS: add a selector (portLevelMtls requires selector)",
         );
     }
-    for port in spec.port_level_mtls.keys() {
+    if spec
+        .port_level_mtls
+        .as_ref()
+        .is_some_and(|ports| ports.is_empty())
+    {
+        v.error(
+            "spec.portLevelMtls",
+            "port level mTLS, if defined, must have at least one element",
+        );
+    }
+    for (port, _) in spec.port_modes() {
         match port.parse::<u32>() {
             Ok(p) if (1..=65535).contains(&p) => {}
             _ => v.error(
