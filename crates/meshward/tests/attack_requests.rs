@@ -490,3 +490,39 @@ fn a_double_star_template_matches_empty_and_slashes_so_nothing_slips_past_a_deny
     assert_eq!(app.received().len(), 2, "{:#?}", app.received());
     web.assert_alive();
 }
+
+#[test]
+fn a_request_without_a_host_gets_400_and_never_reaches_the_application() {
+    let app = App::start();
+    let mut web = Sidecar::start("no-host", POLICIES, app.addr);
+    let refused = [
+        // RFC 9112 §3.2: HTTP/1.1 requires Host.
+        "GET /no-host HTTP/1.1\r\nconnection: close\r\n\r\n",
+        // Envoy (HTTP/1.0 enabled, no default host) refuses it too.
+        "GET /no-host-1.0 HTTP/1.0\r\n\r\n",
+        "GET /empty-host HTTP/1.1\r\nhost:\r\nconnection: close\r\n\r\n",
+        "GET /two-hosts HTTP/1.1\r\nhost: web.example\r\nhost: blocked.example\r\nconnection: close\r\n\r\n",
+        "GET /user-info HTTP/1.1\r\nhost: admin@web.example\r\nconnection: close\r\n\r\n",
+    ];
+    for request in refused {
+        let r = reply(web.port, request);
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (400, "Bad Request"),
+            "{request:?}: {r:?}"
+        );
+        assert_eq!(r.header("connection"), Some("close"), "{request:?}: {r:?}");
+    }
+    // With a Host, both versions are served.
+    for request in [
+        "GET /with-host HTTP/1.1\r\nhost: web.example\r\nconnection: close\r\n\r\n",
+        "GET /with-host-1.0 HTTP/1.0\r\nhost: web.example\r\n\r\n",
+    ] {
+        let r = reply(web.port, request);
+        assert_eq!(r.status, 200, "{request:?}: {r:?}");
+    }
+    app.request_for("/with-host");
+    app.request_for("/with-host-1.0");
+    assert_eq!(app.received().len(), 2, "{:#?}", app.received());
+    web.assert_alive();
+}

@@ -243,26 +243,41 @@ pub fn strip_trailing_host_dot<B>(request: &mut Request<B>) {
     }
 }
 
+/// Why a request names no authority the proxy can authorize and forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadAuthority {
+    /// Neither `:authority` nor `Host`: HTTP/1.1 requires `Host` (RFC 9112
+    /// §3.2), and Envoy refuses any request without one.
+    #[error("bad request: no Host header (HTTP/1.1 requires one, RFC 9112 §3.2)")]
+    Missing,
+    /// User info, a path or query smuggled into it, or `Host` repeated.
+    #[error("bad request: the authority (Host) is not HOST[:PORT], or is repeated")]
+    Invalid,
+}
+
 /// The authority a request is for (`:authority`, else the one `Host`), or
-/// `fallback` when it names none. `None` when it is not a plain `host[:port]`
-/// (user info, a path or query smuggled into `Host`) or `Host` is repeated:
-/// such a request is refused, as the authority authorized must be the one
-/// the application gets.
-pub fn request_authority<B>(request: &Request<B>, fallback: &str) -> Option<Authority> {
+/// `fallback` when it names none. Refused when it is not a plain
+/// `host[:port]` or `Host` is repeated: the authority authorized must be the
+/// one the application gets.
+pub fn request_authority<B>(
+    request: &Request<B>,
+    fallback: Option<&str>,
+) -> Result<Authority, BadAuthority> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let (first, second) = (hosts.next(), hosts.next());
     if second.is_some() {
-        return None;
+        return Err(BadAuthority::Invalid);
     }
-    let text = match (request.uri().authority(), first) {
-        (Some(a), _) => a.as_str().to_owned(),
-        (None, Some(h)) => h.to_str().ok()?.to_owned(),
-        (None, None) => fallback.to_owned(),
+    let text = match (request.uri().authority(), first, fallback) {
+        (Some(a), _, _) => a.as_str().to_owned(),
+        (None, Some(h), _) => h.to_str().map_err(|_| BadAuthority::Invalid)?.to_owned(),
+        (None, None, Some(fallback)) => fallback.to_owned(),
+        (None, None, None) => return Err(BadAuthority::Missing),
     };
     if text.is_empty() || text.contains(['@', '/', '?', '#']) {
-        return None;
+        return Err(BadAuthority::Invalid);
     }
-    Authority::try_from(text).ok()
+    Authority::try_from(text).map_err(|_| BadAuthority::Invalid)
 }
 
 /// What the upstream gets: the URI `http://AUTHORITY` + the path as
@@ -460,21 +475,26 @@ mod tests {
                 .header("host", host)
                 .body(())
                 .unwrap();
-            request_authority(&r, "127.0.0.1:1").map(|a| a.to_string())
+            request_authority(&r, None).map(|a| a.to_string())
         };
-        assert_eq!(with("web:80").as_deref(), Some("web:80"));
-        assert_eq!(with("web/admin?"), None);
-        assert_eq!(with("user@web"), None);
-        assert_eq!(with("web#x"), None);
+        assert_eq!(with("web:80").as_deref(), Ok("web:80"));
+        assert_eq!(with("web/admin?"), Err(BadAuthority::Invalid));
+        assert_eq!(with("user@web"), Err(BadAuthority::Invalid));
+        assert_eq!(with("web#x"), Err(BadAuthority::Invalid));
+        assert_eq!(with(""), Err(BadAuthority::Invalid));
         let twice = Request::get("/")
             .header("host", "a")
             .header("host", "b")
             .body(())
             .unwrap();
-        assert_eq!(request_authority(&twice, "x:1"), None);
-        let none = Request::get("/").body(()).unwrap();
         assert_eq!(
-            request_authority(&none, "127.0.0.1:1").unwrap(),
+            request_authority(&twice, Some("x:1")),
+            Err(BadAuthority::Invalid)
+        );
+        let none = Request::get("/").body(()).unwrap();
+        assert_eq!(request_authority(&none, None), Err(BadAuthority::Missing));
+        assert_eq!(
+            request_authority(&none, Some("127.0.0.1:1")).unwrap(),
             "127.0.0.1:1"
         );
     }
