@@ -158,13 +158,23 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(name: &str, policy_yaml: &str, app: SocketAddr) -> Sidecar {
+        Sidecar::start_on(name, policy_yaml, app, &[free_port()])
+    }
+
+    /// With an inbound HTTP port for each of `ports` (the first is `port`).
+    fn start_on(name: &str, policy_yaml: &str, app: SocketAddr, ports: &[u16]) -> Sidecar {
         let dir = tempdir(&format!("attack-{name}"));
         let mesh = server(&dir);
         let policy_dir = dir.join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("policies.yaml"), policies(policy_yaml)).unwrap();
-        let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let inbound = ports.iter().flat_map(|port| {
+            [
+                "--inbound".to_owned(),
+                format!("{port}={app},protocol=http"),
+            ]
+        });
         let child = Command::new(bin())
             .args([
                 "proxy",
@@ -172,8 +182,9 @@ impl Sidecar {
                 "spiffe://cluster.local/ns/web/sa/web",
                 "--label",
                 "app=web",
-                "--inbound",
-                &format!("{port}={app},protocol=http"),
+            ])
+            .args(inbound)
+            .args([
                 "--policies",
                 policy_dir.to_str().unwrap(),
                 "--ca-address",
@@ -202,7 +213,7 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(50));
         }
         Sidecar {
-            port,
+            port: ports[0],
             admin,
             proxy,
             _mesh: mesh,
@@ -525,4 +536,351 @@ fn a_request_without_a_host_gets_400_and_never_reaches_the_application() {
     app.request_for("/with-host-1.0");
     assert_eq!(app.received().len(), 2, "{:#?}", app.received());
     web.assert_alive();
+}
+
+/// For the property tests: a port where nothing is allowed (every request
+/// that gets as far as a policy is refused) and a port that serves, to show
+/// the proxy still works.
+const FUZZ_POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: web}
+spec:
+  jwtRules:
+  - issuer: https://issuer.example
+    jwks: '{{JWKS}}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-the-live-port, namespace: web}
+spec:
+  action: ALLOW
+  rules:
+  - to:
+    - operation: {ports: ["{{LIVE}}"]}
+"#;
+
+/// Writes `request`, then reads until the proxy closes. Once a whole
+/// response has arrived, or nothing has for a second, the writing side is
+/// closed, so a proxy keeping the connection for another request, or still
+/// waiting for more of this one, sees its end and must close too. Those
+/// moments decide when to stop waiting, never what is asserted.
+fn fuzz_exchange(port: u16, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let _ = s.write_all(request);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut ended = false;
+    let end = |s: &TcpStream, ended: &mut bool| {
+        if !*ended {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            *ended = true;
+        }
+    };
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if first_response_len(&out).is_some_and(|len| out.len() >= len) {
+                    end(&s, &mut ended);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the proxy neither answered nor closed: {:?}",
+                    String::from_utf8_lossy(request)
+                );
+                end(&s, &mut ended);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("reading the reply: {e}"),
+        }
+    }
+}
+
+/// The length of the first response in `bytes`, head and body, once its
+/// head has arrived and says how long its body is.
+fn first_response_len(bytes: &[u8]) -> Option<usize> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&bytes[..end]);
+    let length = head.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    })?;
+    Some(end + 4 + length)
+}
+
+/// The statuses of the HTTP/1.x responses in `bytes`, if that is all they
+/// are and every one is a 4xx. A reset may cut the last one short, but
+/// what arrived of it must still be the start of a 4xx response.
+fn only_4xx_responses(bytes: &[u8]) -> Result<Vec<u16>, String> {
+    let mut statuses = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let text = String::from_utf8_lossy(rest);
+            let cut_short = ["HTTP/1.1 4", "HTTP/1.0 4"]
+                .iter()
+                .any(|p| text.starts_with(p) || p.starts_with(text.as_ref()));
+            return cut_short
+                .then_some(statuses)
+                .ok_or_else(|| format!("not an HTTP response: {text:?}"));
+        };
+        let head = String::from_utf8_lossy(&rest[..end]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = match status_line.split(' ').collect::<Vec<_>>().as_slice() {
+            ["HTTP/1.1" | "HTTP/1.0", code, ..] if code.len() == 3 => code
+                .parse()
+                .map_err(|_| format!("bad status line {status_line:?}"))?,
+            _ => return Err(format!("bad status line {status_line:?}")),
+        };
+        if !(400..500).contains(&status) {
+            return Err(format!("status {status}: {head:?}"));
+        }
+        statuses.push(status);
+        let mut length = None;
+        for line in lines {
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| format!("bad header line {line:?}"))?;
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => {
+                    length = Some(
+                        value
+                            .trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("bad content-length {value:?}"))?,
+                    )
+                }
+                "transfer-encoding" => return Err(format!("a chunked reply: {head:?}")),
+                _ => {}
+            }
+        }
+        let body_start = end + 4;
+        // Without a length the body runs to the close.
+        let body_end = length.map_or(rest.len(), |n| (body_start + n).min(rest.len()));
+        rest = &rest[body_end..];
+    }
+    Ok(statuses)
+}
+
+#[test]
+fn only_4xx_responses_reads_what_it_says() {
+    let ok = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\n\r\nRBAC: access deniedHTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nHTTP/1.1 4";
+    assert_eq!(only_4xx_responses(ok), Ok(vec![403, 400]));
+    assert_eq!(only_4xx_responses(b""), Ok(vec![]));
+    assert_eq!(only_4xx_responses(b"HTT"), Ok(vec![]));
+    assert!(only_4xx_responses(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err());
+    assert!(only_4xx_responses(b"HTTP/1.1 503 x\r\ncontent-length: 0\r\n\r\n").is_err());
+    assert!(only_4xx_responses(b"HTTP/1.1 2").is_err());
+    assert!(only_4xx_responses(b"garbage").is_err());
+    assert!(
+        only_4xx_responses(b"HTTP/1.1 401 x\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+            .is_err()
+    );
+}
+
+/// Arbitrary request heads: raw bytes, and heads built from request lines
+/// and header lines that are mostly well formed, so that many reach the
+/// policy engine and some the HTTP parser's every refusal.
+fn request_heads() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max);
+    let method = prop_oneof![
+        4 => proptest::sample::select(vec!["GET", "POST", "OPTIONS", "DELETE", "PUT"])
+            .prop_map(str::to_owned),
+        1 => "[!-~]{0,12}",
+    ];
+    let target = prop_oneof![
+        6 => "/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,60}",
+        1 => "/[!-~]{0,60}",
+        1 => "[ -~]{0,40}",
+        1 => Just("*".to_owned()),
+    ];
+    let version = prop_oneof![
+        4 => Just("HTTP/1.1".to_owned()),
+        2 => Just("HTTP/1.0".to_owned()),
+        1 => "HTTP/[0-9]\\.[0-9]",
+        1 => "[ -~]{0,10}",
+    ];
+    let header = prop_oneof![
+        6 => ("[A-Za-z0-9-]{1,20}", "[ -~]{0,60}")
+            .prop_map(|(name, value)| format!("{name}: {value}").into_bytes()),
+        3 => proptest::sample::select(vec![
+            "host: blocked.example.",
+            "host:",
+            "content-length: 5",
+            "transfer-encoding: chunked",
+            "connection: keep-alive",
+            "expect: 100-continue",
+            "authorization: Bearer a.b.c",
+            "x-forwarded-client-cert: By=spiffe://cluster.local/ns/web/sa/web",
+        ])
+        .prop_map(|h| h.as_bytes().to_vec()),
+        1 => bytes(40),
+    ];
+    // Most carry a Host, without which any request is refused at once.
+    let host = prop_oneof![
+        4 => Just(b"host: web.example".to_vec()),
+        1 => "host: [ -~]{0,30}".prop_map(String::into_bytes),
+        1 => Just(Vec::new()),
+    ];
+    let structured = (
+        method,
+        target,
+        version,
+        host,
+        proptest::collection::vec(header, 0..6),
+    )
+        .prop_map(|(method, target, version, host, headers)| {
+            let mut head = format!("{method} {target} {version}\r\n").into_bytes();
+            for h in std::iter::once(host)
+                .filter(|h| !h.is_empty())
+                .chain(headers)
+            {
+                head.extend(h);
+                head.extend(b"\r\n");
+            }
+            head.extend(b"\r\n");
+            head
+        });
+    let raw = bytes(1024).prop_map(|mut head| {
+        head.extend(b"\r\n\r\n");
+        head
+    });
+    prop_oneof![1 => raw, 3 => structured]
+}
+
+/// What kind of bearer token a case sends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TokenKind {
+    /// Any bytes, which HTTP may not even carry in a header.
+    Raw,
+    /// Printable text: a header value, but never a token that verifies.
+    Text,
+    /// Three base64url sections: a JWT's shape, never a valid one.
+    Shaped,
+}
+
+/// Arbitrary bearer tokens: raw bytes, text, three base64url sections of
+/// arbitrary bytes, and well-formed tokens of the right issuer with an
+/// arbitrary signature.
+fn tokens() -> impl proptest::strategy::Strategy<Value = (Vec<u8>, TokenKind)> {
+    use base64::Engine as _;
+    use proptest::prelude::*;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max);
+    let raw = bytes(512).prop_map(|t| (t, TokenKind::Raw));
+    let text = "[ -~]{0,300}".prop_map(|t| (t.into_bytes(), TokenKind::Text));
+    let sections = (bytes(96), bytes(192), bytes(96)).prop_map(move |(h, p, s)| {
+        let token = format!("{}.{}.{}", b64(&h), b64(&p), b64(&s));
+        (token.into_bytes(), TokenKind::Shaped)
+    });
+    let forged = (
+        proptest::sample::select(vec!["RS256", "ES256", "HS256", "none", "PS512"]),
+        "[ -~]{0,24}",
+        bytes(300),
+    )
+        .prop_map(move |(alg, sub, sig)| {
+            let header = serde_json::json!({"alg": alg, "kid": "rsa-1", "typ": "JWT"});
+            let claims = serde_json::json!({"iss": "https://issuer.example", "sub": sub});
+            let token = format!(
+                "{}.{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(claims.to_string().as_bytes()),
+                b64(&sig)
+            );
+            (token.into_bytes(), TokenKind::Shaped)
+        });
+    prop_oneof![raw, text, sections, forged]
+}
+
+#[test]
+fn arbitrary_heads_and_tokens_get_a_4xx_and_the_proxy_keeps_serving() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let app = App::start();
+    let (fuzz, live) = (free_port(), free_port());
+    let yaml = FUZZ_POLICIES.replace("{{LIVE}}", &live.to_string());
+    // The runner's closures are `Fn`; checking the process needs `&mut`.
+    let web = std::cell::RefCell::new(Sidecar::start_on("fuzz", &yaml, app.addr, &[fuzz, live]));
+    let alive = || {
+        web.borrow_mut().assert_alive();
+        let r = reply(live, &get("/alive", &[]));
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"), "{r:?}");
+    };
+    alive();
+    let config = || Config {
+        cases: 96,
+        failure_persistence: None,
+        ..Config::default()
+    };
+
+    // Request heads: the proxy answers 4xx or closes; nothing reaches the
+    // application.
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    TestRunner::new(config())
+        .run(&request_heads(), |head| {
+            let statuses = only_4xx_responses(&fuzz_exchange(fuzz, &head)).map_err(|e| {
+                TestCaseError::fail(format!(
+                    "{e}\nfor head {:?}",
+                    String::from_utf8_lossy(&head)
+                ))
+            })?;
+            seen.borrow_mut().extend(statuses);
+            alive();
+            Ok(())
+        })
+        .unwrap();
+    // Both the HTTP parser and the policy engine were reached (each with
+    // probability far above 99.99% in 96 cases).
+    let seen = seen.into_inner();
+    assert!(seen.contains(&400) && seen.contains(&403), "{seen:?}");
+
+    // Tokens: one complete 4xx each (400 for a header HTTP cannot carry,
+    // 401 for a token that fails, 403 when no token is left to verify and
+    // nothing is allowed); a JWT-shaped one is always refused by request
+    // authentication with Envoy's message.
+    TestRunner::new(config())
+        .run(&tokens(), |(token, kind)| {
+            let mut request =
+                b"GET /jwt HTTP/1.1\r\nhost: web.example\r\nconnection: close\r\nauthorization: Bearer "
+                    .to_vec();
+            request.extend(&token);
+            request.extend(b"\r\n\r\n");
+            let bytes = fuzz_exchange(fuzz, &request);
+            let token = String::from_utf8_lossy(&token);
+            let statuses = only_4xx_responses(&bytes)
+                .map_err(|e| TestCaseError::fail(format!("{e}\nfor token {token:?}")))?;
+            let text = String::from_utf8_lossy(&bytes);
+            let expected = match kind {
+                TokenKind::Raw => statuses.len() == 1,
+                TokenKind::Text => statuses == [401] || statuses == [403],
+                TokenKind::Shaped => statuses == [401] && text.contains("\r\n\r\nJwt "),
+            };
+            proptest::prop_assert!(expected, "{kind:?} token {token:?}: {text:?}");
+            alive();
+            Ok(())
+        })
+        .unwrap();
+
+    let received = app.received();
+    assert!(
+        received
+            .iter()
+            .all(|h| h.starts_with("GET /alive HTTP/1.1\r\n")),
+        "a request other than the liveness checks reached the application: {received:#?}"
+    );
+    assert_eq!(received.len(), 1 + 2 * 96);
 }
