@@ -260,6 +260,123 @@ fn describe_explains_what_applies_and_what_does_not() {
     }
 }
 
+#[test]
+fn validate_refuses_an_empty_port_level_mtls_and_an_empty_issuer() {
+    let o = meshward(
+        &["validate", "-f", "-"],
+        Some(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  portLevelMtls: {}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: foo}\nspec:\n  jwtRules:\n  - issuer: \"\"\n    jwksUri: https://issuer.example/jwks\n",
+        ),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    for needle in [
+        "<stdin>:6: error: PeerAuthentication foo/pa: spec.portLevelMtls: port level mTLS, if defined, must have at least one element",
+        "<stdin>:13: error: RequestAuthentication foo/ra: spec.jwtRules[0].issuer: issuer must be non-empty string when set",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(
+        stderr(&o).contains("2 document(s): 0 valid policies, 2 error(s)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn validate_describe_and_up_warn_about_paths_that_base_normalization_leaves_open() {
+    let dir = tempdir();
+    let merge = dir.join("mesh-merge-slashes.yaml");
+    std::fs::write(
+        &merge,
+        "pathNormalization: {normalization: MERGE_SLASHES}\n",
+    )
+    .expect("write");
+    let merge = merge.to_str().expect("utf-8");
+
+    // validate: the examples' two DENY rules on paths, under Istio's default.
+    let o = meshward(&["validate", "-f", "examples/"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "examples/jwt/policies.yaml:51: warning: AuthorizationPolicy foo/admin-group: spec.rules[0].to[0].operation.paths: a DENY rule on paths: under path normalization BASE (Istio's default; vulnerable to CVE-2021-31920) requests such as //admin, /admin%2Fx, /x/..%2Fadmin, /admin%5Cx reach the application as written",
+        "examples/zero-trust/policies.yaml:93: warning: AuthorizationPolicy foo/deny-status-teapot: spec.rules[0].to[0].operation.paths: a DENY rule on paths: under path normalization BASE",
+        "set MeshConfig `pathNormalization: {normalization: MERGE_SLASHES}` (closes //admin) or, strictest, `DECODE_AND_MERGE_SLASHES` (closes all of them)",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert_eq!(out.matches("CVE-2021-31920").count(), 2, "{out}");
+    // The other three warnings are Istio's own (DENY rules that also deny TCP).
+    assert!(
+        stderr(&o).contains("20 valid policies, 0 error(s), 5 warning(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let strict = meshward(&["validate", "--strict", "-f", "examples/jwt/"], None);
+    assert_eq!(strict.status.code(), Some(1));
+    // The mesh config in force decides: merged slashes leave nothing to warn about.
+    let o = meshward(
+        &["validate", "-f", "examples/", "--mesh-config", merge],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("CVE-2021-31920"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("0 error(s), 3 warning(s)"),
+        "{}",
+        stderr(&o)
+    );
+
+    // describe: under the policies that apply to the workload.
+    let describe = |extra: &[&str]| {
+        let mut args = vec![
+            "describe",
+            "-f",
+            "examples/jwt/",
+            "-n",
+            "foo",
+            "-l",
+            "app=httpbin",
+        ];
+        args.extend(extra);
+        let o = meshward(&args, None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let out = describe(&[]);
+    assert!(
+        out.contains("  warning: AuthorizationPolicy foo/admin-group: spec.rules[0].to[0].operation.paths: a DENY rule on paths: under path normalization BASE (Istio's default; vulnerable to CVE-2021-31920)"),
+        "{out}"
+    );
+    assert_eq!(out.matches("CVE-2021-31920").count(), 1, "{out}");
+    assert!(!describe(&["--mesh-config", merge]).contains("CVE-2021-31920"));
+
+    // up: once for the whole directory, before it starts anything (this one
+    // has no WorkloadEntry, so up stops right after).
+    let mesh_dir = dir.join("up-mesh");
+    std::fs::create_dir_all(&mesh_dir).expect("mkdir");
+    let deny = |name: &str, path: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: foo}}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {{ports: [\"80\"], paths: [\"{path}\"]}}\n"
+        )
+    };
+    std::fs::write(mesh_dir.join("a.yaml"), deny("deny-admin", "/admin*")).expect("write");
+    std::fs::write(mesh_dir.join("b.yaml"), deny("deny-debug", "/debug/*")).expect("write");
+    let o = meshward(&["up", mesh_dir.to_str().expect("utf-8")], None);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.matches("CVE-2021-31920").count(), 1, "{err}");
+    assert!(
+        err.contains("meshward up: warning: AuthorizationPolicy foo/deny-admin, AuthorizationPolicy foo/deny-debug match request paths in DENY, AUDIT or CUSTOM rules (or ALLOW notPaths): under path normalization BASE (Istio's default; vulnerable to CVE-2021-31920)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("has no WorkloadEntry: nothing to run"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 fn tempdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "meshward-cli-{}-{:?}",

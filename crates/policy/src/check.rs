@@ -142,13 +142,16 @@ impl CheckInput {
         } else {
             h.host.clone()
         };
-        Some(HttpRequest {
+        let mut request = HttpRequest {
             method: h.method.clone(),
             path: h.path.clone(),
             host,
             headers,
             remote_ip: h.remote_ip,
-        })
+        };
+        // As the proxy does before asking the engine.
+        request.normalize_authority();
+        Some(request)
     }
 
     fn custom_verdict(&self, provider: &str) -> CustomVerdict {

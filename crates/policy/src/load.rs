@@ -29,6 +29,8 @@ pub const STDIN: &str = "<stdin>";
 pub struct LoadedPolicy {
     pub location: Location,
     pub policy: Policy,
+    /// Where each field is, for problems found after loading.
+    lines: Arc<LineMap>,
 }
 
 /// Everything read from some inputs: the valid policies, the registry
@@ -66,6 +68,47 @@ impl Loaded {
 
     pub fn into_policies(self) -> Vec<Policy> {
         self.policies.into_iter().map(|p| p.policy).collect()
+    }
+
+    /// Warnings that depend on the mesh configuration in force, placed like
+    /// validation's: a rule on paths that path normalization leaves open
+    /// ([`validate::path_normalization_warning`]).
+    pub fn mesh_warnings(&self, mesh: &MeshConfig) -> Vec<Diagnostic> {
+        self.policies
+            .iter()
+            .filter_map(|p| {
+                let issue = validate::path_normalization_warning(&p.policy, mesh.normalization())?;
+                Some(Diagnostic {
+                    severity: issue.severity,
+                    location: Location {
+                        file: p.location.file.clone(),
+                        line: p.lines.line_of(&issue.field),
+                    },
+                    resource: Some(p.policy.display_name()),
+                    field: Some(issue.field),
+                    message: issue.message,
+                })
+            })
+            .collect()
+    }
+
+    /// The path normalization warnings of [`Loaded::mesh_warnings`] as one
+    /// sentence, for a command that starts a whole mesh and says it once.
+    pub fn path_normalization_summary(&self, mesh: &MeshConfig) -> Option<String> {
+        let mode = mesh.normalization();
+        let risk = validate::path_normalization_risk(mode)?;
+        let names: Vec<String> = self
+            .policies
+            .iter()
+            .filter(|p| validate::path_normalization_warning(&p.policy, mode).is_some())
+            .map(|p| p.policy.display_name())
+            .collect();
+        (!names.is_empty()).then(|| {
+            format!(
+                "{} match request paths in DENY, AUDIT or CUSTOM rules (or ALLOW notPaths): {risk}",
+                names.join(", ")
+            )
+        })
     }
 }
 
@@ -276,7 +319,7 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
             }
         };
         loaded.documents += 1;
-        let lines = LineMap::build(chunk.text, chunk.first_line);
+        let lines = Arc::new(LineMap::build(chunk.text, chunk.first_line));
         let doc = Document {
             file: &file,
             lines: &lines,
@@ -489,7 +532,7 @@ fn join(path: &str, key: &str) -> String {
 /// One parsed document of a file, with what is needed to place its problems.
 struct Document<'a> {
     file: &'a Arc<str>,
-    lines: &'a LineMap,
+    lines: &'a Arc<LineMap>,
 }
 
 impl Document<'_> {
@@ -615,6 +658,7 @@ impl Document<'_> {
                 line: self.lines.first_line,
             },
             policy,
+            lines: self.lines.clone(),
         }))
     }
 

@@ -28,7 +28,8 @@ pub struct HttpRequest {
     pub method: String,
     /// The request target: path with optional query, as on the request line.
     pub path: String,
-    /// The `:authority` / `Host`, with port if the client sent one.
+    /// The `:authority` / `Host`, with port if the client sent one, as
+    /// Envoy hands it to its filters: see [`HttpRequest::normalize_authority`].
     pub host: String,
     /// A repeated header appears once per value. Names compare without
     /// regard to case, as HTTP says.
@@ -91,6 +92,21 @@ impl HttpRequest {
         }
     }
 
+    /// Removes one trailing dot from the host ([`strip_trailing_host_dot`]),
+    /// in `host` and in a `Host` header, before anything reads them.
+    pub fn normalize_authority(&mut self) {
+        if let Some(host) = strip_trailing_host_dot(&self.host) {
+            self.host = host;
+        }
+        for (name, value) in &mut self.headers {
+            if name.eq_ignore_ascii_case("host")
+                && let Some(host) = strip_trailing_host_dot(value)
+            {
+                *value = host;
+            }
+        }
+    }
+
     pub fn remove_header(&mut self, name: &str) {
         self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
@@ -100,26 +116,46 @@ impl HttpRequest {
         self.headers.push((name.to_owned(), value));
     }
 
-    /// The value of query parameter `name` (first occurrence, percent-decoded).
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        let query = self.path.split_once('?')?.1;
+    /// Every value of query parameter `name`, in order, percent-decoded.
+    pub fn query_params<'a>(&'a self, name: &'a str) -> impl Iterator<Item = String> + 'a {
+        let query = self.path.split_once('?').map_or("", |(_, q)| q);
         let query = query.split('#').next().unwrap_or_default();
-        query.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k) == name).then(|| decode(v))
-        })
+        query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .filter_map(move |pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (decode(k) == name).then(|| decode(v))
+            })
     }
 
-    /// The value of cookie `name` from the `cookie` headers.
-    pub fn cookie(&self, name: &str) -> Option<String> {
+    /// Every value of cookie `name` from the `cookie` headers, in order.
+    pub fn cookies<'a>(&'a self, name: &'a str) -> impl Iterator<Item = String> + 'a {
         self.headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
             .flat_map(|(_, v)| v.split(';'))
-            .find_map(|c| {
+            .filter_map(move |c| {
                 let (k, v) = c.trim().split_once('=')?;
                 (k == name).then(|| v.trim_matches('"').to_owned())
             })
+    }
+}
+
+/// The authority without one trailing dot on its host, the port kept
+/// (`blocked.example.:8080` → `blocked.example:8080`), as Envoy's
+/// `strip_trailing_host_dot` leaves it; `None` when there is none to remove.
+/// A fully qualified name is the same host, so it must not get past a rule
+/// on `hosts` written without the dot, and the application gets the host
+/// that was authorized.
+pub fn strip_trailing_host_dot(authority: &str) -> Option<String> {
+    let dot = authority.rfind('.')?;
+    match authority.as_bytes().get(dot + 1) {
+        None => Some(authority[..dot].to_owned()),
+        // A dot right before a colon precedes a port: IPv6 addresses never
+        // have one there.
+        Some(b':') => Some(format!("{}{}", &authority[..dot], &authority[dot + 1..])),
+        Some(_) => None,
     }
 }
 
@@ -211,17 +247,52 @@ mod tests {
     }
 
     #[test]
-    fn query_and_cookies() {
-        let req = HttpRequest {
-            path: "/a?x=1&access_token=abc%2Edef&y".into(),
-            headers: vec![("cookie".into(), "a=1; session=tok; b=2".into())],
+    fn one_trailing_host_dot_is_removed_and_the_port_kept() {
+        let strip = strip_trailing_host_dot;
+        assert_eq!(
+            strip("blocked.example.").as_deref(),
+            Some("blocked.example")
+        );
+        assert_eq!(
+            strip("blocked.example.:8080").as_deref(),
+            Some("blocked.example:8080")
+        );
+        assert_eq!(
+            strip("blocked.example..").as_deref(),
+            Some("blocked.example.")
+        );
+        assert_eq!(strip("blocked.example"), None);
+        assert_eq!(strip("blocked.example:8080"), None);
+        assert_eq!(strip("10.0.0.1:80"), None);
+        assert_eq!(strip("[::ffff:10.0.0.1]:80"), None);
+        assert_eq!(strip("web"), None);
+        let mut request = HttpRequest {
+            host: "Web.Example.:80".into(),
+            headers: vec![("Host".into(), "Web.Example.:80".into())],
             ..Default::default()
         };
-        assert_eq!(req.query_param("access_token").as_deref(), Some("abc.def"));
-        assert_eq!(req.query_param("y").as_deref(), Some(""));
-        assert_eq!(req.query_param("z"), None);
-        assert_eq!(req.cookie("session").as_deref(), Some("tok"));
-        assert_eq!(req.cookie("c"), None);
+        request.normalize_authority();
+        assert_eq!(request.host, "Web.Example:80");
+        assert_eq!(request.headers[0].1, "Web.Example:80");
+    }
+
+    #[test]
+    fn query_and_cookies() {
+        let req = HttpRequest {
+            path: "/a?x=1&access_token=abc%2Edef&y&&access_token=second#f".into(),
+            headers: vec![
+                ("cookie".into(), "a=1; session=tok; b=2".into()),
+                ("Cookie".into(), "session=\"again\"".into()),
+            ],
+            ..Default::default()
+        };
+        let all = |name| req.query_params(name).collect::<Vec<_>>();
+        assert_eq!(all("access_token"), ["abc.def", "second"]);
+        assert_eq!(all("y"), [""]);
+        assert!(all("z").is_empty());
+        let cookies = |name| req.cookies(name).collect::<Vec<_>>();
+        assert_eq!(cookies("session"), ["tok", "again"]);
+        assert!(cookies("c").is_empty());
     }
 
     #[test]

@@ -276,7 +276,7 @@ impl MtlsPolicy {
         }
         let mut port_modes = BTreeMap::new();
         if let Some(w) = workload {
-            for (port, m) in &w.spec.port_level_mtls {
+            for (port, m) in w.spec.port_modes() {
                 if let Ok(port) = port.parse::<u16>() {
                     let m = if m.mode == MtlsMode::Unset {
                         mode
@@ -291,7 +291,7 @@ impl MtlsPolicy {
             mode,
             decided_by,
             port_policy: workload
-                .filter(|w| !w.spec.port_level_mtls.is_empty())
+                .filter(|w| w.spec.port_modes().next().is_some())
                 .map(|w| policy_ref(&w.metadata)),
             port_modes,
             superseded,

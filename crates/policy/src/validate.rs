@@ -6,8 +6,9 @@
 //! [`FieldIssue`] naming the field path, so the loader can point at the line.
 
 use crate::api::{
-    Action, AuthorizationPolicy, JwtRule, ObjectMeta, Operation, PeerAuthentication, Policy,
-    PolicyTargetReference, RequestAuthentication, Source, WorkloadSelector,
+    Action, AuthorizationPolicy, JwtRule, ObjectMeta, Operation, PathNormalizationMode,
+    PeerAuthentication, Policy, PolicyTargetReference, RequestAuthentication, Source,
+    WorkloadSelector,
 };
 use crate::authz::condition::ConditionKey;
 use crate::authz::path_template;
@@ -85,13 +86,23 @@ fn validate_peer_authentication(pa: &PeerAuthentication, v: &mut Issues) {
         .selector
         .as_ref()
         .is_some_and(|s| !s.match_labels.is_empty());
-    if !spec.port_level_mtls.is_empty() && !has_selector {
+    if spec.port_modes().next().is_some() && !has_selector {
         v.error(
             "spec.portLevelMtls",
             "mesh/namespace peer authentication cannot have port level mTLS: add a selector (portLevelMtls requires selector)",
         );
     }
-    for port in spec.port_level_mtls.keys() {
+    if spec
+        .port_level_mtls
+        .as_ref()
+        .is_some_and(|ports| ports.is_empty())
+    {
+        v.error(
+            "spec.portLevelMtls",
+            "port level mTLS, if defined, must have at least one element",
+        );
+    }
+    for (port, _) in spec.port_modes() {
         match port.parse::<u32>() {
             Ok(p) if (1..=65535).contains(&p) => {}
             _ => v.error(
@@ -514,6 +525,72 @@ fn validate_operation(op: &Operation, path: &str, rule: usize, v: &mut Issues) {
             }
         }
     }
+}
+
+/// Requests that path normalization `BASE` leaves as they are, and that an
+/// application may still serve as `/admin`.
+pub const BASE_BYPASSES: &str = "//admin, /admin%2Fx, /x/..%2Fadmin, /admin%5Cx";
+
+/// What path normalization `mode` (the mesh's `pathNormalization`) leaves
+/// open to a rule on paths, and the setting that closes it; `None` when
+/// slashes are merged. Istio's default, `BASE`, is the one Istio's own
+/// documentation calls vulnerable (CVE-2021-31920).
+pub fn path_normalization_risk(mode: PathNormalizationMode) -> Option<String> {
+    let (name, also) = match mode.effective() {
+        PathNormalizationMode::None => ("NONE (", ", /x/../admin"),
+        PathNormalizationMode::Base | PathNormalizationMode::Default => {
+            ("BASE (Istio's default; ", "")
+        }
+        PathNormalizationMode::MergeSlashes | PathNormalizationMode::DecodeAndMergeSlashes => {
+            return None;
+        }
+    };
+    Some(format!(
+        "under path normalization {name}vulnerable to CVE-2021-31920) requests such as \
+         {BASE_BYPASSES}{also} reach the application as written and escape a rule on /admin \
+         or /admin/*, though an application that merges slashes or decodes %2F and %5C serves \
+         them as /admin or below it; set MeshConfig \
+         `pathNormalization: {{normalization: MERGE_SLASHES}}` (closes //admin) or, strictest, \
+         `DECODE_AND_MERGE_SLASHES` (closes all of them)"
+    ))
+}
+
+/// A warning for a policy whose paths a request can slip past under path
+/// normalization `mode`: a DENY, AUDIT or CUSTOM rule on `paths` or
+/// `notPaths` (a request escaping a DENY is let through, one escaping a
+/// CUSTOM rule is never sent to the authorizer, one escaping AUDIT is not
+/// logged), or an ALLOW rule on `notPaths` (which then allows the request
+/// it meant to exclude). One warning per policy, at its first such field.
+pub fn path_normalization_warning(
+    policy: &Policy,
+    mode: PathNormalizationMode,
+) -> Option<FieldIssue> {
+    let Policy::AuthorizationPolicy(ap) = policy else {
+        return None;
+    };
+    let risk = path_normalization_risk(mode)?;
+    let action = ap.spec.action;
+    for (r, rule) in ap.spec.rules.iter().enumerate() {
+        for (t, to) in rule.to.iter().enumerate() {
+            let Some(op) = &to.operation else { continue };
+            let field = match action {
+                Action::Allow => (!op.not_paths.is_empty()).then_some("notPaths"),
+                _ if !op.paths.is_empty() => Some("paths"),
+                _ => (!op.not_paths.is_empty()).then_some("notPaths"),
+            };
+            if let Some(field) = field {
+                let article = match action {
+                    Action::Allow | Action::Audit => "an",
+                    Action::Deny | Action::Custom => "a",
+                };
+                return Some(FieldIssue::warning(
+                    format!("spec.rules[{r}].to[{t}].operation.{field}"),
+                    format!("{article} {action} rule on {field}: {risk}"),
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// `selector` and `targetRef(s)` are alternatives; each is checked on its own terms.

@@ -43,6 +43,10 @@ struct Case {
     input: Value,
     #[serde(default)]
     jwt: Option<Jwt>,
+    /// Several tokens, placed in order after `jwt` (a header already set
+    /// gets one more value).
+    #[serde(default)]
+    jwts: Vec<Jwt>,
     expect: Expect,
 }
 
@@ -66,6 +70,9 @@ struct Jwt {
     /// A literal token instead of a minted one.
     #[serde(default)]
     raw: Option<String>,
+    /// More header parameters (`crit`, `b64`, ...) for the minted token.
+    #[serde(default)]
+    header: serde_json::Map<String, Value>,
 }
 
 fn default_alg() -> String {
@@ -133,6 +140,13 @@ struct ValidateCase {
     /// given (documents of other kinds beside a policy, several policies).
     #[serde(default)]
     policies: Option<usize>,
+    /// Substrings no warning may contain.
+    #[serde(default)]
+    no_warnings: Vec<String>,
+    /// The mesh config in force (Istio's defaults when absent), for the
+    /// warnings that depend on it, as `meshward validate --mesh-config`.
+    #[serde(default)]
+    mesh: Option<Value>,
     /// Expected 1-based line of the first error.
     #[serde(default)]
     line: Option<usize>,
@@ -205,6 +219,13 @@ fn mint(jwt: &Jwt) -> String {
         Some("~") => None,
         Some(kid) => Some(kid.to_owned()),
     };
+    if !jwt.header.is_empty() {
+        let mut fields = serde_json::to_value(&header).expect("a header is JSON");
+        if let Some(fields) = fields.as_object_mut() {
+            fields.extend(jwt.header.clone());
+        }
+        header = serde_json::from_value(fields).expect("header parameters of the right types");
+    }
     jsonwebtoken::encode(&header, &claims, &key).expect("signing a test token")
 }
 
@@ -220,18 +241,9 @@ fn place_token(input: &mut Value, jwt: &Jwt, token: &str) {
         .expect("headers is an object");
     let parts: Vec<&str> = jwt.at.splitn(3, ':').collect();
     match parts.as_slice() {
-        ["header"] => {
-            headers.insert(
-                "authorization".into(),
-                Value::from(format!("Bearer {token}")),
-            );
-        }
-        ["header", name, prefix] => {
-            headers.insert(name.to_string(), Value::from(format!("{prefix}{token}")));
-        }
-        ["header", name] => {
-            headers.insert(name.to_string(), Value::from(token.to_owned()));
-        }
+        ["header"] => add_header(headers, "authorization", format!("Bearer {token}")),
+        ["header", name, prefix] => add_header(headers, name, format!("{prefix}{token}")),
+        ["header", name] => add_header(headers, name, token.to_owned()),
         ["param", name] => {
             let path = http
                 .get("path")
@@ -254,9 +266,20 @@ fn place_token(input: &mut Value, jwt: &Jwt, token: &str) {
     }
 }
 
+/// Sets a header, or adds a value when it is already there.
+fn add_header(headers: &mut serde_json::Map<String, Value>, name: &str, value: String) {
+    match headers.get_mut(name) {
+        None => {
+            headers.insert(name.to_owned(), Value::from(value));
+        }
+        Some(Value::Array(values)) => values.push(Value::from(value)),
+        Some(first) => *first = Value::from(vec![first.clone(), Value::from(value)]),
+    }
+}
+
 fn run_case(file: &str, set: &PolicySet, case: &Case) -> Result<(), String> {
     let mut input = case.input.clone();
-    if let Some(jwt) = &case.jwt {
+    for jwt in case.jwt.iter().chain(&case.jwts) {
         let token = mint(jwt);
         place_token(&mut input, jwt, &token);
     }
@@ -375,7 +398,13 @@ fn run_case(file: &str, set: &PolicySet, case: &Case) -> Result<(), String> {
 }
 
 fn run_validate(file: &str, case: &ValidateCase) -> Result<(), String> {
-    let loaded = load::load_str("case.yaml", &case.yaml);
+    let mut loaded = load::load_str("case.yaml", &case.yaml);
+    let mesh: MeshConfig = match &case.mesh {
+        Some(m) => serde_json::from_value(m.clone()).map_err(|e| format!("mesh: {e}"))?,
+        None => MeshConfig::default(),
+    };
+    let mesh_warnings = loaded.mesh_warnings(&mesh);
+    loaded.diagnostics.extend(mesh_warnings);
     let errors: Vec<String> = loaded
         .diagnostics
         .iter()
@@ -406,6 +435,11 @@ fn run_validate(file: &str, case: &ValidateCase) -> Result<(), String> {
     }
     problems.extend(match_exactly("error", &case.errors, &errors));
     problems.extend(match_exactly("warning", &case.warnings, &warnings));
+    for needle in &case.no_warnings {
+        if warnings.iter().any(|w| w.contains(needle.as_str())) {
+            problems.push(format!("a warning contains {needle:?}"));
+        }
+    }
     if let Some(line) = case.line {
         let have = loaded
             .diagnostics
@@ -450,7 +484,7 @@ fn match_exactly(what: &str, needles: &[String], have: &[String]) -> Vec<String>
 }
 
 /// The number of cases the suite holds today; raise it when adding cases.
-const MIN_CASES: usize = 923;
+const MIN_CASES: usize = 980;
 
 #[test]
 fn conformance_cases() {

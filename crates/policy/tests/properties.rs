@@ -189,7 +189,8 @@ fn peer_authentication(i: usize) -> impl Strategy<Value = Policy> {
         namespace(),
         selector(),
         prop::option::of(mtls_mode()),
-        prop::collection::btree_map(
+        // Absent, empty (which validation refuses) and set.
+        prop::option::of(prop::collection::btree_map(
             prop_oneof![
                 Just("8080".to_owned()),
                 Just("9090".to_owned()),
@@ -197,7 +198,7 @@ fn peer_authentication(i: usize) -> impl Strategy<Value = Policy> {
             ],
             mtls_mode(),
             0..2,
-        ),
+        )),
         // Creation order decides conflicts: equal timestamps too.
         0i64..3,
     )
@@ -209,10 +210,12 @@ fn peer_authentication(i: usize) -> impl Strategy<Value = Policy> {
                 spec: PeerAuthenticationSpec {
                     selector,
                     mtls: mode.map(|mode| PeerAuthenticationMtls { mode }),
-                    port_level_mtls: ports
-                        .into_iter()
-                        .map(|(port, mode)| (port, PeerAuthenticationMtls { mode }))
-                        .collect(),
+                    port_level_mtls: ports.map(|ports| {
+                        ports
+                            .into_iter()
+                            .map(|(port, mode)| (port, PeerAuthenticationMtls { mode }))
+                            .collect()
+                    }),
                 },
                 status: None,
             })

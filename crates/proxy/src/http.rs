@@ -203,26 +203,81 @@ pub fn apply_edits(headers: &mut HeaderMap, remove: &[String], set: &[(String, S
     }
 }
 
+/// Removes one trailing dot from the request's host, in the URI's authority
+/// and in `Host`, before anything reads them, as Envoy's
+/// `strip_trailing_host_dot` does: the engine authorizes, and the
+/// application receives, `blocked.example`, never `blocked.example.`.
+pub fn strip_trailing_host_dot<B>(request: &mut Request<B>) {
+    use meshward_policy::request::strip_trailing_host_dot as strip;
+    if let Some(authority) = request
+        .uri()
+        .authority()
+        .and_then(|a| strip(a.as_str()))
+        .and_then(|a| Authority::try_from(a).ok())
+    {
+        let mut parts = request.uri().clone().into_parts();
+        parts.authority = Some(authority);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    let hosts: Vec<HeaderValue> = request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .cloned()
+        .collect();
+    let stripped = |value: &HeaderValue| {
+        value
+            .to_str()
+            .ok()
+            .and_then(strip)
+            .and_then(|s| HeaderValue::from_str(&s).ok())
+    };
+    if hosts.iter().any(|h| stripped(h).is_some()) {
+        request.headers_mut().remove(header::HOST);
+        for host in hosts {
+            let value = stripped(&host).unwrap_or(host);
+            request.headers_mut().append(header::HOST, value);
+        }
+    }
+}
+
+/// Why a request names no authority the proxy can authorize and forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadAuthority {
+    /// Neither `:authority` nor `Host`: HTTP/1.1 requires `Host` (RFC 9112
+    /// §3.2), and Envoy refuses any request without one.
+    #[error("bad request: no Host header (HTTP/1.1 requires one, RFC 9112 §3.2)")]
+    Missing,
+    /// User info, a path or query smuggled into it, or `Host` repeated.
+    #[error("bad request: the authority (Host) is not HOST[:PORT], or is repeated")]
+    Invalid,
+}
+
 /// The authority a request is for (`:authority`, else the one `Host`), or
-/// `fallback` when it names none. `None` when it is not a plain `host[:port]`
-/// (user info, a path or query smuggled into `Host`) or `Host` is repeated:
-/// such a request is refused, as the authority authorized must be the one
-/// the application gets.
-pub fn request_authority<B>(request: &Request<B>, fallback: &str) -> Option<Authority> {
+/// `fallback` when it names none. Refused when it is not a plain
+/// `host[:port]` or `Host` is repeated: the authority authorized must be the
+/// one the application gets.
+pub fn request_authority<B>(
+    request: &Request<B>,
+    fallback: Option<&str>,
+) -> Result<Authority, BadAuthority> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let (first, second) = (hosts.next(), hosts.next());
     if second.is_some() {
-        return None;
+        return Err(BadAuthority::Invalid);
     }
-    let text = match (request.uri().authority(), first) {
-        (Some(a), _) => a.as_str().to_owned(),
-        (None, Some(h)) => h.to_str().ok()?.to_owned(),
-        (None, None) => fallback.to_owned(),
+    let text = match (request.uri().authority(), first, fallback) {
+        (Some(a), _, _) => a.as_str().to_owned(),
+        (None, Some(h), _) => h.to_str().map_err(|_| BadAuthority::Invalid)?.to_owned(),
+        (None, None, Some(fallback)) => fallback.to_owned(),
+        (None, None, None) => return Err(BadAuthority::Missing),
     };
     if text.is_empty() || text.contains(['@', '/', '?', '#']) {
-        return None;
+        return Err(BadAuthority::Invalid);
     }
-    Authority::try_from(text).ok()
+    Authority::try_from(text).map_err(|_| BadAuthority::Invalid)
 }
 
 /// What the upstream gets: the URI `http://AUTHORITY` + the path as
@@ -420,23 +475,45 @@ mod tests {
                 .header("host", host)
                 .body(())
                 .unwrap();
-            request_authority(&r, "127.0.0.1:1").map(|a| a.to_string())
+            request_authority(&r, None).map(|a| a.to_string())
         };
-        assert_eq!(with("web:80").as_deref(), Some("web:80"));
-        assert_eq!(with("web/admin?"), None);
-        assert_eq!(with("user@web"), None);
-        assert_eq!(with("web#x"), None);
+        assert_eq!(with("web:80").as_deref(), Ok("web:80"));
+        assert_eq!(with("web/admin?"), Err(BadAuthority::Invalid));
+        assert_eq!(with("user@web"), Err(BadAuthority::Invalid));
+        assert_eq!(with("web#x"), Err(BadAuthority::Invalid));
+        assert_eq!(with(""), Err(BadAuthority::Invalid));
         let twice = Request::get("/")
             .header("host", "a")
             .header("host", "b")
             .body(())
             .unwrap();
-        assert_eq!(request_authority(&twice, "x:1"), None);
-        let none = Request::get("/").body(()).unwrap();
         assert_eq!(
-            request_authority(&none, "127.0.0.1:1").unwrap(),
+            request_authority(&twice, Some("x:1")),
+            Err(BadAuthority::Invalid)
+        );
+        let none = Request::get("/").body(()).unwrap();
+        assert_eq!(request_authority(&none, None), Err(BadAuthority::Missing));
+        assert_eq!(
+            request_authority(&none, Some("127.0.0.1:1")).unwrap(),
             "127.0.0.1:1"
         );
+    }
+
+    #[test]
+    fn a_trailing_host_dot_is_removed_before_anything_reads_the_host() {
+        let mut r = Request::get("/")
+            .header("host", "blocked.example.:8080")
+            .body(())
+            .unwrap();
+        strip_trailing_host_dot(&mut r);
+        assert_eq!(r.headers()["host"], "blocked.example:8080");
+        assert_eq!(policy_request(&r).host, "blocked.example:8080");
+        let mut r = Request::get("http://blocked.example./x").body(()).unwrap();
+        strip_trailing_host_dot(&mut r);
+        assert_eq!(r.uri().to_string(), "http://blocked.example/x");
+        let mut r = Request::get("/").header("host", "web:80").body(()).unwrap();
+        strip_trailing_host_dot(&mut r);
+        assert_eq!(r.headers()["host"], "web:80");
     }
 
     #[test]

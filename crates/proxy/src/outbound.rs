@@ -248,7 +248,7 @@ async fn handle(
     record.path = Some(meshward_policy::authz::normalize::strip_query(&target_path).to_owned());
     let service = format!("{}:{}", target.upstream.service, target.upstream.port);
     let request_view = Request::from_parts(parts, ());
-    let authority = request_authority(&request_view, &service);
+    let authority = request_authority(&request_view, Some(&service)).ok();
     let (mut parts, ()) = request_view.into_parts();
     let pools = target.pools();
     let (client, version) = pools.for_version(parts.version);

@@ -8,6 +8,7 @@ use anyhow::bail;
 use meshward_policy::api::{Action, Policy};
 use meshward_policy::authz::is_dry_run;
 use meshward_policy::resolve::{Applicability, oldest_first};
+use meshward_policy::validate;
 use meshward_policy::{PolicySet, Workload};
 
 use crate::cmd::control::ServerArgs;
@@ -207,6 +208,17 @@ pub fn describe(set: &PolicySet, workload: &Workload, ports: &[u16]) -> String {
             "default: ALLOW (no enforced ALLOW policy applies)"
         }
     );
+    for (p, _) in &applying {
+        if let Some(issue) = validate::path_normalization_warning(p, mesh.normalization()) {
+            let _ = writeln!(
+                s,
+                "  warning: {}: {}: {}",
+                p.display_name(),
+                issue.field,
+                issue.message
+            );
+        }
+    }
 
     let mut not_applying: Vec<&(&Policy, Applicability)> =
         explained.iter().filter(|p| !applies(p)).collect();

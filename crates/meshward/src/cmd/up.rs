@@ -108,6 +108,10 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let loaded = load::load_paths(std::slice::from_ref(&args.dir));
     print_diagnostics(&loaded.diagnostics);
+    // The control plane starts with Istio's mesh defaults (BASE normalization).
+    if let Some(warning) = loaded.path_normalization_summary(&Default::default()) {
+        eprintln!("meshward up: warning: {warning}");
+    }
     if loaded.has_errors() {
         bail!(
             "{} has errors (above); fix them and run again",

@@ -1,4 +1,6 @@
-//! `meshward validate`: Istio's admission checks, offline.
+//! `meshward validate`: Istio's admission checks, offline, and warnings for
+//! what the mesh config (`--mesh-config`, Istio's defaults without it) leaves
+//! open.
 
 use std::process::ExitCode;
 
@@ -16,7 +18,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let loaded = args.policies.load();
+    // What is risky depends on the mesh config in force (path normalization).
+    let mesh = args.policies.mesh()?;
+    let mut loaded = args.policies.load();
+    let mesh_warnings = loaded.mesh_warnings(&mesh);
+    loaded.diagnostics.extend(mesh_warnings);
     for d in &loaded.diagnostics {
         println!("{d}");
     }

@@ -17,9 +17,9 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<PeerAuthenticationMtls>,
     /// Keyed by workload port. YAML keys are strings here so that a bad key
     /// (`"http"`) is reported by validation with its field path, not as a
-    /// type error.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub port_level_mtls: BTreeMap<String, PeerAuthenticationMtls>,
+    /// type error. `Some` when written, even empty, which Istio refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_level_mtls: Option<BTreeMap<String, PeerAuthenticationMtls>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +27,13 @@ pub struct PeerAuthenticationSpec {
 pub struct PeerAuthenticationMtls {
     #[serde(default)]
     pub mode: MtlsMode,
+}
+
+impl PeerAuthenticationSpec {
+    /// The port-level modes, by port as written.
+    pub fn port_modes(&self) -> impl Iterator<Item = (&String, &PeerAuthenticationMtls)> {
+        self.port_level_mtls.iter().flatten()
+    }
 }
 
 /// Istio's `PeerAuthentication.MutualTLS.Mode`.

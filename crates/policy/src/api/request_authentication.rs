@@ -1,6 +1,6 @@
 //! `RequestAuthentication`: which JWTs a workload accepts.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{Object, PolicyTargetReference, WorkloadSelector};
 
@@ -23,7 +23,13 @@ pub struct RequestAuthenticationSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtRule {
-    #[serde(default)]
+    /// Empty when not written: tokens of any issuer. Written, it must not be
+    /// empty.
+    #[serde(
+        default,
+        deserialize_with = "written_issuer",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub issuer: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
@@ -67,4 +73,17 @@ pub struct ClaimToHeader {
     pub header: String,
     #[serde(default)]
     pub claim: String,
+}
+
+/// `issuer` as written: the CRD schema gives it `minLength: 1`, so the API
+/// server refuses `issuer: ""` before Istio's webhook sees it (an absent
+/// issuer is fine, and accepts any).
+fn written_issuer<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let issuer = String::deserialize(d)?;
+    if issuer.is_empty() {
+        return Err(serde::de::Error::custom(
+            "issuer must be non-empty string when set (the schema requires at least 1 character); leave it out to accept tokens of any issuer",
+        ));
+    }
+    Ok(issuer)
 }

@@ -198,90 +198,132 @@ impl Authenticator {
         self.rules.is_empty()
     }
 
-    /// Authenticates one request.
+    /// Authenticates one request as Envoy's `jwt_authn` does under the
+    /// requirement Istio generates for these rules, plus one rule of
+    /// meshward's: every token at any configured location must verify.
+    ///
+    /// Istio asks Envoy for `requires_any {rule, allow_missing}` with one
+    /// rule, and `requires_any {R0, R1, .., requires_all {requires_any {Ri,
+    /// allow_missing}, ..}}` with several (the outer list lets rules share a
+    /// location). Each rule (an Envoy provider) verifies every token at its
+    /// own locations, and succeeds only if all of them verify. So a request
+    /// carrying a good token and a forged one at a rule's locations is
+    /// refused, and the forged token never reaches the application.
+    ///
+    /// The outer list lets one rule's success stand although another rule's
+    /// token failed: a good token in rule A's header next to a forged one in
+    /// rule B's header would pass Envoy, forged token and all. meshward
+    /// refuses that request: a token no successful rule vouches for fails
+    /// the request, as Istio documents RequestAuthentication ("a request
+    /// with an invalid token is rejected").
     pub fn authenticate(&self, request: &HttpRequest) -> AuthnOutcome {
         if self.rules.is_empty() || is_cors_preflight(request) {
             return AuthnOutcome::NoToken;
         }
-        let mut first_failure: Option<AuthnFailure> = None;
-        let mut seen: Vec<(String, token::Location)> = Vec::new();
-        for rule in &self.rules {
-            for found in extract(request, &rule.locations) {
-                let key = (found.token.clone(), found.location.clone());
-                if seen.contains(&key) {
-                    continue;
-                }
-                seen.push(key);
-                match self.verify(&found) {
-                    Ok((principal, matched)) => {
-                        let headers = output_headers(&self.rules[matched].rule, &found, &principal);
-                        return AuthnOutcome::Authenticated {
-                            principal: Box::new(principal),
-                            headers,
-                        };
-                    }
-                    Err(failure) => {
-                        first_failure.get_or_insert(failure);
-                    }
-                }
-            }
+        let mut parsed = ParsedTokens::default();
+        let verdicts: Vec<RuleVerdict> = self
+            .rules
+            .iter()
+            .map(|rule| self.verify_rule(rule, extract(request, &rule.locations), &mut parsed))
+            .collect();
+        let Some(chosen) = verdicts.iter().position(RuleVerdict::verified) else {
+            return match requirement_failure(&verdicts) {
+                Some(failure) => AuthnOutcome::Failed(failure),
+                None => AuthnOutcome::NoToken,
+            };
+        };
+        if let Some(failure) = self.unvouched_token(&verdicts) {
+            return AuthnOutcome::Failed(failure);
         }
-        match first_failure {
-            Some(failure) => AuthnOutcome::Failed(failure),
-            None => AuthnOutcome::NoToken,
+        let rule = &self.rules[chosen].rule;
+        match verdicts.into_iter().nth(chosen) {
+            Some(RuleVerdict::Verified { tokens, principal }) => AuthnOutcome::Authenticated {
+                headers: output_headers(rule, &tokens, &principal),
+                principal: Box::new(principal),
+            },
+            // `chosen` is the position of a verified verdict.
+            _ => AuthnOutcome::Failed(AuthnFailure::unauthorized("Jwt verification fails")),
         }
     }
 
-    /// Verifies a token with the rule for its issuer that reads tokens from
-    /// where this one was found, in Envoy's order: shape, issuer, time,
+    /// One rule over every token at its locations, as an Envoy provider
+    /// verifies them: the last token found first, stopping at the first
+    /// failure. When all verify, the first token found is the principal
+    /// (Envoy's metadata holds the last one it verified).
+    fn verify_rule(
+        &self,
+        rule: &CompiledRule,
+        tokens: Vec<token::Found>,
+        parsed: &mut ParsedTokens,
+    ) -> RuleVerdict {
+        for found in tokens.iter().rev() {
+            if let Err(rejection) =
+                self.verify_token(rule, &found.token, parsed.parse(&found.token))
+            {
+                return RuleVerdict::Failed { tokens, rejection };
+            }
+        }
+        let Some(first) = tokens.first() else {
+            return RuleVerdict::Missed;
+        };
+        let claims = match parsed.parse(&first.token) {
+            Ok(token) => token.claims.clone(),
+            // Verified above, so it parsed.
+            Err(failure) => {
+                return RuleVerdict::Failed {
+                    rejection: Rejection::of(failure.clone()),
+                    tokens,
+                };
+            }
+        };
+        RuleVerdict::Verified {
+            principal: JwtPrincipal::new(claims, rule.space_delimited.clone()),
+            tokens,
+        }
+    }
+
+    /// One token with one rule, in Envoy's order: shape, issuer, time,
     /// audience, then signature — so the cheap checks say what is wrong
     /// before any key is needed.
-    fn verify(&self, found: &token::Found) -> Result<(JwtPrincipal, usize), AuthnFailure> {
-        let token = found.token.as_str();
-        // Envoy splits on '.' skipping empty parts: "h.p." has two sections.
-        if token.split('.').filter(|p| !p.is_empty()).count() != 3 {
-            return Err(AuthnFailure::unauthorized(
-                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
-            ));
-        }
-        let payload_b64 = token.split('.').nth(1).unwrap_or_default();
-        let header = jsonwebtoken::decode_header(token).map_err(|_| {
-            AuthnFailure::unauthorized(
-                "Jwt header is an invalid JSON or uses an unsupported algorithm",
-            )
-        })?;
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload_b64.trim_end_matches('='))
-            .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
-        let claims: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&payload)
-                .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid JSON"))?;
-        let issuer = claims
+    fn verify_token(
+        &self,
+        rule: &CompiledRule,
+        token: &str,
+        parsed: &Result<ParsedToken, AuthnFailure>,
+    ) -> Result<(), Rejection> {
+        let parsed = parsed.as_ref().map_err(|f| Rejection::of(f.clone()))?;
+        let issuer = parsed
+            .claims
             .get("iss")
             .and_then(|v| v.as_str())
             .unwrap_or_default();
-        // Every rule for this issuer that reads this location gets its chance
-        // (Envoy's requires_any over providers); the first to accept wins.
-        let mut first_failure = None;
-        for (index, rule) in self.rules.iter().enumerate() {
-            let issuer_matches = rule.rule.issuer.is_empty() || rule.rule.issuer == issuer;
-            if !issuer_matches || !rule.locations.contains(&found.location) {
-                continue;
-            }
-            match self.verify_with_rule(token, &header, &claims, rule) {
-                Ok(()) => {
-                    return Ok((
-                        JwtPrincipal::new(claims, rule.space_delimited.clone()),
-                        index,
-                    ));
-                }
-                Err(failure) => {
-                    first_failure.get_or_insert(failure);
-                }
-            }
+        if !rule.rule.issuer.is_empty() && rule.rule.issuer != issuer {
+            return Err(Rejection {
+                failure: AuthnFailure::unauthorized("Jwt issuer is not configured"),
+                unknown_issuer: true,
+            });
         }
-        Err(first_failure
-            .unwrap_or_else(|| AuthnFailure::unauthorized("Jwt issuer is not configured")))
+        self.verify_with_rule(token, &parsed.header, &parsed.claims, rule)
+            .map_err(Rejection::of)
+    }
+
+    /// With some rule verified: the failure of a rule whose token sits where
+    /// no verified rule looks, if there is one (see [`Self::authenticate`]).
+    fn unvouched_token(&self, verdicts: &[RuleVerdict]) -> Option<AuthnFailure> {
+        let vouched = |location: &Location| {
+            verdicts
+                .iter()
+                .zip(&self.rules)
+                .any(|(v, rule)| v.verified() && rule.locations.contains(location))
+        };
+        verdicts.iter().find_map(|verdict| match verdict {
+            RuleVerdict::Failed { tokens, rejection }
+                if tokens.iter().any(|found| !vouched(&found.location)) =>
+            {
+                Some(rejection.failure.clone())
+            }
+            _ => None,
+        })
     }
 
     /// Time, audience and signature, in Envoy's order, for one rule.
@@ -413,15 +455,25 @@ impl VerifyError {
     }
 }
 
-/// Headers to set or remove upstream after `rule` verified `found`.
-fn output_headers(rule: &JwtRule, found: &token::Found, principal: &JwtPrincipal) -> HeaderEdits {
+/// Headers to set or remove upstream after `rule` verified every token in
+/// `tokens`: each token's header goes unless forwarded, and the output
+/// headers come from the principal's token, the first found.
+fn output_headers(
+    rule: &JwtRule,
+    tokens: &[token::Found],
+    principal: &JwtPrincipal,
+) -> HeaderEdits {
     let mut edits = HeaderEdits::default();
-    if !rule.forward_original_token
-        && let Some(header) = &found.header
-    {
-        edits.remove.push(header.clone());
+    if !rule.forward_original_token {
+        for header in tokens.iter().filter_map(|found| found.header.as_ref()) {
+            if !edits.remove.contains(header) {
+                edits.remove.push(header.clone());
+            }
+        }
     }
-    if !rule.output_payload_to_header.is_empty() {
+    if !rule.output_payload_to_header.is_empty()
+        && let Some(found) = tokens.first()
+    {
         let payload = found.token.split('.').nth(1).unwrap_or_default();
         edits.set.push((
             rule.output_payload_to_header.to_ascii_lowercase(),
@@ -434,6 +486,143 @@ fn output_headers(rule: &JwtRule, found: &token::Found, principal: &JwtPrincipal
         }
     }
     edits
+}
+
+/// What one rule (an Envoy provider) concluded about the tokens at its
+/// locations.
+enum RuleVerdict {
+    /// No token at any of its locations (Envoy's `JwtMissed`).
+    Missed,
+    /// Every token there verified.
+    Verified {
+        tokens: Vec<token::Found>,
+        principal: JwtPrincipal,
+    },
+    /// A token there did not verify.
+    Failed {
+        tokens: Vec<token::Found>,
+        rejection: Rejection,
+    },
+}
+
+impl RuleVerdict {
+    fn verified(&self) -> bool {
+        matches!(self, RuleVerdict::Verified { .. })
+    }
+}
+
+/// Why a rule refused a token, and whether only for its issuer (Envoy's
+/// `JwtUnknownIssuer`, which `requires_any` ranks below other failures).
+struct Rejection {
+    failure: AuthnFailure,
+    unknown_issuer: bool,
+}
+
+impl Rejection {
+    fn of(failure: AuthnFailure) -> Rejection {
+        Rejection {
+            failure,
+            unknown_issuer: false,
+        }
+    }
+}
+
+/// The failure Envoy answers with when no rule verified (none when every
+/// rule found no token). `requires_all {requires_any {Ri, allow_missing}}`
+/// fails with the first rule that failed; the outer `requires_any` then
+/// reports the last failure that is neither a missing token nor an unknown
+/// issuer among its children (the rules, then that `requires_all`), else
+/// the first unknown issuer.
+fn requirement_failure(verdicts: &[RuleVerdict]) -> Option<AuthnFailure> {
+    let rejections: Vec<&Rejection> = verdicts
+        .iter()
+        .filter_map(|v| match v {
+            RuleVerdict::Failed { rejection, .. } => Some(rejection),
+            _ => None,
+        })
+        .collect();
+    let requires_all = *rejections.first()?;
+    let mut reported: Option<&Rejection> = None;
+    for rejection in rejections.into_iter().chain([requires_all]) {
+        if !rejection.unknown_issuer || reported.is_none() {
+            reported = Some(rejection);
+        }
+    }
+    reported.map(|r| r.failure.clone())
+}
+
+/// A token's header and claims, decoded once per request however many rules
+/// look at it.
+struct ParsedToken {
+    header: jsonwebtoken::Header,
+    claims: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Tokens decoded so far in one request. Not `Debug`: it holds tokens.
+#[derive(Default)]
+struct ParsedTokens(Vec<(String, Result<ParsedToken, AuthnFailure>)>);
+
+impl ParsedTokens {
+    fn parse(&mut self, token: &str) -> &Result<ParsedToken, AuthnFailure> {
+        let index = match self.0.iter().position(|(t, _)| t == token) {
+            Some(index) => index,
+            None => {
+                self.0.push((token.to_owned(), parse_token(token)));
+                self.0.len() - 1
+            }
+        };
+        &self.0[index].1
+    }
+}
+
+/// Header parameters that change what a signature means, which this
+/// verifier does not implement, so a token using them is refused rather than
+/// read as if they were absent (the JWT library parses `crit` and keeps
+/// `b64` among unknown fields, and checks neither). Envoy checks neither
+/// either; refusing is what RFC 7515 asks.
+fn check_extensions(header: &jsonwebtoken::Header) -> Result<(), AuthnFailure> {
+    // RFC 7797: with `b64: false` the payload is signed as raw bytes, not as
+    // its base64url form. `true` is the default meaning.
+    if header
+        .extras
+        .inner()
+        .get("b64")
+        .is_some_and(|b64| b64 != &serde_json::Value::Bool(true))
+    {
+        return Err(AuthnFailure::unauthorized(
+            "Jwt header has an unencoded payload (b64: false), which is not supported",
+        ));
+    }
+    // RFC 7515 §4.1.11: a recipient that does not understand an extension
+    // listed in `crit` must reject the token; meshward understands none (an
+    // empty list is itself invalid).
+    if header.crit.is_some() {
+        return Err(AuthnFailure::unauthorized(
+            "Jwt header lists critical extensions (crit) that are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Shape, header and payload, with Envoy's messages.
+fn parse_token(token: &str) -> Result<ParsedToken, AuthnFailure> {
+    // Envoy splits on '.' skipping empty parts: "h.p." has two sections.
+    if token.split('.').filter(|p| !p.is_empty()).count() != 3 {
+        return Err(AuthnFailure::unauthorized(
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+        ));
+    }
+    let payload_b64 = token.split('.').nth(1).unwrap_or_default();
+    let header = jsonwebtoken::decode_header(token).map_err(|_| {
+        AuthnFailure::unauthorized("Jwt header is an invalid JSON or uses an unsupported algorithm")
+    })?;
+    check_extensions(&header)?;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload_b64.trim_end_matches('='))
+        .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
+    let claims = serde_json::from_slice(&payload)
+        .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid JSON"))?;
+    Ok(ParsedToken { header, claims })
 }
 
 #[cfg(test)]

@@ -48,9 +48,21 @@ pub(super) struct Found {
     pub(super) location: Location,
 }
 
+/// Every token at `locations`, in order: each value of a repeated header,
+/// query parameter or cookie is a token of its own.
+///
+/// Envoy reads every value of a header but only the first value of a query
+/// parameter or cookie. meshward reads them all, so that
+/// `?access_token=GOOD&access_token=BAD` cannot pass with the second token
+/// unverified: an application may read either value.
 pub(super) fn extract(request: &HttpRequest, locations: &[Location]) -> Vec<Found> {
     let mut out = Vec::new();
     for location in locations {
+        let found = |token: String, header: Option<&String>| Found {
+            token,
+            header: header.cloned(),
+            location: location.clone(),
+        };
         match location {
             Location::Header { name, prefix } => {
                 for (_, value) in request
@@ -63,32 +75,22 @@ pub(super) fn extract(request: &HttpRequest, locations: &[Location]) -> Vec<Foun
                         .filter(|p| p.eq_ignore_ascii_case(prefix))
                         .and_then(|_| value.get(prefix.len()..));
                     if let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) {
-                        out.push(Found {
-                            token: token.to_owned(),
-                            header: Some(name.clone()),
-                            location: location.clone(),
-                        });
+                        out.push(found(token.to_owned(), Some(name)));
                     }
                 }
             }
-            Location::Param(name) => {
-                if let Some(token) = request.query_param(name).filter(|t| !t.is_empty()) {
-                    out.push(Found {
-                        token,
-                        header: None,
-                        location: location.clone(),
-                    });
-                }
-            }
-            Location::Cookie(name) => {
-                if let Some(token) = request.cookie(name).filter(|t| !t.is_empty()) {
-                    out.push(Found {
-                        token,
-                        header: None,
-                        location: location.clone(),
-                    });
-                }
-            }
+            Location::Param(name) => out.extend(
+                request
+                    .query_params(name)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| found(t, None)),
+            ),
+            Location::Cookie(name) => out.extend(
+                request
+                    .cookies(name)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| found(t, None)),
+            ),
         }
     }
     out

@@ -1,8 +1,16 @@
 //! Path normalization before authorization, as Istio configures Envoy.
 //!
-//! The same normalized path is used for matching and for forwarding, so a
-//! policy on `/admin` cannot be bypassed with `/public/../admin`, `/%61dmin` or
-//! `//admin`. The query and fragment are never part of the matched path.
+//! The same normalized path is used for matching and for forwarding, so what
+//! normalization resolves cannot be used against a policy: under every mode
+//! but `NONE`, a policy on `/admin` sees `/public/../admin` and `/%61dmin` as
+//! `/admin`. What a mode leaves alone reaches the application as written and
+//! does not match `/admin`: under `BASE`, Istio's default, that is `//admin`,
+//! `/admin%2Fx`, `/x/..%2Fadmin` and `/admin%5Cx`, which an application that
+//! merges slashes or decodes `%2F`/`%5C` serves as `/admin` — a bypass of a
+//! DENY on `/admin` (CVE-2021-31920). `MERGE_SLASHES` closes `//admin`;
+//! `DECODE_AND_MERGE_SLASHES` closes them all. `meshward validate` warns about
+//! rules that `BASE` leaves open. The query and fragment are never part of
+//! the matched path.
 
 use crate::api::PathNormalizationMode;
 

@@ -1,6 +1,13 @@
-//! Path templates in `paths`: `{*}` matches one path segment, `{**}` one or
-//! more segments and may only come last (Envoy's `uri_template` matcher, which
-//! Istio uses when a path contains `{*}` or `{**}`).
+//! Path templates in `paths`: `{*}` and `{**}`, matched as Envoy's
+//! `uri_template` matcher does (Istio uses it when a path contains either,
+//! rewriting them to its `*` and `**`). Envoy turns a template into one
+//! regular expression over the whole path: `/`, the segments joined by `/`,
+//! `{*}` as `[pchar]+` (one or more characters of one segment) and `{**}` as
+//! `[pchar/]*` (zero or more characters, slashes included), where pchar is
+//! RFC 3986's less `*` and `=`. So `/allow/admin/{**}` matches
+//! `/allow/admin/` and `/store/{**}/cart` matches `/store//cart`, while
+//! `/foo/{*}` matches neither `/foo/` nor `/foo/a=b`. `{**}` is the last
+//! operator; literal segments may follow it.
 
 /// A path value that uses template operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +60,12 @@ pub fn check(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What Envoy's template operators match: RFC 3986 `pchar` (unreserved,
+/// percent-encoded, sub-delims, `:` and `@`) without `*` and `=`.
+fn is_pchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@".contains(&b)
+}
+
 fn is_valid_literal(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -78,49 +91,56 @@ impl PathTemplate {
         })
     }
 
-    /// Matches a normalized path (no query).
+    /// Matches a normalized path (no query), as Envoy's regular expression
+    /// for the template does.
     pub fn matches(&self, path: &str) -> bool {
-        let Some(rest) = path.strip_prefix('/') else {
+        let Some(mut rest) = path.strip_prefix('/') else {
             return false;
         };
-        let parts: Vec<&str> = rest.split('/').collect();
-        let mut i = 0;
-        for segment in &self.segments {
+        let many = self.segments.iter().position(|s| *s == Segment::Many);
+        let (before, after) = match many {
+            Some(i) => (&self.segments[..i], Some(&self.segments[i + 1..])),
+            None => (&self.segments[..], None),
+        };
+        // Each segment before `{**}` ends at the next `/`; without `{**}`,
+        // the last one takes the rest of the path.
+        for (i, segment) in before.iter().enumerate() {
+            let (part, tail) = if after.is_none() && i + 1 == before.len() {
+                (rest, "")
+            } else {
+                match rest.split_once('/') {
+                    Some(split) => split,
+                    None => return false,
+                }
+            };
+            let matched = match segment {
+                Segment::Literal(literal) => part == literal,
+                Segment::One => !part.is_empty() && part.bytes().all(is_pchar),
+                Segment::Many => false,
+            };
+            if !matched {
+                return false;
+            }
+            rest = tail;
+        }
+        let Some(after) = after else {
+            return true;
+        };
+        // `{**}`, then `/literal` for each segment after it: the path ends
+        // with those, and what `{**}` takes is pchar or `/`, maybe nothing.
+        let mut suffix = String::new();
+        for segment in after {
             match segment {
-                Segment::Literal(lit) => {
-                    if parts.get(i) != Some(&lit.as_str()) {
-                        return false;
-                    }
-                    i += 1;
+                Segment::Literal(literal) => {
+                    suffix.push('/');
+                    suffix.push_str(literal);
                 }
-                Segment::One => {
-                    if parts.get(i).is_none_or(|p| p.is_empty()) {
-                        return false;
-                    }
-                    i += 1;
-                }
-                // One or more segments, then whatever literals follow it.
-                Segment::Many => {
-                    let after = &self.segments[self
-                        .segments
-                        .iter()
-                        .position(|s| *s == Segment::Many)
-                        .unwrap_or(0)
-                        + 1..];
-                    let rest = &parts[i.min(parts.len())..];
-                    if rest.len() < after.len() + 1 {
-                        return false;
-                    }
-                    let (middle, tail) = rest.split_at(rest.len() - after.len());
-                    return middle.iter().all(|p| !p.is_empty())
-                        && tail.iter().zip(after).all(|(p, s)| match s {
-                            Segment::Literal(lit) => p == lit,
-                            _ => !p.is_empty(),
-                        });
-                }
+                // `check` admits no operator after `{**}`.
+                Segment::One | Segment::Many => return false,
             }
         }
-        i == parts.len()
+        rest.strip_suffix(suffix.as_str())
+            .is_some_and(|middle| middle.bytes().all(|b| b == b'/' || is_pchar(b)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -146,23 +166,43 @@ mod tests {
         assert!(!m("/foo/{*}", "/foo"));
         assert!(m("/foo/{*}/baz", "/foo/x/baz"));
         assert!(!m("/foo/{*}/baz", "/foo/x/y/baz"));
+        assert!(!m("/foo/{*}/baz", "/foo//baz"));
     }
 
     #[test]
-    fn many_segments() {
+    fn one_segment_is_made_of_pchar_without_star_and_equals() {
+        assert!(m("/foo/{*}", "/foo/a-._~%2F!$&'()+,;:@Z9"));
+        assert!(!m("/foo/{*}", "/foo/a=b"));
+        assert!(!m("/foo/{*}", "/foo/a*b"));
+        assert!(!m("/foo/{*}", "/foo/café"));
+        assert!(!m("/foo/{*}", "/foo/a b"));
+    }
+
+    #[test]
+    fn many_is_zero_or_more_characters_slashes_included() {
         assert!(m("/foo/{**}", "/foo/bar"));
         assert!(m("/foo/{**}", "/foo/bar/baz"));
+        assert!(m("/foo/{**}", "/foo/"));
+        assert!(m("/foo/{**}", "/foo//x//"));
         assert!(!m("/foo/{**}", "/foo"));
-        assert!(!m("/foo/{**}", "/foo/"));
+        assert!(!m("/foo/{**}", "/foobar"));
+        assert!(!m("/foo/{**}", "/foo/a=b"));
         assert!(m("/{**}", "/anything/at/all"));
+        assert!(m("/{**}", "/"));
+        assert!(m("/allow/admin/{**}", "/allow/admin/"));
     }
 
     #[test]
     fn literals_after_many() {
         assert!(m("/foo/{**}/bar", "/foo/a/b/bar"));
         assert!(m("/foo/{**}/bar", "/foo/a/bar"));
+        assert!(m("/foo/{**}/bar", "/foo//bar"));
+        assert!(m("/store/{**}/cart", "/store//cart"));
         assert!(!m("/foo/{**}/bar", "/foo/bar"));
         assert!(!m("/foo/{**}/bar", "/foo/a/baz"));
+        assert!(!m("/foo/{**}/bar", "/foo/a/xbar"));
+        assert!(m("/{*}/x/{**}/y/z", "/a/x/b/c/y/z"));
+        assert!(!m("/{*}/x/{**}/y/z", "/a/x/b/c/y"));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::ext_authz::ExtAuthzAnswer;
 use crate::http::{
     Body, BoxError, Counted, XFCC, apply_edits, is_grpc, local_reply, logged_response_body,
     policy_request, protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
+    strip_trailing_host_dot,
 };
 use crate::log::{AuditRecord, timestamp};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -44,7 +45,7 @@ where
 }
 
 async fn handle(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     info: Arc<ConnInfo>,
     target: Arc<InboundTarget>,
     shared: Arc<Shared>,
@@ -53,6 +54,7 @@ async fn handle(
     let start_time = SystemTime::now();
     let snapshot = shared.policies.current();
     let grpc = is_grpc(request.headers());
+    strip_trailing_host_dot(&mut request);
     let view = policy_request(&request);
     let mut record = info.record(&target, protocol_name(request.version()), snapshot.version);
     record.time = timestamp(start_time);
@@ -60,9 +62,6 @@ async fn handle(
     record.authority = Some(view.host.clone());
     record.path =
         Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
-
-    let authority = request_authority(&request, &target.port.app.to_string());
-    let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
 
     let finish = |mut record: crate::log::AccessRecord, status: u16, allowed: bool| {
         record.status = Some(status);
@@ -86,6 +85,21 @@ async fn handle(
         record
     };
 
+    // Refused before any policy, as Envoy does: a request without Host
+    // (HTTP/1.1 and HTTP/1.0 alike, as Envoy with HTTP/1.0 enabled), or
+    // with one the application would not get as authorized.
+    let authority = match request_authority(&request, None) {
+        Ok(authority) => authority,
+        Err(bad) => {
+            let mut record = finish(record, 400, false);
+            record.stage = Some(Stage::Request);
+            record.reason = Some(bad.to_string());
+            record_and_log(&shared, record, started);
+            return Ok(crate::http::bad_request(grpc));
+        }
+    };
+    let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
+
     describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
     audit(&shared, &snapshot, &info, &view, &decision, &record);
 
@@ -102,14 +116,10 @@ async fn handle(
     let (client, version) = target.app.for_version(parts.version);
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
-    let targeted = authority
-        .as_ref()
-        .and_then(|a| set_upstream_target(&mut parts, a, &authorized_path, &view.path));
-    if targeted.is_none() {
+    if set_upstream_target(&mut parts, &authority, &authorized_path, &view.path).is_none() {
         let mut record = finish(record, 400, false);
         record.stage = Some(Stage::Request);
-        record.reason =
-            Some("bad request: the authority (Host) is not HOST[:PORT], or is repeated".into());
+        record.reason = Some("bad request: the path cannot be forwarded as authorized".into());
         record_and_log(&shared, record, started);
         return Ok(crate::http::bad_request(grpc));
     }
