@@ -10,7 +10,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -152,7 +152,7 @@ struct Sidecar {
     /// The inbound HTTP port.
     port: u16,
     admin: SocketAddr,
-    proxy: Process,
+    proxy: Spawned,
     _mesh: Mesh,
 }
 
@@ -175,43 +175,39 @@ impl Sidecar {
                 format!("{port}={app},protocol=http"),
             ]
         });
-        let child = Command::new(bin())
-            .args([
-                "proxy",
-                "--identity",
-                "spiffe://cluster.local/ns/web/sa/web",
-                "--label",
-                "app=web",
-            ])
-            .args(inbound)
-            .args([
-                "--policies",
-                policy_dir.to_str().unwrap(),
-                "--ca-address",
-                &format!("https://{}", mesh.ca_addr),
-                "--ca-root",
-                mesh.data.join("root-cert.pem").to_str().unwrap(),
-                "--ca-server-name",
-                "localhost",
-                "--token-file",
-                mesh.token("web", "web").to_str().unwrap(),
-                "--admin",
-                &admin.to_string(),
-                "--access-log",
-                "off",
-                "--audit-log",
-                "off",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let proxy = Process(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(admin, "/healthz/ready").map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "the proxy did not become ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let proxy = spawn(
+            "proxy",
+            Command::new(bin())
+                .args([
+                    "proxy",
+                    "--identity",
+                    "spiffe://cluster.local/ns/web/sa/web",
+                    "--label",
+                    "app=web",
+                ])
+                .args(inbound)
+                .args([
+                    "--policies",
+                    policy_dir.to_str().unwrap(),
+                    "--ca-address",
+                    &format!("https://{}", mesh.ca_addr),
+                    "--ca-root",
+                    mesh.data.join("root-cert.pem").to_str().unwrap(),
+                    "--ca-server-name",
+                    "localhost",
+                    "--token-file",
+                    mesh.token("web", "web").to_str().unwrap(),
+                    "--admin",
+                    &admin.to_string(),
+                    "--access-log",
+                    "off",
+                    "--audit-log",
+                    "off",
+                ]),
+        );
+        wait_until(Duration::from_secs(60), "the proxy is ready", || {
+            http_get(admin, "/healthz/ready").map(|r| r.0) == Some(200)
+        });
         Sidecar {
             port: ports[0],
             admin,
@@ -224,10 +220,7 @@ impl Sidecar {
 impl Sidecar {
     /// The proxy process is still running and still answers.
     fn assert_alive(&mut self) {
-        assert!(
-            self.proxy.0.try_wait().unwrap().is_none(),
-            "the proxy exited"
-        );
+        assert!(self.proxy.process.try_wait().is_none(), "the proxy exited");
         assert_eq!(
             http_get(self.admin, "/healthz/ready").map(|r| r.0),
             Some(200)

@@ -240,8 +240,8 @@ impl Attack {
                     let mut ended = Vec::new();
                     while !closed.load(std::sync::atomic::Ordering::SeqCst) {
                         ended.push(half_send(sender.clone(), plan).await);
-                        // Not a busy loop: a refused stream is retried 20 times a second.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // A refused stream is retried 20 times a second.
+                        tokio::time::sleep(Duration::from_millis(50)).await; // pacing: the attack's retry rate
                     }
                     ended
                 }));
@@ -266,7 +266,7 @@ impl Attack {
                     self.connections.len()
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await; // pacing: polls the attack's connections until the deadline above
         }
         let mut ended = BTreeMap::new();
         for stream in self.streams {
@@ -524,7 +524,7 @@ fn one_address_gets_its_share_of_connections_and_no_more() {
                 Instant::now() < deadline,
                 "the address was not admitted again"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await; // pacing: retries a connection until the deadline above
         }
     });
     std::fs::remove_dir_all(dir).ok();
@@ -574,7 +574,7 @@ fn a_proxy_stream_outlives_the_limits_of_strangers() {
         .await
         .unwrap();
 
-        tokio::time::sleep(outlive).await;
+        tokio::time::sleep(outlive).await; // pacing: the stream must outlive a stranger's lifetime
         let policy = dir.join("late.yaml");
         std::fs::write(
             &policy,
