@@ -477,6 +477,10 @@ fn a_double_star_template_matches_empty_and_slashes_so_nothing_slips_past_a_deny
         "/allow/admin/users/7",
         "/store//cart",
         "/store/a/b/cart",
+        // `=` is one of the characters a template operator matches (Envoy's
+        // kLiteral): `key=value` segments do not slip past.
+        "/allow/admin/x=1",
+        "/store/k=v/cart",
     ] {
         let r = reply(web.port, &get(path, &[]));
         assert_eq!(

@@ -4,10 +4,10 @@
 //! regular expression over the whole path: `/`, the segments joined by `/`,
 //! `{*}` as `[pchar]+` (one or more characters of one segment) and `{**}` as
 //! `[pchar/]*` (zero or more characters, slashes included), where pchar is
-//! RFC 3986's less `*` and `=`. So `/allow/admin/{**}` matches
-//! `/allow/admin/` and `/store/{**}/cart` matches `/store//cart`, while
-//! `/foo/{*}` matches neither `/foo/` nor `/foo/a=b`. `{**}` is the last
-//! operator; literal segments may follow it.
+//! Envoy's `kLiteral`: RFC 3986's less `*`, with `=` (which Envoy adds back).
+//! So `/allow/admin/{**}` matches `/allow/admin/` and `/store/{**}/cart`
+//! matches `/store//cart`, `/foo/{*}` matches `/foo/a=b` but not `/foo/`.
+//! `{**}` is the last operator; literal segments may follow it.
 
 /// A path value that uses template operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,16 +60,16 @@ pub fn check(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// What Envoy's template operators match: RFC 3986 `pchar` (unreserved,
-/// percent-encoded, sub-delims, `:` and `@`) without `*` and `=`.
+/// What Envoy's template operators match, and what a literal segment of a
+/// template may hold (Envoy's `kLiteral`, Istio's `isValidLiteral`): RFC 3986
+/// `pchar` (unreserved, percent-encoded, sub-delims, `:` and `@`) without
+/// `*`; `=` is in.
 fn is_pchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@".contains(&b)
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b)
 }
 
 fn is_valid_literal(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b))
+    !s.is_empty() && s.bytes().all(is_pchar)
 }
 
 impl PathTemplate {
@@ -170,9 +170,9 @@ mod tests {
     }
 
     #[test]
-    fn one_segment_is_made_of_pchar_without_star_and_equals() {
+    fn one_segment_is_made_of_pchar_without_star() {
         assert!(m("/foo/{*}", "/foo/a-._~%2F!$&'()+,;:@Z9"));
-        assert!(!m("/foo/{*}", "/foo/a=b"));
+        assert!(m("/foo/{*}", "/foo/a=b"), "Envoy's kLiteral has =");
         assert!(!m("/foo/{*}", "/foo/a*b"));
         assert!(!m("/foo/{*}", "/foo/café"));
         assert!(!m("/foo/{*}", "/foo/a b"));
@@ -186,7 +186,8 @@ mod tests {
         assert!(m("/foo/{**}", "/foo//x//"));
         assert!(!m("/foo/{**}", "/foo"));
         assert!(!m("/foo/{**}", "/foobar"));
-        assert!(!m("/foo/{**}", "/foo/a=b"));
+        assert!(m("/foo/{**}", "/foo/a=b"));
+        assert!(m("/admin/{**}", "/admin/x=1/y"));
         assert!(m("/{**}", "/anything/at/all"));
         assert!(m("/{**}", "/"));
         assert!(m("/allow/admin/{**}", "/allow/admin/"));
