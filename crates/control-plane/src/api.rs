@@ -211,9 +211,12 @@ impl ConfigService for ConfigApi {
             && let Ok(id) = SpiffeId::parse(r.value.trim())
             && self.unrevocable.contains(&id)
         {
-            return Err(Status::invalid_argument(format!(
-                "{id} is the control plane's own identity: revoked, every proxy would refuse the server"
-            )));
+            let why = if id == self.admin {
+                "the admin identity: revoked, the credential the server makes at every start would be refused too; revoke an old admin certificate by its serial"
+            } else {
+                "the control plane's own identity: revoked, every proxy would refuse the server"
+            };
+            return Err(Status::invalid_argument(format!("{id} is {why}")));
         }
         let store = self.store.clone();
         let (revocation, created) =

@@ -21,6 +21,7 @@ use crate::ca::CertificateAuthority;
 use crate::limits::{
     Admission, Admitted, BudgetedBody, CLOSE_GRACE, CREATE_CERTIFICATE_PATH, Limits, LogThrottle,
 };
+use crate::revocation::Revocations;
 use crate::tls::{self, WatchedCert};
 
 /// How long in-flight requests may finish after shutdown is asked for.
@@ -42,42 +43,42 @@ pub fn describe_listener(addr: SocketAddr) -> String {
 /// The TLS configuration of the server: its certificate from `cert` (read
 /// on every handshake, so renewals apply to new connections), client
 /// certificates optional (a bootstrap token suffices) but, when presented,
-/// verified against the mesh's roots; HTTP/2 only.
+/// verified against the mesh's roots and refused when `revocations` names
+/// them, as the proxies refuse them; no session resumption, which would
+/// skip that check; HTTP/2 only.
 fn server_tls(
     ca: &CertificateAuthority,
     cert: WatchedCert,
+    revocations: Revocations,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    for root in ca.bundle().roots() {
-        roots.add(root.clone())?;
-    }
-    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        tls::provider(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(clients)
-        .with_cert_resolver(Arc::new(cert));
+    let clients = tls::SpiffeClientVerifier::with_revocations(
+        ca.bundle(),
+        tls::TrustDomains(vec![ca.trust_domain().to_owned()]),
+        false,
+        revocations,
+    )?;
+    let mut config = tls::server_config(cert, clients)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
 
 /// Serves `routes` (the certificate service and whatever the control plane
 /// adds beside it) on `listener` within `limits` until `shutdown`
-/// completes, then drains for at most [`DRAIN_TIME`].
+/// completes, then drains for at most [`DRAIN_TIME`]. A client
+/// certificate that `revocations` names is refused at the handshake, so a
+/// revoked workload (or an old admin credential) gets neither the
+/// authenticated limits nor any service.
 pub async fn serve_routes(
     listener: tokio::net::TcpListener,
     ca: &CertificateAuthority,
     server_cert: WatchedCert,
+    revocations: Revocations,
     routes: tonic::service::Routes,
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let tls = server_tls(ca, server_cert).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let tls =
+        server_tls(ca, server_cert, revocations).map_err(|e| ServeError::Tls(e.to_string()))?;
     let port = Arc::new(Port {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         routes,

@@ -458,6 +458,7 @@ pub async fn serve(
         listener,
         &ca,
         server_cert,
+        Revocations::new(),
         routes,
         Limits::default(),
         shutdown,

@@ -127,9 +127,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The server's refusal, as it worded it.
+/// The server's refusal, as it worded it; a call that never reached the
+/// server (the connection failed, or the handshake refused the credential)
+/// says why, from the innermost cause.
 fn refused(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", status.message())
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&status);
+    let mut innermost = None;
+    while let Some(e) = cause {
+        innermost = Some(e.to_string());
+        cause = e.source();
+    }
+    match innermost {
+        Some(why) if why != status.message() => {
+            anyhow::anyhow!("{}: {why}", status.message())
+        }
+        _ => anyhow::anyhow!("{}", status.message()),
+    }
 }
 
 pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {

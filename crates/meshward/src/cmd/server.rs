@@ -195,7 +195,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .max_decoding_message_size(limits::CREATE_CERTIFICATE_MAX_MESSAGE),
         )
         .add_service(config_server(
-            ConfigApi::new(store.clone(), hub.clone(), admin).with_unrevocable(vec![own]),
+            // Revoking the admin identity would revoke the credential made
+            // at every start too: an old admin certificate is revoked by
+            // its serial instead.
+            ConfigApi::new(store.clone(), hub.clone(), admin.clone())
+                .with_unrevocable(vec![own, admin]),
             CONFIG_MAX_MESSAGE,
         ))
         .add_service(
@@ -212,6 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             listener,
             &ca,
             server_cert.cert.clone(),
+            store.revocations(),
             routes,
             limits,
             shutdown_signal(),
