@@ -52,17 +52,13 @@ fn config_dump(admin: SocketAddr) -> serde_json::Value {
 
 /// The value of one series on a proxy's `/stats/prometheus` (0 when
 /// absent), and the whole text for messages.
-fn metric(admin: SocketAddr, series: &str) -> (f64, String) {
+fn scrape(admin: SocketAddr, series: &str) -> (f64, String) {
     let (_, text) = http_get(admin, "/stats/prometheus").expect("the admin port answers");
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap());
-    (value, text)
+    (metric(&text, series).unwrap_or(0.0), text)
 }
 
 fn assert_metric_at_least(admin: SocketAddr, series: &str, min: f64) {
-    let (value, text) = metric(admin, series);
+    let (value, text) = scrape(admin, series);
     assert!(
         value >= min,
         "{series} is {value}, wanted at least {min}:\n{text}"
@@ -356,7 +352,7 @@ fn a_revoked_client_is_refused_at_the_handshake_and_its_open_connections_are_cut
     assert_metric_at_least(m.web_admin, refused, 2.0);
     // The refusals are web's: sleep's proxy refused no server.
     let sleep_refused = r#"meshward_tls_handshakes_total{direction="outbound",result="revoked"}"#;
-    assert_eq!(metric(m.sleep_admin, sleep_refused).0, 0.0);
+    assert_eq!(scrape(m.sleep_admin, sleep_refused).0, 0.0);
 
     // At the CA: no renewal with a certificate of that identity (the
     // server's port refuses it at the handshake), no bootstrap with a token

@@ -60,7 +60,52 @@ fn validate_accepts_every_example() {
         stdout(&o),
         stderr(&o)
     );
-    assert!(stderr(&o).contains("0 error(s)"), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).lines().last(),
+        Some("30 document(s): 20 valid policies, 0 error(s), 5 warning(s)"),
+        "{}",
+        stderr(&o)
+    );
+    // The warnings, by where and what: DENY rules on HTTP-only fields
+    // (Istio's own warning), and DENY rules on paths under Istio's default
+    // path normalization, BASE.
+    let http_only = "spec.rules: configured AuthorizationPolicy will deny all traffic to TCP ports under its scope due to the use of only HTTP attributes in a DENY rule";
+    let base = "spec.rules[0].to[0].operation.paths: a DENY rule on paths: under path normalization BASE (Istio's default; vulnerable to CVE-2021-31920)";
+    let expected = [
+        (
+            "examples/jwt/policies.yaml:32",
+            "foo/require-jwt",
+            http_only,
+        ),
+        (
+            "examples/jwt/policies.yaml:48",
+            "foo/admin-group",
+            http_only,
+        ),
+        ("examples/jwt/policies.yaml:51", "foo/admin-group", base),
+        (
+            "examples/zero-trust/policies.yaml:90",
+            "foo/deny-status-teapot",
+            http_only,
+        ),
+        (
+            "examples/zero-trust/policies.yaml:93",
+            "foo/deny-status-teapot",
+            base,
+        ),
+    ]
+    .map(|(at, policy, what)| format!("{at}: warning: AuthorizationPolicy {policy}: {what}"));
+    // Sorted as `expected` is: by file, then line.
+    let out = stdout(&o);
+    let mut warnings: Vec<&str> = out.lines().collect();
+    warnings.sort_unstable();
+    assert_eq!(warnings.len(), expected.len(), "{out}");
+    for (warning, expected) in warnings.iter().zip(&expected) {
+        assert!(
+            warning.starts_with(expected.as_str()),
+            "wanted {expected:?}, got {warning:?}"
+        );
+    }
 }
 
 #[test]
@@ -176,12 +221,16 @@ fn check_reads_policies_and_requests_from_stdin_and_reports_bad_lines() {
     let policy =
         std::fs::read_to_string(repo().join("examples/zero-trust/policies.yaml")).expect("example");
     let dir = tempdir();
+    // Line 1: decided by a policy from standard input (without policies,
+    // it would be allowed by default, by no policy).
+    let first = std::fs::read_to_string(repo().join("examples/zero-trust/requests.jsonl"))
+        .expect("example")
+        .lines()
+        .next()
+        .expect("a request")
+        .to_owned();
     let requests = dir.join("r.jsonl");
-    std::fs::write(
-        &requests,
-        "{\"workload\":{\"namespace\":\"foo\"},\"port\":80}\nnot json\n",
-    )
-    .expect("write");
+    std::fs::write(&requests, format!("{first}\nnot json\n")).expect("write");
     let o = meshward(
         &[
             "check",
@@ -200,8 +249,26 @@ fn check_reads_policies_and_requests_from_stdin_and_reports_bad_lines() {
         "a bad input line makes the exit status 1"
     );
     let out = stdout(&o);
-    assert!(out.contains("LINE"), "{out}");
-    assert!(out.contains("r.jsonl:2"), "{out}");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(
+        lines[0][..5],
+        ["LINE", "DECISION", "STATUS", "MTLS", "POLICY"],
+        "{out}"
+    );
+    assert_eq!(
+        lines[1][..5],
+        ["1", "allow", "200", "PERMISSIVE", "foo/httpbin-viewer"],
+        "{out}"
+    );
+    assert_eq!(
+        lines[2][..3],
+        ["2", "error", &format!("{}:2:", requests.display())],
+        "{out}"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 

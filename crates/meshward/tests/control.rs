@@ -54,31 +54,56 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
         "-l",
         "app=httpbin",
     ]));
-    assert!(
-        live.status.success(),
-        "{}",
-        String::from_utf8_lossy(&live.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&live.stdout),
-        String::from_utf8_lossy(&files.stdout)
-    );
+    for out in [&live, &files] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let described = String::from_utf8_lossy(&live.stdout);
+    assert!(described.contains("foo/deny-legacy"), "{described}");
+    assert_eq!(described, String::from_utf8_lossy(&files.stdout));
 
-    // An invalid document: refused with validate's words, nothing changes.
-    let bad = dir.join("bad.yaml");
-    std::fs::write(
-        &bad,
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: foo}\nspec: {action: NOPE}\n",
-    )
-    .unwrap();
-    let out = mesh.admin(&["apply", "-f", bad.to_str().unwrap()]);
+    // An invalid document, sent to the server's API (`meshward apply`
+    // would refuse it before sending, below): refused whole, in the
+    // loader's words — the valid document before it is not written either —
+    // and nothing changes.
+    let snapshot = || {
+        let out = mesh.admin(&["get", "all", "-o", "yaml"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let unchanged = snapshot();
+    let bad = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fine, namespace: foo}\nspec: {action: DENY, rules: [{}]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: foo}\nspec: {action: NOPE}\n";
+    let refused = mesh
+        .apply_via_api("bad.yaml", bad)
+        .expect_err("the server accepted an invalid document");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let errors: Vec<&str> = refused.message().lines().collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("bad.yaml:9: error: AuthorizationPolicy foo/bad: spec.action"),
+        "{errors:#?}"
+    );
+    assert_eq!(snapshot(), unchanged);
+
+    // `meshward apply` refuses it itself, with validate's words.
+    let bad_file = dir.join("bad.yaml");
+    std::fs::write(&bad_file, bad).unwrap();
+    let out = mesh.admin(&["apply", "-f", bad_file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("bad.yaml:4: error: AuthorizationPolicy foo/bad: spec.action"),
+        stderr.contains("bad.yaml:9: error: AuthorizationPolicy foo/bad: spec.action"),
         "{stderr}"
     );
-    assert_eq!(stored(&mesh).len(), 6);
+    assert!(stderr.contains("nothing was applied"), "{stderr}");
+    assert_eq!(snapshot(), unchanged);
 
     // Not the admin: a workload certificate is refused.
     let workload = dir.join("workload-cert");
@@ -158,13 +183,11 @@ fn the_config_directory_is_watched_and_a_broken_file_changes_nothing() {
     // A broken file: the directory is refused whole (the server says so),
     // nothing changes.
     std::fs::write(config.join("broken.yaml"), "kind: AuthorizationPolicy\napiVersion: security.istio.io/v1\nmetadata: {name: x}\nspec: {action: NOPE}\n").unwrap();
-    let refused = mesh
-        .server_logs
+    mesh.server_logs
         .wait_for_stderr("config directory refused", SETTLE);
-    assert!(
-        mesh.server_logs.stderr().contains("broken.yaml:4: error"),
-        "{refused}\n{}",
-        mesh.server_logs.stderr()
+    mesh.server_logs.wait_for_stderr(
+        "broken.yaml:4: error: AuthorizationPolicy default/x: spec.action",
+        SETTLE,
     );
     assert_eq!(stored(&mesh).len(), MTLS + JWT);
     // Removing files removes their objects.

@@ -184,9 +184,30 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
     // A policy applied is enforced on the next requests.
     assert!(apply(&mesh, &dir, "deny.yaml", DENY_X).status.success());
     eventually_status(sleep_out, "/public/x", 403, SETTLE);
-    // An invalid apply changes nothing.
-    let bad = apply(&mesh, &dir, "bad.yaml", &DENY_X.replace("DENY", "NOPE"));
-    assert!(!bad.status.success());
+    // An invalid apply, sent to the server's API (`meshward apply` would
+    // refuse it before sending): refused in the loader's words, and
+    // nothing changes, stored or enforced.
+    let deny_x = || {
+        let out = mesh.admin(&["get", "AuthorizationPolicy", "deny-x", "-n", "web"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let stored = deny_x();
+    let refused = mesh
+        .apply_via_api("bad.yaml", &DENY_X.replace("DENY", "NOPE"))
+        .expect_err("the server accepted an invalid policy");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("bad.yaml:6: error: AuthorizationPolicy web/deny-x: spec.action"),
+        "{refused:?}"
+    );
+    assert_eq!(deny_x(), stored);
     assert_eq!(http_get(sleep_out, "/public/x").unwrap().0, 403);
     assert_eq!(http_get(sleep_out, "/public/y").unwrap().0, 200);
 
@@ -265,15 +286,16 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
         after - before
     );
 
-    // The server goes away: once the proxies have noticed (a failure
-    // logged after this point), they keep enforcing and serving.
+    // The server goes away: once the proxies have tried to reconnect and
+    // failed (logged after this point, after the loss of the stream), they
+    // keep enforcing and serving.
     let marks = [web.logs.stderr_mark(), sleep.logs.stderr_mark()];
     let _ = mesh.server.0.kill();
     let _ = mesh.server.0.wait();
     for (proxy, mark) in [&web, &sleep].into_iter().zip(marks) {
         proxy
             .logs
-            .wait_for_new_stderr(mark, "control plane unavailable", SETTLE);
+            .wait_for_new_stderr(mark, "control plane unavailable (connecting: ", SETTLE);
     }
     assert_eq!(http_get(sleep_out, "/public/x").unwrap().0, 403);
     assert_eq!(http_get(sleep_out, "/public/y").unwrap().0, 200);

@@ -266,6 +266,24 @@ fn the_zero_trust_walkthrough() {
         get(legacy_to_productpage, "/", &[]).is_none(),
         "STRICT served plaintext"
     );
+    // Refused by peer authentication, which says why.
+    let refusal = wait_for(SETTLE, || {
+        let log = up.log("bookinfo/productpage");
+        log.iter()
+            .find(|r| r["stage"] == "peer_authentication")
+            .cloned()
+            .ok_or_else(|| format!("no peer authentication record in {log:#?}"))
+    });
+    assert_eq!(refusal["decision"], "deny", "{refusal}");
+    assert_eq!(refusal["destination"], "inbound|9080", "{refusal}");
+    assert_eq!(refusal["mtls_mode"], "STRICT", "{refusal}");
+    assert_eq!(refusal["policy"], "bookinfo/default", "{refusal}");
+    assert!(refusal["source_principal"].is_null(), "{refusal}");
+    assert_eq!(
+        refusal["reason"],
+        "plaintext connection refused: port 9080 requires mutual TLS (STRICT from bookinfo/default)",
+        "{refusal}"
+    );
     let policies = up.dir.join("policies.yaml");
     let text = std::fs::read_to_string(&policies).unwrap();
     std::fs::write(

@@ -621,6 +621,53 @@ impl Mesh {
         )
     }
 
+    /// Sends one `ApplyRequest` straight to the server's config API with the
+    /// admin credential (`DATA/admin/`), as `meshward apply` does once it
+    /// has checked the files itself: a test can send what the command would
+    /// refuse before sending. The server's answer, refusals included; not
+    /// reaching the server fails the test, so a refusal is the server's.
+    pub fn apply_via_api(
+        &self,
+        file: &str,
+        text: &str,
+    ) -> Result<meshward_api::control::ApplyResponse, tonic::Status> {
+        use meshward_api::control::ApplyRequest;
+        use meshward_api::control::config_service_client::ConfigServiceClient;
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+        let admin = meshward_control_plane::admin::admin_dir(&self.data);
+        let read = |name: &str| std::fs::read_to_string(admin.join(name)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("root-cert.pem")))
+            .identity(Identity::from_pem(read("cert-chain.pem"), read("key.pem")))
+            .domain_name("localhost");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let channel = Channel::from_shared(format!("https://{}", self.ca_addr))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_timeout(SETTLE)
+                .timeout(COMMAND)
+                .connect()
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("connecting to the config API at {}: {e:?}", self.ca_addr)
+                });
+            ConfigServiceClient::new(channel)
+                .apply(ApplyRequest {
+                    file: file.to_owned(),
+                    text: text.to_owned(),
+                    mesh_config: false,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+
     pub fn token(&self, ns: &str, sa: &str) -> PathBuf {
         let out = run(&[
             "token",
