@@ -65,7 +65,9 @@ impl Protocol {
 pub struct InboundPort {
     pub listen: SocketAddr,
     /// The port policies name (`ports:` in rules, `portLevelMtls`); the
-    /// listening port unless the spec gives another.
+    /// listening port unless the spec gives another. 0 (listening on port
+    /// 0, no other given) becomes the port the system chose when the proxy
+    /// binds.
     pub port: u16,
     pub app: SocketAddr,
     pub protocol: Protocol,
@@ -240,9 +242,15 @@ impl FromStr for InboundPort {
             match k {
                 "protocol" => port.protocol = parse_protocol(spec, v)?,
                 _ => {
-                    port.port = v
-                        .parse()
-                        .map_err(|_| spec_error(spec, format!("port {v:?} is not a port number")))?
+                    port.port = match v.parse() {
+                        Ok(0) | Err(_) => {
+                            return Err(spec_error(
+                                spec,
+                                format!("port {v:?} is not a port number (1-65535)"),
+                            ));
+                        }
+                        Ok(n) => n,
+                    }
                 }
             }
         }
@@ -322,6 +330,14 @@ mod tests {
         assert!(e.reason.contains("PORT=APP"), "{e}");
         let e = "9080=x,proto=http".parse::<InboundPort>().unwrap_err();
         assert!(e.reason.contains("unknown option \"proto\""), "{e}");
+        // Port 0: the system chooses; the policy port follows once bound
+        // (see `Proxy::start`), so it cannot be given as 0.
+        let p: InboundPort = "0=127.0.0.1:19080".parse().unwrap();
+        assert_eq!((p.listen.port(), p.port), (0, 0));
+        let e = "0=127.0.0.1:19080,port=0"
+            .parse::<InboundPort>()
+            .unwrap_err();
+        assert_eq!(e.reason, "port \"0\" is not a port number (1-65535)");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub mod outbound;
 pub mod policies;
 pub mod revocation;
 pub mod sniff;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -156,26 +158,33 @@ impl Proxy {
         let mut listeners = Listeners::default();
         let mut inbound = Vec::new();
         for port in &config.inbound {
+            let listener = bind(port.listen, format!("inbound|{}", port.port)).await?;
+            let address = listener.local_addr().unwrap_or(port.listen);
+            let mut port = port.clone();
+            if port.port == 0 {
+                // Listening on port 0 with no policy port given: policies
+                // name the port the system chose.
+                port.port = address.port();
+            }
             let name = format!("inbound|{}", port.port);
-            let listener = bind(port.listen, name.clone()).await?;
             let connector = Connector::new(
                 vec![port.app],
                 None,
                 limits.connect_timeout,
                 metrics.clone(),
             );
-            let target = InboundTarget {
-                port: port.clone(),
-                app: HttpPools::new(connector.clone(), connector.clone(), port.protocol),
-                connector,
-            };
             listeners.inbound.push(ListenerInfo {
-                address: listener.local_addr().unwrap_or(port.listen),
+                address,
                 name,
                 forward_to: vec![port.app.to_string()],
                 protocol: port.protocol.as_str(),
                 tls: "peer-authentication",
             });
+            let target = InboundTarget {
+                app: HttpPools::new(connector.clone(), connector.clone(), port.protocol),
+                connector,
+                port,
+            };
             inbound.push((listener, Arc::new(target)));
         }
         let mut outbound = Vec::new();

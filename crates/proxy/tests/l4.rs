@@ -3,17 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::tls::TrustDomains;
 use meshward_identity::token::TokenAuthority;
 use meshward_proxy::identity::WorkloadIdentity;
+use meshward_proxy::testing::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,7 +26,7 @@ async fn tcp_pair(
         identity: server_id,
         namespace: "db",
         labels: &[("app", "db")],
-        inbound: vec![format!("PORT={app},protocol=tcp")],
+        inbound: vec![format!("0={app},protocol=tcp")],
         upstreams: vec![],
         policies,
         mesh_config: None,
@@ -40,7 +38,7 @@ async fn tcp_pair(
         labels: &[],
         inbound: vec![],
         upstreams: vec![format!(
-            "db.db:5432=LISTEN,endpoint={},identity=spiffe://cluster.local/ns/db/sa/db,protocol=tcp",
+            "db.db:5432=127.0.0.1:0,endpoint={},identity=spiffe://cluster.local/ns/db/sa/db,protocol=tcp",
             server.inbound[0]
         )],
         policies: "",

@@ -4,14 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshward_proxy::testing::*;
 
 const ALLOW_GET_PUBLIC: &str = r#"
 apiVersion: security.istio.io/v1
@@ -38,7 +36,7 @@ async fn pair(ca: &Ca, protocol: &str, policies: &str, mesh: Option<&str>) -> Pa
         identity: ca.identity(&id("web", "web")),
         namespace: "web",
         labels: &[("app", "web")],
-        inbound: vec![format!("PORT={app},protocol={protocol}")],
+        inbound: vec![format!("0={app},protocol={protocol}")],
         upstreams: vec![],
         policies,
         mesh_config: mesh,
@@ -50,7 +48,7 @@ async fn pair(ca: &Ca, protocol: &str, policies: &str, mesh: Option<&str>) -> Pa
         labels: &[],
         inbound: vec![],
         upstreams: vec![format!(
-            "web.web:80=LISTEN,endpoint={},identity=spiffe://cluster.local/ns/web/sa/web,protocol={protocol}",
+            "web.web:80=127.0.0.1:0,endpoint={},identity=spiffe://cluster.local/ns/web/sa/web,protocol={protocol}",
             server.inbound[0]
         )],
         policies: "",
@@ -143,22 +141,26 @@ async fn http1_requests_are_authorized_and_the_deciding_policy_is_logged() {
             .contains("no ALLOW rule matched"),
         "{denied}"
     );
-    let metrics = p.server.proxy.as_ref().unwrap().metrics().encode();
+    let metrics = p.server.scrape();
     assert_eq!(
-        metric(
-            &metrics,
-            r#"meshward_requests_total{direction="inbound",decision="allow",policy="web/allow-public"}"#
+        metrics.get(
+            "meshward_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("decision", "allow"),
+                ("policy", "web/allow-public")
+            ]
         ),
-        Some(2),
+        Some(2.0),
         "{metrics}"
     );
     // Four client connections, one pooled mutual TLS connection between the proxies.
     assert_eq!(
-        metric(
-            &metrics,
-            r#"meshward_tls_handshakes_total{direction="inbound",result="ok"}"#
+        metrics.get(
+            "meshward_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "ok")]
         ),
-        Some(1),
+        Some(1.0),
         "{metrics}"
     );
 }
@@ -189,13 +191,13 @@ async fn http2_and_grpc_pass_through_with_authorization() {
     assert_eq!(seen(&body)["version"], "HTTP/2.0");
     let (status, _, _, _) = h2(p.client.outbound[0], "GET", "/private", &[]).await;
     assert_eq!(status, 403);
-    let metrics = p.server.proxy.as_ref().unwrap().metrics().encode();
+    let metrics = p.server.scrape();
     assert_eq!(
-        metric(
-            &metrics,
-            r#"meshward_tls_handshakes_total{direction="inbound",result="ok"}"#
+        metrics.get(
+            "meshward_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "ok")]
         ),
-        Some(1),
+        Some(1.0),
         "HTTP/2 requests share one connection: {metrics}"
     );
 }
@@ -491,8 +493,9 @@ spec:
         "no CUSTOM rule matched: the provider is not asked"
     );
 
-    // A provider that cannot be reached fails closed (failOpen is false).
-    let closed_port = free_addr().port();
+    // A provider that cannot be reached fails closed (failOpen is false):
+    // nothing listens on its port, which must stay closed (never bound).
+    let closed_port = closed_addr().port();
     let down = mesh.replace(
         &format!("port: {}", authz.port()),
         &format!("port: {closed_port}"),
@@ -590,7 +593,7 @@ async fn a_client_pausing_mid_method_is_still_read_as_http() {
         identity: ca.identity(&id("web", "web")),
         namespace: "web",
         labels: &[],
-        inbound: vec![format!("PORT={app},protocol=auto")],
+        inbound: vec![format!("0={app},protocol=auto")],
         upstreams: vec![],
         policies: "",
         mesh_config: None,

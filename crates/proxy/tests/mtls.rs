@@ -2,20 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use common::*;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::tls::TrustDomains;
 use meshward_proxy::identity::WorkloadIdentity;
+use meshward_proxy::testing::*;
 
 /// A server proxy for `web` (identity web/sa/web) in front of an echo app.
 async fn web(ca: &Ca, policies: &str, extra_inbound: &[&str]) -> (TestProxy, SocketAddr) {
     let app = echo_app("web").await;
-    let mut inbound = vec![format!("PORT={app},protocol=http")];
+    let mut inbound = vec![format!("0={app},protocol=http")];
     inbound.extend(
         extra_inbound
             .iter()
@@ -43,7 +41,7 @@ async fn client(ca: &Ca, server: SocketAddr, expected: &SpiffeId, extra: &str) -
         labels: &[("app", "sleep")],
         inbound: vec![],
         upstreams: vec![format!(
-            "web.web:80=LISTEN,endpoint={server},identity={expected},protocol=http{extra}"
+            "web.web:80=127.0.0.1:0,endpoint={server},identity={expected},protocol=http{extra}"
         )],
         policies: "",
         mesh_config: None,
@@ -51,13 +49,15 @@ async fn client(ca: &Ca, server: SocketAddr, expected: &SpiffeId, extra: &str) -
     .await
 }
 
-fn handshakes(proxy: &TestProxy, result: &str) -> u64 {
-    let text = proxy.proxy.as_ref().unwrap().metrics().encode();
-    metric(
-        &text,
-        &format!("meshward_tls_handshakes_total{{direction=\"inbound\",result=\"{result}\"}}"),
-    )
-    .unwrap_or(0)
+/// Inbound handshakes that ended with `result` (0 before the first).
+fn handshakes(proxy: &TestProxy, result: &str) -> f64 {
+    proxy
+        .scrape()
+        .get(
+            "meshward_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", result)],
+        )
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,10 +113,10 @@ async fn strict_refuses_plaintext_and_certificates_from_another_ca() {
     .await;
     assert!(outcome.is_none(), "a foreign CA's certificate was accepted");
     eventually("the unknown CA is counted", || {
-        handshakes(&server, "unknown_ca") == 1
+        handshakes(&server, "unknown_ca") == 1.0
     })
     .await;
-    assert_eq!(handshakes(&server, "not_tls"), 1);
+    assert_eq!(handshakes(&server, "not_tls"), 1.0);
 
     // The mesh's own client gets through.
     let sleep = client(&ca, port, &id("web", "web"), "").await;
@@ -179,7 +179,9 @@ spec:
   portLevelMtls:
     "18081": {mode: DISABLE}
 "#;
-    let (server, _) = web(&ca, policies, &["PORT=APP,protocol=http,port=18081"]).await;
+    // The second port listens where the system chose; 18081 is only the
+    // port policies name it by (`port=`), so no fixed port is bound.
+    let (server, _) = web(&ca, policies, &["0=APP,protocol=http,port=18081"]).await;
     let (strict, disabled) = (server.inbound[0], server.inbound[1]);
 
     assert!(
@@ -235,7 +237,7 @@ async fn secure_naming_refuses_a_valid_certificate_for_the_wrong_identity() {
         identity: ca.identity(&id("web", "impostor")),
         namespace: "web",
         labels: &[],
-        inbound: vec![format!("PORT={app},protocol=http")],
+        inbound: vec![format!("0={app},protocol=http")],
         upstreams: vec![],
         policies: "",
         mesh_config: None,
@@ -292,7 +294,7 @@ async fn an_applications_own_tls_passes_through_a_permissive_port() {
         identity: ca.identity(&id("db", "db")),
         namespace: "db",
         labels: &[],
-        inbound: vec![format!("PORT={app},protocol=tcp")],
+        inbound: vec![format!("0={app},protocol=tcp")],
         upstreams: vec![],
         policies: "",
         mesh_config: None,
