@@ -137,7 +137,10 @@ impl HttpRequest {
             .flat_map(|(_, v)| v.split(';'))
             .filter_map(move |c| {
                 let (k, v) = c.trim().split_once('=')?;
-                (k == name).then(|| v.trim_matches('"').to_owned())
+                // Names are compared trimmed, as applications read them
+                // (`session =x` is cookie `session` to Go and Node): a
+                // token the application would read is never skipped here.
+                (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
             })
     }
 }
@@ -283,6 +286,8 @@ mod tests {
             headers: vec![
                 ("cookie".into(), "a=1; session=tok; b=2".into()),
                 ("Cookie".into(), "session=\"again\"".into()),
+                // Spaces around the name: still the cookie applications read.
+                ("cookie".into(), "x=1; session =spaced".into()),
             ],
             ..Default::default()
         };
@@ -291,7 +296,7 @@ mod tests {
         assert_eq!(all("y"), [""]);
         assert!(all("z").is_empty());
         let cookies = |name| req.cookies(name).collect::<Vec<_>>();
-        assert_eq!(cookies("session"), ["tok", "again"]);
+        assert_eq!(cookies("session"), ["tok", "again", "spaced"]);
         assert!(cookies("c").is_empty());
     }
 

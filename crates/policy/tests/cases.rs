@@ -257,10 +257,7 @@ fn place_token(input: &mut Value, jwt: &Jwt, token: &str) {
             );
         }
         ["cookie", name] => {
-            headers.insert(
-                "cookie".into(),
-                Value::from(format!("other=1; {name}={token}")),
-            );
+            add_header(headers, "cookie", format!("other=1; {name}={token}"));
         }
         other => panic!("unknown token location {other:?}"),
     }
@@ -484,7 +481,7 @@ fn match_exactly(what: &str, needles: &[String], have: &[String]) -> Vec<String>
 }
 
 /// The number of cases the suite holds today; raise it when adding cases.
-const MIN_CASES: usize = 981;
+const MIN_CASES: usize = 982;
 
 #[test]
 fn conformance_cases() {
