@@ -480,8 +480,14 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_invalid_resource_is_refused_and_nothing_changes() {
+    /// A workload identity of a fresh CA (no certificate yet), an empty
+    /// policy store and a JWKS cache: what `apply` puts configuration into.
+    fn fixture() -> (
+        tempfile::TempDir,
+        WorkloadIdentity,
+        PolicyStore,
+        Arc<JwksCache>,
+    ) {
         let ca_dir = tempfile::tempdir().unwrap();
         let ca = meshward_identity::ca::CertificateAuthority::load_or_create(
             &meshward_identity::ca::CaFiles::new(ca_dir.path().join("ca")),
@@ -498,6 +504,12 @@ mod tests {
         };
         let store = PolicyStore::new(Workload::default(), PolicySet::default(), "start".into());
         let jwks = Arc::new(JwksCache::default());
+        (ca_dir, identity, store, jwks)
+    }
+
+    #[tokio::test]
+    async fn an_invalid_resource_is_refused_and_nothing_changes() {
+        let (_ca_dir, identity, store, jwks) = fixture();
         let mut held = BTreeMap::new();
         held.insert("a".to_owned(), policy("a", GOOD));
         apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
@@ -520,22 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_revocation_list_is_put_in_force_or_refused_whole() {
-        let ca_dir = tempfile::tempdir().unwrap();
-        let ca = meshward_identity::ca::CertificateAuthority::load_or_create(
-            &meshward_identity::ca::CaFiles::new(ca_dir.path().join("ca")),
-            "cluster.local",
-        )
-        .unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(None);
-        let identity = WorkloadIdentity {
-            id: SpiffeId::parse("spiffe://cluster.local/ns/web/sa/web").unwrap(),
-            cert: meshward_identity::tls::WatchedCert(rx),
-            bundle: ca.bundle().clone(),
-            trust_domains: meshward_identity::tls::TrustDomains(vec!["cluster.local".into()]),
-            revocations: Default::default(),
-        };
-        let store = PolicyStore::new(Workload::default(), PolicySet::default(), "start".into());
-        let jwks = Arc::new(JwksCache::default());
+        let (_ca_dir, identity, store, jwks) = fixture();
         let list = |body: &str| Resource {
             name: "revocations".into(),
             type_url: types::REVOCATIONS.into(),
