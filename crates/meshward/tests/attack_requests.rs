@@ -481,6 +481,10 @@ fn a_double_star_template_matches_empty_and_slashes_so_nothing_slips_past_a_deny
         // kLiteral): `key=value` segments do not slip past.
         "/allow/admin/x=1",
         "/store/k=v/cart",
+        // Raw characters a path may not hold are percent-encoded by
+        // normalization (as Envoy's is), so templates match them.
+        "/allow/admin/café",
+        "/store/a|b/cart",
     ] {
         let r = reply(web.port, &get(path, &[]));
         assert_eq!(

@@ -481,7 +481,7 @@ fn match_exactly(what: &str, needles: &[String], have: &[String]) -> Vec<String>
 }
 
 /// The number of cases the suite holds today; raise it when adding cases.
-const MIN_CASES: usize = 982;
+const MIN_CASES: usize = 984;
 
 #[test]
 fn conformance_cases() {

@@ -39,6 +39,7 @@ fn is_normal(path: &str, mode: PathNormalizationMode) -> bool {
     );
     let needs_work = !path.starts_with('/')
         || path.contains(['%', '\\'])
+        || path.bytes().any(escaped_by_canonicalization)
         || (merge && path.contains("//"))
         || path.split('/').any(|seg| seg == "." || seg == "..");
     !needs_work
@@ -50,9 +51,13 @@ pub fn strip_query(target: &str) -> &str {
     &target[..end]
 }
 
-/// RFC 3986 normalization as Envoy's `normalize_path` does it: percent-encoded
-/// unreserved characters are decoded, other escapes are kept exactly as
-/// written, backslashes become slashes, and `.`/`..` segments are removed.
+/// RFC 3986 normalization as Envoy's `normalize_path` does it (Chromium's
+/// path canonicalization): percent-encoded unreserved characters are
+/// decoded, other escapes are kept exactly as written, characters a path may
+/// not hold as they are (controls, space, `"<>^`{|}`, DEL and every non-ASCII
+/// byte) are percent-encoded, backslashes become slashes, and `.`/`..`
+/// segments are removed. The encoding matters to policies: `/caf%C3%A9` is
+/// what a rule on paths sees, and what the application gets, for `/café`.
 fn base(path: &str) -> String {
     let decoded = decode_unreserved(path);
     let slashed = decoded.replace('\\', "/");
@@ -79,23 +84,26 @@ fn decode_unreserved(path: &str) -> String {
             i += 3;
             continue;
         }
-        // Copy one UTF-8 character.
-        let ch_len = utf8_len(bytes[i]);
-        let end = (i + ch_len).min(bytes.len());
-        out.push_str(path.get(i..end).unwrap_or("\u{FFFD}"));
-        i = end;
+        if escaped_by_canonicalization(bytes[i]) {
+            out.push_str(&format!("%{:02X}", bytes[i]));
+        } else {
+            out.push(bytes[i] as char);
+        }
+        i += 1;
     }
     out
 }
 
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0x00..=0x7F => 1,
-        0xC0..=0xDF => 2,
-        0xE0..=0xEF => 3,
-        0xF0..=0xF7 => 4,
-        _ => 1,
-    }
+/// The bytes Chromium's path canonicalization (which Envoy's
+/// `normalize_path` runs) writes percent-encoded: controls, space, `"`, `#`,
+/// `<`, `>`, `?`, `^`, `` ` ``, `{`, `|`, `}`, DEL and every byte of a
+/// non-ASCII character. (`#` and `?` never reach here: the query is
+/// stripped first.)
+fn escaped_by_canonicalization(b: u8) -> bool {
+    matches!(
+        b,
+        0x01..=0x20 | b'"' | b'#' | b'<' | b'>' | b'?' | b'^' | b'`' | b'{' | b'|' | b'}' | 0x7F..=0xFF
+    )
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -273,7 +281,16 @@ mod tests {
     }
 
     #[test]
-    fn unicode_is_kept() {
-        assert_eq!(normalize("/café/x", Base), "/café/x");
+    fn what_a_path_may_not_hold_is_percent_encoded_as_envoy_does() {
+        assert_eq!(normalize("/café/x", Base), "/caf%C3%A9/x");
+        assert_eq!(normalize("/a|b/{c}/d^e", Base), "/a%7Cb/%7Bc%7D/d%5Ee");
+        assert_eq!(normalize("/a b\"c<d>`", Base), "/a%20b%22c%3Cd%3E%60");
+        // Kept: what a path may hold as it is, and escapes as written.
+        assert_eq!(normalize("/[a]:@!$&'()*+,;=", Base), "/[a]:@!$&'()*+,;=");
+        assert_eq!(normalize("/caf%c3%a9", Base), "/caf%c3%a9");
+        // Every mode but NONE canonicalizes; NONE leaves the path alone.
+        assert_eq!(normalize("/café", MergeSlashes), "/caf%C3%A9");
+        assert_eq!(normalize("/café", DecodeAndMergeSlashes), "/caf%C3%A9");
+        assert_eq!(normalize("/café", None), "/café");
     }
 }
