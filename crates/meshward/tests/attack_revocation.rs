@@ -425,13 +425,7 @@ fn a_server_certificate_revoked_by_serial_is_refused_and_cut_by_its_clients() {
     // not renewed; another certificate of the same identity is.
     let first = issue(&m.mesh, "web", "web", "first");
     let second = issue(&m.mesh, "web", "web", "second");
-    let inspected = run(&["ca", "inspect", first.0.to_str().unwrap()]);
-    let serial = stdout(&inspected)
-        .lines()
-        .find_map(|l| l.strip_prefix("serial:"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let serial = serial_of(&first.0);
     let out = revoke(&m.mesh, "serial", &serial.to_uppercase(), "");
     assert!(out.status.success(), "{}", stderr(&out));
     let web = spiffe("web", "web");
@@ -724,13 +718,7 @@ fn a_revoked_certificate_is_refused_at_the_servers_own_port() {
     let before = as_old_admin(&["get", "revocations"]);
     assert!(before.status.success(), "{}", stderr(&before));
 
-    let inspected = run(&["ca", "inspect", old_admin.0.to_str().unwrap()]);
-    let serial = stdout(&inspected)
-        .lines()
-        .find_map(|l| l.strip_prefix("serial:"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let serial = serial_of(&old_admin.0);
     let out = revoke(&mesh, "serial", &serial, "old admin credential");
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -767,4 +755,16 @@ fn a_revoked_certificate_is_refused_at_the_servers_own_port() {
         stderr(&out)
     );
     assert_eq!(listed(&mesh).len(), 1);
+}
+
+/// A certificate's serial as `meshward ca inspect` prints it: what an
+/// operator hands to `meshward revoke serial`.
+fn serial_of(cert: &Path) -> String {
+    let inspected = run(&["ca", "inspect", cert.to_str().unwrap()]);
+    stdout(&inspected)
+        .lines()
+        .find_map(|l| l.strip_prefix("serial:"))
+        .expect("ca inspect prints a serial")
+        .trim()
+        .to_owned()
 }
