@@ -242,9 +242,11 @@ async fn a_client_certificate_from_another_mesh_is_refused_at_the_handshake() {
     // The server's verifier ends the handshake with a fatal alert (both
     // roots have the same subject, so the foreign chain fails on its
     // signature: decrypt_error).
+    // With TLS 1.3 the client may already be writing when the alert
+    // arrives: it sees the alert or a broken pipe, both from the handshake.
     assert!(
-        refusal.contains("received fatal alert"),
-        "not refused by a TLS alert: {refusal}"
+        refusal.contains("received fatal alert") || refusal.contains("broken pipe"),
+        "not refused by the handshake: {refusal}"
     );
 }
 

@@ -434,12 +434,21 @@ fn a_server_certificate_revoked_by_serial_is_refused_and_cut_by_its_clients() {
     create_certificate(&m.mesh, &web, None, Some(&second), 0).unwrap();
 }
 
-/// A call refused by the server's TLS handshake with `certificate_revoked`,
-/// before any service saw it.
+/// A call refused by the server's TLS handshake, before any service saw
+/// it: a transport failure, never an answer from the CA. With TLS 1.3 the
+/// client may already be writing when the server's alert arrives, so it
+/// sees either the `certificate_revoked` alert or a broken pipe; any alert
+/// it does see must be that one.
 fn assert_revoked_at_the_handshake(status: &tonic::Status) {
+    let text = format!("{status:?}");
     assert!(
-        format!("{status:?}").contains("received fatal alert: CertificateRevoked"),
-        "{status:?}"
+        status.code() == Code::Unknown && status.message() == "transport error",
+        "answered by a service, not refused at the handshake: {text}"
+    );
+    assert!(
+        text.contains("received fatal alert: CertificateRevoked")
+            || (!text.contains("alert") && text.contains("broken pipe")),
+        "{text}"
     );
 }
 
