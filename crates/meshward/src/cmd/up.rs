@@ -82,7 +82,49 @@ struct Started {
     access_log: Option<PathBuf>,
 }
 
+/// A free address on 127.0.0.1 for a process `up` is about to start.
+///
+/// The port is probed and released, so something else could take it
+/// before the process binds it. The kernel hands out ports for outgoing
+/// connections and for binds to port 0 from its ephemeral range, so the
+/// ports come from below that range (which nothing allocates by itself),
+/// in turn from a start that differs between runs: once released, a port
+/// is not taken by the mesh's own connections. Where no such room exists,
+/// the kernel picks.
 fn free_addr() -> anyhow::Result<SocketAddr> {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    /// Where the next probe starts, and the range probed: [FIRST, end).
+    static NEXT: OnceLock<(AtomicU32, u32)> = OnceLock::new();
+    const FIRST: u32 = 10_000;
+    let (next, end) = NEXT.get_or_init(|| {
+        let end = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(0)
+            .min(u32::from(u16::MAX));
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ std::process::id().wrapping_mul(2_654_435_761);
+        let start = if end > FIRST + 1_000 {
+            FIRST + seed % (end - FIRST)
+        } else {
+            0
+        };
+        (AtomicU32::new(start), end)
+    });
+    if *end > FIRST + 1_000 {
+        for _ in 0..1_000 {
+            let port = FIRST + next.fetch_add(1, Ordering::Relaxed) % (end - FIRST);
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(listener.local_addr()?);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
