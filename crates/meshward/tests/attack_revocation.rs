@@ -735,11 +735,21 @@ fn a_revoked_certificate_is_refused_at_the_servers_own_port() {
     let refused = as_old_admin(&["revoke", "identity", &spiffe("web", "web")]);
     assert!(!refused.status.success());
     // The same credential worked a moment ago; now the call never reaches
-    // the service (TLS 1.3 reports the server's alert to a client that may
-    // already be writing: an alert or a broken pipe, both transport errors).
+    // the service: the connection ends. TLS 1.3 reports the server's alert
+    // to a client that may already be writing, so the client sees the
+    // alert, a broken pipe or a closed connection — never the service's
+    // own refusal.
     let why = stderr(&refused);
     assert!(
-        why.contains("transport error") && !why.contains("may not change configuration"),
+        [
+            "transport error",
+            "connection closed",
+            "broken pipe",
+            "alert"
+        ]
+        .iter()
+        .any(|w| why.contains(w))
+            && !why.contains("may not change configuration"),
         "not refused at the handshake: {why}"
     );
     let entries = listed(&mesh);
