@@ -232,20 +232,24 @@ async fn a_client_certificate_from_another_mesh_is_refused_at_the_handshake() {
                 .create_certificate(request(csr, Some(&token), 0))
                 .await
                 .expect_err("a certificate from another CA is refused");
+            // A service's answer has no transport error behind it.
+            let text = format!("{status:?}");
             assert!(
-                matches!(status.code(), Code::Unavailable | Code::Unknown),
-                "refused by the service rather than the handshake: {status}"
+                text.contains("tonic::transport::Error(Transport"),
+                "refused by the service rather than the handshake: {text}"
             );
-            format!("{status:?}")
+            text
         }
     };
     // The server's verifier ends the handshake with a fatal alert (both
     // roots have the same subject, so the foreign chain fails on its
-    // signature: decrypt_error).
-    // With TLS 1.3 the client may already be writing when the alert
-    // arrives: it sees the alert or a broken pipe, both from the handshake.
+    // signature: decrypt_error). With TLS 1.3 the client may already be
+    // writing when it arrives: it sees the alert, a broken pipe or a closed
+    // connection, all from the handshake.
     assert!(
-        refusal.contains("received fatal alert") || refusal.contains("broken pipe"),
+        ["received fatal alert", "broken pipe", "connection closed"]
+            .iter()
+            .any(|w| refusal.contains(w)),
         "not refused by the handshake: {refusal}"
     );
 }

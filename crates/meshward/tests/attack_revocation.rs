@@ -437,18 +437,20 @@ fn a_server_certificate_revoked_by_serial_is_refused_and_cut_by_its_clients() {
 /// A call refused by the server's TLS handshake, before any service saw
 /// it: a transport failure, never an answer from the CA. With TLS 1.3 the
 /// client may already be writing when the server's alert arrives, so it
-/// sees either the `certificate_revoked` alert or a broken pipe; any alert
-/// it does see must be that one.
+/// sees the `certificate_revoked` alert, a broken pipe or a closed
+/// connection; any alert it does see must be that one.
 fn assert_revoked_at_the_handshake(status: &tonic::Status) {
+    // A service's answer has no transport error behind it; the ways the
+    // end of the connection reaches the client (the alert, a broken pipe,
+    // "connection closed") all do.
     let text = format!("{status:?}");
     assert!(
-        status.code() == Code::Unknown && status.message() == "transport error",
+        text.contains("tonic::transport::Error(Transport"),
         "answered by a service, not refused at the handshake: {text}"
     );
     assert!(
-        text.contains("received fatal alert: CertificateRevoked")
-            || (!text.contains("alert") && text.contains("broken pipe")),
-        "{text}"
+        !text.contains("alert") || text.contains("received fatal alert: CertificateRevoked"),
+        "refused with another alert: {text}"
     );
 }
 
