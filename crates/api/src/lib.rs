@@ -39,6 +39,11 @@ pub mod resources {
         /// Service port number → the port the workload listens on.
         pub ports: BTreeMap<u16, u16>,
         pub identity: String,
+        /// The endpoint has no proxy: it is called in plaintext (a
+        /// `MESH_EXTERNAL` entry's endpoints, or a workload labelled
+        /// `security.istio.io/tlsMode` other than `istio`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub plaintext: bool,
     }
 
     /// A service host: its ports, endpoints, and the identities allowed to
@@ -52,6 +57,14 @@ pub mod resources {
         pub ports: BTreeMap<u16, String>,
         pub endpoints: Vec<Endpoint>,
         pub identities: BTreeSet<String>,
+        /// The addresses the service is called at (a ServiceEntry's
+        /// `addresses`, or allocated by the control plane).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub addresses: Vec<String>,
+        /// A DestinationRule's `trafficPolicy.loadBalancer.simple` for the
+        /// host (`LEAST_REQUEST` when none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub load_balancer: Option<String>,
     }
 
     /// The proxy's own workload, as the registry knows it.

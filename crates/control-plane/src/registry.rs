@@ -45,6 +45,23 @@ fn identity(trust_domain: &str, namespace: &str, service_account: &str) -> Strin
         .unwrap_or_else(|_| format!("spiffe://{trust_domain}/ns/{namespace}/sa/{sa}"))
 }
 
+/// The label Istio puts on a workload to say whether it runs a proxy.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// Whether a workload runs a proxy, and so is called with mutual TLS. A
+/// WorkloadEntry does unless it says otherwise with Istio's
+/// `security.istio.io/tlsMode` label (anything but `istio`).
+fn has_proxy(spec: &WorkloadEntrySpec) -> bool {
+    spec.labels
+        .get(TLS_MODE_LABEL)
+        .is_none_or(|mode| mode == "istio")
+}
+
+/// A `MESH_EXTERNAL` entry's endpoints are outside the mesh: no proxy.
+fn mesh_external(se: &ServiceEntry) -> bool {
+    se.spec.other.get("location").and_then(|v| v.as_str()) == Some("MESH_EXTERNAL")
+}
+
 impl Registry {
     pub fn new<'a>(
         objects: impl IntoIterator<Item = &'a RegistryObject>,
@@ -81,7 +98,9 @@ impl Registry {
                 .filter_map(|p| Some((u16::try_from(p.number).ok()?, p.protocol.clone())))
                 .collect();
             let mut endpoints = Vec::new();
+            let external = mesh_external(se);
             let endpoint = |spec: &WorkloadEntrySpec, ns: &str| Endpoint {
+                plaintext: external || !has_proxy(spec),
                 address: spec.address.clone(),
                 ports: se
                     .spec

@@ -26,6 +26,35 @@ use crate::pem;
 use crate::spiffe::SpiffeId;
 use crate::tls::{self, WatchedCert};
 
+/// A connector whose TCP connections carry `mark` (TLS is added by tonic).
+fn marked(
+    mark: u32,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send {
+    tower::service_fn(move |uri: http::Uri| async move {
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(443);
+        let mut last = std::io::Error::other(format!("{uri}: no address"));
+        for addr in tokio::net::lookup_host((host, port)).await? {
+            let socket = match addr {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket2::SockRef::from(&socket).set_mark(mark)?;
+            match socket.connect(addr).await {
+                Ok(stream) => return Ok(hyper_util::rt::TokioIo::new(stream)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    })
+}
+
 /// Where and how the agent gets certificates.
 #[derive(Clone)]
 pub struct AgentConfig {
@@ -41,6 +70,9 @@ pub struct AgentConfig {
     pub ttl: Option<Duration>,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// `SO_MARK` for the connections to the CA: a proxy whose own traffic
+    /// is exempt from capture by its mark must mark these too.
+    pub mark: Option<u32>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -71,6 +103,7 @@ impl AgentConfig {
             ttl: None,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            mark: None,
         }
     }
 }
@@ -203,7 +236,7 @@ async fn fetch(
         address: config.ca_address.clone(),
         reason: e.to_string(),
     };
-    let channel = Channel::from_shared(config.ca_address.clone())
+    let endpoint = Channel::from_shared(config.ca_address.clone())
         .map_err(|e| AgentError::Connect {
             address: config.ca_address.clone(),
             reason: e.to_string(),
@@ -211,10 +244,12 @@ async fn fetch(
         .tls_config(tls)
         .map_err(connect_error)?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(connect_error)?;
+        .timeout(Duration::from_secs(10));
+    let channel = match config.mark {
+        None => endpoint.connect().await,
+        Some(mark) => endpoint.connect_with_connector(marked(mark)).await,
+    }
+    .map_err(connect_error)?;
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
         validity_duration: config

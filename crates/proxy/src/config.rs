@@ -22,10 +22,15 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_grace: Duration,
+    /// `SO_MARK` on every connection the proxy opens, so capture rules
+    /// that exempt the proxy by mark let them through.
+    pub mark: Option<u32>,
+    /// Transparent mode: capture listeners, routing by original destination.
+    pub transparent: Option<crate::transparent::TransparentConfig>,
 }
 
 /// How a port's traffic is read, named as Istio names ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     /// HTTP/1.1 (an HTTP/2 request is accepted too, and sent on as HTTP/1.1).
     Http,
@@ -95,6 +100,8 @@ pub struct Upstream {
     pub identities: Vec<SpiffeId>,
     pub protocol: Protocol,
     pub tls: UpstreamTls,
+    /// How requests (HTTP) or connections (TCP) are spread over the endpoints.
+    pub lb: crate::balance::LbPolicy,
 }
 
 impl Upstream {
@@ -258,12 +265,12 @@ impl FromStr for InboundPort {
     }
 }
 
-/// `HOST:PORT=LISTEN,endpoint=ADDR[,endpoint=ADDR..][,identity=SPIFFE_ID..][,protocol=P][,tls=ISTIO_MUTUAL|DISABLE]`.
+/// `HOST:PORT=LISTEN,endpoint=ADDR[,endpoint=ADDR..][,identity=SPIFFE_ID..][,protocol=P][,tls=ISTIO_MUTUAL|DISABLE][,lb=LEAST_REQUEST|ROUND_ROBIN|RANDOM]`.
 impl FromStr for Upstream {
     type Err = SpecError;
 
     fn from_str(spec: &str) -> Result<Upstream, SpecError> {
-        let (head, opts) = options(spec, &["endpoint", "identity", "protocol", "tls"])?;
+        let (head, opts) = options(spec, &["endpoint", "identity", "protocol", "tls", "lb"])?;
         let Some((service, listen)) = head.split_once('=') else {
             return Err(spec_error(spec, "expected HOST:PORT=LISTEN_IP:LISTEN_PORT"));
         };
@@ -284,6 +291,7 @@ impl FromStr for Upstream {
             identities: Vec::new(),
             protocol: Protocol::Sniff,
             tls: UpstreamTls::IstioMutual,
+            lb: crate::balance::LbPolicy::default(),
         };
         for (k, v) in opts {
             match k {
@@ -293,6 +301,7 @@ impl FromStr for Upstream {
                         .map_err(|e| spec_error(spec, format!("identity {v:?}: {e}")))?,
                 ),
                 "protocol" => upstream.protocol = parse_protocol(spec, v)?,
+                "lb" => upstream.lb = v.parse().map_err(|e: String| spec_error(spec, e))?,
                 _ => {
                     upstream.tls = match v {
                         "ISTIO_MUTUAL" => UpstreamTls::IstioMutual,

@@ -42,6 +42,7 @@ use crate::identity::{ALPN_H2, WorkloadIdentity};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundTarget;
 use crate::policies::PolicyStore;
+use crate::transparent::Routes;
 
 /// Where the control plane is and who it must be.
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct ControlPlane {
     pub identity: SpiffeId,
     /// The WorkloadEntry this proxy says it is, `NAMESPACE/NAME`.
     pub workload: Option<String>,
+    /// The socket mark of the proxy's own connections (under capture).
+    pub mark: Option<u32>,
 }
 
 /// The name of the policy a proxy enforces until its first configuration.
@@ -104,6 +107,14 @@ impl Ended {
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// What the services the control plane sends are put into.
+pub struct Targets {
+    /// Explicit mode's services, each on its own listener.
+    pub outbound: Vec<Arc<OutboundTarget>>,
+    /// Transparent mode's routing table.
+    pub routes: Option<Arc<Routes>>,
+}
+
 /// What a stream currently holds, by resource name.
 type Resources = BTreeMap<String, Resource>;
 
@@ -113,10 +124,12 @@ pub async fn run(
     identity: WorkloadIdentity,
     store: PolicyStore,
     outbound: Vec<Arc<OutboundTarget>>,
+    routes: Option<Arc<Routes>>,
     jwks: Arc<JwksCache>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
+    let targets = Targets { outbound, routes };
     let mut backoff = BACKOFF_START;
     // Whether any configuration from the control plane was ever in force.
     let mut configured = false;
@@ -128,7 +141,7 @@ pub async fn run(
             &control_plane,
             &identity,
             &store,
-            &outbound,
+            &targets,
             &jwks,
             &metrics,
             &mut applied,
@@ -190,7 +203,7 @@ async fn stream(
     control_plane: &ControlPlane,
     identity: &WorkloadIdentity,
     store: &PolicyStore,
-    outbound: &[Arc<OutboundTarget>],
+    targets: &Targets,
     jwks: &Arc<JwksCache>,
     metrics: &Arc<Metrics>,
     applied: &mut bool,
@@ -210,6 +223,10 @@ async fn stream(
         vec![control_plane.address],
         Some(tls),
         Duration::from_secs(5),
+        crate::socket::Dial {
+            mark: control_plane.mark,
+            inbound_source: false,
+        },
         metrics.clone(),
     );
     // Pings find a server that vanished without closing the stream.
@@ -223,10 +240,16 @@ async fn stream(
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
         // The services this workload calls: their endpoints and identities.
-        subscribe: outbound
-            .iter()
-            .map(|t| t.upstream.service.clone())
-            .collect(),
+        // A transparent proxy may be asked for any of them.
+        subscribe: if targets.routes.is_some() {
+            vec!["*".to_owned()]
+        } else {
+            targets
+                .outbound
+                .iter()
+                .map(|t| t.upstream.service.clone())
+                .collect()
+        },
         workload: control_plane.workload.clone().unwrap_or_default(),
         ..Default::default()
     })
@@ -246,7 +269,7 @@ async fn stream(
         let nonce = response.nonce.clone();
         let version = response.system_version.clone();
         let candidate = merge(&good, response);
-        let answer = match apply(&candidate, identity, store, outbound, jwks, &version) {
+        let answer = match apply(&candidate, identity, store, targets, jwks, &version) {
             Ok(()) => {
                 good = candidate;
                 *applied = true;
@@ -296,7 +319,7 @@ fn apply(
     resources: &Resources,
     identity: &WorkloadIdentity,
     store: &PolicyStore,
-    outbound: &[Arc<OutboundTarget>],
+    targets: &Targets,
     jwks: &Arc<JwksCache>,
     version: &str,
 ) -> Result<(), String> {
@@ -344,7 +367,7 @@ fn apply(
         }
     }
     let mut routes = Vec::new();
-    for target in outbound {
+    for target in &targets.outbound {
         let Some(service) = services.get(&target.upstream.service) else {
             // Not (or no longer) in the registry: nowhere to send it.
             routes.push((target, Vec::new(), Vec::new()));
@@ -358,21 +381,20 @@ fn apply(
                 Some(SocketAddr::new(e.address.parse().ok()?, port))
             })
             .collect();
-        // A name that is not a SPIFFE ID can match no certificate: it is
-        // left out rather than holding up every other update.
-        let identities: Vec<SpiffeId> = service
-            .identities
-            .iter()
-            .filter_map(|i| match SpiffeId::parse(i) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    tracing::warn!(service = %service.host, identity = %i, "ignoring an identity that is not a SPIFFE ID: {e}");
-                    None
-                }
-            })
-            .collect();
-        routes.push((target, endpoints, identities));
+        routes.push((
+            target,
+            endpoints,
+            crate::transparent::routes::identities(service),
+        ));
     }
+    let table = match &targets.routes {
+        Some(table) => Some(
+            table
+                .prepare(&services, mesh.outbound_mode())
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let prepared = routes
         .into_iter()
         .map(|(target, endpoints, identities)| {
@@ -395,12 +417,22 @@ fn apply(
     for (target, route) in prepared {
         target.set_destination(route);
     }
+    if let (Some(routes), Some(table)) = (&targets.routes, table) {
+        routes.commit(table);
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_targets() -> Targets {
+        Targets {
+            outbound: Vec::new(),
+            routes: None,
+        }
+    }
 
     fn policy(name: &str, body: &str) -> Resource {
         Resource {
@@ -512,7 +544,7 @@ mod tests {
         let (_ca_dir, identity, store, jwks) = fixture();
         let mut held = BTreeMap::new();
         held.insert("a".to_owned(), policy("a", GOOD));
-        apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
+        apply(&held, &identity, &store, &no_targets(), &jwks, "1").unwrap();
         assert_eq!(store.current().version, 2);
         held.insert(
             "bad".to_owned(),
@@ -521,7 +553,7 @@ mod tests {
                 &GOOD.replace("DENY", "NOPE").replace("\"a\"", "\"bad\""),
             ),
         );
-        let error = apply(&held, &identity, &store, &[], &jwks, "2").unwrap_err();
+        let error = apply(&held, &identity, &store, &no_targets(), &jwks, "2").unwrap_err();
         assert!(error.contains("spec.action"), "{error}");
         assert_eq!(
             store.current().version,
@@ -544,7 +576,7 @@ mod tests {
             "revocations".to_owned(),
             list(r#"[{"kind":"serial","value":"0A:0B","reason":"lost","revokedAt":"t"}]"#),
         );
-        apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
+        apply(&held, &identity, &store, &no_targets(), &jwks, "1").unwrap();
         assert!(
             identity
                 .revocations
@@ -556,7 +588,7 @@ mod tests {
             "revocations".to_owned(),
             list(r#"[{"kind":"serial","value":"not hex","reason":"","revokedAt":"t"}]"#),
         );
-        let error = apply(&held, &identity, &store, &[], &jwks, "2").unwrap_err();
+        let error = apply(&held, &identity, &store, &no_targets(), &jwks, "2").unwrap_err();
         assert!(error.contains("not a certificate serial"), "{error}");
         assert!(
             identity

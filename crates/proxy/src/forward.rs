@@ -22,6 +22,7 @@ use crate::http::Body;
 use crate::identity::{Peer, handshake_failure};
 use crate::io::UpstreamStream;
 use crate::metrics::{Direction, Metrics};
+use crate::socket::Dial;
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -59,28 +60,50 @@ struct Route {
     tls: Option<MeshTls>,
 }
 
-/// Dials one destination's endpoints in turn, with mutual TLS or without.
-/// Clones share the route, so an update reaches every pool at once.
+/// Dials one destination's endpoints, with mutual TLS or without. Clones
+/// share the route, so an update reaches every pool at once. A connector
+/// [`pinned`](Connector::pinned) to an endpoint dials it first (the pool of
+/// that endpoint's connections); others take the endpoints in turn. A
+/// refused or timed-out connect tries the next endpoint, up to
+/// [`CONNECT_ATTEMPTS`] in all; a TLS failure does not (the endpoint
+/// answered, and it is not who the service is allowed to be).
 #[derive(Clone)]
 pub struct Connector {
     route: Arc<std::sync::RwLock<Arc<Route>>>,
     next: Arc<AtomicUsize>,
+    first: Option<SocketAddr>,
     timeout: Duration,
+    dial: Dial,
     metrics: Arc<Metrics>,
 }
+
+/// Endpoints one connection tries before giving up: Envoy's default of one
+/// attempt plus Istio's default of two retries on connect failure.
+pub const CONNECT_ATTEMPTS: usize = 3;
 
 impl Connector {
     pub fn new(
         endpoints: Vec<SocketAddr>,
         tls: Option<MeshTls>,
         timeout: Duration,
+        dial: Dial,
         metrics: Arc<Metrics>,
     ) -> Connector {
         Connector {
             route: Arc::new(std::sync::RwLock::new(Arc::new(Route { endpoints, tls }))),
             next: Arc::new(AtomicUsize::new(0)),
+            first: None,
             timeout,
+            dial,
             metrics,
+        }
+    }
+
+    /// This connector, dialing `endpoint` first.
+    pub fn pinned(&self, endpoint: SocketAddr) -> Connector {
+        Connector {
+            first: Some(endpoint),
+            ..self.clone()
         }
     }
 
@@ -93,8 +116,19 @@ impl Connector {
             Arc::new(Route { endpoints, tls });
     }
 
-    /// Opens one connection to the next endpoint. Returns the verified
-    /// server identity for mutual TLS.
+    /// The endpoints one connection tries, in order.
+    fn attempts(&self, endpoints: &[SocketAddr]) -> Vec<SocketAddr> {
+        let start = self
+            .first
+            .and_then(|first| endpoints.iter().position(|e| *e == first))
+            .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len());
+        (0..endpoints.len().min(CONNECT_ATTEMPTS))
+            .map(|i| endpoints[(start + i) % endpoints.len()])
+            .collect()
+    }
+
+    /// Opens one connection. Returns the verified server identity for
+    /// mutual TLS.
     pub async fn connect(&self) -> Result<(UpstreamStream, Option<Peer>), ConnectError> {
         let route = self
             .route
@@ -104,18 +138,34 @@ impl Connector {
         if route.endpoints.is_empty() {
             return Err(ConnectError::NoEndpoints);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let addr = route.endpoints[i % route.endpoints.len()];
-        let tcp = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
-            Err(_) => {
-                return Err(ConnectError::Timeout {
-                    addr,
-                    timeout: self.timeout,
-                });
-            }
-        };
+        let mut failure = ConnectError::NoEndpoints;
+        for addr in self.attempts(&route.endpoints) {
+            let tcp = match self.dial.connect(addr, self.timeout).await {
+                Ok(tcp) => tcp,
+                Err(source) if source.kind() == std::io::ErrorKind::TimedOut => {
+                    failure = ConnectError::Timeout {
+                        addr,
+                        timeout: self.timeout,
+                    };
+                    continue;
+                }
+                Err(source) => {
+                    failure = ConnectError::Tcp { addr, source };
+                    continue;
+                }
+            };
+            return self.secure(&route, addr, tcp).await;
+        }
+        Err(failure)
+    }
+
+    /// Mutual TLS over `tcp` when the route asks for it.
+    async fn secure(
+        &self,
+        route: &Route,
+        addr: SocketAddr,
+        tcp: TcpStream,
+    ) -> Result<(UpstreamStream, Option<Peer>), ConnectError> {
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &route.tls else {
             return Ok((UpstreamStream::Plain(tcp), None));

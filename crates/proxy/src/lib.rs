@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod control;
 pub mod ext_authz;
@@ -26,8 +27,10 @@ pub mod outbound;
 pub mod policies;
 pub mod revocation;
 pub mod sniff;
+pub mod socket;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod transparent;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,7 +47,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Limits, ProxyConfig, UpstreamTls};
 use crate::ext_authz::ExtAuthz;
-use crate::forward::{Connector, HttpPools};
 use crate::identity::WorkloadIdentity;
 use crate::inbound::InboundTarget;
 use crate::log::{LogSink, LogTarget, Logs};
@@ -120,6 +122,8 @@ pub struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     outbound: Vec<Arc<OutboundTarget>>,
+    /// Transparent mode's routing table, which the control plane fills.
+    routes: Option<Arc<transparent::Routes>>,
     tracker: TaskTracker,
     drain_grace: Duration,
     pub admin_address: Option<SocketAddr>,
@@ -167,12 +171,6 @@ impl Proxy {
                 port.port = address.port();
             }
             let name = format!("inbound|{}", port.port);
-            let connector = Connector::new(
-                vec![port.app],
-                None,
-                limits.connect_timeout,
-                metrics.clone(),
-            );
             listeners.inbound.push(ListenerInfo {
                 address,
                 name,
@@ -180,19 +178,32 @@ impl Proxy {
                 protocol: port.protocol.as_str(),
                 tls: "peer-authentication",
             });
-            let target = InboundTarget {
-                app: HttpPools::new(connector.clone(), connector.clone(), port.protocol),
-                connector,
+            let target = InboundTarget::new(
                 port,
-            };
+                None,
+                limits.connect_timeout,
+                socket::Dial {
+                    mark: config.mark,
+                    inbound_source: false,
+                },
+                metrics.clone(),
+            );
             inbound.push((listener, Arc::new(target)));
         }
         let mut outbound = Vec::new();
         for upstream in &config.upstreams {
             let name = format!("outbound|{}|{}", upstream.port, upstream.service);
             let listener = bind(upstream.listen, name.clone()).await?;
-            let target =
-                OutboundTarget::new(upstream, &identity, limits.connect_timeout, &metrics)?;
+            let target = OutboundTarget::new(
+                upstream,
+                &identity,
+                limits.connect_timeout,
+                socket::Dial {
+                    mark: config.mark,
+                    inbound_source: false,
+                },
+                &metrics,
+            )?;
             listeners.outbound.push(ListenerInfo {
                 address: listener.local_addr().unwrap_or(upstream.listen),
                 name,
@@ -204,6 +215,51 @@ impl Proxy {
                 },
             });
             outbound.push((listener, Arc::new(target)));
+        }
+        let routes = config.transparent.as_ref().map(|_| {
+            Arc::new(transparent::Routes::new(
+                identity.clone(),
+                limits.connect_timeout,
+                config.mark,
+                metrics.clone(),
+            ))
+        });
+        let mut captured = Vec::new();
+        if let Some(transparent) = &config.transparent {
+            let lists = [
+                (&transparent.outbound, "outbound-capture", false),
+                (&transparent.inbound, "inbound-capture", true),
+            ];
+            for (addrs, name, inbound) in lists {
+                for &addr in addrs {
+                    let listener = transparent::bind(addr).map_err(|source| ProxyError::Bind {
+                        addr,
+                        what: name.into(),
+                        source,
+                    })?;
+                    let Some(listener) = listener else {
+                        tracing::info!(%addr, "no IPv6 here: {name} listens on IPv4 only");
+                        continue;
+                    };
+                    let info = ListenerInfo {
+                        address: listener.local_addr().unwrap_or(addr),
+                        name: name.into(),
+                        forward_to: vec!["original destination".into()],
+                        protocol: "auto",
+                        tls: if inbound {
+                            "peer-authentication"
+                        } else {
+                            "mutual"
+                        },
+                    };
+                    if inbound {
+                        listeners.inbound.push(info);
+                    } else {
+                        listeners.outbound.push(info);
+                    }
+                    captured.push((listener, inbound));
+                }
+            }
         }
         let admin = match config.admin {
             Some(addr) => Some(bind(addr, "admin".into()).await?),
@@ -250,8 +306,37 @@ impl Proxy {
             let shared = shared.clone();
             let conns = tracker.clone();
             tracker.spawn(accept_loop(listener, shared.clone(), move |tcp, peer| {
-                conns.spawn(outbound::serve(tcp, peer, target.clone(), shared.clone()));
+                conns.spawn(outbound::serve(
+                    tcp,
+                    peer,
+                    outbound::Route::One(target.clone()),
+                    shared.clone(),
+                ));
             }));
+        }
+        if let Some(routes) = &routes {
+            for (listener, inbound) in captured {
+                let shared = shared.clone();
+                let conns = tracker.clone();
+                let routes = routes.clone();
+                tracker.spawn(accept_loop(listener, shared.clone(), move |tcp, peer| {
+                    if inbound {
+                        conns.spawn(transparent::serve_inbound(
+                            tcp,
+                            peer,
+                            routes.clone(),
+                            shared.clone(),
+                        ));
+                    } else {
+                        conns.spawn(transparent::serve_outbound(
+                            tcp,
+                            peer,
+                            routes.clone(),
+                            shared.clone(),
+                        ));
+                    }
+                }));
+            }
         }
         let admin_address = match admin {
             Some(listener) => {
@@ -264,6 +349,7 @@ impl Proxy {
         Ok(Proxy {
             shared,
             outbound: outbound_targets,
+            routes,
             tracker,
             drain_grace: config.drain_grace,
             admin_address,
@@ -277,6 +363,11 @@ impl Proxy {
     /// The services this workload calls, for the control plane to route.
     pub fn outbound(&self) -> &[Arc<OutboundTarget>] {
         &self.outbound
+    }
+
+    /// Transparent mode's routing table; `None` in explicit mode.
+    pub fn routes(&self) -> Option<Arc<transparent::Routes>> {
+        self.routes.clone()
     }
 
     pub fn identity(&self) -> &WorkloadIdentity {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::Shared;
+use crate::balance::{Balancer, Picked};
 use crate::config::{Protocol, Upstream, UpstreamTls};
 use crate::forward::{Connector, HttpPools, MeshTls};
 use crate::http::{
@@ -31,19 +32,29 @@ use crate::io::{Rewind, read_prefix};
 use crate::log::AccessRecord;
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
 use crate::sniff;
+use crate::socket::Dial;
 
-/// One service the workload calls.
+/// One service port the workload calls: its endpoints, each with its own
+/// connection pools, so that every HTTP request (and every TCP connection)
+/// is balanced on its own rather than riding whichever connection is idle.
 pub struct OutboundTarget {
     pub upstream: Upstream,
-    /// Replaced when the destination changes: connections pooled for the
-    /// old endpoints or identities are not used again.
-    pools: std::sync::RwLock<HttpPools>,
+    /// The endpoints in force. Replaced whole when the destination changes:
+    /// connections pooled for old endpoints or identities are not used again.
+    endpoints: std::sync::RwLock<Arc<Balancer<EndpointPools>>>,
     /// The endpoints and identities the current route was made for.
     destination: std::sync::Mutex<(Vec<SocketAddr>, Vec<meshward_identity::spiffe::SpiffeId>)>,
-    pub connector: Connector,
     /// Every connector of this target with the ALPN it offers (HTTP/1.1
     /// pool, HTTP/2 pool, TCP), so a new route reaches them all.
     routes: [(Connector, &'static [&'static [u8]]); 3],
+}
+
+/// One endpoint of a target and the ways to reach it.
+pub struct EndpointPools {
+    pub addr: SocketAddr,
+    pub http: HttpPools,
+    /// Raw connections (TCP), dialing this endpoint first.
+    pub tcp: Connector,
 }
 
 impl OutboundTarget {
@@ -51,6 +62,7 @@ impl OutboundTarget {
         upstream: &Upstream,
         identity: &WorkloadIdentity,
         timeout: std::time::Duration,
+        dial: Dial,
         metrics: &Arc<crate::metrics::Metrics>,
     ) -> Result<OutboundTarget, crate::ProxyError> {
         const H1: &[&[u8]] = &[ALPN_HTTP11];
@@ -62,31 +74,41 @@ impl OutboundTarget {
                 upstream.endpoints.clone(),
                 tls,
                 timeout,
+                dial,
                 metrics.clone(),
             ))
         };
-        let (h1, h2, tcp) = (connector(H1)?, connector(H2)?, connector(TCP)?);
+        let routes = [
+            (connector(H1)?, H1),
+            (connector(H2)?, H2),
+            (connector(TCP)?, TCP),
+        ];
         Ok(OutboundTarget {
+            endpoints: std::sync::RwLock::new(balanced(&routes, upstream, &upstream.endpoints)),
             upstream: upstream.clone(),
-            pools: std::sync::RwLock::new(HttpPools::new(
-                h1.clone(),
-                h2.clone(),
-                upstream.protocol,
-            )),
             destination: std::sync::Mutex::new((
                 upstream.endpoints.clone(),
                 upstream.identities.clone(),
             )),
-            connector: tcp.clone(),
-            routes: [(h1, H1), (h2, H2), (tcp, TCP)],
+            routes,
         })
     }
 
-    /// The pools requests go through now.
-    pub fn pools(&self) -> HttpPools {
-        self.pools
+    /// An endpoint for one request or connection, busy while it is held;
+    /// `None` when the service has no endpoint.
+    pub fn pick(&self) -> Option<Picked<EndpointPools>> {
+        self.endpoints
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pick()
+    }
+
+    /// The endpoints in force.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.destination
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
             .clone()
     }
 
@@ -129,14 +151,32 @@ impl OutboundTarget {
         for ((connector, _), tls) in self.routes.iter().zip(destination.tls) {
             connector.set_route(destination.endpoints.clone(), tls);
         }
-        let (h1, h2) = (self.routes[0].0.clone(), self.routes[1].0.clone());
         *self
-            .pools
+            .endpoints
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            HttpPools::new(h1, h2, self.upstream.protocol);
+            balanced(&self.routes, &self.upstream, &destination.endpoints);
         *current = (destination.endpoints, destination.identities);
     }
+}
+
+/// Pools per endpoint, each dialing its endpoint first (another only when
+/// that one refuses).
+fn balanced(
+    routes: &[(Connector, &'static [&'static [u8]]); 3],
+    upstream: &Upstream,
+    endpoints: &[SocketAddr],
+) -> Arc<Balancer<EndpointPools>> {
+    let [(h1, _), (h2, _), (tcp, _)] = routes;
+    let pools = endpoints
+        .iter()
+        .map(|&addr| EndpointPools {
+            addr,
+            http: HttpPools::new(h1.pinned(addr), h2.pinned(addr), upstream.protocol),
+            tcp: tcp.pinned(addr),
+        })
+        .collect();
+    Arc::new(Balancer::new(upstream.lb, pools))
 }
 
 /// A destination ready to be put in force.
@@ -165,17 +205,68 @@ fn mesh_tls(
     }
 }
 
-/// Serves one connection from the application to `target`.
-pub async fn serve(
-    mut tcp: TcpStream,
-    peer: SocketAddr,
-    target: Arc<OutboundTarget>,
-    shared: Arc<Shared>,
-) {
+/// Where an application's connection goes: one service port, or — when
+/// several services share the address it called — the one its HTTP `Host`
+/// names (TCP, which names none, goes to the first).
+#[derive(Clone)]
+pub enum Route {
+    One(Arc<OutboundTarget>),
+    ByHost(Arc<[Arc<OutboundTarget>]>),
+}
+
+impl Route {
+    /// The target a connection or request without a matching host uses.
+    fn first(&self) -> &Arc<OutboundTarget> {
+        match self {
+            Route::One(target) => target,
+            // Never built empty (see the transparent routing table).
+            Route::ByHost(targets) => &targets[0],
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        match self {
+            Route::One(target) => target.upstream.protocol,
+            Route::ByHost(targets) => {
+                let first = targets[0].upstream.protocol;
+                if targets.iter().all(|t| t.upstream.protocol == first) {
+                    first
+                } else {
+                    Protocol::Sniff
+                }
+            }
+        }
+    }
+
+    /// The target whose service the request's authority names: the host
+    /// itself or a shorter form of it (`ratings.bookinfo` for
+    /// `ratings.bookinfo.svc.cluster.local`).
+    fn for_authority(&self, authority: Option<&str>) -> &Arc<OutboundTarget> {
+        let Route::ByHost(targets) = self else {
+            return self.first();
+        };
+        let host = authority
+            .and_then(|a| a.parse::<http::uri::Authority>().ok())
+            .map(|a| a.host().trim_end_matches('.').to_ascii_lowercase())
+            .unwrap_or_default();
+        targets
+            .iter()
+            .find(|t| {
+                let service = &t.upstream.service;
+                *service == host
+                    || (service.starts_with(&host)
+                        && service.as_bytes().get(host.len()) == Some(&b'.'))
+            })
+            .unwrap_or(&targets[0])
+    }
+}
+
+/// Serves one connection from the application to `route`.
+pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, route: Route, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    match target.upstream.protocol {
-        Protocol::Http | Protocol::Http2 => serve_http(tcp, peer, target, shared).await,
-        Protocol::Tcp => serve_tcp(tcp, peer, target, shared).await,
+    match route.protocol() {
+        Protocol::Http | Protocol::Http2 => serve_http(tcp, peer, route, shared).await,
+        Protocol::Tcp => serve_tcp(tcp, peer, route.first().clone(), shared).await,
         Protocol::Sniff => {
             let Ok(prefix) = read_prefix(
                 &mut tcp,
@@ -191,9 +282,9 @@ pub async fn serve(
             let is_http = sniff::is_http(&prefix);
             let stream = Rewind::new(prefix, tcp);
             if is_http {
-                serve_http(stream, peer, target, shared).await
+                serve_http(stream, peer, route, shared).await
             } else {
-                serve_tcp(stream, peer, target, shared).await
+                serve_tcp(stream, peer, route.first().clone(), shared).await
             }
         }
     }
@@ -212,18 +303,23 @@ fn record(target: &OutboundTarget, peer: SocketAddr, protocol: &'static str) -> 
     )
 }
 
-async fn serve_http<S>(
-    stream: S,
-    peer: SocketAddr,
-    target: Arc<OutboundTarget>,
-    shared: Arc<Shared>,
-) where
+async fn serve_http<S>(stream: S, peer: SocketAddr, route: Route, shared: Arc<Shared>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = {
         let shared = shared.clone();
-        hyper::service::service_fn(move |request| {
-            handle(request, peer, target.clone(), shared.clone())
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let target = route
+                .for_authority(
+                    request
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .or_else(|| request.uri().authority().map(|a| a.as_str())),
+                )
+                .clone();
+            handle(request, peer, target, shared.clone())
         })
     };
     crate::serve_http(&shared, TokioIo::new(stream), service).await;
@@ -250,8 +346,15 @@ async fn handle(
     let request_view = Request::from_parts(parts, ());
     let authority = request_authority(&request_view, Some(&service)).ok();
     let (mut parts, ()) = request_view.into_parts();
-    let pools = target.pools();
-    let (client, version) = pools.for_version(parts.version);
+    let Some(endpoint) = target.pick() else {
+        record.status = Some(503);
+        record.error = Some("no endpoint".into());
+        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        shared.logs.access.write(&record);
+        shared.metrics.upstream_error(Direction::Outbound);
+        return Ok(local_reply(503, "no healthy upstream", grpc));
+    };
+    let (client, version) = endpoint.http.for_version(parts.version);
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
     let targeted = authority.as_ref().and_then(|a| {
@@ -351,8 +454,12 @@ async fn serve_tcp<S>(
             })
             .inc();
     };
-    match target.connector.connect().await {
-        Ok((mut upstream, server)) => {
+    let connected = match target.pick() {
+        Some(endpoint) => endpoint.tcp.connect().await.map(|c| (c, endpoint)),
+        None => Err(crate::forward::ConnectError::NoEndpoints),
+    };
+    match connected {
+        Ok(((mut upstream, server), _busy)) => {
             counted("allow");
             record.upstream = server.map(|s| s.id.to_string());
             let copied = tokio::select! {

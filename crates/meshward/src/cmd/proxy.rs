@@ -23,6 +23,7 @@ use meshward_proxy::identity::WorkloadIdentity;
 use meshward_proxy::jwks::Fetcher;
 use meshward_proxy::log::LogTarget;
 use meshward_proxy::policies::{self, DirSource, PolicyStore};
+use meshward_proxy::transparent::TransparentConfig;
 use meshward_proxy::{LogTargets, Proxy};
 
 use crate::cmd::server::shutdown_signal;
@@ -100,6 +101,22 @@ pub struct Args {
     /// Use FILE for the keys of jwksUri URI instead of fetching it (repeatable).
     #[arg(long, value_name = "URI=FILE")]
     jwks: Vec<String>,
+    /// Transparent mode: serve the capture ports, where capture rules
+    /// (`meshward capture install`) send the workload's traffic, and route
+    /// each connection by its original destination. Needs --control-plane.
+    #[arg(long, requires = "control_plane")]
+    transparent: bool,
+    /// The outbound capture port (transparent mode).
+    #[arg(long, default_value_t = meshward_proxy::transparent::OUTBOUND_PORT)]
+    outbound_capture_port: u16,
+    /// The inbound capture port (transparent mode).
+    #[arg(long, default_value_t = meshward_proxy::transparent::INBOUND_PORT)]
+    inbound_capture_port: u16,
+    /// Put this SO_MARK on every connection the proxy opens, for capture
+    /// rules that exempt the proxy by mark (`capture install --proxy-mark`)
+    /// rather than by its uid. Needs CAP_NET_ADMIN.
+    #[arg(long, value_name = "MARK")]
+    mark: Option<u32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -135,8 +152,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         labels.insert(k.to_owned(), v.to_owned());
     }
-    if args.inbound.is_empty() && args.upstreams.is_empty() {
-        bail!("nothing to serve: give at least one --inbound or --upstream");
+    if args.inbound.is_empty() && args.upstreams.is_empty() && !args.transparent {
+        bail!("nothing to serve: give at least one --inbound or --upstream, or --transparent");
     }
     if args.control_plane.is_some() && !args.policies.is_empty() {
         bail!("give --policies or --control-plane, not both: policies come from one place");
@@ -168,6 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .to_owned(),
                 identity,
                 workload: args.workload.clone(),
+                mark: args.mark,
             })
         }
     };
@@ -201,6 +219,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         admin: Some(args.admin),
         limits: Limits::default(),
         drain_grace: args.drain_grace.into(),
+        mark: args.mark,
+        transparent: args.transparent.then(|| {
+            TransparentConfig::on_ports(args.outbound_capture_port, args.inbound_capture_port)
+        }),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -216,6 +238,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             token,
         );
         agent_config.ttl = args.cert_ttl.map(Into::into);
+        agent_config.mark = args.mark;
         let (cert, _agent) = agent::start(agent_config);
         let identity = WorkloadIdentity {
             id: id.clone(),
@@ -263,6 +286,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 proxy.identity().clone(),
                 store,
                 proxy.outbound().to_vec(),
+                proxy.routes(),
                 control_jwks,
                 proxy.metrics_handle(),
                 stop_watching.clone(),

@@ -18,6 +18,28 @@ pub struct MeshConfig {
     pub extension_providers: Vec<ExtensionProvider>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_normalization: Option<PathNormalization>,
+    /// What a transparent proxy does with traffic to destinations the
+    /// registry does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+/// Istio's `outboundTrafficPolicy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: OutboundMode,
+}
+
+/// `ALLOW_ANY` (Istio's default): unknown destinations are passed through
+/// as plain TCP. `REGISTRY_ONLY`: they are refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    #[default]
+    AllowAny,
+    RegistryOnly,
 }
 
 fn default_root_namespace() -> String {
@@ -36,6 +58,7 @@ impl Default for MeshConfig {
             trust_domain_aliases: Vec::new(),
             extension_providers: Vec::new(),
             path_normalization: None,
+            outbound_traffic_policy: None,
         }
     }
 }
@@ -43,6 +66,13 @@ impl Default for MeshConfig {
 impl MeshConfig {
     pub fn extension_provider(&self, name: &str) -> Option<&ExtensionProvider> {
         self.extension_providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn outbound_mode(&self) -> OutboundMode {
+        self.outbound_traffic_policy
+            .as_ref()
+            .map(|p| p.mode)
+            .unwrap_or_default()
     }
 
     pub fn normalization(&self) -> PathNormalizationMode {

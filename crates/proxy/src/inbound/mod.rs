@@ -32,6 +32,29 @@ pub struct InboundTarget {
     pub port: InboundPort,
     pub app: HttpPools,
     pub connector: crate::forward::Connector,
+    /// The address peers connected to, when it is not the listener's own
+    /// (a captured connection's original destination).
+    pub destination_ip: Option<std::net::IpAddr>,
+}
+
+impl InboundTarget {
+    /// A target forwarding to `port.app`, dialing with `dial`.
+    pub fn new(
+        port: InboundPort,
+        destination_ip: Option<std::net::IpAddr>,
+        timeout: std::time::Duration,
+        dial: crate::socket::Dial,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> InboundTarget {
+        let connector =
+            crate::forward::Connector::new(vec![port.app], None, timeout, dial, metrics);
+        InboundTarget {
+            app: HttpPools::new(connector.clone(), connector.clone(), port.protocol),
+            connector,
+            port,
+            destination_ip,
+        }
+    }
 }
 
 /// What is known about a connection once its transport is settled.
@@ -93,7 +116,9 @@ pub async fn serve(
         connection: Connection {
             source_ip: Some(peer_addr.ip()),
             source_principal: None,
-            destination_ip: tcp.local_addr().ok().map(|a| a.ip()),
+            destination_ip: target
+                .destination_ip
+                .or_else(|| tcp.local_addr().ok().map(|a| a.ip())),
             destination_port: port,
             sni: None,
         },

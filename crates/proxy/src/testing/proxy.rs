@@ -140,6 +140,8 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> TestProxy {
         admin: Some("127.0.0.1:0".parse().unwrap()),
         limits: Limits::default(),
         drain_grace: Duration::from_secs(3),
+        mark: None,
+        transparent: None,
     };
     let logs = LogTargets {
         access: LogTarget::File(dir.path().join("access.log")),

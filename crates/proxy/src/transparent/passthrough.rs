@@ -1,0 +1,95 @@
+//! Outbound traffic to destinations the registry does not know, as Envoy
+//! names them: under `ALLOW_ANY` it goes on to where the application sent
+//! it, as plain TCP (`PassthroughCluster`); under `REGISTRY_ONLY` it is
+//! refused (`BlackHoleCluster`). Either way the access log says which.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::log::AccessRecord;
+use crate::metrics::{DecisionLabels, Direction};
+use crate::socket::Dial;
+
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+pub const BLACK_HOLE: &str = "BlackHoleCluster";
+
+fn count(shared: &Shared, decision: &'static str, cluster: &str) {
+    shared
+        .metrics
+        .connections
+        .get_or_create(&DecisionLabels {
+            direction: Direction::Outbound,
+            decision,
+            policy: cluster.to_owned(),
+        })
+        .inc();
+}
+
+/// Relays `tcp` to `dst`, untouched.
+pub async fn pass(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    mark: Option<u32>,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let mut record = AccessRecord::new(
+        SystemTime::now(),
+        Direction::Outbound,
+        "TCP",
+        peer,
+        PASSTHROUGH.to_owned(),
+    );
+    record.upstream = Some(dst.to_string());
+    count(&shared, "allow", PASSTHROUGH);
+    let dial = Dial {
+        mark,
+        inbound_source: false,
+    };
+    match dial.connect(dst, shared.limits.connect_timeout).await {
+        Ok(mut upstream) => {
+            let _ = upstream.set_nodelay(true);
+            let copied = tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied,
+                _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
+            };
+            match copied {
+                Ok((sent, received)) => {
+                    record.bytes_received = sent;
+                    record.bytes_sent = received;
+                }
+                Err(e) => record.error = Some(e.to_string()),
+            }
+        }
+        Err(e) => {
+            shared.metrics.upstream_error(Direction::Outbound);
+            record.error = Some(format!("connecting to {dst}: {e}"));
+        }
+    }
+    record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    shared.logs.access.write(&record);
+}
+
+/// Refuses a connection to `dst`: it is closed without a byte.
+pub fn refuse(peer: SocketAddr, dst: SocketAddr, shared: &Shared) {
+    let mut record = AccessRecord::new(
+        SystemTime::now(),
+        Direction::Outbound,
+        "TCP",
+        peer,
+        BLACK_HOLE.to_owned(),
+    );
+    record.upstream = Some(dst.to_string());
+    record.decision = "deny";
+    record.reason = Some(
+        "the registry does not know this destination and outboundTrafficPolicy is REGISTRY_ONLY"
+            .into(),
+    );
+    count(shared, "deny", BLACK_HOLE);
+    shared.logs.access.write(&record);
+}
