@@ -348,10 +348,17 @@ impl Hub {
             types::WORKLOAD,
             own.to_string().into_bytes(),
         ));
-        for host in subscribe {
-            if let Some(service) = registry.services.get(&host.to_ascii_lowercase())
-                && let Ok(body) = serde_json::to_vec(service)
-            {
+        let all = subscribe.iter().any(|h| h == "*");
+        let wanted: Vec<&crate::registry::Service> = if all {
+            registry.services.values().collect()
+        } else {
+            subscribe
+                .iter()
+                .filter_map(|h| registry.services.get(&h.to_ascii_lowercase()))
+                .collect()
+        };
+        for service in wanted {
+            if let Ok(body) = serde_json::to_vec(service) {
                 put(resource(
                     format!("service/{}", service.host),
                     types::SERVICE,
