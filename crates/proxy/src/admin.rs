@@ -128,6 +128,9 @@ fn config_dump(shared: &Shared) -> String {
         "certificate": shared.identity.summary(),
         "trust_domains": shared.identity.trust_domains.0,
         "revocations": shared.identity.revocations.current().entries(),
+        // Transparent mode: each address the workload may call and the
+        // service ports there.
+        "routes": shared.routes.as_ref().map(|r| r.dump()),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

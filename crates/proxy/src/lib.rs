@@ -116,14 +116,14 @@ pub struct Shared {
     stop_now: CancellationToken,
     http: auto::Builder<TokioExecutor>,
     pub listeners: Listeners,
+    /// Transparent mode's routing table, which the control plane fills.
+    pub routes: Option<Arc<transparent::Routes>>,
 }
 
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
     outbound: Vec<Arc<OutboundTarget>>,
-    /// Transparent mode's routing table, which the control plane fills.
-    routes: Option<Arc<transparent::Routes>>,
     tracker: TaskTracker,
     drain_grace: Duration,
     pub admin_address: Option<SocketAddr>,
@@ -290,6 +290,7 @@ impl Proxy {
             stop_now: CancellationToken::new(),
             http,
             listeners,
+            routes: routes.clone(),
         });
 
         let tracker = TaskTracker::new();
@@ -349,7 +350,6 @@ impl Proxy {
         Ok(Proxy {
             shared,
             outbound: outbound_targets,
-            routes,
             tracker,
             drain_grace: config.drain_grace,
             admin_address,
@@ -367,7 +367,7 @@ impl Proxy {
 
     /// Transparent mode's routing table; `None` in explicit mode.
     pub fn routes(&self) -> Option<Arc<transparent::Routes>> {
-        self.routes.clone()
+        self.shared.routes.clone()
     }
 
     pub fn identity(&self) -> &WorkloadIdentity {

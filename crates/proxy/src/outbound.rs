@@ -241,7 +241,7 @@ impl Route {
     /// The target whose service the request's authority names: the host
     /// itself or a shorter form of it (`ratings.bookinfo` for
     /// `ratings.bookinfo.svc.cluster.local`).
-    fn for_authority(&self, authority: Option<&str>) -> &Arc<OutboundTarget> {
+    pub fn for_authority(&self, authority: Option<&str>) -> &Arc<OutboundTarget> {
         let Route::ByHost(targets) = self else {
             return self.first();
         };

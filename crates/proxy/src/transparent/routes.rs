@@ -346,3 +346,313 @@ pub fn identities(service: &Service) -> Vec<SpiffeId> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use meshward_api::resources::Endpoint;
+
+    use super::*;
+    use crate::testing::ca::{Ca, id};
+
+    fn routes() -> Routes {
+        let ca = Ca::new();
+        Routes::new(
+            ca.identity(&id("bookinfo", "productpage")),
+            Duration::from_secs(1),
+            None,
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn endpoint(address: &str, port: u16, target: u16, plaintext: bool) -> Endpoint {
+        Endpoint {
+            address: address.into(),
+            ports: BTreeMap::from([(port, target)]),
+            identity: "spiffe://cluster.local/ns/bookinfo/sa/ratings".into(),
+            plaintext,
+        }
+    }
+
+    fn service(
+        host: &str,
+        addresses: &[&str],
+        protocol: &str,
+        endpoints: Vec<Endpoint>,
+    ) -> Service {
+        Service {
+            host: host.into(),
+            entry: format!("bookinfo/{host}"),
+            ports: BTreeMap::from([(9080, protocol.into())]),
+            identities: endpoints
+                .iter()
+                .map(|e| e.identity.clone())
+                .collect::<BTreeSet<_>>(),
+            endpoints,
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            load_balancer: None,
+        }
+    }
+
+    fn table(routes: &Routes, services: Vec<Service>, mode: OutboundMode) {
+        let services = services.into_iter().map(|s| (s.host.clone(), s)).collect();
+        let prepared = routes.prepare(&services, mode).unwrap();
+        routes.commit(prepared);
+    }
+
+    fn hosts(outbound: Outbound) -> Vec<(String, Vec<SocketAddr>, UpstreamTls)> {
+        match outbound {
+            Outbound::Service(Route::One(t)) => {
+                vec![(t.upstream.service.clone(), t.endpoints(), t.upstream.tls)]
+            }
+            Outbound::Service(Route::ByHost(ts)) => ts
+                .iter()
+                .map(|t| (t.upstream.service.clone(), t.endpoints(), t.upstream.tls))
+                .collect(),
+            Outbound::Passthrough => {
+                vec![("PassthroughCluster".into(), vec![], UpstreamTls::Disable)]
+            }
+            Outbound::BlackHole => vec![("BlackHoleCluster".into(), vec![], UpstreamTls::Disable)],
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_service_address_balances_over_its_endpoints_and_an_endpoint_address_reaches_that_endpoint()
+    {
+        let routes = routes();
+        let ratings = service(
+            "ratings.bookinfo",
+            &["240.240.0.10", "2001:2::10"],
+            "HTTP",
+            vec![
+                endpoint("198.18.0.3", 9080, 9080, false),
+                endpoint("198.18.0.4", 9080, 19080, false),
+            ],
+        );
+        table(&routes, vec![ratings], OutboundMode::AllowAny);
+        let both = vec![addr("198.18.0.3:9080"), addr("198.18.0.4:19080")];
+        for vip in ["240.240.0.10:9080", "[2001:2::10]:9080"] {
+            assert_eq!(
+                hosts(routes.outbound(addr(vip))),
+                vec![(
+                    "ratings.bookinfo".into(),
+                    both.clone(),
+                    UpstreamTls::IstioMutual
+                )]
+            );
+        }
+        // The endpoint's own address and port: that endpoint only.
+        assert_eq!(
+            hosts(routes.outbound(addr("198.18.0.4:19080"))),
+            vec![(
+                "ratings.bookinfo".into(),
+                vec![addr("198.18.0.4:19080")],
+                UpstreamTls::IstioMutual
+            )]
+        );
+        // Another port of a known address is not the service.
+        assert_eq!(
+            hosts(routes.outbound(addr("240.240.0.10:80")))[0].0,
+            "PassthroughCluster"
+        );
+        // Inbound: the declared protocol at the endpoint's address and port.
+        assert_eq!(
+            routes.inbound(addr("198.18.0.4:19080")).port.protocol,
+            Protocol::Http
+        );
+        assert_eq!(
+            routes.inbound(addr("198.18.0.4:22")).port.protocol,
+            Protocol::Sniff
+        );
+        let target = routes.inbound(addr("198.18.0.4:19080"));
+        assert_eq!(target.port.app, addr("198.18.0.4:19080"));
+        assert_eq!(target.port.port, 19080);
+    }
+
+    #[test]
+    fn unknown_destinations_follow_the_outbound_traffic_policy() {
+        let routes = routes();
+        table(&routes, vec![], OutboundMode::RegistryOnly);
+        assert!(matches!(
+            routes.outbound(addr("198.18.9.9:80")),
+            Outbound::BlackHole
+        ));
+        table(&routes, vec![], OutboundMode::AllowAny);
+        assert!(matches!(
+            routes.outbound(addr("198.18.9.9:80")),
+            Outbound::Passthrough
+        ));
+    }
+
+    #[test]
+    fn services_sharing_an_address_are_told_apart_by_host() {
+        let routes = routes();
+        let a = service(
+            "a.example",
+            &["240.240.0.20"],
+            "HTTP",
+            vec![endpoint("198.18.0.5", 9080, 9080, false)],
+        );
+        let b = service(
+            "b.example",
+            &["240.240.0.20"],
+            "HTTP",
+            vec![endpoint("198.18.0.6", 9080, 9080, false)],
+        );
+        table(&routes, vec![a, b], OutboundMode::AllowAny);
+        let Outbound::Service(route) = routes.outbound(addr("240.240.0.20:9080")) else {
+            panic!("not a service");
+        };
+        let pick = |host: Option<&str>| route.for_authority(host).upstream.service.clone();
+        assert_eq!(pick(Some("b.example:9080")), "b.example");
+        assert_eq!(pick(Some("B.EXAMPLE.")), "b.example");
+        assert_eq!(pick(Some("a.example")), "a.example");
+        // No match: the first, by host name.
+        assert_eq!(pick(Some("c.example")), "a.example");
+        assert_eq!(pick(None), "a.example");
+    }
+
+    #[test]
+    fn a_short_host_names_the_longer_service() {
+        let routes = routes();
+        let a = service(
+            "ratings.bookinfo.svc.cluster.local",
+            &["240.240.0.30"],
+            "HTTP",
+            vec![],
+        );
+        let b = service(
+            "reviews.bookinfo.svc.cluster.local",
+            &["240.240.0.30"],
+            "HTTP",
+            vec![],
+        );
+        table(&routes, vec![a, b], OutboundMode::AllowAny);
+        let Outbound::Service(route) = routes.outbound(addr("240.240.0.30:9080")) else {
+            panic!("not a service");
+        };
+        assert_eq!(
+            route
+                .for_authority(Some("reviews.bookinfo:9080"))
+                .upstream
+                .service,
+            "reviews.bookinfo.svc.cluster.local"
+        );
+        // A prefix that is not a whole label names nothing.
+        assert_eq!(
+            route.for_authority(Some("reviews.book")).upstream.service,
+            "ratings.bookinfo.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn endpoints_without_a_proxy_are_called_in_plaintext_but_never_mixed_into_a_meshed_service() {
+        let routes = routes();
+        let external = service(
+            "db.example",
+            &["240.240.0.40"],
+            "TCP",
+            vec![endpoint("198.18.0.7", 9080, 5432, true)],
+        );
+        let mixed = service(
+            "mixed.example",
+            &["240.240.0.41"],
+            "HTTP",
+            vec![
+                endpoint("198.18.0.8", 9080, 9080, false),
+                endpoint("198.18.0.9", 9080, 9080, true),
+            ],
+        );
+        table(&routes, vec![external, mixed], OutboundMode::AllowAny);
+        assert_eq!(
+            hosts(routes.outbound(addr("240.240.0.40:9080"))),
+            vec![(
+                "db.example".into(),
+                vec![addr("198.18.0.7:5432")],
+                UpstreamTls::Disable
+            )]
+        );
+        assert_eq!(
+            hosts(routes.outbound(addr("240.240.0.41:9080"))),
+            vec![(
+                "mixed.example".into(),
+                vec![addr("198.18.0.8:9080")],
+                UpstreamTls::IstioMutual
+            )]
+        );
+        // Called at its own address, the plaintext endpoint is plaintext.
+        assert_eq!(
+            hosts(routes.outbound(addr("198.18.0.9:9080")))[0].2,
+            UpstreamTls::Disable
+        );
+    }
+
+    #[test]
+    fn an_update_keeps_the_targets_of_unchanged_service_ports_and_moves_endpoints_live() {
+        let routes = routes();
+        let one = service(
+            "ratings.bookinfo",
+            &["240.240.0.10"],
+            "HTTP",
+            vec![endpoint("198.18.0.3", 9080, 9080, false)],
+        );
+        table(&routes, vec![one], OutboundMode::AllowAny);
+        let Outbound::Service(Route::One(before)) = routes.outbound(addr("240.240.0.10:9080"))
+        else {
+            panic!("not one service");
+        };
+        let two = service(
+            "ratings.bookinfo",
+            &["240.240.0.10"],
+            "HTTP",
+            vec![
+                endpoint("198.18.0.3", 9080, 9080, false),
+                endpoint("198.18.0.4", 9080, 9080, false),
+            ],
+        );
+        table(&routes, vec![two], OutboundMode::AllowAny);
+        let Outbound::Service(Route::One(after)) = routes.outbound(addr("240.240.0.10:9080"))
+        else {
+            panic!("not one service");
+        };
+        assert!(
+            Arc::ptr_eq(&before, &after),
+            "the target (and its pools) is kept"
+        );
+        assert_eq!(
+            after.endpoints(),
+            vec![addr("198.18.0.3:9080"), addr("198.18.0.4:9080")]
+        );
+        // Removed from the registry: unknown again.
+        table(&routes, vec![], OutboundMode::RegistryOnly);
+        assert!(matches!(
+            routes.outbound(addr("240.240.0.10:9080")),
+            Outbound::BlackHole
+        ));
+    }
+
+    #[test]
+    fn a_cidr_address_matches_every_address_in_it() {
+        let routes = routes();
+        let range = service(
+            "range.example",
+            &["198.19.0.0/16"],
+            "TCP",
+            vec![endpoint("198.18.0.7", 9080, 9080, true)],
+        );
+        table(&routes, vec![range], OutboundMode::RegistryOnly);
+        assert_eq!(
+            hosts(routes.outbound(addr("198.19.4.5:9080")))[0].0,
+            "range.example"
+        );
+        assert!(matches!(
+            routes.outbound(addr("198.19.4.5:9081")),
+            Outbound::BlackHole
+        ));
+    }
+}
