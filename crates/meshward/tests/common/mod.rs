@@ -40,6 +40,9 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::{Pid, getpgid};
 
+/// Hosts in network namespaces (root only): see its docs.
+pub mod netns;
+
 /// How long a process gets to be ready.
 pub const START: Duration = Duration::from_secs(90);
 /// How long a change gets to take effect: a push, a watched file, a signal.
