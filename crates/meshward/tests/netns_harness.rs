@@ -180,53 +180,78 @@ fn hosts_and_hub_have_no_route_out() {
     let a = net.host("a");
     let _b = net.host("b");
 
-    // The hub has no address, so no route at all (IPv6's multicast routes
-    // on the bridge's interfaces lead nowhere but the bridge).
+    // The hub: the gateway addresses on the bridge and nothing else, so
+    // its only routes are the two subnets; it does not forward.
     let hub = net.hub();
-    assert_eq!(ip_in(&hub, &["-4", "route", "show", "table", "all"]), "");
-    let v6 = ip_in(&hub, &["-6", "route", "show", "table", "all"]);
+    let v4 = ip_in(&hub, &["-4", "route", "show", "table", "main"]);
     assert!(
-        v6.lines().all(|l| l.starts_with("multicast ff00::/8 dev ")),
+        v4.lines().all(|l| l.starts_with("198.18.0.0/24 dev br0 ")),
+        "{v4}"
+    );
+    let v6 = ip_in(&hub, &["-6", "route", "show", "table", "main"]);
+    assert!(
+        v6.lines()
+            .all(|l| l.starts_with("2001:2::/64 dev br0 ") || l.starts_with("multicast ")),
         "{v6}"
     );
-    assert!(!ip_in(&hub, &["addr", "show"]).contains(" inet"));
-    // A host: its subnets on eth0 (and link-local), no default route.
+    for (key, expected) in [
+        ("net.ipv4.ip_forward", "0"),
+        ("net.ipv6.conf.all.forwarding", "0"),
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &hub, "sysctl", "-n", key])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            expected,
+            "{key}"
+        );
+    }
+    // A host: its subnets on eth0 (and link-local), the service ranges via
+    // the gateway, no default route.
     for host in net.namespaces().iter().skip(1) {
         assert_eq!(ip_in(host, &["-4", "route", "show", "default"]), "");
         assert_eq!(ip_in(host, &["-6", "route", "show", "default"]), "");
         let v4 = ip_in(host, &["-4", "route", "show"]);
         assert!(
-            v4.lines().all(|l| l.starts_with("198.18.0.0/24 dev eth0 ")),
+            v4.lines().all(|l| l.starts_with("198.18.0.0/24 dev eth0 ")
+                || l.starts_with("240.240.0.0/16 via 198.18.0.254 dev eth0")),
             "{host}: {v4}"
         );
         let v6 = ip_in(host, &["-6", "route", "show"]);
         assert!(
-            v6.lines()
-                .all(|l| l.starts_with("2001:2::/64 dev eth0 ") || l.starts_with("fe80::/64 ")),
+            v6.lines().all(|l| l.starts_with("2001:2::/64 dev eth0 ")
+                || l.starts_with("2001:2::/48 via 2001:2::fe dev eth0")
+                || l.starts_with("fe80::/64 ")),
             "{host}: {v6}"
         );
     }
-
-    // Addresses outside the hosts' subnets (still in the benchmark ranges,
-    // so even a broken harness would send nowhere real): no route, refused
-    // by the host's own kernel before any packet.
-    for outside in [
-        SocketAddr::from((Ipv4Addr::new(198, 19, 0, 1), 80)),
-        SocketAddr::from(("2001:2:0:1::1".parse::<Ipv6Addr>().unwrap(), 80)),
-    ] {
-        let error = a
-            .within(|| TcpStream::connect_timeout(&outside, SETTLE))
-            .expect_err("a connection out of the network");
-        assert_eq!(
-            error.kind(),
-            ErrorKind::NetworkUnreachable,
-            "{outside}: {error}"
-        );
-        assert_eq!(
-            error.raw_os_error(),
-            Some(nix::errno::Errno::ENETUNREACH as i32)
-        );
+    // The hub has no route for a service address: what reaches it ends there.
+    for address in ["240.240.0.1", "2001:2:0:1::1"] {
+        let out = Command::new("ip")
+            .args(["-n", &hub, "route", "get", address])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the hub routes {address}");
     }
+
+    // Any other address (still in the benchmark range, so even a broken
+    // harness would send nowhere real): no route, refused by the host's own
+    // kernel before any packet.
+    let outside = SocketAddr::from((Ipv4Addr::new(198, 19, 0, 1), 80));
+    let error = a
+        .within(|| TcpStream::connect_timeout(&outside, SETTLE))
+        .expect_err("a connection out of the network");
+    assert_eq!(
+        error.kind(),
+        ErrorKind::NetworkUnreachable,
+        "{outside}: {error}"
+    );
+    assert_eq!(
+        error.raw_os_error(),
+        Some(nix::errno::Errno::ENETUNREACH as i32)
+    );
 }
 
 #[test]

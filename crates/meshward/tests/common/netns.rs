@@ -5,14 +5,22 @@
 //! # Topology
 //!
 //! [`Network::new`] makes the hub, `mw<PID>n<K>-hub` (PID the test
-//! process's, K counting its networks): a bridge `br0`, up, and no address
-//! at all (IPv6 address generation is off on the bridge and its ports), so
-//! the hub has no route. [`Network::host`] makes `mw<PID>n<K>-<NAME>` with
-//! `lo` up and `eth0`, one end of a veth pair whose other end (`v<I>`) is a
-//! port of the bridge; `eth0` has `198.18.0.<I>/24` and `2001:2::<I>/64`
-//! (`nodad`: usable at once), I counting the network's hosts from 1. A
-//! host's only routes are those two subnets (and link-local): a connection
-//! to any other address fails at once with "Network is unreachable", and
+//! process's, K counting its networks): a bridge `br0`, up, holding the
+//! network's gateway addresses `198.18.0.254/24` and `2001:2::fe/64` and
+//! nothing else (IPv6 address generation is off on the bridge and its
+//! ports), so the hub's only routes are those two subnets, and it does not
+//! forward. [`Network::host`] makes `mw<PID>n<K>-<NAME>` with `lo` up and
+//! `eth0`, one end of a veth pair whose other end (`v<I>`) is a port of the
+//! bridge; `eth0` has `198.18.0.<I>/24` and `2001:2::<I>/64` (`nodad`:
+//! usable at once), I counting the network's hosts from 1.
+//!
+//! Besides its subnets, a host routes the mesh's service addresses to the
+//! gateway: `240.240.0.0/16` (where the control plane allocates IPv4
+//! service addresses) and `2001:2::/48` (IPv6 ones). The kernel needs a
+//! route to an address before the capture rules can redirect a connection
+//! to it; whatever is not redirected reaches the hub, which neither answers
+//! for nor forwards those addresses, and ends there. Any other address has
+//! no route: a connection fails at once with "Network is unreachable", and
 //! no packet is sent. Both ends of a veth pair are created in their
 //! namespaces (`ip -n HOST link add eth0 … peer name v<I> netns HUB`),
 //! never in the root namespace, whose interfaces, routes and firewall the
@@ -125,6 +133,13 @@ pub struct Network {
     namespaces: Mutex<Vec<String>>,
 }
 
+/// The hub's addresses on the bridge: where hosts send service addresses.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0xfe);
+/// The service address ranges hosts route to the gateway.
+pub const SERVICES_V4: &str = "240.240.0.0/16";
+pub const SERVICES_V6: &str = "2001:2::/48";
+
 impl Network {
     /// A new network for `test` (its name, for messages): the hub and its
     /// bridge, no hosts yet. Removes what killed test processes left first.
@@ -140,9 +155,13 @@ impl Network {
         let (hub, _) = network.add_namespace("hub");
         ip_batch(
             &hub,
-            "link add br0 type bridge\n\
-             link set br0 addrgenmode none\n\
-             link set br0 up\n",
+            &format!(
+                "link add br0 type bridge\n\
+                 link set br0 addrgenmode none\n\
+                 addr add {GATEWAY_V4}/24 dev br0\n\
+                 addr add {GATEWAY_V6}/64 dev br0 nodad\n\
+                 link set br0 up\n"
+            ),
         );
         network
     }
@@ -185,7 +204,9 @@ impl Network {
                  link add eth0 type veth peer name {port} netns {hub}\n\
                  addr add {}/24 dev eth0\n\
                  addr add {}/64 dev eth0 nodad\n\
-                 link set eth0 up\n",
+                 link set eth0 up\n\
+                 route add {SERVICES_V4} via {GATEWAY_V4}\n\
+                 route add {SERVICES_V6} via {GATEWAY_V6}\n",
                 host.ipv4(),
                 host.ipv6()
             ),
