@@ -236,6 +236,14 @@ fn hosts_and_hub_have_no_route_out() {
         assert!(!out.status.success(), "the hub routes {address}");
     }
 
+    // Processes in a host resolve through the gateway, not the machine's
+    // resolver.
+    let resolv = a.run(&["cat", "/etc/resolv.conf"]);
+    assert_eq!(
+        String::from_utf8_lossy(&resolv.stdout).lines().next(),
+        Some("nameserver 198.18.0.254")
+    );
+
     // Any other address (still in the benchmark range, so even a broken
     // harness would send nowhere real): no route, refused by the host's own
     // kernel before any packet.
@@ -328,6 +336,11 @@ fn dropping_the_network_removes_its_namespaces_and_what_runs_in_them() {
         namespaces.iter().all(|ns| !listed.contains(ns)),
         "{namespaces:?} still in {listed:?}"
     );
+    // Nor their resolver files.
+    for ns in &namespaces {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
 }
 
 #[test]

@@ -26,6 +26,11 @@
 //! never in the root namespace, whose interfaces, routes and firewall the
 //! harness never touches.
 //!
+//! Each host has its own `/etc/resolv.conf` (through `ip netns exec`'s
+//! `/etc/netns/NS/`), naming the gateway, which answers nothing: a name
+//! resolves in a host only when capture sends the query to a meshward DNS
+//! proxy, never through the machine's resolver.
+//!
 //! Every network is a world of its own: addresses, ports and interface
 //! names repeat across networks, so a test may use fixed ports (8080) in
 //! its hosts, and tests run in parallel threads and processes.
@@ -67,7 +72,7 @@
 
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -196,6 +201,7 @@ impl Network {
             netns,
             index,
         };
+        write_resolv_conf(&host.netns);
         let (hub, port) = (self.hub(), format!("v{index}"));
         ip_batch(
             &host.netns,
@@ -454,7 +460,25 @@ fn remove(namespaces: &[String]) {
     }
     for ns in namespaces {
         let _ = quiet_ip(&["netns", "del", ns]);
+        let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS).join(ns));
     }
+}
+
+/// Where `ip netns exec NS` finds files it mounts over `/etc` for NS.
+const ETC_NETNS: &str = "/etc/netns";
+
+/// The resolver every host's processes use: the gateway, which answers
+/// nothing, so a name resolves only where capture sends the query to a
+/// meshward DNS proxy (or a test points a resolver elsewhere).
+fn write_resolv_conf(netns: &str) {
+    let dir = Path::new(ETC_NETNS).join(netns);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let file = dir.join("resolv.conf");
+    std::fs::write(
+        &file,
+        format!("nameserver {GATEWAY_V4}\noptions timeout:1 attempts:1\n"),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
 }
 
 /// The processes in namespace `netns` (zombies are in none).
