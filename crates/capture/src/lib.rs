@@ -22,9 +22,9 @@
 //! - run under one of [`CaptureConfig::proxy_uids`] or
 //!   [`CaptureConfig::proxy_gids`], or set [`CaptureConfig::proxy_mark`]
 //!   (`SO_MARK`) on every socket it opens;
-//! - bind `127.0.0.6` (`::6`) as the source when it forwards an inbound
-//!   connection to the workload's own address, which would otherwise be
-//!   captured again;
+//! - bind `127.0.0.6` (`::6`, which [`install`] puts on `lo` as Istio
+//!   does) as the source when it forwards an inbound connection to the
+//!   workload's own address, which would otherwise be captured again;
 //! - listen for DNS on loopback at [`CaptureConfig::dns_port`] (UDP and
 //!   TCP): `REDIRECT` of locally generated packets goes to `127.0.0.1`
 //!   (`::1`).
@@ -62,6 +62,9 @@ pub fn install(cfg: &CaptureConfig, runner: &Runner) -> Result<(), CaptureError>
     } else {
         read_if_ipv6_works(runner)?
     };
+    if cfg.ipv6 {
+        add_ipv6_passthrough_source(runner)?;
+    }
     replace(runner, Family::V4, &v4, Some(&plan.ipv4))?;
     if let Some(v6) = v6 {
         replace(runner, Family::V6, &v6, plan.ipv6.as_ref())?;
@@ -107,6 +110,21 @@ fn read_if_ipv6_works(runner: &Runner) -> Result<Option<String>, CaptureError> {
     }
 }
 
+/// Puts `::6` on `lo`, as Istio's `istio-iptables` does: unlike
+/// `127.0.0.6` (in `127.0.0.0/8`, all local), an IPv6 address can be bound
+/// as a source only once it is on an interface, and the proxy binds it
+/// when it forwards inbound connections to the workload's address. It is
+/// left in place by [`uninstall`] (it changes nothing by itself, and may
+/// not be meshward's).
+fn add_ipv6_passthrough_source(runner: &Runner) -> Result<(), CaptureError> {
+    // `replace`: adds the address, or leaves it as it is when present.
+    runner.change(
+        "ip",
+        &["-6", "addr", "replace", "::6/128", "dev", "lo"],
+        None,
+    )
+}
+
 /// Makes meshward's part of one family's rules `planned` (none: removed).
 fn replace(
     runner: &Runner,
@@ -115,7 +133,7 @@ fn replace(
     planned: Option<&RuleSet>,
 ) -> Result<(), CaptureError> {
     match saved::replacement(saved, planned) {
-        Some(input) => runner.change(family.restore(), &["--noflush"], &input),
+        Some(input) => runner.change(family.restore(), &["--noflush"], Some(&input)),
         None => Ok(()),
     }
 }

@@ -62,22 +62,23 @@ impl Runner {
         }
     }
 
-    /// Runs a command that changes the rules, with `input` on its standard
-    /// input; a dry run prints it instead.
+    /// Runs a command that changes something, with `input` (if any) on its
+    /// standard input; a dry run prints it instead.
     pub(crate) fn change(
         &self,
         program: &str,
         args: &[&str],
-        input: &str,
+        input: Option<&str>,
     ) -> Result<(), CaptureError> {
         if self.is_dry_run() {
-            self.print(&format!(
-                "{} <<'EOF'\n{input}EOF\n",
-                self.command_line(program, args)
-            ));
+            let command = self.command_line(program, args);
+            self.print(&match input {
+                Some(input) => format!("{command} <<'EOF'\n{input}EOF\n"),
+                None => format!("{command}\n"),
+            });
             return Ok(());
         }
-        self.execute(program, args, Some(input)).map(drop)
+        self.execute(program, args, input).map(drop)
     }
 
     fn print(&self, text: &str) {
@@ -264,7 +265,7 @@ mod tests {
         let out = crate::testing::Transcript::default();
         let runner = Runner::dry_run(out.clone()).in_netns("ns1");
         runner
-            .change("iptables-restore", &["--noflush"], "*nat\nCOMMIT\n")
+            .change("iptables-restore", &["--noflush"], Some("*nat\nCOMMIT\n"))
             .unwrap();
         assert_eq!(
             out.text(),

@@ -6,8 +6,6 @@
 //! rules of other chains that jump (`-j`/`-g`) to one of them. Everything
 //! else — other chains, a user's rules in `OUTPUT` — is left as it is.
 
-use std::collections::BTreeMap;
-
 use crate::plan::{self, RuleSet, TABLES};
 
 /// Meshward's part of one table of the rules in force.
@@ -24,16 +22,10 @@ pub(crate) struct Owned {
     pub jumps: Vec<(String, String)>,
 }
 
-impl Owned {
-    pub fn is_empty(&self) -> bool {
-        self.chains.is_empty() && self.jumps.is_empty()
-    }
-}
-
 /// Meshward's part of each table of `iptables-save` output (only tables
-/// where meshward has something, among [`TABLES`]).
-pub(crate) fn owned(save_output: &str) -> BTreeMap<String, Owned> {
-    let mut tables: BTreeMap<String, Owned> = BTreeMap::new();
+/// where meshward has something, among [`TABLES`]), in saved order.
+pub(crate) fn owned(save_output: &str) -> Vec<(String, Owned)> {
+    let mut tables: Vec<(String, Owned)> = Vec::new();
     let mut table: Option<String> = None;
     for line in save_output.lines() {
         let line = line.trim_end();
@@ -47,27 +39,34 @@ pub(crate) fn owned(save_output: &str) -> BTreeMap<String, Owned> {
         if let Some(decl) = line.strip_prefix(':') {
             let chain = decl.split_whitespace().next().unwrap_or_default();
             if is_ours(chain) {
-                let owned = tables.entry(name.to_owned()).or_default();
+                let owned = entry(&mut tables, name);
                 owned.chain_lines.push(line.to_owned());
                 owned.chains.push(chain.to_owned());
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
             if is_ours(chain) {
-                tables
-                    .entry(name.to_owned())
-                    .or_default()
-                    .rule_lines
-                    .push(line.to_owned());
+                entry(&mut tables, name).rule_lines.push(line.to_owned());
             } else if jumps_to_ours(spec) {
-                let owned = tables.entry(name.to_owned()).or_default();
+                let owned = entry(&mut tables, name);
                 owned.rule_lines.push(line.to_owned());
                 owned.jumps.push((chain.to_owned(), spec.to_owned()));
             }
         }
     }
-    tables.retain(|_, owned| !owned.is_empty());
     tables
+}
+
+/// The entry of `name`, added (last) if missing.
+fn entry<'a>(tables: &'a mut Vec<(String, Owned)>, name: &str) -> &'a mut Owned {
+    let at = match tables.iter().position(|(t, _)| t == name) {
+        Some(at) => at,
+        None => {
+            tables.push((name.to_owned(), Owned::default()));
+            tables.len() - 1
+        }
+    };
+    &mut tables[at].1
 }
 
 fn is_ours(chain: &str) -> bool {
@@ -99,7 +98,7 @@ pub(crate) fn replacement(saved: &str, planned: Option<&RuleSet>) -> Option<Stri
     let owned = owned(saved);
     let mut input = String::new();
     for name in TABLES {
-        let old = owned.get(name);
+        let old = owned.iter().find(|(t, _)| t == name).map(|(_, o)| o);
         let new = planned.and_then(|p| p.table(name));
         if old.is_none() && new.is_none() {
             continue;
@@ -193,8 +192,9 @@ COMMIT
     #[test]
     fn finds_meshward_chains_and_every_jump_into_them_only() {
         let owned = owned(SAVED);
-        assert_eq!(owned.keys().collect::<Vec<_>>(), ["nat", "raw"]);
-        let nat = &owned["nat"];
+        let names: Vec<&str> = owned.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(names, ["raw", "nat"], "in saved order, filter left out");
+        let nat = &owned[1].1;
         assert_eq!(nat.chains, ["MESHWARD_INBOUND", "MESHWARD_OUTPUT"]);
         assert_eq!(
             nat.jumps,
@@ -207,7 +207,7 @@ COMMIT
                 ),
             ]
         );
-        assert_eq!(owned["raw"].jumps.len(), 2);
+        assert_eq!(owned[0].1.jumps.len(), 2);
     }
 
     #[test]
@@ -277,20 +277,20 @@ COMMIT
     fn show_lists_meshward_lines_per_table() {
         assert_eq!(
             show(SAVED),
-            "*nat
+            "*raw
+:MESHWARD_INBOUND_DNS - [0:0]
+:MESHWARD_OUTPUT_DNS - [0:0]
+-A PREROUTING -j MESHWARD_INBOUND_DNS
+-A OUTPUT -j MESHWARD_OUTPUT_DNS
+-A MESHWARD_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1
+COMMIT
+*nat
 :MESHWARD_INBOUND - [0:0]
 :MESHWARD_OUTPUT - [0:0]
 -A PREROUTING -p tcp -j MESHWARD_INBOUND
 -A OUTPUT -j MESHWARD_OUTPUT
 -A MESHWARD_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A USER_CHAIN -d 198.18.0.1/32 -g MESHWARD_OUTPUT
-COMMIT
-*raw
-:MESHWARD_INBOUND_DNS - [0:0]
-:MESHWARD_OUTPUT_DNS - [0:0]
--A PREROUTING -j MESHWARD_INBOUND_DNS
--A OUTPUT -j MESHWARD_OUTPUT_DNS
--A MESHWARD_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1
 COMMIT
 "
         );
