@@ -74,14 +74,15 @@ pub fn install(cfg: &CaptureConfig, runner: &Runner) -> Result<(), CaptureError>
 
 /// Removes meshward's chains, and the rules of other chains that jump to
 /// them, in both families; nothing else. Nothing installed: does nothing.
-pub fn uninstall(runner: &Runner) -> Result<(), CaptureError> {
+/// Returns whether there was something to remove.
+pub fn uninstall(runner: &Runner) -> Result<bool, CaptureError> {
     let v4 = runner.read(Family::V4.save(), &[])?;
     let v6 = read_if_ipv6_works(runner)?;
-    replace(runner, Family::V4, &v4, None)?;
+    let mut removed = replace(runner, Family::V4, &v4, None)?;
     if let Some(v6) = v6 {
-        replace(runner, Family::V6, &v6, None)?;
+        removed |= replace(runner, Family::V6, &v6, None)?;
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Meshward's rules in force, per family and table, as `iptables-save`
@@ -125,15 +126,19 @@ fn add_ipv6_passthrough_source(runner: &Runner) -> Result<(), CaptureError> {
     )
 }
 
-/// Makes meshward's part of one family's rules `planned` (none: removed).
+/// Makes meshward's part of one family's rules `planned` (none: removed);
+/// whether there was anything to do.
 fn replace(
     runner: &Runner,
     family: Family,
     saved: &str,
     planned: Option<&RuleSet>,
-) -> Result<(), CaptureError> {
+) -> Result<bool, CaptureError> {
     match saved::replacement(saved, planned) {
-        Some(input) => runner.change(family.restore(), &["--noflush"], Some(&input)),
-        None => Ok(()),
+        Some(input) => {
+            runner.change(family.restore(), &["--noflush"], Some(&input))?;
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }

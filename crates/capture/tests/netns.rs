@@ -154,7 +154,7 @@ fn install_twice_equals_once_and_uninstall_restores_exactly_what_was_there() {
     install(&cfg, &runner).unwrap();
     assert_eq!(all_rules(&ns), first, "a second install changed the rules");
 
-    uninstall(&runner).unwrap();
+    assert!(uninstall(&runner).unwrap(), "nothing was removed");
     let after = all_rules(&ns);
     assert_eq!(
         after, before,
@@ -163,7 +163,7 @@ fn install_twice_equals_once_and_uninstall_restores_exactly_what_was_there() {
     assert!(after.iter().all(|rules| !rules.contains("MESHWARD")));
     assert_eq!(show(&runner).unwrap(), "");
 
-    uninstall(&runner).unwrap();
+    assert!(!uninstall(&runner).unwrap(), "removed something twice");
     assert_eq!(all_rules(&ns), before);
 }
 
@@ -174,7 +174,7 @@ fn uninstall_with_nothing_installed_succeeds_and_changes_nothing() {
     }
     let ns = Netns::new();
     let before = all_rules(&ns);
-    uninstall(&ns.runner()).unwrap();
+    assert!(!uninstall(&ns.runner()).unwrap());
     assert_eq!(all_rules(&ns), before);
     assert_eq!(show(&ns.runner()).unwrap(), "");
 }
