@@ -17,10 +17,11 @@
 //!   DNS to the nameservers goes to the DNS port; `127.0.0.1`/`::1` return;
 //!   excluded ranges return; included ranges go to [`REDIRECT`]
 //!   (`REDIRECT --to-ports` the outbound port).
-//! - with DNS capture, raw `OUTPUT`/`PREROUTING` put the proxy's own DNS
-//!   (to the servers, and its answers) in conntrack zone 1 and the
-//!   applications' in zone 2, as Istio does, so a port the proxy reuses
-//!   can never match a conntrack entry of a redirected query.
+//! - with DNS capture, raw `OUTPUT`/`PREROUTING` put the proxy's UDP
+//!   conversations with the nameservers in conntrack zone 1 and the
+//!   applications' (redirected to the proxy) in zone 2, as Istio does, so
+//!   a source port the proxy reuses can never match the conntrack entry
+//!   of an application's redirected query.
 //!
 //! Where meshward differs, and why:
 //!
@@ -32,8 +33,8 @@
 //!   "loopback traffic of none of them returns" rule, then the
 //!   per-identity returns: the same result for one uid, and right for
 //!   several (a marked proxy running as root, say).
-//! - The DNS port exception in the loopback rules applies to gid and mark
-//!   as it does to uid (Istio leaves it out for gids).
+//! - The DNS port exception in the loopback redirect applies to every
+//!   identity (Istio leaves it out of the gid's rule).
 //! - There is no HBONE tunnel port (Istio's 15008); the proxy's own ports
 //!   (admin, outbound, inbound, DNS) always return in [`INBOUND`] instead,
 //!   even from an include list.
