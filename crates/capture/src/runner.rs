@@ -18,6 +18,15 @@ pub struct Runner {
     dry_run: Option<Arc<Mutex<dyn Write + Send>>>,
 }
 
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("prefix", &self.prefix)
+            .field("dry_run", &self.is_dry_run())
+            .finish()
+    }
+}
+
 impl Runner {
     /// Runs the commands in this process's network namespace.
     pub fn system() -> Runner {
