@@ -56,6 +56,9 @@ enum Command {
     DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
+    /// Transparent mode: install, remove or show the iptables rules that send a workload's traffic through its proxy.
+    #[command(subcommand)]
+    Capture(cmd::capture::CaptureCommand),
     /// Runs a command so that it stops with the meshward that started it (used by `up`).
     #[command(hide = true)]
     Guard(cmd::guard::Args),
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(args),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::Up(args) => cmd::up::run(args),
         Command::Guard(args) => cmd::guard::run(args),

@@ -1,4 +1,5 @@
 pub mod ca;
+pub mod capture;
 pub mod check;
 pub mod control;
 pub mod demo_app;
