@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use meshward_capture::Runner;
 use meshward_identity::agent::{self, AgentConfig};
 use meshward_identity::bundle::TrustBundle;
 use meshward_identity::spiffe::SpiffeId;
@@ -26,7 +27,23 @@ use meshward_proxy::policies::{self, DirSource, PolicyStore};
 use meshward_proxy::transparent::TransparentConfig;
 use meshward_proxy::{LogTargets, Proxy};
 
+use crate::cmd::capture::CaptureArgs;
 use crate::cmd::server::shutdown_signal;
+
+/// Removes the capture rules when the proxy ends, however it returns (a
+/// SIGKILL leaves them: `meshward capture uninstall` removes them).
+struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        match meshward_capture::uninstall(&Runner::system()) {
+            Ok(_) => eprintln!("meshward proxy: capture rules removed"),
+            Err(e) => eprintln!(
+                "meshward proxy: removing the capture rules failed: {e}; run `meshward capture uninstall`"
+            ),
+        }
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -101,22 +118,23 @@ pub struct Args {
     /// Use FILE for the keys of jwksUri URI instead of fetching it (repeatable).
     #[arg(long, value_name = "URI=FILE")]
     jwks: Vec<String>,
-    /// Transparent mode: serve the capture ports, where capture rules
-    /// (`meshward capture install`) send the workload's traffic, and route
-    /// each connection by its original destination. Needs --control-plane.
+    /// Transparent mode: serve the capture ports (--outbound-port,
+    /// --inbound-port), where capture rules (`meshward capture install`)
+    /// send the workload's traffic, and route each connection by its
+    /// original destination. Needs --control-plane.
     #[arg(long, requires = "control_plane")]
     transparent: bool,
-    /// The outbound capture port (transparent mode).
-    #[arg(long, default_value_t = meshward_proxy::transparent::OUTBOUND_PORT)]
-    outbound_capture_port: u16,
-    /// The inbound capture port (transparent mode).
-    #[arg(long, default_value_t = meshward_proxy::transparent::INBOUND_PORT)]
-    inbound_capture_port: u16,
-    /// Put this SO_MARK on every connection the proxy opens, for capture
-    /// rules that exempt the proxy by mark (`capture install --proxy-mark`)
-    /// rather than by its uid. Needs CAP_NET_ADMIN.
-    #[arg(long, value_name = "MARK")]
-    mark: Option<u32>,
+    /// Transparent mode with the capture rules installed at start and
+    /// removed at exit (as `meshward capture install` with the options
+    /// below; the admin port is --admin's). The proxy's own connections
+    /// must be exempt: run it as a --proxy-uid, or give --proxy-mark.
+    /// Needs root or CAP_NET_ADMIN in the workload's network namespace.
+    #[arg(long, requires = "control_plane")]
+    capture: bool,
+    /// The capture rules, and with --proxy-mark the SO_MARK the proxy puts
+    /// on every connection it opens (CA and control plane included).
+    #[command(flatten, next_help_heading = "Capture")]
+    capture_args: CaptureArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -152,7 +170,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         labels.insert(k.to_owned(), v.to_owned());
     }
-    if args.inbound.is_empty() && args.upstreams.is_empty() && !args.transparent {
+    let transparent = args.transparent || args.capture;
+    let mark = args.capture_args.proxy_mark;
+    let capture = if args.capture {
+        let mut config = args.capture_args.to_config()?;
+        config.admin_port = args.admin.port();
+        let uid = nix::unistd::geteuid().as_raw();
+        if mark.is_none() && !config.proxy_uids.contains(&uid) {
+            bail!(
+                "--capture: this proxy runs as uid {uid}, which the capture rules do not exempt \
+                 (--proxy-uid {:?}), so its own connections would be captured again: give \
+                 --proxy-mark MARK (the proxy marks its connections) or run it as a --proxy-uid",
+                config.proxy_uids
+            );
+        }
+        Some(config)
+    } else {
+        None
+    };
+    if args.inbound.is_empty() && args.upstreams.is_empty() && !transparent {
         bail!("nothing to serve: give at least one --inbound or --upstream, or --transparent");
     }
     if args.control_plane.is_some() && !args.policies.is_empty() {
@@ -185,7 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .to_owned(),
                 identity,
                 workload: args.workload.clone(),
-                mark: args.mark,
+                mark,
             })
         }
     };
@@ -219,9 +255,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         admin: Some(args.admin),
         limits: Limits::default(),
         drain_grace: args.drain_grace.into(),
-        mark: args.mark,
-        transparent: args.transparent.then(|| {
-            TransparentConfig::on_ports(args.outbound_capture_port, args.inbound_capture_port)
+        mark,
+        transparent: transparent.then(|| {
+            TransparentConfig::on_ports(
+                args.capture_args.outbound_port,
+                args.capture_args.inbound_port,
+            )
         }),
     };
 
@@ -238,7 +277,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             token,
         );
         agent_config.ttl = args.cert_ttl.map(Into::into);
-        agent_config.mark = args.mark;
+        agent_config.mark = mark;
+        // Capture before anything is served: the workload's traffic never
+        // leaves uncaptured once the proxy runs.
+        let installed = match &capture {
+            Some(config) => {
+                meshward_capture::install(config, &Runner::system())
+                    .context("--capture: installing the capture rules")?;
+                eprintln!("meshward proxy: capture rules installed");
+                Some(CaptureGuard)
+            }
+            None => None,
+        };
         let (cert, _agent) = agent::start(agent_config);
         let identity = WorkloadIdentity {
             id: id.clone(),
@@ -312,6 +362,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("meshward proxy: draining");
         stop_watching.cancel();
         proxy.shutdown().await;
+        drop(installed);
         eprintln!("meshward proxy: stopped");
         Ok(ExitCode::SUCCESS)
     })
