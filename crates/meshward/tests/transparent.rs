@@ -1,0 +1,596 @@
+//! Transparent mode, end to end: a control plane and workloads each in a
+//! network namespace of their own (tests/common/netns.rs), proxies started
+//! with `--capture`, and applications that know nothing of the mesh — curl,
+//! getent, a plain TCP client — calling services by name.
+//!
+//! These tests need root (network namespaces, iptables): they say so and
+//! are skipped otherwise. CI runs as root.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::netns::{Host, Network, require_root};
+use common::*;
+use nix::sys::signal::Signal;
+
+/// The mark the proxies put on their own connections: they run as root,
+/// so the capture rules cannot exempt them by uid.
+const MARK: &str = "1337";
+const NS: &str = "bookinfo";
+const TD: &str = "cluster.local";
+
+/// A control plane in its own host, and the workloads a test adds. Field
+/// order is drop order: processes stop before their namespaces go.
+struct Mesh {
+    processes: Vec<(String, Spawned)>,
+    dir: PathBuf,
+    data: PathBuf,
+    config: PathBuf,
+    server: SocketAddr,
+    /// The control plane's host: commands that talk to the server run
+    /// there (the root namespace has no route to the network).
+    cp: Host,
+    _net: Network,
+}
+
+impl Mesh {
+    /// A network whose first host runs `meshward server` watching a
+    /// config directory, and the hosts named in `hosts` (198.18.0.2, .3, …
+    /// in that order).
+    fn new(test: &str, hosts: &[&str]) -> (Mesh, Vec<Host>) {
+        let net = Network::new(test);
+        let cp = net.host("cp");
+        let hosts = hosts.iter().map(|h| net.host(h)).collect();
+        let dir = tempdir(test);
+        let data = dir.join("data");
+        let config = dir.join("config");
+        std::fs::create_dir_all(&config).unwrap();
+        let server = SocketAddr::new(IpAddr::V4(cp.ipv4()), 15012);
+        let spawned = cp.spawn(
+            "meshward server",
+            &[
+                bin(),
+                "server",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &server.to_string(),
+                "--config-dir",
+                config.to_str().unwrap(),
+            ],
+        );
+        spawned.logs.wait_for_stdout("listening on https://", START);
+        let mesh = Mesh {
+            processes: vec![("server".into(), spawned)],
+            dir,
+            data,
+            config,
+            server,
+            cp,
+            _net: net,
+        };
+        (mesh, hosts)
+    }
+
+    /// Writes `yaml` into the watched config directory as `name`.
+    fn put(&self, name: &str, yaml: &str) {
+        let tmp = self.dir.join(format!(".{name}"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.config.join(name)).unwrap();
+    }
+
+    /// The MeshConfig in force, through the config API.
+    fn mesh_config(&self, yaml: &str) {
+        let file = self.dir.join("mesh.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let out = self.cp.output(&[
+            bin(),
+            "apply",
+            "--mesh-config",
+            "-f",
+            file.to_str().unwrap(),
+            "--server",
+            &format!("https://{}", self.server),
+            "--data-dir",
+            self.data.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "apply --mesh-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `meshward demo-app` named `name` in `host`: HTTP on 9080, TCP echo
+    /// on 9000, every address.
+    fn app(&mut self, host: &Host, name: &str) {
+        let app = host.spawn(
+            &format!("{name} (application)"),
+            &[
+                bin(),
+                "demo-app",
+                "--name",
+                name,
+                "--listen",
+                "[::]:9080",
+                "--tcp-echo",
+                "[::]:9000",
+            ],
+        );
+        self.processes.push((format!("{name} app"), app));
+        host.wait_for_port(SocketAddr::new(IpAddr::V4(host.ipv4()), 9080));
+    }
+
+    /// A proxy for WorkloadEntry `NS/name` (service account `sa`) in `host`,
+    /// capturing its traffic and DNS; `extra` arguments added. Returns
+    /// once it serves the control plane's configuration.
+    fn proxy(&mut self, host: &Host, name: &str, sa: &str, extra: &[&str]) {
+        let token = self.dir.join(format!("{name}.token"));
+        let out = run(&[
+            "token",
+            "create",
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            "-n",
+            NS,
+            "--service-account",
+            sa,
+        ]);
+        std::fs::write(&token, out.stdout).unwrap();
+        let log = self.access_log_path(name);
+        let mut argv: Vec<String> = [
+            bin(),
+            "proxy",
+            "--identity",
+            &format!("spiffe://{TD}/ns/{NS}/sa/{sa}"),
+            "--workload",
+            &format!("{NS}/{name}"),
+            "--capture",
+            "--proxy-mark",
+            MARK,
+            "--control-plane",
+            &self.server.to_string(),
+            "--ca-address",
+            &format!("https://{}", self.server),
+            "--ca-root",
+            self.data.join("root-cert.pem").to_str().unwrap(),
+            "--ca-server-name",
+            "localhost",
+            "--token-file",
+            token.to_str().unwrap(),
+            "--access-log",
+            log.to_str().unwrap(),
+            "--audit-log",
+            "off",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let proxy = host.spawn(&format!("{name} proxy"), &argv);
+        self.processes.push((format!("{name} proxy"), proxy));
+        wait_for(START, || {
+            let dump = host.output(&[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "http://127.0.0.1:15000/config_dump",
+            ]);
+            let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+            if dump.contains("\"source\": \"control plane") {
+                Ok(())
+            } else {
+                Err(format!("{name}'s proxy is not configured yet: {dump}"))
+            }
+        });
+    }
+
+    fn access_log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.access.jsonl"))
+    }
+
+    /// The access records of `name`'s proxy.
+    fn access_log(&self, name: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.access_log_path(name))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn process(&mut self, name: &str) -> &mut Spawned {
+        &mut self
+            .processes
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+            .1
+    }
+}
+
+fn workload_entry(name: &str, sa: &str, host: &Host, labels: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+         metadata: {{name: {name}, namespace: {NS}}}\n\
+         spec: {{address: {}, serviceAccount: {sa}, labels: {{{labels}}}}}\n---\n",
+        host.ipv4()
+    )
+}
+
+/// `ratings.bookinfo` on the workloads labelled `app: ratings`: HTTP on
+/// 9080, TCP on 9000. No address: the control plane allocates one.
+const RATINGS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  hosts: [ratings.bookinfo]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 9080, name: http, protocol: HTTP}
+  - {number: 9000, name: tcp, protocol: TCP}
+  workloadSelector: {labels: {app: ratings}}
+";
+
+/// `curl ARGS` in `host`: (exit code, standard output).
+fn curl(host: &Host, args: &[&str]) -> (i32, String) {
+    let mut argv = vec!["curl", "-sS", "-m", "10"];
+    argv.extend_from_slice(args);
+    let out = host.output(&argv);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The HTTP status `curl` got for `url` from `host` (0: no response).
+fn status(host: &Host, url: &str) -> u16 {
+    let (_, out) = curl(host, &["-o", "/dev/null", "-w", "%{http_code}", url]);
+    out.trim().parse().unwrap_or(0)
+}
+
+/// What `getent ahostsvN name` answers in `host`: the addresses, none when
+/// the name does not resolve.
+fn resolve(host: &Host, family: &str, name: &str) -> Vec<IpAddr> {
+    let out = host.output(&["getent", family, name]);
+    let mut addrs: Vec<IpAddr> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    addrs.dedup();
+    addrs
+}
+
+#[test]
+fn an_unchanged_application_calls_a_service_by_name_over_mutual_tls_authorized_by_policy() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("by-name", &["productpage", "ratings"]);
+    let [productpage, ratings] = [&hosts[0], &hosts[1]];
+    mesh.put(
+        "registry.yaml",
+        &format!(
+            "{}{}{RATINGS}",
+            workload_entry(
+                "productpage",
+                "productpage",
+                productpage,
+                "app: productpage"
+            ),
+            workload_entry("ratings", "ratings", ratings, "app: ratings"),
+        ),
+    );
+    mesh.put(
+        "policies.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: bookinfo}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/denied]}}]
+",
+    );
+    mesh.app(ratings, "ratings");
+    mesh.proxy(ratings, "ratings", "ratings", &[]);
+    mesh.proxy(
+        productpage,
+        "productpage",
+        "productpage",
+        &["--capture-dns"],
+    );
+
+    // By name, as the application would: the DNS proxy answers, the call
+    // is captured and leaves as mutual TLS, the application sees the
+    // caller's identity.
+    let (code, body) = curl(productpage, &["http://ratings.bookinfo:9080/hello"]);
+    assert_eq!(code, 0, "curl failed: {body}");
+    let echoed: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(echoed["name"], "ratings");
+    let xfcc = echoed["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!("URI=spiffe://{TD}/ns/{NS}/sa/productpage")),
+        "{body}"
+    );
+    // Denied by policy at the server's proxy.
+    assert_eq!(
+        status(productpage, "http://ratings.bookinfo:9080/denied"),
+        403
+    );
+
+    // TCP: a plain client socket in the workload's namespace.
+    let vip = resolve(productpage, "ahostsv4", "ratings.bookinfo");
+    assert_eq!(vip.len(), 1, "{vip:?}");
+    let echoed = productpage.within(|| {
+        let mut stream =
+            TcpStream::connect_timeout(&SocketAddr::new(vip[0], 9000), Duration::from_secs(10))
+                .unwrap();
+        stream.set_read_timeout(Some(COMMAND)).unwrap();
+        stream.write_all(b"ping over the mesh").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = String::new();
+        stream.read_to_string(&mut back).unwrap();
+        back
+    });
+    assert_eq!(echoed, "ping over the mesh");
+    wait_until(SETTLE, "the TCP connection in ratings' access log", || {
+        mesh.access_log("ratings").iter().any(|r| {
+            r["protocol"] == "TCP"
+                && r["direction"] == "inbound"
+                && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")
+        })
+    });
+    let outbound = mesh.access_log("productpage");
+    assert!(
+        outbound
+            .iter()
+            .any(|r| r["destination"] == "outbound|9080|ratings.bookinfo" && r["status"] == 403),
+        "{outbound:?}"
+    );
+}
+
+#[test]
+fn a_workload_without_a_proxy_cannot_reach_a_strict_workload_in_plaintext_and_permissive_lets_it_in()
+ {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("strict", &["legacy", "ratings"]);
+    let [legacy, ratings] = [&hosts[0], &hosts[1]];
+    mesh.put(
+        "registry.yaml",
+        &format!(
+            "{}{RATINGS}",
+            workload_entry("ratings", "ratings", ratings, "app: ratings")
+        ),
+    );
+    let peer_authentication = |mode: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+             metadata: {{name: default, namespace: bookinfo}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+        )
+    };
+    mesh.put("policies.yaml", &peer_authentication("STRICT"));
+    mesh.app(ratings, "ratings");
+    mesh.proxy(ratings, "ratings", "ratings", &[]);
+
+    // The legacy host has no proxy: it calls the workload's own address in
+    // plaintext, which capture delivers to ratings' proxy.
+    let url = format!("http://{}:9080/hello", ratings.ipv4());
+    assert_eq!(status(legacy, &url), 0, "STRICT let plaintext through");
+    let refused = mesh.access_log("ratings");
+    assert!(
+        refused
+            .iter()
+            .any(|r| r["direction"] == "inbound" && r["decision"] == "deny"),
+        "{refused:?}"
+    );
+
+    mesh.put("policies.yaml", &peer_authentication("PERMISSIVE"));
+    wait_until(SETTLE, "PERMISSIVE lets plaintext in", || {
+        status(legacy, &url) == 200
+    });
+    let (_, body) = curl(legacy, &[&url]);
+    assert!(!body.contains("x-forwarded-client-cert"), "{body}");
+}
+
+#[test]
+fn unknown_destinations_follow_the_outbound_traffic_policy_and_exclusions_bypass_the_proxy() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("egress", &["productpage", "outside", "other"]);
+    let [productpage, outside, other] = [&hosts[0], &hosts[1], &hosts[2]];
+    mesh.put(
+        "registry.yaml",
+        &workload_entry(
+            "productpage",
+            "productpage",
+            productpage,
+            "app: productpage",
+        ),
+    );
+    // Neither host is in the registry; both run plain applications.
+    mesh.app(outside, "outside");
+    mesh.app(other, "other");
+    mesh.proxy(
+        productpage,
+        "productpage",
+        "productpage",
+        &[
+            "--exclude-outbound-ports",
+            "9000",
+            "--exclude-outbound-ip-ranges",
+            &format!("{}/32", other.ipv4()),
+        ],
+    );
+    let unknown = format!("http://{}:9080/", outside.ipv4());
+
+    // ALLOW_ANY, Istio's default: passed through as plain TCP.
+    assert_eq!(status(productpage, &unknown), 200);
+    wait_until(SETTLE, "a PassthroughCluster record", || {
+        mesh.access_log("productpage")
+            .iter()
+            .any(|r| r["destination"] == "PassthroughCluster")
+    });
+
+    // REGISTRY_ONLY: refused, and logged as the black hole.
+    mesh.mesh_config("outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n");
+    wait_until(SETTLE, "REGISTRY_ONLY refuses the unknown address", || {
+        status(productpage, &unknown) == 0
+    });
+    assert!(
+        mesh.access_log("productpage")
+            .iter()
+            .any(|r| r["destination"] == "BlackHoleCluster" && r["decision"] == "deny")
+    );
+    // An excluded port and an excluded range never reach the proxy.
+    let (code, echoed) = productpage.within(|| {
+        let addr = SocketAddr::new(IpAddr::V4(outside.ipv4()), 9000);
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        stream.set_read_timeout(Some(COMMAND)).unwrap();
+        stream.write_all(b"direct").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = String::new();
+        (stream.read_to_string(&mut back).map(|_| 0), back)
+    });
+    assert_eq!((code.unwrap(), echoed.as_str()), (0, "direct"));
+    assert_eq!(
+        status(productpage, &format!("http://{}:9080/", other.ipv4())),
+        200
+    );
+    let records = mesh.access_log("productpage");
+    assert!(
+        !records.iter().any(|r| {
+            let upstream = r["upstream"].as_str().unwrap_or_default();
+            upstream.ends_with(":9000") || upstream.starts_with(&other.ipv4().to_string())
+        }),
+        "an excluded destination went through the proxy: {records:?}"
+    );
+}
+
+#[test]
+fn two_endpoints_of_a_service_each_get_a_fair_share_of_requests() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("balance", &["productpage", "ratings-1", "ratings-2"]);
+    let [productpage, r1, r2] = [&hosts[0], &hosts[1], &hosts[2]];
+    mesh.put(
+        "registry.yaml",
+        &format!(
+            "{}{}{}{RATINGS}",
+            workload_entry(
+                "productpage",
+                "productpage",
+                productpage,
+                "app: productpage"
+            ),
+            workload_entry("ratings-1", "ratings", r1, "app: ratings"),
+            workload_entry("ratings-2", "ratings", r2, "app: ratings"),
+        ),
+    );
+    for (host, name) in [(r1, "ratings-1"), (r2, "ratings-2")] {
+        mesh.app(host, name);
+        mesh.proxy(host, name, "ratings", &[]);
+    }
+    mesh.proxy(
+        productpage,
+        "productpage",
+        "productpage",
+        &["--capture-dns"],
+    );
+
+    // One curl, 100 requests on one kept-alive connection to the proxy:
+    // balanced per request, not per connection.
+    let urls: Vec<String> = (0..100)
+        .map(|i| format!("http://ratings.bookinfo:9080/{i}"))
+        .collect();
+    let mut args: Vec<&str> = vec!["-w", "\n"];
+    args.extend(urls.iter().map(String::as_str));
+    let (code, out) = curl(productpage, &args);
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names.len(), 100, "{out}");
+    for name in ["ratings-1", "ratings-2"] {
+        let share = names.iter().filter(|n| *n == name).count();
+        assert!(share > 30, "{name} got {share} of 100: {names:?}");
+    }
+}
+
+#[test]
+fn capture_rules_leave_with_the_proxy_and_uninstall_removes_what_a_killed_one_left() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("capture", &["productpage"]);
+    let productpage = &hosts[0];
+    mesh.put(
+        "registry.yaml",
+        &workload_entry(
+            "productpage",
+            "productpage",
+            productpage,
+            "app: productpage",
+        ),
+    );
+    let meshward_rules = |host: &Host| {
+        let mut lines = Vec::new();
+        for save in ["iptables-save", "ip6tables-save"] {
+            let out = host.run(&[save]);
+            lines.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains("MESHWARD"))
+                    .map(str::to_owned),
+            );
+        }
+        lines
+    };
+    assert!(meshward_rules(productpage).is_empty());
+
+    // Stopped: its rules go with it.
+    mesh.proxy(
+        productpage,
+        "productpage",
+        "productpage",
+        &["--capture-dns"],
+    );
+    let installed = meshward_rules(productpage);
+    assert!(
+        installed
+            .iter()
+            .any(|l| l.contains("REDIRECT --to-ports 15001")),
+        "{installed:?}"
+    );
+    assert!(
+        installed.iter().any(|l| l.contains("--to-ports 15053")),
+        "{installed:?}"
+    );
+    let status = mesh.process("productpage proxy").stop();
+    assert!(status.success(), "{status}");
+    assert!(meshward_rules(productpage).is_empty());
+
+    // Killed: the rules stay, and `capture uninstall` removes them.
+    mesh.processes.retain(|(n, _)| n != "productpage proxy");
+    mesh.proxy(productpage, "productpage", "productpage", &[]);
+    let proxy = mesh.process("productpage proxy");
+    proxy.process.signal(Signal::SIGKILL);
+    proxy.wait_exit(SETTLE);
+    assert!(
+        !meshward_rules(productpage).is_empty(),
+        "a killed proxy cannot remove its rules"
+    );
+    let out = productpage.run(&[bin(), "capture", "uninstall"]);
+    assert!(out.status.success());
+    assert!(meshward_rules(productpage).is_empty());
+}
