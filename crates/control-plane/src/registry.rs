@@ -95,7 +95,16 @@ impl Registry {
                 .spec
                 .ports
                 .iter()
-                .filter_map(|p| Some((u16::try_from(p.number).ok()?, p.protocol.clone())))
+                .filter_map(|p| {
+                    // Without a protocol, Istio reads the port's name
+                    // (`http-web`, `grpc`, ...).
+                    let protocol = if p.protocol.is_empty() {
+                        p.name.clone()
+                    } else {
+                        p.protocol.clone()
+                    };
+                    Some((u16::try_from(p.number).ok()?, protocol))
+                })
                 .collect();
             let mut endpoints = Vec::new();
             let external = mesh_external(se);
