@@ -234,6 +234,7 @@ spec:
   ports:
   - {number: 9080, name: http, protocol: HTTP}
   - {number: 9000, name: tcp, protocol: TCP}
+  - {number: 9090, name: grpc, protocol: GRPC}
   workloadSelector: {labels: {app: ratings}}
 ";
 
@@ -264,6 +265,81 @@ fn resolve(host: &Host, family: &str, name: &str) -> Vec<IpAddr> {
         .collect();
     addrs.dedup();
     addrs
+}
+
+/// A gRPC health service (tonic-health) listening in `host` on `port`,
+/// served from a thread of the test until the returned sender is dropped.
+/// The listening socket is made in the host's namespace; sockets stay in
+/// the namespace they were made in, wherever they are served from.
+fn grpc_health_server(host: &Host, port: u16) -> std::sync::mpsc::Sender<()> {
+    let listener = host.within(|| {
+        std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(host.ipv4()), port)).unwrap()
+    });
+    listener.set_nonblocking(true).unwrap();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (reporter, service) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("ratings", tonic_health::ServingStatus::Serving)
+                .await;
+            let stop = async move {
+                // The sender dropping ends the wait.
+                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+            };
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop,
+                )
+                .await;
+        });
+    });
+    stop
+}
+
+/// Asks the gRPC health service `service` at `addr`, from a connection made
+/// in `host` (so it is captured like the application's own).
+fn grpc_health_check(host: &Host, addr: SocketAddr, service: &str) -> Result<i32, String> {
+    let stream = host
+        .within(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let stream = std::sync::Mutex::new(Some(tokio::net::TcpStream::from_std(stream).unwrap()));
+        // The one connection made above; tonic asks for it once.
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let stream = stream.lock().unwrap().take();
+            async move {
+                stream
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("only one connection"))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .timeout(COMMAND)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let response = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+        Ok(response.into_inner().status)
+    })
 }
 
 #[test]
@@ -302,6 +378,7 @@ spec:
 ",
     );
     mesh.app(ratings, "ratings");
+    let _grpc = grpc_health_server(ratings, 9090);
     mesh.proxy(ratings, "ratings", "ratings", &[]);
     mesh.proxy(
         productpage,
@@ -346,6 +423,12 @@ spec:
         back
     });
     assert_eq!(echoed, "ping over the mesh");
+    // gRPC, over HTTP/2 end to end.
+    let serving = grpc_health_check(productpage, SocketAddr::new(vip[0], 9090), "ratings");
+    assert_eq!(
+        serving,
+        Ok(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    );
     wait_until(SETTLE, "the TCP connection in ratings' access log", || {
         mesh.access_log("ratings").iter().any(|r| {
             r["protocol"] == "TCP"
@@ -359,6 +442,12 @@ spec:
             .iter()
             .any(|r| r["destination"] == "outbound|9080|ratings.bookinfo" && r["status"] == 403),
         "{outbound:?}"
+    );
+    assert!(
+        mesh.access_log("ratings").iter().any(|r| r["protocol"] == "HTTP/2"
+            && r["path"] == "/grpc.health.v1.Health/Check"
+            && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")),
+        "the gRPC call is not in ratings' access log"
     );
 }
 
