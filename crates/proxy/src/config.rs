@@ -22,6 +22,8 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_grace: Duration,
+    /// The DNS proxy; `None` serves no DNS.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// How a port's traffic is read, named as Istio names ports.

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::DnsNames;
 use crate::forward::{Connector, MeshTls};
 use crate::identity::{ALPN_H2, WorkloadIdentity};
 use crate::metrics::Metrics;
@@ -108,11 +109,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 type Resources = BTreeMap<String, Resource>;
 
 /// Runs until `stop`: connect, receive, apply, answer; reconnect on loss.
+/// With a DNS proxy (`dns`), the proxy subscribes to every service and its
+/// DNS answers for all of them.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     control_plane: ControlPlane,
     identity: WorkloadIdentity,
     store: PolicyStore,
     outbound: Vec<Arc<OutboundTarget>>,
+    dns: Option<DnsNames>,
     jwks: Arc<JwksCache>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -129,6 +134,7 @@ pub async fn run(
             &identity,
             &store,
             &outbound,
+            dns.as_ref(),
             &jwks,
             &metrics,
             &mut applied,
@@ -186,11 +192,13 @@ fn rand_fraction() -> f64 {
 
 /// One stream, until the server ends it; `applied` is set once it put a
 /// response in force.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     control_plane: &ControlPlane,
     identity: &WorkloadIdentity,
     store: &PolicyStore,
     outbound: &[Arc<OutboundTarget>],
+    dns: Option<&DnsNames>,
     jwks: &Arc<JwksCache>,
     metrics: &Arc<Metrics>,
     applied: &mut bool,
@@ -222,10 +230,12 @@ async fn stream(
         .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
-        // The services this workload calls: their endpoints and identities.
+        // The services this workload calls: their endpoints and identities;
+        // all of them (`*`) when its DNS proxy answers for the mesh.
         subscribe: outbound
             .iter()
             .map(|t| t.upstream.service.clone())
+            .chain(dns.map(|_| "*".to_owned()))
             .collect(),
         workload: control_plane.workload.clone().unwrap_or_default(),
         ..Default::default()
@@ -246,7 +256,7 @@ async fn stream(
         let nonce = response.nonce.clone();
         let version = response.system_version.clone();
         let candidate = merge(&good, response);
-        let answer = match apply(&candidate, identity, store, outbound, jwks, &version) {
+        let answer = match apply(&candidate, identity, store, outbound, dns, jwks, &version) {
             Ok(()) => {
                 good = candidate;
                 *applied = true;
@@ -297,6 +307,7 @@ fn apply(
     identity: &WorkloadIdentity,
     store: &PolicyStore,
     outbound: &[Arc<OutboundTarget>],
+    dns: Option<&DnsNames>,
     jwks: &Arc<JwksCache>,
     version: &str,
 ) -> Result<(), String> {
@@ -394,6 +405,9 @@ fn apply(
     store.replace_for(set, workload, format!("control plane, version {version}"));
     for (target, route) in prepared {
         target.set_destination(route);
+    }
+    if let Some(dns) = dns {
+        dns.set_services(&services.into_values().collect::<Vec<_>>());
     }
     Ok(())
 }
@@ -512,7 +526,7 @@ mod tests {
         let (_ca_dir, identity, store, jwks) = fixture();
         let mut held = BTreeMap::new();
         held.insert("a".to_owned(), policy("a", GOOD));
-        apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
+        apply(&held, &identity, &store, &[], None, &jwks, "1").unwrap();
         assert_eq!(store.current().version, 2);
         held.insert(
             "bad".to_owned(),
@@ -521,13 +535,60 @@ mod tests {
                 &GOOD.replace("DENY", "NOPE").replace("\"a\"", "\"bad\""),
             ),
         );
-        let error = apply(&held, &identity, &store, &[], &jwks, "2").unwrap_err();
+        let error = apply(&held, &identity, &store, &[], None, &jwks, "2").unwrap_err();
         assert!(error.contains("spec.action"), "{error}");
         assert_eq!(
             store.current().version,
             2,
             "the last good configuration stays"
         );
+    }
+
+    #[tokio::test]
+    async fn services_reach_the_dns_names_with_the_configuration_or_not_at_all() {
+        let (_ca_dir, identity, store, jwks) = fixture();
+        let dns = DnsNames::new("bookinfo");
+        let service = |host: &str, address: &str| Resource {
+            name: format!("service/{host}"),
+            type_url: types::SERVICE.into(),
+            version: "1".into(),
+            body: serde_json::to_vec(&Service {
+                host: host.into(),
+                addresses: vec![address.into()],
+                ..Service::default()
+            })
+            .unwrap(),
+        };
+        let a = |name: &str| {
+            dns.current()
+                .lookup(name, hickory_proto::rr::RecordType::A)
+                .map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        let mut held = BTreeMap::new();
+        held.insert(
+            "service/ratings.bookinfo".to_owned(),
+            service("ratings.bookinfo", "240.240.0.7"),
+        );
+        apply(&held, &identity, &store, &[], Some(&dns), &jwks, "1").unwrap();
+        assert_eq!(a("ratings.bookinfo"), Some(vec!["240.240.0.7".to_owned()]));
+        // Refused as a whole: the new service is not answered either.
+        held.insert(
+            "service/details.bookinfo".to_owned(),
+            service("details.bookinfo", "240.240.0.8"),
+        );
+        held.insert(
+            "bad".to_owned(),
+            policy("bad", &GOOD.replace("DENY", "NOPE")),
+        );
+        apply(&held, &identity, &store, &[], Some(&dns), &jwks, "2").unwrap_err();
+        assert_eq!(a("details.bookinfo"), None);
+        assert_eq!(a("ratings.bookinfo"), Some(vec!["240.240.0.7".to_owned()]));
+        // A service the control plane removed is no longer answered.
+        held.remove("bad");
+        held.remove("service/ratings.bookinfo");
+        apply(&held, &identity, &store, &[], Some(&dns), &jwks, "3").unwrap();
+        assert_eq!(a("ratings.bookinfo"), None);
+        assert_eq!(a("details.bookinfo"), Some(vec!["240.240.0.8".to_owned()]));
     }
 
     #[tokio::test]
@@ -544,7 +605,7 @@ mod tests {
             "revocations".to_owned(),
             list(r#"[{"kind":"serial","value":"0A:0B","reason":"lost","revokedAt":"t"}]"#),
         );
-        apply(&held, &identity, &store, &[], &jwks, "1").unwrap();
+        apply(&held, &identity, &store, &[], None, &jwks, "1").unwrap();
         assert!(
             identity
                 .revocations
@@ -556,7 +617,7 @@ mod tests {
             "revocations".to_owned(),
             list(r#"[{"kind":"serial","value":"not hex","reason":"","revokedAt":"t"}]"#),
         );
-        let error = apply(&held, &identity, &store, &[], &jwks, "2").unwrap_err();
+        let error = apply(&held, &identity, &store, &[], None, &jwks, "2").unwrap_err();
         assert!(error.contains("not a certificate serial"), "{error}");
         assert!(
             identity

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod ext_authz;
 pub mod forward;
 pub mod http;
@@ -71,6 +72,8 @@ pub enum ProxyError {
     },
     #[error("upstream {0}: the service name is not a valid TLS server name")]
     ServerName(String),
+    #[error("DNS proxy: {0}")]
+    Dns(#[from] dns::DnsError),
 }
 
 /// Where the access and audit logs go.
@@ -97,6 +100,9 @@ pub struct ListenerInfo {
 pub struct Listeners {
     pub inbound: Vec<ListenerInfo>,
     pub outbound: Vec<ListenerInfo>,
+    /// The DNS proxy's addresses, each UDP and TCP.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<SocketAddr>,
 }
 
 /// What every connection of a proxy shares.
@@ -114,6 +120,7 @@ pub struct Shared {
     stop_now: CancellationToken,
     http: auto::Builder<TokioExecutor>,
     pub listeners: Listeners,
+    dns: Option<dns::DnsState>,
 }
 
 /// A running proxy.
@@ -209,6 +216,17 @@ impl Proxy {
             Some(addr) => Some(bind(addr, "admin".into()).await?),
             None => None,
         };
+        let dns = match &config.dns {
+            Some(dns_config) => {
+                let names = dns::DnsNames::new(&config.workload.namespace);
+                let server =
+                    dns::DnsServer::bind(dns_config, names.clone(), metrics.clone()).await?;
+                listeners.dns = server.addresses().to_vec();
+                Some((server.state(names), server))
+            }
+            None => None,
+        };
+        let (dns_state, dns_server) = dns.unzip();
 
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -234,6 +252,7 @@ impl Proxy {
             stop_now: CancellationToken::new(),
             http,
             listeners,
+            dns: dns_state,
         });
 
         let tracker = TaskTracker::new();
@@ -252,6 +271,9 @@ impl Proxy {
             tracker.spawn(accept_loop(listener, shared.clone(), move |tcp, peer| {
                 conns.spawn(outbound::serve(tcp, peer, target.clone(), shared.clone()));
             }));
+        }
+        if let Some(server) = dns_server {
+            tracker.spawn(server.serve(shared.shutdown.clone()));
         }
         let admin_address = match admin {
             Some(listener) => {
@@ -277,6 +299,12 @@ impl Proxy {
     /// The services this workload calls, for the control plane to route.
     pub fn outbound(&self) -> &[Arc<OutboundTarget>] {
         &self.outbound
+    }
+
+    /// The names the DNS proxy answers, for the control plane to update;
+    /// `None` without a DNS proxy.
+    pub fn dns(&self) -> Option<&dns::DnsNames> {
+        self.shared.dns.as_ref().map(|d| &d.names)
     }
 
     pub fn identity(&self) -> &WorkloadIdentity {

@@ -19,6 +19,7 @@ use meshward_policy::Workload;
 use meshward_policy::authn::JwksCache;
 use meshward_proxy::config::{InboundPort, Limits, ProxyConfig, Upstream};
 use meshward_proxy::control::{self, ControlPlane};
+use meshward_proxy::dns::DnsConfig;
 use meshward_proxy::identity::WorkloadIdentity;
 use meshward_proxy::jwks::Fetcher;
 use meshward_proxy::log::LogTarget;
@@ -100,6 +101,28 @@ pub struct Args {
     /// Use FILE for the keys of jwksUri URI instead of fetching it (repeatable).
     #[arg(long, value_name = "URI=FILE")]
     jwks: Vec<String>,
+    /// Serve DNS on this address, UDP and TCP (repeatable): the mesh's
+    /// service names are answered with their addresses, other names are
+    /// forwarded. Capture sends DNS to 127.0.0.1:15053 and [::1]:15053.
+    #[arg(long = "dns-listen", value_name = "IP:PORT")]
+    dns_listen: Vec<SocketAddr>,
+    /// Forward DNS the proxy does not answer to this resolver, IP or
+    /// IP:PORT (repeatable, tried in turn; default: the nameservers of
+    /// /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = dns_upstream, requires = "dns_listen")]
+    dns_upstreams: Vec<SocketAddr>,
+}
+
+/// `IP` (port 53) or `IP:PORT`.
+fn dns_upstream(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse::<SocketAddr>()
+        .or_else(|_| {
+            value
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{value:?} is not IP or IP:PORT"))
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -135,8 +158,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         labels.insert(k.to_owned(), v.to_owned());
     }
-    if args.inbound.is_empty() && args.upstreams.is_empty() {
-        bail!("nothing to serve: give at least one --inbound or --upstream");
+    if args.inbound.is_empty() && args.upstreams.is_empty() && args.dns_listen.is_empty() {
+        bail!("nothing to serve: give at least one --inbound, --upstream or --dns-listen");
     }
     if args.control_plane.is_some() && !args.policies.is_empty() {
         bail!("give --policies or --control-plane, not both: policies come from one place");
@@ -201,6 +224,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         admin: Some(args.admin),
         limits: Limits::default(),
         drain_grace: args.drain_grace.into(),
+        dns: (!args.dns_listen.is_empty()).then(|| DnsConfig {
+            listen: args.dns_listen.clone(),
+            upstreams: args.dns_upstreams.clone(),
+            mark: None,
+            timeout: None,
+        }),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -263,6 +292,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 proxy.identity().clone(),
                 store,
                 proxy.outbound().to_vec(),
+                proxy.dns().cloned(),
                 control_jwks,
                 proxy.metrics_handle(),
                 stop_watching.clone(),
@@ -280,6 +310,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 l.address,
                 l.forward_to.join(",")
             );
+        }
+        for addr in &proxy.listeners().dns {
+            eprintln!("meshward proxy: dns on {addr} (udp, tcp)");
         }
         if let Some(admin) = proxy.admin_address {
             eprintln!("meshward proxy: admin on http://{admin} ({id})");

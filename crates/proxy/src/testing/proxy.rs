@@ -140,6 +140,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> TestProxy {
         admin: Some("127.0.0.1:0".parse().unwrap()),
         limits: Limits::default(),
         drain_grace: Duration::from_secs(3),
+        dns: None,
     };
     let logs = LogTargets {
         access: LogTarget::File(dir.path().join("access.log")),
