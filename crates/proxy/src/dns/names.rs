@@ -100,7 +100,7 @@ impl NameTable {
                 .addresses
                 .iter()
                 .copied()
-                .filter(|a| wanted(a))
+                .filter(wanted)
                 .collect(),
         )
     }
