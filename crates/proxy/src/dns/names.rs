@@ -95,14 +95,7 @@ impl NameTable {
             _ => return None,
         };
         let found = self.find(&normalize(name))?;
-        Some(
-            found
-                .addresses
-                .iter()
-                .copied()
-                .filter(wanted)
-                .collect(),
-        )
+        Some(found.addresses.iter().copied().filter(wanted).collect())
     }
 
     fn find(&self, name: &str) -> Option<&Addresses> {

@@ -12,14 +12,19 @@ use hickory_net::runtime::{Time, TokioRuntimeProvider};
 use hickory_net::tcp::TcpClientStream;
 use hickory_net::udp::UdpClientStream;
 use hickory_net::xfer::Protocol;
-use hickory_proto::op::{DnsResponse, Metadata, ResponseCode};
+use hickory_proto::op::{DnsResponse, Metadata};
 use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
 
 use super::SETTLE;
+
+/// What a caller of [`ask`] names and reads.
+pub use hickory_net::xfer::Protocol as DnsProtocol;
+pub use hickory_proto::op::ResponseCode;
+pub use hickory_proto::rr::RecordType;
 
 /// One query the fake upstream saw: name (lower case, no trailing dot),
 /// type, and the protocol it came over. A forwarder retransmits over UDP
