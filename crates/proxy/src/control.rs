@@ -547,7 +547,7 @@ mod tests {
     #[tokio::test]
     async fn services_reach_the_dns_names_with_the_configuration_or_not_at_all() {
         let (_ca_dir, identity, store, jwks) = fixture();
-        let dns = DnsNames::new("bookinfo");
+        let dns = DnsNames::new("bookinfo", true);
         let service = |host: &str, address: &str| Resource {
             name: format!("service/{host}"),
             type_url: types::SERVICE.into(),

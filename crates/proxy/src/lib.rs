@@ -218,7 +218,8 @@ impl Proxy {
         };
         let dns = match &config.dns {
             Some(dns_config) => {
-                let names = dns::DnsNames::new(&config.workload.namespace);
+                let names =
+                    dns::DnsNames::new(&config.workload.namespace, dns_config.await_services);
                 let server =
                     dns::DnsServer::bind(dns_config, names.clone(), metrics.clone()).await?;
                 listeners.dns = server.addresses().to_vec();

@@ -25,6 +25,15 @@ const BOTH: [Protocol; 2] = [Protocol::Udp, Protocol::Tcp];
 /// A proxy of namespace `bookinfo` serving DNS on 127.0.0.1:0 and
 /// forwarding to `upstreams`, each given `timeout`.
 async fn dns_proxy(ca: &Ca, upstreams: Vec<SocketAddr>, timeout: Duration) -> (Proxy, SocketAddr) {
+    start(ca, upstreams, timeout, false).await
+}
+
+async fn start(
+    ca: &Ca,
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+    await_services: bool,
+) -> (Proxy, SocketAddr) {
     let workload = Workload {
         namespace: "bookinfo".into(),
         labels: Default::default(),
@@ -41,6 +50,7 @@ async fn dns_proxy(ca: &Ca, upstreams: Vec<SocketAddr>, timeout: Duration) -> (P
             upstreams,
             mark: None,
             timeout: Some(timeout),
+            await_services,
         }),
     };
     let store = PolicyStore::new(workload, PolicySet::default(), "test".into());
@@ -251,6 +261,28 @@ async fn services_pushed_while_serving_are_answered_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_proxy_awaiting_its_control_plane_answers_servfail_until_its_services_arrive() {
+    let ca = Ca::new();
+    let upstream = FakeUpstream::start(&[("example.test", &["192.0.2.80"])]).await;
+    let (proxy, dns) = start(&ca, vec![upstream.addr], Duration::from_secs(5), true).await;
+    for name in ["ratings.bookinfo", "example.test"] {
+        let answer = ask(dns, Protocol::Udp, name, RecordType::A).await;
+        assert_eq!(answer.response_code, ResponseCode::ServFail, "{name}");
+    }
+    assert_eq!(
+        upstream.asked(),
+        [],
+        "nothing forwarded before the services"
+    );
+    proxy.dns().unwrap().set_services(&services());
+    let a = ask(dns, Protocol::Udp, "ratings.bookinfo", RecordType::A).await;
+    assert_eq!(addresses(&a), ["240.240.0.7"]);
+    let forwarded = ask(dns, Protocol::Udp, "example.test", RecordType::A).await;
+    assert_eq!(addresses(&forwarded), ["192.0.2.80"]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_dns_address_that_cannot_be_bound_is_named() {
     let ca = Ca::new();
     let taken = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -268,6 +300,7 @@ async fn a_dns_address_that_cannot_be_bound_is_named() {
             upstreams: vec!["127.0.0.1:53".parse().unwrap()],
             mark: None,
             timeout: None,
+            await_services: false,
         }),
     };
     let store = PolicyStore::new(workload, PolicySet::default(), "test".into());

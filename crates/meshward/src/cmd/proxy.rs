@@ -229,6 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             upstreams: args.dns_upstreams.clone(),
             mark: None,
             timeout: None,
+            await_services: control_plane.is_some(),
         }),
     };
 

@@ -51,6 +51,12 @@ pub struct DnsConfig {
     /// How long each upstream gets; `None`: resolv.conf's `timeout`, or
     /// [`DEFAULT_TIMEOUT`] with `upstreams` given.
     pub timeout: Option<Duration>,
+    /// The names come from a control plane: until its first services
+    /// arrive, every query is answered SERVFAIL (the client retries), as
+    /// Istio's agent answers before its first name table — forwarded, a
+    /// mesh name would get the upstream's NXDOMAIN, which the application
+    /// may act on or cache.
+    pub await_services: bool,
 }
 
 impl DnsConfig {
@@ -89,19 +95,22 @@ pub enum DnsError {
 }
 
 /// The names the DNS proxy answers, swapped whole while it serves: the
-/// handle the control plane's stream puts services through.
+/// handle the control plane's stream puts services through. `None` until
+/// the first services when they are awaited ([`DnsConfig::await_services`]).
 #[derive(Clone)]
 pub struct DnsNames {
-    table: Arc<watch::Sender<Arc<NameTable>>>,
+    table: Arc<watch::Sender<Option<Arc<NameTable>>>>,
     namespace: Arc<str>,
 }
 
 impl DnsNames {
-    /// No names yet, for a proxy in `namespace` (bare names of this
-    /// namespace's Kubernetes-style hosts are answered).
-    pub fn new(namespace: &str) -> DnsNames {
+    /// For a proxy in `namespace` (bare names of this namespace's
+    /// Kubernetes-style hosts are answered): no names yet, and, when
+    /// `awaiting`, no answers either until [`DnsNames::set_services`].
+    pub fn new(namespace: &str, awaiting: bool) -> DnsNames {
+        let first = (!awaiting).then(|| Arc::new(NameTable::default()));
         DnsNames {
-            table: Arc::new(watch::Sender::new(Arc::new(NameTable::default()))),
+            table: Arc::new(watch::Sender::new(first)),
             namespace: namespace.into(),
         }
     }
@@ -111,20 +120,20 @@ impl DnsNames {
     pub fn set_services(&self, services: &[Service]) {
         let table = NameTable::new(services, &self.namespace);
         self.table.send_if_modified(|current| {
-            let changed = **current != table;
+            let changed = current.as_deref() != Some(&table);
             if changed {
-                *current = Arc::new(table);
+                *current = Some(Arc::new(table));
             }
             changed
         });
     }
 
-    /// The table in force.
+    /// The table in force (empty while the first services are awaited).
     pub fn current(&self) -> Arc<NameTable> {
-        self.table.borrow().clone()
+        self.table.borrow().clone().unwrap_or_default()
     }
 
-    fn subscribe(&self) -> watch::Receiver<Arc<NameTable>> {
+    fn subscribe(&self) -> watch::Receiver<Option<Arc<NameTable>>> {
         self.table.subscribe()
     }
 }
@@ -137,9 +146,11 @@ pub(crate) struct DnsState {
 
 impl DnsState {
     pub fn dump(&self) -> serde_json::Value {
+        let awaiting = self.names.table.borrow().is_none();
         let table = self.names.current();
         json!({
             "upstreams": self.upstreams,
+            "awaiting_services": awaiting,
             "names": table.names(),
         })
     }

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use hickory_net::runtime::Time;
 use hickory_net::xfer::Protocol;
-use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{
+    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
 use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{DNSClass, RData, Record};
+use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use tokio::net::{TcpListener, UdpSocket};
@@ -74,15 +76,18 @@ impl DnsServer {
         };
         for addr in &config.listen {
             let (udp, tcp, bound) = bind_pair(*addr).await?;
-            for upstream in server.handler.forwarder.upstreams() {
-                let same_ip = upstream.ip() == bound.ip() || bound.ip().is_unspecified();
-                if upstream.port() == bound.port() && same_ip {
-                    return Err(DnsError::Loop {
-                        upstream: *upstream,
-                        listen: bound,
-                    }
-                    .into());
+            if let Some(upstream) = server
+                .handler
+                .forwarder
+                .upstreams()
+                .iter()
+                .find(|u| loops(**u, bound))
+            {
+                return Err(DnsError::Loop {
+                    upstream: *upstream,
+                    listen: bound,
                 }
+                .into());
             }
             server.udp.push(udp);
             server.tcp.push(tcp);
@@ -121,6 +126,13 @@ impl DnsServer {
             tracing::error!("the DNS proxy stopped: {e}");
         }
     }
+}
+
+/// Whether queries forwarded to `upstream` would reach this proxy's own
+/// DNS port at `listen`.
+fn loops(upstream: SocketAddr, listen: SocketAddr) -> bool {
+    upstream.port() == listen.port()
+        && (upstream.ip() == listen.ip() || listen.ip().is_unspecified())
 }
 
 /// UDP and TCP on one address and port.
@@ -176,7 +188,7 @@ impl Outcome {
 
 /// Answers one query.
 struct Handler {
-    names: watch::Receiver<Arc<NameTable>>,
+    names: watch::Receiver<Option<Arc<NameTable>>>,
     forwarder: Forwarder,
     forwarding: Arc<Semaphore>,
     metrics: Arc<Metrics>,
@@ -218,39 +230,18 @@ impl Handler {
             return failed(ResponseCode::FormErr).await;
         };
         let query = info.query;
-        if query.query_class() == DNSClass::IN {
-            let table = self.names.borrow().clone();
-            if let Some(addresses) = table.lookup(&query.name().to_string(), query.query_type()) {
-                tracing::debug!(name = %query.name(), kind = %query.query_type(), answers = addresses.len(), "dns: answered locally");
-                let name = query.original().name().clone();
-                let records: Vec<Record> = addresses
-                    .into_iter()
-                    .map(|ip| {
-                        let data = match ip {
-                            std::net::IpAddr::V4(v4) => RData::A(A(v4)),
-                            std::net::IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
-                        };
-                        Record::from_rdata(name.clone(), TTL, data)
-                    })
-                    .collect();
-                let mut metadata = Metadata::response_from_request(&request.metadata);
-                // The mesh's own names: this proxy is their authority.
-                metadata.authoritative = true;
-                metadata.recursion_available = true;
-                let edns = response_edns(request);
-                let mut builder = MessageResponseBuilder::from_message_request(request);
-                if let Some(edns) = &edns {
-                    builder.edns(edns);
-                }
-                let message = builder.build(
-                    metadata,
-                    records.iter(),
-                    std::iter::empty(),
-                    std::iter::empty(),
-                    std::iter::empty(),
-                );
-                return (Outcome::Local, send(request, response, message).await);
-            }
+        let Some(table) = self.names.borrow().clone() else {
+            tracing::debug!(name = %query.name(), "dns: no services from the control plane yet; SERVFAIL");
+            return failed(ResponseCode::ServFail).await;
+        };
+        if query.query_class() == DNSClass::IN
+            && let Some(addresses) = table.lookup(&query.name().to_string(), query.query_type())
+        {
+            tracing::debug!(name = %query.name(), kind = %query.query_type(), answers = addresses.len(), "dns: answered locally");
+            return (
+                Outcome::Local,
+                answer_locally(request, response, query.original().name(), addresses).await,
+            );
         }
         let Ok(_permit) = self.forwarding.clone().try_acquire_owned() else {
             tracing::debug!(name = %query.name(), "dns: too many queries being forwarded; SERVFAIL");
@@ -274,28 +265,71 @@ impl Handler {
             }
         };
         tracing::debug!(name = %query.name(), kind = %query.query_type(), code = %answer.metadata.response_code, "dns: forwarded");
-        // The upstream's answer under the client's id and question.
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        let upstream = &answer.metadata;
-        metadata.response_code = upstream.response_code;
-        metadata.authoritative = upstream.authoritative;
-        metadata.truncation = upstream.truncation;
-        metadata.recursion_available = upstream.recursion_available;
-        metadata.authentic_data = upstream.authentic_data;
-        let edns = response_edns(request);
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(edns) = &edns {
-            builder.edns(edns);
-        }
-        let message = builder.build(
-            metadata,
-            answer.answers.iter(),
-            answer.authorities.iter(),
-            std::iter::empty(),
-            answer.additionals.iter(),
-        );
-        (Outcome::Forwarded, send(request, response, message).await)
+        (Outcome::Forwarded, relay(request, response, &answer).await)
     }
+}
+
+/// The mesh's own answer: this proxy is the names' authority.
+async fn answer_locally<R: ResponseHandler>(
+    request: &Request,
+    response: R,
+    name: &Name,
+    addresses: Vec<std::net::IpAddr>,
+) -> ResponseInfo {
+    let records: Vec<Record> = addresses
+        .into_iter()
+        .map(|ip| {
+            let data = match ip {
+                std::net::IpAddr::V4(v4) => RData::A(A(v4)),
+                std::net::IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+            };
+            Record::from_rdata(name.clone(), TTL, data)
+        })
+        .collect();
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.authoritative = true;
+    metadata.recursion_available = true;
+    let edns = response_edns(request);
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = &edns {
+        builder.edns(edns);
+    }
+    let message = builder.build(
+        metadata,
+        records.iter(),
+        std::iter::empty(),
+        std::iter::empty(),
+        std::iter::empty(),
+    );
+    send(request, response, message).await
+}
+
+/// The upstream's answer under the client's id and question.
+async fn relay<R: ResponseHandler>(
+    request: &Request,
+    response: R,
+    answer: &Message,
+) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    let upstream = &answer.metadata;
+    metadata.response_code = upstream.response_code;
+    metadata.authoritative = upstream.authoritative;
+    metadata.truncation = upstream.truncation;
+    metadata.recursion_available = upstream.recursion_available;
+    metadata.authentic_data = upstream.authentic_data;
+    let edns = response_edns(request);
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = &edns {
+        builder.edns(edns);
+    }
+    let message = builder.build(
+        metadata,
+        answer.answers.iter(),
+        answer.authorities.iter(),
+        std::iter::empty(),
+        answer.additionals.iter(),
+    );
+    send(request, response, message).await
 }
 
 /// EDNS for the response when the client sent it.
@@ -342,5 +376,19 @@ async fn send<'a, R: ResponseHandler>(
             }
             .into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_at_the_proxys_own_dns_port_is_a_loop() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(loops(at("127.0.0.1:15053"), at("127.0.0.1:15053")));
+        assert!(loops(at("127.0.0.1:15053"), at("0.0.0.0:15053")));
+        assert!(!loops(at("127.0.0.1:53"), at("127.0.0.1:15053")));
+        assert!(!loops(at("127.0.0.2:15053"), at("127.0.0.1:15053")));
     }
 }
