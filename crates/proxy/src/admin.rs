@@ -125,6 +125,7 @@ fn config_dump(shared: &Shared) -> String {
         "listeners": {
             "inbound": shared.listeners.inbound,
             "outbound": shared.listeners.outbound,
+            "dns": shared.listeners.dns,
         },
         "certificate": shared.identity.summary(),
         "trust_domains": shared.identity.trust_domains.0,

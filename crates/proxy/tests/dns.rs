@@ -140,6 +140,7 @@ async fn mesh_names_are_answered_with_the_registrys_addresses_over_udp_and_tcp()
         dump["dns"]
     );
     assert_eq!(dump["dns"]["upstreams"][0], upstream.addr.to_string());
+    assert_eq!(dump["listeners"]["dns"][0], dns.to_string());
     proxy.shutdown().await;
 }
 
