@@ -57,10 +57,15 @@ pub mod resources {
         pub ports: BTreeMap<u16, String>,
         pub endpoints: Vec<Endpoint>,
         pub identities: BTreeSet<String>,
-        /// The addresses the service is called at (a ServiceEntry's
-        /// `addresses`, or allocated by the control plane).
+        /// The service's virtual addresses (IPs, or CIDR ranges): its
+        /// ServiceEntries' `addresses`, or those the control plane
+        /// allocated when they give none.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pub addresses: Vec<String>,
+        /// The `addresses` were allocated by the control plane (from
+        /// 240.240.0.0/16 and 2001:2::/48), not written in an entry.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub auto_allocated: bool,
         /// A DestinationRule's `trafficPolicy.loadBalancer.simple` for the
         /// host (`LEAST_REQUEST` when none).
         #[serde(default, skip_serializing_if = "Option::is_none")]

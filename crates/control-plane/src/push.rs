@@ -13,7 +13,8 @@
 //! A proxy receives only what concerns it: the policies of its namespace
 //! and the root namespace, the mesh config, the trust bundle, its own
 //! workload, the services it subscribes to (their endpoints and the
-//! identities allowed to run them), and the whole revocation list. The
+//! identities allowed to run them; `*` subscribes to all of them), and the
+//! whole revocation list. The
 //! first response on a stream is a
 //! full snapshot; after that, a change to the store is pushed — after a
 //! short debounce, so a burst of applies makes a bounded number of pushes —
@@ -348,16 +349,17 @@ impl Hub {
             types::WORKLOAD,
             own.to_string().into_bytes(),
         ));
-        let all = subscribe.iter().any(|h| h == "*");
-        let wanted: Vec<&crate::registry::Service> = if all {
+        // `*`: every service (a transparent proxy routes by destination and
+        // answers DNS for all of them); otherwise the hosts named.
+        let services: Vec<&crate::registry::Service> = if subscribe.iter().any(|h| h == "*") {
             registry.services.values().collect()
         } else {
             subscribe
                 .iter()
-                .filter_map(|h| registry.services.get(&h.to_ascii_lowercase()))
+                .filter_map(|host| registry.services.get(&host.to_ascii_lowercase()))
                 .collect()
         };
-        for service in wanted {
+        for service in services {
             if let Ok(body) = serde_json::to_vec(service) {
                 put(resource(
                     format!("service/{}", service.host),
@@ -745,6 +747,70 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
             hub.refuse(&session(&format!("bookinfo/w{i}")), peer(), &refusal);
         }
         assert_eq!(hub.refused().len(), MAX_REFUSED);
+    }
+
+    fn services(view: &BTreeMap<String, Resource>) -> Vec<String> {
+        view.keys()
+            .filter(|k| k.starts_with("service/"))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_star_subscribes_to_every_service_and_its_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let entry = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: bookinfo}}\nspec:\n  hosts: [{name}.bookinfo]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}]\n  workloadSelector: {{labels: {{app: reviews}}}}\n{extra}"
+            )
+        };
+        hub.store
+            .apply(
+                "services.yaml",
+                &format!("{}---\n{}", entry("reviews", ""), entry("ratings", "")),
+            )
+            .unwrap();
+        let claim = Some("bookinfo/reviews-v1");
+        let (_, _, named) = hub
+            .view(&reviews(), peer(), claim, &["Reviews.bookinfo".into()])
+            .unwrap();
+        assert_eq!(services(&named), ["service/reviews.bookinfo"]);
+        let (_, _, all) = hub.view(&reviews(), peer(), claim, &["*".into()]).unwrap();
+        assert_eq!(
+            services(&all),
+            ["service/ratings.bookinfo", "service/reviews.bookinfo"]
+        );
+        // A new service, and a change to one the proxy never named, are in
+        // its next view: the stream sends what differs from the last.
+        hub.store
+            .apply(
+                "services.yaml",
+                &format!(
+                    "{}---\n{}---\n{}",
+                    entry("reviews", ""),
+                    entry("ratings", "  addresses: [192.0.2.7]\n"),
+                    entry("details", "")
+                ),
+            )
+            .unwrap();
+        let (_, _, next) = hub.view(&reviews(), peer(), claim, &["*".into()]).unwrap();
+        assert_eq!(
+            services(&next),
+            [
+                "service/details.bookinfo",
+                "service/ratings.bookinfo",
+                "service/reviews.bookinfo"
+            ]
+        );
+        let ratings = |v: &BTreeMap<String, Resource>| v["service/ratings.bookinfo"].clone();
+        assert_ne!(ratings(&next).version, ratings(&all).version);
+        let body: crate::registry::Service = serde_json::from_slice(&ratings(&next).body).unwrap();
+        assert_eq!(body.addresses, ["192.0.2.7"]);
+        assert_eq!(
+            next["service/reviews.bookinfo"].version, all["service/reviews.bookinfo"].version,
+            "an unchanged service is not sent again"
+        );
     }
 
     #[test]

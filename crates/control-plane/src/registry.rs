@@ -89,6 +89,9 @@ impl Registry {
             })
             .collect();
         let mut by_host: BTreeMap<String, Service> = BTreeMap::new();
+        // Hosts that may get allocated addresses, with the creation time of
+        // their oldest qualifying entry (allocation goes oldest first).
+        let mut qualifying: BTreeMap<String, Option<jiff::Timestamp>> = BTreeMap::new();
         for se in services {
             let namespace = se.metadata.namespace_or_default();
             let ports: BTreeMap<u16, String> = se
@@ -162,8 +165,22 @@ impl Registry {
                 service.endpoints.sort();
                 service.endpoints.dedup();
                 service.identities.extend(identities.iter().cloned());
+                for address in &se.spec.addresses {
+                    if !service.addresses.contains(address) {
+                        service.addresses.push(address.clone());
+                    }
+                }
+                if se.auto_allocates() && !host.starts_with('*') {
+                    let created = se.metadata.creation_timestamp;
+                    let oldest = qualifying.entry(service.host.clone()).or_insert(created);
+                    *oldest = match (*oldest, created) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
             }
         }
+        allocate_addresses(&mut by_host, qualifying);
         Registry {
             workloads,
             services: by_host,
@@ -234,6 +251,103 @@ impl Registry {
         check_address(workload, peer)?;
         Ok(Some(workload))
     }
+}
+
+/// Addresses for hosts whose entries give none, from the ranges Istio
+/// allocates from, so that an application can resolve the host (the proxy's
+/// DNS answers these) and the proxy can tell which service a captured
+/// connection is for. Each host gets one IPv4 address in 240.240.0.0/16 and
+/// the IPv6 address 2001:2::f0f0:N with the same N.
+///
+/// Every proxy must agree, and an address must not move while applications
+/// hold it: the slot is a hash of the host (FNV-1a, as Istio's hashes), and
+/// a taken slot moves the host on to the next free one. Hosts are placed
+/// oldest entry first (`creationTimestamp`, then host name), so a new entry
+/// never takes a slot from an existing one; addresses that entries give
+/// themselves inside the range are never handed out. The range's first and
+/// last addresses (240.240.0.0, 240.240.255.255) are never used.
+fn allocate_addresses(
+    services: &mut BTreeMap<String, Service>,
+    qualifying: BTreeMap<String, Option<jiff::Timestamp>>,
+) {
+    let mut taken = vec![false; SLOTS as usize + 1];
+    for service in services.values() {
+        for address in &service.addresses {
+            if address.contains('/') {
+                // A range written in an entry takes every slot it covers.
+                let Ok(net) = address.parse::<ipnet::IpNet>() else {
+                    continue;
+                };
+                for slot in 1..=SLOTS {
+                    let (v4, v6) = addresses_of(slot);
+                    if net.contains(&IpAddr::V4(v4)) || net.contains(&IpAddr::V6(v6)) {
+                        taken[slot as usize] = true;
+                    }
+                }
+            } else if let Some(slot) = address.parse().ok().and_then(slot_of) {
+                taken[slot as usize] = true;
+            }
+        }
+    }
+    let mut order: Vec<(Option<jiff::Timestamp>, String)> = qualifying
+        .into_iter()
+        .filter(|(host, _)| services.get(host).is_some_and(|s| s.addresses.is_empty()))
+        .map(|(host, created)| (created, host))
+        .collect();
+    // Untimed entries (not from the store) after timed ones, by host.
+    order.sort_by(|(a, ha), (b, hb)| (a.is_none(), a, ha).cmp(&(b.is_none(), b, hb)));
+    let mut free = SLOTS as usize - taken.iter().filter(|t| **t).count();
+    for (_, host) in order {
+        if free == 0 {
+            tracing::warn!(%host, "no address left to allocate in 240.240.0.0/16: the host is not given one");
+            continue;
+        }
+        let mut slot = 1 + fnv1a(host.as_bytes()) % SLOTS;
+        while taken[slot as usize] {
+            slot = slot % SLOTS + 1;
+        }
+        taken[slot as usize] = true;
+        free -= 1;
+        if let Some(service) = services.get_mut(&host) {
+            let (v4, v6) = addresses_of(slot);
+            service.addresses = vec![v4.to_string(), v6.to_string()];
+            service.auto_allocated = true;
+        }
+    }
+}
+
+/// Allocation slots: 1..=SLOTS, the addresses of 240.240.0.0/16 but its
+/// first and last.
+const SLOTS: u32 = (1 << 16) - 2;
+
+/// The addresses of a slot.
+fn addresses_of(slot: u32) -> (std::net::Ipv4Addr, std::net::Ipv6Addr) {
+    let n = slot as u16;
+    let v4 = std::net::Ipv4Addr::new(240, 240, (n >> 8) as u8, n as u8);
+    let v6 = std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0xf0f0, n);
+    (v4, v6)
+}
+
+/// The slot an address written in an entry occupies, if it is one.
+fn slot_of(address: IpAddr) -> Option<u32> {
+    let n = match address {
+        IpAddr::V4(v4) => match v4.octets() {
+            [240, 240, a, b] => u16::from_be_bytes([a, b]),
+            _ => return None,
+        },
+        IpAddr::V6(v6) => match v6.segments() {
+            [0x2001, 2, 0, 0, 0, 0, 0xf0f0, n] => n,
+            _ => return None,
+        },
+    };
+    (1..=SLOTS).contains(&u32::from(n)).then_some(u32::from(n))
+}
+
+/// 32-bit FNV-1a: stable across builds and platforms, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |hash: u32, b| {
+        (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Kubernetes' limits: a namespace of 63 characters, a name of 253, and the `/`.
@@ -349,6 +463,204 @@ spec:
   ports: [{number: 5432, name: tcp, protocol: TCP, targetPort: 15432}]
   endpoints: [{address: 127.0.0.5, serviceAccount: db}]
 "#;
+
+    fn entry(name: &str, hosts: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  hosts: [{hosts}]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n{extra}---\n"
+        )
+    }
+
+    fn addresses(r: &Registry, host: &str) -> (Vec<String>, bool) {
+        let s = &r.services[host];
+        (s.addresses.clone(), s.auto_allocated)
+    }
+
+    #[test]
+    fn hosts_without_addresses_get_one_v4_and_one_v6_from_istios_ranges() {
+        let r = registry(&format!(
+            "{}{}{}",
+            entry(
+                "a",
+                "a.example",
+                "  resolution: STATIC\n  endpoints: [{address: 192.0.2.1}]\n"
+            ),
+            entry("b", "b.example", "  workloadSelector: {labels: {app: b}}\n"),
+            entry(
+                "c",
+                "c.example",
+                "  addresses: [192.0.2.10, 10.1.0.0/16]\n  resolution: STATIC\n"
+            ),
+        ));
+        for host in ["a.example", "b.example"] {
+            let (addresses, auto) = addresses(&r, host);
+            assert!(auto, "{host}");
+            let [v4, v6] = addresses.as_slice() else {
+                panic!("{host}: {addresses:?}")
+            };
+            let v4: std::net::Ipv4Addr = v4.parse().unwrap();
+            let v6: std::net::Ipv6Addr = v6.parse().unwrap();
+            let net4: ipnet::Ipv4Net = "240.240.0.0/16".parse().unwrap();
+            let net6: ipnet::Ipv6Net = "2001:2::/48".parse().unwrap();
+            assert!(
+                net4.contains(&v4) && net6.contains(&v6),
+                "{host}: {v4} {v6}"
+            );
+            assert!(v4 != net4.network() && v4 != net4.broadcast(), "{v4}");
+            assert_eq!(
+                v6.segments()[7],
+                u16::from_be_bytes([v4.octets()[2], v4.octets()[3]]),
+                "one slot, both families"
+            );
+        }
+        assert_ne!(addresses(&r, "a.example"), addresses(&r, "b.example"));
+        assert_eq!(
+            addresses(&r, "c.example"),
+            (vec!["192.0.2.10".into(), "10.1.0.0/16".into()], false),
+            "an entry's own addresses, as written"
+        );
+    }
+
+    #[test]
+    fn only_entries_istio_allocates_for_get_addresses() {
+        let r = registry(&format!(
+            "{}{}{}{}{}",
+            entry("wild", "'*.wild.example'", "  resolution: STATIC\n  endpoints: [{address: 192.0.2.1}]\n"),
+            entry("none", "none.example", "  resolution: NONE\n"),
+            entry("unset", "unset.example", ""),
+            entry(
+                "optout",
+                "optout.example",
+                "  resolution: DNS\n"
+            )
+            .replace(
+                "name: optout, namespace: ns}",
+                "name: optout, namespace: ns, labels: {networking.istio.io/enable-autoallocate-ip: 'false'}}"
+            ),
+            entry("dns", "dns.example", "  resolution: DNS\n"),
+        ));
+        for host in [
+            "*.wild.example",
+            "none.example",
+            "unset.example",
+            "optout.example",
+        ] {
+            assert_eq!(addresses(&r, host), (vec![], false), "{host}");
+        }
+        assert!(addresses(&r, "dns.example").1, "resolution DNS qualifies");
+    }
+
+    #[test]
+    fn allocation_is_deterministic_and_stable_when_entries_are_added() {
+        let entries: Vec<String> = (0..50)
+            .map(|i| {
+                entry(
+                    &format!("s{i}"),
+                    &format!("s{i}.example"),
+                    "  resolution: DNS\n",
+                )
+            })
+            .collect();
+        let base = entries.concat();
+        let before = registry(&base);
+        // The same entries in another order: the same addresses.
+        let reversed: String = entries.iter().rev().map(String::as_str).collect();
+        assert_eq!(registry(&reversed).services, before.services);
+        // Unrelated entries added: nobody moves.
+        let more: String = (0..50)
+            .map(|i| {
+                entry(
+                    &format!("n{i}"),
+                    &format!("n{i}.example"),
+                    "  resolution: DNS\n",
+                )
+            })
+            .collect();
+        let after = registry(&format!("{more}{base}"));
+        for (host, service) in &before.services {
+            assert_eq!(after.services[host].addresses, service.addresses, "{host}");
+        }
+        let all: BTreeSet<&String> = after.services.values().flat_map(|s| &s.addresses).collect();
+        assert_eq!(all.len(), 200, "every host its own pair");
+    }
+
+    #[test]
+    fn on_a_collision_the_older_entry_keeps_its_slot() {
+        // Two hosts that hash to one slot.
+        let mut first_of_slot = std::collections::HashMap::new();
+        let (a, b) = (0..)
+            .map(|i| format!("h{i}.example"))
+            .find_map(|h| {
+                let slot = 1 + fnv1a(h.as_bytes()) % SLOTS;
+                first_of_slot
+                    .get(&slot)
+                    .cloned()
+                    .map(|o: String| (o, h.clone()))
+                    .or_else(|| {
+                        first_of_slot.insert(slot, h);
+                        None
+                    })
+            })
+            .unwrap();
+        // The newer entry's host sorts first, so only the age can keep the
+        // older one in its slot.
+        let (old, new) = if a < b { (b, a) } else { (a, b) };
+        let slot = 1 + fnv1a(old.as_bytes()) % SLOTS;
+        let (v4, _) = addresses_of(slot);
+        let timed = |name: &str, host: &str, at: &str| {
+            entry(name, host, "  resolution: DNS\n").replace(
+                "namespace: ns}",
+                &format!("namespace: ns, creationTimestamp: '{at}'}}"),
+            )
+        };
+        let alone = registry(&timed("old", &old, "2025-01-01T00:00:00Z"));
+        assert_eq!(alone.services[&old].addresses[0], v4.to_string());
+        // The newer entry is listed first too: the older still keeps the
+        // slot, the newer takes the next one.
+        let both = registry(&format!(
+            "{}{}",
+            timed("a-new", &new, "2026-01-01T00:00:00Z"),
+            timed("old", &old, "2025-01-01T00:00:00Z")
+        ));
+        assert_eq!(
+            both.services[&old].addresses,
+            alone.services[&old].addresses
+        );
+        assert_eq!(
+            both.services[&new].addresses[0],
+            addresses_of(slot % SLOTS + 1).0.to_string()
+        );
+    }
+
+    #[test]
+    fn addresses_written_inside_the_range_are_never_handed_out() {
+        let host = "taken.example";
+        let slot = 1 + fnv1a(host.as_bytes()) % SLOTS;
+        let (v4, _) = addresses_of(slot);
+        let r = registry(&format!(
+            "{}{}",
+            entry(
+                "mine",
+                "mine.example",
+                &format!("  addresses: [{v4}]\n  resolution: STATIC\n")
+            ),
+            entry("taken", host, "  resolution: DNS\n"),
+        ));
+        assert_eq!(
+            r.services[host].addresses[0],
+            addresses_of(slot % SLOTS + 1).0.to_string()
+        );
+        // A range covering the whole block leaves nothing to allocate.
+        let r = registry(&format!(
+            "{}{}",
+            entry(
+                "all",
+                "all.example",
+                "  addresses: [240.240.0.0/16]\n  resolution: STATIC\n"
+            ),
+            entry("taken", host, "  resolution: DNS\n"),
+        ));
+        assert_eq!(addresses(&r, host), (vec![], false));
+    }
 
     #[test]
     fn secure_naming_comes_from_the_selected_workloads_service_accounts() {

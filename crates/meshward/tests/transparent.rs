@@ -444,9 +444,11 @@ spec:
         "{outbound:?}"
     );
     assert!(
-        mesh.access_log("ratings").iter().any(|r| r["protocol"] == "HTTP/2"
-            && r["path"] == "/grpc.health.v1.Health/Check"
-            && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")),
+        mesh.access_log("ratings")
+            .iter()
+            .any(|r| r["protocol"] == "HTTP/2"
+                && r["path"] == "/grpc.health.v1.Health/Check"
+                && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")),
         "the gRPC call is not in ratings' access log"
     );
 }

@@ -325,20 +325,42 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
             lines: &lines,
         };
         match doc.read(value) {
-            Ok(Read::Registry(object)) => match validate_registry(&object) {
-                Ok(()) => loaded.registry.push(object),
-                Err((field, message)) => loaded.diagnostics.push(doc.diagnostic(
-                    Severity::Error,
-                    Some(format!(
-                        "{} {}/{}",
-                        object.kind(),
-                        object.metadata().namespace_or_default(),
-                        object.metadata().name
+            Ok(Read::Registry(object)) => {
+                let resource = format!(
+                    "{} {}/{}",
+                    object.kind(),
+                    object.metadata().namespace_or_default(),
+                    object.metadata().name
+                );
+                match validate_registry(&object) {
+                    Ok(()) => {
+                        let problems = match &object {
+                            RegistryObject::ServiceEntry(se) => {
+                                validate::validate_service_entry(se)
+                            }
+                            RegistryObject::WorkloadEntry(_) => Vec::new(),
+                        };
+                        let valid = !problems.iter().any(|p| p.severity == Severity::Error);
+                        loaded.diagnostics.extend(problems.into_iter().map(|p| {
+                            doc.diagnostic(
+                                p.severity,
+                                Some(resource.clone()),
+                                Some(p.field),
+                                p.message,
+                            )
+                        }));
+                        if valid {
+                            loaded.registry.push(object);
+                        }
+                    }
+                    Err((field, message)) => loaded.diagnostics.push(doc.diagnostic(
+                        Severity::Error,
+                        Some(resource),
+                        Some(field.to_owned()),
+                        message,
                     )),
-                    Some(field.to_owned()),
-                    message,
-                )),
-            },
+                }
+            }
             Ok(Read::Policy(loaded_policy)) => {
                 let problems = validate::validate(&loaded_policy.policy);
                 let resource = loaded_policy.policy.display_name();

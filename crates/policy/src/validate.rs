@@ -7,8 +7,8 @@
 
 use crate::api::{
     Action, AuthorizationPolicy, JwtRule, ObjectMeta, Operation, PathNormalizationMode,
-    PeerAuthentication, Policy, PolicyTargetReference, RequestAuthentication, Source,
-    WorkloadSelector,
+    PeerAuthentication, Policy, PolicyTargetReference, RequestAuthentication, Resolution,
+    ServiceEntry, Source, WorkloadSelector,
 };
 use crate::authz::condition::ConditionKey;
 use crate::authz::path_template;
@@ -380,6 +380,197 @@ fn denies_all_tcp(rule: &crate::api::Rule) -> bool {
     let from_exists = !rule.from.is_empty();
     let to_exists = !rule.to.is_empty();
     (from_exists && !to_exists && !tcp_in_from) || (to_exists && !tcp_in_to)
+}
+
+/// Istio's `ValidateServiceEntry`, for the fields that say where a service
+/// is and how it is reached: `addresses`, `resolution` and what each
+/// resolution requires of `hosts`, `endpoints` and `ports`, with Istio's
+/// messages. The resolution rules apply to a `resolution` written in the
+/// entry; an entry that leaves it unset is read as meshward always read it
+/// (see [`crate::api::ServiceEntrySpec::effective_resolution`]), so YAML
+/// meshward loaded before still loads.
+pub fn validate_service_entry(se: &ServiceEntry) -> Vec<FieldIssue> {
+    let mut v = Issues::default();
+    let spec = &se.spec;
+    for (i, address) in spec.addresses.iter().enumerate() {
+        if let Err(e) = check_service_address(address) {
+            v.error(format!("spec.addresses[{i}]"), e);
+        }
+    }
+    let resolution = spec.resolution;
+    if spec.addresses.iter().any(|a| a.contains('/'))
+        && let Some(r) = resolution
+        && !matches!(r, Resolution::None | Resolution::Static)
+    {
+        v.error(
+            "spec.addresses",
+            "CIDR addresses are allowed only for NONE/STATIC resolution types",
+        );
+    }
+    if spec.addresses.is_empty()
+        && !se.auto_allocates()
+        && let Some(i) = spec
+            .ports
+            .iter()
+            .position(|p| p.protocol.is_empty() || p.protocol == "TCP")
+    {
+        v.warning(
+            format!("spec.ports[{i}]"),
+            "addresses are required for ports serving TCP (or unset) protocol when IP Autoallocation is not enabled",
+        );
+    }
+    match resolution {
+        None => {}
+        Some(Resolution::None) => {
+            if !spec.endpoints.is_empty() {
+                v.error(
+                    "spec.endpoints",
+                    "no endpoints should be provided for resolution type none",
+                );
+            }
+            if spec.workload_selector.is_some() {
+                v.warning(
+                    "spec.workloadSelector",
+                    "workloadSelector should not be set when resolution mode is NONE",
+                );
+            }
+        }
+        Some(Resolution::Static) => {
+            for (i, endpoint) in spec.endpoints.iter().enumerate() {
+                let address = &endpoint.address;
+                if address.is_empty() {
+                    if !endpoint.other.contains_key("network") {
+                        v.error(format!("spec.endpoints[{i}]"), "address is required");
+                    }
+                } else if !address.starts_with("unix://")
+                    && address.parse::<std::net::IpAddr>().is_err()
+                {
+                    v.error(
+                        format!("spec.endpoints[{i}].address"),
+                        format!("endpoint address {address:?} is not a valid IP address"),
+                    );
+                }
+            }
+        }
+        Some(r @ (Resolution::Dns | Resolution::DnsRoundRobin)) => {
+            if spec.endpoints.is_empty()
+                && let Some((i, e)) = spec
+                    .hosts
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, h)| check_fqdn(h).err().map(|e| (i, e)))
+            {
+                v.error(
+                    format!("spec.hosts[{i}]"),
+                    format!(
+                        "hosts must be FQDN or contain only prefix wildcards if no endpoints are provided for resolution mode {}, {e}",
+                        r.as_str()
+                    ),
+                );
+            }
+            if r == Resolution::DnsRoundRobin && spec.endpoints.len() > 1 {
+                v.error(
+                    "spec.endpoints",
+                    format!(
+                        "there must only be 0 or 1 endpoint for resolution mode {}",
+                        r.as_str()
+                    ),
+                );
+            }
+            for (i, endpoint) in spec.endpoints.iter().enumerate() {
+                let address = &endpoint.address;
+                if address.parse::<std::net::IpAddr>().is_err() && check_fqdn(address).is_err() {
+                    v.error(
+                        format!("spec.endpoints[{i}].address"),
+                        format!(
+                            "endpoint address {address:?} is not a valid FQDN or an IP address"
+                        ),
+                    );
+                }
+            }
+            if !spec.addresses.is_empty()
+                && spec.hosts.len() > 1
+                && spec.ports.iter().any(|p| {
+                    matches!(
+                        p.protocol.to_ascii_lowercase().as_str(),
+                        "tcp" | "https" | "tls" | "mongo" | "redis" | "mysql"
+                    )
+                })
+            {
+                v.warning(
+                    "spec.hosts",
+                    "service entry can not have more than one host specified simultaneously with address and tcp port",
+                );
+            }
+        }
+    }
+    // Plain TCP carries nothing that tells the hosts apart, unless the
+    // hosts are ignored (resolution NONE).
+    if resolution.is_some_and(|r| r != Resolution::None)
+        && spec.hosts.len() > 1
+        && let Some(i) = spec.ports.iter().position(|p| {
+            !matches!(
+                p.protocol.to_ascii_lowercase().as_str(),
+                "http" | "http2" | "http_proxy" | "grpc" | "grpc-web" | "https" | "tls"
+            )
+        })
+    {
+        v.error(
+            format!("spec.ports[{i}]"),
+            "multiple hosts provided with non-HTTP, non-TLS ports",
+        );
+    }
+    v.0
+}
+
+/// A ServiceEntry address as Istio's `ValidateIPSubnet` reads it: a CIDR
+/// block when it has one `/`, else an IP address.
+fn check_service_address(value: &str) -> Result<(), String> {
+    if value.matches('/').count() == 1 {
+        return value
+            .parse::<ipnet::IpNet>()
+            .map(drop)
+            .map_err(|_| format!("{value} is not a valid CIDR block"));
+    }
+    value
+        .parse::<std::net::IpAddr>()
+        .map(drop)
+        .map_err(|_| format!("{value} is not a valid IP"))
+}
+
+/// Istio's `ValidateFQDN`: 1-255 characters, DNS-1123 labels (of either
+/// case), an optional trailing dot, a top-level label that is not a number.
+fn check_fqdn(name: &str) -> Result<(), String> {
+    if name.len() > 255 {
+        return Err(format!("domain name {name:?} too long (max 255)"));
+    }
+    if name.is_empty() {
+        return Err("empty domain name not allowed".into());
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    let tld = parts[parts.len() - 1];
+    if tld.parse::<i64>().is_ok() {
+        return Err(format!(
+            "domain name {name:?} invalid (top level domain {tld:?} cannot be all-numeric)"
+        ));
+    }
+    for (i, label) in parts.iter().enumerate() {
+        if i == parts.len() - 1 && label.is_empty() {
+            break;
+        }
+        let b = label.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric();
+        if !ok {
+            return Err(format!(
+                "domain name {name:?} invalid (label {label:?} invalid)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Go's `strconv.ParseBool`, which Istio uses for the dry-run annotation.
@@ -886,6 +1077,200 @@ fn check_label_value(v: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diagnostic::Severity;
+
+    /// `(line, field, severity, message)` of each diagnostic for one
+    /// ServiceEntry spec, and whether it loaded.
+    fn service_entry(spec: &str) -> (bool, Vec<(usize, String, Severity, String)>) {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se, namespace: ns}}\nspec:\n{spec}"
+        );
+        let loaded = crate::load::load_str("se.yaml", &text);
+        let issues = loaded
+            .diagnostics
+            .iter()
+            .map(|d| {
+                assert_eq!(d.resource.as_deref(), Some("ServiceEntry ns/se"), "{d}");
+                (
+                    d.location.line,
+                    d.field.clone().unwrap_or_default(),
+                    d.severity,
+                    d.message.clone(),
+                )
+            })
+            .collect();
+        (loaded.registry.len() == 1, issues)
+    }
+
+    fn error(line: usize, field: &str, message: &str) -> (usize, String, Severity, String) {
+        (line, field.into(), Severity::Error, message.into())
+    }
+
+    fn warning(line: usize, field: &str, message: &str) -> (usize, String, Severity, String) {
+        (line, field.into(), Severity::Warning, message.into())
+    }
+
+    #[test]
+    fn service_entry_addresses_are_ips_or_cidrs() {
+        let (ok, issues) = service_entry(
+            "  hosts: [db.example]\n  addresses:\n  - 192.0.2.1\n  - 2001:db8::1\n  - 10.0.0.0/8\n  - db.example\n  - 10.0.0.0/33\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: STATIC\n",
+        );
+        assert!(!ok, "an entry with a bad address is refused");
+        assert_eq!(
+            issues,
+            [
+                error(10, "spec.addresses[3]", "db.example is not a valid IP"),
+                error(
+                    11,
+                    "spec.addresses[4]",
+                    "10.0.0.0/33 is not a valid CIDR block"
+                ),
+            ]
+        );
+        let (ok, issues) = service_entry(
+            "  hosts: [db.example]\n  addresses: [10.0.0.0/8]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: DNS\n",
+        );
+        assert!(!ok);
+        assert_eq!(
+            issues,
+            [error(
+                6,
+                "spec.addresses",
+                "CIDR addresses are allowed only for NONE/STATIC resolution types"
+            )]
+        );
+    }
+
+    #[test]
+    fn what_istio_refuses_per_resolution() {
+        // NONE: no endpoints; a selector is only a warning.
+        let (ok, issues) = service_entry(
+            "  hosts: [a.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: NONE\n  endpoints: [{address: 192.0.2.1}]\n",
+        );
+        assert!(!ok);
+        assert_eq!(
+            issues,
+            [error(
+                8,
+                "spec.endpoints",
+                "no endpoints should be provided for resolution type none"
+            )]
+        );
+        let (ok, issues) = service_entry(
+            "  hosts: [a.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: NONE\n  workloadSelector: {labels: {app: a}}\n",
+        );
+        assert!(ok, "{issues:?}");
+        assert_eq!(
+            issues,
+            [warning(
+                8,
+                "spec.workloadSelector",
+                "workloadSelector should not be set when resolution mode is NONE"
+            )]
+        );
+        // STATIC: endpoints by IP address.
+        let (ok, issues) = service_entry(
+            "  hosts: [a.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints:\n  - address: a.internal\n",
+        );
+        assert!(!ok);
+        assert_eq!(
+            issues,
+            [error(
+                9,
+                "spec.endpoints[0].address",
+                "endpoint address \"a.internal\" is not a valid IP address"
+            )]
+        );
+        // DNS: hosts must be names when there are no endpoints; at most one
+        // endpoint for DNS_ROUND_ROBIN.
+        let (ok, issues) = service_entry(
+            "  hosts: [a.example, '*.b.example']\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n",
+        );
+        assert!(!ok);
+        assert_eq!(
+            issues,
+            [error(
+                5,
+                "spec.hosts[1]",
+                "hosts must be FQDN or contain only prefix wildcards if no endpoints are provided for resolution mode DNS, domain name \"*.b.example\" invalid (label \"*\" invalid)"
+            )]
+        );
+        let (ok, issues) = service_entry(
+            "  hosts: [a.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS_ROUND_ROBIN\n  endpoints: [{address: a1.example}, {address: 192.0.2.2}]\n",
+        );
+        assert!(!ok);
+        assert_eq!(
+            issues,
+            [error(
+                8,
+                "spec.endpoints",
+                "there must only be 0 or 1 endpoint for resolution mode DNS_ROUND_ROBIN"
+            )]
+        );
+        // Several hosts share a TCP port only when the hosts are ignored.
+        let (ok, issues) = service_entry(
+            "  hosts: [a.example, b.example]\n  ports: [{number: 80, name: http, protocol: HTTP}, {number: 5432, name: tcp, protocol: TCP}]\n  resolution: STATIC\n  endpoints: [{address: 192.0.2.1}]\n",
+        );
+        assert!(!ok);
+        assert_eq!(
+            issues,
+            [error(
+                6,
+                "spec.ports[1]",
+                "multiple hosts provided with non-HTTP, non-TLS ports"
+            )]
+        );
+        let (ok, _) = service_entry(
+            "  hosts: [a.example, b.example]\n  addresses: [192.0.2.9]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: NONE\n",
+        );
+        assert!(ok);
+        // A resolution Istio does not have.
+        let (ok, issues) = service_entry("  hosts: [a.example]\n  resolution: DYNAMIC\n");
+        assert!(!ok);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(
+            (issues[0].0, issues[0].2),
+            (6, Severity::Error),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn an_unset_resolution_keeps_entries_valid_as_before() {
+        // meshward's examples: no resolution, a selector; and inline
+        // endpoints by host name.
+        for spec in [
+            "  hosts: [reviews.bookinfo]\n  ports: [{number: 9080, name: http, protocol: HTTP}]\n  workloadSelector: {labels: {app: reviews}}\n",
+            "  hosts: [db.bookinfo, db2.bookinfo]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  endpoints: [{address: db.internal}]\n",
+            "  hosts: [db.bookinfo]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  location: MESH_INTERNAL\n  endpoints: [{address: 127.0.0.5}]\n",
+        ] {
+            let (ok, issues) = service_entry(spec);
+            assert!(ok && issues.is_empty(), "{spec}: {issues:?}");
+        }
+        // No address, none allocated, and TCP: Istio's warning.
+        let (ok, issues) =
+            service_entry("  hosts: [db.example]\n  ports: [{number: 5432, name: tcp}]\n");
+        assert!(ok);
+        assert_eq!(
+            issues,
+            [warning(
+                6,
+                "spec.ports[0]",
+                "addresses are required for ports serving TCP (or unset) protocol when IP Autoallocation is not enabled"
+            )]
+        );
+    }
+
+    #[test]
+    fn fqdns() {
+        assert!(check_fqdn("a.example").is_ok());
+        assert!(check_fqdn("A-1.Example.").is_ok());
+        assert!(check_fqdn("a.example.123").is_err());
+        assert!(check_fqdn("a..example").is_err());
+        assert!(check_fqdn("-a.example").is_err());
+        assert!(check_fqdn("").is_err());
+        assert!(check_fqdn(&"a".repeat(256)).is_err());
+    }
 
     #[test]
     fn jwks_uri_rules() {

@@ -3,7 +3,8 @@
 //! - `/healthz/ready`: 200 once the workload has a certificate and every
 //!   listener is up, 503 before.
 //! - `/config_dump`: the workload, the policies in force and how they apply,
-//!   the listeners, and a summary of the certificate (never the key).
+//!   the listeners, a summary of the certificate (never the key), and the
+//!   names the DNS proxy answers.
 //! - `/stats/prometheus`: the metrics.
 
 use std::convert::Infallible;
@@ -124,6 +125,7 @@ fn config_dump(shared: &Shared) -> String {
         "listeners": {
             "inbound": shared.listeners.inbound,
             "outbound": shared.listeners.outbound,
+            "dns": shared.listeners.dns,
         },
         "certificate": shared.identity.summary(),
         "trust_domains": shared.identity.trust_domains.0,
@@ -131,6 +133,7 @@ fn config_dump(shared: &Shared) -> String {
         // Transparent mode: each address the workload may call and the
         // service ports there.
         "routes": shared.routes.as_ref().map(|r| r.dump()),
+        "dns": shared.dns.as_ref().map(|d| d.dump()),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

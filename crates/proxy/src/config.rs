@@ -27,6 +27,8 @@ pub struct ProxyConfig {
     pub mark: Option<u32>,
     /// Transparent mode: capture listeners, routing by original destination.
     pub transparent: Option<crate::transparent::TransparentConfig>,
+    /// The DNS proxy; `None` serves no DNS.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// How a port's traffic is read, named as Istio names ports.

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::dns::DnsNames;
 use crate::forward::{Connector, MeshTls};
 use crate::identity::{ALPN_H2, WorkloadIdentity};
 use crate::metrics::Metrics;
@@ -113,23 +114,33 @@ pub struct Targets {
     pub outbound: Vec<Arc<OutboundTarget>>,
     /// Transparent mode's routing table.
     pub routes: Option<Arc<Routes>>,
+    /// The names the DNS proxy answers.
+    pub dns: Option<DnsNames>,
 }
 
 /// What a stream currently holds, by resource name.
 type Resources = BTreeMap<String, Resource>;
 
 /// Runs until `stop`: connect, receive, apply, answer; reconnect on loss.
+/// With a DNS proxy (`dns`), the proxy subscribes to every service and its
+/// DNS answers for all of them.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     control_plane: ControlPlane,
     identity: WorkloadIdentity,
     store: PolicyStore,
     outbound: Vec<Arc<OutboundTarget>>,
     routes: Option<Arc<Routes>>,
+    dns: Option<DnsNames>,
     jwks: Arc<JwksCache>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let targets = Targets { outbound, routes };
+    let targets = Targets {
+        outbound,
+        routes,
+        dns,
+    };
     let mut backoff = BACKOFF_START;
     // Whether any configuration from the control plane was ever in force.
     let mut configured = false;
@@ -199,6 +210,7 @@ fn rand_fraction() -> f64 {
 
 /// One stream, until the server ends it; `applied` is set once it put a
 /// response in force.
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     control_plane: &ControlPlane,
     identity: &WorkloadIdentity,
@@ -239,9 +251,10 @@ async fn stream(
         .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
-        // The services this workload calls: their endpoints and identities.
-        // A transparent proxy may be asked for any of them.
-        subscribe: if targets.routes.is_some() {
+        // The services this workload calls: their endpoints and identities;
+        // all of them (`*`) when it routes by destination or answers DNS
+        // for the mesh.
+        subscribe: if targets.routes.is_some() || targets.dns.is_some() {
             vec!["*".to_owned()]
         } else {
             targets
@@ -420,6 +433,9 @@ fn apply(
     if let (Some(routes), Some(table)) = (&targets.routes, table) {
         routes.commit(table);
     }
+    if let Some(dns) = &targets.dns {
+        dns.set_services(&services.into_values().collect::<Vec<_>>());
+    }
     Ok(())
 }
 
@@ -431,6 +447,7 @@ mod tests {
         Targets {
             outbound: Vec::new(),
             routes: None,
+            dns: None,
         }
     }
 
@@ -560,6 +577,58 @@ mod tests {
             2,
             "the last good configuration stays"
         );
+    }
+
+    #[tokio::test]
+    async fn services_reach_the_dns_names_with_the_configuration_or_not_at_all() {
+        let (_ca_dir, identity, store, jwks) = fixture();
+        let dns = DnsNames::new("bookinfo", true);
+        let targets = Targets {
+            outbound: Vec::new(),
+            routes: None,
+            dns: Some(dns.clone()),
+        };
+        let service = |host: &str, address: &str| Resource {
+            name: format!("service/{host}"),
+            type_url: types::SERVICE.into(),
+            version: "1".into(),
+            body: serde_json::to_vec(&Service {
+                host: host.into(),
+                addresses: vec![address.into()],
+                ..Service::default()
+            })
+            .unwrap(),
+        };
+        let a = |name: &str| {
+            dns.current()
+                .lookup(name, hickory_proto::rr::RecordType::A)
+                .map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        let mut held = BTreeMap::new();
+        held.insert(
+            "service/ratings.bookinfo".to_owned(),
+            service("ratings.bookinfo", "240.240.0.7"),
+        );
+        apply(&held, &identity, &store, &targets, &jwks, "1").unwrap();
+        assert_eq!(a("ratings.bookinfo"), Some(vec!["240.240.0.7".to_owned()]));
+        // Refused as a whole: the new service is not answered either.
+        held.insert(
+            "service/details.bookinfo".to_owned(),
+            service("details.bookinfo", "240.240.0.8"),
+        );
+        held.insert(
+            "bad".to_owned(),
+            policy("bad", &GOOD.replace("DENY", "NOPE")),
+        );
+        apply(&held, &identity, &store, &targets, &jwks, "2").unwrap_err();
+        assert_eq!(a("details.bookinfo"), None);
+        assert_eq!(a("ratings.bookinfo"), Some(vec!["240.240.0.7".to_owned()]));
+        // A service the control plane removed is no longer answered.
+        held.remove("bad");
+        held.remove("service/ratings.bookinfo");
+        apply(&held, &identity, &store, &targets, &jwks, "3").unwrap();
+        assert_eq!(a("ratings.bookinfo"), None);
+        assert_eq!(a("details.bookinfo"), Some(vec!["240.240.0.8".to_owned()]));
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod ext_authz;
 pub mod forward;
 pub mod http;
@@ -73,6 +74,8 @@ pub enum ProxyError {
     },
     #[error("upstream {0}: the service name is not a valid TLS server name")]
     ServerName(String),
+    #[error("DNS proxy: {0}")]
+    Dns(#[from] dns::DnsError),
 }
 
 /// Where the access and audit logs go.
@@ -99,6 +102,9 @@ pub struct ListenerInfo {
 pub struct Listeners {
     pub inbound: Vec<ListenerInfo>,
     pub outbound: Vec<ListenerInfo>,
+    /// The DNS proxy's addresses, each UDP and TCP.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<SocketAddr>,
 }
 
 /// What every connection of a proxy shares.
@@ -118,6 +124,7 @@ pub struct Shared {
     pub listeners: Listeners,
     /// Transparent mode's routing table, which the control plane fills.
     pub routes: Option<Arc<transparent::Routes>>,
+    dns: Option<dns::DnsState>,
 }
 
 /// A running proxy.
@@ -265,6 +272,18 @@ impl Proxy {
             Some(addr) => Some(bind(addr, "admin".into()).await?),
             None => None,
         };
+        let dns = match &config.dns {
+            Some(dns_config) => {
+                let names =
+                    dns::DnsNames::new(&config.workload.namespace, dns_config.await_services);
+                let server =
+                    dns::DnsServer::bind(dns_config, names.clone(), metrics.clone()).await?;
+                listeners.dns = server.addresses().to_vec();
+                Some((server.state(names), server))
+            }
+            None => None,
+        };
+        let (dns_state, dns_server) = dns.unzip();
 
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -291,6 +310,7 @@ impl Proxy {
             http,
             listeners,
             routes: routes.clone(),
+            dns: dns_state,
         });
 
         let tracker = TaskTracker::new();
@@ -339,6 +359,9 @@ impl Proxy {
                 }));
             }
         }
+        if let Some(server) = dns_server {
+            tracker.spawn(server.serve(shared.shutdown.clone()));
+        }
         let admin_address = match admin {
             Some(listener) => {
                 let addr = listener.local_addr().ok();
@@ -368,6 +391,12 @@ impl Proxy {
     /// Transparent mode's routing table; `None` in explicit mode.
     pub fn routes(&self) -> Option<Arc<transparent::Routes>> {
         self.shared.routes.clone()
+    }
+
+    /// The names the DNS proxy answers, for the control plane to update;
+    /// `None` without a DNS proxy.
+    pub fn dns(&self) -> Option<&dns::DnsNames> {
+        self.shared.dns.as_ref().map(|d| &d.names)
     }
 
     pub fn identity(&self) -> &WorkloadIdentity {

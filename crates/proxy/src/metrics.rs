@@ -50,6 +50,14 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// `local` (a mesh name, answered from the table), `forwarded` (an
+    /// upstream's answer, NXDOMAIN included) or `failed` (the proxy's own
+    /// error: SERVFAIL when no upstream answered, FORMERR, NOTIMP).
+    pub result: &'static str,
+}
+
 /// Every metric the proxy keeps.
 pub struct Metrics {
     pub requests: Family<DecisionLabels, Counter>,
@@ -61,6 +69,7 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     pub config_version: Gauge,
     pub log_records_dropped: Counter,
+    pub dns_queries: Family<DnsLabels, Counter>,
     registry: Registry,
 }
 
@@ -83,6 +92,7 @@ impl Default for Metrics {
         let certificate_expiry = Gauge::default();
         let config_version = Gauge::default();
         let log_records_dropped = Counter::default();
+        let dns_queries = Family::<DnsLabels, Counter>::default();
         registry.register(
             "requests",
             "HTTP requests by direction, decision and deciding policy",
@@ -128,6 +138,11 @@ impl Default for Metrics {
             "Access and audit records dropped because the log writer fell behind",
             log_records_dropped.clone(),
         );
+        registry.register(
+            "dns_queries",
+            "Queries to the DNS proxy by result: answered locally, forwarded upstream, or failed",
+            dns_queries.clone(),
+        );
         Metrics {
             requests,
             connections,
@@ -138,6 +153,7 @@ impl Default for Metrics {
             certificate_expiry,
             config_version,
             log_records_dropped,
+            dns_queries,
             registry,
         }
     }
@@ -154,6 +170,10 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&DirectionLabels { direction })
             .inc();
+    }
+
+    pub fn dns_query(&self, result: &'static str) {
+        self.dns_queries.get_or_create(&DnsLabels { result }).inc();
     }
 
     /// The text exposition format.

@@ -20,6 +20,7 @@ use meshward_policy::Workload;
 use meshward_policy::authn::JwksCache;
 use meshward_proxy::config::{InboundPort, Limits, ProxyConfig, Upstream};
 use meshward_proxy::control::{self, ControlPlane};
+use meshward_proxy::dns::DnsConfig;
 use meshward_proxy::identity::WorkloadIdentity;
 use meshward_proxy::jwks::Fetcher;
 use meshward_proxy::log::LogTarget;
@@ -135,6 +136,28 @@ pub struct Args {
     /// on every connection it opens (CA and control plane included).
     #[command(flatten, next_help_heading = "Capture")]
     capture_args: CaptureArgs,
+    /// Serve DNS on this address, UDP and TCP (repeatable): the mesh's
+    /// service names are answered with their addresses, other names are
+    /// forwarded. Capture sends DNS to 127.0.0.1:15053 and [::1]:15053.
+    #[arg(long = "dns-listen", value_name = "IP:PORT")]
+    dns_listen: Vec<SocketAddr>,
+    /// Forward DNS the proxy does not answer to this resolver, IP or
+    /// IP:PORT (repeatable, tried in turn; default: the nameservers of
+    /// /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = dns_upstream)]
+    dns_upstreams: Vec<SocketAddr>,
+}
+
+/// `IP` (port 53) or `IP:PORT`.
+fn dns_upstream(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse::<SocketAddr>()
+        .or_else(|_| {
+            value
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{value:?} is not IP or IP:PORT"))
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -188,8 +211,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    if args.inbound.is_empty() && args.upstreams.is_empty() && !transparent {
-        bail!("nothing to serve: give at least one --inbound or --upstream, or --transparent");
+    // Capturing DNS, the proxy serves it where the rules send it.
+    let dns_listen = if args.dns_listen.is_empty() && args.capture && args.capture_args.capture_dns
+    {
+        let port = args.capture_args.dns_port;
+        let mut listen = vec![SocketAddr::from(([127, 0, 0, 1], port))];
+        if args.capture_args.ipv6 {
+            listen.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+        }
+        listen
+    } else {
+        args.dns_listen.clone()
+    };
+    if args.inbound.is_empty() && args.upstreams.is_empty() && dns_listen.is_empty() && !transparent
+    {
+        bail!(
+            "nothing to serve: give at least one --inbound, --upstream or --dns-listen, or --transparent"
+        );
     }
     if args.control_plane.is_some() && !args.policies.is_empty() {
         bail!("give --policies or --control-plane, not both: policies come from one place");
@@ -261,6 +299,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 args.capture_args.outbound_port,
                 args.capture_args.inbound_port,
             )
+        }),
+        dns: (!dns_listen.is_empty()).then(|| DnsConfig {
+            listen: dns_listen.clone(),
+            upstreams: args.dns_upstreams.clone(),
+            mark,
+            timeout: None,
+            await_services: control_plane.is_some(),
         }),
     };
 
@@ -337,6 +382,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 store,
                 proxy.outbound().to_vec(),
                 proxy.routes(),
+                proxy.dns().cloned(),
                 control_jwks,
                 proxy.metrics_handle(),
                 stop_watching.clone(),
@@ -354,6 +400,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 l.address,
                 l.forward_to.join(",")
             );
+        }
+        for addr in &proxy.listeners().dns {
+            eprintln!("meshward proxy: dns on {addr} (udp, tcp)");
         }
         if let Some(admin) = proxy.admin_address {
             eprintln!("meshward proxy: admin on http://{admin} ({id})");

@@ -25,8 +25,9 @@ pub use peer_authentication::{
     MtlsMode, PeerAuthentication, PeerAuthenticationMtls, PeerAuthenticationSpec,
 };
 pub use registry::{
-    NETWORKING_GROUP, NETWORKING_VERSIONS, RegistryObject, ServiceEntry, ServiceEntrySpec,
-    ServicePort, WorkloadEntry, WorkloadEntrySpec, WorkloadSelectorLabels,
+    AUTOALLOCATE_LABEL, NETWORKING_GROUP, NETWORKING_VERSIONS, RegistryObject, Resolution,
+    ServiceEntry, ServiceEntrySpec, ServiceLocation, ServicePort, WorkloadEntry, WorkloadEntrySpec,
+    WorkloadSelectorLabels,
 };
 pub use request_authentication::{
     ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication, RequestAuthenticationSpec,

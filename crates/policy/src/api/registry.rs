@@ -68,9 +68,93 @@ pub struct ServiceEntrySpec {
     /// `subjectAltNames`), beside those of its workloads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
-    /// `addresses`, `location`, `resolution`, `exportTo`: kept, not used.
+    /// The service's virtual addresses: IPs, or CIDR ranges (which match
+    /// destinations but are never answered by DNS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<ServiceLocation>,
+    /// Unset is Istio's `NONE`; see [`ServiceEntrySpec::effective_resolution`]
+    /// for how meshward reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+    /// `exportTo` and the rest: kept, not used.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `ServiceEntry.spec.location`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServiceLocation {
+    MeshExternal,
+    MeshInternal,
+}
+
+/// `ServiceEntry.spec.resolution`: how the proxy finds where to send a
+/// connection to the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// To the address the application connected to (passthrough).
+    None,
+    /// To the entry's endpoints, by their IP addresses.
+    Static,
+    /// To the endpoints (or hosts) resolved by DNS.
+    Dns,
+    /// As `Dns`, one address at a time.
+    DnsRoundRobin,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::None => "NONE",
+            Resolution::Static => "STATIC",
+            Resolution::Dns => "DNS",
+            Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
+        }
+    }
+}
+
+/// The label with which a ServiceEntry opts out of address auto-allocation
+/// (`"false"`), as in Istio.
+pub const AUTOALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
+
+impl ServiceEntry {
+    /// Whether the control plane allocates addresses for this entry's hosts
+    /// (Istio's `ShouldV2AutoAllocateIP`): not when it has addresses of its
+    /// own, not for resolution `NONE` (the proxy could not tell which host
+    /// an application meant from an address it made up), not when the
+    /// entry opts out with [`AUTOALLOCATE_LABEL`]. Wildcard hosts never get
+    /// one (the registry checks each host).
+    pub fn auto_allocates(&self) -> bool {
+        self.spec.addresses.is_empty()
+            && self.spec.effective_resolution() != Resolution::None
+            && !self
+                .metadata
+                .labels
+                .get(AUTOALLOCATE_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+    }
+}
+
+impl ServiceEntrySpec {
+    /// The resolution meshward acts on. Istio's default is `NONE`, but
+    /// meshward has always sent a service's traffic to the endpoints its
+    /// entry names (a `workloadSelector` or inline `endpoints`), which is
+    /// `STATIC`: so an entry that leaves `resolution` unset and names
+    /// endpoints is read as `STATIC`, and one that names none as `NONE`.
+    /// An explicit value is taken as written.
+    pub fn effective_resolution(&self) -> Resolution {
+        match self.resolution {
+            Some(r) => r,
+            None if self.workload_selector.is_some() || !self.endpoints.is_empty() => {
+                Resolution::Static
+            }
+            None => Resolution::None,
+        }
+    }
 }
 
 /// `ServiceEntry.spec.workloadSelector`: `labels`, not `matchLabels`.

@@ -1,8 +1,8 @@
 //! The in-process test harness: a small mesh on 127.0.0.1 with a CA
 //! ([`ca`]), workload certificates, echo applications ([`apps`]), proxies
 //! started in-process on ports the system chooses with their own temp dirs
-//! ([`proxy`]), clients ([`client`]), and metric assertions by parsed value
-//! ([`prometheus`]).
+//! ([`proxy`]), clients ([`client`]), a fake upstream resolver and a DNS
+//! client ([`dns`]), and metric assertions by parsed value ([`prometheus`]).
 //!
 //! Compiled for the crate's own tests and, with the `testing` feature, for
 //! any crate's tests (`meshward_proxy::testing::*`). Every listener binds
@@ -20,6 +20,7 @@
 pub mod apps;
 pub mod ca;
 pub mod client;
+pub mod dns;
 pub mod prometheus;
 pub mod proxy;
 

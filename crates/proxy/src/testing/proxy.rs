@@ -142,6 +142,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> TestProxy {
         drain_grace: Duration::from_secs(3),
         mark: None,
         transparent: None,
+        dns: None,
     };
     let logs = LogTargets {
         access: LogTarget::File(dir.path().join("access.log")),
