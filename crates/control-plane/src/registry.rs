@@ -59,7 +59,7 @@ fn has_proxy(spec: &WorkloadEntrySpec) -> bool {
 
 /// A `MESH_EXTERNAL` entry's endpoints are outside the mesh: no proxy.
 fn mesh_external(se: &ServiceEntry) -> bool {
-    se.spec.other.get("location").and_then(|v| v.as_str()) == Some("MESH_EXTERNAL")
+    se.spec.location == Some(meshward_policy::api::ServiceLocation::MeshExternal)
 }
 
 impl Registry {
@@ -428,6 +428,55 @@ mod tests {
         let loaded = meshward_policy::load::load_str("r.yaml", yaml);
         assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
         Registry::new(&loaded.registry, "cluster.local")
+    }
+
+    #[test]
+    fn endpoints_without_a_proxy_are_marked_plaintext_and_a_port_without_protocol_reads_its_name() {
+        let r = registry(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: meshed, namespace: shop}
+spec: {address: 198.18.0.2, labels: {app: cart}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: legacy, namespace: shop}
+spec: {address: 198.18.0.3, labels: {app: cart, security.istio.io/tlsMode: disabled}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cart, namespace: shop}
+spec:
+  hosts: [cart.shop]
+  ports: [{number: 8080, name: grpc-api}]
+  workloadSelector: {labels: {app: cart}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.example]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  endpoints: [{address: 198.18.0.9}]
+"#,
+        );
+        let cart = &r.services["cart.shop"];
+        assert_eq!(cart.ports[&8080], "grpc-api");
+        let plaintext: Vec<(&str, bool)> = cart
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.plaintext))
+            .collect();
+        assert_eq!(plaintext, vec![("198.18.0.2", false), ("198.18.0.3", true)]);
+        assert!(
+            r.services["db.example"]
+                .endpoints
+                .iter()
+                .all(|e| e.plaintext)
+        );
     }
 
     const BOOKINFO: &str = r#"
