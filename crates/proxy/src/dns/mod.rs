@@ -82,7 +82,7 @@ pub enum DnsError {
     )]
     NoUpstream,
     #[error(
-        "setting the socket mark {mark:#x} on the DNS forwarder's sockets: {source} (SO_MARK needs CAP_NET_ADMIN)"
+        "setting the socket mark {mark:#x} on the DNS proxy's sockets: {source} (SO_MARK needs CAP_NET_ADMIN)"
     )]
     Mark { mark: u32, source: std::io::Error },
     #[error(

@@ -76,6 +76,19 @@ impl DnsServer {
         };
         for addr in &config.listen {
             let (udp, tcp, bound) = bind_pair(*addr).await?;
+            // Answers carry the proxy's mark too: capture's conntrack-zone
+            // rules put the proxy's replies from the DNS port in the zone
+            // of the application's redirected query, so the kernel undoes
+            // the redirect and the answer comes from the nameserver the
+            // application asked (a resolver drops any other).
+            if let Some(mark) = config.mark {
+                for marked in [
+                    crate::socket::set_mark(&udp, mark),
+                    crate::socket::set_mark(&tcp, mark),
+                ] {
+                    marked.map_err(|source| DnsError::Mark { mark, source })?;
+                }
+            }
             if let Some(upstream) = server
                 .handler
                 .forwarder
