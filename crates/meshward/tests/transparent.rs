@@ -374,7 +374,9 @@ spec:
   selector: {matchLabels: {app: ratings}}
   action: DENY
   rules:
-  - to: [{operation: {paths: [/denied]}}]
+  # The port keeps this rule off the TCP port: there a DENY rule's HTTP
+  # fields are dropped, which would deny every connection (as in Istio).
+  - to: [{operation: {ports: [\"9080\"], paths: [/denied]}}]
 ",
     );
     mesh.app(ratings, "ratings");
