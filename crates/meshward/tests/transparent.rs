@@ -687,3 +687,116 @@ fn capture_rules_leave_with_the_proxy_and_uninstall_removes_what_a_killed_one_le
     assert!(out.status.success());
     assert!(meshward_rules(productpage).is_empty());
 }
+
+#[test]
+fn captured_dns_answers_mesh_names_in_both_families_and_forwards_the_rest() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("dns", &["productpage", "resolver"]);
+    let [productpage, resolver] = [&hosts[0], &hosts[1]];
+    mesh.put(
+        "registry.yaml",
+        &format!(
+            "{}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: details, namespace: bookinfo}}
+spec:
+  hosts: [details.bookinfo.svc.cluster.local]
+  addresses: [240.240.7.7, \"2001:2::7:7\"]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: {}}}]
+---
+{RATINGS}",
+            workload_entry(
+                "productpage",
+                "productpage",
+                productpage,
+                "app: productpage"
+            ),
+            resolver.ipv4(),
+        ),
+    );
+    // The machine's resolver is never asked: the host's resolv.conf names
+    // the gateway, capture sends that to the proxy, and the proxy forwards
+    // what it does not answer to this one.
+    let (udp, tcp) = resolver.within(|| {
+        let addr = SocketAddr::new(IpAddr::V4(resolver.ipv4()), 53);
+        (
+            std::net::UdpSocket::bind(addr).unwrap(),
+            std::net::TcpListener::bind(addr).unwrap(),
+        )
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(async {
+        meshward_proxy::testing::dns::FakeUpstream::on(
+            udp,
+            tcp,
+            &[("example.test", &["198.18.0.200", "2001:2::200"])],
+        )
+    });
+    // details' only endpoint, a plain application without a proxy.
+    mesh.app(resolver, "details");
+    mesh.proxy(
+        productpage,
+        "productpage",
+        "productpage",
+        &[
+            "--capture-dns",
+            "--dns-upstream",
+            &upstream.addr.to_string(),
+        ],
+    );
+
+    // A mesh host with its own addresses, in every form a Kubernetes
+    // resolver would ask, A and AAAA.
+    for name in [
+        "details.bookinfo.svc.cluster.local",
+        "details.bookinfo.svc",
+        "details.bookinfo",
+        "details",
+    ] {
+        assert_eq!(
+            resolve(productpage, "ahostsv4", name),
+            vec!["240.240.7.7".parse::<IpAddr>().unwrap()],
+            "{name}"
+        );
+        assert_eq!(
+            resolve(productpage, "ahostsv6", name),
+            vec!["2001:2::7:7".parse::<IpAddr>().unwrap()],
+            "{name}"
+        );
+    }
+    // An allocated pair: IPv4 from 240.240.0.0/16, IPv6 from 2001:2::/48.
+    let v4 = resolve(productpage, "ahostsv4", "ratings.bookinfo");
+    let v6 = resolve(productpage, "ahostsv6", "ratings.bookinfo");
+    let in_range = |ip: &IpAddr, net: &str| net.parse::<ipnet::IpNet>().unwrap().contains(ip);
+    assert!(
+        v4.len() == 1 && in_range(&v4[0], "240.240.0.0/16"),
+        "{v4:?}"
+    );
+    assert!(v6.len() == 1 && in_range(&v6[0], "2001:2::/48"), "{v6:?}");
+    assert!(
+        !upstream.was_asked("ratings.bookinfo"),
+        "{:?}",
+        upstream.asked()
+    );
+    // A call by name over IPv6 reaches the service too (the proxy routes
+    // the IPv6 address; the endpoint is called over IPv4 as registered).
+    let (code, body) = curl(productpage, &["-6", "http://details.bookinfo:9080/v6"]);
+    assert_eq!(code, 0, "{body}");
+
+    // Everything else is forwarded, and the upstream's answer comes back.
+    assert_eq!(
+        resolve(productpage, "ahostsv4", "example.test"),
+        vec!["198.18.0.200".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        resolve(productpage, "ahostsv6", "example.test"),
+        vec!["2001:2::200".parse::<IpAddr>().unwrap()]
+    );
+    assert!(upstream.was_asked("example.test"));
+    assert!(resolve(productpage, "ahostsv4", "nowhere.test").is_empty());
+    assert!(upstream.was_asked("nowhere.test"));
+    drop(runtime);
+}

@@ -42,6 +42,31 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     /// Answers each `name` (no trailing dot) with its addresses.
     pub async fn start(names: &[(&str, &[&str])]) -> FakeUpstream {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        FakeUpstream::serve(udp, tcp, names)
+    }
+
+    /// Answers on sockets made elsewhere (in another network namespace,
+    /// say: a socket stays in the namespace it was made in). Needs a
+    /// runtime to spawn on.
+    pub fn on(
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+        names: &[(&str, &[&str])],
+    ) -> FakeUpstream {
+        udp.set_nonblocking(true).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        FakeUpstream::serve(
+            UdpSocket::from_std(udp).unwrap(),
+            TcpListener::from_std(tcp).unwrap(),
+            names,
+        )
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener, names: &[(&str, &[&str])]) -> FakeUpstream {
+        let addr = udp.local_addr().unwrap();
         let names: BTreeMap<String, Vec<IpAddr>> = names
             .iter()
             .map(|(n, a)| {
@@ -52,9 +77,6 @@ impl FakeUpstream {
             })
             .collect();
         let asked = Arc::new(Mutex::new(Vec::new()));
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
         let mut server = hickory_server::Server::new(Answers {
             names,
             asked: asked.clone(),
