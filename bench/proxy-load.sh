@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Load benchmark of the meshward sidecar proxy, on one machine, over loopback.
+# Load benchmark of the meshward sidecar proxy, on one machine: over loopback,
+# and between network namespaces in explicit and transparent mode.
 #
-#   bench/proxy-load.sh            # builds target/release/meshward if missing
+#   bench/proxy-load.sh            # builds $CARGO_TARGET_DIR (default target)/release/meshward if missing
 #   MESHWARD=/path/to/meshward bench/proxy-load.sh
 #
 # Scenarios, each driven by the same wrk command
@@ -22,6 +23,33 @@
 #   haproxy-tcp     wrk -> haproxy A (mode tcp) -mTLS-> haproxy B (mode tcp) -> nginx
 #   haproxy-http    the same in mode http (keep-alive, pooled server connections)
 #
+# Scenarios in network namespaces (root only; skipped with a message
+# otherwise), all configured by one `meshward server` in a namespace of its
+# own, so explicit and transparent mode differ in capture alone:
+#
+#   ns-direct         wrk (client namespace) -> nginx (server namespace), no proxy
+#   ns-explicit-l4    wrk -> 127.0.0.1:18081, the client proxy's --upstream
+#                     (endpoints and the server's identity from the control plane)
+#                     -mTLS-> the server proxy's --inbound 18080 -> nginx
+#   ns-explicit-l7    the same with protocol=http and meshward-l7's policies
+#                     (STRICT, JWT, DENY without a request principal, ALLOW)
+#   ns-transparent-l4 both proxies with --capture --proxy-mark 1337: wrk calls the
+#                     ServiceEntry's address 240.240.0.10:8080; capture sends it to the
+#                     client proxy (15001), which routes it by its original destination
+#                     -mTLS-> nginx's own address 198.18.0.3:8080, captured by the server
+#                     proxy (15006), which forwards it to nginx from 127.0.0.6
+#   ns-transparent-l7 the same with the HTTP port and meshward-l7's policies
+#
+# Both modes' proxies run with the same flags (--control-plane, --workload,
+# --proxy-mark 1337, logs off) apart from the mode's own (--upstream/--inbound,
+# or --capture). The report adds "capture cost": for each hop, transparent
+# minus explicit CPU per request, against the budget of 2 us per request per hop.
+# Topology (as crates/meshward/tests/common/netns.rs): a hub namespace whose
+# bridge br0 holds 198.18.0.254/24 and forwards nothing, hosts cp (.1), client
+# (.2) and server (.3) on veth pairs made between namespaces (never in the root
+# namespace), named mwbench<PID>-*; each host routes 240.240.0.0/16 to the hub
+# and has its own /etc/netns/<NAME>/resolv.conf. All of it is removed on exit.
+#
 # haproxy's certificates are issued by the same meshward CA (`meshward ca issue`).
 # Reported per scenario: requests/s, p50 and p99 latency (and their ratios to
 # direct), and for each proxy process ("hop"): CPU-seconds (utime+stime from
@@ -35,11 +63,13 @@
 #
 # Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
 # ACCESS_LOG_RUN=1 KEEP=0 (1 keeps the work directory with logs and configs),
-# QUIET_WAIT=60 (seconds to wait, at start, for the machine to be under 10% busy),
-# ONLY="meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http" (a subset
-# runs only those, after direct).
-# Needs: wrk, haproxy, nginx, curl, openssl, ss, column, ps (installed with apt-get when
-# missing; sudo is used when not root).
+# QUIET_WAIT=60 (seconds to wait, at start and before the ns-* scenarios, for the
+# machine to be under 10% busy),
+# ONLY="meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http
+# ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7" (a subset runs only
+# those, after direct, and ns-direct before any ns-*).
+# Needs: wrk, haproxy, nginx, curl, openssl, ss, column, ps, and for ns-*: ip, iptables
+# (installed with apt-get when missing; sudo is used when not root).
 
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true
@@ -57,7 +87,7 @@ ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
 KEEP=${KEEP:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% busy
 # Which scenarios after direct (always run: the ratios are to it).
-ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http}
+ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
 
 NS=bench
 TD=cluster.local
@@ -71,6 +101,19 @@ die() {
     log "FAIL: $*"
     exit 1
 }
+
+NOTES=()
+wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+# The namespaced scenarios need root: network namespaces, and iptables in them.
+NS_WANTED=0
+for s in ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7; do
+    if wanted "$s"; then NS_WANTED=1; fi
+done
+if ((NS_WANTED)) && [[ $(id -u) -ne 0 ]]; then
+    log "skipping the ns-* scenarios: they need root (network namespaces, and iptables inside them); run as root to include them"
+    NOTES+=("ns-* scenarios skipped: not run as root.")
+    NS_WANTED=0
+fi
 
 # --- tools -------------------------------------------------------------------
 
@@ -91,6 +134,10 @@ install_missing() {
     [[ -n $(find_tool nginx) ]] || missing+=(nginx)
     [[ -n $(find_tool column) ]] || missing+=(bsdextrautils)
     [[ -n $(find_tool ps) ]] || missing+=(procps)
+    if ((NS_WANTED)); then
+        [[ -n $(find_tool ip) ]] || missing+=(iproute2)
+        [[ -n $(find_tool iptables) ]] || missing+=(iptables)
+    fi
     ((${#missing[@]})) || return 0
     log "installing: ${missing[*]}"
     $SUDO apt-get update -qq
@@ -112,7 +159,7 @@ NGINX=$(find_tool nginx)
 for t in WRK HAPROXY NGINX; do [[ -n ${!t} ]] || die "${t,,} not found after install"; done
 
 if [[ -z ${MESHWARD:-} ]]; then
-    MESHWARD=$REPO/target/release/meshward
+    MESHWARD=${CARGO_TARGET_DIR:-$REPO/target}/release/meshward
     if [[ ! -x $MESHWARD ]]; then
         log "building $MESHWARD"
         (cd "$REPO" && nice -n 19 cargo build --release -p meshward >&2)
@@ -124,6 +171,7 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # --- processes -----------------------------------------------------------------
 
+NS_NGINX_PID= NS_NGINX_WORKERS= NS_CP_PID=
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/meshward-bench.XXXXXX")
 PIDS=()
 LAST_PID=
@@ -159,6 +207,30 @@ stop_pid() {
     done
 }
 
+# The network namespaces made so far (each recorded before it is made, so a
+# half-made one goes too).
+NETNS_MADE=()
+
+# Kills what still runs in our namespaces (SIGKILL, bounded), then deletes
+# them and their /etc/netns directories. Processes were stopped gently first.
+ns_teardown() {
+    local ns pids i
+    ((${#NETNS_MADE[@]})) || return 0
+    for ((i = 0; i < 50; i++)); do
+        pids=$(for ns in "${NETNS_MADE[@]}"; do ip netns pids "$ns" 2>/dev/null; done)
+        [[ -n $pids ]] || break
+        # shellcheck disable=SC2086 # a list of pids
+        kill -KILL $pids 2>/dev/null
+        sleep 0.1
+    done
+    for ns in "${NETNS_MADE[@]}"; do
+        [[ -n $ns ]] || continue
+        ip netns del "$ns" 2>/dev/null
+        rm -rf "/etc/netns/$ns"
+    done
+    NETNS_MADE=()
+}
+
 cleanup() {
     local rc=$? i
     set +e
@@ -166,6 +238,7 @@ cleanup() {
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         stop_pid "${PIDS[i]}"
     done
+    ns_teardown
     if ((rc != 0)); then
         log "exit $rc; logs in $WORK:"
         for f in "$WORK"/*.log; do
@@ -214,6 +287,17 @@ wait_until() { # description timeout_s pid command... (pid: fail at once if it e
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 http_ok() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]]; }
 
+# run_in NS cmd...: in network namespace NS, or here when NS is empty.
+run_in() {
+    local ns=$1
+    shift
+    if [[ -n $ns ]]; then ip netns exec "$ns" "$@"; else "$@"; fi
+}
+# Where the load's client (wrk, and curl's checks) runs: the root namespace
+# (loopback scenarios) or the ns-* scenarios' client namespace.
+CLIENT_NS=
+client_run() { run_in "$CLIENT_NS" "$@"; }
+
 render() { # template out KEY=VALUE...
     local text kv
     text=$(<"$1")
@@ -259,7 +343,7 @@ children_ticks() {
 # nginx (master and workers) and meshward server.
 base_ticks() {
     local pid n=0
-    for pid in $NGINX_PID $NGINX_WORKERS $CA_PID; do
+    for pid in $NGINX_PID $NGINX_WORKERS $CA_PID $NS_NGINX_PID $NS_NGINX_WORKERS $NS_CP_PID; do
         proc_alive "$pid" && n=$((n + $(cpu_ticks "$pid")))
     done
     echo "$n"
@@ -277,7 +361,7 @@ to_ms() { # wrk duration (12.3us, 4.5ms, 1.2s, 1.0m) -> ms
 }
 
 run_wrk() { # url duration out
-    "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency \
+    client_run "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency \
         -H "Authorization: Bearer $JWT" "$1" >"$3" 2>&1 || die "wrk failed: $(cat "$3")"
 }
 
@@ -295,7 +379,7 @@ check_wrk() { # scenario file: fail on non-2xx or socket errors
 expect_status() { # scenario want(code, or !200) description curl-args...
     local scen=$1 want=$2 what=$3 got
     shift 3
-    got=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$@" || true)
+    got=$(client_run curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$@" || true)
     if [[ $want == '!200' ]]; then
         [[ $got != 200 ]] || die "$scen sanity check: $what: HTTP $got, wanted a refusal"
     else
@@ -305,7 +389,7 @@ expect_status() { # scenario want(code, or !200) description curl-args...
     log "  ok: $what -> $got"
 }
 
-declare -A R_RPS R_P50 R_P99 R_REQS R_HOPS R_OTHER
+declare -A R_RPS R_P50 R_P99 R_REQS R_HOPS R_OTHER R_WRK
 SCENARIOS=()
 
 # measure scenario url hop_name=pid...
@@ -314,7 +398,7 @@ measure() {
     shift 2
     local hop name pid
     local -A idle before
-    body=$(curl -sS --max-time 3 -H "Authorization: Bearer $JWT" "$url") || die "$scen: curl $url failed"
+    body=$(client_run curl -sS --max-time 3 -H "Authorization: Bearer $JWT" "$url") || die "$scen: curl $url failed"
     [[ $body == ok ]] || die "$scen: unexpected body from $url: $body"
     for hop in "$@"; do
         pid=${hop#*=}
@@ -360,6 +444,7 @@ measure() {
     R_P50[$scen]=$(to_ms "$(awk '$1=="50%"{print $2}' "$wrk_out")")
     R_P99[$scen]=$(to_ms "$(awk '$1=="99%"{print $2}' "$wrk_out")")
     R_HOPS[$scen]=${hop_rows[*]}
+    R_WRK[$scen]=$((c1 - c0))
     log "$scen: ${R_RPS[$scen]} req/s, p50 ${R_P50[$scen]} ms, p99 ${R_P99[$scen]} ms (${R_REQS[$scen]} requests; other CPU ${R_OTHER[$scen]}%)"
 }
 
@@ -379,17 +464,24 @@ busy_pct() {
         -v t=$((b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7] + b[8] - a[1] - a[2] - a[3] - a[4] - a[5] - a[6] - a[7] - a[8])) \
         'BEGIN { printf "%.0f", (t > 0 ? 100 * u / t : 0) }'
 }
-BUSY_BEFORE=$(busy_pct)
-for ((waited = 1; BUSY_BEFORE >= 10 && waited < QUIET_WAIT; waited++)); do
-    ((waited % 10 == 1)) && log "the machine is ${BUSY_BEFORE}% busy; waiting up to ${QUIET_WAIT}s for it to go quiet"
-    BUSY_BEFORE=$(busy_pct)
-done
-log "CPU busy before the run: $BUSY_BEFORE% of $(nproc) cores (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-((BUSY_BEFORE < 10)) || log "WARNING: the machine is already ${BUSY_BEFORE}% busy; the numbers will be skewed"
+# Waits up to QUIET_WAIT seconds for the machine to be under 10% busy; the
+# last sample into BUSY (what: for messages).
+wait_quiet() {
+    local what=$1 waited
+    BUSY=$(busy_pct)
+    for ((waited = 1; BUSY >= 10 && waited < QUIET_WAIT; waited++)); do
+        ((waited % 10 == 1)) && log "the machine is ${BUSY}% busy; waiting up to ${QUIET_WAIT}s for it to go quiet"
+        BUSY=$(busy_pct)
+    done
+    log "CPU busy before $what: $BUSY% of $(nproc) cores (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+    ((BUSY < 10)) || log "WARNING: the machine is already ${BUSY}% busy; the numbers will be skewed"
+}
+wait_quiet "the run"
+BUSY_BEFORE=$BUSY
 
 # nginx
 mkdir -p "$WORK/nginx-tmp"
-render "$TEMPLATES/nginx.conf.in" "$WORK/nginx.conf" WORK="$WORK" NGINX_PORT="$NGINX_PORT"
+render "$TEMPLATES/nginx.conf.in" "$WORK/nginx.conf" WORK="$WORK" NGINX_LISTEN="127.0.0.1:$NGINX_PORT"
 "$NGINX" -t -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log" >"$WORK/nginx-test.log" 2>&1 ||
     die "nginx -t: $(cat "$WORK/nginx-test.log")"
 start_bg nginx "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
@@ -445,6 +537,35 @@ take_port() {
     next_port=$((next_port + 1))
 }
 
+# pair_metrics scenario server_ns server_admin client_ns client_admin: saves
+# both proxies' metrics, warns of nonzero error counters, logs the server's
+# inbound request and connection counts.
+pair_metrics() {
+    local scen=$1 errs
+    run_in "$2" curl -s "http://$3/stats/prometheus" >"$WORK/metrics-$scen-server.txt" || true
+    run_in "$4" curl -s "http://$5/stats/prometheus" >"$WORK/metrics-$scen-client.txt" || true
+    errs=$(grep -hE '^meshward_(upstream_errors|log_records_dropped)_total' "$WORK/metrics-$scen-"*.txt | awk '$NF != 0' || true)
+    [[ -z $errs ]] || log "$scen: WARNING nonzero error counters: $errs"
+    grep -hE '^meshward_(requests|connections)_total\{[^}]*direction="inbound"' "$WORK/metrics-$scen-server.txt" |
+        sed "s/^/[bench] $scen server proxy: /" >&2 || true
+}
+
+# policy_checks scenario protocol jwt(yes|no) base_url: what the server side's
+# policies allow and refuse, asked through the pair at base_url.
+policy_checks() {
+    local scen=$1 proto=$2 jwt=$3 base=$4 auth=(-H "Authorization: Bearer $JWT")
+    local url=$base$PATH_OK
+    expect_status "$scen" 200 "GET $PATH_OK with JWT through the pair" "${auth[@]}" "$url"
+    if [[ $proto == http ]]; then
+        if [[ $jwt == yes ]]; then
+            expect_status "$scen" 403 "GET without JWT" "$url"
+            expect_status "$scen" 401 "GET with a tampered JWT" -H "Authorization: Bearer ${JWT}x" "$url"
+        fi
+        expect_status "$scen" 403 "GET /other (outside /bench/)" "${auth[@]}" "$base/other"
+        expect_status "$scen" 403 "POST $PATH_OK" "${auth[@]}" -X POST "$url"
+    fi
+}
+
 # meshward_pair scenario protocol policy_dir access_log(off|on) jwt(yes|no)
 meshward_pair() {
     local scen=$1 proto=$2 policies=$3 access=$4 jwt=${5:-yes} cl_listen sv_in cl_admin sv_admin cl_log sv_log
@@ -470,28 +591,15 @@ meshward_pair() {
     wait_until "$scen client proxy ready" 30 "$cl_pid" http_ok "http://127.0.0.1:$cl_admin/healthz/ready"
     log "$scen: client proxy pid $cl_pid on $cl_listen, server proxy pid $sv_pid on $sv_in ($proto)"
 
-    local url=http://127.0.0.1:$cl_listen$PATH_OK auth=(-H "Authorization: Bearer $JWT")
-    expect_status "$scen" 200 "GET $PATH_OK with JWT through the pair" "${auth[@]}" "$url"
-    if [[ $proto == http ]]; then
-        if [[ $jwt == yes ]]; then
-            expect_status "$scen" 403 "GET without JWT" "$url"
-            expect_status "$scen" 401 "GET with a tampered JWT" -H "Authorization: Bearer ${JWT}x" "$url"
-        fi
-        expect_status "$scen" 403 "GET /other (outside /bench/)" "${auth[@]}" "http://127.0.0.1:$cl_listen/other"
-        expect_status "$scen" 403 "POST $PATH_OK" "${auth[@]}" -X POST "$url"
-    fi
+    local url=http://127.0.0.1:$cl_listen$PATH_OK
+    policy_checks "$scen" "$proto" "$jwt" "http://127.0.0.1:$cl_listen"
     # Plaintext straight to the server proxy: STRICT mTLS refuses it.
-    expect_status "$scen" '!200' "plaintext to the server proxy, bypassing mTLS" "${auth[@]}" "http://127.0.0.1:$sv_in$PATH_OK"
+    expect_status "$scen" '!200' "plaintext to the server proxy, bypassing mTLS" \
+        -H "Authorization: Bearer $JWT" "http://127.0.0.1:$sv_in$PATH_OK"
 
     measure "$scen" "$url" "client=$cl_pid" "server=$sv_pid"
 
-    curl -s "http://127.0.0.1:$sv_admin/stats/prometheus" >"$WORK/metrics-$scen-server.txt" || true
-    curl -s "http://127.0.0.1:$cl_admin/stats/prometheus" >"$WORK/metrics-$scen-client.txt" || true
-    local errs
-    errs=$(grep -hE '^meshward_(upstream_errors|log_records_dropped)_total' "$WORK/metrics-$scen-"*.txt | awk '$NF != 0' || true)
-    [[ -z $errs ]] || log "$scen: WARNING nonzero error counters: $errs"
-    grep -hE '^meshward_(requests|connections)_total\{[^}]*direction="inbound"' "$WORK/metrics-$scen-server.txt" |
-        sed "s/^/[bench] $scen server proxy: /" >&2 || true
+    pair_metrics "$scen" "" "127.0.0.1:$sv_admin" "" "127.0.0.1:$cl_admin"
     if [[ $access == on ]]; then
         NOTES+=("$scen access logs: client $(wc -l <"$cl_log") lines / $(du -h "$cl_log" | cut -f1), server $(wc -l <"$sv_log") lines / $(du -h "$sv_log" | cut -f1)")
     fi
@@ -529,14 +637,226 @@ haproxy_pair() {
     stop_pid "$b_pid"
 }
 
-NOTES=()
-wanted() { [[ " $ONLY " == *" $1 "* ]]; }
+# --- scenarios in network namespaces -------------------------------------------------
+
+NSP=mwbench$$                   # every namespace's name starts with this
+NS_GW4=198.18.0.254 NS_GW6=2001:2::fe
+NS_CP_IP=198.18.0.1 NS_CLIENT_IP=198.18.0.2 NS_SERVER_IP=198.18.0.3
+NS_VIP=240.240.0.10             # the ServiceEntry's address (Istio's auto-allocation range)
+NS_APP_PORT=8080                # nginx's port, and the service's
+NS_SV_IN=18080                  # explicit mode: the server proxy's --inbound port
+NS_CL_LISTEN=18081              # explicit mode: the client proxy's --upstream listener
+NS_CP_ADDR=$NS_CP_IP:15012
+NS_ADMIN=127.0.0.1:15000        # each proxy's admin port, in its own namespace
+MARK=1337
+
+ns_add() { # name: records it, then makes it
+    NETNS_MADE+=("$1")
+    ip netns add "$1" || die "ip netns add $1"
+}
+
+# ns_host NAME INDEX: a host on the hub's bridge with 198.18.0.INDEX/24 and
+# 2001:2::INDEX/64, routing the mesh's service ranges to the gateway, with a
+# resolv.conf naming the gateway (which answers nothing).
+ns_host() {
+    local ns=$NSP-$1 i=$2
+    ns_add "$ns"
+    mkdir -p "/etc/netns/$ns"
+    printf 'nameserver %s\noptions timeout:1 attempts:1\n' "$NS_GW4" >"/etc/netns/$ns/resolv.conf"
+    ip -n "$ns" -batch - <<IP || die "setting up $ns"
+link set lo up
+link add eth0 type veth peer name v$i netns $NS_HUB
+addr add 198.18.0.$i/24 dev eth0
+addr add 2001:2::$i/64 dev eth0 nodad
+link set eth0 up
+route add 240.240.0.0/16 via $NS_GW4
+route add 2001:2::/48 via $NS_GW6
+IP
+    ip -n "$NS_HUB" -batch - <<IP || die "plugging $ns into the bridge"
+link set v$i addrgenmode none
+link set v$i master br0
+link set v$i up
+IP
+}
+
+ns_topology() {
+    NS_HUB=$NSP-hub NS_CP=$NSP-cp NS_CLIENT=$NSP-client NS_SERVER=$NSP-server
+    ns_add "$NS_HUB"
+    ip -n "$NS_HUB" -batch - <<IP || die "setting up the hub"
+link add br0 type bridge
+link set br0 addrgenmode none
+addr add $NS_GW4/24 dev br0
+addr add $NS_GW6/64 dev br0 nodad
+link set br0 up
+IP
+    ns_host cp 1
+    ns_host client 2
+    ns_host server 3
+    log "namespaces: ${NETNS_MADE[*]}"
+}
+
+ns_http_ok() { [[ $(ip netns exec "$1" curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$2") == 200 ]]; }
+
+# The namespaces, nginx in the server's, a CA and tokens of their own, and
+# meshward server in cp watching $NS_CONFIG.
+ns_prepare() {
+    ns_topology
+    local dir=$WORK/ns-nginx
+    mkdir -p "$dir/nginx-tmp"
+    render "$TEMPLATES/nginx.conf.in" "$dir/nginx.conf" WORK="$dir" NGINX_LISTEN="$NS_SERVER_IP:$NS_APP_PORT"
+    ip netns exec "$NS_SERVER" "$NGINX" -t -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" >"$WORK/ns-nginx-test.log" 2>&1 ||
+        die "nginx -t (server namespace): $(cat "$WORK/ns-nginx-test.log")"
+    start_bg ns-nginx ip netns exec "$NS_SERVER" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log"
+    NS_NGINX_PID=$LAST_PID
+    wait_until "nginx in $NS_SERVER" 10 "$NS_NGINX_PID" ns_http_ok "$NS_SERVER" "http://$NS_SERVER_IP:$NS_APP_PORT/"
+    NS_NGINX_WORKERS=$(ps -o pid= --ppid "$NS_NGINX_PID" | tr '\n' ' ')
+    log "nginx (pid $NS_NGINX_PID, worker $NS_NGINX_WORKERS) on $NS_SERVER_IP:$NS_APP_PORT in $NS_SERVER"
+
+    NS_DATA=$WORK/ns-meshward-data NS_CONFIG=$WORK/ns-config
+    mkdir -p "$NS_CONFIG"
+    "$MESHWARD" ca init --data-dir "$NS_DATA" --trust-domain "$TD" >"$WORK/ns-ca-init.log" 2>&1 ||
+        die "ca init: $(cat "$WORK/ns-ca-init.log")"
+    "$MESHWARD" token create --data-dir "$NS_DATA" -n "$NS" --service-account server >"$WORK/ns-server.token"
+    "$MESHWARD" token create --data-dir "$NS_DATA" -n "$NS" --service-account client >"$WORK/ns-client.token"
+    # The watcher's info lines say when a configuration is loaded (or refused).
+    start_bg ns-meshward-server ip netns exec "$NS_CP" env MESHWARD_LOG=warn,meshward_control_plane::watch=info "$MESHWARD" server --data-dir "$NS_DATA" \
+        --listen "$NS_CP_ADDR" --trust-domain "$TD" --config-dir "$NS_CONFIG"
+    NS_CP_PID=$LAST_PID
+    wait_until "meshward server in $NS_CP" 20 "$NS_CP_PID" grep -q '^listening on' "$WORK/ns-meshward-server.log"
+    log "meshward server (pid $NS_CP_PID) in $NS_CP: $(grep -m1 '^listening on' "$WORK/ns-meshward-server.log")"
+}
+
+count_in() { grep -c -- "$1" "$2" || true; }
+
+# ns_configure layer(l4|l7) mode(explicit|transparent): the control plane's
+# whole configuration, one file replaced at once; returns when the server
+# has loaded it. The same registry for both modes but for where a peer
+# reaches the server: explicit, the server proxy's --inbound port (the
+# WorkloadEntry's `ports`, as Istio maps a named service port); transparent,
+# nginx's own port, which capture hands to the server proxy. The policies
+# are meshward-l4's or meshward-l7's.
+ns_configure() {
+    local layer=$1 mode=$2 name proto policies ports= before refused
+    if [[ $layer == l4 ]]; then
+        name=tcp proto=TCP policies=$WORK/policies-l4/policies.yaml
+    else
+        name=http proto=HTTP policies=$WORK/policies-l7/policies.yaml
+    fi
+    [[ $mode == explicit ]] && ports=", ports: {$name: $NS_SV_IN}"
+    {
+        cat <<YAML
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: client, namespace: $NS}
+spec: {address: $NS_CLIENT_IP, serviceAccount: client, labels: {app: client}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: server, namespace: $NS}
+spec: {address: $NS_SERVER_IP, serviceAccount: server, labels: {app: server}$ports}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: server, namespace: $NS}
+spec:
+  hosts: [server.$NS]
+  addresses: [$NS_VIP]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: $NS_APP_PORT, name: $name, protocol: $proto}]
+  workloadSelector: {labels: {app: server}}
+---
+YAML
+        cat "$policies"
+    } >"$WORK/ns-bench.yaml"
+    "$MESHWARD" validate -f "$WORK/ns-bench.yaml" >&2 || die "ns-$mode-$layer: the control plane's configuration does not validate"
+    before=$(count_in 'config directory changed' "$WORK/ns-meshward-server.log")
+    refused=$(count_in 'config directory refused' "$WORK/ns-meshward-server.log")
+    mv "$WORK/ns-bench.yaml" "$NS_CONFIG/bench.yaml"
+    ns_config_loaded() {
+        (($(count_in 'config directory changed' "$WORK/ns-meshward-server.log") > before)) ||
+            (($(count_in 'config directory refused' "$WORK/ns-meshward-server.log") > refused))
+    }
+    wait_until "the control plane loading $layer/$mode" 30 "$NS_CP_PID" ns_config_loaded
+    (($(count_in 'config directory refused' "$WORK/ns-meshward-server.log") == refused)) ||
+        die "the control plane refused the $layer/$mode configuration: $(tail -n 20 "$WORK/ns-meshward-server.log")"
+}
+
+ns_proxy_ready() { # namespace: ready, and configured by the control plane
+    ns_http_ok "$1" "http://$NS_ADMIN/healthz/ready" &&
+        ip netns exec "$1" curl -s --max-time 2 "http://$NS_ADMIN/config_dump" | grep -q '"source": "control plane'
+}
+
+# ns_pair scenario layer(l4|l7) mode(explicit|transparent)
+ns_pair() {
+    local scen=$1 layer=$2 mode=$3 proto=tcp url bypass sv_mode cl_mode
+    [[ $layer == l7 ]] && proto=http
+    ns_configure "$layer" "$mode"
+    if [[ $mode == explicit ]]; then
+        sv_mode=(--inbound "$NS_SERVER_IP:$NS_SV_IN=$NS_SERVER_IP:$NS_APP_PORT,protocol=$proto")
+        cl_mode=(--upstream "server.$NS:$NS_APP_PORT=127.0.0.1:$NS_CL_LISTEN,protocol=$proto")
+        url=http://127.0.0.1:$NS_CL_LISTEN bypass=http://$NS_SERVER_IP:$NS_SV_IN
+    else
+        sv_mode=(--capture) cl_mode=(--capture)
+        url=http://$NS_VIP:$NS_APP_PORT bypass=http://$NS_SERVER_IP:$NS_APP_PORT
+    fi
+    # Everything but the mode's own flags is the same in both modes.
+    local common=(--control-plane "$NS_CP_ADDR" --ca-address "https://$NS_CP_ADDR"
+        --ca-root "$NS_DATA/root-cert.pem" --ca-server-name "$CA_SERVER_NAME" --proxy-mark "$MARK"
+        --admin "$NS_ADMIN" --access-log off --audit-log off --drain-grace 1s)
+    start_bg "$scen-server-proxy" ip netns exec "$NS_SERVER" "$MESHWARD" proxy --identity "$SERVER_ID" \
+        --workload "$NS/server" --token-file "$WORK/ns-server.token" "${sv_mode[@]}" "${common[@]}"
+    local sv_pid=$LAST_PID
+    start_bg "$scen-client-proxy" ip netns exec "$NS_CLIENT" "$MESHWARD" proxy --identity "$CLIENT_ID" \
+        --workload "$NS/client" --token-file "$WORK/ns-client.token" "${cl_mode[@]}" "${common[@]}"
+    local cl_pid=$LAST_PID
+    wait_until "$scen server proxy configured" 30 "$sv_pid" ns_proxy_ready "$NS_SERVER"
+    wait_until "$scen client proxy configured" 30 "$cl_pid" ns_proxy_ready "$NS_CLIENT"
+    log "$scen: client proxy pid $cl_pid, server proxy pid $sv_pid ($mode, $proto); wrk calls $url"
+
+    CLIENT_NS=$NS_CLIENT
+    policy_checks "$scen" "$proto" yes "$url"
+    # Plaintext from a host without a proxy: STRICT mTLS refuses it (in
+    # transparent mode, at nginx's own port, which capture hands to the proxy).
+    CLIENT_NS=$NS_CP expect_status "$scen" '!200' "plaintext from $NS_CP to $bypass, bypassing mTLS" \
+        -H "Authorization: Bearer $JWT" "$bypass$PATH_OK"
+    measure "$scen" "$url$PATH_OK" "client=$cl_pid" "server=$sv_pid"
+    CLIENT_NS=
+
+    pair_metrics "$scen" "$NS_SERVER" "$NS_ADMIN" "$NS_CLIENT" "$NS_ADMIN"
+    stop_pid "$cl_pid"
+    stop_pid "$sv_pid"
+    if [[ $mode == transparent ]]; then
+        # A proxy stopped cleanly removed its rules; one that had to be
+        # killed did not: the next scenario must start without them.
+        local ns
+        for ns in "$NS_CLIENT" "$NS_SERVER"; do
+            ip netns exec "$ns" "$MESHWARD" capture uninstall >>"$WORK/ns-capture-uninstall.log" 2>&1 ||
+                die "capture uninstall in $ns: $(tail -n 5 "$WORK/ns-capture-uninstall.log")"
+        done
+    fi
+}
+
 wanted meshward-l4 && meshward_pair meshward-l4 tcp "$WORK/policies-l4" off
 wanted meshward-l7 && meshward_pair meshward-l7 http "$WORK/policies-l7" off
 wanted meshward-l7-nojwt && meshward_pair meshward-l7-nojwt http "$WORK/policies-l7-nojwt" off no
 [[ $ACCESS_LOG_RUN == 1 ]] && wanted meshward-l7-log && meshward_pair meshward-l7-log http "$WORK/policies-l7" on
 wanted haproxy-tcp && haproxy_pair haproxy-tcp tcp
 wanted haproxy-http && haproxy_pair haproxy-http http
+if ((NS_WANTED)); then
+    ns_prepare
+    wait_quiet "the namespaced scenarios"
+    CLIENT_NS=$NS_CLIENT
+    measure ns-direct "http://$NS_SERVER_IP:$NS_APP_PORT$PATH_OK"
+    CLIENT_NS=
+    # Each transparent scenario right after its explicit twin, so the two
+    # that are compared run as close together as they can.
+    for layer in l4 l7; do
+        for mode in explicit transparent; do
+            if wanted "ns-$mode-$layer"; then ns_pair "ns-$mode-$layer" "$layer" "$mode"; fi
+        done
+    done
+fi
 
 # --- report ------------------------------------------------------------------------
 
@@ -554,6 +874,8 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 ROWS=()
 for s in "${SCENARIOS[@]}"; do
+    base=direct
+    [[ $s == ns-* ]] && base=ns-direct
     hop_str=${R_HOPS[$s]}
     cpu_col=() idle_col=() end_col=()
     for i in 0 1; do
@@ -566,14 +888,14 @@ for s in "${SCENARIOS[@]}"; do
             end_col+=("$(mib "$(hop_field "$i" "$hop_str" 4)")")
         fi
     done
-    ROWS+=("$s|$(printf '%.0f' "${R_RPS[$s]}")|$(ratio "${R_RPS[$s]}" "${R_RPS[direct]}")|${R_P50[$s]}|$(ratio "${R_P50[$s]}" "${R_P50[direct]}")|${R_P99[$s]}|$(ratio "${R_P99[$s]}" "${R_P99[direct]}")|${cpu_col[0]}|${cpu_col[1]}|${idle_col[0]}|${idle_col[1]}|${end_col[0]}|${end_col[1]}|${R_OTHER[$s]}")
+    ROWS+=("$s|$(printf '%.0f' "${R_RPS[$s]}")|$(ratio "${R_RPS[$s]}" "${R_RPS[$base]}")|${R_P50[$s]}|$(ratio "${R_P50[$s]}" "${R_P50[$base]}")|${R_P99[$s]}|$(ratio "${R_P99[$s]}" "${R_P99[$base]}")|${cpu_col[0]}|${cpu_col[1]}|${idle_col[0]}|${idle_col[1]}|${end_col[0]}|${end_col[1]}|${R_OTHER[$s]}")
 done
 
 HEADER="scenario|req/s|req/s ÷ direct|p50 ms|p50 ÷ direct|p99 ms|p99 ÷ direct|CPU-s/1k req hop1|CPU-s/1k req hop2|RSS idle MiB hop1|RSS idle MiB hop2|RSS end MiB hop1|RSS end MiB hop2|other CPU %"
 
 echo
 echo "== proxy load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after a $WARMUP warm-up), $(nproc) cores =="
-echo "hop1 = client-side proxy (wrk's side), hop2 = server-side proxy (nginx's side)"
+echo "hop1 = client-side proxy (wrk's side), hop2 = server-side proxy (nginx's side); ns-* rows are ÷ ns-direct"
 echo
 {
     echo "$HEADER"
@@ -585,6 +907,49 @@ echo
 echo "| ${HEADER//|/ | } |"
 echo "|---|$(printf -- '---:|%.0s' $(seq 13))"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
+
+# Capture cost: transparent minus explicit CPU per request, per hop, for
+# each layer whose two scenarios both ran.
+CAPTURE_BUDGET_US=2
+us_per_req() { # ticks requests -> CPU microseconds per request
+    awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (t / hz) / n * 1e6 }'
+}
+CC_ROWS=()
+for layer in l4 l7; do
+    e=ns-explicit-$layer t=ns-transparent-$layer
+    [[ -n ${R_REQS[$e]:-} && -n ${R_REQS[$t]:-} ]] || continue
+    for i in 0 1; do
+        name=$(hop_field "$i" "${R_HOPS[$e]}" 1)
+        eu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$e]}" 2)" "${R_REQS[$e]}")
+        tu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$t]}" 2)" "${R_REQS[$t]}")
+        d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
+        met=$(awk -v d="$d" -v b="$CAPTURE_BUDGET_US" 'BEGIN { print (d <= b ? "yes" : "NO") }')
+        CC_ROWS+=("${layer^^}|hop$((i + 1)) ($name proxy)|$eu|$tu|$d|≤ $CAPTURE_BUDGET_US|$met")
+        log "capture cost ${layer^^} hop$((i + 1)) ($name proxy): $eu -> $tu µs/request ($d; budget ≤ $CAPTURE_BUDGET_US: $met)"
+    done
+    # The application's side, for context (not a hop): wrk's own CPU,
+    # which pays for the NAT of its connections in transparent mode.
+    eu=$(us_per_req "${R_WRK[$e]}" "${R_REQS[$e]}")
+    tu=$(us_per_req "${R_WRK[$t]}" "${R_REQS[$t]}")
+    d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
+    CC_ROWS+=("${layer^^}|wrk (the application; not a hop)|$eu|$tu|$d|-|-")
+done
+if ((${#CC_ROWS[@]})); then
+    CC_HEADER="layer|process|explicit CPU µs/req|transparent CPU µs/req|capture cost µs/req|budget µs/req|met"
+    echo
+    echo "== capture cost: transparent minus explicit CPU per request, per hop (same run) =="
+    echo
+    {
+        echo "$CC_HEADER"
+        printf '%s\n' "${CC_ROWS[@]}"
+    } | column -t -s '|'
+    echo
+    echo "Markdown:"
+    echo
+    echo "| ${CC_HEADER//|/ | } |"
+    echo "|---|---|---:|---:|---:|---:|---|"
+    for r in "${CC_ROWS[@]}"; do echo "| ${r//|/ | } |"; done
+fi
 echo
 echo "- wrk $("$WRK" -v 2>&1 | head -1 | awk '{print $2}'), \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $WARMUP warm-up, every request with the same \`Authorization: Bearer\` RS256 JWT; backend nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, \`return 200 \"ok\\n\"\`."
 echo "- meshward $("$MESHWARD" --version 2>/dev/null | awk '{print $NF}') (\`$MESHWARD\`; repository at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)), \`--access-log off --audit-log off\` except meshward-l7-log (access logs to files); haproxy $("$HAPROXY" -v | head -1 | awk '{print $3}') with default threads."
@@ -592,6 +957,9 @@ echo "- Identity checks: meshward's client side accepts only the server's SPIFFE
 echo "- other CPU %: busy CPU time during the measured phase not spent by wrk, nginx, meshward server or the hops (other processes, interrupts, hypervisor steal), as % of the machine; more than a few % means the row is skewed."
 echo "- CPU per hop: utime+stime of that proxy process during the measured phase, ÷ (requests ÷ 1,000). RSS: VmRSS before any load and right after it."
 echo "- $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); CPU ${BUSY_BEFORE}% busy in the second before the run (anything else running skews the numbers). wrk, nginx and both proxies share the cores."
+if [[ -n ${R_REQS[ns-direct]:-} ]]; then
+    echo "- ns-*: wrk in a client network namespace, nginx in a server namespace (198.18.0.3:$NS_APP_PORT), joined by veth pairs through a bridge; proxies configured by meshward server in a third namespace, with the same flags in both modes but the mode's own: explicit \`--upstream\`/\`--inbound\`, transparent \`--capture\` (both \`--proxy-mark $MARK\`). Transparent: wrk calls the ServiceEntry address $NS_VIP:$NS_APP_PORT. Capture cost: transparent minus explicit CPU per request of each hop; budget ≤ $CAPTURE_BUDGET_US µs per request per hop. wrk's own CPU is shown for context."
+fi
 for n in "${NOTES[@]}"; do echo "- $n"; done
 for s in "${SCENARIOS[@]}"; do
     if ((${R_OTHER[$s]} > 10)); then
