@@ -63,6 +63,8 @@
 #
 # Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
 # ACCESS_LOG_RUN=1 KEEP=0 (1 keeps the work directory with logs and configs),
+# NS_ROUNDS=1 (measure each ns-* explicit/transparent pair that many times in
+# turn: a capture cost per round, and their median),
 # QUIET_WAIT=60 (seconds to wait, at start and before the ns-* scenarios, for the
 # machine to be under 10% busy),
 # ONLY="meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http
@@ -86,6 +88,7 @@ THREADS=${THREADS:-1}
 ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
 KEEP=${KEEP:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% busy
+NS_ROUNDS=${NS_ROUNDS:-1}      # how many times each ns-* explicit/transparent pair is measured
 # Which scenarios after direct (always run: the ratios are to it).
 ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
 
@@ -851,9 +854,15 @@ if ((NS_WANTED)); then
     CLIENT_NS=
     # Each transparent scenario right after its explicit twin, so the two
     # that are compared run as close together as they can.
-    for layer in l4 l7; do
-        for mode in explicit transparent; do
-            if wanted "ns-$mode-$layer"; then ns_pair "ns-$mode-$layer" "$layer" "$mode"; fi
+    # NS_ROUNDS > 1 measures each pair again (ns-explicit-l4.2, …), for as
+    # many capture costs.
+    for ((round = 1; round <= NS_ROUNDS; round++)); do
+        sfx=
+        if ((round > 1)); then sfx=.$round; fi
+        for layer in l4 l7; do
+            for mode in explicit transparent; do
+                if wanted "ns-$mode-$layer"; then ns_pair "ns-$mode-$layer$sfx" "$layer" "$mode"; fi
+            done
         done
     done
 fi
@@ -914,25 +923,43 @@ CAPTURE_BUDGET_US=2
 us_per_req() { # ticks requests -> CPU microseconds per request
     awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (t / hz) / n * 1e6 }'
 }
+budget_met() { awk -v d="$1" -v b="$CAPTURE_BUDGET_US" 'BEGIN { print (d <= b ? "yes" : "NO") }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%+.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 CC_ROWS=()
 for layer in l4 l7; do
-    e=ns-explicit-$layer t=ns-transparent-$layer
-    [[ -n ${R_REQS[$e]:-} && -n ${R_REQS[$t]:-} ]] || continue
-    for i in 0 1; do
-        name=$(hop_field "$i" "${R_HOPS[$e]}" 1)
-        eu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$e]}" 2)" "${R_REQS[$e]}")
-        tu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$t]}" 2)" "${R_REQS[$t]}")
+    deltas=("" "")
+    for ((round = 1; round <= NS_ROUNDS; round++)); do
+        sfx= label=${layer^^}
+        if ((round > 1)); then sfx=.$round; fi
+        if ((NS_ROUNDS > 1)); then label+=" round $round"; fi
+        e=ns-explicit-$layer$sfx t=ns-transparent-$layer$sfx
+        [[ -n ${R_REQS[$e]:-} && -n ${R_REQS[$t]:-} ]] || continue
+        for i in 0 1; do
+            name=$(hop_field "$i" "${R_HOPS[$e]}" 1)
+            eu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$e]}" 2)" "${R_REQS[$e]}")
+            tu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$t]}" 2)" "${R_REQS[$t]}")
+            d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
+            deltas[i]+=" $d"
+            met=$(budget_met "$d")
+            CC_ROWS+=("$label|hop$((i + 1)) ($name proxy)|$eu|$tu|$d|≤ $CAPTURE_BUDGET_US|$met")
+            log "capture cost $label hop$((i + 1)) ($name proxy): $eu -> $tu µs/request ($d; budget ≤ $CAPTURE_BUDGET_US: $met)"
+        done
+        # The application's side, for context (not a hop): wrk's own CPU,
+        # which pays for the NAT of its connections in transparent mode.
+        eu=$(us_per_req "${R_WRK[$e]}" "${R_REQS[$e]}")
+        tu=$(us_per_req "${R_WRK[$t]}" "${R_REQS[$t]}")
         d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
-        met=$(awk -v d="$d" -v b="$CAPTURE_BUDGET_US" 'BEGIN { print (d <= b ? "yes" : "NO") }')
-        CC_ROWS+=("${layer^^}|hop$((i + 1)) ($name proxy)|$eu|$tu|$d|≤ $CAPTURE_BUDGET_US|$met")
-        log "capture cost ${layer^^} hop$((i + 1)) ($name proxy): $eu -> $tu µs/request ($d; budget ≤ $CAPTURE_BUDGET_US: $met)"
+        CC_ROWS+=("$label|wrk (the application; not a hop)|$eu|$tu|$d|-|-")
     done
-    # The application's side, for context (not a hop): wrk's own CPU,
-    # which pays for the NAT of its connections in transparent mode.
-    eu=$(us_per_req "${R_WRK[$e]}" "${R_REQS[$e]}")
-    tu=$(us_per_req "${R_WRK[$t]}" "${R_REQS[$t]}")
-    d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
-    CC_ROWS+=("${layer^^}|wrk (the application; not a hop)|$eu|$tu|$d|-|-")
+    if ((NS_ROUNDS > 1)); then
+        for i in 0 1; do
+            [[ -n ${deltas[i]} ]] || continue
+            # shellcheck disable=SC2086 # the list of this hop's costs
+            d=$(median ${deltas[i]})
+            CC_ROWS+=("${layer^^} median of $NS_ROUNDS|hop$((i + 1))|||$d|≤ $CAPTURE_BUDGET_US|$(budget_met "$d")")
+            log "capture cost ${layer^^} hop$((i + 1)), median of $NS_ROUNDS rounds: $d µs/request (each:${deltas[i]})"
+        done
+    fi
 done
 if ((${#CC_ROWS[@]})); then
     CC_HEADER="layer|process|explicit CPU µs/req|transparent CPU µs/req|capture cost µs/req|budget µs/req|met"
