@@ -324,6 +324,14 @@ cpu_ticks() { # pid -> utime+stime (whole process, all threads)
     echo $((f[11] + f[12]))
 }
 
+sys_ticks() { # pid -> stime: the part of cpu_ticks spent in the kernel
+    local s f
+    s=$(<"/proc/$1/stat")
+    s=${s##*) }
+    read -r -a f <<<"$s"
+    echo $((f[12]))
+}
+
 # The machine's busy and total ticks since boot (busy includes interrupts and
 # hypervisor steal).
 machine_ticks() {
@@ -400,7 +408,7 @@ measure() {
     local scen=$1 url=$2
     shift 2
     local hop name pid
-    local -A idle before
+    local -A idle before before_sys
     body=$(client_run curl -sS --max-time 3 -H "Authorization: Bearer $JWT" "$url") || die "$scen: curl $url failed"
     [[ $body == ok ]] || die "$scen: unexpected body from $url: $body"
     for hop in "$@"; do
@@ -414,6 +422,7 @@ measure() {
     for hop in "$@"; do
         pid=${hop#*=}
         before[$pid]=$(cpu_ticks "$pid")
+        before_sys[$pid]=$(sys_ticks "$pid")
     done
     children_ticks
     c0=$CHILD_TICKS
@@ -432,7 +441,7 @@ measure() {
         proc_alive "$pid" || die "$scen: $name (pid $pid) died under load"
         local used=$(($(cpu_ticks "$pid") - ${before[$pid]}))
         ours=$((ours + used))
-        hop_rows+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid")")
+        hop_rows+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid"):$(($(sys_ticks "$pid") - ${before_sys[$pid]}))")
     done
     # What the rest of the machine used meanwhile: busy ticks not spent by
     # wrk, nginx, meshward server or the hops, as % of all CPU time.
@@ -870,7 +879,7 @@ fi
 # --- report ------------------------------------------------------------------------
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-hop_field() { # hops-string index(0|1) field(1=name 2=ticks 3=idle 4=end)
+hop_field() { # hops-string index(0|1) field(1=name 2=ticks 3=idle 4=end 5=kernel ticks)
     local h
     read -r -a h <<<"$2"
     ((${#h[@]} > $1)) || { echo "-"; return; }
@@ -939,30 +948,34 @@ for layer in l4 l7; do
             eu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$e]}" 2)" "${R_REQS[$e]}")
             tu=$(us_per_req "$(hop_field "$i" "${R_HOPS[$t]}" 2)" "${R_REQS[$t]}")
             d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
+            # How much of it is kernel time (stime): capture's NAT and
+            # connection tracking run in the proxy's system calls.
+            ks=$(awk -v a="$(us_per_req "$(hop_field "$i" "${R_HOPS[$t]}" 5)" "${R_REQS[$t]}")" \
+                -v b="$(us_per_req "$(hop_field "$i" "${R_HOPS[$e]}" 5)" "${R_REQS[$e]}")" 'BEGIN { printf "%+.2f", a - b }')
             deltas[i]+=" $d"
             met=$(budget_met "$d")
-            CC_ROWS+=("$label|hop$((i + 1)) ($name proxy)|$eu|$tu|$d|≤ $CAPTURE_BUDGET_US|$met")
-            log "capture cost $label hop$((i + 1)) ($name proxy): $eu -> $tu µs/request ($d; budget ≤ $CAPTURE_BUDGET_US: $met)"
+            CC_ROWS+=("$label|hop$((i + 1)) ($name proxy)|$eu|$tu|$d|$ks|${R_OTHER[$e]} / ${R_OTHER[$t]}|≤ $CAPTURE_BUDGET_US|$met")
+            log "capture cost $label hop$((i + 1)) ($name proxy): $eu -> $tu µs/request ($d, kernel $ks; budget ≤ $CAPTURE_BUDGET_US: $met; other CPU ${R_OTHER[$e]}% / ${R_OTHER[$t]}%)"
         done
         # The application's side, for context (not a hop): wrk's own CPU,
         # which pays for the NAT of its connections in transparent mode.
         eu=$(us_per_req "${R_WRK[$e]}" "${R_REQS[$e]}")
         tu=$(us_per_req "${R_WRK[$t]}" "${R_REQS[$t]}")
         d=$(awk -v a="$tu" -v b="$eu" 'BEGIN { printf "%+.2f", a - b }')
-        CC_ROWS+=("$label|wrk (the application; not a hop)|$eu|$tu|$d|-|-")
+        CC_ROWS+=("$label|wrk (the application; not a hop)|$eu|$tu|$d||${R_OTHER[$e]} / ${R_OTHER[$t]}|-|-")
     done
     if ((NS_ROUNDS > 1)); then
         for i in 0 1; do
             [[ -n ${deltas[i]} ]] || continue
             # shellcheck disable=SC2086 # the list of this hop's costs
             d=$(median ${deltas[i]})
-            CC_ROWS+=("${layer^^} median of $NS_ROUNDS|hop$((i + 1))|||$d|≤ $CAPTURE_BUDGET_US|$(budget_met "$d")")
+            CC_ROWS+=("${layer^^} median of $NS_ROUNDS|hop$((i + 1))|||$d|||≤ $CAPTURE_BUDGET_US|$(budget_met "$d")")
             log "capture cost ${layer^^} hop$((i + 1)), median of $NS_ROUNDS rounds: $d µs/request (each:${deltas[i]})"
         done
     fi
 done
 if ((${#CC_ROWS[@]})); then
-    CC_HEADER="layer|process|explicit CPU µs/req|transparent CPU µs/req|capture cost µs/req|budget µs/req|met"
+    CC_HEADER="layer|process|explicit CPU µs/req|transparent CPU µs/req|capture cost µs/req|of which kernel|other CPU % (expl. / transp.)|budget µs/req|met"
     echo
     echo "== capture cost: transparent minus explicit CPU per request, per hop (same run) =="
     echo
@@ -974,8 +987,10 @@ if ((${#CC_ROWS[@]})); then
     echo "Markdown:"
     echo
     echo "| ${CC_HEADER//|/ | } |"
-    echo "|---|---|---:|---:|---:|---:|---|"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---|"
     for r in "${CC_ROWS[@]}"; do echo "| ${r//|/ | } |"; done
+    echo
+    echo "Kernel: the difference in stime alone. Other CPU: as in the table above; a round where either is over 10 % compares a disturbed run."
 fi
 echo
 echo "- wrk $("$WRK" -v 2>&1 | head -1 | awk '{print $2}'), \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $WARMUP warm-up, every request with the same \`Authorization: Bearer\` RS256 JWT; backend nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), 1 worker, \`return 200 \"ok\\n\"\`."
