@@ -39,6 +39,7 @@
 #                     -mTLS-> nginx's own address 198.18.0.3:8080, captured by the server
 #                     proxy (15006), which forwards it to nginx from 127.0.0.6
 #   ns-transparent-l7 the same with the HTTP port and meshward-l7's policies
+#   ns-*-paced        each of the above again, paced (NS_PACE_MS below)
 #
 # Both modes' proxies run with the same flags (--control-plane, --workload,
 # --proxy-mark 1337, logs off) apart from the mode's own (--upstream/--inbound,
@@ -64,7 +65,14 @@
 # Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
 # ACCESS_LOG_RUN=1 KEEP=0 (1 keeps the work directory with logs and configs),
 # NS_ROUNDS=1 (measure each ns-* explicit/transparent pair that many times in
-# turn: a capture cost per round, and their median),
+# turn: a capture cost per round, and their median), NS_PACE_MS=8 (after each
+# ns-* scenario, its "-paced" twin: the same processes under wrk with every
+# connection waiting NS_PACE_MS ms after each response (wrk's delay()), so
+# both modes carry about the same request rate, CONNECTIONS x 1000 / (NS_PACE_MS
+# + latency) per second, below saturation: there the CPU per request does not
+# depend on how many requests each wake-up happens to batch, which it does at
+# saturation, where a costlier path means less batching and so a costlier
+# request again; 0 turns the paced runs off),
 # QUIET_WAIT=60 (seconds to wait, at start and before the ns-* scenarios, for the
 # machine to be under 10% busy),
 # ONLY="meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http
@@ -89,6 +97,7 @@ ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
 KEEP=${KEEP:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% busy
 NS_ROUNDS=${NS_ROUNDS:-1}      # how many times each ns-* explicit/transparent pair is measured
+NS_PACE_MS=${NS_PACE_MS:-8}    # paced ns-* runs: each connection waits this long after a response (0: none)
 # Which scenarios after direct (always run: the ratios are to it).
 ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
 
@@ -371,8 +380,9 @@ to_ms() { # wrk duration (12.3us, 4.5ms, 1.2s, 1.0m) -> ms
         else { printf "nan" } }'
 }
 
+WRK_EXTRA=() # more wrk arguments (the paced scenarios' script)
 run_wrk() { # url duration out
-    client_run "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency \
+    client_run "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency "${WRK_EXTRA[@]}" \
         -H "Authorization: Bearer $JWT" "$1" >"$3" 2>&1 || die "wrk failed: $(cat "$3")"
 }
 
@@ -833,6 +843,11 @@ ns_pair() {
     CLIENT_NS=$NS_CP expect_status "$scen" '!200' "plaintext from $NS_CP to $bypass, bypassing mTLS" \
         -H "Authorization: Bearer $JWT" "$bypass$PATH_OK"
     measure "$scen" "$url$PATH_OK" "client=$cl_pid" "server=$sv_pid"
+    if ((NS_PACE_MS > 0)); then
+        WRK_EXTRA=(-s "$WORK/pace.lua")
+        measure "$scen-paced" "$url$PATH_OK" "client=$cl_pid" "server=$sv_pid"
+        WRK_EXTRA=()
+    fi
     CLIENT_NS=
 
     pair_metrics "$scen" "$NS_SERVER" "$NS_ADMIN" "$NS_CLIENT" "$NS_ADMIN"
@@ -858,8 +873,14 @@ wanted haproxy-http && haproxy_pair haproxy-http http
 if ((NS_WANTED)); then
     ns_prepare
     wait_quiet "the namespaced scenarios"
+    printf 'function delay()\n    return %d\nend\n' "$NS_PACE_MS" >"$WORK/pace.lua"
     CLIENT_NS=$NS_CLIENT
     measure ns-direct "http://$NS_SERVER_IP:$NS_APP_PORT$PATH_OK"
+    if ((NS_PACE_MS > 0)); then
+        WRK_EXTRA=(-s "$WORK/pace.lua")
+        measure ns-direct-paced "http://$NS_SERVER_IP:$NS_APP_PORT$PATH_OK"
+        WRK_EXTRA=()
+    fi
     CLIENT_NS=
     # Each transparent scenario right after its explicit twin, so the two
     # that are compared run as close together as they can.
@@ -894,6 +915,7 @@ ROWS=()
 for s in "${SCENARIOS[@]}"; do
     base=direct
     [[ $s == ns-* ]] && base=ns-direct
+    [[ $s == ns-*-paced ]] && base=ns-direct-paced
     hop_str=${R_HOPS[$s]}
     cpu_col=() idle_col=() end_col=()
     for i in 0 1; do
@@ -935,13 +957,14 @@ us_per_req() { # ticks requests -> CPU microseconds per request
 budget_met() { awk -v d="$1" -v b="$CAPTURE_BUDGET_US" 'BEGIN { print (d <= b ? "yes" : "NO") }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%+.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 CC_ROWS=()
+for kind in "" -paced; do
 for layer in l4 l7; do
     deltas=("" "")
     for ((round = 1; round <= NS_ROUNDS; round++)); do
-        sfx= label=${layer^^}
+        sfx= label=${layer^^}${kind:+ paced}
         if ((round > 1)); then sfx=.$round; fi
         if ((NS_ROUNDS > 1)); then label+=" round $round"; fi
-        e=ns-explicit-$layer$sfx t=ns-transparent-$layer$sfx
+        e=ns-explicit-$layer$sfx$kind t=ns-transparent-$layer$sfx$kind
         [[ -n ${R_REQS[$e]:-} && -n ${R_REQS[$t]:-} ]] || continue
         for i in 0 1; do
             name=$(hop_field "$i" "${R_HOPS[$e]}" 1)
@@ -969,10 +992,11 @@ for layer in l4 l7; do
             [[ -n ${deltas[i]} ]] || continue
             # shellcheck disable=SC2086 # the list of this hop's costs
             d=$(median ${deltas[i]})
-            CC_ROWS+=("${layer^^} median of $NS_ROUNDS|hop$((i + 1))|||$d|||≤ $CAPTURE_BUDGET_US|$(budget_met "$d")")
-            log "capture cost ${layer^^} hop$((i + 1)), median of $NS_ROUNDS rounds: $d µs/request (each:${deltas[i]})"
+            CC_ROWS+=("${layer^^}${kind:+ paced} median of $NS_ROUNDS|hop$((i + 1))|||$d|||≤ $CAPTURE_BUDGET_US|$(budget_met "$d")")
+            log "capture cost ${layer^^}${kind:+ paced} hop$((i + 1)), median of $NS_ROUNDS rounds: $d µs/request (each:${deltas[i]})"
         done
     fi
+done
 done
 if ((${#CC_ROWS[@]})); then
     CC_HEADER="layer|process|explicit CPU µs/req|transparent CPU µs/req|capture cost µs/req|of which kernel|other CPU % (expl. / transp.)|budget µs/req|met"
@@ -1000,7 +1024,7 @@ echo "- other CPU %: busy CPU time during the measured phase not spent by wrk, n
 echo "- CPU per hop: utime+stime of that proxy process during the measured phase, ÷ (requests ÷ 1,000). RSS: VmRSS before any load and right after it."
 echo "- $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); CPU ${BUSY_BEFORE}% busy in the second before the run (anything else running skews the numbers). wrk, nginx and both proxies share the cores."
 if [[ -n ${R_REQS[ns-direct]:-} ]]; then
-    echo "- ns-*: wrk in a client network namespace, nginx in a server namespace (198.18.0.3:$NS_APP_PORT), joined by veth pairs through a bridge; proxies configured by meshward server in a third namespace, with the same flags in both modes but the mode's own: explicit \`--upstream\`/\`--inbound\`, transparent \`--capture\` (both \`--proxy-mark $MARK\`). Transparent: wrk calls the ServiceEntry address $NS_VIP:$NS_APP_PORT. Capture cost: transparent minus explicit CPU per request of each hop; budget ≤ $CAPTURE_BUDGET_US µs per request per hop. wrk's own CPU is shown for context."
+    echo "- ns-*: wrk in a client network namespace, nginx in a server namespace (198.18.0.3:$NS_APP_PORT), joined by veth pairs through a bridge; proxies configured by meshward server in a third namespace, with the same flags in both modes but the mode's own: explicit \`--upstream\`/\`--inbound\`, transparent \`--capture\` (both \`--proxy-mark $MARK\`). Transparent: wrk calls the ServiceEntry address $NS_VIP:$NS_APP_PORT. -paced: the same processes again, each wrk connection waiting $NS_PACE_MS ms after every response (ratios to ns-direct-paced). Capture cost: transparent minus explicit CPU per request of each hop; budget ≤ $CAPTURE_BUDGET_US µs per request per hop. wrk's own CPU is shown for context."
 fi
 for n in "${NOTES[@]}"; do echo "- $n"; done
 for s in "${SCENARIOS[@]}"; do
