@@ -882,15 +882,17 @@ if ((NS_WANTED)); then
         WRK_EXTRA=()
     fi
     CLIENT_NS=
-    # Each transparent scenario right after its explicit twin, so the two
-    # that are compared run as close together as they can.
-    # NS_ROUNDS > 1 measures each pair again (ns-explicit-l4.2, …), for as
-    # many capture costs.
+    # Each transparent scenario right beside its explicit twin, so the two
+    # that are compared run as close together as they can. NS_ROUNDS > 1
+    # measures each pair again (ns-explicit-l4.2, …), for as many capture
+    # costs; even rounds run transparent first, so that neither mode always
+    # has the later turn.
     for ((round = 1; round <= NS_ROUNDS; round++)); do
-        sfx=
+        sfx= modes=(explicit transparent)
         if ((round > 1)); then sfx=.$round; fi
+        if ((round % 2 == 0)); then modes=(transparent explicit); fi
         for layer in l4 l7; do
-            for mode in explicit transparent; do
+            for mode in "${modes[@]}"; do
                 if wanted "ns-$mode-$layer"; then ns_pair "ns-$mode-$layer$sfx" "$layer" "$mode"; fi
             done
         done
