@@ -78,7 +78,7 @@
 # ONLY="meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http
 # ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7" (a subset runs only
 # those, after direct, and ns-direct before any ns-*).
-# Needs: wrk, haproxy, nginx, curl, openssl, ss, column, ps, and for ns-*: ip, iptables
+# Needs: wrk, haproxy, nginx, curl, openssl, ss, column, ps, and for ns-*: ip, iptables, nft
 # (installed with apt-get when missing; sudo is used when not root).
 
 set -euo pipefail
@@ -149,6 +149,7 @@ install_missing() {
     if ((NS_WANTED)); then
         [[ -n $(find_tool ip) ]] || missing+=(iproute2)
         [[ -n $(find_tool iptables) ]] || missing+=(iptables)
+        [[ -n $(find_tool nft) ]] || missing+=(nftables)
     fi
     ((${#missing[@]})) || return 0
     log "installing: ${missing[*]}"
@@ -855,11 +856,21 @@ ns_pair() {
     stop_pid "$sv_pid"
     if [[ $mode == transparent ]]; then
         # A proxy stopped cleanly removed its rules; one that had to be
-        # killed did not: the next scenario must start without them.
-        local ns
+        # killed did not: the next scenario must start without them. Then
+        # the nat tables go too: `capture uninstall` rightly leaves them
+        # (they are not meshward's), but their empty base chains keep NAT's
+        # hooks, and so connection tracking, on every packet of the
+        # namespace, which would charge the next explicit scenario part of
+        # capture's cost. Nothing else uses them in these namespaces.
+        local ns family
         for ns in "$NS_CLIENT" "$NS_SERVER"; do
             ip netns exec "$ns" "$MESHWARD" capture uninstall >>"$WORK/ns-capture-uninstall.log" 2>&1 ||
                 die "capture uninstall in $ns: $(tail -n 5 "$WORK/ns-capture-uninstall.log")"
+            for family in ip ip6; do
+                ip netns exec "$ns" nft delete table "$family" nat 2>/dev/null || true
+            done
+            [[ -z $(ip netns exec "$ns" nft list ruleset 2>/dev/null) ]] ||
+                die "$ns still has netfilter rules after $scen: $(ip netns exec "$ns" nft list ruleset)"
         done
     fi
 }
