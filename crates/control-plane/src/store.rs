@@ -108,12 +108,13 @@ fn bump_version(meta: &mut redb::Table<&str, &str>) -> Result<(), redb::StorageE
 
 /// The kind as stored (`authorizationpolicy` → `AuthorizationPolicy`).
 fn canonical_kind(kind: &str) -> &str {
-    const KINDS: [&str; 5] = [
+    const KINDS: [&str; 6] = [
         "AuthorizationPolicy",
         "PeerAuthentication",
         "RequestAuthentication",
         "WorkloadEntry",
         "ServiceEntry",
+        "DestinationRule",
     ];
     KINDS
         .into_iter()

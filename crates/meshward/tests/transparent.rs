@@ -620,6 +620,40 @@ fn two_endpoints_of_a_service_each_get_a_fair_share_of_requests() {
         let share = names.iter().filter(|n| *n == name).count();
         assert!(share > 30, "{name} got {share} of 100: {names:?}");
     }
+
+    // A DestinationRule asks for ROUND_ROBIN: strictly in turn.
+    mesh.put(
+        "destination-rule.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  host: ratings.bookinfo
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+",
+    );
+    wait_until(SETTLE, "ROUND_ROBIN in productpage's routes", || {
+        let dump = productpage.output(&[
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "http://127.0.0.1:15000/config_dump",
+        ]);
+        String::from_utf8_lossy(&dump.stdout).contains("ROUND_ROBIN")
+    });
+    let (code, out) = curl(productpage, &args);
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names.len(), 100, "{out}");
+    assert!(
+        names.windows(2).all(|w| w[0] != w[1]),
+        "not in turn: {names:?}"
+    );
 }
 
 #[test]

@@ -17,6 +17,7 @@ use crate::api::{
 };
 use crate::api::{
     DEFAULT_NAMESPACE, NETWORKING_GROUP, NETWORKING_VERSIONS, PeerAuthentication, RegistryObject,
+    SIMPLE_LOAD_BALANCERS,
 };
 use crate::diagnostic::{Diagnostic, Location, Severity};
 use crate::validate;
@@ -291,6 +292,21 @@ fn validate_registry(object: &RegistryObject) -> Result<(), (&'static str, Strin
             }
             Ok(())
         }
+        RegistryObject::DestinationRule(dr) => {
+            if dr.spec.host.is_empty() {
+                return Err(("spec.host", "host is required".into()));
+            }
+            match dr.spec.simple_load_balancer() {
+                Some(simple) if !SIMPLE_LOAD_BALANCERS.contains(&simple) => Err((
+                    "spec.trafficPolicy.loadBalancer.simple",
+                    format!(
+                        "{simple:?} is not one of {}",
+                        SIMPLE_LOAD_BALANCERS.join(", ")
+                    ),
+                )),
+                _ => Ok(()),
+            }
+        }
     }
 }
 
@@ -337,6 +353,9 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
                         let problems = match &object {
                             RegistryObject::ServiceEntry(se) => {
                                 validate::validate_service_entry(se)
+                            }
+                            RegistryObject::DestinationRule(dr) => {
+                                validate::validate_destination_rule(dr)
                             }
                             RegistryObject::WorkloadEntry(_) => Vec::new(),
                         };
@@ -611,7 +630,12 @@ impl Document<'_> {
             .unwrap_or(DEFAULT_NAMESPACE);
         let resource = (!kind_str.is_empty()).then(|| format!("{kind_str} {namespace}/{name}"));
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        if group == NETWORKING_GROUP && matches!(kind_str, "WorkloadEntry" | "ServiceEntry") {
+        if group == NETWORKING_GROUP
+            && matches!(
+                kind_str,
+                "WorkloadEntry" | "ServiceEntry" | "DestinationRule"
+            )
+        {
             if !NETWORKING_VERSIONS.contains(&version) {
                 return Err(self.error(
                     resource,
@@ -626,10 +650,10 @@ impl Document<'_> {
                     "metadata.name is required".into(),
                 ));
             }
-            return Ok(Read::Registry(if kind_str == "WorkloadEntry" {
-                RegistryObject::WorkloadEntry(self.typed(value, &resource)?)
-            } else {
-                RegistryObject::ServiceEntry(self.typed(value, &resource)?)
+            return Ok(Read::Registry(match kind_str {
+                "WorkloadEntry" => RegistryObject::WorkloadEntry(self.typed(value, &resource)?),
+                "ServiceEntry" => RegistryObject::ServiceEntry(self.typed(value, &resource)?),
+                _ => RegistryObject::DestinationRule(self.typed(value, &resource)?),
             }));
         }
         let Some(kind) = Kind::parse(kind_str) else {

@@ -165,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .filter_map(|o| match o {
             RegistryObject::WorkloadEntry(we) => Some(we),
-            RegistryObject::ServiceEntry(_) => None,
+            _ => None,
         })
         .collect();
     let services: Vec<&ServiceEntry> = loaded
@@ -173,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .filter_map(|o| match o {
             RegistryObject::ServiceEntry(se) => Some(se),
-            RegistryObject::WorkloadEntry(_) => None,
+            _ => None,
         })
         .collect();
     if entries.is_empty() {

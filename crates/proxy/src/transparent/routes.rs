@@ -297,26 +297,49 @@ impl Routes {
             .clear();
     }
 
-    /// What `/config_dump` shows: each address and the services there.
-    pub fn dump(&self) -> Vec<(String, Vec<String>)> {
+    /// What `/config_dump` shows: each address and the service ports
+    /// there, with how they are reached.
+    pub fn dump(&self) -> serde_json::Value {
         let table = self.current();
-        let names = |route: &Route| match route {
-            Route::One(t) => vec![t.upstream.name()],
-            Route::ByHost(ts) => ts.iter().map(|t| t.upstream.name()).collect(),
+        let describe = |route: &Route| -> Vec<serde_json::Value> {
+            let targets: Vec<&Arc<OutboundTarget>> = match route {
+                Route::One(t) => vec![t],
+                Route::ByHost(ts) => ts.iter().collect(),
+            };
+            targets
+                .into_iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "service": t.upstream.name(),
+                        "protocol": t.upstream.protocol.as_str(),
+                        "tls": match t.upstream.tls {
+                            UpstreamTls::IstioMutual => "ISTIO_MUTUAL",
+                            UpstreamTls::Disable => "DISABLE",
+                        },
+                        "load_balancer": t.upstream.lb.as_str(),
+                        "endpoints": t.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })
+                })
+                .collect()
         };
-        let mut out: Vec<(String, Vec<String>)> = table
+        let mut routes: BTreeMap<String, Vec<serde_json::Value>> = table
             .exact
             .iter()
-            .map(|(addr, route)| (addr.to_string(), names(route)))
-            .chain(
-                table
-                    .ranges
-                    .iter()
-                    .map(|(net, port, route)| (format!("{net}:{port}"), names(route))),
-            )
+            .map(|(addr, route)| (addr.to_string(), describe(route)))
             .collect();
-        out.sort();
-        out
+        routes.extend(
+            table
+                .ranges
+                .iter()
+                .map(|(net, port, route)| (format!("{net}:{port}"), describe(route))),
+        );
+        serde_json::json!({
+            "outbound_traffic_policy": match table.mode {
+                OutboundMode::AllowAny => "ALLOW_ANY",
+                OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+            },
+            "by_address": routes,
+        })
     }
 }
 
