@@ -6,6 +6,8 @@
 //! These tests need root (network namespaces, iptables): they say so and
 //! are skipped otherwise. CI runs as root.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -414,7 +414,7 @@ mod tests {
                 .collect::<BTreeSet<_>>(),
             endpoints,
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
-            load_balancer: None,
+            ..Service::default()
         }
     }
 
