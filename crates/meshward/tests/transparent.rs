@@ -484,13 +484,20 @@ fn a_workload_without_a_proxy_cannot_reach_a_strict_workload_in_plaintext_and_pe
     // plaintext, which capture delivers to ratings' proxy.
     let url = format!("http://{}:9080/hello", ratings.ipv4());
     assert_eq!(status(legacy, &url), 0, "STRICT let plaintext through");
-    let refused = mesh.access_log("ratings");
-    assert!(
-        refused
-            .iter()
-            .any(|r| r["direction"] == "inbound" && r["decision"] == "deny"),
-        "{refused:?}"
-    );
+    // Refused by ratings' proxy for being plaintext on a STRICT port,
+    // this caller's connection to the application's own port.
+    let legacy_ip = legacy.ipv4().to_string();
+    wait_until(SETTLE, "the refusal in ratings' access log", || {
+        mesh.access_log("ratings").iter().any(|r| {
+            r["direction"] == "inbound"
+                && r["decision"] == "deny"
+                && r["destination"] == "inbound|9080"
+                && r["mtls_mode"] == "STRICT"
+                && r["source_address"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&format!("{legacy_ip}:")))
+        })
+    });
 
     mesh.put("policies.yaml", &peer_authentication("PERMISSIVE"));
     wait_until(SETTLE, "PERMISSIVE lets plaintext in", || {
@@ -656,6 +663,85 @@ spec:
         names.windows(2).all(|w| w[0] != w[1]),
         "not in turn: {names:?}"
     );
+
+    // One endpoint goes away (its application, then its proxy, which takes
+    // its capture rules along): connections to it are refused, and every
+    // request still succeeds, on the other.
+    mesh.process("ratings-2 app").stop();
+    mesh.process("ratings-2 proxy").stop();
+    let (code, out) = curl(productpage, &args);
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, vec!["ratings-1".to_owned(); 100], "{out}");
+}
+
+#[test]
+fn before_its_first_configuration_a_captured_proxy_lets_nothing_out() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("unconfigured", &["productpage", "outside"]);
+    let [productpage, outside] = [&hosts[0], &hosts[1]];
+    mesh.app(outside, "outside");
+    // No WorkloadEntry names productpage: the control plane refuses its
+    // claim, so it never receives a configuration.
+    let token = mesh.dir.join("productpage.token");
+    let out = run(&[
+        "token",
+        "create",
+        "--data-dir",
+        mesh.data.to_str().unwrap(),
+        "-n",
+        NS,
+        "--service-account",
+        "productpage",
+    ]);
+    std::fs::write(&token, out.stdout).unwrap();
+    let proxy = productpage.spawn(
+        "productpage proxy",
+        &[
+            bin(),
+            "proxy",
+            "--identity",
+            &format!("spiffe://{TD}/ns/{NS}/sa/productpage"),
+            "--workload",
+            &format!("{NS}/productpage"),
+            "--capture",
+            "--proxy-mark",
+            MARK,
+            "--control-plane",
+            &mesh.server.to_string(),
+            "--ca-address",
+            &format!("https://{}", mesh.server),
+            "--ca-root",
+            mesh.data.join("root-cert.pem").to_str().unwrap(),
+            "--ca-server-name",
+            "localhost",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    proxy
+        .logs
+        .wait_for_stderr("the control plane refused this proxy", START);
+    mesh.processes.push(("productpage proxy".into(), proxy));
+    // ALLOW_ANY is the mesh's default, yet nothing passes: the proxy does
+    // not know the mesh yet.
+    assert_eq!(
+        status(productpage, &format!("http://{}:9080/", outside.ipv4())),
+        0
+    );
+    let dump = productpage.output(&[
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        "http://127.0.0.1:15000/config_dump",
+    ]);
+    let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    assert_eq!(dump["routes"]["configured"], false, "{dump}");
 }
 
 #[test]
@@ -715,10 +801,26 @@ fn capture_rules_leave_with_the_proxy_and_uninstall_removes_what_a_killed_one_le
     let proxy = mesh.process("productpage proxy");
     proxy.process.signal(Signal::SIGKILL);
     proxy.wait_exit(SETTLE);
-    assert!(
-        !meshward_rules(productpage).is_empty(),
-        "a killed proxy cannot remove its rules"
-    );
+    let left = meshward_rules(productpage);
+    assert!(!left.is_empty(), "a killed proxy cannot remove its rules");
+    // Another proxy refuses to take over (or remove) rules it did not install.
+    let refused = productpage.output(&[
+        bin(),
+        "proxy",
+        "--identity",
+        &format!("spiffe://{TD}/ns/{NS}/sa/productpage"),
+        "--capture",
+        "--proxy-mark",
+        MARK,
+        "--control-plane",
+        &mesh.server.to_string(),
+        "--ca-root",
+        mesh.data.join("root-cert.pem").to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("already installed"), "{stderr}");
+    assert_eq!(meshward_rules(productpage), left);
     let out = productpage.run(&[bin(), "capture", "uninstall"]);
     assert!(out.status.success());
     assert!(meshward_rules(productpage).is_empty());

@@ -312,16 +312,21 @@ pub fn set_upstream_target(
 /// The response body for the client: counted, and the access record
 /// written (with bytes both ways and the duration) when it ends or is
 /// abandoned.
-pub fn logged_response_body(
+///
+/// `held` lives until then too: an endpoint counted busy while its
+/// response streams (least-request balancing).
+pub fn logged_response_body<H: Send + Sync + Unpin + 'static>(
     body: hyper::body::Incoming,
     mut record: crate::log::AccessRecord,
     received: Arc<AtomicU64>,
     started: std::time::Instant,
     access: crate::log::LogSink,
+    held: H,
 ) -> Body {
     let sent = Arc::new(AtomicU64::new(0));
     let sent_for_log = sent.clone();
     OnDone::new(Counted::new(body, sent), move || {
+        drop(held);
         record.bytes_received = received.load(Ordering::Relaxed);
         record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
         record.duration_ms = started.elapsed().as_secs_f64() * 1e3;

@@ -49,7 +49,9 @@ pub struct OutboundTarget {
     routes: [(Connector, &'static [&'static [u8]]); 3],
 }
 
-/// One endpoint of a target and the ways to reach it.
+/// One endpoint of a target and the ways to reach it (clones share the
+/// pools).
+#[derive(Clone)]
 pub struct EndpointPools {
     pub addr: SocketAddr,
     pub http: HttpPools,
@@ -84,7 +86,12 @@ impl OutboundTarget {
             (connector(TCP)?, TCP),
         ];
         Ok(OutboundTarget {
-            endpoints: std::sync::RwLock::new(balanced(&routes, upstream, &upstream.endpoints)),
+            endpoints: std::sync::RwLock::new(balanced(
+                &routes,
+                upstream,
+                &upstream.endpoints,
+                None,
+            )),
             upstream: upstream.clone(),
             destination: std::sync::Mutex::new((
                 upstream.endpoints.clone(),
@@ -151,29 +158,42 @@ impl OutboundTarget {
         for ((connector, _), tls) in self.routes.iter().zip(destination.tls) {
             connector.set_route(destination.endpoints.clone(), tls);
         }
-        *self
+        let mut endpoints = self
             .endpoints
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            balanced(&self.routes, &self.upstream, &destination.endpoints);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Same identities: the endpoints that stay keep their pooled
+        // connections (checked against those identities already).
+        let keep = (current.1 == destination.identities).then(|| endpoints.clone());
+        *endpoints = balanced(
+            &self.routes,
+            &self.upstream,
+            &destination.endpoints,
+            keep.as_deref(),
+        );
+        drop(endpoints);
         *current = (destination.endpoints, destination.identities);
     }
 }
 
 /// Pools per endpoint, each dialing its endpoint first (another only when
-/// that one refuses).
+/// that one refuses); those of `keep` are reused for the endpoints it has.
 fn balanced(
     routes: &[(Connector, &'static [&'static [u8]]); 3],
     upstream: &Upstream,
     endpoints: &[SocketAddr],
+    keep: Option<&Balancer<EndpointPools>>,
 ) -> Arc<Balancer<EndpointPools>> {
     let [(h1, _), (h2, _), (tcp, _)] = routes;
     let pools = endpoints
         .iter()
-        .map(|&addr| EndpointPools {
-            addr,
-            http: HttpPools::new(h1.pinned(addr), h2.pinned(addr), upstream.protocol),
-            tcp: tcp.pinned(addr),
+        .map(|&addr| {
+            keep.and_then(|b| b.values().find(|p| p.addr == addr).cloned())
+                .unwrap_or_else(|| EndpointPools {
+                    addr,
+                    http: HttpPools::new(h1.pinned(addr), h2.pinned(addr), upstream.protocol),
+                    tcp: tcp.pinned(addr),
+                })
         })
         .collect();
     Arc::new(Balancer::new(upstream.lb, pools))
@@ -399,8 +419,14 @@ async fn handle(
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             record.status = Some(parts.status.as_u16());
-            let body =
-                logged_response_body(body, record, received, started, shared.logs.access.clone());
+            let body = logged_response_body(
+                body,
+                record,
+                received,
+                started,
+                shared.logs.access.clone(),
+                endpoint,
+            );
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {

@@ -155,8 +155,14 @@ async fn handle(
             }
             strip_hop_by_hop(&mut parts.headers);
             let record = finish(record, parts.status.as_u16(), true);
-            let body =
-                logged_response_body(body, record, received, started, shared.logs.access.clone());
+            let body = logged_response_body(
+                body,
+                record,
+                received,
+                started,
+                shared.logs.access.clone(),
+                (),
+            );
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {

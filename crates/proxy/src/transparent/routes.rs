@@ -49,6 +49,11 @@ struct Table {
     /// workload address and port its endpoints are at.
     inbound: HashMap<SocketAddr, Protocol>,
     mode: OutboundMode,
+    /// False until the control plane's first services are in force: until
+    /// then every destination is refused, so nothing leaves uncontrolled
+    /// (in plaintext, or past `REGISTRY_ONLY`) while the proxy does not
+    /// know the mesh yet.
+    configured: bool,
 }
 
 /// The table in force and what building targets needs.
@@ -113,6 +118,7 @@ impl Routes {
                 .map(|(_, _, route)| route.clone())
         });
         match (found, table.mode) {
+            _ if !table.configured => Outbound::BlackHole,
             (Some(route), _) => Outbound::Service(route),
             (None, OutboundMode::AllowAny) => Outbound::Passthrough,
             (None, OutboundMode::RegistryOnly) => Outbound::BlackHole,
@@ -163,6 +169,7 @@ impl Routes {
         let current = self.current();
         let mut table = Table {
             mode,
+            configured: true,
             ..Table::default()
         };
         let mut updates = Vec::new();
@@ -277,6 +284,8 @@ impl Routes {
             .into_iter()
             .map(|(addr, targets)| (addr, route(targets)))
             .collect();
+        // The most specific range first, as a longest-prefix match.
+        ranges.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         table.ranges = ranges
             .into_iter()
             .map(|(net, port, targets)| (net, port, route(targets)))
@@ -334,6 +343,7 @@ impl Routes {
                 .map(|(net, port, route)| (format!("{net}:{port}"), describe(route))),
         );
         serde_json::json!({
+            "configured": table.configured,
             "outbound_traffic_policy": match table.mode {
                 OutboundMode::AllowAny => "ALLOW_ANY",
                 OutboundMode::RegistryOnly => "REGISTRY_ONLY",
@@ -344,9 +354,13 @@ impl Routes {
 }
 
 /// Several services at one address are told apart by HTTP `Host`; the
-/// first (by host name, as the table is built in host order) takes the rest.
+/// first takes the rest: a meshed one before any without a proxy (so an
+/// entry claiming a meshed workload's address as plaintext cannot turn its
+/// TCP traffic into plaintext), then by host name.
 fn route(mut targets: Vec<Arc<OutboundTarget>>) -> Route {
     targets.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    // Stable: host order is kept within each kind.
+    targets.sort_by_key(|t| t.upstream.tls == UpstreamTls::Disable);
     if targets.len() == 1 {
         Route::One(targets.remove(0))
     } else {
@@ -495,6 +509,71 @@ mod tests {
         let target = routes.inbound(addr("198.18.0.4:19080"));
         assert_eq!(target.port.app, addr("198.18.0.4:19080"));
         assert_eq!(target.port.port, 19080);
+    }
+
+    #[test]
+    fn nothing_leaves_before_the_first_configuration() {
+        let routes = routes();
+        // ALLOW_ANY is the default, yet nothing passes before the control
+        // plane's first services.
+        assert!(matches!(
+            routes.outbound(addr("198.18.9.9:80")),
+            Outbound::BlackHole
+        ));
+        table(&routes, vec![], OutboundMode::AllowAny);
+        assert!(matches!(
+            routes.outbound(addr("198.18.9.9:80")),
+            Outbound::Passthrough
+        ));
+    }
+
+    #[test]
+    fn a_meshed_service_wins_an_address_over_one_without_a_proxy_and_the_narrowest_range_wins() {
+        let routes = routes();
+        // "a-claim" sorts first, yet the meshed service keeps TCP to its
+        // endpoint's address.
+        let claim = service(
+            "a-claim.example",
+            &[],
+            "TCP",
+            vec![endpoint("198.18.0.3", 9080, 9080, true)],
+        );
+        let ratings = service(
+            "ratings.bookinfo",
+            &[],
+            "TCP",
+            vec![endpoint("198.18.0.3", 9080, 9080, false)],
+        );
+        let wide = service(
+            "wide.example",
+            &["198.19.0.0/16"],
+            "TCP",
+            vec![endpoint("198.18.0.7", 9080, 9080, true)],
+        );
+        let narrow = service(
+            "narrow.example",
+            &["198.19.4.0/24"],
+            "TCP",
+            vec![endpoint("198.18.0.8", 9080, 9080, true)],
+        );
+        table(
+            &routes,
+            vec![claim, ratings, wide, narrow],
+            OutboundMode::AllowAny,
+        );
+        let first = hosts(routes.outbound(addr("198.18.0.3:9080")));
+        assert_eq!(
+            (first[0].0.as_str(), first[0].2),
+            ("ratings.bookinfo", UpstreamTls::IstioMutual)
+        );
+        assert_eq!(
+            hosts(routes.outbound(addr("198.19.4.5:9080")))[0].0,
+            "narrow.example"
+        );
+        assert_eq!(
+            hosts(routes.outbound(addr("198.19.5.5:9080")))[0].0,
+            "wide.example"
+        );
     }
 
     #[test]
