@@ -195,7 +195,39 @@ impl Registry {
             let mut identities: BTreeSet<String> =
                 endpoints.iter().map(|e| e.identity.clone()).collect();
             identities.extend(se.spec.subject_alt_names.iter().cloned());
+            let resolution = se.spec.effective_resolution();
+            let by_dns = matches!(
+                resolution,
+                meshward_policy::api::Resolution::Dns
+                    | meshward_policy::api::Resolution::DnsRoundRobin
+            );
             for host in &se.spec.hosts {
+                // `resolution: DNS` without endpoints: the host itself is
+                // resolved and called, as Istio's STRICT_DNS cluster does
+                // (it runs no proxy of the mesh).
+                let endpoints = if by_dns && endpoints.is_empty() && !host.starts_with('*') {
+                    vec![Endpoint {
+                        address: host.to_ascii_lowercase(),
+                        ports: ports
+                            .keys()
+                            .map(|&n| {
+                                let target = se
+                                    .spec
+                                    .ports
+                                    .iter()
+                                    .find(|p| u32::from(n) == p.number)
+                                    .and_then(|p| p.target_port)
+                                    .and_then(|t| u16::try_from(t).ok())
+                                    .unwrap_or(n);
+                                (n, target)
+                            })
+                            .collect(),
+                        identity: String::new(),
+                        plaintext: true,
+                    }]
+                } else {
+                    endpoints.clone()
+                };
                 let service = by_host
                     .entry(host.to_ascii_lowercase())
                     .or_insert_with(|| Service {
@@ -205,6 +237,9 @@ impl Registry {
                     });
                 // Several entries for one host merge, as Istio merges them.
                 service.ports.extend(ports.clone());
+                service
+                    .resolution
+                    .get_or_insert_with(|| resolution.as_str().to_owned());
                 service.endpoints.extend(endpoints.iter().cloned());
                 service.endpoints.sort();
                 service.endpoints.dedup();
@@ -473,6 +508,43 @@ mod tests {
         let loaded = meshward_policy::load::load_str("r.yaml", yaml);
         assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
         Registry::new(&loaded.registry, "cluster.local")
+    }
+
+    #[test]
+    fn a_dns_entry_without_endpoints_is_its_own_named_endpoint_and_resolution_travels() {
+        let r = registry(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 443, name: tls, protocol: TLS}, {number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any, namespace: egress}
+spec:
+  hosts: [any.example]
+  addresses: [198.19.0.0/16]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports: [{number: 443, name: tls, protocol: TLS}]
+"#,
+        );
+        let api = &r.services["api.example.com"];
+        assert_eq!(api.resolution.as_deref(), Some("DNS"));
+        assert_eq!(api.endpoints.len(), 1);
+        let endpoint = &api.endpoints[0];
+        assert_eq!(endpoint.address, "api.example.com");
+        assert_eq!(endpoint.ports, BTreeMap::from([(80, 8080), (443, 443)]));
+        assert!(endpoint.plaintext);
+        let any = &r.services["any.example"];
+        assert_eq!(any.resolution.as_deref(), Some("NONE"));
+        assert!(any.endpoints.is_empty());
+        assert_eq!(any.addresses, vec!["198.19.0.0/16".to_owned()]);
     }
 
     #[test]

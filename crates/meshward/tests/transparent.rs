@@ -870,7 +870,10 @@ spec:
         meshward_proxy::testing::dns::FakeUpstream::on(
             udp,
             tcp,
-            &[("example.test", &["198.18.0.200", "2001:2::200"])],
+            &[
+                ("example.test", &["198.18.0.200", "2001:2::200"]),
+                ("api.example.test", &[&resolver.ipv4().to_string()]),
+            ],
         )
     });
     // details' only endpoint, a plain application without a proxy.
@@ -936,5 +939,83 @@ spec:
     assert!(upstream.was_asked("example.test"));
     assert!(resolve(productpage, "ahostsv4", "nowhere.test").is_empty());
     assert!(upstream.was_asked("nowhere.test"));
+
+    // Egress under REGISTRY_ONLY, as Istio users allow it: a `resolution:
+    // DNS` entry is called by name (its allocated address), its host
+    // resolved by the proxy through the upstream resolver; a `resolution:
+    // NONE` entry's range passes through to the address called.
+    mesh.put(
+        "egress.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: bookinfo}
+spec:
+  hosts: [api.example.test]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo-range, namespace: bookinfo}
+spec:
+  hosts: [echo.example.test]
+  addresses: [198.18.0.0/24]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+",
+    );
+    mesh.mesh_config("outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n");
+    wait_until(
+        SETTLE,
+        "the egress entries and REGISTRY_ONLY in force",
+        || {
+            let dump = productpage.output(&[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "http://127.0.0.1:15000/config_dump",
+            ]);
+            let dump = String::from_utf8_lossy(&dump.stdout);
+            dump.contains("REGISTRY_ONLY")
+                && dump.contains("api.example.test:9080")
+                && dump.contains("echo.example.test")
+        },
+    );
+    let api = resolve(productpage, "ahostsv4", "api.example.test");
+    assert!(
+        api.len() == 1 && in_range(&api[0], "240.240.0.0/16"),
+        "{api:?}"
+    );
+    let (code, body) = curl(productpage, &["http://api.example.test:9080/egress"]);
+    assert_eq!(code, 0, "{body}");
+    assert!(body.contains("\"name\":\"details\""), "{body}");
+    assert!(upstream.was_asked("api.example.test"));
+    let echoed = productpage.within(|| {
+        let addr = SocketAddr::new(IpAddr::V4(resolver.ipv4()), 9000);
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        stream.set_read_timeout(Some(COMMAND)).unwrap();
+        stream.write_all(b"in range").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = String::new();
+        stream.read_to_string(&mut back).unwrap();
+        back
+    });
+    assert_eq!(echoed, "in range");
+    wait_until(
+        SETTLE,
+        "both egress calls in productpage's access log",
+        || {
+            let records = mesh.access_log("productpage");
+            records
+                .iter()
+                .any(|r| r["destination"] == "outbound|9000|echo.example.test")
+                && records.iter().any(|r| {
+                    r["destination"] == "outbound|9080|api.example.test" && r["status"] == 200
+                })
+        },
+    );
     drop(runtime);
 }

@@ -121,7 +121,20 @@ pub async fn serve_outbound(
     };
     match routes.outbound(dst) {
         Outbound::Service(route) => crate::outbound::serve(tcp, peer, route, shared).await,
-        Outbound::Passthrough => passthrough::pass(tcp, peer, dst, routes.mark(), shared).await,
+        Outbound::Passthrough => {
+            passthrough::pass(
+                tcp,
+                peer,
+                dst,
+                passthrough::PASSTHROUGH,
+                routes.mark(),
+                shared,
+            )
+            .await
+        }
+        Outbound::Original(name) => {
+            passthrough::pass(tcp, peer, dst, &name, routes.mark(), shared).await
+        }
         Outbound::BlackHole => passthrough::refuse(peer, dst, &shared),
     }
 }

@@ -1,7 +1,9 @@
 //! Outbound traffic to destinations the registry does not know, as Envoy
 //! names them: under `ALLOW_ANY` it goes on to where the application sent
 //! it, as plain TCP (`PassthroughCluster`); under `REGISTRY_ONLY` it is
-//! refused (`BlackHoleCluster`). Either way the access log says which.
+//! refused (`BlackHoleCluster`). Either way the access log says which. A
+//! service of `resolution: NONE` is passed through the same way, under its
+//! own name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +31,13 @@ fn count(shared: &Shared, decision: &'static str, cluster: &str) {
         .inc();
 }
 
-/// Relays `tcp` to `dst`, untouched.
+/// Relays `tcp` to `dst`, untouched; logged as `cluster` (the
+/// PassthroughCluster, or a `resolution: NONE` service).
 pub async fn pass(
     mut tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
+    cluster: &str,
     mark: Option<u32>,
     shared: Arc<Shared>,
 ) {
@@ -43,10 +47,10 @@ pub async fn pass(
         Direction::Outbound,
         "TCP",
         peer,
-        PASSTHROUGH.to_owned(),
+        cluster.to_owned(),
     );
     record.upstream = Some(dst.to_string());
-    count(&shared, "allow", PASSTHROUGH);
+    count(&shared, "allow", cluster);
     let dial = Dial {
         mark,
         inbound_source: false,
