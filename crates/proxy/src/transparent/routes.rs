@@ -257,7 +257,8 @@ impl Routes {
                 // service's traffic is never sent in the clear).
                 let meshed: Vec<SocketAddr> = all.iter().filter(|e| !e.1).map(|e| e.0).collect();
                 let any_meshed = !meshed.is_empty() || names.iter().any(|n| !n.2);
-                let (endpoints, tls) = if !any_meshed && !(all.is_empty() && names.is_empty()) {
+                let no_endpoint = all.is_empty() && names.is_empty();
+                let (endpoints, tls) = if !any_meshed && !no_endpoint {
                     (all.iter().map(|e| e.0).collect(), UpstreamTls::Disable)
                 } else {
                     (meshed, UpstreamTls::IstioMutual)
