@@ -52,6 +52,8 @@ enum Command {
     Revoke(cmd::control::RevokeArgs),
     /// A whole local mesh from a directory of Istio YAML: control plane, proxies, workloads.
     Up(cmd::up::Args),
+    /// Run a command inside a workload of a running `meshward up`, as its application: its proxy captures the command's calls.
+    Exec(cmd::exec::Args),
     /// A tiny workload for demos and tests: echoes what it received, calls other URLs.
     DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::Up(args) => cmd::up::run(args),
+        Command::Exec(args) => cmd::exec::run(args),
         Command::Guard(args) => cmd::guard::run(args),
         Command::Apply(args) => cmd::control::apply(args),
         Command::Get(args) => cmd::control::get(args),

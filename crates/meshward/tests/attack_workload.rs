@@ -72,7 +72,7 @@ impl Up {
         let mut process = spawn(
             "meshward up",
             meshward()
-                .args(["up", dir.to_str().unwrap(), "--data-dir"])
+                .args(["up", "--explicit", dir.to_str().unwrap(), "--data-dir"])
                 .arg(&data),
         );
         // up.json is written once everything is ready (or reported not).

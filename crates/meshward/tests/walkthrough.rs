@@ -50,6 +50,7 @@ impl Up {
             meshward()
                 .args([
                     "up",
+                    "--explicit",
                     dir.to_str().unwrap(),
                     "--data-dir",
                     data.to_str().unwrap(),

@@ -57,8 +57,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-pub use meshward_netns::{GATEWAY_V4, GATEWAY_V6, SERVICES_V4, SERVICES_V6};
-
 use super::{START, Spawned, output, spawn, wait_for};
 
 /// Every namespace name the harness makes starts with this, then the

@@ -13,9 +13,12 @@
 //! and are tied to it (`children.rs`): killed with SIGKILL, `up` takes them
 //! with it.
 //!
-//! Everything listens on 127.0.0.1 on free ports. Addresses and ports
-//! written in DIR's WorkloadEntries are replaced by the ones chosen; each
-//! named port's number stays the port policies name.
+//! Two modes:
+//! - namespaced (`namespaced.rs`, the default as root): each workload in
+//!   its own network namespace with its own address, its proxy capturing
+//!   its traffic, services called by name — as a pod;
+//! - explicit (`explicit.rs`, without root or with `--explicit`):
+//!   everything on 127.0.0.1, each service on a local port of each caller.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
@@ -32,8 +35,11 @@ use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::token::TokenAuthority;
 use meshward_policy::api::{RegistryObject, ServiceEntry, WorkloadEntry};
 use meshward_policy::load;
-use meshward_proxy::config::Protocol;
 use serde::Serialize;
+
+mod explicit;
+mod namespaced;
+mod relay;
 
 use crate::children::{Group, StopSignals};
 use crate::cmd::control::{ServerArgs, client};
@@ -55,6 +61,11 @@ pub struct Args {
     /// How long to wait for everything to be ready.
     #[arg(long, default_value = "60s")]
     ready_timeout: humantime::Duration,
+    /// Everything on 127.0.0.1, each service on a local port of each
+    /// caller (the mode without root); by default, as root, every workload
+    /// gets its own network namespace and address.
+    #[arg(long)]
+    explicit: bool,
 }
 
 /// What `up` started, as written to `DATA/up.json` for scripts and tests.
@@ -64,6 +75,9 @@ struct Mesh {
     data_dir: PathBuf,
     /// The process group of everything `up` started (`kill -- -GROUP`).
     process_group: Option<i32>,
+    /// `namespaced` (each workload in its own network namespace) or
+    /// `explicit` (everything on 127.0.0.1).
+    mode: &'static str,
     workloads: Vec<Started>,
 }
 
@@ -78,8 +92,15 @@ struct Started {
     ports: BTreeMap<u16, SocketAddr>,
     /// `host:port` → the local address this workload calls it on.
     upstreams: BTreeMap<String, SocketAddr>,
+    /// The proxy's admin endpoints (in its namespace, in namespaced mode).
     admin: Option<SocketAddr>,
     access_log: Option<PathBuf>,
+    /// Its network namespace (namespaced mode): `meshward exec` enters it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<String>,
+    /// Its own address (namespaced mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<std::net::IpAddr>,
 }
 
 /// A free address on 127.0.0.1 for a process `up` is about to start.
@@ -182,6 +203,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.dir.display()
         );
     }
+    let namespaced = if args.explicit {
+        false
+    } else if let Some(why) = namespaced::unavailable() {
+        eprintln!("meshward up: {why}; running in explicit mode (every workload on 127.0.0.1)");
+        false
+    } else {
+        true
+    };
     let exe = std::env::current_exe().context("finding the meshward binary")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -199,17 +228,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(data.join("logs"))?;
     let _cleanup = temporary.then(|| RemoveOnDrop(data.clone()));
+    let trust_domain = std::fs::read_to_string(data.join("trust-domain"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|_| "cluster.local".into());
+    let plans = plans(&entries, &trust_domain)?;
+    // The lab outlives every process in it: declared before `children`,
+    // it is dropped after them.
+    let network = if namespaced {
+        Some(namespaced::Network::create(&plans)?)
+    } else {
+        None
+    };
     // Started from this (the main) thread, which lives as long as `up`:
     // the children's parent-death signal is tied to it.
     let mut children = Group::default();
 
-    // The control plane, watching DIR.
-    let listen = free_addr()?;
-    let mut server = Command::new(&exe);
+    // The control plane, watching DIR: in the lab (reached from here
+    // through a relay), or on 127.0.0.1.
+    let (mut server, listen) = match &network {
+        Some(net) => (namespaced::server_command(net, &exe), net.server_address()),
+        None => {
+            let listen = free_addr()?;
+            let mut server = Command::new(&exe);
+            server.args(["server", "--listen", &listen.to_string()]);
+            (server, listen)
+        }
+    };
     server
-        .args(["server", "--data-dir"])
+        .arg("--data-dir")
         .arg(&data)
-        .args(["--listen", &listen.to_string(), "--config-dir"])
+        .arg("--config-dir")
         .arg(&args.dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -227,66 +275,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     std::thread::spawn(move || lines.for_each(drop));
-    let trust_domain = std::fs::read_to_string(data.join("trust-domain"))
-        .map(|t| t.trim().to_owned())
-        .unwrap_or_else(|_| "cluster.local".into());
+    // Where this process and the operator's commands reach it.
+    let reach = match &network {
+        Some(net) => relay::start(net.control_plane.netns(), listen)?,
+        None => listen,
+    };
     let tokens = TokenAuthority::load_or_create(&data, &trust_domain)?;
+    let token_for = |plan: &Plan<'_>| -> anyhow::Result<PathBuf> {
+        let path = log_file(&data, &plan.name, "token");
+        meshward_identity::pem::write_private(
+            &path,
+            &tokens.create(&plan.identity, Duration::from_secs(3600))?,
+        )?;
+        Ok(path)
+    };
 
-    // Addresses for every workload, then the registry as it really is.
-    struct Plan<'a> {
-        entry: &'a WorkloadEntry,
-        name: String,
-        identity: SpiffeId,
-        proxied: bool,
-        app: SocketAddr,
-        /// (port name, workload port number, where peers reach it)
-        ports: Vec<(String, u16, SocketAddr)>,
-    }
-    let mut plans = Vec::new();
-    for entry in &entries {
-        let ns = entry.metadata.namespace_or_default();
-        let sa = if entry.spec.service_account.is_empty() {
-            "default"
-        } else {
-            &entry.spec.service_account
-        };
-        let proxied = entry
-            .metadata
-            .annotations
-            .get(PROXY)
-            .is_none_or(|v| v != "false");
-        let app = free_addr()?;
-        let mut ports = Vec::new();
-        for (port_name, number) in &entry.spec.ports {
-            let number = u16::try_from(*number).context("a port number")?;
-            ports.push((
-                port_name.clone(),
-                number,
-                if proxied { free_addr()? } else { app },
-            ));
-        }
-        plans.push(Plan {
-            entry,
-            name: format!("{ns}/{}", entry.metadata.name),
-            identity: SpiffeId::istio(&trust_domain, ns, sa)?,
-            proxied,
-            app,
-            ports,
-        });
-    }
-    let mut registry = String::new();
-    for plan in &plans {
-        let mut entry = (*plan.entry).clone();
-        entry.spec.address = "127.0.0.1".into();
-        entry.spec.ports = plan
-            .ports
-            .iter()
-            .map(|(name, _, addr)| (name.clone(), u32::from(addr.port())))
-            .collect();
-        registry.push_str(&serde_json::to_string(&entry)?);
-        registry.push_str("\n---\n");
-    }
-    let server_args = ServerArgs::local(&listen.to_string(), data.clone());
+    // The registry as it really is, then the workloads.
+    let placements = match &network {
+        Some(_) => Vec::new(),
+        None => explicit::place(&plans)?,
+    };
+    let registry = match &network {
+        Some(net) => namespaced::registry(net, &plans)?,
+        None => explicit::registry(&plans, &placements)?,
+    };
+    let server_args = ServerArgs::local(&reach.to_string(), data.clone());
     runtime.block_on(async {
         client(&server_args)
             .await?
@@ -299,156 +312,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         anyhow::Ok(())
     })?;
-
-    // Workloads and their proxies.
-    let service_ports: Vec<(String, u16, String)> = services
-        .iter()
-        .flat_map(|se| {
-            se.spec.hosts.iter().flat_map(move |host| {
-                se.spec.ports.iter().filter_map(move |p| {
-                    Some((
-                        host.clone(),
-                        u16::try_from(p.number).ok()?,
-                        p.protocol.clone(),
-                    ))
-                })
-            })
-        })
-        .collect();
-    // Where each workload's named ports are, for workloads without a proxy.
-    let views: Vec<Placed> = plans
-        .iter()
-        .map(|p| Placed {
-            namespace: p.entry.metadata.namespace_or_default().to_owned(),
-            labels: p.entry.spec.labels.clone(),
-            ports: p.ports.iter().map(|(n, _, a)| (n.clone(), *a)).collect(),
-        })
-        .collect();
-    let mut started = Vec::new();
-    for plan in &plans {
-        // The local address this workload calls each service on.
-        let mut upstreams = BTreeMap::new();
-        for (host, port, _) in &service_ports {
-            let addr = if plan.proxied {
-                Some(free_addr()?)
-            } else {
-                // Without a proxy, services are called where their workloads listen.
-                endpoint_of(&views, &services, host, *port)
-            };
-            if let Some(addr) = addr {
-                upstreams.insert(format!("{host}:{port}"), addr);
-            }
-        }
-        let app_command = plan.entry.metadata.annotations.get(COMMAND).cloned();
-        let mut app = match &app_command {
-            None => {
-                let mut c = Command::new(&exe);
-                c.args([
-                    "demo-app",
-                    "--name",
-                    &plan.entry.metadata.name,
-                    "--listen",
-                    &plan.app.to_string(),
-                ]);
-                for (service, addr) in &upstreams {
-                    c.args(["--upstream", &format!("{service}={addr}")]);
-                }
-                c
-            }
-            Some(command) => {
-                // Under `meshward guard`, so that what the command starts
-                // stops with `up` too.
-                let mut c = Command::new(&exe);
-                c.args([
-                    "guard",
-                    "--",
-                    "sh",
-                    "-c",
-                    &command
-                        .replace("{port}", &plan.app.port().to_string())
-                        .replace("{name}", &plan.entry.metadata.name),
-                ]);
-                c
-            }
-        };
-        let stderr = |what: &str| -> anyhow::Result<Stdio> {
-            let path = data
-                .join("logs")
-                .join(format!("{}.{what}.log", plan.name.replace('/', ".")));
-            Ok(Stdio::from(std::fs::File::create(path)?))
-        };
-        app.stdout(Stdio::null()).stderr(stderr("app")?);
-        children.spawn(&format!("{} (application)", plan.name), &mut app)?;
-
-        let mut admin = None;
-        let mut access_log = None;
-        if plan.proxied {
-            let admin_addr = free_addr()?;
-            let log = data
-                .join("logs")
-                .join(format!("{}.jsonl", plan.name.replace('/', ".")));
-            let token = data
-                .join("logs")
-                .join(format!("{}.token", plan.name.replace('/', ".")));
-            meshward_identity::pem::write_private(
-                &token,
-                &tokens.create(&plan.identity, Duration::from_secs(3600))?,
-            )?;
-            let mut proxy = Command::new(&exe);
-            proxy.args(["proxy", "--identity", &plan.identity.to_string()]);
-            // Which WorkloadEntry it is: several may share the identity.
-            proxy.args(["--workload", &plan.name]);
-            for (k, v) in &plan.entry.spec.labels {
-                proxy.args(["--label", &format!("{k}={v}")]);
-            }
-            for (port_name, number, addr) in &plan.ports {
-                let protocol = Protocol::from_port_name(port_name).as_str();
-                proxy.args([
-                    "--inbound",
-                    &format!("{addr}={},protocol={protocol},port={number}", plan.app),
-                ]);
-            }
-            for (host, port, protocol) in &service_ports {
-                let Some(local) = upstreams.get(&format!("{host}:{port}")) else {
-                    continue;
-                };
-                let protocol = Protocol::from_port_name(&protocol.to_ascii_lowercase()).as_str();
-                proxy.args([
-                    "--upstream",
-                    &format!("{host}:{port}={local},protocol={protocol}"),
-                ]);
-            }
-            proxy
-                .args(["--control-plane", &listen.to_string()])
-                .args(["--ca-address", &format!("https://{listen}")])
-                .arg("--ca-root")
-                .arg(data.join("root-cert.pem"))
-                .args(["--ca-server-name", "localhost", "--token-file"])
-                .arg(&token)
-                .args(["--admin", &admin_addr.to_string(), "--access-log"])
-                .arg(&log)
-                .args(["--audit-log"])
-                .arg(
-                    data.join("logs")
-                        .join(format!("{}.audit.jsonl", plan.name.replace('/', "."))),
-                )
-                .stdout(Stdio::null())
-                .stderr(stderr("proxy")?);
-            children.spawn(&format!("{} (proxy)", plan.name), &mut proxy)?;
-            admin = Some(admin_addr);
-            access_log = Some(log);
-        }
-        started.push(Started {
-            name: plan.name.clone(),
-            identity: plan.identity.to_string(),
-            proxied: plan.proxied,
-            app: plan.app,
-            ports: plan.ports.iter().map(|(_, n, a)| (*n, *a)).collect(),
-            upstreams,
-            admin,
-            access_log,
-        });
-    }
+    let started = match &network {
+        Some(net) => namespaced::start(
+            net,
+            &plans,
+            &services,
+            &mut children,
+            &exe,
+            &data,
+            &token_for,
+        )?,
+        None => explicit::start(
+            &plans,
+            &placements,
+            &services,
+            &mut children,
+            &exe,
+            &data,
+            listen,
+            &token_for,
+        )?,
+    };
 
     // Ready: every application listens, every proxy has its certificate and
     // the control plane's configuration. A process that exits is reported.
@@ -458,15 +342,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         for (name, status) in children.exited() {
             eprintln!("meshward up: {name} exited ({status}); it is not running");
         }
-        pending.retain(|w| {
-            let app_up = TcpStream::connect_timeout(&w.app, Duration::from_millis(200)).is_ok();
-            let proxy_up = w.admin.is_none_or(|admin| {
-                http_status(admin, "/healthz/ready").is_some_and(|r| r.0 == 200)
-                    && http_status(admin, "/config_dump")
-                        .is_some_and(|r| r.1.contains("control plane, version"))
-            });
-            !(app_up && proxy_up)
-        });
+        pending.retain(|w| !ready(w));
         if Instant::now() > deadline {
             let names: Vec<&str> = pending.iter().map(|w| w.name.as_str()).collect();
             eprintln!(
@@ -488,9 +364,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let mesh = Mesh {
-        control_plane: format!("https://{listen}"),
+        control_plane: format!("https://{reach}"),
         data_dir: data.clone(),
         process_group: children.id(),
+        mode: if network.is_some() {
+            "namespaced"
+        } else {
+            "explicit"
+        },
         workloads: started,
     };
     write_atomically(&data.join("up.json"), &serde_json::to_string_pretty(&mesh)?)?;
@@ -512,6 +393,97 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether a started workload is ready: its application listens, and its
+/// proxy (if any) has its certificate and the control plane's
+/// configuration. Checked from inside its namespace in namespaced mode.
+fn ready(w: &Started) -> bool {
+    match &w.netns {
+        Some(netns) => namespaced::probe(netns, w.app, w.admin),
+        None => {
+            TcpStream::connect_timeout(&w.app, Duration::from_millis(200)).is_ok()
+                && w.admin.is_none_or(proxy_ready)
+        }
+    }
+}
+
+/// Whether the proxy whose admin endpoints are at `admin` is ready and
+/// serves the control plane's configuration.
+fn proxy_ready(admin: SocketAddr) -> bool {
+    http_status(admin, "/healthz/ready").is_some_and(|r| r.0 == 200)
+        && http_status(admin, "/config_dump")
+            .is_some_and(|r| r.1.contains("control plane, version"))
+}
+
+/// One workload of DIR, as both modes start it.
+pub(crate) struct Plan<'a> {
+    entry: &'a WorkloadEntry,
+    /// `namespace/name`.
+    name: String,
+    identity: SpiffeId,
+    proxied: bool,
+}
+
+fn plans<'a>(entries: &[&'a WorkloadEntry], trust_domain: &str) -> anyhow::Result<Vec<Plan<'a>>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let ns = entry.metadata.namespace_or_default();
+            let sa = if entry.spec.service_account.is_empty() {
+                "default"
+            } else {
+                &entry.spec.service_account
+            };
+            Ok(Plan {
+                entry,
+                name: format!("{ns}/{}", entry.metadata.name),
+                identity: SpiffeId::istio(trust_domain, ns, sa)?,
+                proxied: entry
+                    .metadata
+                    .annotations
+                    .get(PROXY)
+                    .is_none_or(|v| v != "false"),
+            })
+        })
+        .collect()
+}
+
+/// `DATA/logs/NS.NAME.EXT`.
+fn log_file(data: &Path, workload: &str, ext: &str) -> PathBuf {
+    data.join("logs")
+        .join(format!("{}.{ext}", workload.replace('/', ".")))
+}
+
+/// A process's standard error, to `DATA/logs/NS.NAME.WHAT.log`.
+fn stderr_file(data: &Path, workload: &str, what: &str) -> anyhow::Result<Stdio> {
+    let path = log_file(data, workload, &format!("{what}.log"));
+    Ok(Stdio::from(
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+    ))
+}
+
+/// The application's arguments after `meshward`: the annotation's command
+/// under `meshward guard` (`true`), or the demo app's extra arguments
+/// (`false`; the caller adds its name and address).
+fn app_command(plan: &Plan<'_>, port: u16) -> (Vec<String>, bool) {
+    match plan.entry.metadata.annotations.get(COMMAND) {
+        // Under `meshward guard`, so that what the command starts stops
+        // with `up` too.
+        Some(command) => (
+            vec![
+                "guard".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                command
+                    .replace("{port}", &port.to_string())
+                    .replace("{name}", &plan.entry.metadata.name),
+            ],
+            true,
+        ),
+        None => (Vec::new(), false),
+    }
+}
+
 /// Writes `path` whole or not at all (a temporary file renamed into place),
 /// so a script polling for it never reads half of it.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -519,44 +491,6 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(&temporary, text)
         .and_then(|()| std::fs::rename(&temporary, path))
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// A workload's namespace, labels, and where its named ports are.
-struct Placed {
-    namespace: String,
-    labels: BTreeMap<String, String>,
-    ports: Vec<(String, SocketAddr)>,
-}
-
-/// Where a service's first endpoint listens, for workloads without a proxy.
-fn endpoint_of(
-    plans: &[Placed],
-    services: &[&ServiceEntry],
-    host: &str,
-    port: u16,
-) -> Option<SocketAddr> {
-    let se = services
-        .iter()
-        .find(|se| se.spec.hosts.iter().any(|h| h == host))?;
-    let port_name = se
-        .spec
-        .ports
-        .iter()
-        .find(|p| p.number == u32::from(port))?
-        .name
-        .clone();
-    let selector = se.spec.workload_selector.as_ref()?;
-    let ns = se.metadata.namespace_or_default();
-    plans.iter().find_map(|p| {
-        (p.namespace == ns && selector.matches(&p.labels))
-            .then(|| {
-                p.ports
-                    .iter()
-                    .find(|(n, _)| *n == port_name)
-                    .map(|(_, a)| *a)
-            })
-            .flatten()
-    })
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -41,9 +41,8 @@ pub fn unavailable() -> Option<String> {
         );
     }
     for (tool, package) in [("ip", "iproute2"), ("iptables-restore", "iptables")] {
-        let found = std::env::var_os("PATH").is_some_and(|path| {
-            std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
-        });
+        let found = std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
         if !found {
             return Some(format!(
                 "namespaced mode needs `{tool}`: apt-get install {package}"
@@ -55,7 +54,8 @@ pub fn unavailable() -> Option<String> {
 
 /// The lab: the control plane's host and one host per workload.
 pub struct Network {
-    pub lab: Lab,
+    /// Held for its namespaces, which go when it is dropped.
+    _lab: Lab,
     pub control_plane: Host,
     /// By workload name (`namespace/name`).
     pub hosts: BTreeMap<String, Host>,
@@ -77,7 +77,7 @@ impl Network {
             hosts.insert(plan.name.clone(), lab.host(&name)?);
         }
         Ok(Network {
-            lab,
+            _lab: lab,
             control_plane,
             hosts,
         })
@@ -193,20 +193,17 @@ pub fn start(
             // own address, as a headless service's name does.
             host.write_etc("hosts", &hosts_file(net, plans, services))?;
         }
-        let mut app = match super::app_command(plan, exe, first_port) {
-            (program_args, true) => {
-                let mut c = host.command(exe);
-                c.args(program_args);
-                c
+        let mut app = host.command(exe);
+        match super::app_command(plan, first_port) {
+            (args, true) => {
+                app.args(args);
             }
-            (program_args, false) => {
-                let mut c = host.command(exe);
-                c.args(["demo-app", "--name", &plan.entry.metadata.name])
-                    .args(["--listen", &format!("[::]:{first_port}")])
-                    .args(program_args);
-                c
+            (_, false) => {
+                // Services are called by name: no upstreams to tell it.
+                app.args(["demo-app", "--name", &plan.entry.metadata.name])
+                    .args(["--listen", &format!("[::]:{first_port}")]);
             }
-        };
+        }
         app.stdout(Stdio::null())
             .stderr(super::stderr_file(data, &plan.name, "app")?);
         children.spawn(&format!("{} (application)", plan.name), &mut app)?;
