@@ -94,6 +94,8 @@ pub fn config_server(
 fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::Invalid(errors) => Status::invalid_argument(errors.join("\n")),
+        // The request is fine; the object changes in its file instead.
+        StoreError::Owned(why) => Status::failed_precondition(why.join("\n")),
         other => Status::internal(other.to_string()),
     }
 }
@@ -323,5 +325,29 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("bad.yaml:4"), "{status}");
         assert!(status.message().contains("spec.action"), "{status}");
+    }
+
+    #[test]
+    fn changing_an_object_a_file_defines_is_a_failed_precondition_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = api(&dir);
+        let file = (
+            "/config/deny.yaml".to_owned(),
+            meshward_policy::load::load_str("/config/deny.yaml", DENY),
+        );
+        store.sync_directory(&[file]).unwrap();
+        for e in [
+            store
+                .delete("AuthorizationPolicy", "web", "deny")
+                .unwrap_err(),
+            store.apply("mine.yaml", DENY).unwrap_err(),
+        ] {
+            let status = status_of(e);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert_eq!(
+                status.message(),
+                "AuthorizationPolicy web/deny is defined by /config/deny.yaml: edit or remove it there"
+            );
+        }
     }
 }
