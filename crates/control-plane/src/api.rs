@@ -7,7 +7,7 @@ use std::sync::Arc;
 use meshward_api::control::config_service_server::{ConfigService, ConfigServiceServer};
 use meshward_api::control::{
     ApplyRequest, ApplyResponse, Change, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
+    PlaceRequest, RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
 };
 use meshward_api::resources::RevocationKind;
 use meshward_identity::spiffe::SpiffeId;
@@ -100,6 +100,19 @@ fn status_of(e: StoreError) -> Status {
     }
 }
 
+fn applied(changes: Vec<crate::store::Change>, version: u64) -> ApplyResponse {
+    ApplyResponse {
+        changes: changes
+            .into_iter()
+            .map(|c| Change {
+                key: c.key,
+                action: c.action.into(),
+            })
+            .collect(),
+        version,
+    }
+}
+
 #[tonic::async_trait]
 impl ConfigService for ConfigApi {
     async fn apply(
@@ -131,16 +144,26 @@ impl ConfigService for ConfigApi {
         let version = self.store.config().version;
         self.hub.changed(version);
         tracing::info!(version, changes = changes.len(), "configuration applied");
-        Ok(Response::new(ApplyResponse {
-            changes: changes
-                .into_iter()
-                .map(|c| Change {
-                    key: c.key,
-                    action: c.action.into(),
-                })
-                .collect(),
-            version,
-        }))
+        Ok(Response::new(applied(changes, version)))
+    }
+
+    async fn place(
+        &self,
+        request: Request<PlaceRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        self.authorize(&request)?;
+        let PlaceRequest { file, text } = request.into_inner();
+        let store = self.store.clone();
+        let changes = tokio::task::spawn_blocking(move || store.place(&file, &text))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status_of)?;
+        let version = self.store.config().version;
+        if changes.iter().any(|c| c.action != "unchanged") {
+            self.hub.changed(version);
+            tracing::info!(version, placed = changes.len(), "workloads placed");
+        }
+        Ok(Response::new(applied(changes, version)))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {

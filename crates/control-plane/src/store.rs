@@ -14,6 +14,9 @@
 //! while the directory is watched the API may neither write nor delete
 //! them. The directory is put in force file by file, each whole or not at
 //! all ([`Store::sync_directory`]); it never touches the API's own objects.
+//! Where a workload runs is not its owner's to say but its runner's
+//! (`meshward up`): [`Store::place`] lays an address and ports over a
+//! WorkloadEntry, whoever owns it.
 //!
 //! Beside the objects: the revocation list (`meshward revoke`), each write a
 //! version like any other, published to the CA as it commits; and the ids
@@ -50,6 +53,31 @@ const MAX_REASON: usize = 512;
 /// `file:PATH`. The store sets it; one in a written object is dropped, as
 /// its `creationTimestamp` is replaced.
 pub const SOURCE_ANNOTATION: &str = "meshward.io/source";
+
+/// The annotation `meshward get` marks a placed WorkloadEntry with
+/// ([`Store::place`]): its `spec.address` and `spec.ports` are where the
+/// process running it put it, not what its owner wrote.
+pub const PLACEMENT_ANNOTATION: &str = "meshward.io/placement";
+const PLACED: &str =
+    "spec.address and spec.ports set by the process running the workload (meshward up)";
+
+/// Where a workload runs, as the process running it chose: the address
+/// and ports laid over its WorkloadEntry, whoever owns the entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    address: String,
+    ports: BTreeMap<String, u32>,
+}
+
+impl Placement {
+    /// Lays the placement over a WorkloadEntry's JSON.
+    fn lay_over(&self, object: &mut serde_json::Value) {
+        if let Some(spec) = object.get_mut("spec").and_then(|s| s.as_object_mut()) {
+            spec.insert("address".into(), self.address.clone().into());
+            spec.insert("ports".into(), serde_json::json!(self.ports));
+        }
+    }
+}
 
 /// Who owns an object, and so the one way it changes: through the config
 /// API, or by editing the file of the watched directory that defines it.
@@ -130,7 +158,8 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Change {
     pub key: String,
-    /// `created`, `configured`, `unchanged` or `deleted`.
+    /// `created`, `configured`, `unchanged` or `deleted` (`placed` by
+    /// [`Store::place`]).
     pub action: &'static str,
 }
 
@@ -184,6 +213,10 @@ pub struct Store {
     /// without `--config-dir` on a store that had one), nothing would put
     /// them right, so the API may take them over.
     directory_in_force: AtomicBool,
+    /// WorkloadEntry key → where its workload runs. In memory only: it
+    /// describes processes of this run, and their runner places them again
+    /// at every start.
+    placements: RwLock<BTreeMap<String, Placement>>,
 }
 
 /// One more version: every write that changes something is one.
@@ -250,9 +283,13 @@ fn objects_of(loaded: &Loaded) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
-/// The object as `get` shows it: with its owner in [`SOURCE_ANNOTATION`].
-fn shown(stored: Stored) -> serde_json::Value {
+/// The object as `get` shows it: as in force (placed, if it is), with its
+/// owner in [`SOURCE_ANNOTATION`] and its placement marked.
+fn shown(stored: Stored, placement: Option<&Placement>) -> serde_json::Value {
     let Stored { owner, mut object } = stored;
+    if let Some(placement) = placement {
+        placement.lay_over(&mut object);
+    }
     if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut())
         && let Some(annotations) = meta
             .entry("annotations")
@@ -260,6 +297,9 @@ fn shown(stored: Stored) -> serde_json::Value {
             .as_object_mut()
     {
         annotations.insert(SOURCE_ANNOTATION.into(), owner.to_string().into());
+        if placement.is_some() {
+            annotations.insert(PLACEMENT_ANNOTATION.into(), PLACED.into());
+        }
     }
     object
 }
@@ -287,6 +327,7 @@ impl Store {
             revoked: Revocations::new(),
             writing: std::sync::Mutex::new(()),
             directory_in_force: AtomicBool::new(false),
+            placements: RwLock::default(),
         };
         store.reload()?;
         Ok(store)
@@ -515,9 +556,10 @@ impl Store {
             .unwrap_or_else(|| serde_json::Value::String(now.to_owned()));
         if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             meta.insert("creationTimestamp".into(), created);
-            // The owner is the store's to say.
+            // Owner and placement are the store's to say.
             if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
                 annotations.remove(SOURCE_ANNOTATION);
+                annotations.remove(PLACEMENT_ANNOTATION);
                 if annotations.is_empty() {
                     meta.remove("annotations");
                 }
@@ -544,6 +586,79 @@ impl Store {
                 .map_err(|e| self.db_error(e))?;
         }
         Ok(action)
+    }
+
+    /// Places workloads: each WorkloadEntry of `text` says where the
+    /// process running it (`meshward up`) put it, and only its
+    /// `spec.address` and `spec.ports` are taken, laid over the entry of
+    /// that name whoever owns it (a file of the watched directory, which
+    /// the API may not write, included), now or once it exists. Any other
+    /// kind is refused. A placement is kept in memory until the server
+    /// stops: it describes processes of this run.
+    pub fn place(&self, file: &str, text: &str) -> Result<Vec<Change>, StoreError> {
+        let loaded = load::load_str(file, text);
+        let mut errors = loaded.errors();
+        errors.extend(loaded.policies.iter().map(|p| {
+            format!(
+                "{}: {}: only WorkloadEntries are placed",
+                p.location,
+                p.policy.display_name()
+            )
+        }));
+        let mut incoming = Vec::new();
+        for object in &loaded.registry {
+            let meta = object.metadata();
+            let key = key_of(object.kind(), meta.namespace_or_default(), &meta.name);
+            match object {
+                RegistryObject::WorkloadEntry(entry) => incoming.push((
+                    key,
+                    Placement {
+                        address: entry.spec.address.clone(),
+                        ports: entry.spec.ports.clone(),
+                    },
+                )),
+                _ => errors.push(format!(
+                    "{file}: {}: only WorkloadEntries are placed",
+                    display_key(&key)
+                )),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(StoreError::Invalid(errors));
+        }
+        let _writing = self.lock_writes();
+        let mut placements = self.placements();
+        let mut changes = Vec::new();
+        for (key, placement) in incoming {
+            let action = if placements.get(&key) == Some(&placement) {
+                "unchanged"
+            } else {
+                "placed"
+            };
+            placements.insert(key.clone(), placement);
+            changes.push(Change { key, action });
+        }
+        if changes.iter().any(|c| c.action != "unchanged") {
+            let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            }
+            txn.commit().map_err(|e| self.db_error(e))?;
+            *self
+                .placements
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = placements;
+            self.reload()?;
+        }
+        Ok(changes)
+    }
+
+    fn placements(&self) -> BTreeMap<String, Placement> {
+        self.placements
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the MeshConfig (YAML, or Istio's `istio` ConfigMap) after
@@ -609,6 +724,7 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(self.db_error(e)),
         };
+        let placements = self.placements();
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.db_error(e))? {
             let (k, v) = entry.map_err(|e| self.db_error(e))?;
@@ -622,7 +738,7 @@ impl Store {
                 && namespace.is_none_or(|ns| ns == k_ns)
                 && name.is_none_or(|n| n == k_name);
             if wanted && let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
-                out.push(shown(stored));
+                out.push(shown(stored, placements.get(k.value())));
             }
         }
         Ok(out)
@@ -690,12 +806,16 @@ impl Store {
     /// stored it) is skipped with a warning rather than taking the rest down.
     fn reload(&self) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let placements = self.placements();
         let mut objects = Vec::new();
         match txn.open_table(OBJECTS) {
             Ok(table) => {
                 for entry in table.iter().map_err(|e| self.db_error(e))? {
-                    let (_, v) = entry.map_err(|e| self.db_error(e))?;
-                    if let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
+                    let (k, v) = entry.map_err(|e| self.db_error(e))?;
+                    if let Ok(mut stored) = serde_json::from_str::<Stored>(v.value()) {
+                        if let Some(placement) = placements.get(k.value()) {
+                            placement.lay_over(&mut stored.object);
+                        }
                         objects.push(stored.object);
                     }
                 }
@@ -1226,6 +1346,76 @@ mod tests {
         assert!(sync.taken_over.is_empty(), "the directory's already");
         assert_eq!(owner_of(&store, "deny"), "file:/d/a.yaml");
         assert!(store.get("", Some("web"), Some("gone")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_placement_lies_over_the_files_workload_entry_and_lives_as_long_as_the_server() {
+        const ENTRY: &str = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: reviews, namespace: shop}\nspec: {serviceAccount: reviews, labels: {app: reviews, version: v1}, ports: {http: 9080}}\n";
+        let placed = ENTRY
+            .replace(
+                "serviceAccount: reviews",
+                "address: 127.0.0.1, serviceAccount: other",
+            )
+            .replace("9080", "40001");
+        let entry = |store: &Store| {
+            let config = store.config();
+            let [RegistryObject::WorkloadEntry(we)] = &config.registry[..] else {
+                panic!("{:?}", config.registry);
+            };
+            (
+                we.spec.address.clone(),
+                we.spec.ports["http"],
+                we.spec.labels["version"].clone(),
+                we.spec.service_account.clone(),
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+
+        // Placed before the directory defines it: laid over once it does.
+        assert_eq!(store.place("up", &placed).unwrap()[0].action, "placed");
+        store.sync_directory(&[file("/d/w.yaml", ENTRY)]).unwrap();
+        let in_force = (
+            "127.0.0.1".to_owned(),
+            40001,
+            "v1".to_owned(),
+            "reviews".to_owned(),
+        );
+        assert_eq!(entry(&store), in_force, "only address and ports are placed");
+        let shown = &store.get("WorkloadEntry", None, None).unwrap()[0];
+        assert_eq!(shown["spec"]["address"], "127.0.0.1");
+        assert_eq!(
+            shown["metadata"]["annotations"][SOURCE_ANNOTATION],
+            "file:/d/w.yaml"
+        );
+        assert!(shown["metadata"]["annotations"][PLACEMENT_ANNOTATION].is_string());
+
+        // Editing the file takes effect, still placed; placing again the
+        // same is no version.
+        store
+            .sync_directory(&[file(
+                "/d/w.yaml",
+                &ENTRY.replace("version: v1", "version: v2"),
+            )])
+            .unwrap();
+        assert_eq!(entry(&store).2, "v2");
+        assert_eq!(entry(&store).0, "127.0.0.1");
+        let version = store.config().version;
+        assert_eq!(store.place("up", &placed).unwrap()[0].action, "unchanged");
+        assert_eq!(store.config().version, version);
+
+        // Only WorkloadEntries are placed.
+        assert!(matches!(
+            store.place("up", DENY),
+            Err(StoreError::Invalid(_))
+        ));
+        drop(store);
+
+        // Not kept across a restart: the runner places its workloads again.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(entry(&store).0, "");
+        assert_eq!(entry(&store).1, 9080);
     }
 
     #[test]
