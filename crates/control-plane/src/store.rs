@@ -283,6 +283,35 @@ fn objects_of(loaded: &Loaded) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
+/// Refuses each file defining an object another file defines too (in
+/// `definers`: key → the files defining it), except the one whose
+/// definition is in force, when one is: its definition stays.
+fn refuse_duplicates(
+    definers: &BTreeMap<&str, Vec<&str>>,
+    stored: &BTreeMap<String, Stored>,
+    refused: &mut BTreeMap<String, Vec<String>>,
+) {
+    for (key, files) in definers.iter().filter(|(_, files)| files.len() > 1) {
+        let previous = stored.get(*key);
+        let holder = previous
+            .and_then(|s| s.owner.file())
+            .filter(|f| files.contains(f));
+        let outcome = match (holder, previous.map(|s| &s.owner)) {
+            (Some(file), _) => format!("the definition in {file} stays"),
+            (None, Some(Owner::Api)) => "the object the API wrote stays".to_owned(),
+            (None, _) => "none is put in force".to_owned(),
+        };
+        for file in files.iter().filter(|f| Some(**f) != holder) {
+            let others: Vec<&str> = files.iter().copied().filter(|o| o != file).collect();
+            refused.entry((*file).to_owned()).or_default().push(format!(
+                "{file}: error: {}: also defined by {}; {outcome}: remove it from all but one file",
+                display_key(key),
+                others.join(", "),
+            ));
+        }
+    }
+}
+
 /// The object as `get` shows it: as in force (placed, if it is), with its
 /// owner in [`SOURCE_ANNOTATION`] and its placement marked.
 fn shown(stored: Stored, placement: Option<&Placement>) -> serde_json::Value {
@@ -453,28 +482,7 @@ impl Store {
                     definers.entry(key).or_default().push(file);
                 }
             }
-            for (key, files) in &definers {
-                if files.len() < 2 {
-                    continue;
-                }
-                let previous = stored.get(*key);
-                let holder = previous
-                    .and_then(|s| s.owner.file())
-                    .filter(|f| files.contains(f));
-                let outcome = match (holder, previous.map(|s| &s.owner)) {
-                    (Some(file), _) => format!("the definition in {file} stays"),
-                    (None, Some(Owner::Api)) => "the object the API wrote stays".to_owned(),
-                    (None, _) => "none is put in force".to_owned(),
-                };
-                for file in files.iter().filter(|f| Some(**f) != holder) {
-                    let others: Vec<&str> = files.iter().copied().filter(|o| o != file).collect();
-                    refused.entry((*file).to_owned()).or_default().push(format!(
-                        "{file}: error: {}: also defined by {}; {outcome}: remove it from all but one file",
-                        display_key(key),
-                        others.join(", "),
-                    ));
-                }
-            }
+            refuse_duplicates(&definers, &stored, &mut refused);
             let mut defined = BTreeSet::new();
             for (file, objects) in loaded {
                 if refused.contains_key(file) {

@@ -23,12 +23,10 @@ use crate::store::{DirectorySync, Store};
 pub enum SyncError {
     /// The directory itself cannot be read (gone, not permitted): nothing
     /// changes, rather than every file's objects being deleted.
-    #[error("{}: cannot read: {source}", .dir.display())]
-    Unreadable {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// (The I/O error is in the message, not a source, so that it is said
+    /// once however the error is printed.)
+    #[error("{}: cannot read: {error}", .dir.display())]
+    Unreadable { dir: PathBuf, error: std::io::Error },
     /// The store failed: worth trying again.
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
@@ -36,9 +34,9 @@ pub enum SyncError {
 
 /// Reads every file of `dir` and puts them in force in `store`.
 pub fn sync(dir: &Path, store: &Store) -> Result<DirectorySync, SyncError> {
-    let unreadable = |source| SyncError::Unreadable {
+    let unreadable = |error| SyncError::Unreadable {
         dir: dir.to_owned(),
-        source,
+        error,
     };
     std::fs::metadata(dir).map_err(unreadable)?;
     let files = load::policy_files(dir).map_err(unreadable)?;
