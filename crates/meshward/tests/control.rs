@@ -180,11 +180,10 @@ fn the_config_directory_is_watched_and_a_broken_file_changes_nothing() {
     holds(MTLS);
     std::fs::copy(repo("examples/jwt/policies.yaml"), config.join("jwt.yaml")).unwrap();
     holds(MTLS + JWT);
-    // A broken file: the directory is refused whole (the server says so),
-    // nothing changes.
+    // A broken file: refused (the server says so), nothing changes.
     std::fs::write(config.join("broken.yaml"), "kind: AuthorizationPolicy\napiVersion: security.istio.io/v1\nmetadata: {name: x}\nspec: {action: NOPE}\n").unwrap();
     mesh.server_logs
-        .wait_for_stderr("config directory refused", SETTLE);
+        .wait_for_stderr("broken.yaml not put in force", SETTLE);
     mesh.server_logs.wait_for_stderr(
         "broken.yaml:4: error: AuthorizationPolicy default/x: spec.action",
         SETTLE,

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use meshward_api::control::ApplyRequest;
+use meshward_api::control::PlaceRequest;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::token::TokenAuthority;
 use meshward_policy::api::{RegistryObject, ServiceEntry, WorkloadEntry};
@@ -303,10 +303,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         client(&server_args)
             .await?
-            .apply(ApplyRequest {
+            .place(PlaceRequest {
                 file: format!("{} (addresses chosen by meshward up)", args.dir.display()),
                 text: registry,
-                mesh_config: false,
             })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
