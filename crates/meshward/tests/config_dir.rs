@@ -255,7 +255,7 @@ fn under_up_the_directory_owns_its_workload_entries_and_up_places_them() {
     let mut up = spawn(
         "meshward up",
         meshward()
-            .args(["up", dir.to_str().unwrap(), "--data-dir"])
+            .args(["up", "--explicit", dir.to_str().unwrap(), "--data-dir"])
             .arg(&data),
     );
     let started: serde_json::Value = wait_for(START, || {
