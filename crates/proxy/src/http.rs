@@ -313,27 +313,37 @@ pub fn set_upstream_target(
 /// written (with bytes both ways and the duration) when it ends or is
 /// abandoned.
 ///
-/// `held` lives until then too: an endpoint counted busy while its
-/// response streams (least-request balancing).
-pub fn logged_response_body<H: Send + Sync + Unpin + 'static>(
+/// `done` runs then too, first, with what the body showed and the request
+/// body's bytes: Istio's metrics are counted, and whatever it holds is
+/// released (an endpoint counted busy while its response streams, for
+/// least-request balancing).
+pub fn logged_response_body<F>(
     body: hyper::body::Incoming,
     mut record: crate::log::AccessRecord,
     received: Arc<AtomicU64>,
     started: std::time::Instant,
     access: crate::log::LogSink,
-    held: H,
-) -> Body {
-    let sent = Arc::new(AtomicU64::new(0));
-    let sent_for_log = sent.clone();
-    OnDone::new(Counted::new(body, sent), move || {
-        drop(held);
-        record.bytes_received = received.load(Ordering::Relaxed);
-        record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
+    done: F,
+) -> Body
+where
+    F: FnOnce(&BodyEnd, u64) + Send + Sync + Unpin + 'static,
+{
+    OnDone::new(body, move |end: &BodyEnd| {
+        let request_bytes = received.load(Ordering::Relaxed);
+        done(end, request_bytes);
+        record.bytes_received = request_bytes;
+        record.bytes_sent = end.bytes;
         record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
         access.write(&record);
     })
     .map_err(|e| Box::new(e) as BoxError)
     .boxed()
+}
+
+/// The `grpc-status` of a response's headers (a trailers-only response)
+/// or trailers.
+pub fn grpc_status_in(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// Counts the bytes of a body as they pass.
@@ -377,26 +387,38 @@ where
     }
 }
 
-/// Runs a closure when the response body is finished or abandoned: the
-/// access log is written when the exchange is really over.
-pub struct OnDone<B, F: FnOnce()> {
+/// What a response body showed by the time it ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyEnd {
+    /// Data bytes passed on.
+    pub bytes: u64,
+    /// The `grpc-status` of its trailers.
+    pub grpc_status: Option<u32>,
+}
+
+/// A body that counts its bytes, notes a `grpc-status` trailer, and runs a
+/// closure with both when it is finished or abandoned: the access log is
+/// written, and Istio's metrics counted, when the exchange is really over.
+pub struct OnDone<B, F: FnOnce(&BodyEnd)> {
     inner: B,
+    end: BodyEnd,
     done: Option<F>,
 }
 
-impl<B, F: FnOnce()> OnDone<B, F> {
+impl<B, F: FnOnce(&BodyEnd)> OnDone<B, F> {
     pub fn new(inner: B, done: F) -> OnDone<B, F> {
         OnDone {
             inner,
+            end: BodyEnd::default(),
             done: Some(done),
         }
     }
 }
 
-impl<B, F: FnOnce()> Drop for OnDone<B, F> {
+impl<B, F: FnOnce(&BodyEnd)> Drop for OnDone<B, F> {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            done();
+            done(&self.end);
         }
     }
 }
@@ -404,7 +426,7 @@ impl<B, F: FnOnce()> Drop for OnDone<B, F> {
 impl<B, F> HttpBody for OnDone<B, F>
 where
     B: HttpBody<Data = Bytes> + Unpin,
-    F: FnOnce() + Unpin,
+    F: FnOnce(&BodyEnd) + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -413,7 +435,15 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.end.bytes += data.len() as u64;
+            } else if let Some(status) = frame.trailers_ref().and_then(grpc_status_in) {
+                self.end.grpc_status = Some(status);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

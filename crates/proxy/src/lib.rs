@@ -146,6 +146,14 @@ impl Proxy {
         logs: LogTargets,
     ) -> Result<Proxy, ProxyError> {
         let metrics = Arc::new(Metrics::default());
+        // Istio's labels name this workload by its configuration until the
+        // control plane says which WorkloadEntry it is.
+        (metrics.istio).set_local(
+            &identity.id,
+            &config.workload.namespace,
+            &config.workload.labels,
+            None,
+        );
         let open = |what, target: &LogTarget| {
             LogSink::open(target, metrics.log_records_dropped.clone()).map_err(|source| {
                 ProxyError::Log {

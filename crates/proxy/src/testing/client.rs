@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 
 use super::SETTLE;
 
-/// An HTTP/1.1 GET over plain TCP; `None` when the connection is refused,
-/// reset or closed without a response.
+/// An HTTP/1.1 GET over plain TCP, with `Host: web.test` unless `headers`
+/// name a host; `None` when the connection is refused, reset or closed
+/// without a response.
 pub async fn get(
     addr: SocketAddr,
     path: &str,
@@ -23,7 +24,10 @@ pub async fn get(
         .await
         .ok()?;
     tokio::spawn(conn);
-    let mut request = Request::get(path).header("host", "web.test");
+    let mut request = Request::get(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request = request.header("host", "web.test");
+    }
     for (k, v) in headers {
         request = request.header(*k, *v);
     }

@@ -12,12 +12,21 @@ use std::time::{Instant, SystemTime};
 use tokio::net::TcpStream;
 
 use crate::Shared;
+use crate::io::Metered;
 use crate::log::AccessRecord;
+use crate::metrics::istio::{self, ResponseFlags, TrafficLabels};
 use crate::metrics::{DecisionLabels, Direction};
 use crate::socket::Dial;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACK_HOLE: &str = "BlackHoleCluster";
+
+/// Istio's labels for traffic to `cluster`: plain TCP to a destination
+/// with no known workload, as Istio labels its passthrough and black hole
+/// clusters (the cluster is the service).
+fn istio_labels(shared: &Shared, cluster: &str) -> TrafficLabels {
+    (shared.metrics.istio).outbound(cluster, None, false, istio::Protocol::Tcp)
+}
 
 fn count(shared: &Shared, decision: &'static str, cluster: &str) {
     shared
@@ -34,7 +43,7 @@ fn count(shared: &Shared, decision: &'static str, cluster: &str) {
 /// Relays `tcp` to `dst`, untouched; logged as `cluster` (the
 /// PassthroughCluster, or a `resolution: NONE` service).
 pub async fn pass(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     cluster: &str,
@@ -58,6 +67,11 @@ pub async fn pass(
     match dial.connect(dst, shared.limits.connect_timeout).await {
         Ok(mut upstream) => {
             let _ = upstream.set_nodelay(true);
+            let connection = shared
+                .metrics
+                .istio
+                .tcp_opened(&istio_labels(&shared, cluster));
+            let mut tcp = Metered::new(tcp, &connection);
             let copied = tokio::select! {
                 copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied,
                 _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
@@ -72,6 +86,9 @@ pub async fn pass(
         }
         Err(e) => {
             shared.metrics.upstream_error(Direction::Outbound);
+            let labels = istio_labels(&shared, cluster);
+            let flags = ResponseFlags::UpstreamConnectionFailure;
+            drop(shared.metrics.istio.tcp_opened(&labels.with_flags(flags)));
             record.error = Some(format!("connecting to {dst}: {e}"));
         }
     }
@@ -95,5 +112,7 @@ pub fn refuse(peer: SocketAddr, dst: SocketAddr, shared: &Shared) {
             .into(),
     );
     count(shared, "deny", BLACK_HOLE);
+    let labels = istio_labels(shared, BLACK_HOLE).with_flags(ResponseFlags::NoHealthyUpstream);
+    drop(shared.metrics.istio.tcp_opened(&labels));
     shared.logs.access.write(&record);
 }
