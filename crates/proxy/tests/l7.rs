@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use meshward_proxy::testing::*;
 
 const ALLOW_GET_PUBLIC: &str = r#"
@@ -56,40 +56,6 @@ async fn pair(ca: &Ca, protocol: &str, policies: &str, mesh: Option<&str>) -> Pa
     })
     .await;
     Pair { server, client }
-}
-
-/// An HTTP/2 (prior knowledge) request.
-async fn h2(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, http::HeaderMap, String, Option<http::HeaderMap>) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut r = http::Request::builder()
-        .method(method)
-        .uri(format!("http://web.web{path}"));
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let response = sender
-        .send_request(
-            r.body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let collected = response.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned();
-    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
-    (status, headers, body, trailers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

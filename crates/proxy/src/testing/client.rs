@@ -42,6 +42,44 @@ pub async fn get(
     Some((status, String::from_utf8_lossy(&body).into_owned(), headers))
 }
 
+/// An HTTP/2 (prior knowledge) request to `http://web.web{path}` with a
+/// five-byte body: status, headers, body and trailers.
+pub async fn h2(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String, Option<http::HeaderMap>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut r = Request::builder()
+        .method(method)
+        .uri(format!("http://web.web{path}"));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let body = http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0"));
+    let response = tokio::time::timeout(SETTLE, sender.send_request(r.body(body).unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let collected = tokio::time::timeout(SETTLE, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap();
+    let trailers = collected.trailers().cloned();
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    (status, headers, body, trailers)
+}
+
 /// The echo application's view of a request.
 pub fn seen(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|_| panic!("not an echo answer: {body}"))
