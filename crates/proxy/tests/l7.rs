@@ -408,6 +408,21 @@ async fn authorizer() -> SocketAddr {
     addr
 }
 
+/// Requests `proxy` reports (Istio's metrics) as 403s flagged `UAEX`:
+/// denied by the CUSTOM authorizer.
+fn denied_by_authorizer(proxy: &TestProxy) -> f64 {
+    let scrape = proxy.scrape();
+    scrape
+        .iter()
+        .filter(|(name, labels, _)| {
+            *name == "istio_requests_total"
+                && labels["response_flags"] == "UAEX"
+                && labels["response_code"] == "403"
+        })
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_authorization_asks_the_http_provider() {
     let ca = Ca::new();
@@ -452,6 +467,9 @@ spec:
         .unwrap();
     assert_eq!((status, body.as_str()), (403, "denied by ext_authz"));
     assert_eq!(headers["x-ext-authz-check-result"], "denied");
+    // Istio's metrics flag it as Envoy's ext_authz does (counted before
+    // the denial is sent).
+    assert_eq!(denied_by_authorizer(&p.server), 1.0);
 
     let (status, _, _) = get(out, "/open", &[]).await.unwrap();
     assert_eq!(
@@ -475,6 +493,7 @@ spec:
     .await
     .unwrap();
     assert_eq!(status, 403, "an unreachable provider fails closed");
+    assert_eq!(denied_by_authorizer(&p.server), 1.0);
     let provider = format!("provider \"ext\" (127.0.0.1:{closed_port})");
     eventually("the provider error is logged", || {
         p.server.access_log().iter().any(|r| {
