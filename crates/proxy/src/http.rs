@@ -341,9 +341,11 @@ where
 }
 
 /// The `grpc-status` of a response's headers (a trailers-only response)
-/// or trailers.
+/// or trailers: one of gRPC's codes (0 to 16). Any other value, which an
+/// upstream could vary at will, is none, so it never becomes a label value.
 pub fn grpc_status_in(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    let status: u32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    (status <= 16).then_some(status)
 }
 
 /// Counts the bytes of a body as they pass.
@@ -549,6 +551,21 @@ mod tests {
         let mut r = Request::get("/").header("host", "web:80").body(()).unwrap();
         strip_trailing_host_dot(&mut r);
         assert_eq!(r.headers()["host"], "web:80");
+    }
+
+    #[test]
+    fn only_grpcs_own_status_codes_are_read() {
+        let status = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_str(value).unwrap());
+            grpc_status_in(&h)
+        };
+        assert_eq!(status("0"), Some(0));
+        assert_eq!(status("16"), Some(16));
+        for bad in ["17", "4294967295", "-1", "ok", ""] {
+            assert_eq!(status(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_status_in(&HeaderMap::new()), None);
     }
 
     #[test]
