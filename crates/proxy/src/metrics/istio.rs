@@ -414,6 +414,7 @@ impl EncodeLabelSet for RequestLabels {
 }
 
 /// What the labels are drawn from: this workload and the services known.
+#[derive(Clone)]
 struct Known {
     /// This workload's SPIFFE ID.
     principal: Arc<str>,
@@ -519,12 +520,7 @@ impl IstioMetrics {
             .known
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = Known {
-            principal: known.principal.clone(),
-            local: known.local.clone(),
-            services: known.services.clone(),
-            served: known.served.clone(),
-        };
+        let mut next = Known::clone(&known);
         change(&mut next);
         *known = Arc::new(next);
     }
