@@ -661,7 +661,8 @@ impl IstioMetrics {
         }
     }
 
-    /// Counts one HTTP or gRPC request.
+    /// Counts one HTTP or gRPC request: its histograms first, so that a
+    /// scrape that counts it also has its observations.
     pub fn request(
         &self,
         labels: &RequestLabels,
@@ -669,7 +670,6 @@ impl IstioMetrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.requests.get_or_create(labels).inc();
         self.request_duration
             .get_or_create(labels)
             .observe(duration.as_secs_f64() * 1e3);
@@ -679,6 +679,7 @@ impl IstioMetrics {
         self.response_bytes
             .get_or_create(labels)
             .observe(response_bytes as f64);
+        self.requests.get_or_create(labels).inc();
     }
 
     /// Counts a request the proxy answered itself (a denial, an error),
