@@ -141,6 +141,13 @@ pub async fn run(
         routes,
         dns,
     };
+    // Without a certificate the server would refuse the stream: wait for
+    // the agent's first one, so a normal start says nothing alarming.
+    let mut cert = identity.cert.0.clone();
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = cert.wait_for(Option::is_some) => {}
+    }
     let mut backoff = BACKOFF_START;
     // Whether any configuration from the control plane was ever in force.
     let mut configured = false;
