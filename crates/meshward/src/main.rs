@@ -12,6 +12,7 @@ mod inputs;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use meshward_identity::error_chain;
 
 #[derive(Parser)]
 #[command(
@@ -67,7 +68,7 @@ enum Command {
 fn main() -> ExitCode {
     // First: a child of `up` (or of a test) must not run on without it.
     if let Err(e) = children::honour_parent() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&*e));
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
@@ -99,7 +100,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: a cause that a level already wrote into its
+            // own message is not printed again after it.
+            eprintln!("error: {}", error_chain(&*e));
             ExitCode::from(2)
         }
     }
