@@ -8,6 +8,7 @@
 mod children;
 mod cmd;
 mod inputs;
+mod kinds;
 
 use std::process::ExitCode;
 
