@@ -861,6 +861,9 @@ fn commands_find_the_server_from_its_data_directory() {
     let o = with_data_dir(&mesh.data, &["status"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("config version "), "{}", stdout(&o));
+    // --server wins, and may be HOST:PORT.
+    let o = with_data_dir(&mesh.data, &["status", "--server", &mesh.ca_addr]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = with_data_dir(&mesh.data, &["get", "ap", "deny-legacy", "-n", "foo"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("name: deny-legacy"), "{}", stdout(&o));

@@ -23,9 +23,9 @@ use crate::kinds::{self, Wanted};
 /// Where the server is and how to prove being its admin.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerArgs {
-    /// The server's address, https://HOST:PORT [default: where the server
-    /// using --data-dir recorded it listens (DIR/server.json), else
-    /// https://127.0.0.1:15012].
+    /// The server's address, https://HOST:PORT (or HOST:PORT) [default:
+    /// where the server using --data-dir recorded it listens
+    /// (DIR/server.json), else https://127.0.0.1:15012].
     #[arg(long)]
     server: Option<String>,
     /// The server's data directory: its admin credential (`admin/`) and
