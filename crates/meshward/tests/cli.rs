@@ -840,7 +840,7 @@ fn closed_port() -> u16 {
 fn commands_find_the_server_from_its_data_directory() {
     use nix::sys::signal::Signal;
 
-    let dir = tempdir().join("found");
+    let dir = tempdir();
     let mut mesh = common::server(&dir);
     let record = server_record(&mesh.data).expect("the server recorded itself");
     assert_eq!(record["address"], mesh.ca_addr.as_str(), "{record}");
@@ -909,7 +909,7 @@ fn commands_find_the_server_from_its_data_directory() {
 fn a_failed_connection_names_the_address_its_origin_and_each_cause_once() {
     use nix::sys::signal::Signal;
 
-    let dir = tempdir().join("unreachable");
+    let dir = tempdir();
     // From --server: a port nothing listens on.
     let port = closed_port();
     let mut mesh = common::server(&dir);
@@ -965,7 +965,7 @@ fn a_failed_connection_names_the_address_its_origin_and_each_cause_once() {
 /// holds it, instead of redb's lock error twice.
 #[test]
 fn a_second_server_on_a_data_directory_names_the_process_holding_it() {
-    let dir = tempdir().join("held");
+    let dir = tempdir();
     let mut mesh = common::server(&dir);
     let before = server_record(&mesh.data).expect("recorded");
     let o = meshward(
@@ -1003,7 +1003,7 @@ fn a_second_server_on_a_data_directory_names_the_process_holding_it() {
 /// directory: `--data-dir` alone finds it.
 #[test]
 fn commands_find_the_server_of_meshward_up_from_its_data_directory() {
-    let dir = tempdir().join("up-found");
+    let dir = tempdir();
     let mesh_dir = dir.join("mesh");
     std::fs::create_dir_all(&mesh_dir).expect("mkdir");
     std::fs::write(
@@ -1079,7 +1079,7 @@ fn get_and_delete_take_kubectl_kinds_and_namespaces() {
         assert!(err.ends_with(listed_last), "{err}");
     }
 
-    let dir = tempdir().join("kinds");
+    let dir = tempdir();
     std::fs::create_dir_all(&dir).expect("mkdir");
     let mesh = common::server(&dir);
     let file = dir.join("objects.yaml");
@@ -1174,7 +1174,7 @@ fn get_and_delete_take_kubectl_kinds_and_namespaces() {
 /// alike.
 #[test]
 fn yaml_errors_name_file_line_and_column_once() {
-    let dir = tempdir().join("yaml");
+    let dir = tempdir();
     std::fs::create_dir_all(&dir).expect("mkdir");
     let file = dir.join("broken.yaml");
     std::fs::write(
@@ -1212,7 +1212,7 @@ fn yaml_errors_name_file_line_and_column_once() {
 /// warnings are about, and no file: they come from none.
 #[test]
 fn live_describe_warns_without_an_invented_location() {
-    let dir = tempdir().join("live-describe");
+    let dir = tempdir();
     let mesh = common::server(&dir);
     let zero_trust = repo().join("examples/zero-trust/policies.yaml");
     let o = mesh.admin(&["apply", "-f", zero_trust.to_str().expect("utf-8")]);
