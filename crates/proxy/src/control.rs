@@ -28,6 +28,7 @@ use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::control::{DistributionRequest, DistributionResponse, Resource};
 use meshward_api::resources::{OwnWorkload, Revocation, Service};
 use meshward_api::types;
+use meshward_identity::error_chain;
 use meshward_identity::revocation::RevocationList;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy};
@@ -255,7 +256,7 @@ async fn stream(
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
+        .map_err(|e| Ended::Lost(format!("connecting: {}", error_chain(&e))))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
         // The services this workload calls: their endpoints and identities;

@@ -260,6 +260,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (server, listen)
         }
     };
+    // Commands on this machine reach a lab's control plane through a relay
+    // (there is no route to the lab): that is the address it records.
+    let relay = match &network {
+        Some(net) => Some(relay::start(net.control_plane.netns(), listen)?),
+        None => None,
+    };
+    if let Some(relay) = relay {
+        server.args(["--advertise", &relay.to_string()]);
+    }
     server
         .arg("--data-dir")
         .arg(&data)
@@ -282,10 +291,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     std::thread::spawn(move || lines.for_each(drop));
     // Where this process and the operator's commands reach it.
-    let reach = match &network {
-        Some(net) => relay::start(net.control_plane.netns(), listen)?,
-        None => listen,
-    };
+    let reach = relay.unwrap_or(listen);
     let tokens = TokenAuthority::load_or_create(&data, &trust_domain)?;
     let token_for = |plan: &Plan<'_>| -> anyhow::Result<PathBuf> {
         let path = log_file(&data, &plan.name, "token");
