@@ -154,6 +154,15 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the store could not be opened because another process has
+    /// it open (redb locks the file for one process at a time).
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, StoreError::Database { source, .. }
+            if matches!(**source, redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch))
+    }
+}
+
 /// What a write did to one object, as `kubectl apply` says it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Change {

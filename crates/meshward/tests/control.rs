@@ -9,7 +9,7 @@ mod common;
 use common::*;
 
 fn stored(mesh: &Mesh) -> Vec<serde_json::Value> {
-    let out = mesh.admin(&["get", "all", "-o", "json"]);
+    let out = mesh.admin(&["get", "all", "-A", "-o", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -70,7 +70,7 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
     // loader's words — the valid document before it is not written either —
     // and nothing changes.
     let snapshot = || {
-        let out = mesh.admin(&["get", "all", "-o", "yaml"]);
+        let out = mesh.admin(&["get", "all", "-A", "-o", "yaml"]);
         assert!(
             out.status.success(),
             "{}",

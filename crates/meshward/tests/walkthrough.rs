@@ -396,6 +396,30 @@ fn the_zero_trust_walkthrough_in_namespaces_by_name() {
         .filter_map(|w| w["address"].as_str())
         .collect();
     assert_eq!(addresses.len(), 7, "{}", up.mesh);
+    // The operator's commands on the machine reach the lab's control plane
+    // with nothing but the data directory: it records the relay, on
+    // loopback (the machine has no route into the lab).
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(up.data.join("server.json")).unwrap())
+            .unwrap();
+    assert!(
+        record["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{record}"
+    );
+    let status = output(meshward().args(["status", "--data-dir", up.data.to_str().unwrap()]));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        text.contains("bookinfo/reviews-v2") && text.contains("SYNCED"),
+        "{text}"
+    );
     assert!(
         addresses.iter().all(|a| a.starts_with("198.18.0.")),
         "{addresses:?}"

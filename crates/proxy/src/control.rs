@@ -28,6 +28,7 @@ use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::control::{DistributionRequest, DistributionResponse, Resource};
 use meshward_api::resources::{OwnWorkload, Revocation, Service};
 use meshward_api::types;
+use meshward_identity::error_chain;
 use meshward_identity::revocation::RevocationList;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy};
@@ -144,6 +145,13 @@ pub async fn run(
         dns,
         metrics: metrics.clone(),
     };
+    // Without a certificate the server would refuse the stream: wait for
+    // the agent's first one, so a normal start says nothing alarming.
+    let mut cert = identity.cert.0.clone();
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = cert.wait_for(Option::is_some) => {}
+    }
     let mut backoff = BACKOFF_START;
     // Whether any configuration from the control plane was ever in force.
     let mut configured = false;
@@ -251,7 +259,7 @@ async fn stream(
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
+        .map_err(|e| Ended::Lost(format!("connecting: {}", error_chain(&e))))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
         // The services this workload calls: their endpoints and identities;

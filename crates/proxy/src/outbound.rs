@@ -16,6 +16,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use meshward_identity::error_chain;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -493,19 +494,6 @@ async fn handle(
             )
         }
     }
-}
-
-/// An error with its causes, which carry the useful part (a TLS or secure
-/// naming failure under "client error (Connect)").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 async fn serve_tcp<S>(stream: S, peer: SocketAddr, target: Arc<OutboundTarget>, shared: Arc<Shared>)

@@ -192,6 +192,8 @@ pub fn start(
             access_log,
             netns: None,
             address: None,
+            namespace: plan.entry.metadata.namespace_or_default().to_owned(),
+            labels: plan.entry.spec.labels.clone(),
         });
     }
     Ok(started)

@@ -40,6 +40,7 @@ use serde::Serialize;
 mod explicit;
 mod namespaced;
 mod relay;
+mod screen;
 
 use crate::children::{Group, StopSignals};
 use crate::cmd::control::{ServerArgs, client};
@@ -101,6 +102,8 @@ struct Started {
     /// Its own address (namespaced mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     address: Option<std::net::IpAddr>,
+    namespace: String,
+    labels: BTreeMap<String, String>,
 }
 
 /// A free address on 127.0.0.1 for a process `up` is about to start.
@@ -226,6 +229,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             true,
         ),
     };
+    // This run's logs only: a reused data directory keeps its state, not
+    // the decisions of earlier runs.
+    let _ = std::fs::remove_dir_all(data.join("logs"));
     std::fs::create_dir_all(data.join("logs"))?;
     let _cleanup = temporary.then(|| RemoveOnDrop(data.clone()));
     let trust_domain = std::fs::read_to_string(data.join("trust-domain"))
@@ -254,6 +260,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (server, listen)
         }
     };
+    // Commands on this machine reach a lab's control plane through a relay
+    // (there is no route to the lab): that is the address it records.
+    let relay = match &network {
+        Some(net) => Some(relay::start(net.control_plane.netns(), listen)?),
+        None => None,
+    };
+    if let Some(relay) = relay {
+        server.args(["--advertise", &relay.to_string()]);
+    }
     server
         .arg("--data-dir")
         .arg(&data)
@@ -276,10 +291,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     std::thread::spawn(move || lines.for_each(drop));
     // Where this process and the operator's commands reach it.
-    let reach = match &network {
-        Some(net) => relay::start(net.control_plane.netns(), listen)?,
-        None => listen,
-    };
+    let reach = relay.unwrap_or(listen);
     let tokens = TokenAuthority::load_or_create(&data, &trust_domain)?;
     let token_for = |plan: &Plan<'_>| -> anyhow::Result<PathBuf> {
         let path = log_file(&data, &plan.name, "token");
@@ -374,15 +386,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         workloads: started,
     };
     write_atomically(&data.join("up.json"), &serde_json::to_string_pretty(&mesh)?)?;
-    print_table(&mesh);
+    screen::banner(&mesh, &services);
 
     // Live decisions until Ctrl-C, SIGTERM or SIGHUP.
     let stop = Arc::new(AtomicBool::new(false));
+    let names = Arc::new(screen::Names::new(&mesh));
     for w in &mesh.workloads {
         if let Some(log) = w.access_log.clone() {
-            let stop = stop.clone();
+            let (stop, names) = (stop.clone(), names.clone());
             let name = w.name.clone();
-            std::thread::spawn(move || tail_decisions(&name, &log, &stop));
+            std::thread::spawn(move || screen::follow(&name, &log, &names, &stop));
         }
     }
     let signal = runtime.block_on(signals.recv());
@@ -498,96 +511,4 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn print_table(mesh: &Mesh) {
-    println!(
-        "meshward up: control plane {}, state in {}",
-        mesh.control_plane,
-        mesh.data_dir.display()
-    );
-    println!();
-    println!(
-        "{:<28} {:<56} PORTS (peers reach it at)",
-        "WORKLOAD", "IDENTITY"
-    );
-    for w in &mesh.workloads {
-        let ports: Vec<String> = w.ports.iter().map(|(p, a)| format!("{p} -> {a}")).collect();
-        let identity = if w.proxied {
-            w.identity.as_str()
-        } else {
-            "(no proxy)"
-        };
-        println!("{:<28} {:<56} {}", w.name, identity, ports.join(", "));
-    }
-    println!();
-    println!("{:<28} {:<36} CALL IT AT", "FROM", "SERVICE");
-    for w in &mesh.workloads {
-        for (service, addr) in &w.upstreams {
-            println!("{:<28} {:<36} http://{addr}", w.name, service);
-        }
-    }
-    println!();
-    println!("Decisions follow (Ctrl-C stops everything):");
-}
-
-/// Prints each new access record of `log` as one compact line.
-fn tail_decisions(workload: &str, log: &Path, stop: &AtomicBool) {
-    let mut offset = 0u64;
-    let mut partial = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        if let Ok(mut file) = std::fs::File::open(log) {
-            use std::io::Seek;
-            if file.seek(std::io::SeekFrom::Start(offset)).is_ok() {
-                let mut text = String::new();
-                if let Ok(n) = file.read_to_string(&mut text) {
-                    offset += n as u64;
-                    partial.push_str(&text);
-                    while let Some(end) = partial.find('\n') {
-                        let line: String = partial.drain(..=end).collect();
-                        if let Ok(r) = serde_json::from_str::<serde_json::Value>(&line) {
-                            print_decision(workload, &r);
-                        }
-                    }
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn print_decision(workload: &str, r: &serde_json::Value) {
-    if r["direction"] != "inbound" {
-        return;
-    }
-    let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
-    let from = r["source_principal"].as_str().map_or_else(
-        || format!("{} (plaintext)", text("source_address")),
-        |p| p.rsplit("/ns/").next().unwrap_or(p).replace("/sa/", "/"),
-    );
-    let policy = match (r["policy"].as_str(), r["rule"].as_u64()) {
-        (Some(p), Some(rule)) => format!("{p} rule {rule}"),
-        (Some(p), None) => p.to_owned(),
-        _ => String::new(),
-    };
-    let decision = text("decision").to_ascii_uppercase();
-    let status = r["status"]
-        .as_u64()
-        .map_or_else(|| "-".to_owned(), |s| s.to_string());
-    let mut line = format!(
-        "{:<5} {} -> {} {} {} {} {}",
-        decision,
-        from,
-        workload,
-        text("method"),
-        text("path"),
-        status,
-        policy
-    );
-    if decision == "DENY"
-        && let Some(reason) = r["reason"].as_str()
-    {
-        line.push_str(&format!(" ({reason})"));
-    }
-    println!("{}", line.trim_end());
 }

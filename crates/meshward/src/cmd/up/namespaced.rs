@@ -218,6 +218,8 @@ pub fn start(
             access_log,
             netns: Some(host.netns().to_owned()),
             address: Some(address),
+            namespace: plan.entry.metadata.namespace_or_default().to_owned(),
+            labels: plan.entry.spec.labels.clone(),
         });
     }
     Ok(started)
