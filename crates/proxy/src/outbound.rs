@@ -526,17 +526,9 @@ where
             let connection = shared.metrics.istio.tcp_opened(&labels);
             let mut stream = Metered::new(stream, &connection);
             record.upstream = server.map(|s| s.to_string());
-            let copied = tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => copied,
-                _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
-            };
-            match copied {
-                Ok((sent_up, received_back)) => {
-                    record.bytes_received = sent_up;
-                    record.bytes_sent = received_back;
-                }
-                Err(e) => record.error = Some(e.to_string()),
-            }
+            record
+                .relay(&mut stream, &mut upstream, &shared.stop_now)
+                .await;
         }
         Err(e) => {
             counted("allow");

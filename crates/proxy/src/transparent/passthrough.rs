@@ -72,17 +72,9 @@ pub async fn pass(
                 .istio
                 .tcp_opened(&istio_labels(&shared, cluster));
             let mut tcp = Metered::new(tcp, &connection);
-            let copied = tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied,
-                _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
-            };
-            match copied {
-                Ok((sent, received)) => {
-                    record.bytes_received = sent;
-                    record.bytes_sent = received;
-                }
-                Err(e) => record.error = Some(e.to_string()),
-            }
+            record
+                .relay(&mut tcp, &mut upstream, &shared.stop_now)
+                .await;
         }
         Err(e) => {
             shared.metrics.upstream_error(Direction::Outbound);
