@@ -66,6 +66,12 @@ pub mod resources {
         /// 240.240.0.0/16 and 2001:2::/48), not written in an entry.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         pub auto_allocated: bool,
+        /// How its endpoints are found, Istio's `resolution` (`NONE`,
+        /// `STATIC`, `DNS`, `DNS_ROUND_ROBIN`): with `DNS`, endpoint
+        /// addresses may be names, resolved by the proxy; with `NONE`, a
+        /// connection goes to the address the application called.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub resolution: Option<String>,
         /// A DestinationRule's `trafficPolicy.loadBalancer.simple` for the
         /// host (`LEAST_REQUEST` when none).
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -66,8 +66,14 @@ pub fn install(cfg: &CaptureConfig, runner: &Runner) -> Result<(), CaptureError>
         add_ipv6_passthrough_source(runner)?;
     }
     replace(runner, Family::V4, &v4, Some(&plan.ipv4))?;
-    if let Some(v6) = v6 {
-        replace(runner, Family::V6, &v6, plan.ipv6.as_ref())?;
+    if let Some(v6) = v6
+        && let Err(e) = replace(runner, Family::V6, &v6, plan.ipv6.as_ref())
+    {
+        // Half installed would capture one family and not the other:
+        // meshward's IPv4 rules are removed again, and the error says why.
+        let now = runner.read(Family::V4.save(), &[])?;
+        replace(runner, Family::V4, &now, None)?;
+        return Err(e);
     }
     Ok(())
 }

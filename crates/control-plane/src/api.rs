@@ -7,7 +7,7 @@ use std::sync::Arc;
 use meshward_api::control::config_service_server::{ConfigService, ConfigServiceServer};
 use meshward_api::control::{
     ApplyRequest, ApplyResponse, Change, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
+    PlaceRequest, RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
 };
 use meshward_api::resources::RevocationKind;
 use meshward_identity::spiffe::SpiffeId;
@@ -94,7 +94,22 @@ pub fn config_server(
 fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::Invalid(errors) => Status::invalid_argument(errors.join("\n")),
+        // The request is fine; the object changes in its file instead.
+        StoreError::Owned(why) => Status::failed_precondition(why.join("\n")),
         other => Status::internal(other.to_string()),
+    }
+}
+
+fn applied(changes: Vec<crate::store::Change>, version: u64) -> ApplyResponse {
+    ApplyResponse {
+        changes: changes
+            .into_iter()
+            .map(|c| Change {
+                key: c.key,
+                action: c.action.into(),
+            })
+            .collect(),
+        version,
     }
 }
 
@@ -129,16 +144,26 @@ impl ConfigService for ConfigApi {
         let version = self.store.config().version;
         self.hub.changed(version);
         tracing::info!(version, changes = changes.len(), "configuration applied");
-        Ok(Response::new(ApplyResponse {
-            changes: changes
-                .into_iter()
-                .map(|c| Change {
-                    key: c.key,
-                    action: c.action.into(),
-                })
-                .collect(),
-            version,
-        }))
+        Ok(Response::new(applied(changes, version)))
+    }
+
+    async fn place(
+        &self,
+        request: Request<PlaceRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        self.authorize(&request)?;
+        let PlaceRequest { file, text } = request.into_inner();
+        let store = self.store.clone();
+        let changes = tokio::task::spawn_blocking(move || store.place(&file, &text))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status_of)?;
+        let version = self.store.config().version;
+        if changes.iter().any(|c| c.action != "unchanged") {
+            self.hub.changed(version);
+            tracing::info!(version, placed = changes.len(), "workloads placed");
+        }
+        Ok(Response::new(applied(changes, version)))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -323,5 +348,29 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("bad.yaml:4"), "{status}");
         assert!(status.message().contains("spec.action"), "{status}");
+    }
+
+    #[test]
+    fn changing_an_object_a_file_defines_is_a_failed_precondition_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = api(&dir);
+        let file = (
+            "/config/deny.yaml".to_owned(),
+            meshward_policy::load::load_str("/config/deny.yaml", DENY),
+        );
+        store.sync_directory(&[file]).unwrap();
+        for e in [
+            store
+                .delete("AuthorizationPolicy", "web", "deny")
+                .unwrap_err(),
+            store.apply("mine.yaml", DENY).unwrap_err(),
+        ] {
+            let status = status_of(e);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert_eq!(
+                status.message(),
+                "AuthorizationPolicy web/deny is defined by /config/deny.yaml: edit or remove it there"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod metrics;
 pub mod push;
+pub mod record;
 pub mod registry;
 pub mod store;
 pub mod watch;

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 
 pub use meshward_api::resources::{Endpoint, Service};
 use meshward_identity::spiffe::SpiffeId;
-use meshward_policy::api::{RegistryObject, ServiceEntry, WorkloadEntry, WorkloadEntrySpec};
+use meshward_policy::api::{
+    DestinationRule, RegistryObject, ServiceEntry, WorkloadEntry, WorkloadEntrySpec,
+};
 use serde::{Deserialize, Serialize};
 
 /// One workload as policies and proxies see it.
@@ -45,6 +47,46 @@ fn identity(trust_domain: &str, namespace: &str, service_account: &str) -> Strin
         .unwrap_or_else(|_| format!("spiffe://{trust_domain}/ns/{namespace}/sa/{sa}"))
 }
 
+/// Each host's load balancer, from the DestinationRule for it: its `host`
+/// as written, or, for a short name, that name in the rule's namespace
+/// (`ratings` in `bookinfo` is `ratings.bookinfo` or
+/// `ratings.bookinfo.svc.cluster.local`). Of several rules for one host
+/// the oldest wins, as Istio takes the first.
+fn apply_load_balancers(
+    services: &mut BTreeMap<String, Service>,
+    mut rules: Vec<&DestinationRule>,
+) {
+    rules.sort_by(|a, b| {
+        (
+            &a.metadata.creation_timestamp,
+            &a.metadata.namespace,
+            &a.metadata.name,
+        )
+            .cmp(&(
+                &b.metadata.creation_timestamp,
+                &b.metadata.namespace,
+                &b.metadata.name,
+            ))
+    });
+    for rule in rules {
+        let Some(simple) = rule.spec.simple_load_balancer() else {
+            continue;
+        };
+        let host = rule.spec.host.to_ascii_lowercase();
+        let ns = rule.metadata.namespace_or_default();
+        let names = [
+            host.clone(),
+            format!("{host}.{ns}"),
+            format!("{host}.{ns}.svc.cluster.local"),
+        ];
+        for service in services.values_mut() {
+            if service.load_balancer.is_none() && names.contains(&service.host) {
+                service.load_balancer = Some(simple.to_owned());
+            }
+        }
+    }
+}
+
 /// The label Istio puts on a workload to say whether it runs a proxy.
 const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
@@ -69,10 +111,12 @@ impl Registry {
     ) -> Registry {
         let mut entries: Vec<&WorkloadEntry> = Vec::new();
         let mut services: Vec<&ServiceEntry> = Vec::new();
+        let mut rules: Vec<&DestinationRule> = Vec::new();
         for object in objects {
             match object {
                 RegistryObject::WorkloadEntry(we) => entries.push(we),
                 RegistryObject::ServiceEntry(se) => services.push(se),
+                RegistryObject::DestinationRule(dr) => rules.push(dr),
             }
         }
         let workloads: Vec<Workload> = entries
@@ -151,7 +195,39 @@ impl Registry {
             let mut identities: BTreeSet<String> =
                 endpoints.iter().map(|e| e.identity.clone()).collect();
             identities.extend(se.spec.subject_alt_names.iter().cloned());
+            let resolution = se.spec.effective_resolution();
+            let by_dns = matches!(
+                resolution,
+                meshward_policy::api::Resolution::Dns
+                    | meshward_policy::api::Resolution::DnsRoundRobin
+            );
             for host in &se.spec.hosts {
+                // `resolution: DNS` without endpoints: the host itself is
+                // resolved and called, as Istio's STRICT_DNS cluster does
+                // (it runs no proxy of the mesh).
+                let endpoints = if by_dns && endpoints.is_empty() && !host.starts_with('*') {
+                    vec![Endpoint {
+                        address: host.to_ascii_lowercase(),
+                        ports: ports
+                            .keys()
+                            .map(|&n| {
+                                let target = se
+                                    .spec
+                                    .ports
+                                    .iter()
+                                    .find(|p| u32::from(n) == p.number)
+                                    .and_then(|p| p.target_port)
+                                    .and_then(|t| u16::try_from(t).ok())
+                                    .unwrap_or(n);
+                                (n, target)
+                            })
+                            .collect(),
+                        identity: String::new(),
+                        plaintext: true,
+                    }]
+                } else {
+                    endpoints.clone()
+                };
                 let service = by_host
                     .entry(host.to_ascii_lowercase())
                     .or_insert_with(|| Service {
@@ -161,6 +237,9 @@ impl Registry {
                     });
                 // Several entries for one host merge, as Istio merges them.
                 service.ports.extend(ports.clone());
+                service
+                    .resolution
+                    .get_or_insert_with(|| resolution.as_str().to_owned());
                 service.endpoints.extend(endpoints.iter().cloned());
                 service.endpoints.sort();
                 service.endpoints.dedup();
@@ -181,6 +260,7 @@ impl Registry {
             }
         }
         allocate_addresses(&mut by_host, qualifying);
+        apply_load_balancers(&mut by_host, rules);
         Registry {
             workloads,
             services: by_host,
@@ -428,6 +508,127 @@ mod tests {
         let loaded = meshward_policy::load::load_str("r.yaml", yaml);
         assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
         Registry::new(&loaded.registry, "cluster.local")
+    }
+
+    #[test]
+    fn a_dns_entry_without_endpoints_is_its_own_named_endpoint_and_resolution_travels() {
+        let r = registry(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec:
+  hosts: [api.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 443, name: tls, protocol: TLS}, {number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any, namespace: egress}
+spec:
+  hosts: [any.example]
+  addresses: [198.19.0.0/16]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports: [{number: 443, name: tls, protocol: TLS}]
+"#,
+        );
+        let api = &r.services["api.example.com"];
+        assert_eq!(api.resolution.as_deref(), Some("DNS"));
+        assert_eq!(api.endpoints.len(), 1);
+        let endpoint = &api.endpoints[0];
+        assert_eq!(endpoint.address, "api.example.com");
+        assert_eq!(endpoint.ports, BTreeMap::from([(80, 8080), (443, 443)]));
+        assert!(endpoint.plaintext);
+        let any = &r.services["any.example"];
+        assert_eq!(any.resolution.as_deref(), Some("NONE"));
+        assert!(any.endpoints.is_empty());
+        assert_eq!(any.addresses, vec!["198.19.0.0/16".to_owned()]);
+    }
+
+    #[test]
+    fn a_destination_rule_sets_its_hosts_load_balancer_by_full_or_short_name() {
+        let r = registry(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  hosts: [ratings.bookinfo.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.0.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews.bookinfo]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.0.4}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  host: ratings
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews.bookinfo
+  trafficPolicy: {loadBalancer: {simple: RANDOM}, connectionPool: {tcp: {maxConnections: 10}}}
+"#,
+        );
+        assert_eq!(
+            r.services["ratings.bookinfo.svc.cluster.local"]
+                .load_balancer
+                .as_deref(),
+            Some("ROUND_ROBIN")
+        );
+        assert_eq!(
+            r.services["reviews.bookinfo"].load_balancer.as_deref(),
+            Some("RANDOM")
+        );
+    }
+
+    #[test]
+    fn a_destination_rule_that_says_what_meshward_does_not_do_is_warned_about() {
+        let loaded = meshward_policy::load::load_str(
+            "dr.yaml",
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: ns}
+spec:
+  host: r
+  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}, outlierDetection: {consecutive5xxErrors: 1}}
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bad, namespace: ns}
+spec:
+  host: r
+  trafficPolicy: {loadBalancer: {simple: FASTEST}}
+",
+        );
+        let text: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+        assert_eq!(loaded.registry.len(), 1, "{text:#?}");
+        for expected in [
+            "dr.yaml:6: warning: DestinationRule ns/r: spec.trafficPolicy.loadBalancer.simple: meshward does not pass connections through",
+            "warning: DestinationRule ns/r: spec.trafficPolicy.outlierDetection:",
+            "warning: DestinationRule ns/r: spec.subsets:",
+            "error: DestinationRule ns/bad: spec.trafficPolicy.loadBalancer.simple: \"FASTEST\" is not one of",
+        ] {
+            assert!(
+                text.iter().any(|t| t.contains(expected)),
+                "{expected}\n{text:#?}"
+            );
+        }
     }
 
     #[test]

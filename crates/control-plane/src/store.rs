@@ -6,16 +6,27 @@
 //! nothing, and the error is the one `meshward validate` prints. Each object
 //! keeps the `creationTimestamp` of its first write (PeerAuthentication's
 //! oldest-wins depends on it); writes that change nothing are not versions.
-//! Objects come from the API or from a watched directory; the directory's
-//! objects are replaced as a set whenever the directory changes.
+//!
+//! Every object has one owner, recorded beside it ([`Owner`]): the config
+//! API, or the file of the watched directory that defines it. The
+//! directory owns what it defines: a file's objects change when the file
+//! does (also an object the API wrote before: the file takes it over), and
+//! while the directory is watched the API may neither write nor delete
+//! them. The directory is put in force file by file, each whole or not at
+//! all ([`Store::sync_directory`]); it never touches the API's own objects.
+//! Where a workload runs is not its owner's to say but its runner's
+//! (`meshward up`): [`Store::place`] lays an address and ports over a
+//! WorkloadEntry, whoever owns it.
 //!
 //! Beside the objects: the revocation list (`meshward revoke`), each write a
 //! version like any other, published to the CA as it commits; and the ids
 //! of single-use bootstrap tokens already used, so no restart makes one
 //! usable again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use meshward_api::resources::{Revocation, RevocationKind};
@@ -38,18 +49,91 @@ const SPENT_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("spent_tok
 /// A revocation's reason is for people: one line, this long at most.
 const MAX_REASON: usize = 512;
 
-/// What wrote an object.
+/// The annotation `meshward get` shows an object's [`Owner`] in: `api`, or
+/// `file:PATH`. The store sets it; one in a written object is dropped, as
+/// its `creationTimestamp` is replaced.
+pub const SOURCE_ANNOTATION: &str = "meshward.io/source";
+
+/// The annotation `meshward get` marks a placed WorkloadEntry with
+/// ([`Store::place`]): its `spec.address` and `spec.ports` are where the
+/// process running it put it, not what its owner wrote.
+pub const PLACEMENT_ANNOTATION: &str = "meshward.io/placement";
+const PLACED: &str =
+    "spec.address and spec.ports set by the process running the workload (meshward up)";
+
+/// Where a workload runs, as the process running it chose: the address
+/// and ports laid over its WorkloadEntry, whoever owns the entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    address: String,
+    ports: BTreeMap<String, u32>,
+}
+
+impl Placement {
+    /// Lays the placement over a WorkloadEntry's JSON.
+    fn lay_over(&self, object: &mut serde_json::Value) {
+        if let Some(spec) = object.get_mut("spec").and_then(|s| s.as_object_mut()) {
+            spec.insert("address".into(), self.address.clone().into());
+            spec.insert("ports".into(), serde_json::json!(self.ports));
+        }
+    }
+}
+
+/// Who owns an object, and so the one way it changes: through the config
+/// API, or by editing the file of the watched directory that defines it.
+/// Stored as `api` or `file:PATH`, the annotation's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
+#[serde(into = "String", from = "String")]
+pub enum Owner {
+    /// Written through the config API (`meshward apply`).
     Api,
-    /// The watched config directory.
-    Directory,
+    /// Defined by this file of the watched directory, named as the loader
+    /// names it in diagnostics. Empty for an object read from the directory
+    /// by a meshward that did not record files (stored as `directory`): the
+    /// next directory sync gives it its file, or deletes it.
+    File(String),
+}
+
+impl Owner {
+    /// The file that defines the object, if one is known.
+    fn file(&self) -> Option<&str> {
+        match self {
+            Owner::File(path) if !path.is_empty() => Some(path),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Api => f.write_str("api"),
+            Owner::File(path) => write!(f, "file:{path}"),
+        }
+    }
+}
+
+impl From<Owner> for String {
+    fn from(owner: Owner) -> String {
+        owner.to_string()
+    }
+}
+
+impl From<String> for Owner {
+    fn from(stored: String) -> Owner {
+        match stored.strip_prefix("file:") {
+            Some(path) => Owner::File(path.to_owned()),
+            None if stored == "directory" => Owner::File(String::new()),
+            None => Owner::Api,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stored {
-    source: Source,
+    /// Named `source` since the first stores.
+    #[serde(rename = "source")]
+    owner: Owner,
     object: serde_json::Value,
 }
 
@@ -58,6 +142,10 @@ struct Stored {
 pub enum StoreError {
     #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
+    /// Objects that files of the watched directory define: they change
+    /// there. One line per object, naming its file.
+    #[error("{}", .0.join("\n"))]
+    Owned(Vec<String>),
     #[error("the store in {path}: {source}")]
     Database {
         path: String,
@@ -66,12 +154,46 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the store could not be opened because another process has
+    /// it open (redb locks the file for one process at a time).
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, StoreError::Database { source, .. }
+            if matches!(**source, redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch))
+    }
+}
+
 /// What a write did to one object, as `kubectl apply` says it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Change {
     pub key: String,
-    /// `created`, `configured`, `unchanged` or `deleted`.
+    /// `created`, `configured`, `unchanged` or `deleted` (`placed` by
+    /// [`Store::place`]).
     pub action: &'static str,
+}
+
+/// What putting the watched directory in force did.
+#[derive(Debug, Default)]
+pub struct DirectorySync {
+    /// Each object the files define or defined, as `kubectl apply` says it.
+    pub changes: Vec<Change>,
+    /// Objects the API had written that a file defines now, as `(key,
+    /// file)`: the file's from this sync on, so each is reported once.
+    pub taken_over: Vec<(String, String)>,
+    /// The files not put in force, each with why (the loader's
+    /// diagnostics, or the other files that define its objects too). Their
+    /// objects keep their last good version.
+    pub refused: BTreeMap<String, Vec<String>>,
+}
+
+impl DirectorySync {
+    /// How many objects changed.
+    pub fn changed(&self) -> usize {
+        self.changes
+            .iter()
+            .filter(|c| c.action != "unchanged")
+            .count()
+    }
 }
 
 /// Everything in the store, typed: what push and describe work from.
@@ -94,6 +216,16 @@ pub struct Store {
     /// Held from a write's start to its reload, so the configuration in
     /// force is always one committed state with its own version.
     writing: std::sync::Mutex<()>,
+    /// Set by the first directory sync: from then on every file owner in
+    /// the store is a file of the watched directory, and the API may not
+    /// change those objects. Without a watched directory (a server started
+    /// without `--config-dir` on a store that had one), nothing would put
+    /// them right, so the API may take them over.
+    directory_in_force: AtomicBool,
+    /// WorkloadEntry key → where its workload runs. In memory only: it
+    /// describes processes of this run, and their runner places them again
+    /// at every start.
+    placements: RwLock<BTreeMap<String, Placement>>,
 }
 
 /// One more version: every write that changes something is one.
@@ -108,12 +240,13 @@ fn bump_version(meta: &mut redb::Table<&str, &str>) -> Result<(), redb::StorageE
 
 /// The kind as stored (`authorizationpolicy` → `AuthorizationPolicy`).
 fn canonical_kind(kind: &str) -> &str {
-    const KINDS: [&str; 5] = [
+    const KINDS: [&str; 6] = [
         "AuthorizationPolicy",
         "PeerAuthentication",
         "RequestAuthentication",
         "WorkloadEntry",
         "ServiceEntry",
+        "DestinationRule",
     ];
     KINDS
         .into_iter()
@@ -123,6 +256,14 @@ fn canonical_kind(kind: &str) -> &str {
 
 fn key_of(kind: &str, namespace: &str, name: &str) -> String {
     format!("{kind}/{namespace}/{name}")
+}
+
+/// `Kind namespace/name`, as diagnostics name an object.
+fn display_key(key: &str) -> String {
+    match key.split_once('/') {
+        Some((kind, rest)) => format!("{kind} {rest}"),
+        None => key.to_owned(),
+    }
 }
 
 /// Every valid object of a load, with its key and JSON.
@@ -151,6 +292,56 @@ fn objects_of(loaded: &Loaded) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
+/// Refuses each file defining an object another file defines too (in
+/// `definers`: key → the files defining it), except the one whose
+/// definition is in force, when one is: its definition stays.
+fn refuse_duplicates(
+    definers: &BTreeMap<&str, Vec<&str>>,
+    stored: &BTreeMap<String, Stored>,
+    refused: &mut BTreeMap<String, Vec<String>>,
+) {
+    for (key, files) in definers.iter().filter(|(_, files)| files.len() > 1) {
+        let previous = stored.get(*key);
+        let holder = previous
+            .and_then(|s| s.owner.file())
+            .filter(|f| files.contains(f));
+        let outcome = match (holder, previous.map(|s| &s.owner)) {
+            (Some(file), _) => format!("the definition in {file} stays"),
+            (None, Some(Owner::Api)) => "the object the API wrote stays".to_owned(),
+            (None, _) => "none is put in force".to_owned(),
+        };
+        for file in files.iter().filter(|f| Some(**f) != holder) {
+            let others: Vec<&str> = files.iter().copied().filter(|o| o != file).collect();
+            refused.entry((*file).to_owned()).or_default().push(format!(
+                "{file}: error: {}: also defined by {}; {outcome}: remove it from all but one file",
+                display_key(key),
+                others.join(", "),
+            ));
+        }
+    }
+}
+
+/// The object as `get` shows it: as in force (placed, if it is), with its
+/// owner in [`SOURCE_ANNOTATION`] and its placement marked.
+fn shown(stored: Stored, placement: Option<&Placement>) -> serde_json::Value {
+    let Stored { owner, mut object } = stored;
+    if let Some(placement) = placement {
+        placement.lay_over(&mut object);
+    }
+    if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut())
+        && let Some(annotations) = meta
+            .entry("annotations")
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()))
+            .as_object_mut()
+    {
+        annotations.insert(SOURCE_ANNOTATION.into(), owner.to_string().into());
+        if placement.is_some() {
+            annotations.insert(PLACEMENT_ANNOTATION.into(), PLACED.into());
+        }
+    }
+    object
+}
+
 /// The object without its creation time, for telling real changes.
 fn without_timestamp(mut object: serde_json::Value) -> serde_json::Value {
     if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
@@ -173,6 +364,8 @@ impl Store {
             current: RwLock::new(Arc::default()),
             revoked: Revocations::new(),
             writing: std::sync::Mutex::new(()),
+            directory_in_force: AtomicBool::new(false),
+            placements: RwLock::default(),
         };
         store.reload()?;
         Ok(store)
@@ -200,100 +393,40 @@ impl Store {
     }
 
     /// Validates every document of `text` and writes them all, or none.
+    /// Objects that files of the watched directory define are refused
+    /// ([`StoreError::Owned`]), and then nothing is written.
     pub fn apply(&self, file: &str, text: &str) -> Result<Vec<Change>, StoreError> {
         let loaded = load::load_str(file, text);
         let errors = loaded.errors();
         if !errors.is_empty() {
             return Err(StoreError::Invalid(errors));
         }
-        self.write(objects_of(&loaded), Source::Api, false)
-    }
-
-    /// Puts the directory's objects in force: those no longer in it are
-    /// deleted. `loaded` must be free of errors (the caller reports them and
-    /// keeps the previous state).
-    pub fn sync_directory(&self, loaded: &Loaded) -> Result<Vec<Change>, StoreError> {
-        self.write(objects_of(loaded), Source::Directory, true)
-    }
-
-    fn write(
-        &self,
-        objects: Vec<(String, serde_json::Value)>,
-        source: Source,
-        replace_source: bool,
-    ) -> Result<Vec<Change>, StoreError> {
+        let objects = objects_of(&loaded);
         let _writing = self.lock_writes();
         let now = jiff::Timestamp::now().to_string();
         let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
         let mut changes = Vec::new();
         {
             let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
-            let incoming: BTreeMap<&str, ()> =
-                objects.iter().map(|(k, _)| (k.as_str(), ())).collect();
-            if replace_source {
-                let mut gone = Vec::new();
-                for entry in table.iter().map_err(|e| self.db_error(e))? {
-                    let (k, v) = entry.map_err(|e| self.db_error(e))?;
-                    let stored: Option<Stored> = serde_json::from_str(v.value()).ok();
-                    if stored.is_some_and(|s| s.source == source)
-                        && !incoming.contains_key(k.value())
-                    {
-                        gone.push(k.value().to_owned());
-                    }
-                }
-                for k in gone {
-                    table.remove(k.as_str()).map_err(|e| self.db_error(e))?;
-                    changes.push(Change {
-                        key: k,
-                        action: "deleted",
-                    });
+            let mut owned = Vec::new();
+            for (key, _) in &objects {
+                if let Some(why) = self.owned_by_file(key, self.stored(&table, key)?.as_ref()) {
+                    owned.push(why);
                 }
             }
-            for (key, mut object) in objects {
-                let previous: Option<Stored> = table
-                    .get(key.as_str())
-                    .map_err(|e| self.db_error(e))?
-                    .and_then(|v| serde_json::from_str(v.value()).ok());
-                let created = previous
-                    .as_ref()
-                    .and_then(|p| p.object.pointer("/metadata/creationTimestamp").cloned())
-                    .unwrap_or_else(|| serde_json::Value::String(now.clone()));
-                if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-                    meta.insert("creationTimestamp".into(), created);
-                }
-                // The directory never overwrites what the API wrote; an
-                // API write takes an object over from the directory.
-                if source == Source::Directory
-                    && previous.as_ref().is_some_and(|p| p.source == Source::Api)
-                {
-                    tracing::warn!(%key, "the config directory has an object the API also wrote; the API's stays");
-                    changes.push(Change {
-                        key,
-                        action: "conflict",
-                    });
-                    continue;
-                }
-                let action = match &previous {
-                    None => "created",
-                    Some(p)
-                        if without_timestamp(p.object.clone())
-                            == without_timestamp(object.clone())
-                            && p.source == source =>
-                    {
-                        "unchanged"
-                    }
-                    Some(_) => "configured",
-                };
-                if action != "unchanged" {
-                    let stored = Stored {
-                        source: source.clone(),
-                        object,
-                    };
-                    let json = serde_json::to_string(&stored).unwrap_or_default();
-                    table
-                        .insert(key.as_str(), json.as_str())
-                        .map_err(|e| self.db_error(e))?;
-                }
+            if !owned.is_empty() {
+                return Err(StoreError::Owned(owned));
+            }
+            for (key, object) in objects {
+                let previous = self.stored(&table, &key)?;
+                let action = self.put(
+                    &mut table,
+                    &key,
+                    object,
+                    previous.as_ref(),
+                    &Owner::Api,
+                    &now,
+                )?;
                 changes.push(Change { key, action });
             }
             if changes.iter().any(|c| c.action != "unchanged") {
@@ -304,6 +437,245 @@ impl Store {
         txn.commit().map_err(|e| self.db_error(e))?;
         self.reload()?;
         Ok(changes)
+    }
+
+    /// Puts the watched directory's files in force, each whole or not at
+    /// all, in one version. `files` are every file of the directory as read
+    /// now (path as the loader names it, and what it loaded).
+    ///
+    /// A file with any error is refused, and so is a file defining an
+    /// object another file defines too (the one whose definition is in
+    /// force keeps it; when neither's is, both are refused). A refused
+    /// file's objects keep their last good version. Every other file's
+    /// objects are written as that file's, taking over objects the API
+    /// wrote; objects of files no longer in the directory, or no longer in
+    /// their file, are deleted. Objects the API owns are never touched.
+    pub fn sync_directory(&self, files: &[(String, Loaded)]) -> Result<DirectorySync, StoreError> {
+        let _writing = self.lock_writes();
+        let now = jiff::Timestamp::now().to_string();
+        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let mut report = DirectorySync::default();
+        {
+            let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
+            let mut stored = BTreeMap::new();
+            for entry in table.iter().map_err(|e| self.db_error(e))? {
+                let (k, v) = entry.map_err(|e| self.db_error(e))?;
+                if let Ok(s) = serde_json::from_str::<Stored>(v.value()) {
+                    stored.insert(k.value().to_owned(), s);
+                }
+            }
+            let mut refused: BTreeMap<String, Vec<String>> = files
+                .iter()
+                .filter(|(_, loaded)| loaded.has_errors())
+                .map(|(file, loaded)| (file.clone(), loaded.errors()))
+                .collect();
+            // Each loaded file's objects; in a file defining one twice, the
+            // last definition wins, as in an API apply.
+            let loaded: Vec<(&str, BTreeMap<String, serde_json::Value>)> = files
+                .iter()
+                .filter(|(file, _)| !refused.contains_key(file))
+                .map(|(file, loaded)| (file.as_str(), objects_of(loaded).into_iter().collect()))
+                .collect();
+            // Who defines each object: the loaded files, and the files that
+            // did not load for what they hold (they may still define it).
+            let mut definers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for (file, objects) in &loaded {
+                for key in objects.keys() {
+                    definers.entry(key).or_default().push(file);
+                }
+            }
+            for (key, s) in &stored {
+                if let Some(file) = s.owner.file()
+                    && refused.contains_key(file)
+                {
+                    definers.entry(key).or_default().push(file);
+                }
+            }
+            refuse_duplicates(&definers, &stored, &mut refused);
+            let mut defined = BTreeSet::new();
+            for (file, objects) in loaded {
+                if refused.contains_key(file) {
+                    continue;
+                }
+                let owner = Owner::File(file.to_owned());
+                for (key, object) in objects {
+                    let previous = stored.get(&key);
+                    let action = self.put(&mut table, &key, object, previous, &owner, &now)?;
+                    if previous.is_some_and(|p| p.owner == Owner::Api) {
+                        report.taken_over.push((key.clone(), file.to_owned()));
+                    }
+                    defined.insert(key.clone());
+                    report.changes.push(Change { key, action });
+                }
+            }
+            for (key, s) in &stored {
+                let gone = match &s.owner {
+                    Owner::Api => false,
+                    Owner::File(file) => !refused.contains_key(file) && !defined.contains(key),
+                };
+                if gone {
+                    table.remove(key.as_str()).map_err(|e| self.db_error(e))?;
+                    report.changes.push(Change {
+                        key: key.clone(),
+                        action: "deleted",
+                    });
+                }
+            }
+            if report.changed() > 0 {
+                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            }
+            report.refused = refused;
+        }
+        txn.commit().map_err(|e| self.db_error(e))?;
+        self.directory_in_force.store(true, Ordering::Release);
+        self.reload()?;
+        Ok(report)
+    }
+
+    /// The stored object at `key`, if any (and readable).
+    fn stored(
+        &self,
+        table: &redb::Table<&str, &str>,
+        key: &str,
+    ) -> Result<Option<Stored>, StoreError> {
+        Ok(table
+            .get(key)
+            .map_err(|e| self.db_error(e))?
+            .and_then(|v| serde_json::from_str(v.value()).ok()))
+    }
+
+    /// Why the API may not change the object at `key`: a file of the
+    /// watched directory defines it.
+    fn owned_by_file(&self, key: &str, stored: Option<&Stored>) -> Option<String> {
+        let file = stored?.owner.file()?;
+        self.directory_in_force.load(Ordering::Acquire).then(|| {
+            format!(
+                "{} is defined by {file}: edit or remove it there",
+                display_key(key)
+            )
+        })
+    }
+
+    /// Writes `object` at `key` as `owner`'s, keeping the creation time of
+    /// `previous`; returns what that did (`unchanged`: nothing written).
+    fn put(
+        &self,
+        table: &mut redb::Table<&str, &str>,
+        key: &str,
+        mut object: serde_json::Value,
+        previous: Option<&Stored>,
+        owner: &Owner,
+        now: &str,
+    ) -> Result<&'static str, StoreError> {
+        let created = previous
+            .and_then(|p| p.object.pointer("/metadata/creationTimestamp").cloned())
+            .unwrap_or_else(|| serde_json::Value::String(now.to_owned()));
+        if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.insert("creationTimestamp".into(), created);
+            // Owner and placement are the store's to say.
+            if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                annotations.remove(SOURCE_ANNOTATION);
+                annotations.remove(PLACEMENT_ANNOTATION);
+                if annotations.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+        let action = match previous {
+            None => "created",
+            Some(p)
+                if p.owner == *owner
+                    && without_timestamp(p.object.clone()) == without_timestamp(object.clone()) =>
+            {
+                "unchanged"
+            }
+            Some(_) => "configured",
+        };
+        if action != "unchanged" {
+            let stored = Stored {
+                owner: owner.clone(),
+                object,
+            };
+            let json = serde_json::to_string(&stored).unwrap_or_default();
+            table
+                .insert(key, json.as_str())
+                .map_err(|e| self.db_error(e))?;
+        }
+        Ok(action)
+    }
+
+    /// Places workloads: each WorkloadEntry of `text` says where the
+    /// process running it (`meshward up`) put it, and only its
+    /// `spec.address` and `spec.ports` are taken, laid over the entry of
+    /// that name whoever owns it (a file of the watched directory, which
+    /// the API may not write, included), now or once it exists. Any other
+    /// kind is refused. A placement is kept in memory until the server
+    /// stops: it describes processes of this run.
+    pub fn place(&self, file: &str, text: &str) -> Result<Vec<Change>, StoreError> {
+        let loaded = load::load_str(file, text);
+        let mut errors = loaded.errors();
+        errors.extend(loaded.policies.iter().map(|p| {
+            format!(
+                "{}: {}: only WorkloadEntries are placed",
+                p.location,
+                p.policy.display_name()
+            )
+        }));
+        let mut incoming = Vec::new();
+        for object in &loaded.registry {
+            let meta = object.metadata();
+            let key = key_of(object.kind(), meta.namespace_or_default(), &meta.name);
+            match object {
+                RegistryObject::WorkloadEntry(entry) => incoming.push((
+                    key,
+                    Placement {
+                        address: entry.spec.address.clone(),
+                        ports: entry.spec.ports.clone(),
+                    },
+                )),
+                _ => errors.push(format!(
+                    "{file}: {}: only WorkloadEntries are placed",
+                    display_key(&key)
+                )),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(StoreError::Invalid(errors));
+        }
+        let _writing = self.lock_writes();
+        let mut placements = self.placements();
+        let mut changes = Vec::new();
+        for (key, placement) in incoming {
+            let action = if placements.get(&key) == Some(&placement) {
+                "unchanged"
+            } else {
+                "placed"
+            };
+            placements.insert(key.clone(), placement);
+            changes.push(Change { key, action });
+        }
+        if changes.iter().any(|c| c.action != "unchanged") {
+            let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
+                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            }
+            txn.commit().map_err(|e| self.db_error(e))?;
+            *self
+                .placements
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = placements;
+            self.reload()?;
+        }
+        Ok(changes)
+    }
+
+    fn placements(&self) -> BTreeMap<String, Placement> {
+        self.placements
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the MeshConfig (YAML, or Istio's `istio` ConfigMap) after
@@ -327,7 +699,8 @@ impl Store {
         self.reload()
     }
 
-    /// Deletes one object; `false` if there was none.
+    /// Deletes one object; `false` if there was none. An object a file of
+    /// the watched directory defines is refused ([`StoreError::Owned`]).
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<bool, StoreError> {
         let kind = canonical_kind(kind);
         let key = key_of(kind, namespace, name);
@@ -335,6 +708,9 @@ impl Store {
         let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
         let existed = {
             let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
+            if let Some(why) = self.owned_by_file(&key, self.stored(&table, &key)?.as_ref()) {
+                return Err(StoreError::Owned(vec![why]));
+            }
             let existed = table
                 .remove(key.as_str())
                 .map_err(|e| self.db_error(e))?
@@ -351,7 +727,8 @@ impl Store {
     }
 
     /// Objects of `kind` (all kinds when empty), in `namespace` (all when
-    /// `None`), named `name` (all when `None`), as stored.
+    /// `None`), named `name` (all when `None`), as stored, each with its
+    /// owner in the annotation [`SOURCE_ANNOTATION`].
     pub fn get(
         &self,
         kind: &str,
@@ -364,6 +741,7 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(self.db_error(e)),
         };
+        let placements = self.placements();
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.db_error(e))? {
             let (k, v) = entry.map_err(|e| self.db_error(e))?;
@@ -377,7 +755,7 @@ impl Store {
                 && namespace.is_none_or(|ns| ns == k_ns)
                 && name.is_none_or(|n| n == k_name);
             if wanted && let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
-                out.push(stored.object);
+                out.push(shown(stored, placements.get(k.value())));
             }
         }
         Ok(out)
@@ -445,12 +823,16 @@ impl Store {
     /// stored it) is skipped with a warning rather than taking the rest down.
     fn reload(&self) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let placements = self.placements();
         let mut objects = Vec::new();
         match txn.open_table(OBJECTS) {
             Ok(table) => {
                 for entry in table.iter().map_err(|e| self.db_error(e))? {
-                    let (_, v) = entry.map_err(|e| self.db_error(e))?;
-                    if let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
+                    let (k, v) = entry.map_err(|e| self.db_error(e))?;
+                    if let Ok(mut stored) = serde_json::from_str::<Stored>(v.value()) {
+                        if let Some(placement) = placements.get(k.value()) {
+                            placement.lay_over(&mut stored.object);
+                        }
                         objects.push(stored.object);
                     }
                 }
@@ -641,41 +1023,416 @@ mod tests {
         assert_eq!(store.config().version, 1);
     }
 
+    /// `(file, what it loads)`, as the watcher hands files to the store.
+    fn file(name: &str, text: &str) -> (String, Loaded) {
+        (name.to_owned(), load::load_str(name, text))
+    }
+
+    fn owner_of(store: &Store, name: &str) -> String {
+        let got = store
+            .get("AuthorizationPolicy", Some("web"), Some(name))
+            .unwrap();
+        got[0]["metadata"]["annotations"][SOURCE_ANNOTATION]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn path_of(store: &Store, name: &str) -> String {
+        let got = store
+            .get("AuthorizationPolicy", Some("web"), Some(name))
+            .unwrap();
+        got[0]["spec"]["rules"][0]["to"][0]["operation"]["paths"][0]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn policy(name: &str, path: &str) -> String {
+        DENY.replace("name: deny", &format!("name: {name}"))
+            .replace("/admin", path)
+    }
+
     #[test]
-    fn the_directory_replaces_its_own_objects_only() {
+    fn the_directory_owns_what_it_defines_and_never_touches_the_apis_objects() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
         store.apply("api.yaml", DENY).unwrap();
-        let other = DENY.replace("name: deny", "name: from-dir");
-        let loaded = load::load_str("dir.yaml", &other);
-        store.sync_directory(&loaded).unwrap();
-        assert_eq!(store.config().policies.len(), 2);
-        let changes = store.sync_directory(&Loaded::default()).unwrap();
+        store
+            .apply("api-only.yaml", &policy("api-only", "/api"))
+            .unwrap();
+        assert_eq!(owner_of(&store, "deny"), "api");
+
+        // A file defining an object the API wrote takes it over: its
+        // content is in force, the file is its owner, and it is reported
+        // once, in one version.
+        let version = store.config().version;
+        let dir_files = [file("/d/a.yaml", &policy("deny", "/from-file"))];
+        let sync = store.sync_directory(&dir_files).unwrap();
         assert_eq!(
-            changes,
+            sync.taken_over,
+            [(
+                "AuthorizationPolicy/web/deny".to_owned(),
+                "/d/a.yaml".to_owned()
+            )]
+        );
+        assert_eq!(sync.changed(), 1);
+        assert!(sync.refused.is_empty(), "{:?}", sync.refused);
+        assert_eq!(store.config().version, version + 1);
+        assert_eq!(path_of(&store, "deny"), "/from-file");
+        assert_eq!(owner_of(&store, "deny"), "file:/d/a.yaml");
+        let again = store.sync_directory(&dir_files).unwrap();
+        assert!(again.taken_over.is_empty(), "reported once");
+        assert_eq!(again.changed(), 0);
+        assert_eq!(store.config().version, version + 1, "no change, no version");
+
+        // Editing the file changes the object.
+        let edited = [file("/d/a.yaml", &policy("deny", "/edited"))];
+        assert_eq!(store.sync_directory(&edited).unwrap().changed(), 1);
+        assert_eq!(path_of(&store, "deny"), "/edited");
+
+        // The API may neither write nor delete it, and is told where it is;
+        // an apply holding it writes nothing at all.
+        let both = format!("{}---\n{}", policy("new", "/new"), policy("deny", "/api"));
+        let Err(StoreError::Owned(why)) = store.apply("api.yaml", &both) else {
+            panic!("the API wrote a file's object");
+        };
+        assert_eq!(
+            why,
+            ["AuthorizationPolicy web/deny is defined by /d/a.yaml: edit or remove it there"]
+        );
+        let Err(StoreError::Owned(why)) = store.delete("authorizationpolicy", "web", "deny") else {
+            panic!("the API deleted a file's object");
+        };
+        assert_eq!(
+            why,
+            ["AuthorizationPolicy web/deny is defined by /d/a.yaml: edit or remove it there"]
+        );
+        assert_eq!(path_of(&store, "deny"), "/edited");
+        assert!(store.get("", Some("web"), Some("new")).unwrap().is_empty());
+
+        // The API's own objects: untouched by every sync, and by an empty
+        // directory, which deletes only the file's objects.
+        assert_eq!(owner_of(&store, "api-only"), "api");
+        let emptied = store.sync_directory(&[]).unwrap();
+        assert_eq!(
+            emptied.changes,
             [Change {
-                key: "AuthorizationPolicy/web/from-dir".into(),
+                key: "AuthorizationPolicy/web/deny".into(),
                 action: "deleted"
             }]
         );
-        assert_eq!(store.config().policies.len(), 1, "the API's object stays");
-        assert!(store.delete("authorizationpolicy", "web", "deny").unwrap());
-        assert!(store.config().policies.is_empty());
+        assert_eq!(path_of(&store, "api-only"), "/api");
+        // Now no file defines it: the API may write it again.
+        assert_eq!(store.apply("api.yaml", DENY).unwrap()[0].action, "created");
+        assert_eq!(owner_of(&store, "deny"), "api");
+    }
 
-        // The directory never takes over what the API wrote, and removing
-        // its file never deletes the API's object.
+    #[test]
+    fn owners_persist_and_a_store_without_a_watched_directory_lets_the_api_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        store.sync_directory(&[file("/d/a.yaml", DENY)]).unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(owner_of(&store, "deny"), "file:/d/a.yaml", "kept in redb");
+        // No directory is watched in this run (a server without
+        // --config-dir): nothing would ever sync the file, so the object
+        // is not held for it.
+        assert_eq!(
+            store.apply("api.yaml", &policy("deny", "/api")).unwrap()[0].action,
+            "configured"
+        );
+        assert_eq!(owner_of(&store, "deny"), "api");
+    }
+
+    #[test]
+    fn the_owner_annotation_is_the_stores_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
         store.apply("api.yaml", DENY).unwrap();
-        let same_key = load::load_str("dir.yaml", &DENY.replace("/admin", "/from-dir"));
-        let changes = store.sync_directory(&same_key).unwrap();
-        assert_eq!(changes[0].action, "conflict");
-        store.sync_directory(&Loaded::default()).unwrap();
-        let kept = store
+        // What `get` shows applies back unchanged ...
+        let shown = store
+            .get("AuthorizationPolicy", Some("web"), Some("deny"))
+            .unwrap();
+        let text = serde_json::to_string(&shown[0]).unwrap();
+        assert_eq!(
+            store.apply("got.json", &text).unwrap()[0].action,
+            "unchanged"
+        );
+        // ... and an owner written into an object is not taken from it.
+        let claimed = DENY.replace(
+            "namespace: web}",
+            "namespace: web, annotations: {meshward.io/source: 'file:/etc/x.yaml', team: a}}",
+        );
+        assert_eq!(
+            store.apply("claim.yaml", &claimed).unwrap()[0].action,
+            "configured"
+        );
+        let got = store
             .get("AuthorizationPolicy", Some("web"), Some("deny"))
             .unwrap();
         assert_eq!(
-            kept[0]["spec"]["rules"][0]["to"][0]["operation"]["paths"][0],
-            "/admin"
+            got[0]["metadata"]["annotations"],
+            serde_json::json!({SOURCE_ANNOTATION: "api", "team": "a"})
         );
+    }
+
+    #[test]
+    fn a_file_that_does_not_load_keeps_its_objects_while_the_others_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store
+            .sync_directory(&[
+                file("/d/a.yaml", DENY),
+                file("/d/b.yaml", &policy("other", "/b")),
+            ])
+            .unwrap();
+        let version = store.config().version;
+
+        // a.yaml breaks (one document valid and new, one not): none of it
+        // is taken, its object keeps its last good version, and b.yaml's
+        // edit applies, in one version.
+        let broken = format!(
+            "{}---\n{}",
+            policy("also-a", "/a2"),
+            DENY.replace("/admin", "/changed").replace("DENY", "NOPE")
+        );
+        let sync = store
+            .sync_directory(&[
+                file("/d/a.yaml", &broken),
+                file("/d/b.yaml", &policy("other", "/b-edited")),
+            ])
+            .unwrap();
+        assert_eq!(sync.changed(), 1);
+        assert_eq!(store.config().version, version + 1);
+        assert_eq!(path_of(&store, "other"), "/b-edited");
+        assert_eq!(path_of(&store, "deny"), "/admin", "the last good version");
+        assert!(
+            store
+                .get("", Some("web"), Some("also-a"))
+                .unwrap()
+                .is_empty()
+        );
+        let errors = &sync.refused["/d/a.yaml"];
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("/d/a.yaml:9: error: AuthorizationPolicy web/deny: spec.action"),
+            "{errors:?}"
+        );
+        // A file that does not parse at all: the same.
+        let sync = store
+            .sync_directory(&[
+                file("/d/a.yaml", "kind: [\n"),
+                file("/d/b.yaml", &policy("other", "/b")),
+            ])
+            .unwrap();
+        assert!(
+            sync.refused["/d/a.yaml"][0].starts_with("/d/a.yaml:"),
+            "{:?}",
+            sync.refused
+        );
+        assert_eq!(path_of(&store, "deny"), "/admin");
+        assert_eq!(path_of(&store, "other"), "/b");
+
+        // Fixed, it applies whole.
+        let fixed = format!(
+            "{}---\n{}",
+            policy("also-a", "/a2"),
+            policy("deny", "/fixed")
+        );
+        let sync = store
+            .sync_directory(&[
+                file("/d/a.yaml", &fixed),
+                file("/d/b.yaml", &policy("other", "/b")),
+            ])
+            .unwrap();
+        assert!(sync.refused.is_empty());
+        assert_eq!(path_of(&store, "deny"), "/fixed");
+        assert_eq!(path_of(&store, "also-a"), "/a2");
+    }
+
+    #[test]
+    fn two_files_defining_one_object_are_an_error_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store.sync_directory(&[file("/d/a.yaml", DENY)]).unwrap();
+        let version = store.config().version;
+
+        // b.yaml defines a.yaml's object too: b.yaml is refused whole (its
+        // own new object too), a.yaml's definition stays.
+        let b = format!("{}---\n{}", policy("b-only", "/b"), policy("deny", "/b"));
+        let sync = store
+            .sync_directory(&[file("/d/a.yaml", DENY), file("/d/b.yaml", &b)])
+            .unwrap();
+        assert_eq!(
+            sync.refused["/d/b.yaml"],
+            [
+                "/d/b.yaml: error: AuthorizationPolicy web/deny: also defined by /d/a.yaml; the definition in /d/a.yaml stays: remove it from all but one file"
+            ]
+        );
+        assert!(!sync.refused.contains_key("/d/a.yaml"));
+        assert_eq!(sync.changed(), 0);
+        assert_eq!(store.config().version, version);
+        assert_eq!(path_of(&store, "deny"), "/admin");
+        assert!(
+            store
+                .get("", Some("web"), Some("b-only"))
+                .unwrap()
+                .is_empty()
+        );
+
+        // Two new definitions: neither is put in force.
+        let sync = store
+            .sync_directory(&[
+                file("/d/a.yaml", DENY),
+                file("/d/c.yaml", &policy("new", "/c")),
+                file("/d/d.yaml", &policy("new", "/d")),
+            ])
+            .unwrap();
+        assert_eq!(
+            sync.refused["/d/c.yaml"],
+            [
+                "/d/c.yaml: error: AuthorizationPolicy web/new: also defined by /d/d.yaml; none is put in force: remove it from all but one file"
+            ]
+        );
+        assert!(sync.refused["/d/d.yaml"][0].contains("also defined by /d/c.yaml"));
+        assert!(store.get("", Some("web"), Some("new")).unwrap().is_empty());
+
+        // A file that does not load still holds its objects: another file
+        // defining one of them is refused too.
+        let sync = store
+            .sync_directory(&[
+                file("/d/a.yaml", "kind: [\n"),
+                file("/d/b.yaml", &policy("deny", "/b")),
+            ])
+            .unwrap();
+        assert!(sync.refused.contains_key("/d/a.yaml"));
+        assert!(
+            sync.refused["/d/b.yaml"][0]
+                .contains("also defined by /d/a.yaml; the definition in /d/a.yaml stays"),
+            "{:?}",
+            sync.refused
+        );
+        assert_eq!(path_of(&store, "deny"), "/admin");
+
+        // Moved from one file to another in one edit: the object follows.
+        let sync = store
+            .sync_directory(&[
+                file("/d/a.yaml", &policy("a-now", "/a")),
+                file("/d/b.yaml", &policy("deny", "/b")),
+            ])
+            .unwrap();
+        assert!(sync.refused.is_empty(), "{:?}", sync.refused);
+        assert_eq!(owner_of(&store, "deny"), "file:/d/b.yaml");
+        assert_eq!(path_of(&store, "deny"), "/b");
+    }
+
+    #[test]
+    fn objects_a_store_read_from_the_directory_before_owners_were_recorded_get_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        // As an older meshward wrote them.
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(OBJECTS).unwrap();
+            for name in ["deny", "gone"] {
+                let object: serde_json::Value = serde_json::to_value(
+                    &load::load_str("x", &policy(name, "/old")).policies[0].policy,
+                )
+                .unwrap();
+                let json = serde_json::json!({"source": "directory", "object": object});
+                table
+                    .insert(
+                        format!("AuthorizationPolicy/web/{name}").as_str(),
+                        json.to_string().as_str(),
+                    )
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        store.reload().unwrap();
+        assert_eq!(store.config().policies.len(), 2);
+
+        let sync = store
+            .sync_directory(&[file("/d/a.yaml", &policy("deny", "/old"))])
+            .unwrap();
+        assert!(sync.taken_over.is_empty(), "the directory's already");
+        assert_eq!(owner_of(&store, "deny"), "file:/d/a.yaml");
+        assert!(store.get("", Some("web"), Some("gone")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_placement_lies_over_the_files_workload_entry_and_lives_as_long_as_the_server() {
+        const ENTRY: &str = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: reviews, namespace: shop}\nspec: {serviceAccount: reviews, labels: {app: reviews, version: v1}, ports: {http: 9080}}\n";
+        let placed = ENTRY
+            .replace(
+                "serviceAccount: reviews",
+                "address: 127.0.0.1, serviceAccount: other",
+            )
+            .replace("9080", "40001");
+        let entry = |store: &Store| {
+            let config = store.config();
+            let [RegistryObject::WorkloadEntry(we)] = &config.registry[..] else {
+                panic!("{:?}", config.registry);
+            };
+            (
+                we.spec.address.clone(),
+                we.spec.ports["http"],
+                we.spec.labels["version"].clone(),
+                we.spec.service_account.clone(),
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+
+        // Placed before the directory defines it: laid over once it does.
+        assert_eq!(store.place("up", &placed).unwrap()[0].action, "placed");
+        store.sync_directory(&[file("/d/w.yaml", ENTRY)]).unwrap();
+        let in_force = (
+            "127.0.0.1".to_owned(),
+            40001,
+            "v1".to_owned(),
+            "reviews".to_owned(),
+        );
+        assert_eq!(entry(&store), in_force, "only address and ports are placed");
+        let shown = &store.get("WorkloadEntry", None, None).unwrap()[0];
+        assert_eq!(shown["spec"]["address"], "127.0.0.1");
+        assert_eq!(
+            shown["metadata"]["annotations"][SOURCE_ANNOTATION],
+            "file:/d/w.yaml"
+        );
+        assert!(shown["metadata"]["annotations"][PLACEMENT_ANNOTATION].is_string());
+
+        // Editing the file takes effect, still placed; placing again the
+        // same is no version.
+        store
+            .sync_directory(&[file(
+                "/d/w.yaml",
+                &ENTRY.replace("version: v1", "version: v2"),
+            )])
+            .unwrap();
+        assert_eq!(entry(&store).2, "v2");
+        assert_eq!(entry(&store).0, "127.0.0.1");
+        let version = store.config().version;
+        assert_eq!(store.place("up", &placed).unwrap()[0].action, "unchanged");
+        assert_eq!(store.config().version, version);
+
+        // Only WorkloadEntries are placed.
+        assert!(matches!(
+            store.place("up", DENY),
+            Err(StoreError::Invalid(_))
+        ));
+        drop(store);
+
+        // Not kept across a restart: the runner places its workloads again.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(entry(&store).0, "");
+        assert_eq!(entry(&store).1, 9080);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod agent;
 pub mod bundle;
 pub mod ca;
 pub mod chain;
+pub mod error_text;
 pub mod limits;
 pub mod pem;
 pub mod port;
@@ -27,4 +28,5 @@ pub mod token;
 
 pub use bundle::TrustBundle;
 pub use ca::{CaError, CaFiles, CertificateAuthority, IssuedChain};
+pub use error_text::error_chain;
 pub use spiffe::SpiffeId;

@@ -8,10 +8,12 @@
 mod children;
 mod cmd;
 mod inputs;
+mod kinds;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use meshward_identity::error_chain;
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +44,7 @@ enum Command {
     Server(cmd::server::Args),
     /// Store policies, WorkloadEntries and ServiceEntries in a running server (validated first).
     Apply(cmd::control::ApplyArgs),
-    /// Show stored configuration: KIND [NAME] [-n NS] [-o yaml|json].
+    /// Show stored configuration: KIND [NAME] [-n NS | -A] [-o yaml|json].
     Get(cmd::control::GetArgs),
     /// Delete one stored object: KIND NAME -n NS.
     Delete(cmd::control::DeleteArgs),
@@ -52,6 +54,8 @@ enum Command {
     Revoke(cmd::control::RevokeArgs),
     /// A whole local mesh from a directory of Istio YAML: control plane, proxies, workloads.
     Up(cmd::up::Args),
+    /// Run a command inside a workload of a running `meshward up`, as its application: its proxy captures the command's calls.
+    Exec(cmd::exec::Args),
     /// A tiny workload for demos and tests: echoes what it received, calls other URLs.
     DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
@@ -67,7 +71,7 @@ enum Command {
 fn main() -> ExitCode {
     // First: a child of `up` (or of a test) must not run on without it.
     if let Err(e) = children::honour_parent() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&*e));
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
@@ -77,6 +81,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: `up` sends proxies' logs to files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
@@ -89,6 +95,7 @@ fn main() -> ExitCode {
         Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::Up(args) => cmd::up::run(args),
+        Command::Exec(args) => cmd::exec::run(args),
         Command::Guard(args) => cmd::guard::run(args),
         Command::Apply(args) => cmd::control::apply(args),
         Command::Get(args) => cmd::control::get(args),
@@ -99,8 +106,60 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: a cause that a level already wrote into its
+            // own message is not printed again after it.
+            eprintln!("error: {}", error_chain(&*e));
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag and positional argument of every command, hidden ones
+    /// included, says in `--help` what it is: clap's own `--help` and
+    /// `--version` aside.
+    #[test]
+    fn every_argument_of_every_command_has_a_description() {
+        fn walk(
+            command: &clap::Command,
+            path: &str,
+            checked: &mut usize,
+            missing: &mut Vec<String>,
+        ) {
+            let path = format!("{path} {}", command.get_name()).trim().to_owned();
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                *checked += 1;
+                let described = arg
+                    .get_help()
+                    .or(arg.get_long_help())
+                    .is_some_and(|h| !h.to_string().trim().is_empty());
+                if !described {
+                    missing.push(format!("{path}: {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &path, checked, missing);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let (mut checked, mut missing) = (0, Vec::new());
+        walk(&command, "", &mut checked, &mut missing);
+        // The walk reached the commands' arguments (there are well over 100).
+        assert!(checked > 100, "only {checked} arguments found");
+        assert!(
+            missing.is_empty(),
+            "arguments without a description:\n{}",
+            missing.join("\n")
+        );
     }
 }

@@ -192,7 +192,7 @@ fn up(name: &str, mark: &str) -> (Spawned, serde_json::Value) {
     let mut up = spawn(
         "meshward up",
         meshward()
-            .args(["up", dir.to_str().unwrap(), "--data-dir"])
+            .args(["up", "--explicit", dir.to_str().unwrap(), "--data-dir"])
             .arg(&data)
             .env(MARK_ENV, mark),
     );

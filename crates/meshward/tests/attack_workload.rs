@@ -72,7 +72,7 @@ impl Up {
         let mut process = spawn(
             "meshward up",
             meshward()
-                .args(["up", dir.to_str().unwrap(), "--data-dir"])
+                .args(["up", "--explicit", dir.to_str().unwrap(), "--data-dir"])
                 .arg(&data),
         );
         // up.json is written once everything is ready (or reported not).
@@ -228,25 +228,16 @@ fn workloads_sharing_a_service_account_are_each_enforced_with_their_own_labels()
     );
     assert!(!status.contains("REFUSED"), "{status}");
 
-    // reviews-v2's entry now runs as another service account: its proxy's
-    // claim no longer holds, so the next push cuts it off, and status says
-    // why. It keeps enforcing the configuration it had, as its own.
-    let entry = up.admin(&[
-        "get",
-        "WorkloadEntry",
-        "reviews-v2",
-        "-n",
-        "bookinfo",
-        "-o",
-        "json",
-    ]);
-    assert!(entry.status.success(), "{}", text(&entry));
-    let mut entry: Vec<serde_json::Value> = serde_json::from_slice(&entry.stdout).unwrap();
-    entry[0]["spec"]["serviceAccount"] = "bookinfo-reviews-v2".into();
-    let file = root.join("reviews-v2.json");
-    std::fs::write(&file, entry[0].to_string()).unwrap();
-    let applied = up.admin(&["apply", "-f", file.to_str().unwrap()]);
-    assert!(applied.status.success(), "{}", text(&applied));
+    // reviews-v2's entry, edited in the directory `up` watches (which owns
+    // it), now runs as another service account: its proxy's claim no
+    // longer holds, so the next push cuts it off, and status says why. It
+    // keeps enforcing the configuration it had, as its own.
+    let edited = SHARED_MESH.replace(
+        "name: reviews-v2, namespace: bookinfo}\nspec: {serviceAccount: bookinfo-reviews,",
+        "name: reviews-v2, namespace: bookinfo}\nspec: {serviceAccount: bookinfo-reviews-v2,",
+    );
+    assert_ne!(edited, SHARED_MESH);
+    std::fs::write(dir.join("mesh.yaml"), edited).unwrap();
     let reason = format!(
         "workload bookinfo/reviews-v2 runs as spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews-v2; \
          the certificate is {REVIEWS}"

@@ -809,3 +809,421 @@ fn server_issues_certificates_and_stops_on_sigterm() {
         .wait_for_stdout("meshward server: stopped", common::SETTLE);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Runs `meshward ARGS` with `--data-dir DATA` and nothing else to find
+/// the server by.
+fn with_data_dir(data: &Path, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend(["--data-dir", data.to_str().expect("utf-8")]);
+    meshward(&all, None)
+}
+
+/// The server's record in its data directory, parsed.
+fn server_record(data: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(data.join("server.json")).ok()?;
+    Some(serde_json::from_str(&text).expect("server.json is JSON"))
+}
+
+/// A port nothing listens on: bound, then released.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// `meshward server` records where it listens in its data directory; every
+/// config API command given only `--data-dir` uses it, and it is gone when
+/// the server stops.
+#[test]
+fn commands_find_the_server_from_its_data_directory() {
+    use nix::sys::signal::Signal;
+
+    let dir = tempdir();
+    let mut mesh = common::server(&dir);
+    let record = server_record(&mesh.data).expect("the server recorded itself");
+    assert_eq!(record["address"], mesh.ca_addr.as_str(), "{record}");
+    assert_eq!(record["server_name"], "localhost", "{record}");
+    assert_eq!(record["pid"], mesh.server.pid(), "{record}");
+
+    let zero_trust = repo().join("examples/zero-trust/policies.yaml");
+    let o = with_data_dir(
+        &mesh.data,
+        &["apply", "-f", zero_trust.to_str().expect("utf-8")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("AuthorizationPolicy/foo/deny-legacy created"),
+        "{}",
+        stdout(&o)
+    );
+    let o = with_data_dir(&mesh.data, &["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("config version "), "{}", stdout(&o));
+    // --server wins, and may be HOST:PORT.
+    let o = with_data_dir(&mesh.data, &["status", "--server", &mesh.ca_addr]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with_data_dir(&mesh.data, &["get", "ap", "deny-legacy", "-n", "foo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("name: deny-legacy"), "{}", stdout(&o));
+    let o = with_data_dir(
+        &mesh.data,
+        &["revoke", "token", "found-test-token", "--reason", "test"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with_data_dir(&mesh.data, &["describe", "-n", "foo", "-l", "app=httpbin"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("foo/deny-legacy"), "{}", stdout(&o));
+    let o = with_data_dir(&mesh.data, &["delete", "ap", "deny-legacy", "-n", "foo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "AuthorizationPolicy/foo/deny-legacy deleted\n");
+
+    // A clean exit removes the record; the commands then say where they
+    // looked and fall back to the default address.
+    mesh.server.signal(Signal::SIGTERM);
+    common::wait_for(common::SETTLE, || {
+        mesh.server
+            .try_wait()
+            .ok_or_else(|| "the server is still running".to_owned())
+    });
+    assert_eq!(
+        server_record(&mesh.data),
+        None,
+        "the record outlived the server"
+    );
+    let o = with_data_dir(&mesh.data, &["status"]);
+    assert_eq!(o.status.code(), Some(2));
+    // What answers on the default port (likely nothing) is not the test's.
+    let expected = format!(
+        "error: connecting to the server at https://127.0.0.1:15012 (the default: no --server, and no server recorded in {}): ",
+        mesh.data.join("server.json").display()
+    );
+    assert!(stderr(&o).starts_with(&expected), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A failed connection says which address was tried, where it came from,
+/// why (each cause once) and what to do.
+#[test]
+fn a_failed_connection_names_the_address_its_origin_and_each_cause_once() {
+    use nix::sys::signal::Signal;
+
+    let dir = tempdir();
+    // From --server: a port nothing listens on.
+    let port = closed_port();
+    let mut mesh = common::server(&dir);
+    let o = meshward(
+        &[
+            "status",
+            "--server",
+            &format!("https://127.0.0.1:{port}"),
+            "--data-dir",
+            mesh.data.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "error: connecting to the server at https://127.0.0.1:{port} (from --server): transport error: tcp connect error: Connection refused (os error 111)\nis `meshward server --data-dir {}` or `meshward up` running? give --server or --data-dir\n",
+            mesh.data.display()
+        )
+    );
+
+    // From the record of a server that was killed: it is tried, and said
+    // to be stale.
+    let pid = mesh.server.pid();
+    mesh.server.signal(Signal::SIGKILL);
+    common::wait_for(common::SETTLE, || {
+        mesh.server
+            .try_wait()
+            .ok_or_else(|| "the server is still running".to_owned())
+    });
+    assert!(
+        server_record(&mesh.data).is_some(),
+        "a killed server leaves its record"
+    );
+    let o = with_data_dir(&mesh.data, &["get", "all"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(
+        err,
+        format!(
+            "error: connecting to the server at https://{} (recorded in {} by pid {pid}, which is no longer running): transport error: tcp connect error: Connection refused (os error 111)\nis `meshward server --data-dir {}` or `meshward up` running? give --server or --data-dir\n",
+            mesh.ca_addr,
+            mesh.data.join("server.json").display(),
+            mesh.data.display()
+        )
+    );
+    assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A second server on a data directory in use names the process that
+/// holds it, instead of redb's lock error twice.
+#[test]
+fn a_second_server_on_a_data_directory_names_the_process_holding_it() {
+    let dir = tempdir();
+    let mut mesh = common::server(&dir);
+    let before = server_record(&mesh.data).expect("recorded");
+    let o = meshward(
+        &[
+            "server",
+            "--data-dir",
+            mesh.data.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(
+        err,
+        format!(
+            "error: another meshward process holds {}: pid {}, the server listening on https://{} (as {} records); stop it, or give this server another --data-dir\n",
+            mesh.data.display(),
+            mesh.server.pid(),
+            mesh.ca_addr,
+            mesh.data.join("server.json").display()
+        )
+    );
+    assert!(!err.contains("Database already open"), "{err}");
+    // The first server is untouched: still serving, still recorded.
+    assert!(mesh.server.try_wait().is_none(), "the first server stopped");
+    assert_eq!(server_record(&mesh.data), Some(before));
+    let o = with_data_dir(&mesh.data, &["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `meshward up` starts its server on a random port with its data
+/// directory: `--data-dir` alone finds it.
+#[test]
+fn commands_find_the_server_of_meshward_up_from_its_data_directory() {
+    let dir = tempdir();
+    let mesh_dir = dir.join("mesh");
+    std::fs::create_dir_all(&mesh_dir).expect("mkdir");
+    std::fs::write(
+        mesh_dir.join("web.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: web, namespace: demo}\nspec:\n  serviceAccount: web\n  labels: {app: web}\n  ports: {http: 8080}\n",
+    )
+    .expect("write");
+    let data = dir.join("data");
+    let mut up = common::spawn(
+        "meshward up",
+        Command::new(common::bin())
+            .args(["up", mesh_dir.to_str().expect("utf-8"), "--data-dir"])
+            .arg(&data),
+    );
+    let control_plane = common::wait_for(common::START, || {
+        up.assert_running();
+        let text = std::fs::read_to_string(data.join("up.json"))
+            .map_err(|e| format!("meshward up is not ready: {e}"))?;
+        let mesh: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        Ok(mesh["control_plane"]
+            .as_str()
+            .expect("an address")
+            .to_owned())
+    });
+    let record = server_record(&data).expect("up's server recorded itself");
+    assert_eq!(
+        format!("https://{}", record["address"].as_str().expect("address")),
+        control_plane
+    );
+    // The workload's proxy is connected: status, through the record, shows it.
+    common::wait_for(common::SETTLE, || {
+        let o = with_data_dir(&data, &["status"]);
+        let out = stdout(&o);
+        (o.status.success()
+            && out
+                .lines()
+                .any(|l| l.starts_with("demo/web ") && l.contains("SYNCED")))
+        .then_some(())
+        .ok_or(format!("{out}{}", stderr(&o)))
+    });
+    let o = with_data_dir(&data, &["get", "we", "web", "-n", "demo", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    drop(up);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `get` and `delete` take Istio's short names and plurals in any case;
+/// `-n` is the namespace of both, `default` unless given; an unknown kind
+/// is refused (exit 1) with the list, before any server is asked.
+#[test]
+fn get_and_delete_take_kubectl_kinds_and_namespaces() {
+    // No server: the kind is refused first.
+    let nowhere = format!("https://127.0.0.1:{}", closed_port());
+    for (args, command, listed_last) in [
+        (&["get", "policies"][..], "get", "MeshConfig, or all\n"),
+        (
+            &["delete", "policies", "x"][..],
+            "delete",
+            "DestinationRule (dr)\n",
+        ),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--server", &nowhere, "--admin-dir", "/nonexistent"]);
+        let o = meshward(&args, None);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.starts_with(&format!(
+                "error: unknown kind \"policies\": {command} takes AuthorizationPolicy (ap), PeerAuthentication (pa), RequestAuthentication (ra), WorkloadEntry (we), ServiceEntry (se), DestinationRule (dr)"
+            )),
+            "{err}"
+        );
+        assert!(err.ends_with(listed_last), "{err}");
+    }
+
+    let dir = tempdir();
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mesh = common::server(&dir);
+    let file = dir.join("objects.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: here, namespace: default}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: there, namespace: web}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: web}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: web}\nspec: {jwtRules: [{issuer: issuer.example, jwksUri: 'https://issuer.example/jwks'}]}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: web}\nspec: {hosts: [api.web.svc], ports: [{number: 80, name: http, protocol: HTTP}], workloadSelector: {labels: {app: api}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: api-1, namespace: web}\nspec: {address: 127.0.0.1, serviceAccount: api, labels: {app: api}, ports: {http: 8080}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api, namespace: web}\nspec: {host: api.web.svc, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+    )
+    .expect("write");
+    let o = mesh.admin(&["apply", "-f", file.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let o = mesh.admin(&all);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let objects: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).expect("JSON");
+        objects
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} {}/{}",
+                    o["kind"].as_str().unwrap_or("?"),
+                    o["metadata"]["namespace"].as_str().unwrap_or("?"),
+                    o["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    for (words, expected) in [
+        (
+            &["ap", "AuthorizationPolicy", "authorizationpolicies", "AP"][..],
+            "AuthorizationPolicy web/there",
+        ),
+        (
+            &["pa", "peerauthentication", "PeerAuthentications"],
+            "PeerAuthentication web/strict",
+        ),
+        (
+            &["ra", "requestauthentications"],
+            "RequestAuthentication web/jwt",
+        ),
+        (&["we", "workloadentries"], "WorkloadEntry web/api-1"),
+        (&["se", "serviceentries"], "ServiceEntry web/api"),
+        (
+            &["dr", "destinationrules", "DestinationRule"],
+            "DestinationRule web/api",
+        ),
+    ] {
+        for word in words {
+            assert_eq!(
+                names(&["get", word, "-n", "web"]),
+                [expected],
+                "get {word} -n web"
+            );
+        }
+    }
+    // Without -n: namespace default, as delete; -A: every namespace.
+    assert_eq!(names(&["get", "ap"]), ["AuthorizationPolicy default/here"]);
+    let mut every = names(&["get", "ap", "-A"]);
+    every.sort();
+    assert_eq!(
+        every,
+        [
+            "AuthorizationPolicy default/here",
+            "AuthorizationPolicy web/there"
+        ]
+    );
+    let o = mesh.admin(&["get", "se"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+    assert_eq!(
+        stderr(&o),
+        "no ServiceEntry in namespace default (-A: every namespace)\n"
+    );
+    let o = mesh.admin(&["get", "ap", "there"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "AuthorizationPolicy default/there not found\n");
+
+    let o = mesh.admin(&["delete", "ap", "there"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "AuthorizationPolicy/default/there not found\n");
+    let o = mesh.admin(&["delete", "AP", "here"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "AuthorizationPolicy/default/here deleted\n");
+    let o = mesh.admin(&["delete", "dr", "api", "-n", "web"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(names(&["get", "all", "-A"]).len(), 5);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A YAML error is placed at file:line:column once, by validate and apply
+/// alike.
+#[test]
+fn yaml_errors_name_file_line_and_column_once() {
+    let dir = tempdir();
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("broken.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fine, namespace: foo}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\n  namespace: [\n",
+    )
+    .expect("write");
+    let expected = format!(
+        "{}:10:14: error: invalid YAML: unclosed bracket '['",
+        file.display()
+    );
+    let o = meshward(&["validate", "-f", file.to_str().expect("utf-8")], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), [expected.as_str()]);
+    let o = meshward(
+        &[
+            "apply",
+            "-f",
+            file.to_str().expect("utf-8"),
+            "--admin-dir",
+            "/nonexistent",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.starts_with(&format!("{expected}\n")), "{err}");
+    for repeated in ["error: line", "line 5 column", "line 10 column"] {
+        assert!(!err.contains(repeated), "{repeated:?} in {err}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `describe` against a running server names the stored objects its
+/// warnings are about, and no file: they come from none.
+#[test]
+fn live_describe_warns_without_an_invented_location() {
+    let dir = tempdir();
+    let mesh = common::server(&dir);
+    let zero_trust = repo().join("examples/zero-trust/policies.yaml");
+    let o = mesh.admin(&["apply", "-f", zero_trust.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = mesh.admin(&["describe", "-n", "foo", "-l", "app=httpbin"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.lines().any(|l| l.starts_with("warning: AuthorizationPolicy foo/deny-status-teapot: spec.rules: configured AuthorizationPolicy will deny all traffic to TCP ports")),
+        "{err}"
+    );
+    assert!(!err.contains("server:"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 
 fn stored(mesh: &Mesh) -> Vec<serde_json::Value> {
-    let out = mesh.admin(&["get", "all", "-o", "json"]);
+    let out = mesh.admin(&["get", "all", "-A", "-o", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -70,7 +70,7 @@ fn applied_configuration_is_validated_kept_across_restarts_and_admin_only() {
     // loader's words — the valid document before it is not written either —
     // and nothing changes.
     let snapshot = || {
-        let out = mesh.admin(&["get", "all", "-o", "yaml"]);
+        let out = mesh.admin(&["get", "all", "-A", "-o", "yaml"]);
         assert!(
             out.status.success(),
             "{}",
@@ -180,11 +180,10 @@ fn the_config_directory_is_watched_and_a_broken_file_changes_nothing() {
     holds(MTLS);
     std::fs::copy(repo("examples/jwt/policies.yaml"), config.join("jwt.yaml")).unwrap();
     holds(MTLS + JWT);
-    // A broken file: the directory is refused whole (the server says so),
-    // nothing changes.
+    // A broken file: refused (the server says so), nothing changes.
     std::fs::write(config.join("broken.yaml"), "kind: AuthorizationPolicy\napiVersion: security.istio.io/v1\nmetadata: {name: x}\nspec: {action: NOPE}\n").unwrap();
     mesh.server_logs
-        .wait_for_stderr("config directory refused", SETTLE);
+        .wait_for_stderr("broken.yaml not put in force", SETTLE);
     mesh.server_logs.wait_for_stderr(
         "broken.yaml:4: error: AuthorizationPolicy default/x: spec.action",
         SETTLE,

@@ -6,6 +6,8 @@
 //! These tests need root (network namespaces, iptables): they say so and
 //! are skipped otherwise. CI runs as root.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -482,13 +484,20 @@ fn a_workload_without_a_proxy_cannot_reach_a_strict_workload_in_plaintext_and_pe
     // plaintext, which capture delivers to ratings' proxy.
     let url = format!("http://{}:9080/hello", ratings.ipv4());
     assert_eq!(status(legacy, &url), 0, "STRICT let plaintext through");
-    let refused = mesh.access_log("ratings");
-    assert!(
-        refused
-            .iter()
-            .any(|r| r["direction"] == "inbound" && r["decision"] == "deny"),
-        "{refused:?}"
-    );
+    // Refused by ratings' proxy for being plaintext on a STRICT port,
+    // this caller's connection to the application's own port.
+    let legacy_ip = legacy.ipv4().to_string();
+    wait_until(SETTLE, "the refusal in ratings' access log", || {
+        mesh.access_log("ratings").iter().any(|r| {
+            r["direction"] == "inbound"
+                && r["decision"] == "deny"
+                && r["destination"] == "inbound|9080"
+                && r["mtls_mode"] == "STRICT"
+                && r["source_address"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&format!("{legacy_ip}:")))
+        })
+    });
 
     mesh.put("policies.yaml", &peer_authentication("PERMISSIVE"));
     wait_until(SETTLE, "PERMISSIVE lets plaintext in", || {
@@ -620,6 +629,119 @@ fn two_endpoints_of_a_service_each_get_a_fair_share_of_requests() {
         let share = names.iter().filter(|n| *n == name).count();
         assert!(share > 30, "{name} got {share} of 100: {names:?}");
     }
+
+    // A DestinationRule asks for ROUND_ROBIN: strictly in turn.
+    mesh.put(
+        "destination-rule.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  host: ratings.bookinfo
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+",
+    );
+    wait_until(SETTLE, "ROUND_ROBIN in productpage's routes", || {
+        let dump = productpage.output(&[
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "http://127.0.0.1:15000/config_dump",
+        ]);
+        String::from_utf8_lossy(&dump.stdout).contains("ROUND_ROBIN")
+    });
+    let (code, out) = curl(productpage, &args);
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names.len(), 100, "{out}");
+    assert!(
+        names.windows(2).all(|w| w[0] != w[1]),
+        "not in turn: {names:?}"
+    );
+
+    // One endpoint goes away (its application, then its proxy, which takes
+    // its capture rules along): connections to it are refused, and every
+    // request still succeeds, on the other.
+    mesh.process("ratings-2 app").stop();
+    mesh.process("ratings-2 proxy").stop();
+    let (code, out) = curl(productpage, &args);
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, vec!["ratings-1".to_owned(); 100], "{out}");
+}
+
+#[test]
+fn before_its_first_configuration_a_captured_proxy_lets_nothing_out() {
+    require_root!();
+    let (mut mesh, hosts) = Mesh::new("unconfigured", &["productpage", "outside"]);
+    let [productpage, outside] = [&hosts[0], &hosts[1]];
+    mesh.app(outside, "outside");
+    // No WorkloadEntry names productpage: the control plane refuses its
+    // claim, so it never receives a configuration.
+    let token = mesh.dir.join("productpage.token");
+    let out = run(&[
+        "token",
+        "create",
+        "--data-dir",
+        mesh.data.to_str().unwrap(),
+        "-n",
+        NS,
+        "--service-account",
+        "productpage",
+    ]);
+    std::fs::write(&token, out.stdout).unwrap();
+    let proxy = productpage.spawn(
+        "productpage proxy",
+        &[
+            bin(),
+            "proxy",
+            "--identity",
+            &format!("spiffe://{TD}/ns/{NS}/sa/productpage"),
+            "--workload",
+            &format!("{NS}/productpage"),
+            "--capture",
+            "--proxy-mark",
+            MARK,
+            "--control-plane",
+            &mesh.server.to_string(),
+            "--ca-address",
+            &format!("https://{}", mesh.server),
+            "--ca-root",
+            mesh.data.join("root-cert.pem").to_str().unwrap(),
+            "--ca-server-name",
+            "localhost",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    proxy
+        .logs
+        .wait_for_stderr("the control plane refused this proxy", START);
+    mesh.processes.push(("productpage proxy".into(), proxy));
+    // ALLOW_ANY is the mesh's default, yet nothing passes: the proxy does
+    // not know the mesh yet.
+    assert_eq!(
+        status(productpage, &format!("http://{}:9080/", outside.ipv4())),
+        0
+    );
+    let dump = productpage.output(&[
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        "http://127.0.0.1:15000/config_dump",
+    ]);
+    let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    assert_eq!(dump["routes"]["configured"], false, "{dump}");
 }
 
 #[test]
@@ -679,10 +801,26 @@ fn capture_rules_leave_with_the_proxy_and_uninstall_removes_what_a_killed_one_le
     let proxy = mesh.process("productpage proxy");
     proxy.process.signal(Signal::SIGKILL);
     proxy.wait_exit(SETTLE);
-    assert!(
-        !meshward_rules(productpage).is_empty(),
-        "a killed proxy cannot remove its rules"
-    );
+    let left = meshward_rules(productpage);
+    assert!(!left.is_empty(), "a killed proxy cannot remove its rules");
+    // Another proxy refuses to take over (or remove) rules it did not install.
+    let refused = productpage.output(&[
+        bin(),
+        "proxy",
+        "--identity",
+        &format!("spiffe://{TD}/ns/{NS}/sa/productpage"),
+        "--capture",
+        "--proxy-mark",
+        MARK,
+        "--control-plane",
+        &mesh.server.to_string(),
+        "--ca-root",
+        mesh.data.join("root-cert.pem").to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("already installed"), "{stderr}");
+    assert_eq!(meshward_rules(productpage), left);
     let out = productpage.run(&[bin(), "capture", "uninstall"]);
     assert!(out.status.success());
     assert!(meshward_rules(productpage).is_empty());
@@ -732,7 +870,10 @@ spec:
         meshward_proxy::testing::dns::FakeUpstream::on(
             udp,
             tcp,
-            &[("example.test", &["198.18.0.200", "2001:2::200"])],
+            &[
+                ("example.test", &["198.18.0.200", "2001:2::200"]),
+                ("api.example.test", &[&resolver.ipv4().to_string()]),
+            ],
         )
     });
     // details' only endpoint, a plain application without a proxy.
@@ -798,5 +939,83 @@ spec:
     assert!(upstream.was_asked("example.test"));
     assert!(resolve(productpage, "ahostsv4", "nowhere.test").is_empty());
     assert!(upstream.was_asked("nowhere.test"));
+
+    // Egress under REGISTRY_ONLY, as Istio users allow it: a `resolution:
+    // DNS` entry is called by name (its allocated address), its host
+    // resolved by the proxy through the upstream resolver; a `resolution:
+    // NONE` entry's range passes through to the address called.
+    mesh.put(
+        "egress.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: bookinfo}
+spec:
+  hosts: [api.example.test]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo-range, namespace: bookinfo}
+spec:
+  hosts: [echo.example.test]
+  addresses: [198.18.0.0/24]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+",
+    );
+    mesh.mesh_config("outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n");
+    wait_until(
+        SETTLE,
+        "the egress entries and REGISTRY_ONLY in force",
+        || {
+            let dump = productpage.output(&[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "http://127.0.0.1:15000/config_dump",
+            ]);
+            let dump = String::from_utf8_lossy(&dump.stdout);
+            dump.contains("REGISTRY_ONLY")
+                && dump.contains("api.example.test:9080")
+                && dump.contains("echo.example.test")
+        },
+    );
+    let api = resolve(productpage, "ahostsv4", "api.example.test");
+    assert!(
+        api.len() == 1 && in_range(&api[0], "240.240.0.0/16"),
+        "{api:?}"
+    );
+    let (code, body) = curl(productpage, &["http://api.example.test:9080/egress"]);
+    assert_eq!(code, 0, "{body}");
+    assert!(body.contains("\"name\":\"details\""), "{body}");
+    assert!(upstream.was_asked("api.example.test"));
+    let echoed = productpage.within(|| {
+        let addr = SocketAddr::new(IpAddr::V4(resolver.ipv4()), 9000);
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        stream.set_read_timeout(Some(COMMAND)).unwrap();
+        stream.write_all(b"in range").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = String::new();
+        stream.read_to_string(&mut back).unwrap();
+        back
+    });
+    assert_eq!(echoed, "in range");
+    wait_until(
+        SETTLE,
+        "both egress calls in productpage's access log",
+        || {
+            let records = mesh.access_log("productpage");
+            records
+                .iter()
+                .any(|r| r["destination"] == "outbound|9000|echo.example.test")
+                && records.iter().any(|r| {
+                    r["destination"] == "outbound|9080|api.example.test" && r["status"] == 200
+                })
+        },
+    );
     drop(runtime);
 }

@@ -5,12 +5,15 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-/// Where a document or field came from: a file (or `<stdin>`) and a 1-based line.
+/// Where a document or field came from: a file (or `<stdin>`), a 1-based
+/// line and, where the YAML parser says so, a 1-based column.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Location {
     #[serde(serialize_with = "as_str")]
     pub file: Arc<str>,
     pub line: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
 }
 
 fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
@@ -19,7 +22,12 @@ fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file, self.line)
+        // Line 0: the file as a whole (it could not be read), no place in it.
+        match (self.line, self.column) {
+            (0, _) => write!(f, "{}", self.file),
+            (line, None) => write!(f, "{}:{line}", self.file),
+            (line, Some(column)) => write!(f, "{}:{line}:{column}", self.file),
+        }
     }
 }
 
@@ -51,22 +59,37 @@ impl Diagnostic {
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
+
+    /// `error: Kind ns/name: field.path: reason`, for an object that comes
+    /// from no file (a running server's): a location would be invented.
+    pub fn unplaced(&self) -> impl fmt::Display + '_ {
+        Unplaced(self)
+    }
 }
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let severity = match self.severity {
+        write!(f, "{}: {}", self.location, Unplaced(self))
+    }
+}
+
+struct Unplaced<'a>(&'a Diagnostic);
+
+impl fmt::Display for Unplaced<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Unplaced(d) = self;
+        let severity = match d.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{}: {severity}: ", self.location)?;
-        if let Some(resource) = &self.resource {
+        write!(f, "{severity}: ")?;
+        if let Some(resource) = &d.resource {
             write!(f, "{resource}: ")?;
         }
-        if let Some(field) = &self.field {
+        if let Some(field) = &d.field {
             write!(f, "{field}: ")?;
         }
-        f.write_str(&self.message)
+        f.write_str(&d.message)
     }
 }
 

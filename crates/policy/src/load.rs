@@ -17,6 +17,7 @@ use crate::api::{
 };
 use crate::api::{
     DEFAULT_NAMESPACE, NETWORKING_GROUP, NETWORKING_VERSIONS, PeerAuthentication, RegistryObject,
+    SIMPLE_LOAD_BALANCERS,
 };
 use crate::diagnostic::{Diagnostic, Location, Severity};
 use crate::validate;
@@ -83,6 +84,7 @@ impl Loaded {
                     location: Location {
                         file: p.location.file.clone(),
                         line: p.lines.line_of(&issue.field),
+                        column: None,
                     },
                     resource: Some(p.policy.display_name()),
                     field: Some(issue.field),
@@ -158,6 +160,7 @@ fn io_error(name: &str, e: &std::io::Error) -> Diagnostic {
         location: Location {
             file: name.into(),
             line: 0,
+            column: None,
         },
         resource: None,
         field: None,
@@ -291,6 +294,21 @@ fn validate_registry(object: &RegistryObject) -> Result<(), (&'static str, Strin
             }
             Ok(())
         }
+        RegistryObject::DestinationRule(dr) => {
+            if dr.spec.host.is_empty() {
+                return Err(("spec.host", "host is required".into()));
+            }
+            match dr.spec.simple_load_balancer() {
+                Some(simple) if !SIMPLE_LOAD_BALANCERS.contains(&simple) => Err((
+                    "spec.trafficPolicy.loadBalancer.simple",
+                    format!(
+                        "{simple:?} is not one of {}",
+                        SIMPLE_LOAD_BALANCERS.join(", ")
+                    ),
+                )),
+                _ => Ok(()),
+            }
+        }
     }
 }
 
@@ -303,17 +321,18 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
             Ok(serde_json::Value::Null) => continue, // empty or comment-only document
             Ok(value) => value,
             Err(e) => {
-                let line = e.location().map_or(0, |l| l.line() as usize);
+                let (line, column, message) = yaml_error(&e);
                 loaded.documents += 1;
                 loaded.diagnostics.push(Diagnostic {
                     severity: Severity::Error,
                     location: Location {
                         file: file.clone(),
                         line: chunk.first_line + line.saturating_sub(1),
+                        column,
                     },
                     resource: None,
                     field: None,
-                    message: format!("invalid YAML: {}", first_line_of(&e.to_string())),
+                    message: format!("invalid YAML: {message}"),
                 });
                 continue;
             }
@@ -337,6 +356,9 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
                         let problems = match &object {
                             RegistryObject::ServiceEntry(se) => {
                                 validate::validate_service_entry(se)
+                            }
+                            RegistryObject::DestinationRule(dr) => {
+                                validate::validate_destination_rule(dr)
                             }
                             RegistryObject::WorkloadEntry(_) => Vec::new(),
                         };
@@ -379,8 +401,23 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
     loaded
 }
 
-fn first_line_of(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
+/// Where a YAML parse error is (line and column within the text parsed,
+/// 1-based; line 0 when unknown) and what it is, without the parser's own
+/// rendering, which repeats the line and column and quotes the text.
+fn yaml_error(e: &serde_saphyr::Error) -> (usize, Option<usize>, String) {
+    use serde_saphyr::MessageFormatter as _;
+    let at = e.location().filter(|l| l.line() > 0);
+    let message: String = serde_saphyr::UserMessageFormatter
+        .format_message(e.without_snippet())
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    (
+        at.map_or(0, |l| usize::try_from(l.line()).unwrap_or(usize::MAX)),
+        at.and_then(|l| usize::try_from(l.column()).ok())
+            .filter(|c| *c > 0),
+        message,
+    )
 }
 
 /// One YAML document's text and the line of the file it starts on.
@@ -573,6 +610,7 @@ impl Document<'_> {
             location: Location {
                 file: self.file.clone(),
                 line,
+                column: None,
             },
             resource,
             field,
@@ -611,7 +649,12 @@ impl Document<'_> {
             .unwrap_or(DEFAULT_NAMESPACE);
         let resource = (!kind_str.is_empty()).then(|| format!("{kind_str} {namespace}/{name}"));
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        if group == NETWORKING_GROUP && matches!(kind_str, "WorkloadEntry" | "ServiceEntry") {
+        if group == NETWORKING_GROUP
+            && matches!(
+                kind_str,
+                "WorkloadEntry" | "ServiceEntry" | "DestinationRule"
+            )
+        {
             if !NETWORKING_VERSIONS.contains(&version) {
                 return Err(self.error(
                     resource,
@@ -626,10 +669,10 @@ impl Document<'_> {
                     "metadata.name is required".into(),
                 ));
             }
-            return Ok(Read::Registry(if kind_str == "WorkloadEntry" {
-                RegistryObject::WorkloadEntry(self.typed(value, &resource)?)
-            } else {
-                RegistryObject::ServiceEntry(self.typed(value, &resource)?)
+            return Ok(Read::Registry(match kind_str {
+                "WorkloadEntry" => RegistryObject::WorkloadEntry(self.typed(value, &resource)?),
+                "ServiceEntry" => RegistryObject::ServiceEntry(self.typed(value, &resource)?),
+                _ => RegistryObject::DestinationRule(self.typed(value, &resource)?),
             }));
         }
         let Some(kind) = Kind::parse(kind_str) else {
@@ -678,6 +721,7 @@ impl Document<'_> {
             location: Location {
                 file: self.file.clone(),
                 line: self.lines.first_line,
+                column: None,
             },
             policy,
             lines: self.lines.clone(),
@@ -737,12 +781,13 @@ fn sequence_for_mapping(
 /// Reads a MeshConfig: either MeshConfig YAML itself, or Istio's `istio`
 /// ConfigMap whose `data.mesh` holds it.
 pub fn load_mesh_config(file: &str, text: &str) -> Result<MeshConfig, Box<Diagnostic>> {
-    let at = |line: usize, message: String| {
+    let at = |line: usize, column: Option<usize>, message: String| {
         Box::new(Diagnostic {
             severity: Severity::Error,
             location: Location {
                 file: file.into(),
                 line,
+                column,
             },
             resource: Some("MeshConfig".into()),
             field: None,
@@ -750,20 +795,22 @@ pub fn load_mesh_config(file: &str, text: &str) -> Result<MeshConfig, Box<Diagno
         })
     };
     let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| {
-        let line = e.location().map_or(0, |l| l.line() as usize);
-        at(
-            line,
-            format!("invalid YAML: {}", first_line_of(&e.to_string())),
-        )
+        let (line, column, message) = yaml_error(&e);
+        at(line, column, format!("invalid YAML: {message}"))
     })?;
     let value = match value.get("data").and_then(|d| d.get("mesh")) {
         Some(serde_json::Value::String(mesh)) => serde_saphyr::from_str(mesh).map_err(|e| {
+            // Placed at `data.mesh`; the error's place is in its text.
+            let (line, column, message) = yaml_error(&e);
+            let place = match column {
+                Some(column) => format!(" (its line {line}, column {column})"),
+                None if line > 0 => format!(" (its line {line})"),
+                None => String::new(),
+            };
             at(
-                0,
-                format!(
-                    "data.mesh is not valid YAML: {}",
-                    first_line_of(&e.to_string())
-                ),
+                LineMap::build(text, 1).line_of("data.mesh"),
+                None,
+                format!("data.mesh is not valid YAML: {message}{place}"),
             )
         })?,
         _ => value,
@@ -776,7 +823,7 @@ pub fn load_mesh_config(file: &str, text: &str) -> Result<MeshConfig, Box<Diagno
     let lines = LineMap::build(text, 1);
     serde_path_to_error::deserialize::<_, MeshConfig>(value).map_err(|e| {
         let field = e.path().to_string();
-        let mut d = at(lines.line_of(&field), e.inner().to_string());
+        let mut d = at(lines.line_of(&field), None, e.inner().to_string());
         d.field = Some(field);
         d
     })
@@ -798,6 +845,52 @@ mod tests {
         );
         let lines: Vec<usize> = loaded.diagnostics.iter().map(|d| d.location.line).collect();
         assert_eq!(lines, [6, 12], "{:?}", loaded.diagnostics);
+    }
+
+    #[test]
+    fn a_yaml_error_names_file_line_and_column_once() {
+        // The broken document starts on line 6: the parser's line (3, in
+        // the document) is not what the user needs, nor said twice.
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: x}\nspec: {}\n---\nmetadata:\n  name: x\n  namespace: [\n";
+        let loaded = load_str("f.yaml", text);
+        let shown: Vec<String> = loaded.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(
+            shown,
+            ["f.yaml:8:14: error: invalid YAML: unclosed bracket '['"]
+        );
+        // JSON output gains the column only where there is one.
+        let json = serde_json::to_value(&loaded.diagnostics[0].location).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"file": "f.yaml", "line": 8, "column": 14})
+        );
+    }
+
+    #[test]
+    fn a_mesh_config_yaml_error_names_file_line_and_column_once() {
+        let e =
+            load_mesh_config("mesh.yaml", "trustDomain: x\ntrustDomainAliases: [\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mesh.yaml:2:21: error: MeshConfig: invalid YAML: unclosed bracket '['"
+        );
+        // In Istio's ConfigMap, at `data.mesh`, with the place in its text.
+        let configmap = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio}\ndata:\n  mesh: |\n    trustDomain: [\n";
+        let e = load_mesh_config("istio.yaml", configmap).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "istio.yaml:5: error: MeshConfig: data.mesh is not valid YAML: unclosed bracket '[' (its line 1, column 14)"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named_without_an_invented_line() {
+        let loaded = load_paths(&["/nonexistent/meshward/policy.yaml"]);
+        let shown = loaded.diagnostics[0].to_string();
+        assert!(
+            shown.starts_with("/nonexistent/meshward/policy.yaml: error: cannot read: "),
+            "{shown}"
+        );
     }
 
     #[test]

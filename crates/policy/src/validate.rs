@@ -382,6 +382,34 @@ fn denies_all_tcp(rule: &crate::api::Rule) -> bool {
     (from_exists && !to_exists && !tcp_in_from) || (to_exists && !tcp_in_to)
 }
 
+/// What meshward does not do of a DestinationRule it accepts: a warning for
+/// each part that changes nothing, so no one relies on it unknowingly.
+pub fn validate_destination_rule(dr: &crate::api::DestinationRule) -> Vec<FieldIssue> {
+    let mut v = Issues::default();
+    if dr.spec.simple_load_balancer() == Some("PASSTHROUGH") {
+        v.warning(
+            "spec.trafficPolicy.loadBalancer.simple",
+            "meshward does not pass connections through to their original destination: \
+             PASSTHROUGH balances as LEAST_REQUEST",
+        );
+    }
+    for field in dr.spec.other.keys() {
+        v.warning(
+            format!("spec.{field}"),
+            "meshward reads only host and trafficPolicy.loadBalancer.simple of a DestinationRule: this field is kept, not used",
+        );
+    }
+    if let Some(policy) = &dr.spec.traffic_policy {
+        for field in policy.other.keys() {
+            v.warning(
+                format!("spec.trafficPolicy.{field}"),
+                "meshward reads only trafficPolicy.loadBalancer.simple: this field is kept, not used",
+            );
+        }
+    }
+    v.0
+}
+
 /// Istio's `ValidateServiceEntry`, for the fields that say where a service
 /// is and how it is reached: `addresses`, `resolution` and what each
 /// resolution requires of `hosts`, `endpoints` and `ports`, with Istio's

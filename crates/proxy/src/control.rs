@@ -28,6 +28,7 @@ use meshward_api::control::distribution_client::DistributionClient;
 use meshward_api::control::{DistributionRequest, DistributionResponse, Resource};
 use meshward_api::resources::{OwnWorkload, Revocation, Service};
 use meshward_api::types;
+use meshward_identity::error_chain;
 use meshward_identity::revocation::RevocationList;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy};
@@ -116,6 +117,8 @@ pub struct Targets {
     pub routes: Option<Arc<Routes>>,
     /// The names the DNS proxy answers.
     pub dns: Option<DnsNames>,
+    /// Istio's metrics name this workload and the services' namespaces.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What a stream currently holds, by resource name.
@@ -140,7 +143,15 @@ pub async fn run(
         outbound,
         routes,
         dns,
+        metrics: metrics.clone(),
     };
+    // Without a certificate the server would refuse the stream: wait for
+    // the agent's first one, so a normal start says nothing alarming.
+    let mut cert = identity.cert.0.clone();
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = cert.wait_for(Option::is_some) => {}
+    }
     let mut backoff = BACKOFF_START;
     // Whether any configuration from the control plane was ever in force.
     let mut configured = false;
@@ -248,7 +259,7 @@ async fn stream(
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| Ended::Lost(format!("connecting: {e}")))?;
+        .map_err(|e| Ended::Lost(format!("connecting: {}", error_chain(&e))))?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
         // The services this workload calls: their endpoints and identities;
@@ -338,7 +349,7 @@ fn apply(
 ) -> Result<(), String> {
     let mut policies: Vec<Policy> = Vec::new();
     let mut mesh = MeshConfig::default();
-    let mut workload: Option<Workload> = None;
+    let mut own: Option<OwnWorkload> = None;
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
     let mut revocations = RevocationList::default();
     for resource in resources.values() {
@@ -356,12 +367,9 @@ fn apply(
                 mesh = serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
             }
             types::WORKLOAD => {
-                let own: OwnWorkload =
-                    serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
-                workload = Some(Workload {
-                    namespace: own.namespace,
-                    labels: own.labels,
-                });
+                own = Some(
+                    serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?,
+                );
             }
             types::SERVICE => {
                 let service: Service =
@@ -426,6 +434,20 @@ fn apply(
         );
     }
     let set = PolicySet::new(mesh, policies).with_jwks(jwks.clone());
+    let istio = &targets.metrics.istio;
+    if let Some(own) = &own {
+        istio.set_local(
+            &identity.id,
+            &own.namespace,
+            &own.labels,
+            own.name.as_deref(),
+        );
+    }
+    istio.set_services(services.values());
+    let workload = own.map(|own| Workload {
+        namespace: own.namespace,
+        labels: own.labels,
+    });
     store.replace_for(set, workload, format!("control plane, version {version}"));
     for (target, route) in prepared {
         target.set_destination(route);
@@ -448,6 +470,7 @@ mod tests {
             outbound: Vec::new(),
             routes: None,
             dns: None,
+            metrics: Arc::default(),
         }
     }
 
@@ -587,6 +610,7 @@ mod tests {
             outbound: Vec::new(),
             routes: None,
             dns: Some(dns.clone()),
+            metrics: Arc::default(),
         };
         let service = |host: &str, address: &str| Resource {
             name: format!("service/{host}"),
@@ -629,6 +653,69 @@ mod tests {
         apply(&held, &identity, &store, &targets, &jwks, "3").unwrap();
         assert_eq!(a("ratings.bookinfo"), None);
         assert_eq!(a("details.bookinfo"), Some(vec!["240.240.0.8".to_owned()]));
+    }
+
+    #[tokio::test]
+    async fn istios_labels_name_the_workload_entry_and_the_services_it_serves() {
+        let (_ca_dir, identity, store, jwks) = fixture();
+        let targets = no_targets();
+        let resource = |name: &str, type_url: &str, body: Vec<u8>| Resource {
+            name: name.into(),
+            type_url: type_url.into(),
+            version: "1".into(),
+            body,
+        };
+        let own = OwnWorkload {
+            name: Some("web/web-v2".into()),
+            namespace: "web".into(),
+            labels: [("app", "web"), ("version", "v2")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+        };
+        let service = Service {
+            host: "web.web".into(),
+            entry: "web/web".into(),
+            identities: ["spiffe://cluster.local/ns/web/sa/web".to_owned()].into(),
+            ..Service::default()
+        };
+        let mut held = BTreeMap::new();
+        held.insert(
+            "workload".to_owned(),
+            resource(
+                "workload",
+                types::WORKLOAD,
+                serde_json::to_vec(&own).unwrap(),
+            ),
+        );
+        held.insert(
+            "service/web.web".to_owned(),
+            resource(
+                "service/web.web",
+                types::SERVICE,
+                serde_json::to_vec(&service).unwrap(),
+            ),
+        );
+        apply(&held, &identity, &store, &targets, &jwks, "1").unwrap();
+        let istio = &targets.metrics.istio;
+        let local = istio.local();
+        assert_eq!((&*local.name, &*local.namespace), ("web-v2", "web"));
+        assert_eq!((&*local.app, &*local.version), ("web", "v2"));
+        let inbound = istio.inbound(None, None, crate::metrics::istio::Protocol::Tcp);
+        assert_eq!(
+            &*inbound.service.host, "web.web",
+            "the one service it serves"
+        );
+        assert_eq!(&*inbound.service.namespace, "web");
+
+        // Refused as a whole: the labels stay.
+        held.insert(
+            "bad".to_owned(),
+            policy("bad", &GOOD.replace("DENY", "NOPE")),
+        );
+        held.remove("service/web.web");
+        apply(&held, &identity, &store, &targets, &jwks, "2").unwrap_err();
+        let inbound = istio.inbound(None, None, crate::metrics::istio::Protocol::Tcp);
+        assert_eq!(&*inbound.service.host, "web.web");
     }
 
     #[tokio::test]

@@ -312,23 +312,40 @@ pub fn set_upstream_target(
 /// The response body for the client: counted, and the access record
 /// written (with bytes both ways and the duration) when it ends or is
 /// abandoned.
-pub fn logged_response_body(
+///
+/// `done` runs then too, first, with what the body showed and the request
+/// body's bytes: Istio's metrics are counted, and whatever it holds is
+/// released (an endpoint counted busy while its response streams, for
+/// least-request balancing).
+pub fn logged_response_body<F>(
     body: hyper::body::Incoming,
     mut record: crate::log::AccessRecord,
     received: Arc<AtomicU64>,
     started: std::time::Instant,
     access: crate::log::LogSink,
-) -> Body {
-    let sent = Arc::new(AtomicU64::new(0));
-    let sent_for_log = sent.clone();
-    OnDone::new(Counted::new(body, sent), move || {
-        record.bytes_received = received.load(Ordering::Relaxed);
-        record.bytes_sent = sent_for_log.load(Ordering::Relaxed);
+    done: F,
+) -> Body
+where
+    F: FnOnce(&BodyEnd, u64) + Send + Sync + Unpin + 'static,
+{
+    OnDone::new(body, move |end: &BodyEnd| {
+        let request_bytes = received.load(Ordering::Relaxed);
+        done(end, request_bytes);
+        record.bytes_received = request_bytes;
+        record.bytes_sent = end.bytes;
         record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
         access.write(&record);
     })
     .map_err(|e| Box::new(e) as BoxError)
     .boxed()
+}
+
+/// The `grpc-status` of a response's headers (a trailers-only response)
+/// or trailers: one of gRPC's codes (0 to 16). Any other value, which an
+/// upstream could vary at will, is none, so it never becomes a label value.
+pub fn grpc_status_in(headers: &HeaderMap) -> Option<u32> {
+    let status: u32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    (status <= 16).then_some(status)
 }
 
 /// Counts the bytes of a body as they pass.
@@ -372,26 +389,38 @@ where
     }
 }
 
-/// Runs a closure when the response body is finished or abandoned: the
-/// access log is written when the exchange is really over.
-pub struct OnDone<B, F: FnOnce()> {
+/// What a response body showed by the time it ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyEnd {
+    /// Data bytes passed on.
+    pub bytes: u64,
+    /// The `grpc-status` of its trailers.
+    pub grpc_status: Option<u32>,
+}
+
+/// A body that counts its bytes, notes a `grpc-status` trailer, and runs a
+/// closure with both when it is finished or abandoned: the access log is
+/// written, and Istio's metrics counted, when the exchange is really over.
+pub struct OnDone<B, F: FnOnce(&BodyEnd)> {
     inner: B,
+    end: BodyEnd,
     done: Option<F>,
 }
 
-impl<B, F: FnOnce()> OnDone<B, F> {
+impl<B, F: FnOnce(&BodyEnd)> OnDone<B, F> {
     pub fn new(inner: B, done: F) -> OnDone<B, F> {
         OnDone {
             inner,
+            end: BodyEnd::default(),
             done: Some(done),
         }
     }
 }
 
-impl<B, F: FnOnce()> Drop for OnDone<B, F> {
+impl<B, F: FnOnce(&BodyEnd)> Drop for OnDone<B, F> {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            done();
+            done(&self.end);
         }
     }
 }
@@ -399,7 +428,7 @@ impl<B, F: FnOnce()> Drop for OnDone<B, F> {
 impl<B, F> HttpBody for OnDone<B, F>
 where
     B: HttpBody<Data = Bytes> + Unpin,
-    F: FnOnce() + Unpin,
+    F: FnOnce(&BodyEnd) + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -408,7 +437,15 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.end.bytes += data.len() as u64;
+            } else if let Some(status) = frame.trailers_ref().and_then(grpc_status_in) {
+                self.end.grpc_status = Some(status);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -514,6 +551,21 @@ mod tests {
         let mut r = Request::get("/").header("host", "web:80").body(()).unwrap();
         strip_trailing_host_dot(&mut r);
         assert_eq!(r.headers()["host"], "web:80");
+    }
+
+    #[test]
+    fn only_grpcs_own_status_codes_are_read() {
+        let status = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_str(value).unwrap());
+            grpc_status_in(&h)
+        };
+        assert_eq!(status("0"), Some(0));
+        assert_eq!(status("16"), Some(16));
+        for bad in ["17", "4294967295", "-1", "ok", ""] {
+            assert_eq!(status(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_status_in(&HeaderMap::new()), None);
     }
 
     #[test]

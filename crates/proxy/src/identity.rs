@@ -147,6 +147,20 @@ impl Peer {
     }
 }
 
+/// The verified SPIFFE ID of the server a pooled HTTP connection reached,
+/// put in the extensions of every response it carries.
+#[derive(Debug, Clone)]
+pub struct ServerIdentity(pub Arc<str>);
+
+impl ServerIdentity {
+    /// The server of a TLS session, if it showed a SPIFFE certificate.
+    pub fn of(session: &rustls::CommonState) -> Option<ServerIdentity> {
+        let leaf = session.peer_certificates()?.first()?;
+        let id = tls::spiffe_id_of(leaf).ok()?;
+        Some(ServerIdentity(Arc::from(id.to_string())))
+    }
+}
+
 /// Why a handshake failed, as a metric label.
 pub fn handshake_failure(error: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error};

@@ -1,5 +1,6 @@
-//! Byte streams: putting back bytes read for detection, and the stream types
-//! the upstream connection pool hands to hyper.
+//! Byte streams: putting back bytes read for detection, the stream types
+//! the upstream connection pool hands to hyper, and counting a TCP
+//! connection's bytes.
 
 use std::io;
 use std::pin::Pin;
@@ -183,13 +184,92 @@ impl AsyncWrite for UpstreamStream {
 }
 
 impl Connection for UpstreamStream {
+    /// HTTP/2 when the server chose it; the server's verified identity for
+    /// the responses (Istio's `destination_principal`).
     fn connected(&self) -> Connected {
-        let connected = Connected::new();
+        let mut connected = Connected::new();
+        if let UpstreamStream::Tls(tls, _) = self
+            && let Some(server) = crate::identity::ServerIdentity::of(tls.get_ref().1)
+        {
+            connected = connected.extra(server);
+        }
         if self.alpn() == Some(b"h2") {
             connected.negotiated_h2()
         } else {
             connected
         }
+    }
+}
+
+/// A downstream stream whose bytes are counted as they pass: read from the
+/// peer into `received`, written to it into `sent` (Istio's TCP byte
+/// counters, current while the connection lives).
+pub struct Metered<S> {
+    inner: S,
+    received: prometheus_client::metrics::counter::Counter,
+    sent: prometheus_client::metrics::counter::Counter,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S, connection: &crate::metrics::istio::TcpConnection) -> Metered<S> {
+        Metered {
+            inner,
+            received: connection.received.clone(),
+            sent: connection.sent.clone(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.received.inc_by((buf.filled().len() - before) as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.sent.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.sent.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -146,6 +146,14 @@ impl Proxy {
         logs: LogTargets,
     ) -> Result<Proxy, ProxyError> {
         let metrics = Arc::new(Metrics::default());
+        // Istio's labels name this workload by its configuration until the
+        // control plane says which WorkloadEntry it is.
+        (metrics.istio).set_local(
+            &identity.id,
+            &config.workload.namespace,
+            &config.workload.labels,
+            None,
+        );
         let open = |what, target: &LogTarget| {
             LogSink::open(target, metrics.log_records_dropped.clone()).map_err(|source| {
                 ProxyError::Log {
@@ -336,6 +344,32 @@ impl Proxy {
             }));
         }
         if let Some(routes) = &routes {
+            // Services whose endpoints are names are resolved through the
+            // upstream resolvers (the DNS proxy's, else resolv.conf's).
+            let upstreams = config
+                .dns
+                .as_ref()
+                .map(|d| d.upstreams.clone())
+                .filter(|u| !u.is_empty())
+                .map(Ok)
+                .unwrap_or_else(|| {
+                    dns::forwarder::resolv_conf(std::path::Path::new(dns::RESOLV_CONF))
+                        .map(|(upstreams, _)| upstreams)
+                });
+            match upstreams
+                .and_then(|u| dns::Forwarder::new(u, Duration::from_secs(5), config.mark))
+            {
+                Ok(resolver) => {
+                    tokio::spawn(
+                        routes
+                            .clone()
+                            .resolve_names(resolver, shared.shutdown.clone()),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!("services whose endpoints are DNS names cannot be resolved: {e}")
+                }
+            }
             for (listener, inbound) in captured {
                 let shared = shared.clone();
                 let conns = tracker.clone();

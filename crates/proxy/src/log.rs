@@ -170,6 +170,31 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// Relays bytes both ways between `downstream` and `upstream` until both
+    /// close, or until `stop` (the drain grace period ended); the counts,
+    /// or what ended the relay, go into this record.
+    pub async fn relay<D, U>(
+        &mut self,
+        downstream: &mut D,
+        upstream: &mut U,
+        stop: &tokio_util::sync::CancellationToken,
+    ) where
+        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let copied = tokio::select! {
+            copied = tokio::io::copy_bidirectional(downstream, upstream) => copied,
+            _ = stop.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
+        };
+        match copied {
+            Ok((sent_up, received_back)) => {
+                self.bytes_received = sent_up;
+                self.bytes_sent = received_back;
+            }
+            Err(e) => self.error = Some(e.to_string()),
+        }
+    }
+
     /// A record for traffic starting at `time`, allowed until said otherwise.
     pub fn new(
         time: SystemTime,

@@ -1,4 +1,8 @@
-//! Prometheus metrics, served on the admin port at `/stats/prometheus`.
+//! Prometheus metrics, served on the admin port at `/stats/prometheus`:
+//! meshward's own (`meshward_*`) and Istio's standard metrics
+//! (`istio_*`, [`istio`]).
+
+pub mod istio;
 
 use std::fmt::Write as _;
 
@@ -70,6 +74,8 @@ pub struct Metrics {
     pub config_version: Gauge,
     pub log_records_dropped: Counter,
     pub dns_queries: Family<DnsLabels, Counter>,
+    /// Istio's standard metrics, with Istio's names and labels.
+    pub istio: istio::IstioMetrics,
     registry: Registry,
 }
 
@@ -80,7 +86,9 @@ fn duration_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Metrics {
-        let mut registry = Registry::with_prefix("meshward");
+        let mut root = Registry::default();
+        let istio = istio::IstioMetrics::register(root.sub_registry_with_prefix("istio"));
+        let registry = root.sub_registry_with_prefix("meshward");
         let requests = Family::<DecisionLabels, Counter>::default();
         let connections = Family::<DecisionLabels, Counter>::default();
         let handshakes = Family::<HandshakeLabels, Counter>::default();
@@ -154,7 +162,8 @@ impl Default for Metrics {
             config_version,
             log_records_dropped,
             dns_queries,
-            registry,
+            istio,
+            registry: root,
         }
     }
 }

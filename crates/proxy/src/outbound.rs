@@ -16,6 +16,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use meshward_identity::error_chain;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -24,12 +25,13 @@ use crate::balance::{Balancer, Picked};
 use crate::config::{Protocol, Upstream, UpstreamTls};
 use crate::forward::{Connector, HttpPools, MeshTls};
 use crate::http::{
-    Body, BoxError, Counted, is_grpc, local_reply, logged_response_body, protocol_name,
-    request_authority, set_upstream_target, strip_hop_by_hop,
+    Body, BodyEnd, BoxError, Counted, grpc_status_in, is_grpc, local_reply, logged_response_body,
+    protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
 };
-use crate::identity::{ALPN_H2, ALPN_HTTP11, WorkloadIdentity};
-use crate::io::{Rewind, read_prefix};
+use crate::identity::{ALPN_H2, ALPN_HTTP11, ServerIdentity, WorkloadIdentity};
+use crate::io::{Metered, Rewind, read_prefix};
 use crate::log::AccessRecord;
+use crate::metrics::istio::{self, RequestLabels, ResponseFlags, TrafficLabels};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
 use crate::sniff;
 use crate::socket::Dial;
@@ -49,7 +51,9 @@ pub struct OutboundTarget {
     routes: [(Connector, &'static [&'static [u8]]); 3],
 }
 
-/// One endpoint of a target and the ways to reach it.
+/// One endpoint of a target and the ways to reach it (clones share the
+/// pools).
+#[derive(Clone)]
 pub struct EndpointPools {
     pub addr: SocketAddr,
     pub http: HttpPools,
@@ -84,7 +88,12 @@ impl OutboundTarget {
             (connector(TCP)?, TCP),
         ];
         Ok(OutboundTarget {
-            endpoints: std::sync::RwLock::new(balanced(&routes, upstream, &upstream.endpoints)),
+            endpoints: std::sync::RwLock::new(balanced(
+                &routes,
+                upstream,
+                &upstream.endpoints,
+                None,
+            )),
             upstream: upstream.clone(),
             destination: std::sync::Mutex::new((
                 upstream.endpoints.clone(),
@@ -151,29 +160,42 @@ impl OutboundTarget {
         for ((connector, _), tls) in self.routes.iter().zip(destination.tls) {
             connector.set_route(destination.endpoints.clone(), tls);
         }
-        *self
+        let mut endpoints = self
             .endpoints
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            balanced(&self.routes, &self.upstream, &destination.endpoints);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Same identities: the endpoints that stay keep their pooled
+        // connections (checked against those identities already).
+        let keep = (current.1 == destination.identities).then(|| endpoints.clone());
+        *endpoints = balanced(
+            &self.routes,
+            &self.upstream,
+            &destination.endpoints,
+            keep.as_deref(),
+        );
+        drop(endpoints);
         *current = (destination.endpoints, destination.identities);
     }
 }
 
 /// Pools per endpoint, each dialing its endpoint first (another only when
-/// that one refuses).
+/// that one refuses); those of `keep` are reused for the endpoints it has.
 fn balanced(
     routes: &[(Connector, &'static [&'static [u8]]); 3],
     upstream: &Upstream,
     endpoints: &[SocketAddr],
+    keep: Option<&Balancer<EndpointPools>>,
 ) -> Arc<Balancer<EndpointPools>> {
     let [(h1, _), (h2, _), (tcp, _)] = routes;
     let pools = endpoints
         .iter()
-        .map(|&addr| EndpointPools {
-            addr,
-            http: HttpPools::new(h1.pinned(addr), h2.pinned(addr), upstream.protocol),
-            tcp: tcp.pinned(addr),
+        .map(|&addr| {
+            keep.and_then(|b| b.values().find(|p| p.addr == addr).cloned())
+                .unwrap_or_else(|| EndpointPools {
+                    addr,
+                    http: HttpPools::new(h1.pinned(addr), h2.pinned(addr), upstream.protocol),
+                    tcp: tcp.pinned(addr),
+                })
         })
         .collect();
     Arc::new(Balancer::new(upstream.lb, pools))
@@ -202,6 +224,19 @@ fn mesh_tls(
                 .map_err(|_| crate::ProxyError::ServerName(upstream.name()))?,
             revocations: identity.revocations.clone(),
         })),
+    }
+}
+
+impl OutboundTarget {
+    /// Istio's labels for traffic to this service, answered by `server`.
+    fn istio_labels(
+        &self,
+        shared: &Shared,
+        server: Option<&str>,
+        protocol: istio::Protocol,
+    ) -> TrafficLabels {
+        let mutual_tls = self.upstream.tls == UpstreamTls::IstioMutual;
+        (shared.metrics.istio).outbound(&self.upstream.service, server, mutual_tls, protocol)
     }
 }
 
@@ -333,7 +368,20 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let grpc = is_grpc(request.headers());
+    let protocol = istio::Protocol::http(grpc);
     let mut record = record(&target, peer, protocol_name(request.version()));
+    // A reply of the proxy's own, counted as Istio counts requests.
+    let reply = |flags: ResponseFlags,
+                 response: Response<Body>,
+                 request_bytes: u64|
+     -> Result<Response<Body>, Infallible> {
+        let traffic = target
+            .istio_labels(&shared, None, protocol)
+            .with_flags(flags);
+        let elapsed = started.elapsed();
+        (shared.metrics.istio).local_reply(traffic, &response, elapsed, request_bytes);
+        Ok(response)
+    };
     let (parts, body) = request.into_parts();
     let target_path = parts
         .uri
@@ -352,7 +400,8 @@ async fn handle(
         record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
         shared.logs.access.write(&record);
         shared.metrics.upstream_error(Direction::Outbound);
-        return Ok(local_reply(503, "no healthy upstream", grpc));
+        let response = local_reply(503, "no healthy upstream", grpc);
+        return reply(ResponseFlags::NoHealthyUpstream, response, 0);
     };
     let (client, version) = endpoint.http.for_version(parts.version);
     parts.version = version;
@@ -369,7 +418,8 @@ async fn handle(
             Some("bad request: the authority (Host) is not HOST[:PORT], or is repeated".into());
         record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
         shared.logs.access.write(&record);
-        return Ok(crate::http::bad_request(grpc));
+        let response = crate::http::bad_request(grpc);
+        return reply(ResponseFlags::DownstreamProtocolError, response, 0);
     }
     let received = Arc::new(AtomicU64::new(0));
     let body: Body = Counted::new(body, received.clone())
@@ -399,8 +449,28 @@ async fn handle(
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             record.status = Some(parts.status.as_u16());
-            let body =
-                logged_response_body(body, record, received, started, shared.logs.access.clone());
+            let server = parts.extensions.get::<ServerIdentity>().map(|s| &*s.0);
+            let mut labels = RequestLabels {
+                traffic: target.istio_labels(&shared, server, protocol),
+                response_code: parts.status.as_u16(),
+                grpc_status: grpc.then(|| grpc_status_in(&parts.headers)).flatten(),
+            };
+            let metrics = shared.metrics.clone();
+            let count = move |end: &BodyEnd, request_bytes| {
+                // The endpoint is busy until its response has streamed.
+                drop(endpoint);
+                labels.grpc_status = labels.grpc_status.or(end.grpc_status);
+                let elapsed = started.elapsed();
+                (metrics.istio).request(&labels, elapsed, request_bytes, end.bytes);
+            };
+            let body = logged_response_body(
+                body,
+                record,
+                received,
+                started,
+                shared.logs.access.clone(),
+                count,
+            );
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
@@ -411,34 +481,23 @@ async fn handle(
             record.error = Some(error);
             record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
             shared.logs.access.write(&record);
-            Ok(local_reply(
+            let response = local_reply(
                 503,
                 "upstream connect error or disconnect/reset before headers",
                 grpc,
-            ))
+            );
+            let request_bytes = received.load(std::sync::atomic::Ordering::Relaxed);
+            reply(
+                ResponseFlags::UpstreamConnectionFailure,
+                response,
+                request_bytes,
+            )
         }
     }
 }
 
-/// An error with its causes, which carry the useful part (a TLS or secure
-/// naming failure under "client error (Connect)").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
-async fn serve_tcp<S>(
-    mut stream: S,
-    peer: SocketAddr,
-    target: Arc<OutboundTarget>,
-    shared: Arc<Shared>,
-) where
+async fn serve_tcp<S>(stream: S, peer: SocketAddr, target: Arc<OutboundTarget>, shared: Arc<Shared>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();
@@ -458,25 +517,29 @@ async fn serve_tcp<S>(
         Some(endpoint) => endpoint.tcp.connect().await.map(|c| (c, endpoint)),
         None => Err(crate::forward::ConnectError::NoEndpoints),
     };
+    let tcp = istio::Protocol::Tcp;
     match connected {
         Ok(((mut upstream, server), _busy)) => {
             counted("allow");
-            record.upstream = server.map(|s| s.id.to_string());
-            let copied = tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => copied,
-                _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
-            };
-            match copied {
-                Ok((sent_up, received_back)) => {
-                    record.bytes_received = sent_up;
-                    record.bytes_sent = received_back;
-                }
-                Err(e) => record.error = Some(e.to_string()),
-            }
+            let server = server.map(|s| s.id);
+            let labels = target.istio_labels(&shared, server.as_deref(), tcp);
+            let connection = shared.metrics.istio.tcp_opened(&labels);
+            let mut stream = Metered::new(stream, &connection);
+            record.upstream = server.map(|s| s.to_string());
+            record
+                .relay(&mut stream, &mut upstream, &shared.stop_now)
+                .await;
         }
         Err(e) => {
             counted("allow");
             shared.metrics.upstream_error(Direction::Outbound);
+            let flags = match &e {
+                crate::forward::ConnectError::NoEndpoints => ResponseFlags::NoHealthyUpstream,
+                _ => ResponseFlags::UpstreamConnectionFailure,
+            };
+            let labels = target.istio_labels(&shared, None, tcp).with_flags(flags);
+            // Opened and closed at once, as Envoy counts a failed one.
+            drop(shared.metrics.istio.tcp_opened(&labels));
             record.error = Some(error_chain(&e));
         }
     }

@@ -45,6 +45,8 @@ async fn start(
         admin: Some("127.0.0.1:0".parse().unwrap()),
         limits: Limits::default(),
         drain_grace: Duration::from_secs(3),
+        mark: None,
+        transparent: None,
         dns: Some(DnsConfig {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
             upstreams,
@@ -296,6 +298,8 @@ async fn a_dns_address_that_cannot_be_bound_is_named() {
         admin: None,
         limits: Limits::default(),
         drain_grace: Duration::from_secs(1),
+        mark: None,
+        transparent: None,
         dns: Some(DnsConfig {
             listen: vec![addr],
             upstreams: vec!["127.0.0.1:53".parse().unwrap()],

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use meshward_proxy::testing::*;
 
 const ALLOW_GET_PUBLIC: &str = r#"
@@ -56,40 +56,6 @@ async fn pair(ca: &Ca, protocol: &str, policies: &str, mesh: Option<&str>) -> Pa
     })
     .await;
     Pair { server, client }
-}
-
-/// An HTTP/2 (prior knowledge) request.
-async fn h2(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, http::HeaderMap, String, Option<http::HeaderMap>) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut r = http::Request::builder()
-        .method(method)
-        .uri(format!("http://web.web{path}"));
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let response = sender
-        .send_request(
-            r.body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let collected = response.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned();
-    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
-    (status, headers, body, trailers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,6 +408,21 @@ async fn authorizer() -> SocketAddr {
     addr
 }
 
+/// Requests `proxy` reports (Istio's metrics) as 403s flagged `UAEX`:
+/// denied by the CUSTOM authorizer.
+fn denied_by_authorizer(proxy: &TestProxy) -> f64 {
+    let scrape = proxy.scrape();
+    scrape
+        .iter()
+        .filter(|(name, labels, _)| {
+            *name == "istio_requests_total"
+                && labels["response_flags"] == "UAEX"
+                && labels["response_code"] == "403"
+        })
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_authorization_asks_the_http_provider() {
     let ca = Ca::new();
@@ -486,6 +467,9 @@ spec:
         .unwrap();
     assert_eq!((status, body.as_str()), (403, "denied by ext_authz"));
     assert_eq!(headers["x-ext-authz-check-result"], "denied");
+    // Istio's metrics flag it as Envoy's ext_authz does (counted before
+    // the denial is sent).
+    assert_eq!(denied_by_authorizer(&p.server), 1.0);
 
     let (status, _, _) = get(out, "/open", &[]).await.unwrap();
     assert_eq!(
@@ -509,6 +493,7 @@ spec:
     .await
     .unwrap();
     assert_eq!(status, 403, "an unreachable provider fails closed");
+    assert_eq!(denied_by_authorizer(&p.server), 1.0);
     let provider = format!("provider \"ext\" (127.0.0.1:{closed_port})");
     eventually("the provider error is logged", || {
         p.server.access_log().iter().any(|r| {

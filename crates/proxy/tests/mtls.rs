@@ -246,6 +246,23 @@ async fn secure_naming_refuses_a_valid_certificate_for_the_wrong_identity() {
     let sleep = client(&ca, impostor.inbound[0], &id("web", "web"), "").await;
     let (status, _, _) = get(sleep.outbound[0], "/", &[]).await.unwrap();
     assert_eq!(status, 503);
+    // Istio's metrics (counted before the 503 is sent): an upstream failure,
+    // and no destination principal — only a verified server names one.
+    let scrape = sleep.scrape();
+    let requests: Vec<_> = scrape
+        .iter()
+        .filter(|(name, _, _)| *name == "istio_requests_total")
+        .collect();
+    assert_eq!(requests.len(), 1, "{scrape}");
+    let (_, labels, count) = requests[0];
+    let label = |name: &str| labels[name].as_str();
+    assert_eq!(
+        (label("response_code"), label("response_flags"), count),
+        ("503", "UF", 1.0)
+    );
+    assert_eq!(label("destination_principal"), "unknown");
+    assert_eq!(label("destination_workload"), "unknown");
+    assert_eq!(label("destination_service"), "web.web");
     eventually("the client's log says secure naming refused", || {
         sleep.access_log().iter().any(|r| {
             r["error"].as_str().is_some_and(|e| {

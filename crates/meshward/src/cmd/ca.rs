@@ -69,8 +69,10 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 /// A workload identity named the Istio way.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkloadIdentity {
+    /// The workload's namespace (`ns/NS` in its SPIFFE ID).
     #[arg(short = 'n', long)]
     namespace: String,
+    /// The workload's service account (`sa/SA` in its SPIFFE ID).
     #[arg(long)]
     service_account: String,
 }
@@ -104,11 +106,13 @@ pub enum CaCommand {
         /// Written: cert-chain.pem (leaf first), key.pem (0600), root-cert.pem.
         #[arg(long)]
         out: PathBuf,
+        /// How long the certificate lives.
         #[arg(long, value_parser = parse_ttl, default_value = "24h")]
         ttl: Duration,
     },
     /// Show a certificate (or chain): SPIFFE ID, issuer, validity, fingerprint, and whether it chains to a bundle.
     Inspect {
+        /// A PEM file: a certificate, or a chain leaf first.
         file: PathBuf,
         /// The trust bundle to check the chain against.
         #[arg(long)]
@@ -124,6 +128,7 @@ pub enum TokenCommand {
         dir: DataDir,
         #[command(flatten)]
         workload: WorkloadIdentity,
+        /// How long the token can be used.
         #[arg(long, value_parser = parse_ttl, default_value = "1h")]
         ttl: Duration,
         /// The server accepts the token once (it records the token's id in

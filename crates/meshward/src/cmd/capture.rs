@@ -32,12 +32,17 @@ pub enum CaptureCommand {
     Show,
 }
 
+/// Istio's proxy uid (and gid).
+const DEFAULT_PROXY_UID: u32 = 1337;
+
 /// What to capture: Istio's `istio-iptables` options (and sidecar
 /// annotations) under meshward's names. Reused by `meshward proxy --capture`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CaptureArgs {
-    /// The proxy's uids: their traffic is never captured (repeat, or a comma list).
-    #[arg(long = "proxy-uid", value_delimiter = ',', default_value = "1337")]
+    /// The proxy's uids: their traffic is never captured (repeat, or a comma
+    /// list). Default: 1337, as Istio, unless --proxy-mark is given (then the
+    /// mark alone exempts the proxy, so no other process of the host does).
+    #[arg(long = "proxy-uid", value_delimiter = ',')]
     pub proxy_uids: Vec<u32>,
     /// The proxy's gids, also never captured (default: the same as --proxy-uid).
     #[arg(long = "proxy-gid", value_delimiter = ',')]
@@ -88,8 +93,12 @@ impl CaptureArgs {
     /// The library's configuration; with DNS capture and no --dns-servers,
     /// the nameservers come from /etc/resolv.conf.
     pub fn to_config(&self) -> anyhow::Result<CaptureConfig> {
+        let proxy_uids = match (self.proxy_uids.is_empty(), self.proxy_mark) {
+            (true, None) => vec![DEFAULT_PROXY_UID],
+            _ => self.proxy_uids.clone(),
+        };
         let proxy_gids = if self.proxy_gids.is_empty() {
-            self.proxy_uids.clone()
+            proxy_uids.clone()
         } else {
             self.proxy_gids.clone()
         };
@@ -98,7 +107,7 @@ impl CaptureArgs {
             inbound_port: self.inbound_port,
             dns_port: self.dns_port,
             admin_port: self.admin_port,
-            proxy_uids: self.proxy_uids.clone(),
+            proxy_uids,
             proxy_gids,
             proxy_mark: self.proxy_mark,
             include_inbound_ports: self.include_inbound_ports.clone(),
@@ -279,6 +288,12 @@ mod tests {
             }
         );
         assert_eq!(config(&["--proxy-gid=7"]).proxy_gids, vec![7]);
+        // A mark alone exempts only what carries it: no uid or gid 1337.
+        let marked = config(&["--proxy-mark=1337"]);
+        assert_eq!(
+            (marked.proxy_uids, marked.proxy_gids, marked.proxy_mark),
+            (vec![], vec![], Some(1337))
+        );
         assert_eq!(
             config(&["--include-outbound-ip-ranges="]).include_outbound_ip_ranges,
             vec![]

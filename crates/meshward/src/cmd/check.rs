@@ -16,6 +16,7 @@ pub struct Args {
     /// JSON Lines requests, one per line; `-` for standard input.
     #[arg(long)]
     input: PathBuf,
+    /// json: one result object per line; text: a table.
     #[arg(short = 'o', long, value_enum, default_value = "json")]
     output: Format,
     /// Use FILE's keys for jwksUri URI instead of fetching it (repeatable).

@@ -12,25 +12,40 @@ use meshward_api::control::{
 };
 use meshward_api::resources::{Revocation, RevocationKind};
 use meshward_control_plane::admin::admin_dir;
+use meshward_control_plane::record::{ServerRecord, record_path};
+use meshward_identity::error_chain;
 use meshward_policy::load;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::inputs::print_diagnostics;
+use crate::kinds::{self, Wanted};
 
 /// Where the server is and how to prove being its admin.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerArgs {
-    #[arg(long, default_value = "https://127.0.0.1:15012")]
-    server: String,
-    /// The server's data directory (its `admin/` holds the admin credential).
-    #[arg(long, id = "data_dir")]
+    /// The server's address, https://HOST:PORT (or HOST:PORT) [default:
+    /// where the server using --data-dir recorded it listens
+    /// (DIR/server.json), else https://127.0.0.1:15012].
+    #[arg(long)]
+    server: Option<String>,
+    /// The server's data directory: its admin credential (`admin/`) and
+    /// where it listens (`server.json`), for `meshward server` and `meshward up` alike.
+    #[arg(long, id = "data_dir", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// The admin credential's directory, when not under --data-dir.
-    #[arg(long, id = "admin_dir")]
+    #[arg(long, id = "admin_dir", value_name = "DIR")]
     admin_dir: Option<PathBuf>,
-    /// The name in the server's certificate.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
+    /// The name in the server's certificate [default: the recorded one, else localhost].
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+/// The namespace of `get` and `delete`: one meaning, one default.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NamespaceArg {
+    /// The namespace of the objects.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,11 +62,16 @@ pub struct ApplyArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
-    /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadEntry, ServiceEntry, `all`, or `revocations`.
+    /// What to show: a kind, its plural or Istio's short name (ap, pa, ra,
+    /// we, se, dr), `revocations`, `meshconfig`, or `all` stored objects.
     kind: String,
+    /// One object, by name.
     name: Option<String>,
-    #[arg(short = 'n', long)]
-    namespace: Option<String>,
+    #[command(flatten)]
+    namespace: NamespaceArg,
+    /// Every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
     /// yaml (the default for objects) or json; revocations are a table unless asked.
     #[arg(short = 'o', long, value_parser = ["yaml", "json"])]
     output: Option<String>,
@@ -66,6 +86,7 @@ pub struct RevokeArgs {
     /// id, as `meshward token create` prints it).
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(["identity", "serial", "token"]))]
     kind: String,
+    /// The SPIFFE ID, serial or token id.
     value: String,
     /// Why, kept with the entry and shown by `meshward get revocations`.
     #[arg(long, default_value = "")]
@@ -76,10 +97,12 @@ pub struct RevokeArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct DeleteArgs {
+    /// The object's kind, its plural or Istio's short name (ap, pa, ra, we, se, dr).
     kind: String,
+    /// The object's name.
     name: String,
-    #[arg(short = 'n', long, default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -98,6 +121,7 @@ pub async fn client(args: &ServerArgs) -> anyhow::Result<ConfigServiceClient<Cha
             "give --data-dir (the server's) or --admin-dir: the config API needs the admin credential"
         ),
     };
+    let target = args.target()?;
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -108,16 +132,168 @@ pub async fn client(args: &ServerArgs) -> anyhow::Result<ConfigServiceClient<Cha
             read("cert-chain.pem")?,
             read("key.pem")?,
         ))
-        .domain_name(args.server_name.clone());
-    let channel = Channel::from_shared(args.server.clone())
-        .with_context(|| format!("--server {}", args.server))?
+        .domain_name(target.server_name.clone());
+    let channel = Channel::from_shared(target.url.clone())
+        .with_context(|| format!("{} ({})", target.url, target.found))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
         .await
-        .with_context(|| format!("connecting to {}", args.server))?;
+        .map_err(|e| target.unreachable(args.data_dir.as_deref(), &e))?;
     Ok(ConfigServiceClient::new(channel))
+}
+
+/// The server a command calls, and how it was found.
+#[derive(Debug)]
+struct Target {
+    url: String,
+    server_name: String,
+    found: Found,
+}
+
+/// Where a server's address came from, as an error names it.
+#[derive(Debug)]
+enum Found {
+    Flag,
+    Recorded {
+        path: PathBuf,
+        pid: u32,
+        running: bool,
+    },
+    /// Nothing recorded where this was looked for (when --data-dir was given).
+    Default {
+        looked_in: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Found::Flag => f.write_str("from --server"),
+            Found::Recorded { path, pid, running } => {
+                write!(f, "recorded in {} by pid {pid}", path.display())?;
+                if !running {
+                    f.write_str(", which is no longer running")?;
+                }
+                Ok(())
+            }
+            Found::Default {
+                looked_in: Some(path),
+            } => write!(
+                f,
+                "the default: no --server, and no server recorded in {}",
+                path.display()
+            ),
+            Found::Default { looked_in: None } => {
+                f.write_str("the default: no --server or --data-dir")
+            }
+        }
+    }
+}
+
+/// Where `meshward server` listens unless told otherwise.
+const DEFAULT_SERVER: &str = "https://127.0.0.1:15012";
+/// The name in the server's certificate unless told otherwise.
+const DEFAULT_SERVER_NAME: &str = "localhost";
+
+impl ServerArgs {
+    /// `--server`; else what the server using `--data-dir` recorded; else
+    /// the default. A record of a process that is gone is still tried (a
+    /// server in another pid namespace looks gone), and said to be stale
+    /// if the connection fails.
+    fn target(&self) -> anyhow::Result<Target> {
+        let recorded = match (&self.server, &self.data_dir) {
+            (None, Some(data)) => ServerRecord::read(data)?,
+            _ => None,
+        };
+        let (url, found) = match (&self.server, &recorded, &self.data_dir) {
+            (Some(server), _, _) => (with_scheme(server), Found::Flag),
+            (None, Some(record), Some(data)) => (
+                format!("https://{}", record.address),
+                Found::Recorded {
+                    path: record_path(data),
+                    pid: record.pid,
+                    running: record.is_running(),
+                },
+            ),
+            (None, _, data) => (
+                DEFAULT_SERVER.to_owned(),
+                Found::Default {
+                    looked_in: data.as_deref().map(record_path),
+                },
+            ),
+        };
+        let server_name = self
+            .server_name
+            .clone()
+            .or_else(|| recorded.map(|r| r.server_name))
+            .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_owned());
+        Ok(Target {
+            url,
+            server_name,
+            found,
+        })
+    }
+}
+
+/// `HOST:PORT` as `https://HOST:PORT`; a URL as given.
+fn with_scheme(server: &str) -> String {
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("https://{server}")
+    }
+}
+
+impl Target {
+    /// A failed connection: the address tried, where it came from, why it
+    /// failed (each cause once) and, when nothing answered there, what to do.
+    fn unreachable(
+        &self,
+        data_dir: Option<&std::path::Path>,
+        e: &tonic::transport::Error,
+    ) -> anyhow::Error {
+        let mut message = format!(
+            "connecting to the server at {} ({}): {}",
+            self.url,
+            self.found,
+            error_chain(e)
+        );
+        if nothing_answered(e) {
+            let dir = data_dir.map_or_else(|| "DIR".to_owned(), |d| d.display().to_string());
+            message.push_str(&format!(
+                "\nis `meshward server --data-dir {dir}` or `meshward up` running? give --server or --data-dir"
+            ));
+        }
+        anyhow::Error::msg(message)
+    }
+}
+
+/// Whether a connection failed for want of a server (refused, unreachable,
+/// timed out), rather than in TLS with one.
+fn nothing_answered(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<tonic::TimeoutExpired>().is_some()
+            || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | TimedOut
+                        | HostUnreachable
+                        | NetworkUnreachable
+                        | AddrNotAvailable
+                        | NotConnected
+                )
+            })
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -129,19 +305,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The server's refusal, as it worded it; a call that never reached the
 /// server (the connection failed, or the handshake refused the credential)
-/// says why, from the innermost cause.
+/// says why, each cause once.
 fn refused(status: tonic::Status) -> anyhow::Error {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&status);
-    let mut innermost = None;
-    while let Some(e) = cause {
-        innermost = Some(e.to_string());
-        cause = e.source();
+    anyhow::Error::msg(error_chain(&Refusal(status)))
+}
+
+/// A `tonic::Status` as its message and causes (its own `Display` adds
+/// the code, details and metadata).
+#[derive(Debug)]
+struct Refusal(tonic::Status);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.message())
     }
-    match innermost {
-        Some(why) if why != status.message() => {
-            anyhow::anyhow!("{}: {why}", status.message())
-        }
-        _ => anyhow::anyhow!("{}", status.message()),
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
     }
 }
 
@@ -210,8 +392,12 @@ pub fn live_policy_set(args: &ServerArgs) -> anyhow::Result<meshward_policy::Pol
         let objects: Vec<serde_json::Value> = serde_json::from_str(&all.objects_json)?;
         let mut policies = Vec::new();
         for object in objects {
+            // Stored objects come from no file: their warnings name the
+            // object alone.
             let loaded = load::load_str("server", &object.to_string());
-            print_diagnostics(&loaded.diagnostics);
+            for d in &loaded.diagnostics {
+                eprintln!("{}", d.unplaced());
+            }
             policies.extend(loaded.policies.into_iter().map(|p| p.policy));
         }
         Ok(meshward_policy::PolicySet::new(
@@ -221,44 +407,45 @@ pub fn live_policy_set(args: &ServerArgs) -> anyhow::Result<meshward_policy::Pol
     })
 }
 
-fn is_revocations(kind: &str) -> bool {
-    kind.eq_ignore_ascii_case("revocations") || kind.eq_ignore_ascii_case("revocation")
-}
-
 pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let wanted = match kinds::for_get(&args.kind) {
+        Ok(wanted) => wanted,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let (kind, namespaced) = match wanted {
+        Wanted::All => ("", true),
+        Wanted::One(kind) => (kind.name, kind.namespaced),
+    };
+    // The revocation list and the mesh config are in no namespace.
+    let namespace = (namespaced && !args.all_namespaces).then(|| args.namespace.namespace.clone());
     runtime()?.block_on(async {
         let mut client = client(&args.server).await?;
-        let kind = if args.kind == "all" {
-            String::new()
-        } else {
-            args.kind.clone()
-        };
-        if is_revocations(&kind) && args.output.is_none() {
-            let response = client
-                .get(GetRequest {
-                    kind,
-                    namespace: None,
-                    name: None,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
-            let list: Vec<Revocation> = serde_json::from_str(&response.objects_json)?;
-            print_revocations(&list);
-            return Ok(ExitCode::SUCCESS);
-        }
         let response = client
             .get(GetRequest {
-                kind,
-                namespace: args.namespace.clone(),
+                kind: kind.to_owned(),
+                namespace: namespace.clone(),
                 name: args.name.clone(),
             })
             .await
             .map_err(refused)?
             .into_inner();
+        if kind == "Revocation" && args.output.is_none() {
+            let list: Vec<Revocation> = serde_json::from_str(&response.objects_json)?;
+            print_revocations(&list);
+            return Ok(ExitCode::SUCCESS);
+        }
         let objects: Vec<serde_json::Value> = serde_json::from_str(&response.objects_json)?;
-        if args.name.is_some() && objects.is_empty() {
-            eprintln!("not found");
+        let kind_shown = if kind.is_empty() { "object" } else { kind };
+        if let Some(name) = &args.name
+            && objects.is_empty()
+        {
+            match &namespace {
+                Some(ns) => eprintln!("{kind_shown} {ns}/{name} not found"),
+                None => eprintln!("{kind_shown} {name} not found in any namespace"),
+            }
             return Ok(ExitCode::from(1));
         }
         if args.output.as_deref() == Some("json") {
@@ -268,27 +455,41 @@ pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
                 println!("---\n{}", serde_saphyr::to_string(object)?.trim_end());
             }
         }
+        if let Some(ns) = &namespace
+            && objects.is_empty()
+        {
+            // As kubectl's "No resources found in default namespace."
+            eprintln!("no {kind_shown} in namespace {ns} (-A: every namespace)");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
 
 pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let kind = match kinds::for_delete(&args.kind) {
+        Ok(kind) => kind.name,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let namespace = &args.namespace.namespace;
     runtime()?.block_on(async {
         let mut client = client(&args.server).await?;
         let response = client
             .delete(DeleteRequest {
-                kind: args.kind.clone(),
-                namespace: args.namespace.clone(),
+                kind: kind.to_owned(),
+                namespace: namespace.clone(),
                 name: args.name.clone(),
             })
             .await
             .map_err(refused)?
             .into_inner();
         if response.deleted {
-            println!("{}/{}/{} deleted", args.kind, args.namespace, args.name);
+            println!("{kind}/{namespace}/{} deleted", args.name);
             Ok(ExitCode::SUCCESS)
         } else {
-            eprintln!("{}/{}/{} not found", args.kind, args.namespace, args.name);
+            eprintln!("{kind}/{namespace}/{} not found", args.name);
             Ok(ExitCode::from(1))
         }
     })
@@ -422,10 +623,10 @@ impl ServerArgs {
     /// The server at `address` (HOST:PORT), with the admin credential under `data_dir`.
     pub fn local(address: &str, data_dir: PathBuf) -> ServerArgs {
         ServerArgs {
-            server: format!("https://{address}"),
+            server: Some(format!("https://{address}")),
             data_dir: Some(data_dir),
             admin_dir: None,
-            server_name: "localhost".into(),
+            server_name: None,
         }
     }
 }

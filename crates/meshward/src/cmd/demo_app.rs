@@ -5,9 +5,10 @@
 //!
 //! - `GET /call?url=URL` — fetches URL (plain HTTP, usually the local
 //!   listener of a proxy's upstream) and answers with its status and body;
-//! - `GET /call/HOST:PORT/PATH` — the same for a service named with
-//!   `--upstream HOST:PORT=ADDR` (what `meshward up` passes), so chains
-//!   A → B → C read `/call/b.ns:80/call/c.ns:80/`;
+//! - `GET /call/HOST:PORT/PATH` — the same for service HOST:PORT: at the
+//!   address `--upstream HOST:PORT=ADDR` gives (explicit mode), else by
+//!   name (transparent mode), so chains A → B → C read
+//!   `/call/b.ns:80/call/c.ns:80/`;
 //! - `GET /status/CODE` — answers CODE;
 //! - `GET /delay/MS` — answers after MS milliseconds (at most a minute).
 //!
@@ -170,9 +171,12 @@ async fn handle(
                     .query()
                     .map(|q| format!("?{q}"))
                     .unwrap_or_default();
-                app.upstreams
-                    .get(service)
-                    .map(|addr| format!("http://{addr}/{tail}{query}"))
+                // A known upstream at its local address; otherwise the
+                // service by name (transparent mode resolves and routes it).
+                Some(match app.upstreams.get(service) {
+                    Some(addr) => format!("http://{addr}/{tail}{query}"),
+                    None => format!("http://{service}/{tail}{query}"),
+                })
             }
             None => request.uri().query().and_then(|q| {
                 q.split('&')

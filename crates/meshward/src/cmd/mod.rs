@@ -4,6 +4,7 @@ pub mod check;
 pub mod control;
 pub mod demo_app;
 pub mod describe;
+pub mod exec;
 pub mod guard;
 pub mod proxy;
 pub mod server;

@@ -31,21 +31,6 @@ use meshward_proxy::{LogTargets, Proxy};
 use crate::cmd::capture::CaptureArgs;
 use crate::cmd::server::shutdown_signal;
 
-/// Removes the capture rules when the proxy ends, however it returns (a
-/// SIGKILL leaves them: `meshward capture uninstall` removes them).
-struct CaptureGuard;
-
-impl Drop for CaptureGuard {
-    fn drop(&mut self) {
-        match meshward_capture::uninstall(&Runner::system()) {
-            Ok(_) => eprintln!("meshward proxy: capture rules removed"),
-            Err(e) => eprintln!(
-                "meshward proxy: removing the capture rules failed: {e}; run `meshward capture uninstall`"
-            ),
-        }
-    }
-}
-
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The workload's SPIFFE ID: spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT.
@@ -195,19 +180,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let transparent = args.transparent || args.capture;
     let mark = args.capture_args.proxy_mark;
-    let capture = if args.capture {
+    let capture = if transparent {
         let mut config = args.capture_args.to_config()?;
         config.admin_port = args.admin.port();
-        let uid = nix::unistd::geteuid().as_raw();
-        if mark.is_none() && !config.proxy_uids.contains(&uid) {
+        // The proxy's own connections must pass the rules untouched, or
+        // they loop back into it.
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        if mark.is_none() && !config.proxy_uids.contains(&uid) && !config.proxy_gids.contains(&gid)
+        {
             bail!(
-                "--capture: this proxy runs as uid {uid}, which the capture rules do not exempt \
-                 (--proxy-uid {:?}), so its own connections would be captured again: give \
-                 --proxy-mark MARK (the proxy marks its connections) or run it as a --proxy-uid",
-                config.proxy_uids
+                "this proxy runs as uid {uid} (gid {gid}), which capture rules for --proxy-uid \
+                 {:?} / --proxy-gid {:?} do not exempt, so its own connections would be captured \
+                 again: give --proxy-mark MARK (the proxy marks its connections; the rules must \
+                 exempt the same mark) or run it as one of those uids",
+                config.proxy_uids,
+                config.proxy_gids
             );
         }
-        Some(config)
+        Some(config).filter(|_| args.capture)
     } else {
         None
     };
@@ -313,7 +306,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    // Capture before anything is served, so the workload's traffic never
+    // leaves uncaptured once the proxy runs. Rules already in force belong
+    // to someone else (another proxy, or one killed): never replaced.
+    if let Some(config) = &capture {
+        let runner = Runner::system();
+        let present =
+            meshward_capture::show(&runner).context("--capture: reading the rules in force")?;
+        if !present.trim().is_empty() {
+            bail!(
+                "--capture: meshward's capture rules are already installed in this network \
+                 namespace (another proxy's, or a killed one's): `meshward capture show` lists \
+                 them, `meshward capture uninstall` removes them"
+            );
+        }
+        meshward_capture::install(config, &runner)
+            .context("--capture: installing the capture rules")?;
+        eprintln!("meshward proxy: capture rules installed");
+    }
+    let served = runtime.block_on(async move {
         let mut agent_config = AgentConfig::new(
             id.clone(),
             args.ca_address.clone(),
@@ -325,15 +336,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         agent_config.mark = mark;
         // Capture before anything is served: the workload's traffic never
         // leaves uncaptured once the proxy runs.
-        let installed = match &capture {
-            Some(config) => {
-                meshward_capture::install(config, &Runner::system())
-                    .context("--capture: installing the capture rules")?;
-                eprintln!("meshward proxy: capture rules installed");
-                Some(CaptureGuard)
-            }
-            None => None,
-        };
         let (cert, _agent) = agent::start(agent_config);
         let identity = WorkloadIdentity {
             id: id.clone(),
@@ -411,8 +413,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("meshward proxy: draining");
         stop_watching.cancel();
         proxy.shutdown().await;
-        drop(installed);
         eprintln!("meshward proxy: stopped");
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Stopped, or never started: the rules this proxy installed go. (A
+    // panic or a kill leaves them, and the workload's traffic fails closed
+    // until `meshward capture uninstall`.)
+    if capture.is_some() {
+        match meshward_capture::uninstall(&Runner::system()) {
+            Ok(_) => eprintln!("meshward proxy: capture rules removed"),
+            Err(e) => eprintln!(
+                "meshward proxy: removing the capture rules failed: {e}; run `meshward capture uninstall`"
+            ),
+        }
+    }
+    served
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use meshward_identity::limits::{self, Limits};
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
@@ -18,6 +18,7 @@ use meshward_api::istio_ca::istio_certificate_service_server::IstioCertificateSe
 use meshward_control_plane::admin::{admin_dir, write_admin_credential};
 use meshward_control_plane::api::{ConfigApi, config_server};
 use meshward_control_plane::push::{DistributionService, Hub};
+use meshward_control_plane::record::{ServerRecord, record_path};
 use meshward_control_plane::store::Store;
 use meshward_control_plane::watch;
 
@@ -46,6 +47,31 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The name clients verify the server's certificate by: always in it.
+const SERVER_NAME: &str = "localhost";
+
+/// Why a second server cannot use `data_dir`: redb lets one process at a
+/// time open the store, and the record names the one that has it.
+fn held_by_another(data_dir: &std::path::Path) -> String {
+    let record = record_path(data_dir);
+    let holder = match ServerRecord::read(data_dir) {
+        Ok(Some(running)) if running.is_running() => format!(
+            "pid {}, the server listening on https://{} (as {} records)",
+            running.pid,
+            running.address,
+            record.display()
+        ),
+        _ => format!(
+            "its {STORE_FILE} is locked, and {} names no running server",
+            record.display()
+        ),
+    };
+    format!(
+        "another meshward process holds {}: {holder}; stop it, or give this server another --data-dir",
+        data_dir.display()
+    )
+}
+
 /// How long the server's own certificate lives; it is renewed at half that,
 /// while running.
 const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -58,6 +84,10 @@ pub struct Args {
     /// Where to serve (TLS, gRPC).
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: SocketAddr,
+    /// The address recorded in DATA/server.json for commands on this
+    /// machine to connect to, when it is not --listen (a relay, or NAT).
+    #[arg(long, value_name = "IP:PORT")]
+    advertise: Option<SocketAddr>,
     /// The mesh's trust domain (first start only; it is recorded).
     #[arg(long)]
     trust_domain: Option<String>,
@@ -138,14 +168,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.sans.clone(),
             SERVER_CERT_TTL,
         )?;
-        let store = Arc::new(
-            Store::open(&args.data_dir.join(STORE_FILE)).context("opening the config store")?,
-        );
+        let store = match Store::open(&args.data_dir.join(STORE_FILE)) {
+            Ok(store) => Arc::new(store),
+            Err(e) if e.is_in_use() => bail!(held_by_another(&args.data_dir)),
+            Err(e) => return Err(anyhow::Error::new(e).context("opening the config store")),
+        };
         let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        // Before saying so: whoever waits for "listening on" finds the record.
+        // Commands on this machine connect to what is recorded: where it
+        // listens, unless it is reached another way (`up`'s relay into its
+        // lab, whose addresses the machine has no route to).
+        let _recorded = ServerRecord::of_this_process(args.advertise.unwrap_or(addr), SERVER_NAME)
+            .write(&args.data_dir)?;
         say!("meshward server: trust domain {}", ca.trust_domain());
         say!("listening on {}", service::describe_listener(addr));
         say!("admin credential: {}", admin_dir(&args.data_dir).display());

@@ -103,7 +103,46 @@ pub fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
+/// A port free on 127.0.0.1 for a process the test is about to start.
+///
+/// It is probed and released, so something could take it before the
+/// process binds it. The kernel hands out ports for outgoing connections
+/// (and binds to port 0) from its ephemeral range, so the port comes from
+/// below that range, which nothing allocates by itself, in turn from a
+/// start that differs between test processes (as `meshward up` picks its
+/// ports): the tests' own connections never take a released port.
 pub fn free_port() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: OnceLock<(AtomicU32, u32)> = OnceLock::new();
+    const FIRST: u32 = 10_000;
+    let (next, end) = NEXT.get_or_init(|| {
+        let end = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(0)
+            .min(u32::from(u16::MAX));
+        let seed = std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        let start = if end > FIRST + 1_000 {
+            seed % (end - FIRST)
+        } else {
+            0
+        };
+        (AtomicU32::new(start), end)
+    });
+    if *end > FIRST + 1_000 {
+        for _ in 0..1_000 {
+            let port = FIRST + next.fetch_add(1, Ordering::Relaxed) % (end - FIRST);
+            if let Ok(port) = u16::try_from(port)
+                && let Ok(listener) = TcpListener::bind(("127.0.0.1", port))
+            {
+                return listener.local_addr().unwrap().port();
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -25,9 +25,10 @@ pub use peer_authentication::{
     MtlsMode, PeerAuthentication, PeerAuthenticationMtls, PeerAuthenticationSpec,
 };
 pub use registry::{
-    AUTOALLOCATE_LABEL, NETWORKING_GROUP, NETWORKING_VERSIONS, RegistryObject, Resolution,
-    ServiceEntry, ServiceEntrySpec, ServiceLocation, ServicePort, WorkloadEntry, WorkloadEntrySpec,
-    WorkloadSelectorLabels,
+    AUTOALLOCATE_LABEL, DestinationRule, DestinationRuleSpec, LoadBalancerSettings,
+    NETWORKING_GROUP, NETWORKING_VERSIONS, RegistryObject, Resolution, SIMPLE_LOAD_BALANCERS,
+    ServiceEntry, ServiceEntrySpec, ServiceLocation, ServicePort, TrafficPolicy, WorkloadEntry,
+    WorkloadEntrySpec, WorkloadSelectorLabels,
 };
 pub use request_authentication::{
     ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication, RequestAuthenticationSpec,

@@ -1,7 +1,8 @@
 //! The workload registry without Kubernetes: Istio's own `networking.istio.io`
 //! kinds, `WorkloadEntry` (one workload: address, ports, labels, service
 //! account) and `ServiceEntry` (a service: hosts, ports, and the workloads
-//! that run it, selected by labels or listed inline). Only the fields that
+//! that run it, selected by labels or listed inline), and of
+//! `DestinationRule` the load balancer of a host. Only the fields that
 //! identity and secure naming need are typed; the rest of each spec is kept
 //! as written, so Istio YAML loads unchanged.
 
@@ -18,6 +19,65 @@ pub const NETWORKING_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 
 pub type WorkloadEntry = Object<WorkloadEntrySpec>;
 pub type ServiceEntry = Object<ServiceEntrySpec>;
+pub type DestinationRule = Object<DestinationRuleSpec>;
+
+/// `DestinationRule.spec`: what meshward reads of it is how a host's
+/// endpoints share its traffic (`trafficPolicy.loadBalancer.simple`); the
+/// rest (subsets, connection pools, outlier detection, TLS settings) is
+/// kept as written and not used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    #[serde(default)]
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `DestinationRule.spec.trafficPolicy`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `trafficPolicy.loadBalancer`: `simple` is read; `consistentHash` and
+/// locality settings are kept, not used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// The `simple` load balancers Istio's API names.
+pub const SIMPLE_LOAD_BALANCERS: [&str; 6] = [
+    "UNSPECIFIED",
+    "LEAST_CONN",
+    "RANDOM",
+    "PASSTHROUGH",
+    "ROUND_ROBIN",
+    "LEAST_REQUEST",
+];
+
+impl DestinationRuleSpec {
+    /// The `simple` load balancer it asks for, if any.
+    pub fn simple_load_balancer(&self) -> Option<&str> {
+        self.traffic_policy
+            .as_ref()?
+            .load_balancer
+            .as_ref()?
+            .simple
+            .as_deref()
+    }
+}
 
 /// `WorkloadEntry.spec` (also a `ServiceEntry` inline endpoint).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -177,6 +237,7 @@ impl WorkloadSelectorLabels {
 pub enum RegistryObject {
     WorkloadEntry(WorkloadEntry),
     ServiceEntry(ServiceEntry),
+    DestinationRule(DestinationRule),
 }
 
 impl RegistryObject {
@@ -184,6 +245,7 @@ impl RegistryObject {
         match self {
             RegistryObject::WorkloadEntry(_) => "WorkloadEntry",
             RegistryObject::ServiceEntry(_) => "ServiceEntry",
+            RegistryObject::DestinationRule(_) => "DestinationRule",
         }
     }
 
@@ -191,6 +253,7 @@ impl RegistryObject {
         match self {
             RegistryObject::WorkloadEntry(o) => &o.metadata,
             RegistryObject::ServiceEntry(o) => &o.metadata,
+            RegistryObject::DestinationRule(o) => &o.metadata,
         }
     }
 }

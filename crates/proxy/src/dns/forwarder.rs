@@ -80,6 +80,43 @@ impl Forwarder {
         })
     }
 
+    /// The addresses upstream resolvers give for `host` (A and AAAA), for
+    /// services whose endpoints are names (`resolution: DNS`). Asked of
+    /// the upstreams directly, never of the mesh's own table, which would
+    /// answer with the service's own address.
+    pub async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        let name = hickory_proto::rr::Name::from_ascii(host)
+            .map_err(|e| format!("{host:?} is not a DNS name: {e}"))?;
+        let mut addresses = Vec::new();
+        let mut failures = Vec::new();
+        for kind in [
+            hickory_proto::rr::RecordType::A,
+            hickory_proto::rr::RecordType::AAAA,
+        ] {
+            let question = Question {
+                query: Query::query(name.clone(), kind),
+                recursion_desired: true,
+                checking_disabled: false,
+                edns: None,
+                protocol: Protocol::Udp,
+            };
+            match self.forward(&question).await {
+                Ok(answer) => {
+                    addresses.extend(answer.answers.iter().filter_map(|r| match &r.data {
+                        hickory_proto::rr::RData::A(a) => Some(IpAddr::V4(a.0)),
+                        hickory_proto::rr::RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    }))
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if addresses.is_empty() && !failures.is_empty() {
+            return Err(failures.join("; "));
+        }
+        Ok(addresses)
+    }
+
     pub fn upstreams(&self) -> &[SocketAddr] {
         &self.upstreams
     }

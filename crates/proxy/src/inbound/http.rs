@@ -13,7 +13,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use meshward_policy::authz::normalize;
+use meshward_policy::authz::{CustomVerdict, normalize};
 use meshward_policy::{HttpRequest, InboundDecision, Stage, WorkloadPolicy};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -21,11 +21,12 @@ use super::{ConnInfo, InboundTarget};
 use crate::Shared;
 use crate::ext_authz::ExtAuthzAnswer;
 use crate::http::{
-    Body, BoxError, Counted, XFCC, apply_edits, is_grpc, local_reply, logged_response_body,
-    policy_request, protocol_name, request_authority, set_upstream_target, strip_hop_by_hop,
-    strip_trailing_host_dot,
+    Body, BodyEnd, BoxError, Counted, XFCC, apply_edits, is_grpc, local_reply,
+    logged_response_body, policy_request, protocol_name, request_authority, set_upstream_target,
+    strip_hop_by_hop, strip_trailing_host_dot,
 };
 use crate::log::{AuditRecord, timestamp};
+use crate::metrics::istio::{self, RequestLabels, ResponseFlags, TrafficLabels};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
 use crate::policies::Snapshot;
 
@@ -62,6 +63,20 @@ async fn handle(
     record.authority = Some(view.host.clone());
     record.path =
         Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
+    let traffic = shared.metrics.istio.inbound(
+        info.peer.as_ref().map(|p| &*p.id),
+        Some(&view.host),
+        istio::Protocol::http(grpc),
+    );
+    // A reply of the proxy's own, counted as Istio counts requests.
+    let reply = |traffic: TrafficLabels,
+                 response: Response<Body>,
+                 request_bytes: u64|
+     -> Result<Response<Body>, Infallible> {
+        let elapsed = started.elapsed();
+        (shared.metrics.istio).local_reply(traffic, &response, elapsed, request_bytes);
+        Ok(response)
+    };
 
     let finish = |mut record: crate::log::AccessRecord, status: u16, allowed: bool| {
         record.status = Some(status);
@@ -95,7 +110,8 @@ async fn handle(
             record.stage = Some(Stage::Request);
             record.reason = Some(bad.to_string());
             record_and_log(&shared, record, started);
-            return Ok(crate::http::bad_request(grpc));
+            let flags = ResponseFlags::DownstreamProtocolError;
+            return reply(traffic.with_flags(flags), crate::http::bad_request(grpc), 0);
         }
     };
     let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
@@ -106,7 +122,17 @@ async fn handle(
     if !decision.allowed() {
         let record = finish(record, decision.status, false);
         record_and_log(&shared, record, started);
-        return Ok(denial(&decision, ext, grpc));
+        // Denied by the CUSTOM authorizer (its denial or its failure), as
+        // Envoy's ext_authz flags it.
+        let external = decision.stage == Stage::Authorization
+            && ext
+                .as_ref()
+                .is_some_and(|e| !matches!(e.verdict, CustomVerdict::Allow));
+        let flags = match external {
+            true => ResponseFlags::UnauthorizedExternalService,
+            false => ResponseFlags::None,
+        };
+        return reply(traffic.with_flags(flags), denial(&decision, ext, grpc), 0);
     }
 
     // Forward: the path as authorized, the identity headers as the proxy
@@ -121,7 +147,8 @@ async fn handle(
         record.stage = Some(Stage::Request);
         record.reason = Some("bad request: the path cannot be forwarded as authorized".into());
         record_and_log(&shared, record, started);
-        return Ok(crate::http::bad_request(grpc));
+        let flags = ResponseFlags::DownstreamProtocolError;
+        return reply(traffic.with_flags(flags), crate::http::bad_request(grpc), 0);
     }
     parts.headers.remove(XFCC);
     if let Some(peer) = &info.peer
@@ -155,8 +182,27 @@ async fn handle(
             }
             strip_hop_by_hop(&mut parts.headers);
             let record = finish(record, parts.status.as_u16(), true);
-            let body =
-                logged_response_body(body, record, received, started, shared.logs.access.clone());
+            let mut labels = RequestLabels {
+                response_code: parts.status.as_u16(),
+                grpc_status: grpc
+                    .then(|| crate::http::grpc_status_in(&parts.headers))
+                    .flatten(),
+                traffic,
+            };
+            let metrics = shared.metrics.clone();
+            let count = move |end: &BodyEnd, request_bytes| {
+                labels.grpc_status = labels.grpc_status.or(end.grpc_status);
+                let elapsed = started.elapsed();
+                (metrics.istio).request(&labels, elapsed, request_bytes, end.bytes);
+            };
+            let body = logged_response_body(
+                body,
+                record,
+                received,
+                started,
+                shared.logs.access.clone(),
+                count,
+            );
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
@@ -164,11 +210,14 @@ async fn handle(
             let mut record = finish(record, 503, true);
             record.error = Some(e.to_string());
             record_and_log(&shared, record, started);
-            Ok(local_reply(
+            let response = local_reply(
                 503,
                 "upstream connect error or disconnect/reset before headers",
                 grpc,
-            ))
+            );
+            let flags = ResponseFlags::UpstreamConnectionFailure;
+            let request_bytes = received.load(std::sync::atomic::Ordering::Relaxed);
+            reply(traffic.with_flags(flags), response, request_bytes)
         }
     }
 }

@@ -9,14 +9,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{ConnInfo, InboundTarget};
 use crate::Shared;
+use crate::io::Metered;
+use crate::metrics::istio::{self, ResponseFlags};
 use crate::metrics::{DecisionLabels, Direction};
 
-pub async fn serve<S>(
-    mut stream: S,
-    info: ConnInfo,
-    target: Arc<InboundTarget>,
-    shared: Arc<Shared>,
-) where
+pub async fn serve<S>(stream: S, info: ConnInfo, target: Arc<InboundTarget>, shared: Arc<Shared>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut changes = shared.policies.subscribe();
@@ -40,8 +38,15 @@ pub async fn serve<S>(
             })
             .inc();
     };
+    let labels = shared.metrics.istio.inbound(
+        info.peer.as_ref().map(|p| &*p.id),
+        None,
+        istio::Protocol::Tcp,
+    );
     if !decision.allowed() {
         count("deny", record.policy.as_ref());
+        // Opened and closed at once, as Envoy counts one its RBAC filter closes.
+        drop(shared.metrics.istio.tcp_opened(&labels));
         record.decision = "deny";
         record.reason = Some(decision.reason(&snapshot.policy, &info.connection, None));
         record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
@@ -53,12 +58,16 @@ pub async fn serve<S>(
         Ok(app) => app,
         Err(e) => {
             shared.metrics.upstream_error(Direction::Inbound);
+            let flags = ResponseFlags::UpstreamConnectionFailure;
+            drop(shared.metrics.istio.tcp_opened(&labels.with_flags(flags)));
             record.error = Some(e.to_string());
             record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
             shared.logs.access.write(&record);
             return;
         }
     };
+    let connection = shared.metrics.istio.tcp_opened(&labels);
+    let mut stream = Metered::new(stream, &connection);
     let copy = tokio::io::copy_bidirectional(&mut stream, &mut app);
     tokio::pin!(copy);
     let mut watching = true;

@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 
 use super::SETTLE;
 
-/// An HTTP/1.1 GET over plain TCP; `None` when the connection is refused,
-/// reset or closed without a response.
+/// An HTTP/1.1 GET over plain TCP, with `Host: web.test` unless `headers`
+/// name a host; `None` when the connection is refused, reset or closed
+/// without a response.
 pub async fn get(
     addr: SocketAddr,
     path: &str,
@@ -23,7 +24,10 @@ pub async fn get(
         .await
         .ok()?;
     tokio::spawn(conn);
-    let mut request = Request::get(path).header("host", "web.test");
+    let mut request = Request::get(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request = request.header("host", "web.test");
+    }
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
@@ -36,6 +40,44 @@ pub async fn get(
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.ok()?.to_bytes();
     Some((status, String::from_utf8_lossy(&body).into_owned(), headers))
+}
+
+/// An HTTP/2 (prior knowledge) request to `http://web.web{path}` with a
+/// five-byte body: status, headers, body and trailers.
+pub async fn h2(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String, Option<http::HeaderMap>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut r = Request::builder()
+        .method(method)
+        .uri(format!("http://web.web{path}"));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let body = http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0"));
+    let response = tokio::time::timeout(SETTLE, sender.send_request(r.body(body).unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let collected = tokio::time::timeout(SETTLE, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap();
+    let trailers = collected.trailers().cloned();
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    (status, headers, body, trailers)
 }
 
 /// The echo application's view of a request.

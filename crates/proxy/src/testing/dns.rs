@@ -42,10 +42,16 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     /// Answers each `name` (no trailing dot) with its addresses.
     pub async fn start(names: &[(&str, &[&str])]) -> FakeUpstream {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
-        FakeUpstream::serve(udp, tcp, names)
+        // The system picks the UDP port, which TCP may have taken: another
+        // pick then.
+        for _ in 0..16 {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            if let Ok(tcp) = TcpListener::bind(addr).await {
+                return FakeUpstream::serve(udp, tcp, names);
+            }
+        }
+        panic!("no port free for both UDP and TCP on 127.0.0.1");
     }
 
     /// Answers on sockets made elsewhere (in another network namespace,

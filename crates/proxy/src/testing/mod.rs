@@ -28,7 +28,7 @@ use std::time::Duration;
 
 pub use apps::{counting_echo_app, echo_app, tcp_echo};
 pub use ca::{Ca, TD, id};
-pub use client::{closed_addr, get, raw_exchange, seen};
+pub use client::{closed_addr, get, h2, raw_exchange, seen};
 pub use prometheus::{Labels, Scrape, ScrapeError};
 pub use proxy::{ProxySpec, STRICT_NS, TestProxy, read_json_lines, start_proxy};
 

@@ -41,18 +41,22 @@ pub struct TransparentConfig {
 }
 
 impl TransparentConfig {
-    /// IPv4 and IPv6 wildcard listeners on these ports: REDIRECT delivers
-    /// to the address of the interface a connection came in on.
+    /// Listeners on these ports. Outbound: loopback only, where REDIRECT
+    /// delivers what the workload's own processes send — never reachable
+    /// from elsewhere (a host's DNAT to the port could otherwise have the
+    /// proxy dial out with the workload's identity for a stranger).
+    /// Inbound: every address (REDIRECT delivers to the address of the
+    /// interface a connection came in on); IPv6 ones IPv6-only.
     pub fn on_ports(outbound: u16, inbound: u16) -> TransparentConfig {
-        let any = |port| {
-            vec![
-                SocketAddr::from(([0, 0, 0, 0], port)),
-                SocketAddr::from(([0u16; 8], port)),
-            ]
-        };
         TransparentConfig {
-            outbound: any(outbound),
-            inbound: any(inbound),
+            outbound: vec![
+                SocketAddr::from(([127, 0, 0, 1], outbound)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, outbound)),
+            ],
+            inbound: vec![
+                SocketAddr::from(([0, 0, 0, 0], inbound)),
+                SocketAddr::from(([0u16; 8], inbound)),
+            ],
         }
     }
 }
@@ -117,7 +121,20 @@ pub async fn serve_outbound(
     };
     match routes.outbound(dst) {
         Outbound::Service(route) => crate::outbound::serve(tcp, peer, route, shared).await,
-        Outbound::Passthrough => passthrough::pass(tcp, peer, dst, routes.mark(), shared).await,
+        Outbound::Passthrough => {
+            passthrough::pass(
+                tcp,
+                peer,
+                dst,
+                passthrough::PASSTHROUGH,
+                routes.mark(),
+                shared,
+            )
+            .await
+        }
+        Outbound::Original(name) => {
+            passthrough::pass(tcp, peer, dst, &name, routes.mark(), shared).await
+        }
         Outbound::BlackHole => passthrough::refuse(peer, dst, &shared),
     }
 }

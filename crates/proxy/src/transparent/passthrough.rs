@@ -1,7 +1,9 @@
 //! Outbound traffic to destinations the registry does not know, as Envoy
 //! names them: under `ALLOW_ANY` it goes on to where the application sent
 //! it, as plain TCP (`PassthroughCluster`); under `REGISTRY_ONLY` it is
-//! refused (`BlackHoleCluster`). Either way the access log says which.
+//! refused (`BlackHoleCluster`). Either way the access log says which. A
+//! service of `resolution: NONE` is passed through the same way, under its
+//! own name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,12 +12,21 @@ use std::time::{Instant, SystemTime};
 use tokio::net::TcpStream;
 
 use crate::Shared;
+use crate::io::Metered;
 use crate::log::AccessRecord;
+use crate::metrics::istio::{self, ResponseFlags, TrafficLabels};
 use crate::metrics::{DecisionLabels, Direction};
 use crate::socket::Dial;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACK_HOLE: &str = "BlackHoleCluster";
+
+/// Istio's labels for traffic to `cluster`: plain TCP to a destination
+/// with no known workload, as Istio labels its passthrough and black hole
+/// clusters (the cluster is the service).
+fn istio_labels(shared: &Shared, cluster: &str) -> TrafficLabels {
+    (shared.metrics.istio).outbound(cluster, None, false, istio::Protocol::Tcp)
+}
 
 fn count(shared: &Shared, decision: &'static str, cluster: &str) {
     shared
@@ -29,11 +40,13 @@ fn count(shared: &Shared, decision: &'static str, cluster: &str) {
         .inc();
 }
 
-/// Relays `tcp` to `dst`, untouched.
+/// Relays `tcp` to `dst`, untouched; logged as `cluster` (the
+/// PassthroughCluster, or a `resolution: NONE` service).
 pub async fn pass(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
+    cluster: &str,
     mark: Option<u32>,
     shared: Arc<Shared>,
 ) {
@@ -43,10 +56,10 @@ pub async fn pass(
         Direction::Outbound,
         "TCP",
         peer,
-        PASSTHROUGH.to_owned(),
+        cluster.to_owned(),
     );
     record.upstream = Some(dst.to_string());
-    count(&shared, "allow", PASSTHROUGH);
+    count(&shared, "allow", cluster);
     let dial = Dial {
         mark,
         inbound_source: false,
@@ -54,20 +67,20 @@ pub async fn pass(
     match dial.connect(dst, shared.limits.connect_timeout).await {
         Ok(mut upstream) => {
             let _ = upstream.set_nodelay(true);
-            let copied = tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied,
-                _ = shared.stop_now.cancelled() => Err(std::io::Error::other("closed: the drain grace period ended")),
-            };
-            match copied {
-                Ok((sent, received)) => {
-                    record.bytes_received = sent;
-                    record.bytes_sent = received;
-                }
-                Err(e) => record.error = Some(e.to_string()),
-            }
+            let connection = shared
+                .metrics
+                .istio
+                .tcp_opened(&istio_labels(&shared, cluster));
+            let mut tcp = Metered::new(tcp, &connection);
+            record
+                .relay(&mut tcp, &mut upstream, &shared.stop_now)
+                .await;
         }
         Err(e) => {
             shared.metrics.upstream_error(Direction::Outbound);
+            let labels = istio_labels(&shared, cluster);
+            let flags = ResponseFlags::UpstreamConnectionFailure;
+            drop(shared.metrics.istio.tcp_opened(&labels.with_flags(flags)));
             record.error = Some(format!("connecting to {dst}: {e}"));
         }
     }
@@ -91,5 +104,7 @@ pub fn refuse(peer: SocketAddr, dst: SocketAddr, shared: &Shared) {
             .into(),
     );
     count(shared, "deny", BLACK_HOLE);
+    let labels = istio_labels(shared, BLACK_HOLE).with_flags(ResponseFlags::NoHealthyUpstream);
+    drop(shared.metrics.istio.tcp_opened(&labels));
     shared.logs.access.write(&record);
 }

@@ -26,6 +26,9 @@ use crate::socket::Dial;
 pub enum Outbound {
     /// A service port of the registry.
     Service(Route),
+    /// A service of `resolution: NONE` (named for the log): passed through
+    /// to the address called, as Envoy's ORIGINAL_DST cluster does.
+    Original(Arc<str>),
     /// Unknown: passed through as plain TCP (`ALLOW_ANY`, Envoy's
     /// PassthroughCluster).
     Passthrough,
@@ -37,19 +40,49 @@ pub enum Outbound {
 /// call to one endpoint's own address, that endpoint.
 type TargetKey = (String, u16, Option<SocketAddr>);
 
+/// What is at one address of the table.
+#[derive(Clone)]
+enum Entry {
+    Service(Route),
+    /// A `resolution: NONE` service, by its log name.
+    Original(Arc<str>),
+}
+
 /// One version of the table.
 #[derive(Default)]
 struct Table {
     /// Exact service addresses and endpoint addresses.
-    exact: HashMap<SocketAddr, Route>,
-    /// Service addresses given as CIDR ranges, looked up after exact ones.
-    ranges: Vec<(IpNet, u16, Route)>,
+    exact: HashMap<SocketAddr, Entry>,
+    /// Service addresses given as CIDR ranges, looked up after exact ones,
+    /// the narrowest first.
+    ranges: Vec<(IpNet, u16, Entry)>,
     targets: HashMap<TargetKey, Arc<OutboundTarget>>,
     /// The protocol of each workload port a service declares, by the
     /// workload address and port its endpoints are at.
     inbound: HashMap<SocketAddr, Protocol>,
     mode: OutboundMode,
+    /// Targets whose endpoints are names, resolved in the background.
+    resolving: Vec<Resolving>,
+    /// False until the control plane's first services are in force: until
+    /// then every destination is refused, so nothing leaves uncontrolled
+    /// (in plaintext, or past `REGISTRY_ONLY`) while the proxy does not
+    /// know the mesh yet.
+    configured: bool,
 }
+
+/// A target with endpoints named rather than addressed.
+struct Resolving {
+    target: Arc<OutboundTarget>,
+    /// Its endpoints given by address.
+    addressed: Vec<SocketAddr>,
+    /// The names to resolve, with the port to call on each.
+    names: Vec<(String, u16)>,
+}
+
+/// How often named endpoints are resolved again (Envoy's STRICT_DNS
+/// default refresh rate is 5 s; names of external services change rarely,
+/// and a change is also picked up on every configuration).
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
 /// The table in force and what building targets needs.
 pub struct Routes {
@@ -62,6 +95,8 @@ pub struct Routes {
     /// application's pooled connections are reused. Bounded: past the
     /// bound a target is made for the one connection.
     inbound: Mutex<HashMap<(SocketAddr, Protocol), Arc<InboundTarget>>>,
+    /// Told on every commit, so named endpoints are resolved at once.
+    changed: tokio::sync::Notify,
 }
 
 /// Distinct original destinations whose inbound targets are kept.
@@ -87,6 +122,7 @@ impl Routes {
             metrics,
             table: RwLock::new(Arc::new(Table::default())),
             inbound: Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -113,7 +149,9 @@ impl Routes {
                 .map(|(_, _, route)| route.clone())
         });
         match (found, table.mode) {
-            (Some(route), _) => Outbound::Service(route),
+            _ if !table.configured => Outbound::BlackHole,
+            (Some(Entry::Service(route)), _) => Outbound::Service(route),
+            (Some(Entry::Original(name)), _) => Outbound::Original(name),
             (None, OutboundMode::AllowAny) => Outbound::Passthrough,
             (None, OutboundMode::RegistryOnly) => Outbound::BlackHole,
         }
@@ -163,15 +201,44 @@ impl Routes {
         let current = self.current();
         let mut table = Table {
             mode,
+            configured: true,
             ..Table::default()
         };
         let mut updates = Vec::new();
         let mut exact: HashMap<SocketAddr, Vec<Arc<OutboundTarget>>> = HashMap::new();
         let mut ranges: Vec<(IpNet, u16, Vec<Arc<OutboundTarget>>)> = Vec::new();
+        let mut original_exact: HashMap<SocketAddr, Entry> = HashMap::new();
+        let mut original_ranges: Vec<(IpNet, u16, Entry)> = Vec::new();
         for service in services.values() {
+            // `resolution: NONE`: the service's addresses are its own, and a
+            // connection to one goes where the application sent it.
+            if service.resolution.as_deref() == Some("NONE") {
+                for &port in service.ports.keys() {
+                    let original =
+                        Entry::Original(Arc::from(format!("outbound|{port}|{}", service.host)));
+                    for address in &service.addresses {
+                        if let Ok(ip) = address.parse::<IpAddr>() {
+                            original_exact
+                                .entry(SocketAddr::new(ip, port))
+                                .or_insert(original.clone());
+                        } else if let Ok(net) = address.parse::<IpNet>() {
+                            original_ranges.push((net, port, original.clone()));
+                        }
+                    }
+                }
+                continue;
+            }
             for (&port, protocol_name) in &service.ports {
                 let protocol = Protocol::from_port_name(protocol_name);
                 let identities = identities(service);
+                // Endpoints named rather than addressed (`resolution: DNS`):
+                // resolved by the proxy, now and every 30 s.
+                let names: Vec<(String, u16, bool)> = service
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.address.parse::<IpAddr>().is_err())
+                    .filter_map(|e| Some((e.address.clone(), *e.ports.get(&port)?, e.plaintext)))
+                    .collect();
                 let all: Vec<(SocketAddr, bool)> = service
                     .endpoints
                     .iter()
@@ -189,11 +256,19 @@ impl Routes {
                 // do, only those with one are used (fail closed: the
                 // service's traffic is never sent in the clear).
                 let meshed: Vec<SocketAddr> = all.iter().filter(|e| !e.1).map(|e| e.0).collect();
-                let (endpoints, tls) = if meshed.is_empty() && !all.is_empty() {
+                let any_meshed = !meshed.is_empty() || names.iter().any(|n| !n.2);
+                let no_endpoint = all.is_empty() && names.is_empty();
+                let (endpoints, tls) = if !any_meshed && !no_endpoint {
                     (all.iter().map(|e| e.0).collect(), UpstreamTls::Disable)
                 } else {
                     (meshed, UpstreamTls::IstioMutual)
                 };
+                let names: Vec<(String, u16)> = names
+                    .into_iter()
+                    .filter(|n| n.2 == (tls == UpstreamTls::Disable))
+                    .map(|(name, port, _)| (name, port))
+                    .collect();
+                let addressed = endpoints.clone();
                 let mut target_for =
                     |endpoints: Vec<SocketAddr>,
                      tls: UpstreamTls,
@@ -244,6 +319,13 @@ impl Routes {
                         Ok(target)
                     };
                 let balanced = target_for(endpoints, tls, (service.host.clone(), port, None))?;
+                if !names.is_empty() {
+                    table.resolving.push(Resolving {
+                        target: balanced.clone(),
+                        addressed,
+                        names,
+                    });
+                }
                 for address in &service.addresses {
                     if let Ok(ip) = address.parse::<IpAddr>() {
                         exact
@@ -275,12 +357,22 @@ impl Routes {
         }
         table.exact = exact
             .into_iter()
-            .map(|(addr, targets)| (addr, route(targets)))
+            .map(|(addr, targets)| (addr, Entry::Service(route(targets))))
             .collect();
+        // A NONE service's own addresses, where no other service is.
+        for (addr, original) in original_exact {
+            table.exact.entry(addr).or_insert(original);
+        }
+
         table.ranges = ranges
             .into_iter()
-            .map(|(net, port, targets)| (net, port, route(targets)))
+            .map(|(net, port, targets)| (net, port, Entry::Service(route(targets))))
+            .chain(original_ranges)
             .collect();
+        // The most specific range first, as a longest-prefix match.
+        table
+            .ranges
+            .sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         Ok(Prepared { table, updates })
     }
 
@@ -295,35 +387,121 @@ impl Routes {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.changed.notify_one();
     }
 
-    /// What `/config_dump` shows: each address and the services there.
-    pub fn dump(&self) -> Vec<(String, Vec<String>)> {
+    /// Resolves the endpoints that are names (`resolution: DNS`) through
+    /// `resolver` — the upstream resolvers, from sockets carrying the
+    /// proxy's mark, never the mesh's own names — at each new table and
+    /// every [`RESOLVE_EVERY`], and puts the addresses in force beside the
+    /// endpoints given by address. A name that does not resolve keeps its
+    /// last addresses. Runs until `stop`.
+    pub async fn resolve_names(
+        self: Arc<Self>,
+        resolver: crate::dns::Forwarder,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let this = self;
+        let mut last: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        loop {
+            let table = this.current();
+            for resolving in &table.resolving {
+                let mut endpoints = resolving.addressed.clone();
+                for (name, port) in &resolving.names {
+                    match resolver.lookup(name).await {
+                        Ok(addresses) => {
+                            last.insert(name.clone(), addresses);
+                        }
+                        Err(e) => tracing::warn!(%name, "resolving an endpoint: {e}"),
+                    }
+                    endpoints.extend(
+                        last.get(name)
+                            .into_iter()
+                            .flatten()
+                            .map(|ip| SocketAddr::new(*ip, *port)),
+                    );
+                }
+                endpoints.sort();
+                endpoints.dedup();
+                let target = &resolving.target;
+                match target.prepare_destination(
+                    &this.identity,
+                    endpoints,
+                    target.upstream.identities.clone(),
+                ) {
+                    Ok(destination) => target.set_destination(destination),
+                    Err(e) => tracing::warn!(service = %target.upstream.name(), "{e}"),
+                }
+            }
+            tokio::select! {
+                () = this.changed.notified() => {}
+                () = tokio::time::sleep(RESOLVE_EVERY) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// What `/config_dump` shows: each address and the service ports
+    /// there, with how they are reached.
+    pub fn dump(&self) -> serde_json::Value {
         let table = self.current();
-        let names = |route: &Route| match route {
-            Route::One(t) => vec![t.upstream.name()],
-            Route::ByHost(ts) => ts.iter().map(|t| t.upstream.name()).collect(),
+        let describe = |entry: &Entry| -> Vec<serde_json::Value> {
+            let targets: Vec<&Arc<OutboundTarget>> = match entry {
+                Entry::Service(Route::One(t)) => vec![t],
+                Entry::Service(Route::ByHost(ts)) => ts.iter().collect(),
+                Entry::Original(name) => {
+                    return vec![serde_json::json!({
+                        "service": name.to_string(),
+                        "resolution": "NONE",
+                    })];
+                }
+            };
+            targets
+                .into_iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "service": t.upstream.name(),
+                        "protocol": t.upstream.protocol.as_str(),
+                        "tls": match t.upstream.tls {
+                            UpstreamTls::IstioMutual => "ISTIO_MUTUAL",
+                            UpstreamTls::Disable => "DISABLE",
+                        },
+                        "load_balancer": t.upstream.lb.as_str(),
+                        "endpoints": t.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })
+                })
+                .collect()
         };
-        let mut out: Vec<(String, Vec<String>)> = table
+        let mut routes: BTreeMap<String, Vec<serde_json::Value>> = table
             .exact
             .iter()
-            .map(|(addr, route)| (addr.to_string(), names(route)))
-            .chain(
-                table
-                    .ranges
-                    .iter()
-                    .map(|(net, port, route)| (format!("{net}:{port}"), names(route))),
-            )
+            .map(|(addr, entry)| (addr.to_string(), describe(entry)))
             .collect();
-        out.sort();
-        out
+        routes.extend(
+            table
+                .ranges
+                .iter()
+                .map(|(net, port, entry)| (format!("{net}:{port}"), describe(entry))),
+        );
+        serde_json::json!({
+            "configured": table.configured,
+            "outbound_traffic_policy": match table.mode {
+                OutboundMode::AllowAny => "ALLOW_ANY",
+                OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+            },
+            "by_address": routes,
+        })
     }
 }
 
 /// Several services at one address are told apart by HTTP `Host`; the
-/// first (by host name, as the table is built in host order) takes the rest.
+/// first takes the rest: a meshed one before any without a proxy (so an
+/// entry claiming a meshed workload's address as plaintext cannot turn its
+/// TCP traffic into plaintext), then by host name.
 fn route(mut targets: Vec<Arc<OutboundTarget>>) -> Route {
     targets.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    // Stable: host order is kept within each kind.
+    targets.sort_by_key(|t| t.upstream.tls == UpstreamTls::Disable);
     if targets.len() == 1 {
         Route::One(targets.remove(0))
     } else {
@@ -391,7 +569,7 @@ mod tests {
                 .collect::<BTreeSet<_>>(),
             endpoints,
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
-            load_balancer: None,
+            ..Service::default()
         }
     }
 
@@ -413,6 +591,7 @@ mod tests {
             Outbound::Passthrough => {
                 vec![("PassthroughCluster".into(), vec![], UpstreamTls::Disable)]
             }
+            Outbound::Original(name) => vec![(name.to_string(), vec![], UpstreamTls::Disable)],
             Outbound::BlackHole => vec![("BlackHoleCluster".into(), vec![], UpstreamTls::Disable)],
         }
     }
@@ -472,6 +651,116 @@ mod tests {
         let target = routes.inbound(addr("198.18.0.4:19080"));
         assert_eq!(target.port.app, addr("198.18.0.4:19080"));
         assert_eq!(target.port.port, 19080);
+    }
+
+    #[test]
+    fn nothing_leaves_before_the_first_configuration() {
+        let routes = routes();
+        // ALLOW_ANY is the default, yet nothing passes before the control
+        // plane's first services.
+        assert!(matches!(
+            routes.outbound(addr("198.18.9.9:80")),
+            Outbound::BlackHole
+        ));
+        table(&routes, vec![], OutboundMode::AllowAny);
+        assert!(matches!(
+            routes.outbound(addr("198.18.9.9:80")),
+            Outbound::Passthrough
+        ));
+    }
+
+    #[test]
+    fn a_meshed_service_wins_an_address_over_one_without_a_proxy_and_the_narrowest_range_wins() {
+        let routes = routes();
+        // "a-claim" sorts first, yet the meshed service keeps TCP to its
+        // endpoint's address.
+        let claim = service(
+            "a-claim.example",
+            &[],
+            "TCP",
+            vec![endpoint("198.18.0.3", 9080, 9080, true)],
+        );
+        let ratings = service(
+            "ratings.bookinfo",
+            &[],
+            "TCP",
+            vec![endpoint("198.18.0.3", 9080, 9080, false)],
+        );
+        let wide = service(
+            "wide.example",
+            &["198.19.0.0/16"],
+            "TCP",
+            vec![endpoint("198.18.0.7", 9080, 9080, true)],
+        );
+        let narrow = service(
+            "narrow.example",
+            &["198.19.4.0/24"],
+            "TCP",
+            vec![endpoint("198.18.0.8", 9080, 9080, true)],
+        );
+        table(
+            &routes,
+            vec![claim, ratings, wide, narrow],
+            OutboundMode::AllowAny,
+        );
+        let first = hosts(routes.outbound(addr("198.18.0.3:9080")));
+        assert_eq!(
+            (first[0].0.as_str(), first[0].2),
+            ("ratings.bookinfo", UpstreamTls::IstioMutual)
+        );
+        assert_eq!(
+            hosts(routes.outbound(addr("198.19.4.5:9080")))[0].0,
+            "narrow.example"
+        );
+        assert_eq!(
+            hosts(routes.outbound(addr("198.19.5.5:9080")))[0].0,
+            "wide.example"
+        );
+    }
+
+    #[test]
+    fn a_resolution_none_service_passes_its_addresses_through_and_named_endpoints_are_resolved_later()
+     {
+        let routes = routes();
+        let mut none = service(
+            "egress.example",
+            &["198.19.0.0/16", "198.18.5.5"],
+            "TCP",
+            vec![],
+        );
+        none.resolution = Some("NONE".into());
+        let mut api = service(
+            "api.example",
+            &["240.240.1.1"],
+            "HTTP",
+            vec![
+                endpoint("api.example", 9080, 443, true),
+                endpoint("198.18.0.9", 9080, 9080, true),
+            ],
+        );
+        api.resolution = Some("DNS".into());
+        table(&routes, vec![none, api], OutboundMode::RegistryOnly);
+        for dst in ["198.19.3.4:9080", "198.18.5.5:9080"] {
+            assert!(
+                matches!(routes.outbound(addr(dst)), Outbound::Original(ref n) if &**n == "outbound|9080|egress.example"),
+                "{dst}"
+            );
+        }
+        // Until resolved, the endpoints given by address.
+        assert_eq!(
+            hosts(routes.outbound(addr("240.240.1.1:9080"))),
+            vec![(
+                "api.example".into(),
+                vec![addr("198.18.0.9:9080")],
+                UpstreamTls::Disable
+            )]
+        );
+        let table = routes.current();
+        assert_eq!(table.resolving.len(), 1);
+        assert_eq!(
+            table.resolving[0].names,
+            vec![("api.example".to_owned(), 443)]
+        );
     }
 
     #[test]
