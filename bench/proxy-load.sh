@@ -58,8 +58,10 @@
 # when idle (before any load) and at the end of the load. Progress goes to
 # stderr; the tables (plain and markdown, for BENCHMARKS.md) to stdout.
 #
-# Everything listens on 127.0.0.1, on free ports picked at start. Every process
-# the script starts is stopped on exit. A non-2xx response or a socket error
+# The loopback scenarios listen on 127.0.0.1, on free ports picked at start;
+# the ns-* ones on fixed ports inside the script's own namespaces, and send
+# nothing from the root namespace. Every process the script starts is stopped
+# on exit. A non-2xx response or a socket error
 # under load fails the run (exit 1) and prints the logs.
 #
 # Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
