@@ -127,10 +127,10 @@ impl Mesh {
         host.wait_for_port(SocketAddr::new(IpAddr::V4(host.ipv4()), 9080));
     }
 
-    /// A proxy for WorkloadEntry `NS/name` (service account `sa`) in `host`,
-    /// capturing its traffic and DNS; `extra` arguments added. Returns
-    /// once it serves the control plane's configuration.
-    fn proxy(&mut self, host: &Host, name: &str, sa: &str, extra: &[&str]) {
+    /// The command line of a proxy for WorkloadEntry `NS/name` (service
+    /// account `sa`), capturing its traffic, with a bootstrap token of its
+    /// own; `extra` arguments added.
+    fn proxy_argv(&self, name: &str, sa: &str, extra: &[&str]) -> Vec<String> {
         let token = self.dir.join(format!("{name}.token"));
         let out = run(&[
             "token",
@@ -173,6 +173,14 @@ impl Mesh {
         .map(|s| s.to_string())
         .collect();
         argv.extend(extra.iter().map(|s| s.to_string()));
+        argv
+    }
+
+    /// A proxy for WorkloadEntry `NS/name` (service account `sa`) in `host`,
+    /// capturing its traffic; `extra` arguments added. Returns once it
+    /// serves the control plane's configuration.
+    fn proxy(&mut self, host: &Host, name: &str, sa: &str, extra: &[&str]) {
+        let argv = self.proxy_argv(name, sa, extra);
         let proxy = host.spawn(&format!("{name} proxy"), &argv);
         self.processes.push((format!("{name} proxy"), proxy));
         wait_for(START, || {
@@ -687,42 +695,8 @@ fn before_its_first_configuration_a_captured_proxy_lets_nothing_out() {
     mesh.app(outside, "outside");
     // No WorkloadEntry names productpage: the control plane refuses its
     // claim, so it never receives a configuration.
-    let token = mesh.dir.join("productpage.token");
-    let out = run(&[
-        "token",
-        "create",
-        "--data-dir",
-        mesh.data.to_str().unwrap(),
-        "-n",
-        NS,
-        "--service-account",
-        "productpage",
-    ]);
-    std::fs::write(&token, out.stdout).unwrap();
-    let proxy = productpage.spawn(
-        "productpage proxy",
-        &[
-            bin(),
-            "proxy",
-            "--identity",
-            &format!("spiffe://{TD}/ns/{NS}/sa/productpage"),
-            "--workload",
-            &format!("{NS}/productpage"),
-            "--capture",
-            "--proxy-mark",
-            MARK,
-            "--control-plane",
-            &mesh.server.to_string(),
-            "--ca-address",
-            &format!("https://{}", mesh.server),
-            "--ca-root",
-            mesh.data.join("root-cert.pem").to_str().unwrap(),
-            "--ca-server-name",
-            "localhost",
-            "--token-file",
-            token.to_str().unwrap(),
-        ],
-    );
+    let argv = mesh.proxy_argv("productpage", "productpage", &[]);
+    let proxy = productpage.spawn("productpage proxy", &argv);
     proxy
         .logs
         .wait_for_stderr("the control plane refused this proxy", START);
