@@ -25,6 +25,39 @@ struct Up {
     dir: PathBuf,
     data: PathBuf,
     mesh: serde_json::Value,
+    user: User,
+}
+
+/// Who runs `meshward`: this test's user (root in CI), or an ordinary one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum User {
+    Me,
+    /// `nobody` (uid and gid 65534), through `setpriv`: `up` makes its
+    /// namespaces in a user namespace of its own.
+    Nobody,
+}
+
+const NOBODY: u32 = 65534;
+
+impl User {
+    /// `meshward`, run as this user.
+    fn meshward(self) -> std::process::Command {
+        match self {
+            User::Me => meshward(),
+            User::Nobody => {
+                let mut command = std::process::Command::new("setpriv");
+                command
+                    .args([
+                        &format!("--reuid={NOBODY}"),
+                        &format!("--regid={NOBODY}"),
+                        "--clear-groups",
+                        "--",
+                    ])
+                    .arg(bin());
+                command
+            }
+        }
+    }
 }
 
 impl Up {
@@ -37,11 +70,12 @@ impl Up {
         for file in ["workloads.yaml", "policies.yaml"] {
             std::fs::copy(example.join(file), dir.join(file)).unwrap();
         }
-        Up::launch(&root, dir, &["--explicit"])
+        Up::launch(&root, dir, &["--explicit"], User::Me)
     }
 
-    /// `meshward up` on a copy of examples/bookinfo, namespaced (as root).
-    fn start_namespaced(name: &str) -> Up {
+    /// `meshward up` on a copy of examples/bookinfo, namespaced, run by
+    /// `user` (owning the copy and the data directory).
+    fn start_namespaced(name: &str, user: User) -> Up {
         let root = tempdir(name);
         let dir = root.join("bookinfo");
         std::fs::create_dir_all(&dir).unwrap();
@@ -49,8 +83,24 @@ impl Up {
         for file in ["workloads.yaml", "policies.yaml"] {
             std::fs::copy(example.join(file), dir.join(file)).unwrap();
         }
-        let up = Up::launch(&root, dir, &[]);
+        if user == User::Nobody {
+            for path in [
+                &root,
+                &dir,
+                &dir.join("workloads.yaml"),
+                &dir.join("policies.yaml"),
+            ] {
+                std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+        }
+        let up = Up::launch(&root, dir, &[], user);
         assert_eq!(up.mesh["mode"], "namespaced", "{}", up.mesh);
+        assert_eq!(
+            up.mesh["user_namespace"].is_object(),
+            user == User::Nobody,
+            "{}",
+            up.mesh
+        );
         up
     }
 
@@ -58,7 +108,8 @@ impl Up {
     /// (curl's exit code, its output).
     fn exec_curl(&self, workload: &str, args: &[&str]) -> (i32, String) {
         let out = output(
-            meshward()
+            self.user
+                .meshward()
                 .args(["exec", "--data-dir", self.data.to_str().unwrap(), workload])
                 .args(["--", "curl", "-sS", "-m", "10"])
                 .args(args),
@@ -86,11 +137,11 @@ impl Up {
     /// `meshward up DIR` with state under `root`; returns once it wrote
     /// `up.json` (everything ready, or reported as not). Fails at once,
     /// with its output, if `up` exits first.
-    fn launch(root: &Path, dir: PathBuf, extra: &[&str]) -> Up {
+    fn launch(root: &Path, dir: PathBuf, extra: &[&str], user: User) -> Up {
         let data = root.join("data");
         let mut up = spawn(
             "meshward up",
-            meshward()
+            user.meshward()
                 .args([
                     "up",
                     dir.to_str().unwrap(),
@@ -111,6 +162,7 @@ impl Up {
             dir,
             data,
             mesh,
+            user,
         }
     }
 
@@ -382,8 +434,23 @@ fn the_zero_trust_walkthrough_in_namespaces_by_name() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
     }
+    namespaced_tour("walkthrough-ns", User::Me);
+}
+
+/// The same tour as an ordinary user: `up` makes its lab in a user
+/// namespace of its own, and `exec` joins it.
+#[test]
+fn the_zero_trust_walkthrough_in_namespaces_without_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root, to become another user (setpriv)");
+        return;
+    }
+    namespaced_tour("walkthrough-userns", User::Nobody);
+}
+
+fn namespaced_tour(name: &str, user: User) {
     let _one = one_mesh();
-    let up = Up::start_namespaced("walkthrough-ns");
+    let up = Up::start_namespaced(name, user);
     let jwt = format!("authorization: {}", token("alice.jwt"));
     let productpage = "http://productpage.bookinfo:9080";
 
@@ -409,7 +476,10 @@ fn the_zero_trust_walkthrough_in_namespaces_by_name() {
             .starts_with("127.0.0.1:"),
         "{record}"
     );
-    let status = output(meshward().args(["status", "--data-dir", up.data.to_str().unwrap()]));
+    let status = output(
+        user.meshward()
+            .args(["status", "--data-dir", up.data.to_str().unwrap()]),
+    );
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         status.status.success(),
@@ -565,19 +635,120 @@ fn the_zero_trust_walkthrough_in_namespaces_by_name() {
         .iter()
         .filter_map(|w| w["netns"].as_str().map(str::to_owned))
         .collect();
+    let user_namespace = up.mesh["user_namespace"]["pid"]
+        .as_i64()
+        .map(|pid| namespace_of(pid, "user").unwrap());
     up.stop();
     // Its namespaces go with it.
-    let listed = String::from_utf8_lossy(
+    match user_namespace {
+        None => {
+            let listed = netns_list();
+            for ns in namespaces {
+                assert!(!listed.contains(&ns), "{ns} outlived meshward up: {listed}");
+            }
+        }
+        // Its lab lived in its user namespace, never in the machine's
+        // list; nothing is left in that namespace, so it is gone too.
+        Some(userns) => assert_user_namespace_empty(&userns),
+    }
+}
+
+/// `ip netns list`.
+fn netns_list() -> String {
+    String::from_utf8_lossy(
         &std::process::Command::new("ip")
             .args(["netns", "list"])
             .output()
             .unwrap()
             .stdout,
     )
-    .into_owned();
-    for ns in namespaces {
-        assert!(!listed.contains(&ns), "{ns} outlived meshward up: {listed}");
+    .into_owned()
+}
+
+/// The namespace of kind `kind` (`user`, `net`) process `pid` is in, as
+/// `/proc/PID/ns/KIND` names it (`user:[4026532…]`).
+fn namespace_of(pid: i64, kind: &str) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// Waits until no process is in user namespace `userns`.
+fn assert_user_namespace_empty(userns: &str) {
+    let inside = || -> Vec<i64> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
+            .filter(|pid| namespace_of(*pid, "user").as_deref() == Some(userns))
+            .collect()
+    };
+    wait_for(SETTLE, || {
+        let left = inside();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("processes left in up's user namespace: {left:?}"))
+        }
+    });
+}
+
+/// `meshward up` killed with SIGKILL takes every process it started with
+/// it; as root, its namespaces stay listed until the next `up` removes
+/// them; as an ordinary user, they vanish with its user namespace.
+#[test]
+fn a_killed_namespaced_up_leaves_nothing_behind() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
     }
+    let _one = one_mesh();
+    let kill = |up: &mut Up| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(up.up.pid()).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // Reaped: a zombie would still count as in its user namespace.
+        up.up.wait_exit(SETTLE);
+    };
+    let gone = |up: &Up| {
+        let group = nix::unistd::Pid::from_raw(
+            i32::try_from(up.mesh["process_group"].as_i64().unwrap()).unwrap(),
+        );
+        wait_until(SETTLE, "every process up started is gone", || {
+            nix::sys::signal::killpg(group, None) == Err(nix::errno::Errno::ESRCH)
+        });
+    };
+
+    let mut up = Up::start_namespaced("killed-userns", User::Nobody);
+    let userns = namespace_of(up.up.pid().into(), "user").unwrap();
+    kill(&mut up);
+    gone(&up);
+    assert_user_namespace_empty(&userns);
+
+    let mut up = Up::start_namespaced("killed-root", User::Me);
+    let namespaces: Vec<String> = up.mesh["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["netns"].as_str().map(str::to_owned))
+        .collect();
+    kill(&mut up);
+    gone(&up);
+    let listed = netns_list();
+    assert!(
+        namespaces.iter().all(|ns| listed.contains(ns.as_str())),
+        "a SIGKILLed up cannot remove its namespaces: {listed}"
+    );
+    let next = Up::start_namespaced("killed-root-next", User::Me);
+    let listed = netns_list();
+    for ns in &namespaces {
+        assert!(
+            !listed.contains(ns.as_str()),
+            "{ns} outlived the next up: {listed}"
+        );
+    }
+    next.stop();
 }
 
 #[test]
@@ -604,7 +775,7 @@ spec: {serviceAccount: broken, labels: {app: broken}, ports: {http: 80}}
 "#,
     )
     .unwrap();
-    let up = Up::launch(&root, dir, &["--ready-timeout", "5s"]);
+    let up = Up::launch(&root, dir, &["--ready-timeout", "5s"], User::Me);
     // Written before up.json, so already there (or on its way through the pipe).
     up.up
         .logs

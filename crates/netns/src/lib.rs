@@ -39,7 +39,9 @@
 //! its namespaces behind; the next [`Lab::create`] with the same prefix
 //! removes every `<PREFIX><PID>n<K>-…` namespace whose PID no longer runs.
 //!
-//! Namespaces need root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
+//! Namespaces need root (CAP_SYS_ADMIN and CAP_NET_ADMIN): the machine's,
+//! or root of a user namespace of this process's own ([`userns`]), where
+//! an ordinary user is.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -51,6 +53,8 @@ use std::time::{Duration, Instant};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+pub mod userns;
 
 /// Where `ip netns` keeps its namespaces (one file each, named as the
 /// namespace).
@@ -98,6 +102,8 @@ pub enum LabError {
     },
     #[error("entering network namespace {netns}: {source}")]
     Enter { netns: String, source: nix::Error },
+    #[error("making network namespace {netns}: {source}")]
+    Make { netns: String, source: nix::Error },
 }
 
 /// Whether this process may make namespaces (it runs as root).
@@ -220,7 +226,11 @@ impl Lab {
             u8::try_from(namespaces.len() - 1).map_err(|_| LabError::TooManyHosts)?
         };
         let _one = NETNS_ADD.lock().unwrap_or_else(PoisonError::into_inner);
-        ip(&["netns", "add", &name])?;
+        if userns::in_initial() {
+            ip(&["netns", "add", &name])?;
+        } else {
+            add_in_user_namespace(&name)?;
+        }
         Ok((name, index))
     }
 
@@ -285,6 +295,42 @@ impl Host {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = dir.join(file);
         std::fs::write(&path, text).map_err(io(&path))
+    }
+}
+
+/// `ip netns add NAME` for a process in a user namespace of its own
+/// (where `ip` fails: see [`userns`]): a thread makes the namespace and
+/// binds it to `NETNS_DIR/NAME`, which keeps it after the thread ends.
+fn add_in_user_namespace(name: &str) -> Result<(), LabError> {
+    let path = Path::new(NETNS_DIR).join(name);
+    std::fs::File::create_new(&path).map_err(|source| LabError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let made = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+                nix::mount::mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &path,
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+            })
+            .join()
+    });
+    match made {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(LabError::Make {
+            netns: name.to_owned(),
+            source,
+        }),
+        Err(_) => Err(LabError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other("the thread making it panicked"),
+        }),
     }
 }
 

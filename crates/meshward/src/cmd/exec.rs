@@ -4,7 +4,8 @@
 //! captured by the workload's proxy and leave with the workload's
 //! identity, and names resolve through that proxy. The command replaces
 //! this process (`ip netns exec`, then the command itself), so its exit
-//! code and output are the command's.
+//! code and output are the command's. A mesh an ordinary user started runs
+//! in a user namespace of theirs, which the same user joins first.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -79,8 +80,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             data.display()
         );
     };
-    if !meshward_netns::is_root() {
-        bail!("entering a workload's network namespace needs root");
+    // A mesh an ordinary user started lives in a user namespace of theirs:
+    // join it (as its root), and its lab is there.
+    if let Some(userns) = mesh["user_namespace"].as_object() {
+        let (pid, uid) = (
+            userns.get("pid").and_then(|p| p.as_i64()).unwrap_or(0),
+            userns.get("uid").and_then(|u| u.as_u64()).unwrap_or(0),
+        );
+        let me = u64::from(nix::unistd::geteuid().as_raw());
+        if me != uid {
+            bail!(
+                "the mesh of {} runs in a user namespace of uid {uid}: run `meshward exec` as that user",
+                data.display()
+            );
+        }
+        let pid = i32::try_from(pid).context("up.json: user_namespace.pid")?;
+        meshward_netns::userns::join(pid).with_context(|| {
+            format!(
+                "is the `meshward up` of {} (pid {pid}) still running?",
+                data.display()
+            )
+        })?;
+    } else if !meshward_netns::is_root() {
+        bail!(
+            "the mesh of {} runs as root: entering a workload's network namespace needs root (sudo)",
+            data.display()
+        );
     }
     let error = Command::new("ip")
         .args(["netns", "exec", netns])

@@ -14,10 +14,12 @@
 //! with it.
 //!
 //! Two modes:
-//! - namespaced (`namespaced.rs`, the default as root): each workload in
+//! - namespaced (`namespaced.rs`, the default; as an ordinary user in a
+//!   user namespace of `up`'s own): each workload in
 //!   its own network namespace with its own address, its proxy capturing
 //!   its traffic, services called by name — as a pod;
-//! - explicit (`explicit.rs`, without root or with `--explicit`):
+//! - explicit (`explicit.rs`, where namespaces cannot be made, or with
+//!   `--explicit`):
 //!   everything on 127.0.0.1, each service on a local port of each caller.
 
 use std::collections::BTreeMap;
@@ -63,8 +65,9 @@ pub struct Args {
     #[arg(long, default_value = "60s")]
     ready_timeout: humantime::Duration,
     /// Everything on 127.0.0.1, each service on a local port of each
-    /// caller (the mode without root); by default, as root, every workload
-    /// gets its own network namespace and address.
+    /// caller (the mode where namespaces cannot be made); by default every
+    /// workload gets its own network namespace and address (as an ordinary
+    /// user, inside a user namespace of `up`'s own).
     #[arg(long)]
     explicit: bool,
 }
@@ -79,7 +82,18 @@ struct Mesh {
     /// `namespaced` (each workload in its own network namespace) or
     /// `explicit` (everything on 127.0.0.1).
     mode: &'static str,
+    /// In namespaced mode as an ordinary user: the user namespace `up`
+    /// made, which `meshward exec` joins.
+    user_namespace: Option<UserNamespace>,
     workloads: Vec<Started>,
+}
+
+/// The user namespace a mesh runs in: that of process `pid`, made by user
+/// `uid`.
+#[derive(Debug, Serialize)]
+struct UserNamespace {
+    pid: u32,
+    uid: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -206,14 +220,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.dir.display()
         );
     }
-    let namespaced = if args.explicit {
-        false
-    } else if let Some(why) = namespaced::unavailable() {
-        eprintln!("meshward up: {why}; running in explicit mode (every workload on 127.0.0.1)");
-        false
+    // Before any thread starts: as an ordinary user this enters a user
+    // namespace, which a process with threads cannot.
+    let privilege = if args.explicit {
+        None
     } else {
-        true
+        match namespaced::prepare() {
+            Ok(privilege) => Some(privilege),
+            Err(why) => {
+                eprintln!(
+                    "meshward up: {why}; running in explicit mode (every workload on 127.0.0.1)"
+                );
+                None
+            }
+        }
     };
+    if let Some(namespaced::Privilege::UserNamespace { .. }) = privilege {
+        // Entering a user namespace changed this process's credentials,
+        // which clears the parent-death signal: ask for it again.
+        crate::children::honour_parent()?;
+    }
+    let namespaced = privilege.is_some();
     let exe = std::env::current_exe().context("finding the meshward binary")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -382,6 +409,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "namespaced"
         } else {
             "explicit"
+        },
+        user_namespace: match privilege {
+            Some(namespaced::Privilege::UserNamespace { uid }) => Some(UserNamespace {
+                pid: std::process::id(),
+                uid,
+            }),
+            _ => None,
         },
         workloads: started,
     };

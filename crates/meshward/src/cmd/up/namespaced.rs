@@ -31,25 +31,42 @@ const MARK: &str = "1337";
 /// The proxy's admin port, inside each workload's namespace.
 const ADMIN_PORT: u16 = 15000;
 
-/// Why namespaced mode cannot run here, if it cannot.
-pub fn unavailable() -> Option<String> {
-    if !meshward_netns::is_root() {
-        return Some(
-            "namespaced mode needs root (network namespaces and capture rules); \
-             run `sudo meshward up` for it"
-                .into(),
-        );
-    }
+/// Where namespaced mode runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privilege {
+    /// As the machine's root.
+    Root,
+    /// As root of a user namespace of `up`'s own, made by the ordinary
+    /// user `uid`.
+    UserNamespace { uid: u32 },
+}
+
+/// Readies this process for namespaced mode, or says why it cannot run
+/// here. As an ordinary user it moves the process into a user namespace
+/// of its own (`meshward_netns::userns`), so it must run before any
+/// thread starts; everything `up` starts afterwards is in it.
+pub fn prepare() -> Result<Privilege, String> {
     for (tool, package) in [("ip", "iproute2"), ("iptables-restore", "iptables")] {
         let found = std::env::var_os("PATH")
             .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
         if !found {
-            return Some(format!(
+            return Err(format!(
                 "namespaced mode needs `{tool}`: apt-get install {package}"
             ));
         }
     }
-    None
+    if meshward_netns::is_root() {
+        return Ok(Privilege::Root);
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    meshward_netns::userns::enter()
+        .map(|()| Privilege::UserNamespace { uid })
+        .map_err(|e| {
+            format!(
+                "namespaced mode needs root or a user namespace, and {e}; \
+                 run `sudo meshward up` for it"
+            )
+        })
 }
 
 /// The lab: the control plane's host and one host per workload.

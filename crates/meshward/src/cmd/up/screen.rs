@@ -22,7 +22,9 @@ pub fn banner(mesh: &Mesh, services: &[&ServiceEntry]) {
     println!(
         "meshward up: {} workloads, {}",
         mesh.workloads.len(),
-        if namespaced {
+        if mesh.user_namespace.is_some() {
+            "each in its own network namespace (in a user namespace: no root needed)"
+        } else if namespaced {
             "each in its own network namespace"
         } else {
             "all on 127.0.0.1 (explicit mode)"
@@ -278,6 +280,7 @@ mod tests {
             data_dir: "/tmp/x".into(),
             process_group: None,
             mode: "namespaced",
+            user_namespace: None,
             workloads: vec![
                 workload(
                     "bookinfo/reviews-v1",
