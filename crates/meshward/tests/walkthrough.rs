@@ -785,3 +785,42 @@ spec: {serviceAccount: broken, labels: {app: broken}, ports: {http: 80}}
         .wait_for_stderr("not ready after 5s: demo/broken", SETTLE);
     up.stop();
 }
+
+/// Where namespaces cannot be made (here: no `ip` on the PATH), `up` says
+/// why and runs the mesh in explicit mode.
+#[test]
+fn where_namespaces_cannot_be_made_up_says_why_and_runs_explicit() {
+    let _one = one_mesh();
+    let root = tempdir("up-no-ip");
+    let (dir, data, empty) = (root.join("mesh"), root.join("data"), root.join("bin"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(
+        dir.join("workloads.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: web, namespace: demo}\nspec: {serviceAccount: web, labels: {app: web}, ports: {http: 80}}\n",
+    )
+    .unwrap();
+    let mut up = spawn(
+        "meshward up",
+        meshward()
+            .args([
+                "up",
+                dir.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .env("PATH", &empty),
+    );
+    up.logs.wait_for_stderr(
+        "namespaced mode needs `ip`: apt-get install iproute2; running in explicit mode",
+        SETTLE,
+    );
+    let up_json = data.join("up.json");
+    let text = wait_for(START, || {
+        up.assert_running();
+        std::fs::read_to_string(&up_json).map_err(|e| format!("{}: {e}", up_json.display()))
+    });
+    let mesh: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(mesh["mode"], "explicit", "{mesh}");
+    assert!(up.stop().success());
+}
