@@ -504,11 +504,30 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             .map_err(refused)?
             .into_inner();
         println!("config version {}", response.version);
+        // Columns as wide as their widest value, however long an identity.
+        let workload = |p: &meshward_api::control::ProxyStatus| {
+            if p.workload.is_empty() {
+                "-".to_owned()
+            } else {
+                p.workload.clone()
+            }
+        };
+        let wide = |title: &str, f: &dyn Fn(&meshward_api::control::ProxyStatus) -> usize| {
+            response
+                .proxies
+                .iter()
+                .map(f)
+                .chain([title.len()])
+                .max()
+                .unwrap_or(0)
+        };
+        let ww = wide("WORKLOAD", &|p| workload(p).len());
+        let wi = wide("IDENTITY", &|p| p.identity.len());
         println!(
-            "{:<28} {:<52} {:<20} {:>5} {:>5} {:<8} ERROR",
+            "{:<ww$} {:<wi$} {:<20} {:>5} {:>5} {:<8} ERROR",
             "WORKLOAD", "IDENTITY", "CERT EXPIRES", "SENT", "ACKED", "SYNC"
         );
-        for p in response.proxies {
+        for p in &response.proxies {
             let expires = std::time::UNIX_EPOCH
                 + Duration::from_secs(u64::try_from(p.certificate_expiry).unwrap_or(0));
             let sync = if !p.nack.is_empty() {
@@ -519,12 +538,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "STALE"
             };
             println!(
-                "{:<28} {:<52} {:<20} {:>5} {:>5} {:<8} {}",
-                if p.workload.is_empty() {
-                    "-"
-                } else {
-                    &p.workload
-                },
+                "{:<ww$} {:<wi$} {:<20} {:>5} {:>5} {:<8} {}",
+                workload(p),
                 p.identity,
                 humantime::format_rfc3339_seconds(expires).to_string(),
                 p.sent_version,
