@@ -34,18 +34,13 @@ use meshward_identity::revocation::{self, RevocationList, Revocations};
 use meshward_identity::service::TokenLedger;
 use meshward_policy::api::{MeshConfig, Policy, RegistryObject};
 use meshward_policy::load::{self, Loaded};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-/// `Kind/namespace/name` → [`Stored`] as JSON.
-const OBJECTS: TableDefinition<&str, &str> = TableDefinition::new("objects");
-/// `version` → the store's version; `mesh` → MeshConfig YAML.
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-/// `kind/value` → [`Revocation`] as JSON.
-const REVOCATIONS: TableDefinition<&str, &str> = TableDefinition::new("revocations");
-/// Single-use token id → its expiry (Unix seconds), after which the record
-/// is dropped (the token is refused as expired anyway).
-const SPENT_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("spent_tokens");
+pub mod backend;
+pub mod etcd;
+pub mod redb;
+
+use backend::{Backend, BackendError, META, OBJECTS, REVOCATIONS, SPENT_TOKENS, Tables};
 /// A revocation's reason is for people: one line, this long at most.
 const MAX_REASON: usize = 512;
 
@@ -146,20 +141,15 @@ pub enum StoreError {
     /// there. One line per object, naming its file.
     #[error("{}", .0.join("\n"))]
     Owned(Vec<String>),
-    #[error("the store in {path}: {source}")]
-    Database {
-        path: String,
-        #[source]
-        source: Box<redb::Error>,
-    },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 impl StoreError {
     /// Whether the store could not be opened because another process has
     /// it open (redb locks the file for one process at a time).
     pub fn is_in_use(&self) -> bool {
-        matches!(self, StoreError::Database { source, .. }
-            if matches!(**source, redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch))
+        matches!(self, StoreError::Backend(e) if redb::is_in_use(e))
     }
 }
 
@@ -208,8 +198,7 @@ pub struct Config {
 }
 
 pub struct Store {
-    db: redb::Database,
-    path: String,
+    backend: Box<dyn Backend>,
     current: RwLock<Arc<Config>>,
     /// The revocation list of `current`, for the CA.
     revoked: Revocations,
@@ -229,13 +218,65 @@ pub struct Store {
 }
 
 /// One more version: every write that changes something is one.
-fn bump_version(meta: &mut redb::Table<&str, &str>) -> Result<(), redb::StorageError> {
+fn bump_version(tables: &mut Tables) {
+    let meta = tables.entry(META.to_owned()).or_default();
     let version = meta
-        .get("version")?
-        .and_then(|v| v.value().parse::<u64>().ok())
+        .get("version")
+        .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    meta.insert("version", (version + 1).to_string().as_str())?;
-    Ok(())
+    meta.insert("version".into(), (version + 1).to_string());
+}
+
+/// The stored object at `key` of the objects table, if any (and readable).
+fn stored(table: &BTreeMap<String, String>, key: &str) -> Option<Stored> {
+    serde_json::from_str(table.get(key)?).ok()
+}
+
+/// Writes `object` at `key` as `owner`'s, keeping the creation time of
+/// `previous`; returns what that did (`unchanged`: nothing written).
+fn put(
+    table: &mut BTreeMap<String, String>,
+    key: &str,
+    mut object: serde_json::Value,
+    previous: Option<&Stored>,
+    owner: &Owner,
+    now: &str,
+) -> &'static str {
+    let created = previous
+        .and_then(|p| p.object.pointer("/metadata/creationTimestamp").cloned())
+        .unwrap_or_else(|| serde_json::Value::String(now.to_owned()));
+    if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.insert("creationTimestamp".into(), created);
+        // Owner and placement are the store's to say.
+        if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            annotations.remove(SOURCE_ANNOTATION);
+            annotations.remove(PLACEMENT_ANNOTATION);
+            if annotations.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+    }
+    let action = match previous {
+        None => "created",
+        Some(p)
+            if p.owner == *owner
+                && without_timestamp(p.object.clone()) == without_timestamp(object.clone()) =>
+        {
+            "unchanged"
+        }
+        Some(_) => "configured",
+    };
+    if action != "unchanged" {
+        let stored = Stored {
+            owner: owner.clone(),
+            object,
+        };
+        table.insert(
+            key.to_owned(),
+            serde_json::to_string(&stored).unwrap_or_default(),
+        );
+    }
+    action
 }
 
 /// The kind as stored (`authorizationpolicy` → `AuthorizationPolicy`).
@@ -351,16 +392,15 @@ fn without_timestamp(mut object: serde_json::Value) -> serde_json::Value {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the embedded store at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let shown = path.display().to_string();
-        let db = redb::Database::create(path).map_err(|e| StoreError::Database {
-            path: shown.clone(),
-            source: Box::new(e.into()),
-        })?;
+        Store::new(Box::new(redb::Redb::open(path)?))
+    }
+
+    /// The store kept by `backend`.
+    pub fn new(backend: Box<dyn Backend>) -> Result<Store, StoreError> {
         let store = Store {
-            db,
-            path: shown,
+            backend,
             current: RwLock::new(Arc::default()),
             revoked: Revocations::new(),
             writing: std::sync::Mutex::new(()),
@@ -371,17 +411,41 @@ impl Store {
         Ok(store)
     }
 
+    /// Where the store keeps its data, for messages.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// For a store other servers write too (etcd): changes whenever one
+    /// of them committed; [`Store::reload`] then puts it in force here.
+    pub fn remote_changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        self.backend.changes()
+    }
+
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.writing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn db_error(&self, e: impl Into<redb::Error>) -> StoreError {
-        StoreError::Database {
-            path: self.path.clone(),
-            source: Box::new(e.into()),
-        }
+    /// Runs `change` through the backend (see [`backend::Change`]) and
+    /// returns what its last run reported.
+    fn update<R>(
+        &self,
+        mut change: impl FnMut(&mut Tables) -> Result<(R, bool), StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut out = None;
+        self.backend.update(&mut |tables| {
+            let (reported, commit) = change(tables)?;
+            out = Some(reported);
+            Ok(commit)
+        })?;
+        out.ok_or_else(|| {
+            StoreError::Invalid(vec![format!(
+                "the store in {} committed without running the change",
+                self.describe()
+            )])
+        })
     }
 
     /// The configuration in force.
@@ -404,37 +468,37 @@ impl Store {
         let objects = objects_of(&loaded);
         let _writing = self.lock_writes();
         let now = jiff::Timestamp::now().to_string();
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        let mut changes = Vec::new();
-        {
-            let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
-            let mut owned = Vec::new();
-            for (key, _) in &objects {
-                if let Some(why) = self.owned_by_file(key, self.stored(&table, key)?.as_ref()) {
-                    owned.push(why);
-                }
-            }
+        let changes = self.update(|tables| {
+            let table = tables.entry(OBJECTS.to_owned()).or_default();
+            let owned: Vec<String> = objects
+                .iter()
+                .filter_map(|(key, _)| self.owned_by_file(key, stored(table, key).as_ref()))
+                .collect();
             if !owned.is_empty() {
                 return Err(StoreError::Owned(owned));
             }
-            for (key, object) in objects {
-                let previous = self.stored(&table, &key)?;
-                let action = self.put(
-                    &mut table,
-                    &key,
-                    object,
+            let mut changes = Vec::new();
+            for (key, object) in &objects {
+                let previous = stored(table, key);
+                let action = put(
+                    table,
+                    key,
+                    object.clone(),
                     previous.as_ref(),
                     &Owner::Api,
                     &now,
-                )?;
-                changes.push(Change { key, action });
+                );
+                changes.push(Change {
+                    key: key.clone(),
+                    action,
+                });
             }
-            if changes.iter().any(|c| c.action != "unchanged") {
-                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            let changed = changes.iter().any(|c| c.action != "unchanged");
+            if changed {
+                bump_version(tables);
             }
-        }
-        txn.commit().map_err(|e| self.db_error(e))?;
+            Ok((changes, changed))
+        })?;
         self.reload()?;
         Ok(changes)
     }
@@ -453,17 +517,13 @@ impl Store {
     pub fn sync_directory(&self, files: &[(String, Loaded)]) -> Result<DirectorySync, StoreError> {
         let _writing = self.lock_writes();
         let now = jiff::Timestamp::now().to_string();
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        let mut report = DirectorySync::default();
-        {
-            let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
-            let mut stored = BTreeMap::new();
-            for entry in table.iter().map_err(|e| self.db_error(e))? {
-                let (k, v) = entry.map_err(|e| self.db_error(e))?;
-                if let Ok(s) = serde_json::from_str::<Stored>(v.value()) {
-                    stored.insert(k.value().to_owned(), s);
-                }
-            }
+        let report = self.update(|tables| {
+            let mut report = DirectorySync::default();
+            let table = tables.entry(OBJECTS.to_owned()).or_default();
+            let stored: BTreeMap<String, Stored> = table
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), serde_json::from_str(v).ok()?)))
+                .collect();
             let mut refused: BTreeMap<String, Vec<String>> = files
                 .iter()
                 .filter(|(_, loaded)| loaded.has_errors())
@@ -493,19 +553,22 @@ impl Store {
             }
             refuse_duplicates(&definers, &stored, &mut refused);
             let mut defined = BTreeSet::new();
-            for (file, objects) in loaded {
-                if refused.contains_key(file) {
+            for (file, objects) in &loaded {
+                if refused.contains_key(*file) {
                     continue;
                 }
-                let owner = Owner::File(file.to_owned());
+                let owner = Owner::File((*file).to_owned());
                 for (key, object) in objects {
-                    let previous = stored.get(&key);
-                    let action = self.put(&mut table, &key, object, previous, &owner, &now)?;
+                    let previous = stored.get(key);
+                    let action = put(table, key, object.clone(), previous, &owner, &now);
                     if previous.is_some_and(|p| p.owner == Owner::Api) {
-                        report.taken_over.push((key.clone(), file.to_owned()));
+                        report.taken_over.push((key.clone(), (*file).to_owned()));
                     }
                     defined.insert(key.clone());
-                    report.changes.push(Change { key, action });
+                    report.changes.push(Change {
+                        key: key.clone(),
+                        action,
+                    });
                 }
             }
             for (key, s) in &stored {
@@ -514,35 +577,23 @@ impl Store {
                     Owner::File(file) => !refused.contains_key(file) && !defined.contains(key),
                 };
                 if gone {
-                    table.remove(key.as_str()).map_err(|e| self.db_error(e))?;
+                    table.remove(key);
                     report.changes.push(Change {
                         key: key.clone(),
                         action: "deleted",
                     });
                 }
             }
-            if report.changed() > 0 {
-                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+            let changed = report.changed() > 0;
+            if changed {
+                bump_version(tables);
             }
             report.refused = refused;
-        }
-        txn.commit().map_err(|e| self.db_error(e))?;
+            Ok((report, changed))
+        })?;
         self.directory_in_force.store(true, Ordering::Release);
         self.reload()?;
         Ok(report)
-    }
-
-    /// The stored object at `key`, if any (and readable).
-    fn stored(
-        &self,
-        table: &redb::Table<&str, &str>,
-        key: &str,
-    ) -> Result<Option<Stored>, StoreError> {
-        Ok(table
-            .get(key)
-            .map_err(|e| self.db_error(e))?
-            .and_then(|v| serde_json::from_str(v.value()).ok()))
     }
 
     /// Why the API may not change the object at `key`: a file of the
@@ -555,54 +606,6 @@ impl Store {
                 display_key(key)
             )
         })
-    }
-
-    /// Writes `object` at `key` as `owner`'s, keeping the creation time of
-    /// `previous`; returns what that did (`unchanged`: nothing written).
-    fn put(
-        &self,
-        table: &mut redb::Table<&str, &str>,
-        key: &str,
-        mut object: serde_json::Value,
-        previous: Option<&Stored>,
-        owner: &Owner,
-        now: &str,
-    ) -> Result<&'static str, StoreError> {
-        let created = previous
-            .and_then(|p| p.object.pointer("/metadata/creationTimestamp").cloned())
-            .unwrap_or_else(|| serde_json::Value::String(now.to_owned()));
-        if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-            meta.insert("creationTimestamp".into(), created);
-            // Owner and placement are the store's to say.
-            if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
-                annotations.remove(SOURCE_ANNOTATION);
-                annotations.remove(PLACEMENT_ANNOTATION);
-                if annotations.is_empty() {
-                    meta.remove("annotations");
-                }
-            }
-        }
-        let action = match previous {
-            None => "created",
-            Some(p)
-                if p.owner == *owner
-                    && without_timestamp(p.object.clone()) == without_timestamp(object.clone()) =>
-            {
-                "unchanged"
-            }
-            Some(_) => "configured",
-        };
-        if action != "unchanged" {
-            let stored = Stored {
-                owner: owner.clone(),
-                object,
-            };
-            let json = serde_json::to_string(&stored).unwrap_or_default();
-            table
-                .insert(key, json.as_str())
-                .map_err(|e| self.db_error(e))?;
-        }
-        Ok(action)
     }
 
     /// Places workloads: each WorkloadEntry of `text` says where the
@@ -656,12 +659,10 @@ impl Store {
             changes.push(Change { key, action });
         }
         if changes.iter().any(|c| c.action != "unchanged") {
-            let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-            {
-                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
-            }
-            txn.commit().map_err(|e| self.db_error(e))?;
+            self.update(|tables| {
+                bump_version(tables);
+                Ok(((), true))
+            })?;
             *self
                 .placements
                 .write()
@@ -683,19 +684,15 @@ impl Store {
     pub fn set_mesh_config(&self, file: &str, text: &str) -> Result<(), StoreError> {
         load::load_mesh_config(file, text).map_err(|d| StoreError::Invalid(vec![d.to_string()]))?;
         let _writing = self.lock_writes();
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        {
-            let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-            let unchanged = meta
-                .get("mesh")
-                .map_err(|e| self.db_error(e))?
-                .is_some_and(|v| v.value() == text);
-            if !unchanged {
-                meta.insert("mesh", text).map_err(|e| self.db_error(e))?;
-                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+        self.update(|tables| {
+            let meta = tables.entry(META.to_owned()).or_default();
+            if meta.get("mesh").is_some_and(|m| m == text) {
+                return Ok(((), false));
             }
-        }
-        txn.commit().map_err(|e| self.db_error(e))?;
+            meta.insert("mesh".into(), text.to_owned());
+            bump_version(tables);
+            Ok(((), true))
+        })?;
         self.reload()
     }
 
@@ -705,23 +702,17 @@ impl Store {
         let kind = canonical_kind(kind);
         let key = key_of(kind, namespace, name);
         let _writing = self.lock_writes();
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        let existed = {
-            let mut table = txn.open_table(OBJECTS).map_err(|e| self.db_error(e))?;
-            if let Some(why) = self.owned_by_file(&key, self.stored(&table, &key)?.as_ref()) {
+        let existed = self.update(|tables| {
+            let table = tables.entry(OBJECTS.to_owned()).or_default();
+            if let Some(why) = self.owned_by_file(&key, stored(table, &key).as_ref()) {
                 return Err(StoreError::Owned(vec![why]));
             }
-            let existed = table
-                .remove(key.as_str())
-                .map_err(|e| self.db_error(e))?
-                .is_some();
+            let existed = table.remove(&key).is_some();
             if existed {
-                let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-                bump_version(&mut meta).map_err(|e| self.db_error(e))?;
+                bump_version(tables);
             }
-            existed
-        };
-        txn.commit().map_err(|e| self.db_error(e))?;
+            Ok((existed, existed))
+        })?;
         self.reload()?;
         Ok(existed)
     }
@@ -735,17 +726,11 @@ impl Store {
         namespace: Option<&str>,
         name: Option<&str>,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let table = match txn.open_table(OBJECTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.db_error(e)),
-        };
+        let tables = self.backend.read()?;
         let placements = self.placements();
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.db_error(e))? {
-            let (k, v) = entry.map_err(|e| self.db_error(e))?;
-            let mut parts = k.value().splitn(3, '/');
+        for (key, value) in tables.get(OBJECTS).into_iter().flatten() {
+            let mut parts = key.splitn(3, '/');
             let (Some(k_kind), Some(k_ns), Some(k_name)) =
                 (parts.next(), parts.next(), parts.next())
             else {
@@ -754,8 +739,8 @@ impl Store {
             let wanted = (kind.is_empty() || k_kind.eq_ignore_ascii_case(kind))
                 && namespace.is_none_or(|ns| ns == k_ns)
                 && name.is_none_or(|n| n == k_name);
-            if wanted && let Ok(stored) = serde_json::from_str::<Stored>(v.value()) {
-                out.push(shown(stored, placements.get(k.value())));
+            if wanted && let Ok(stored) = serde_json::from_str::<Stored>(value) {
+                out.push(shown(stored, placements.get(key)));
             }
         }
         Ok(out)
@@ -785,90 +770,67 @@ impl Store {
         }
         let key = format!("{}/{value}", kind.as_str());
         let _writing = self.lock_writes();
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        let (entry, created) = {
-            let mut table = txn.open_table(REVOCATIONS).map_err(|e| self.db_error(e))?;
-            let existing: Option<Revocation> = table
-                .get(key.as_str())
-                .map_err(|e| self.db_error(e))?
-                .and_then(|v| serde_json::from_str(v.value()).ok());
-            match existing {
-                Some(entry) => (entry, false),
-                None => {
-                    let entry = Revocation {
-                        kind,
-                        value,
-                        reason: reason.to_owned(),
-                        revoked_at: jiff::Timestamp::now()
-                            .strftime("%Y-%m-%dT%H:%M:%SZ")
-                            .to_string(),
-                    };
-                    let json = serde_json::to_string(&entry).unwrap_or_default();
-                    table
-                        .insert(key.as_str(), json.as_str())
-                        .map_err(|e| self.db_error(e))?;
-                    let mut meta = txn.open_table(META).map_err(|e| self.db_error(e))?;
-                    bump_version(&mut meta).map_err(|e| self.db_error(e))?;
-                    (entry, true)
-                }
+        let revoked_at = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let outcome = self.update(|tables| {
+            let table = tables.entry(REVOCATIONS.to_owned()).or_default();
+            if let Some(entry) = table
+                .get(&key)
+                .and_then(|v| serde_json::from_str::<Revocation>(v).ok())
+            {
+                return Ok(((entry, false), false));
             }
-        };
-        txn.commit().map_err(|e| self.db_error(e))?;
+            let entry = Revocation {
+                kind,
+                value: value.clone(),
+                reason: reason.to_owned(),
+                revoked_at: revoked_at.clone(),
+            };
+            table.insert(
+                key.clone(),
+                serde_json::to_string(&entry).unwrap_or_default(),
+            );
+            bump_version(tables);
+            Ok(((entry, true), true))
+        })?;
         self.reload()?;
-        Ok((entry, created))
+        Ok(outcome)
     }
 
-    /// Re-reads everything into the typed [`Config`]. Stored objects were
+    /// Re-reads everything into the typed [`Config`]: after each write, and
+    /// when another server changed a shared store. Stored objects were
     /// valid when written; one that no longer loads (a newer meshward
     /// stored it) is skipped with a warning rather than taking the rest down.
-    fn reload(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let tables = self.backend.read()?;
         let placements = self.placements();
         let mut objects = Vec::new();
-        match txn.open_table(OBJECTS) {
-            Ok(table) => {
-                for entry in table.iter().map_err(|e| self.db_error(e))? {
-                    let (k, v) = entry.map_err(|e| self.db_error(e))?;
-                    if let Ok(mut stored) = serde_json::from_str::<Stored>(v.value()) {
-                        if let Some(placement) = placements.get(k.value()) {
-                            placement.lay_over(&mut stored.object);
-                        }
-                        objects.push(stored.object);
-                    }
+        for (key, value) in tables.get(OBJECTS).into_iter().flatten() {
+            if let Ok(mut stored) = serde_json::from_str::<Stored>(value) {
+                if let Some(placement) = placements.get(key) {
+                    placement.lay_over(&mut stored.object);
                 }
+                objects.push(stored.object);
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(self.db_error(e)),
         }
-        let (version, mesh) = match txn.open_table(META) {
-            Ok(meta) => {
-                let read = |k: &str| -> Result<Option<String>, StoreError> {
-                    Ok(meta
-                        .get(k)
-                        .map_err(|e| self.db_error(e))?
-                        .map(|v| v.value().to_owned()))
-                };
-                (
-                    read("version")?.and_then(|v| v.parse().ok()).unwrap_or(0),
-                    read("mesh")?,
-                )
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => (0, None),
-            Err(e) => return Err(self.db_error(e)),
-        };
+        let meta = tables.get(META);
+        let version = meta
+            .and_then(|m| m.get("version"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mesh = meta.and_then(|m| m.get("mesh"));
         let mut revocations = Vec::new();
-        match txn.open_table(REVOCATIONS) {
-            Ok(table) => {
-                for entry in table.iter().map_err(|e| self.db_error(e))? {
-                    let (_, v) = entry.map_err(|e| self.db_error(e))?;
-                    match serde_json::from_str::<Revocation>(v.value()) {
-                        Ok(r) => revocations.push(r),
-                        Err(e) => tracing::error!("a stored revocation no longer loads: {e}"),
-                    }
-                }
+        for value in tables
+            .get(REVOCATIONS)
+            .into_iter()
+            .flatten()
+            .map(|(_, v)| v)
+        {
+            match serde_json::from_str::<Revocation>(value) {
+                Ok(r) => revocations.push(r),
+                Err(e) => tracing::error!("a stored revocation no longer loads: {e}"),
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(self.db_error(e)),
         }
         revocations.sort_by(|a, b| (a.kind, &a.value).cmp(&(b.kind, &b.value)));
         // Every entry was checked when written; should one not be now, the
@@ -887,7 +849,7 @@ impl Store {
             ..Config::default()
         };
         if let Some(text) = mesh {
-            match load::load_mesh_config("mesh (stored)", &text) {
+            match load::load_mesh_config("mesh (stored)", text) {
                 Ok(m) => config.mesh = m,
                 Err(d) => tracing::warn!("the stored mesh config no longer loads: {d}"),
             }
@@ -911,8 +873,9 @@ impl Store {
     }
 }
 
-/// Single-use tokens: spent in one write transaction, which redb runs one
-/// at a time, so the look and the mark cannot be split by another use.
+/// Single-use tokens: the look and the mark are one change, which the
+/// backend commits only over the state it looked at, so two uses cannot
+/// both find the token unspent.
 impl TokenLedger for Store {
     fn spend(&self, id: &str, expires: u64) -> Result<bool, String> {
         let now = jiff::Timestamp::now().as_second().max(0).unsigned_abs();
@@ -923,33 +886,17 @@ impl TokenLedger for Store {
         if now > expires {
             return Ok(false);
         }
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| self.db_error(e).to_string())?;
-        let spent = {
-            let mut table = txn
-                .open_table(SPENT_TOKENS)
-                .map_err(|e| self.db_error(e).to_string())?;
-            if table
-                .get(id)
-                .map_err(|e| self.db_error(e).to_string())?
-                .is_some()
-            {
-                false
-            } else {
-                table
-                    .insert(id, expires)
-                    .map_err(|e| self.db_error(e).to_string())?;
-                // Records of expired tokens are no longer needed.
-                table
-                    .retain(|_, expires| expires >= now)
-                    .map_err(|e| self.db_error(e).to_string())?;
-                true
+        self.update(|tables| {
+            let table = tables.entry(SPENT_TOKENS.to_owned()).or_default();
+            if table.contains_key(id) {
+                return Ok((false, false));
             }
-        };
-        txn.commit().map_err(|e| self.db_error(e).to_string())?;
-        Ok(spent)
+            table.insert(id.to_owned(), expires.to_string());
+            // Records of expired tokens are no longer needed.
+            table.retain(|_, e| e.parse::<u64>().is_ok_and(|e| e >= now));
+            Ok((true, true))
+        })
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -1336,24 +1283,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
         // As an older meshward wrote them.
-        let txn = store.db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(OBJECTS).unwrap();
-            for name in ["deny", "gone"] {
-                let object: serde_json::Value = serde_json::to_value(
-                    &load::load_str("x", &policy(name, "/old")).policies[0].policy,
-                )
-                .unwrap();
-                let json = serde_json::json!({"source": "directory", "object": object});
-                table
-                    .insert(
-                        format!("AuthorizationPolicy/web/{name}").as_str(),
-                        json.to_string().as_str(),
+        store
+            .backend
+            .update(&mut |tables| {
+                let table = tables.entry(OBJECTS.to_owned()).or_default();
+                for name in ["deny", "gone"] {
+                    let object: serde_json::Value = serde_json::to_value(
+                        &load::load_str("x", &policy(name, "/old")).policies[0].policy,
                     )
                     .unwrap();
-            }
-        }
-        txn.commit().unwrap();
+                    let json = serde_json::json!({"source": "directory", "object": object});
+                    table.insert(format!("AuthorizationPolicy/web/{name}"), json.to_string());
+                }
+                Ok(true)
+            })
+            .unwrap();
         store.reload().unwrap();
         assert_eq!(store.config().policies.len(), 2);
 

@@ -1,0 +1,290 @@
+//! The shared store: etcd (v3 API), for several servers over one mesh
+//! configuration.
+//!
+//! # Layout
+//!
+//! Each table's entry is the key `PREFIX TABLE/KEY` (prefix `/meshward/`
+//! by default), its value the entry's. Beside them, `PREFIX commit` holds
+//! the revision of the last commit of any server.
+//!
+//! # Commits
+//!
+//! A change is computed from everything under the prefix read at one
+//! revision, and committed in one etcd transaction on condition that
+//! `PREFIX commit` is still as read (its modification revision): a commit
+//! of another server in between fails the condition, and the change is
+//! computed again over the newer state, up to [`ATTEMPTS`] times. Changes
+//! are therefore applied in order, one over the other, and none is lost;
+//! under contention that lasts, the write is refused as such.
+//!
+//! etcd refuses a transaction of more than `--max-txn-ops` operations
+//! (128 by default) or 1.5 MiB: a change that writes more keys at once
+//! (a first directory sync of a large mesh) needs etcd started with a
+//! larger `--max-txn-ops`.
+//!
+//! # Other servers' changes
+//!
+//! [`Etcd::changes`] watches the prefix; each commit (of any server)
+//! bumps what it sends, and the server reloads and pushes.
+//!
+//! The client is asynchronous; the store is called from threads and tasks
+//! alike, so the client runs on a runtime of its own, and calls wait for
+//! it on a channel (never inside another runtime's `block_on`).
+
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp, WatchOptions,
+};
+use tokio::sync::watch;
+
+use super::StoreError;
+use super::backend::{Backend, BackendError, Change, Tables, diff};
+
+/// How many times a change is computed again over newer commits.
+pub const ATTEMPTS: usize = 16;
+/// How long a request to etcd may take: past it, the store is unavailable
+/// (for instance, etcd lost its quorum) and the write is refused.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The key beside the tables that every commit changes.
+const COMMIT: &str = "commit";
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// `HOST:PORT`, one per member.
+    pub endpoints: Vec<String>,
+    /// Every key's prefix (`/meshward/`).
+    pub prefix: String,
+    /// PEM: the CA that signed etcd's server certificates (TLS when set).
+    pub ca: Option<Vec<u8>>,
+    /// PEM: a client certificate and its key, for etcd's client auth.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+pub struct Etcd {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+    runtime: tokio::runtime::Runtime,
+    changes: watch::Sender<i64>,
+}
+
+impl Etcd {
+    /// Connects to etcd; fails when no member answers.
+    pub fn connect(options: EtcdOptions) -> Result<Etcd, BackendError> {
+        let endpoints = options.endpoints.join(",");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Invalid {
+                endpoints: endpoints.clone(),
+                what: format!("starting the etcd client's runtime: {e}"),
+            })?;
+        let scheme = if options.ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let urls: Vec<String> = options
+            .endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect();
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(ca) = &options.ca {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &options.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(tls);
+        }
+        let client = run(&runtime, async move {
+            let mut client = Client::connect(urls, Some(connect)).await?;
+            // A connection alone proves nothing: ask.
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        })
+        .ok_or_else(|| gone(&endpoints))?
+        .map_err(|source| BackendError::Etcd {
+            endpoints: endpoints.clone(),
+            what: "connecting".into(),
+            source: Box::new(source),
+        })?;
+        let (changes, _) = watch::channel(0);
+        let etcd = Etcd {
+            client,
+            prefix: options.prefix,
+            endpoints,
+            runtime,
+            changes,
+        };
+        etcd.watch();
+        Ok(etcd)
+    }
+
+    /// The revision of each commit under the prefix, of any server, as
+    /// etcd reports it.
+    pub fn changes(&self) -> watch::Receiver<i64> {
+        self.changes.subscribe()
+    }
+
+    /// Watches the prefix for as long as the runtime runs, reconnecting
+    /// after a failure.
+    fn watch(&self) {
+        let (mut client, prefix, changes) = (
+            self.client.clone(),
+            self.prefix.clone(),
+            self.changes.clone(),
+        );
+        self.runtime.spawn(async move {
+            loop {
+                let options = WatchOptions::new().with_prefix();
+                match client.watch(prefix.as_bytes(), Some(options)).await {
+                    Ok(mut stream) => {
+                        while let Ok(Some(response)) = stream.message().await {
+                            if let Some(revision) = response
+                                .events()
+                                .iter()
+                                .filter_map(|e| e.kv())
+                                .map(|kv| kv.mod_revision())
+                                .max()
+                            {
+                                changes.send_replace(revision);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("watching etcd: {e}"),
+                }
+                // Changes while no watch ran are not lost: the next
+                // reload reads everything. Tell the server to reload.
+                changes.send_modify(|_| ());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    fn error(&self, what: &str) -> impl FnOnce(etcd_client::Error) -> BackendError + '_ {
+        let what = what.to_owned();
+        move |source| BackendError::Etcd {
+            endpoints: self.endpoints.clone(),
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    /// Everything under the prefix, the commit key's modification revision
+    /// (0: none yet) and the revision read at.
+    fn read_all(&self) -> Result<(Tables, i64), BackendError> {
+        let mut client = self.client.kv_client();
+        let prefix = self.prefix.clone();
+        let response = run(&self.runtime, async move {
+            client
+                .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
+                .await
+        })
+        .ok_or_else(|| gone(&self.endpoints))?
+        .map_err(self.error("reading"))?;
+        let mut tables = Tables::new();
+        let mut commit = 0;
+        for kv in response.kvs() {
+            let Some(rest) = kv.key().strip_prefix(self.prefix.as_bytes()) else {
+                continue;
+            };
+            let (Ok(rest), Ok(value)) = (std::str::from_utf8(rest), kv.value_str()) else {
+                continue;
+            };
+            if rest == COMMIT {
+                commit = kv.mod_revision();
+                continue;
+            }
+            if let Some((table, key)) = rest.split_once('/') {
+                tables
+                    .entry(table.to_owned())
+                    .or_default()
+                    .insert(key.to_owned(), value.to_owned());
+            }
+        }
+        Ok((tables, commit))
+    }
+}
+
+impl Backend for Etcd {
+    fn read(&self) -> Result<Tables, BackendError> {
+        self.read_all().map(|(tables, _)| tables)
+    }
+
+    fn update(&self, change: Change<'_>) -> Result<(), StoreError> {
+        for _ in 0..ATTEMPTS {
+            let (before, commit) = self.read_all()?;
+            let mut after = before.clone();
+            if !change(&mut after)? {
+                return Ok(());
+            }
+            let (puts, deletes) = diff(&before, &after);
+            let key = |table: &str, key: &str| format!("{}{table}/{key}", self.prefix);
+            let mut operations: Vec<TxnOp> = puts
+                .iter()
+                .map(|(table, k, value)| TxnOp::put(key(table, k), *value, None))
+                .chain(
+                    deletes
+                        .iter()
+                        .map(|(table, k)| TxnOp::delete(key(table, k), None)),
+                )
+                .collect();
+            let guard = format!("{}{COMMIT}", self.prefix);
+            operations.push(TxnOp::put(guard.clone(), commit.to_string(), None));
+            let txn = Txn::new()
+                .when([Compare::mod_revision(guard, CompareOp::Equal, commit)])
+                .and_then(operations);
+            let mut client = self.client.kv_client();
+            let response = run(&self.runtime, async move { client.txn(txn).await })
+                .ok_or_else(|| gone(&self.endpoints))?
+                .map_err(self.error("committing"))?;
+            if response.succeeded() {
+                return Ok(());
+            }
+            // Another server committed since the read: again, over it.
+        }
+        Err(BackendError::Contended {
+            endpoints: self.endpoints.clone(),
+            attempts: ATTEMPTS,
+        }
+        .into())
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {} under {}", self.endpoints, self.prefix)
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<i64>> {
+        Some(self.changes())
+    }
+}
+
+/// Runs `future` on the client's runtime and waits for it from this
+/// thread, whatever runtime it may belong to; `None` if the runtime is
+/// gone.
+fn run<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = reply.send(future.await);
+    });
+    answer.recv().ok()
+}
+
+fn gone(endpoints: &str) -> BackendError {
+    BackendError::Invalid {
+        endpoints: endpoints.to_owned(),
+        what: "the etcd client stopped".into(),
+    }
+}
