@@ -44,7 +44,10 @@ pub fn sync(dir: &Path, store: &Store) -> Result<DirectorySync, SyncError> {
         .iter()
         .map(|file| (file.display().to_string(), load::load_file(file)))
         .collect();
-    Ok(store.sync_directory(&loaded)?)
+    // Files are named under `dir`: what is named otherwise is another
+    // server's (a shared store).
+    let root = dir.join("").display().to_string();
+    Ok(store.sync_directory_under(&root, &loaded)?)
 }
 
 /// Something worth a log line about the directory.

@@ -515,6 +515,19 @@ impl Store {
     /// wrote; objects of files no longer in the directory, or no longer in
     /// their file, are deleted. Objects the API owns are never touched.
     pub fn sync_directory(&self, files: &[(String, Loaded)]) -> Result<DirectorySync, StoreError> {
+        self.sync_directory_under("", files)
+    }
+
+    /// [`Store::sync_directory`] for the directory whose files' names start
+    /// with `root`, in a store other servers' directories write too (etcd):
+    /// objects of files outside it are another server's, never deleted
+    /// here, and a file here defining one of them is refused.
+    pub fn sync_directory_under(
+        &self,
+        root: &str,
+        files: &[(String, Loaded)],
+    ) -> Result<DirectorySync, StoreError> {
+        let foreign = |s: &Stored| s.owner.file().is_some_and(|f| !f.starts_with(root));
         let _writing = self.lock_writes();
         let now = jiff::Timestamp::now().to_string();
         let report = self.update(|tables| {
@@ -552,6 +565,18 @@ impl Store {
                 }
             }
             refuse_duplicates(&definers, &stored, &mut refused);
+            for (file, objects) in &loaded {
+                for key in objects.keys() {
+                    if let Some(other) = stored.get(key).filter(|s| foreign(s)) {
+                        refused.entry((*file).to_owned()).or_default().push(format!(
+                            "{file}: error: {}: defined by {} of another server's directory; \
+                             remove it from one of them",
+                            display_key(key),
+                            other.owner
+                        ));
+                    }
+                }
+            }
             let mut defined = BTreeSet::new();
             for (file, objects) in &loaded {
                 if refused.contains_key(*file) {
@@ -574,6 +599,7 @@ impl Store {
             for (key, s) in &stored {
                 let gone = match &s.owner {
                     Owner::Api => false,
+                    _ if foreign(s) => false,
                     Owner::File(file) => !refused.contains_key(file) && !defined.contains(key),
                 };
                 if gone {
@@ -819,6 +845,12 @@ impl Store {
             .and_then(|m| m.get("version"))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        // Versions only grow: a reload that read before a newer one put
+        // its state in force (a shared store's watch racing a write here)
+        // leaves the newer in force.
+        if version < self.config().version {
+            return Ok(());
+        }
         let mesh = meta.and_then(|m| m.get("mesh"));
         let mut revocations = Vec::new();
         for value in tables
@@ -865,10 +897,13 @@ impl Store {
                 .extend(loaded.policies.into_iter().map(|p| p.policy));
             config.registry.extend(loaded.registry);
         }
-        *self
+        let mut current = self
             .current
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if config.version >= current.version {
+            *current = Arc::new(config);
+        }
         Ok(())
     }
 }

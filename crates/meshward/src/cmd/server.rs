@@ -122,10 +122,75 @@ pub struct Args {
     #[arg(long, default_value_t = Limits::default().unauthenticated_per_peer as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_unauthenticated_per_peer: u64,
+    /// Where the configuration is kept: `redb` (DATA/store.redb, for one
+    /// server) or `etcd://HOST:PORT[,HOST:PORT...]` (etcd's v3 API, shared
+    /// by every server given the same).
+    #[arg(
+        long,
+        default_value = "redb",
+        value_name = "redb|etcd://HOST:PORT[,...]"
+    )]
+    store: String,
+    /// With an etcd store: the prefix of every key meshward writes.
+    #[arg(long, default_value = "/meshward/")]
+    etcd_prefix: String,
+    /// With an etcd store: the CA (PEM) of etcd's server certificates; TLS
+    /// to etcd when given.
+    #[arg(long, value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// With an etcd store over TLS: a client certificate (PEM) for etcd's
+    /// client authentication, with --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Connections without a client certificate in total.
     #[arg(long, default_value_t = Limits::default().unauthenticated_total as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_unauthenticated: u64,
+}
+
+/// The config store `--store` names.
+fn open_store(args: &Args) -> anyhow::Result<Store> {
+    if args.store == "redb" {
+        return match Store::open(&args.data_dir.join(STORE_FILE)) {
+            Ok(store) => Ok(store),
+            Err(e) if e.is_in_use() => bail!(held_by_another(&args.data_dir)),
+            Err(e) => Err(anyhow::Error::new(e).context("opening the config store")),
+        };
+    }
+    let Some(list) = args.store.strip_prefix("etcd://") else {
+        bail!(
+            "--store {}: use `redb` or `etcd://HOST:PORT[,HOST:PORT...]`",
+            args.store
+        );
+    };
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(|e| e.trim().trim_end_matches('/').to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        bail!(
+            "--store {}: name at least one etcd member, HOST:PORT",
+            args.store
+        );
+    }
+    let read = |path: &Option<PathBuf>, flag: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("{flag} {}", p.display())))
+            .transpose()
+    };
+    let options = meshward_control_plane::store::etcd::EtcdOptions {
+        endpoints,
+        prefix: args.etcd_prefix.clone(),
+        ca: read(&args.etcd_cacert, "--etcd-cacert")?,
+        identity: read(&args.etcd_cert, "--etcd-cert")?.zip(read(&args.etcd_key, "--etcd-key")?),
+    };
+    let backend = meshward_control_plane::store::etcd::Etcd::connect(options)
+        .context("opening the config store")?;
+    Store::new(Box::new(backend)).context("reading the config store")
 }
 
 fn positive_duration(s: &str) -> Result<humantime::Duration, String> {
@@ -168,11 +233,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.sans.clone(),
             SERVER_CERT_TTL,
         )?;
-        let store = match Store::open(&args.data_dir.join(STORE_FILE)) {
-            Ok(store) => Arc::new(store),
-            Err(e) if e.is_in_use() => bail!(held_by_another(&args.data_dir)),
-            Err(e) => return Err(anyhow::Error::new(e).context("opening the config store")),
-        };
+        let store = Arc::new(open_store(&args)?);
+        say!("config store: {}", store.describe());
         let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -199,6 +261,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         hub.debounce = args.debounce.into();
         hub.debounce_max = args.debounce_max.into();
         let hub = Arc::new(hub);
+        // A shared store: what other servers commit is put in force here
+        // and pushed to this server's proxies too.
+        let _remote = store.remote_changes().map(|mut changes| {
+            let (store, hub) = (store.clone(), hub.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let reloading = store.clone();
+                    match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                        Ok(Ok(())) => hub.changed(store.config().version),
+                        Ok(Err(e)) => tracing::warn!("reloading the shared store: {e}"),
+                        Err(e) => tracing::warn!("reloading the shared store: {e}"),
+                    }
+                }
+            }))
+        });
         let _watcher = args.config_dir.clone().map(|dir| {
             say!("watching {}", dir.display());
             AbortOnDrop(tokio::spawn(watch::watch(
