@@ -67,8 +67,18 @@ pub struct Etcd {
     client: Client,
     prefix: String,
     endpoints: String,
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until dropped (then shut down without waiting: the
+    /// store may be dropped inside another runtime).
+    runtime: Option<tokio::runtime::Runtime>,
     changes: watch::Sender<i64>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Etcd {
@@ -105,7 +115,7 @@ impl Etcd {
             }
             connect = connect.with_tls(tls);
         }
-        let client = run(&runtime, async move {
+        let client = run(Some(&runtime), async move {
             let mut client = Client::connect(urls, Some(connect)).await?;
             // A connection alone proves nothing: ask.
             client.status().await?;
@@ -122,7 +132,7 @@ impl Etcd {
             client,
             prefix: options.prefix,
             endpoints,
-            runtime,
+            runtime: Some(runtime),
             changes,
         };
         etcd.watch();
@@ -143,7 +153,10 @@ impl Etcd {
             self.prefix.clone(),
             self.changes.clone(),
         );
-        self.runtime.spawn(async move {
+        let Some(runtime) = &self.runtime else {
+            return;
+        };
+        runtime.spawn(async move {
             loop {
                 let options = WatchOptions::new().with_prefix();
                 match client.watch(prefix.as_bytes(), Some(options)).await {
@@ -182,12 +195,19 @@ impl Etcd {
     /// Everything under the prefix, the commit key's modification revision
     /// (0: none yet) and the revision read at.
     fn read_all(&self) -> Result<(Tables, i64), BackendError> {
-        let mut client = self.client.kv_client();
+        let client = self.client.kv_client();
         let prefix = self.prefix.clone();
-        let response = run(&self.runtime, async move {
-            client
-                .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
-                .await
+        let response = run(self.runtime.as_ref(), async move {
+            retrying(|| {
+                let mut client = client.clone();
+                let prefix = prefix.clone();
+                async move {
+                    client
+                        .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await
         })
         .ok_or_else(|| gone(&self.endpoints))?
         .map_err(self.error("reading"))?;
@@ -243,10 +263,16 @@ impl Backend for Etcd {
             let txn = Txn::new()
                 .when([Compare::mod_revision(guard, CompareOp::Equal, commit)])
                 .and_then(operations);
-            let mut client = self.client.kv_client();
-            let response = run(&self.runtime, async move { client.txn(txn).await })
-                .ok_or_else(|| gone(&self.endpoints))?
-                .map_err(self.error("committing"))?;
+            let client = self.client.kv_client();
+            let response = run(self.runtime.as_ref(), async move {
+                retrying(|| {
+                    let (mut client, txn) = (client.clone(), txn.clone());
+                    async move { client.txn(txn).await }
+                })
+                .await
+            })
+            .ok_or_else(|| gone(&self.endpoints))?
+            .map_err(self.error("committing"))?;
             if response.succeeded() {
                 return Ok(());
             }
@@ -272,14 +298,48 @@ impl Backend for Etcd {
 /// thread, whatever runtime it may belong to; `None` if the runtime is
 /// gone.
 fn run<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
+    runtime: Option<&tokio::runtime::Runtime>,
     future: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Option<T> {
     let (reply, answer) = std::sync::mpsc::sync_channel(1);
-    runtime.spawn(async move {
+    runtime?.spawn(async move {
         let _ = reply.send(future.await);
     });
     answer.recv().ok()
+}
+
+/// Runs `request` again (a bounded number of times) while it fails
+/// before reaching etcd: the client spreads requests over the members,
+/// and one that is down refuses the connection until the client stops
+/// choosing it. A request that reached etcd is never repeated.
+async fn retrying<T, F>(mut request: impl FnMut() -> F) -> Result<T, etcd_client::Error>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match request().await {
+            Err(e) if tries < RETRIES && not_sent(&e) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How many times a request that was not sent is tried again.
+const RETRIES: usize = 20;
+
+/// Whether `e` says the request never reached a member (no connection).
+fn not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+        }
+        _ => false,
+    }
 }
 
 fn gone(endpoints: &str) -> BackendError {

@@ -1,0 +1,346 @@
+//! Several servers on one etcd: a three-member etcd cluster on loopback
+//! ports, two meshward servers sharing it (and one CA), real proxies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// One etcd member, restartable with its data.
+struct Member {
+    name: String,
+    client: SocketAddr,
+    peer: SocketAddr,
+    data: PathBuf,
+    process: Option<Spawned>,
+}
+
+struct Etcd {
+    members: Vec<Member>,
+    cluster: String,
+}
+
+impl Etcd {
+    /// Three members, started; returns once the cluster answers healthy.
+    fn start(dir: &Path) -> Etcd {
+        let members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+                peer: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+                data: dir.join(format!("etcd-m{i}")),
+                process: None,
+            })
+            .collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd { members, cluster };
+        for i in 0..3 {
+            etcd.start_member(i);
+        }
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let cluster = self.cluster.clone();
+        let m = &mut self.members[i];
+        let mut command = std::process::Command::new("etcd");
+        command
+            .args(["--name", &m.name, "--data-dir", m.data.to_str().unwrap()])
+            .args(["--listen-client-urls", &format!("http://{}", m.client)])
+            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", m.peer),
+            ])
+            .args(["--initial-cluster", &cluster])
+            .args(["--initial-cluster-token", "meshward-test"])
+            .args(["--initial-cluster-state", "new"])
+            // Short elections: a lost member is noticed in well under a
+            // second on loopback.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--max-txn-ops", "1024", "--log-level", "warn"]);
+        m.process = Some(spawn(&format!("etcd {}", m.name), &mut command));
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if let Some(mut p) = m.process.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(p.pid()).unwrap()),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            p.wait_exit(SETTLE);
+        }
+    }
+
+    /// Every running member says the cluster is healthy (has a leader).
+    fn wait_healthy(&self) {
+        wait_for(START, || {
+            for m in self.members.iter().filter(|m| m.process.is_some()) {
+                match http_get(m.client, "/health") {
+                    Some((200, body)) if body.contains("\"health\":\"true\"") => {}
+                    other => return Err(format!("etcd {}: {other:?}", m.name)),
+                }
+            }
+            Ok(())
+        });
+    }
+
+    fn store(&self) -> String {
+        let list: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        format!("etcd://{}", list.join(","))
+    }
+}
+
+/// Server A (which makes the CA) and server B (given A's CA files, as an
+/// operator gives every server the same plug-in CA), both on `etcd`.
+fn two_servers(dir: &Path, etcd: &Etcd) -> (Mesh, Mesh) {
+    let store = etcd.store();
+    let fast = ["--debounce", "50ms", "--debounce-max", "200ms"];
+    let a = server_with(&dir.join("a"), &[&["--store", &store][..], &fast].concat());
+    let b_data = dir.join("b").join("data");
+    std::fs::create_dir_all(&b_data).unwrap();
+    copy_ca(&a.data, &b_data);
+    let b = server_with(&dir.join("b"), &[&["--store", &store][..], &fast].concat());
+    (a, b)
+}
+
+/// Copies the CA and trust files of one data directory to another: all
+/// but the server's own records.
+fn copy_ca(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if ["admin", "server.json", "store.redb"].contains(&name.as_str()) {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(to.join(&name)).unwrap();
+            copy_ca(&entry.path(), &to.join(&name));
+        } else {
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// A proxy whose control plane and CA are `mesh`; ready and configured.
+fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut command = meshward();
+    command
+        .args([
+            "proxy",
+            "--identity",
+            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+        ])
+        .args(args)
+        .args(["--control-plane", &mesh.ca_addr])
+        .args(["--ca-address", &format!("https://{}", mesh.ca_addr)])
+        .args([
+            "--ca-root",
+            mesh.data.join("root-cert.pem").to_str().unwrap(),
+        ])
+        .args(["--ca-server-name", "localhost"])
+        .args(["--token-file", mesh.token(ns, sa).to_str().unwrap()])
+        .args(["--admin", &admin.to_string()])
+        .args(["--access-log", "off", "--audit-log", "off"]);
+    let mut process = spawn(&format!("meshward proxy ({ns}/{sa})"), &mut command);
+    wait_for(START, || {
+        process.assert_running();
+        let dump = http_get(admin, "/config_dump");
+        match &dump {
+            Some((200, body)) if body.contains("control plane, version") => Ok(()),
+            _ => Err(format!("the proxy is not configured: {dump:?}")),
+        }
+    });
+    (process, admin)
+}
+
+fn apply(mesh: &Mesh, name: &str, yaml: &str) -> std::process::Output {
+    let file = mesh.dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    mesh.admin(&["apply", "-f", file.to_str().unwrap()])
+}
+
+fn policy(name: &str, path: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: web}}\nspec:\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [\"{path}\"]}}}}]}}]\n"
+    )
+}
+
+const REGISTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: web, namespace: web}
+spec: {address: 127.0.0.1, ports: {http: WEB_PORT}, labels: {app: web}, serviceAccount: web}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: sleep, namespace: sleep}
+spec: {address: 127.0.0.1, labels: {app: sleep}, serviceAccount: sleep}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: web}
+spec:
+  hosts: [web.web]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: web}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+fn skip() -> bool {
+    let missing = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_err();
+    if missing {
+        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+    }
+    missing
+}
+
+#[test]
+fn servers_on_one_etcd_serve_one_mesh() {
+    if skip() {
+        return;
+    }
+    let dir = tempdir("etcd");
+    let mut etcd = Etcd::start(&dir);
+    let (a, b) = two_servers(&dir, &etcd);
+
+    let web_in = free_port();
+    let sleep_out: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let out = apply(
+        &a,
+        "registry.yaml",
+        &REGISTRY.replace("WEB_PORT", &web_in.to_string()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // web's proxy on B (its certificate from B), sleep's on A (from A): a
+    // certificate of one server verifies at the proxy of the other.
+    let app = app("web");
+    let (_web, _) = proxy(
+        &b,
+        "web",
+        "web",
+        &["--inbound".into(), format!("{web_in}={app},protocol=http")],
+    );
+    let (_sleep, _) = proxy(
+        &a,
+        "sleep",
+        "sleep",
+        &[
+            "--upstream".into(),
+            format!("web.web:80={sleep_out},protocol=http"),
+        ],
+    );
+    eventually_status(sleep_out, "/x", 200, SETTLE);
+
+    // Applied through A, enforced by the proxy on B.
+    let out = apply(&a, "deny-x.yaml", &policy("deny-x", "/x"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually_status(sleep_out, "/x", 403, SETTLE);
+    // And B lists it, as its own store's.
+    let got = b.admin(&["get", "ap", "deny-x", "-n", "web"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+
+    // Applies through both servers at once: none is lost.
+    std::thread::scope(|scope| {
+        for (server, side) in [(&a, "a"), (&b, "b")] {
+            scope.spawn(move || {
+                for i in 0..8 {
+                    let name = format!("{side}-{i}");
+                    let out = apply(
+                        server,
+                        &format!("{name}.yaml"),
+                        &policy(&name, &format!("/{name}")),
+                    );
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            });
+        }
+    });
+    let listed = String::from_utf8(a.admin(&["get", "ap", "-n", "web"]).stdout).unwrap();
+    for side in ["a", "b"] {
+        for i in 0..8 {
+            assert!(
+                listed.contains(&format!("{side}-{i}")),
+                "{side}-{i} was lost: {listed}"
+            );
+        }
+    }
+
+    // One member gone: writes and pushes go on.
+    etcd.kill_member(2);
+    let out = apply(&b, "deny-y.yaml", &policy("deny-y", "/y"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually_status(sleep_out, "/y", 403, SETTLE);
+
+    // Quorum lost: the proxies keep the last configuration and the CA still
+    // issues (tokens are checked without the store); an apply is refused,
+    // saying why.
+    etcd.kill_member(1);
+    let out = apply(&a, "deny-z.yaml", &policy("deny-z", "/z"));
+    assert!(!out.status.success(), "an apply without quorum succeeded");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("etcd"), "{said}");
+    assert_eq!(http_get(sleep_out, "/y").unwrap().0, 403);
+    assert_eq!(http_get(sleep_out, "/z").unwrap().0, 200);
+    let (_issued, _) = proxy(
+        &b,
+        "sleep",
+        "other",
+        &[
+            "--upstream".into(),
+            format!("web.web:80=127.0.0.1:{},protocol=http", free_port()),
+        ],
+    );
+
+    // Quorum back: the apply goes through.
+    etcd.start_member(1);
+    etcd.start_member(2);
+    etcd.wait_healthy();
+    wait_until(SETTLE, "an apply succeeds once etcd has its quorum", || {
+        apply(&a, "deny-z.yaml", &policy("deny-z", "/z"))
+            .status
+            .success()
+    });
+    eventually_status(sleep_out, "/z", 403, SETTLE);
+}
