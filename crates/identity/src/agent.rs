@@ -59,7 +59,8 @@ fn marked(
 #[derive(Clone)]
 pub struct AgentConfig {
     pub identity: SpiffeId,
-    /// `https://host:port` of the CA.
+    /// `https://host:port` of the CA; several, comma-separated, are tried
+    /// in turn until one takes the connection.
     pub ca_address: String,
     /// The name to expect in the CA's certificate (`istiod.istio-system.svc`, `localhost`).
     pub ca_server_name: String,
@@ -205,6 +206,32 @@ async fn run(config: AgentConfig, tx: watch::Sender<Option<Arc<CertifiedKey>>>) 
     }
 }
 
+/// A channel to the CA at `address` (a URL).
+async fn connect(
+    address: &str,
+    tls: ClientTlsConfig,
+    mark: Option<u32>,
+) -> Result<Channel, AgentError> {
+    let connect_error = |e: tonic::transport::Error| AgentError::Connect {
+        address: address.to_owned(),
+        reason: e.to_string(),
+    };
+    let endpoint = Channel::from_shared(address.to_owned())
+        .map_err(|e| AgentError::Connect {
+            address: address.to_owned(),
+            reason: e.to_string(),
+        })?
+        .tls_config(tls)
+        .map_err(connect_error)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10));
+    match mark {
+        None => endpoint.connect().await,
+        Some(mark) => endpoint.connect_with_connector(marked(mark)).await,
+    }
+    .map_err(connect_error)
+}
+
 /// One round: new key and CSR, the CA's chain, checked.
 async fn fetch(
     config: &AgentConfig,
@@ -232,24 +259,22 @@ async fn fetch(
             current.key_pem.as_bytes(),
         ));
     }
-    let connect_error = |e: tonic::transport::Error| AgentError::Connect {
+    // Several servers (`--ca-address A,B`): the first that takes the
+    // connection. One that answers has the last word, refusals included.
+    let mut channel = Err(AgentError::Connect {
         address: config.ca_address.clone(),
-        reason: e.to_string(),
-    };
-    let endpoint = Channel::from_shared(config.ca_address.clone())
-        .map_err(|e| AgentError::Connect {
-            address: config.ca_address.clone(),
-            reason: e.to_string(),
-        })?
-        .tls_config(tls)
-        .map_err(connect_error)?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10));
-    let channel = match config.mark {
-        None => endpoint.connect().await,
-        Some(mark) => endpoint.connect_with_connector(marked(mark)).await,
+        reason: "no address".into(),
+    });
+    for address in config.ca_address.split(',').map(str::trim) {
+        if address.is_empty() {
+            continue;
+        }
+        channel = connect(address, tls.clone(), config.mark).await;
+        if channel.is_ok() {
+            break;
+        }
     }
-    .map_err(connect_error)?;
+    let channel = channel?;
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
         validity_duration: config

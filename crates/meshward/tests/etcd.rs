@@ -144,9 +144,14 @@ fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAd
             "--identity",
             &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
         ])
-        .args(args)
-        .args(["--control-plane", &mesh.ca_addr])
-        .args(["--ca-address", &format!("https://{}", mesh.ca_addr)])
+        .args(args);
+    // Unless the test names the servers itself.
+    if !args.iter().any(|a| a == "--control-plane") {
+        command
+            .args(["--control-plane", &mesh.ca_addr])
+            .args(["--ca-address", &format!("https://{}", mesh.ca_addr)]);
+    }
+    command
         .args([
             "--ca-root",
             mesh.data.join("root-cert.pem").to_str().unwrap(),
@@ -246,13 +251,18 @@ fn servers_on_one_etcd_serve_one_mesh() {
         "web",
         &["--inbound".into(), format!("{web_in}={app},protocol=http")],
     );
-    let (_sleep, _) = proxy(
+    let (_sleep, sleep_admin) = proxy(
         &a,
         "sleep",
         "sleep",
         &[
             "--upstream".into(),
             format!("web.web:80={sleep_out},protocol=http"),
+            // Both servers: A first.
+            "--control-plane".into(),
+            format!("{},{}", a.ca_addr, b.ca_addr),
+            "--ca-address".into(),
+            format!("https://{},https://{}", a.ca_addr, b.ca_addr),
         ],
     );
     eventually_status(sleep_out, "/x", 200, SETTLE);
@@ -343,4 +353,47 @@ fn servers_on_one_etcd_serve_one_mesh() {
             .success()
     });
     eventually_status(sleep_out, "/z", 403, SETTLE);
+
+    // A, sleep's server, killed: sleep's proxy resyncs from B, which then
+    // pushes to it, and requests through it succeed throughout.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut a = a;
+    let failed = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let mut failed = Vec::new();
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 100_000 {
+                match http_get(sleep_out, "/ok") {
+                    Some((200, _)) => {}
+                    other => failed.push(other),
+                }
+                sent += 1;
+            }
+            failed
+        });
+        a.server.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = a.server.halt();
+        let out = apply(&b, "deny-w.yaml", &policy("deny-w", "/w"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eventually_status(sleep_out, "/w", 403, SETTLE);
+        // B serves it now: it lists it, synced.
+        wait_until(SETTLE, "B lists sleep's proxy, synced", || {
+            let status = String::from_utf8(b.admin(&["status"]).stdout).unwrap();
+            status
+                .lines()
+                .any(|l| l.contains("/ns/sleep/sa/sleep ") && l.contains("SYNCED"))
+        });
+        let dump = http_get(sleep_admin, "/config_dump").unwrap().1;
+        assert!(dump.contains("control plane, version"), "{dump}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    assert!(
+        failed.is_empty(),
+        "requests failed during the failover: {failed:?}"
+    );
 }

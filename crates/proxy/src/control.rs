@@ -49,7 +49,9 @@ use crate::transparent::Routes;
 /// Where the control plane is and who it must be.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
-    pub address: SocketAddr,
+    /// Every server's address: a stream goes to the first that answers,
+    /// and after a loss the next server is tried first.
+    pub addresses: Vec<SocketAddr>,
     /// The name sent as SNI.
     pub server_name: String,
     /// The identity the server's certificate must carry.
@@ -157,10 +159,13 @@ pub async fn run(
     let mut configured = false;
     // The last way a stream ended, logged once until it changes.
     let mut last_ended: Option<Ended> = None;
+    // Where the next stream starts among the servers.
+    let mut first = 0;
     loop {
         let mut applied = false;
         let session = stream(
             &control_plane,
+            first,
             &identity,
             &store,
             &targets,
@@ -189,14 +194,19 @@ pub async fn run(
             match &ended {
                 _ if repeated => tracing::debug!(?ended, "control plane stream ended again"),
                 Ended::Refused(reason) => tracing::error!(
-                    address = %control_plane.address,
+                    servers = ?control_plane.addresses,
                     workload = control_plane.workload.as_deref().unwrap_or("(none claimed)"),
                     "the control plane refused this proxy: {reason}; {enforcing}, retrying"
                 ),
                 Ended::Lost(e) => tracing::warn!(
-                    address = %control_plane.address,
+                    servers = ?control_plane.addresses,
                     "control plane unavailable ({e}); {enforcing}"
                 ),
+            }
+            if matches!(ended, Ended::Lost(_)) {
+                // The next stream tries another server first; a new one
+                // starts from a full snapshot, as every stream does.
+                first = (first + 1) % control_plane.addresses.len().max(1);
             }
             last_ended = Some(ended);
         }
@@ -224,6 +234,7 @@ fn rand_fraction() -> f64 {
 #[allow(clippy::too_many_arguments)]
 async fn stream(
     control_plane: &ControlPlane,
+    first: usize,
     identity: &WorkloadIdentity,
     store: &PolicyStore,
     targets: &Targets,
@@ -242,8 +253,11 @@ async fn stream(
             .map_err(|e| lost(&e))?,
         revocations: identity.revocations.clone(),
     };
+    let mut addresses = control_plane.addresses.clone();
+    let len = addresses.len();
+    addresses.rotate_left(first.min(len));
     let connector = Connector::new(
-        vec![control_plane.address],
+        addresses,
         Some(tls),
         Duration::from_secs(5),
         crate::socket::Dial {

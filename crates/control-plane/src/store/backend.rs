@@ -71,12 +71,14 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// `(table, key, value)` to write.
+pub type Put<'a> = (&'a str, &'a str, &'a str);
+/// `(table, key)` to delete.
+pub type Delete<'a> = (&'a str, &'a str);
+
 /// What `after` changed of `before`: the keys to put (with their values)
 /// and to delete, per table.
-pub fn diff<'a>(
-    before: &'a Tables,
-    after: &'a Tables,
-) -> (Vec<(&'a str, &'a str, &'a str)>, Vec<(&'a str, &'a str)>) {
+pub fn diff<'a>(before: &'a Tables, after: &'a Tables) -> (Vec<Put<'a>>, Vec<Delete<'a>>) {
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
     let mut puts = Vec::new();
     let mut deletes = Vec::new();

@@ -54,8 +54,11 @@ pub struct Args {
     policies: Vec<PathBuf>,
     /// Take policies, the workload's namespace and labels, and the services'
     /// endpoints and identities from this control plane (`meshward server`,
-    /// HOST:PORT) instead of files.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// HOST:PORT) instead of files. Several servers (HOST:PORT,HOST:PORT,
+    /// or a name with several addresses): when one goes away the proxy
+    /// resyncs from another, enforcing its last good configuration
+    /// meanwhile.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     control_plane: Option<String>,
     /// The WorkloadEntry this proxy serves, NAMESPACE/NAME. The control
     /// plane accepts the claim only if that entry runs as --identity and,
@@ -74,7 +77,8 @@ pub struct Args {
     /// Admin endpoints: /healthz/ready, /config_dump, /stats/prometheus.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// The mesh CA (`meshward server`).
+    /// The mesh CA (`meshward server`); several, comma-separated, are tried
+    /// in turn (any server of one mesh renews).
     #[arg(long, default_value = "https://127.0.0.1:15012")]
     ca_address: String,
     /// The mesh's root certificate(s): `root-cert.pem` from the server's data directory.
@@ -232,12 +236,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let control_plane = match &args.control_plane {
         None => None,
-        Some(address) => {
-            let address = address.trim_start_matches("https://");
-            let socket = std::net::ToSocketAddrs::to_socket_addrs(address)
-                .with_context(|| format!("--control-plane {address}"))?
-                .next()
-                .with_context(|| format!("--control-plane {address}: no address"))?;
+        Some(list) => {
+            // HOST:PORT[,HOST:PORT...]: every address of every entry (a DNS
+            // name may have several), in order.
+            let entries: Vec<&str> = list
+                .split(',')
+                .map(|a| a.trim().trim_start_matches("https://"))
+                .filter(|a| !a.is_empty())
+                .collect();
+            let mut addresses = Vec::new();
+            for entry in &entries {
+                let resolved = std::net::ToSocketAddrs::to_socket_addrs(entry)
+                    .with_context(|| format!("--control-plane {entry}"))?;
+                for address in resolved {
+                    if !addresses.contains(&address) {
+                        addresses.push(address);
+                    }
+                }
+            }
+            let first = entries
+                .first()
+                .with_context(|| format!("--control-plane {list:?}: no address"))?;
+            if addresses.is_empty() {
+                bail!("--control-plane {list}: no address");
+            }
             let identity = match &args.control_plane_identity {
                 Some(id) => {
                     SpiffeId::parse(id).with_context(|| format!("--control-plane-identity {id}"))?
@@ -245,10 +267,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
             };
             Some(ControlPlane {
-                address: socket,
-                server_name: address
+                addresses,
+                // Every server's certificate carries the same names.
+                server_name: first
                     .rsplit_once(':')
-                    .map_or(address, |(host, _)| host)
+                    .map_or(*first, |(host, _)| host)
+                    .trim_matches(['[', ']'])
                     .to_owned(),
                 identity,
                 workload: args.workload.clone(),
@@ -376,7 +400,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         if let Some(control_plane) = control_plane {
             eprintln!(
                 "meshward proxy: configuration from {} ({})",
-                control_plane.address, control_plane.identity
+                control_plane
+                    .addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                control_plane.identity
             );
             tokio::spawn(control::run(
                 control_plane,
