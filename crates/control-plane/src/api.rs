@@ -27,6 +27,8 @@ pub struct ConfigApi {
     /// Identities that may not be revoked: the control plane's own (every
     /// proxy would refuse the server, and nothing could undo it).
     unrevocable: Vec<SpiffeId>,
+    /// This server's advertised address, naming it among several.
+    server: String,
 }
 
 impl ConfigApi {
@@ -36,7 +38,15 @@ impl ConfigApi {
             hub,
             admin,
             unrevocable: Vec::new(),
+            server: String::new(),
         }
+    }
+
+    /// Names this server (its advertised address) in `status`, where a
+    /// shared store lists the proxies of every server.
+    pub fn with_server(mut self, server: String) -> ConfigApi {
+        self.server = server;
+        self
     }
 
     /// Refuses to revoke `identities`.
@@ -218,9 +228,33 @@ impl ConfigService for ConfigApi {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         self.authorize(&request)?;
+        let mut proxies = self.hub.status();
+        if self.store.is_shared() {
+            for p in &mut proxies {
+                p.server.clone_from(&self.server);
+            }
+            // The other servers' proxies, as each last recorded them (a
+            // server that died is gone with its lease).
+            let store = self.store.clone();
+            let announced = tokio::task::spawn_blocking(move || store.announced())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            for (server, record) in announced.into_iter().filter(|(s, _)| *s != self.server) {
+                let Ok(theirs) = <StatusResponse as prost::Message>::decode(record.as_slice())
+                else {
+                    continue;
+                };
+                proxies.extend(theirs.proxies.into_iter().map(|mut p| {
+                    p.server.clone_from(&server);
+                    p
+                }));
+            }
+            proxies.sort_by(|a, b| (&a.workload, &a.identity).cmp(&(&b.workload, &b.identity)));
+        }
         Ok(Response::new(StatusResponse {
             version: self.store.config().version,
-            proxies: self.hub.status(),
+            proxies,
             refused: self.hub.refused(),
         }))
     }

@@ -200,10 +200,20 @@ impl Hub {
                 sent_version: s.sent_version,
                 acked_version: s.acked_version,
                 nack: s.nack.clone(),
+                server: String::new(),
             })
             .collect();
         out.sort_by(|a, b| (&a.workload, &a.identity).cmp(&(&b.workload, &b.identity)));
         out
+    }
+
+    /// What this server records of itself in a shared store: its proxies'
+    /// [`Hub::status`], as a protobuf `StatusResponse`.
+    pub fn record(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(&meshward_api::control::StatusResponse {
+            proxies: self.status(),
+            ..Default::default()
+        })
     }
 
     /// The proxies refused within [`REFUSED_KEPT`], newest first.

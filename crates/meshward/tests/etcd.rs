@@ -266,6 +266,19 @@ fn servers_on_one_etcd_serve_one_mesh() {
         ],
     );
     eventually_status(sleep_out, "/x", 200, SETTLE);
+    // Either server's status lists every proxy, with its server.
+    let listed_with = |server: &Mesh, proxy: &str, on: &Mesh| {
+        let status = String::from_utf8(server.admin(&["status"]).stdout).unwrap();
+        status
+            .lines()
+            .any(|l| l.contains(proxy) && l.contains(&on.ca_addr) && l.contains("SYNCED"))
+    };
+    for server in [&a, &b] {
+        wait_until(SETTLE, "status lists both servers' proxies", || {
+            listed_with(server, "/ns/web/sa/web ", &b)
+                && listed_with(server, "/ns/sleep/sa/sleep ", &a)
+        });
+    }
 
     // Applied through A, enforced by the proxy on B.
     let out = apply(&a, "deny-x.yaml", &policy("deny-x", "/x"));
@@ -380,12 +393,13 @@ fn servers_on_one_etcd_serve_one_mesh() {
             String::from_utf8_lossy(&out.stderr)
         );
         eventually_status(sleep_out, "/w", 403, SETTLE);
-        // B serves it now: it lists it, synced.
-        wait_until(SETTLE, "B lists sleep's proxy, synced", || {
+        // B serves it now, and A's record is gone with A's lease.
+        wait_until(SETTLE, "B lists sleep's proxy as its own, synced", || {
+            listed_with(&b, "/ns/sleep/sa/sleep ", &b)
+        });
+        wait_until(SETTLE, "no server lists the dead server's proxies", || {
             let status = String::from_utf8(b.admin(&["status"]).stdout).unwrap();
-            status
-                .lines()
-                .any(|l| l.contains("/ns/sleep/sa/sleep ") && l.contains("SYNCED"))
+            !status.contains(&a.ca_addr)
         });
         let dump = http_get(sleep_admin, "/config_dump").unwrap().1;
         assert!(dump.contains("control plane, version"), "{dump}");

@@ -69,6 +69,15 @@ pub trait Backend: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         None
     }
+    /// For a shared backend: records what server `server` says of itself
+    /// (its proxies), kept only while this process lives (a lease).
+    fn announce(&self, _server: &str, _record: Vec<u8>) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Every live server's last record, by server.
+    fn announced(&self) -> Result<BTreeMap<String, Vec<u8>>, BackendError> {
+        Ok(BTreeMap::new())
+    }
 }
 
 /// `(table, key, value)` to write.

@@ -24,8 +24,15 @@
 //!
 //! # Other servers' changes
 //!
-//! [`Etcd::changes`] watches the prefix; each commit (of any server)
+//! [`Etcd::changes`] watches the commit key; each commit (of any server)
 //! bumps what it sends, and the server reloads and pushes.
+//!
+//! # Servers
+//!
+//! Each server records its proxies at `PREFIX servers/ADDRESS`, attached
+//! to a lease it renews with every record (every few seconds): when it
+//! dies, etcd drops the record within the lease's time to live, and no
+//! other server lists its proxies any more.
 //!
 //! The client is asynchronous; the store is called from threads and tasks
 //! alike, so the client runs on a runtime of its own, and calls wait for
@@ -34,8 +41,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
-    TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::watch;
 
@@ -49,6 +56,11 @@ pub const ATTEMPTS: usize = 16;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The key beside the tables that every commit changes.
 const COMMIT: &str = "commit";
+/// Where each server records itself (`PREFIX servers/ADDRESS`), under a
+/// lease of its own: a server that dies leaves no record.
+const SERVERS: &str = "servers/";
+/// The lease's time to live; each announcement renews it.
+const LEASE_TTL: i64 = 10;
 
 /// How to reach etcd.
 #[derive(Debug, Clone, Default)]
@@ -71,6 +83,8 @@ pub struct Etcd {
     /// store may be dropped inside another runtime).
     runtime: Option<tokio::runtime::Runtime>,
     changes: watch::Sender<i64>,
+    /// This process's lease, once granted.
+    lease: std::sync::Arc<tokio::sync::Mutex<Option<i64>>>,
 }
 
 impl Drop for Etcd {
@@ -134,6 +148,7 @@ impl Etcd {
             endpoints,
             runtime: Some(runtime),
             changes,
+            lease: std::sync::Arc::default(),
         };
         etcd.watch();
         Ok(etcd)
@@ -145,12 +160,12 @@ impl Etcd {
         self.changes.subscribe()
     }
 
-    /// Watches the prefix for as long as the runtime runs, reconnecting
-    /// after a failure.
+    /// Watches the commit key for as long as the runtime runs,
+    /// reconnecting after a failure.
     fn watch(&self) {
-        let (mut client, prefix, changes) = (
+        let (mut client, key, changes) = (
             self.client.clone(),
-            self.prefix.clone(),
+            format!("{}{COMMIT}", self.prefix),
             self.changes.clone(),
         );
         let Some(runtime) = &self.runtime else {
@@ -158,8 +173,7 @@ impl Etcd {
         };
         runtime.spawn(async move {
             loop {
-                let options = WatchOptions::new().with_prefix();
-                match client.watch(prefix.as_bytes(), Some(options)).await {
+                match client.watch(key.as_bytes(), None::<WatchOptions>).await {
                     Ok(mut stream) => {
                         while let Ok(Some(response)) = stream.message().await {
                             if let Some(revision) = response
@@ -198,7 +212,7 @@ impl Etcd {
         let client = self.client.kv_client();
         let prefix = self.prefix.clone();
         let response = run(self.runtime.as_ref(), async move {
-            retrying(|| {
+            retrying(transient, || {
                 let mut client = client.clone();
                 let prefix = prefix.clone();
                 async move {
@@ -224,6 +238,9 @@ impl Etcd {
                 commit = kv.mod_revision();
                 continue;
             }
+            if rest.starts_with(SERVERS) {
+                continue;
+            }
             if let Some((table, key)) = rest.split_once('/') {
                 tables
                     .entry(table.to_owned())
@@ -241,7 +258,10 @@ impl Backend for Etcd {
     }
 
     fn update(&self, change: Change<'_>) -> Result<(), StoreError> {
-        for _ in 0..ATTEMPTS {
+        let mut unsure = 0;
+        let mut attempt = 0;
+        while attempt < ATTEMPTS {
+            attempt += 1;
             let (before, commit) = self.read_all()?;
             let mut after = before.clone();
             if !change(&mut after)? {
@@ -264,15 +284,29 @@ impl Backend for Etcd {
                 .when([Compare::mod_revision(guard, CompareOp::Equal, commit)])
                 .and_then(operations);
             let client = self.client.kv_client();
-            let response = run(self.runtime.as_ref(), async move {
-                retrying(|| {
+            let response = match run(self.runtime.as_ref(), async move {
+                retrying(not_sent, || {
                     let (mut client, txn) = (client.clone(), txn.clone());
                     async move { client.txn(txn).await }
                 })
                 .await
             })
             .ok_or_else(|| gone(&self.endpoints))?
-            .map_err(self.error("committing"))?;
+            {
+                Ok(response) => response,
+                // The cluster is changing leader: whether the commit was
+                // made is unknown, so the change is computed again over
+                // what is in force then (a change already made changes
+                // nothing the second time; a single-use token already
+                // spent is refused: fail closed).
+                Err(e) if transient(&e) && unsure < RETRIES => {
+                    unsure += 1;
+                    attempt -= 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => return Err(self.error("committing")(e).into()),
+            };
             if response.succeeded() {
                 return Ok(());
             }
@@ -292,6 +326,55 @@ impl Backend for Etcd {
     fn changes(&self) -> Option<watch::Receiver<i64>> {
         Some(self.changes())
     }
+
+    fn announce(&self, server: &str, record: Vec<u8>) -> Result<(), BackendError> {
+        let (client, lease) = (self.client.clone(), self.lease.clone());
+        let key = format!("{}{SERVERS}{server}", self.prefix);
+        run(self.runtime.as_ref(), async move {
+            let mut lease = lease.lock().await;
+            let mut client = client;
+            // Renew the lease; one that expired (etcd was away longer than
+            // its time to live) is replaced.
+            let alive = match *lease {
+                Some(id) => match client.lease_keep_alive(id).await {
+                    Ok((mut keeper, mut stream)) => {
+                        keeper.keep_alive().await?;
+                        matches!(stream.message().await?, Some(r) if r.ttl() > 0)
+                    }
+                    Err(e) => return Err(e),
+                },
+                None => false,
+            };
+            if !alive {
+                *lease = Some(client.lease_grant(LEASE_TTL, None).await?.id());
+            }
+            let options = PutOptions::new().with_lease(lease.unwrap_or_default());
+            client.put(key, record, Some(options)).await.map(drop)
+        })
+        .ok_or_else(|| gone(&self.endpoints))?
+        .map_err(self.error("recording this server"))
+    }
+
+    fn announced(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, BackendError> {
+        let mut client = self.client.kv_client();
+        let prefix = format!("{}{SERVERS}", self.prefix);
+        let start = prefix.clone();
+        let response = run(self.runtime.as_ref(), async move {
+            client
+                .get(start.as_bytes(), Some(GetOptions::new().with_prefix()))
+                .await
+        })
+        .ok_or_else(|| gone(&self.endpoints))?
+        .map_err(self.error("reading the servers' records"))?;
+        Ok(response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let server = std::str::from_utf8(kv.key().strip_prefix(prefix.as_bytes())?).ok()?;
+                Some((server.to_owned(), kv.value().to_vec()))
+            })
+            .collect())
+    }
 }
 
 /// Runs `future` on the client's runtime and waits for it from this
@@ -308,18 +391,22 @@ fn run<T: Send + 'static>(
     answer.recv().ok()
 }
 
-/// Runs `request` again (a bounded number of times) while it fails
-/// before reaching etcd: the client spreads requests over the members,
-/// and one that is down refuses the connection until the client stops
-/// choosing it. A request that reached etcd is never repeated.
-async fn retrying<T, F>(mut request: impl FnMut() -> F) -> Result<T, etcd_client::Error>
+/// Runs `request` again (a bounded number of times) while it fails in a
+/// way `again` says is worth another try: the client spreads requests over
+/// the members, and one that is down refuses the connection until the
+/// client stops choosing it. Writes are repeated only when they never
+/// reached etcd ([`not_sent`]).
+async fn retrying<T, F>(
+    again: fn(&etcd_client::Error) -> bool,
+    mut request: impl FnMut() -> F,
+) -> Result<T, etcd_client::Error>
 where
     F: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let mut tries = 0;
     loop {
         match request().await {
-            Err(e) if tries < RETRIES && not_sent(&e) => {
+            Err(e) if tries < RETRIES && again(&e) => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -330,6 +417,16 @@ where
 
 /// How many times a request that was not sent is tried again.
 const RETRIES: usize = 20;
+
+/// Whether `e` says the cluster could not answer now (no connection, no
+/// leader, a leader changing): a read can simply be made again.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::Unavailable,
+        _ => false,
+    }
+}
 
 /// Whether `e` says the request never reached a member (no connection).
 fn not_sent(e: &etcd_client::Error) -> bool {

@@ -422,6 +422,22 @@ impl Store {
         self.backend.changes()
     }
 
+    /// Whether other servers share this store.
+    pub fn is_shared(&self) -> bool {
+        self.backend.changes().is_some()
+    }
+
+    /// Records this server's own record (its proxies) in a shared store,
+    /// for as long as it lives.
+    pub fn announce(&self, server: &str, record: Vec<u8>) -> Result<(), StoreError> {
+        Ok(self.backend.announce(server, record)?)
+    }
+
+    /// Every live server's record, by server (none for an unshared store).
+    pub fn announced(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+        Ok(self.backend.announced()?)
+    }
+
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.writing
             .lock()

@@ -523,9 +523,28 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         };
         let ww = wide("WORKLOAD", &|p| workload(p).len());
         let wi = wide("IDENTITY", &|p| p.identity.len());
+        // Several servers on one store: which one each proxy streams from.
+        let several = response.proxies.iter().any(|p| !p.server.is_empty());
+        let server = |p: &meshward_api::control::ProxyStatus| {
+            if several {
+                format!("{:<w$} ", p.server, w = wide("SERVER", &|p| p.server.len()))
+            } else {
+                String::new()
+            }
+        };
         println!(
-            "{:<ww$} {:<wi$} {:<20} {:>5} {:>5} {:<8} ERROR",
-            "WORKLOAD", "IDENTITY", "CERT EXPIRES", "SENT", "ACKED", "SYNC"
+            "{:<ww$} {:<wi$} {}{:<20} {:>5} {:>5} {:<8} ERROR",
+            "WORKLOAD",
+            "IDENTITY",
+            if several {
+                format!("{:<w$} ", "SERVER", w = wide("SERVER", &|p| p.server.len()))
+            } else {
+                String::new()
+            },
+            "CERT EXPIRES",
+            "SENT",
+            "ACKED",
+            "SYNC"
         );
         for p in &response.proxies {
             let expires = std::time::UNIX_EPOCH
@@ -538,9 +557,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "STALE"
             };
             println!(
-                "{:<ww$} {:<wi$} {:<20} {:>5} {:>5} {:<8} {}",
+                "{:<ww$} {:<wi$} {}{:<20} {:>5} {:>5} {:<8} {}",
                 workload(p),
                 p.identity,
+                server(p),
                 humantime::format_rfc3339_seconds(expires).to_string(),
                 p.sent_version,
                 p.acked_version,

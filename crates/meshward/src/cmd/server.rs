@@ -37,6 +37,9 @@ macro_rules! say {
 
 /// The config store's file in the data directory.
 const STORE_FILE: &str = "store.redb";
+/// How often a server on a shared store records its proxies there (its
+/// lease lives a few times longer).
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 
 /// Ends a task when the server stops.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -244,8 +247,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Commands on this machine connect to what is recorded: where it
         // listens, unless it is reached another way (`up`'s relay into its
         // lab, whose addresses the machine has no route to).
-        let _recorded = ServerRecord::of_this_process(args.advertise.unwrap_or(addr), SERVER_NAME)
-            .write(&args.data_dir)?;
+        let advertised = args.advertise.unwrap_or(addr);
+        let _recorded =
+            ServerRecord::of_this_process(advertised, SERVER_NAME).write(&args.data_dir)?;
         say!("meshward server: trust domain {}", ca.trust_domain());
         say!("listening on {}", service::describe_listener(addr));
         say!("admin credential: {}", admin_dir(&args.data_dir).display());
@@ -273,6 +277,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         Ok(Err(e)) => tracing::warn!("reloading the shared store: {e}"),
                         Err(e) => tracing::warn!("reloading the shared store: {e}"),
                     }
+                }
+            }))
+        });
+        // A shared store: this server records its proxies there, for every
+        // server's `status`, renewing its lease with each record.
+        let _announce = store.is_shared().then(|| {
+            let (store, hub) = (store.clone(), hub.clone());
+            let server = advertised.to_string();
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    let record = hub.record();
+                    let (store, server) = (store.clone(), server.clone());
+                    match tokio::task::spawn_blocking(move || store.announce(&server, record)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("recording this server in the store: {e}"),
+                        Err(e) => tracing::warn!("recording this server in the store: {e}"),
+                    }
+                    tokio::time::sleep(ANNOUNCE_EVERY).await;
                 }
             }))
         });
@@ -314,7 +337,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             // at every start too: an old admin certificate is revoked by
             // its serial instead.
             ConfigApi::new(store.clone(), hub.clone(), admin.clone())
-                .with_unrevocable(vec![own, admin]),
+                .with_unrevocable(vec![own, admin])
+                .with_server(advertised.to_string()),
             CONFIG_MAX_MESSAGE,
         ))
         .add_service(
