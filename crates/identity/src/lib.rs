@@ -21,6 +21,7 @@ pub mod limits;
 pub mod pem;
 pub mod port;
 pub mod revocation;
+pub mod sealed;
 pub mod service;
 pub mod spiffe;
 pub mod tls;

@@ -24,6 +24,16 @@ struct Etcd {
     cluster: String,
 }
 
+/// The members' data (64 MB of preallocated log each) goes with them.
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            drop(m.process.take());
+            let _ = std::fs::remove_dir_all(&m.data);
+        }
+    }
+}
+
 impl Etcd {
     /// Three members, started; returns once the cluster answers healthy.
     fn start(dir: &Path) -> Etcd {
@@ -103,35 +113,75 @@ impl Etcd {
     }
 }
 
-/// Server A (which makes the CA) and server B (given A's CA files, as an
-/// operator gives every server the same plug-in CA), both on `etcd`.
+/// Server A (which makes the CA and shares it, sealed) and server B (an
+/// empty data directory: it takes the CA from etcd), both on `etcd`, both
+/// given the same sealing key.
 fn two_servers(dir: &Path, etcd: &Etcd) -> (Mesh, Mesh) {
-    let store = etcd.store();
-    let fast = ["--debounce", "50ms", "--debounce-max", "200ms"];
-    let a = server_with(&dir.join("a"), &[&["--store", &store][..], &fast].concat());
-    let b_data = dir.join("b").join("data");
-    std::fs::create_dir_all(&b_data).unwrap();
-    copy_ca(&a.data, &b_data);
-    let b = server_with(&dir.join("b"), &[&["--store", &store][..], &fast].concat());
+    let key = sealing_key(dir, 1);
+    let shared = [
+        "--store",
+        &etcd.store(),
+        "--ca-key-encryption-key-file",
+        key.to_str().unwrap(),
+        "--debounce",
+        "50ms",
+        "--debounce-max",
+        "200ms",
+    ];
+    let a = server_with(&dir.join("a"), &shared);
+    let b = server_with(&dir.join("b"), &shared);
     (a, b)
 }
 
-/// Copies the CA and trust files of one data directory to another: all
-/// but the server's own records.
-fn copy_ca(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name().into_string().unwrap();
-        if ["admin", "server.json", "store.redb"].contains(&name.as_str()) {
-            continue;
-        }
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(to.join(&name)).unwrap();
-            copy_ca(&entry.path(), &to.join(&name));
-        } else {
-            std::fs::copy(entry.path(), to.join(&name)).unwrap();
-        }
-    }
+/// A 32-byte sealing key file (hex), `seed` its every byte.
+fn sealing_key(dir: &Path, seed: u8) -> PathBuf {
+    let path = dir.join(format!("sealing-{seed}.key"));
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&path, format!("{seed:02x}").repeat(32)).unwrap();
+    path
+}
+
+/// `meshward server` that is expected to refuse to start: its output.
+fn refused_server(dir: &Path, extra: &[&str]) -> String {
+    let out = output(
+        meshward()
+            .args(["server", "--data-dir", dir.join("data").to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra),
+    );
+    assert!(!out.status.success(), "the server started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Every value etcd holds, as `(key, value)`, through its JSON gateway.
+fn etcd_values(etcd: &Etcd) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let member = etcd.members[0].client;
+    let out = output(std::process::Command::new("curl").args([
+        "-sS",
+        "-m",
+        "10",
+        "-X",
+        "POST",
+        &format!("http://{member}/v3/kv/range"),
+        "-d",
+        // Every key: from "\0" to the end.
+        r#"{"key":"AA==","range_end":"AA=="}"#,
+    ]));
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    body["kvs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|kv| {
+            let key = b64.decode(kv["key"].as_str().unwrap()).unwrap();
+            let value = b64
+                .decode(kv["value"].as_str().unwrap_or_default())
+                .unwrap();
+            (String::from_utf8_lossy(&key).into_owned(), value)
+        })
+        .collect()
 }
 
 /// A proxy whose control plane and CA are `mesh`; ready and configured.
@@ -228,6 +278,38 @@ fn servers_on_one_etcd_serve_one_mesh() {
     let dir = tempdir("etcd");
     let mut etcd = Etcd::start(&dir);
     let (a, b) = two_servers(&dir, &etcd);
+
+    // One CA: B took A's, sealed in etcd, which never holds a private key
+    // in the clear.
+    let read = |mesh: &Mesh, file: &str| std::fs::read(mesh.data.join(file)).unwrap();
+    assert_eq!(read(&a, "ca/ca-key.pem"), read(&b, "ca/ca-key.pem"));
+    assert_eq!(read(&a, "token-key.pem"), read(&b, "token-key.pem"));
+    let values = etcd_values(&etcd);
+    assert!(
+        values.iter().any(|(k, _)| k == "/meshward/shared/ca"),
+        "{:?}",
+        values.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    for (key, value) in &values {
+        assert!(
+            !value.windows(11).any(|w| w == b"PRIVATE KEY"),
+            "{key} holds a private key in the clear"
+        );
+    }
+    // A server with another key cannot open it; one with a CA of its own
+    // and no key refuses to split the mesh.
+    let said = refused_server(
+        &dir.join("c"),
+        &[
+            "--store",
+            &etcd.store(),
+            "--ca-key-encryption-key-file",
+            sealing_key(&dir, 2).to_str().unwrap(),
+        ],
+    );
+    assert!(said.contains("does not open with this key"), "{said}");
+    let said = refused_server(&dir.join("d"), &["--store", &etcd.store()]);
+    assert!(said.contains("is not the one the other servers"), "{said}");
 
     let web_in = free_port();
     let sleep_out: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

@@ -78,6 +78,16 @@ pub trait Backend: Send + Sync {
     fn announced(&self) -> Result<BTreeMap<String, Vec<u8>>, BackendError> {
         Ok(BTreeMap::new())
     }
+    /// For a shared backend: the value every server shares under `name`
+    /// (the CA, sealed), if one was set.
+    fn shared(&self, _name: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        Ok(None)
+    }
+    /// Sets the shared value `name` unless it is set: whether this call set
+    /// it (of servers racing, one does).
+    fn share_once(&self, _name: &str, _value: Vec<u8>) -> Result<bool, BackendError> {
+        Ok(false)
+    }
 }
 
 /// `(table, key, value)` to write.

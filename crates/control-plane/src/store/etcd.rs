@@ -59,6 +59,9 @@ const COMMIT: &str = "commit";
 /// Where each server records itself (`PREFIX servers/ADDRESS`), under a
 /// lease of its own: a server that dies leaves no record.
 const SERVERS: &str = "servers/";
+/// Values every server shares (`PREFIX shared/NAME`): the sealed CA, the
+/// mesh's root certificate.
+const SHARED: &str = "shared/";
 /// The lease's time to live; each announcement renews it.
 const LEASE_TTL: i64 = 10;
 
@@ -238,7 +241,7 @@ impl Etcd {
                 commit = kv.mod_revision();
                 continue;
             }
-            if rest.starts_with(SERVERS) {
+            if rest.starts_with(SERVERS) || rest.starts_with(SHARED) {
                 continue;
             }
             if let Some((table, key)) = rest.split_once('/') {
@@ -353,6 +356,39 @@ impl Backend for Etcd {
         })
         .ok_or_else(|| gone(&self.endpoints))?
         .map_err(self.error("recording this server"))
+    }
+
+    fn shared(&self, name: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let client = self.client.kv_client();
+        let key = format!("{}{SHARED}{name}", self.prefix);
+        let response = run(self.runtime.as_ref(), async move {
+            retrying(transient, || {
+                let (mut client, key) = (client.clone(), key.clone());
+                async move { client.get(key, None).await }
+            })
+            .await
+        })
+        .ok_or_else(|| gone(&self.endpoints))?
+        .map_err(self.error(&format!("reading {name}")))?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    fn share_once(&self, name: &str, value: Vec<u8>) -> Result<bool, BackendError> {
+        let client = self.client.kv_client();
+        let key = format!("{}{SHARED}{name}", self.prefix);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let response = run(self.runtime.as_ref(), async move {
+            retrying(not_sent, || {
+                let (mut client, txn) = (client.clone(), txn.clone());
+                async move { client.txn(txn).await }
+            })
+            .await
+        })
+        .ok_or_else(|| gone(&self.endpoints))?
+        .map_err(self.error(&format!("sharing {name}")))?;
+        Ok(response.succeeded())
     }
 
     fn announced(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, BackendError> {

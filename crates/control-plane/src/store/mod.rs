@@ -433,6 +433,17 @@ impl Store {
         Ok(self.backend.announce(server, record)?)
     }
 
+    /// The value shared under `name` by every server of a shared store.
+    pub fn shared(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.backend.shared(name)?)
+    }
+
+    /// Shares `value` under `name` unless a value is shared there already;
+    /// whether this call did.
+    pub fn share_once(&self, name: &str, value: Vec<u8>) -> Result<bool, StoreError> {
+        Ok(self.backend.share_once(name, value)?)
+    }
+
     /// Every live server's record, by server (none for an unshared store).
     pub fn announced(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
         Ok(self.backend.announced()?)

@@ -8,5 +8,6 @@ pub mod exec;
 pub mod guard;
 pub mod proxy;
 pub mod server;
+pub mod shared_ca;
 pub mod up;
 pub mod validate;

@@ -23,6 +23,8 @@ use meshward_control_plane::store::Store;
 use meshward_control_plane::watch;
 
 use crate::cmd::ca::{BUNDLE_FILE, open_ca};
+use crate::cmd::shared_ca;
+use meshward_identity::sealed::SealingKey;
 
 /// Prints a status line. A server whose standard output was closed (its
 /// launcher stopped reading) keeps serving: the line is dropped.
@@ -148,6 +150,13 @@ pub struct Args {
     /// The private key (PEM) of --etcd-cert.
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// With an etcd store: a 32-byte key (raw, hex or base64; `openssl rand
+    /// -out FILE 32`), the same on every server. The first server seals its
+    /// CA and token key with it (AES-256-GCM) and shares them through etcd;
+    /// the others take them from there. Without it, give every server the
+    /// same CA files.
+    #[arg(long, value_name = "FILE")]
+    ca_key_encryption_key_file: Option<PathBuf>,
     /// Connections without a client certificate in total.
     #[arg(long, default_value_t = Limits::default().unauthenticated_total as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -213,10 +222,21 @@ const CONFIG_MAX_MESSAGE: usize = 4 << 20;
 const DISTRIBUTION_MAX_MESSAGE: usize = 256 << 10;
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let ca = Arc::new(
-        open_ca(&args.data_dir, args.trust_domain.as_deref())?
-            .with_max_ttl(args.max_workload_cert_ttl.into()),
-    );
+    // The store first: on a shared one, the CA may come from it.
+    let store = Arc::new(open_store(&args)?);
+    let sealing = args
+        .ca_key_encryption_key_file
+        .as_deref()
+        .map(SealingKey::read)
+        .transpose()?;
+    let had_own = shared_ca::before_open(&store, &args.data_dir, sealing.as_ref())?;
+    let mut ca = open_ca(&args.data_dir, args.trust_domain.as_deref())?;
+    TokenAuthority::load_or_create(&args.data_dir, ca.trust_domain())?;
+    if shared_ca::after_open(&store, &args.data_dir, sealing.as_ref(), had_own, &ca)? {
+        // Another server's CA, taken in place of the one just made.
+        ca = open_ca(&args.data_dir, None)?;
+    }
+    let ca = Arc::new(ca.with_max_ttl(args.max_workload_cert_ttl.into()));
     let tokens = TokenAuthority::load_or_create(&args.data_dir, ca.trust_domain())?;
     let authenticators: Vec<Box<dyn CallerAuthenticator>> = vec![
         Box::new(BootstrapTokens(tokens)),
@@ -236,7 +256,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.sans.clone(),
             SERVER_CERT_TTL,
         )?;
-        let store = Arc::new(open_store(&args)?);
         say!("config store: {}", store.describe());
         let admin = write_admin_credential(&ca, &args.root_namespace, &admin_dir(&args.data_dir))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
