@@ -41,7 +41,7 @@ enum Command {
     #[command(subcommand)]
     Token(cmd::ca::TokenCommand),
     /// The control plane: serves the mesh CA over Istio's certificate API.
-    Server(cmd::server::Args),
+    Server(Box<cmd::server::Args>),
     /// Store policies, WorkloadEntries and ServiceEntries in a running server (validated first).
     Apply(cmd::control::ApplyArgs),
     /// Show stored configuration: KIND [NAME] [-n NS | -A] [-o yaml|json].
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         Command::Describe(args) => cmd::describe::run(args),
         Command::Ca(command) => cmd::ca::run(command),
         Command::Token(command) => cmd::ca::run_token(command),
-        Command::Server(args) => cmd::server::run(args),
+        Command::Server(args) => cmd::server::run(*args),
         Command::Proxy(args) => cmd::proxy::run(*args),
         Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
