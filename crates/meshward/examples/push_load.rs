@@ -4,8 +4,14 @@
 //! for one policy applied, the time until every proxy has received and
 //! ACKed it (p50/p99/max), the server's CPU for that push, and its memory.
 //!
+//! With `--servers K` (K > 1), K servers share one etcd (Debian's `etcd`,
+//! one member, started here on loopback ports) and one CA (sealed there by
+//! the first); proxies are spread over them in turn, the policy is applied
+//! through the first, and each server's RSS is reported.
+//!
 //! ```sh
 //! cargo build --release -p meshward && cargo run --release -p meshward --example push_load -- 100 1000 5000
+//! cargo run --release -p meshward --example push_load -- --servers 3 3000
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -69,9 +75,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn run(n: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// A `meshward server` with `extra` arguments: (process, address).
+fn start_server(
+    data: &std::path::Path,
+    n: usize,
+    extra: &[String],
+) -> (std::process::Child, String) {
     let mut server = Command::new(meshward_binary())
         .args([
             "server",
@@ -86,11 +95,11 @@ async fn run(n: usize) {
             "--max-unauthenticated",
             &(n + 16).to_string(),
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pid = server.id();
     let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
     let mut addr = String::new();
     while addr.is_empty() {
@@ -100,6 +109,91 @@ async fn run(n: usize) {
         }
     }
     std::thread::spawn(move || lines.for_each(drop));
+    (server, addr)
+}
+
+/// A free port on 127.0.0.1 (probed and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member on loopback ports: (process, `etcd://…`).
+fn start_etcd(dir: &std::path::Path) -> (std::process::Child, String) {
+    let (client, peer) = (free_port(), free_port());
+    let etcd = Command::new("etcd")
+        .args([
+            "--name",
+            "bench",
+            "--data-dir",
+            dir.join("etcd").to_str().unwrap(),
+        ])
+        .args([
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{client}"),
+        ])
+        .args([
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{client}"),
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("bench=http://127.0.0.1:{peer}"),
+        ])
+        .args(["--max-txn-ops", "1024", "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(Instant::now() < deadline, "etcd did not start");
+        std::thread::sleep(Duration::from_millis(50)); // pacing: a bounded poll
+    }
+    (etcd, format!("etcd://127.0.0.1:{client}"))
+}
+
+async fn run(n: usize, servers: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut etcd = None;
+    let mut shared = Vec::new();
+    if servers > 1 {
+        let (process, store) = start_etcd(dir.path());
+        etcd = Some(process);
+        let key = dir.path().join("sealing.key");
+        std::fs::write(&key, "07".repeat(32)).unwrap();
+        shared = vec![
+            "--store".to_owned(),
+            store,
+            "--ca-key-encryption-key-file".to_owned(),
+            key.display().to_string(),
+        ];
+    }
+    let (mut server, addr) = start_server(&data, n, &shared);
+    let pid = server.id();
+    let mut others = Vec::new();
+    for k in 1..servers {
+        others.push(start_server(
+            &dir.path().join(format!("data-{k}")),
+            n,
+            &shared,
+        ));
+    }
+    let addresses: Vec<String> = std::iter::once(addr.clone())
+        .chain(others.iter().map(|(_, a)| a.clone()))
+        .collect();
+    let pids: Vec<u32> = std::iter::once(pid)
+        .chain(others.iter().map(|(p, _)| p.id()))
+        .collect();
     let root = std::fs::read_to_string(data.join("root-cert.pem")).unwrap();
     let admin = data.join("admin");
     let read = |f: &str| std::fs::read_to_string(admin.join(f)).unwrap();
@@ -134,7 +228,7 @@ async fn run(n: usize) {
         let chain = ca
             .issue_for_key(&key, &id, &[], Duration::from_secs(3600))
             .unwrap();
-        let (addr, root) = (addr.clone(), root.clone());
+        let (addr, root) = (addresses[i % addresses.len()].clone(), root.clone());
         let (done_tx, ready_tx) = (done_tx.clone(), ready_tx.clone());
         tasks.push(tokio::spawn(async move {
             let ch = channel(&addr, &root, chain.to_pem(), key.serialize_pem()).await;
@@ -188,9 +282,13 @@ async fn run(n: usize) {
         }
     }
     let (cpu_after, rss_after) = proc_stat(pid);
+    let rss_each: Vec<String> = pids
+        .iter()
+        .map(|p| format!("{:.1}", proc_stat(*p).1 as f64 / 1024.0))
+        .collect();
     times.sort();
     println!(
-        "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {}/{n} | {:.2} s | {:.1} MiB | {:.1} MiB | {:.1} s |",
+        "| {n} | {servers} | {:.0} ms | {:.0} ms | {:.0} ms | {}/{n} | {:.2} s | {:.1} MiB | {:.1} MiB | {} MiB | {:.1} s |",
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.99).as_secs_f64() * 1e3,
         times.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
@@ -198,6 +296,7 @@ async fn run(n: usize) {
         cpu_after - cpu_before,
         rss_idle as f64 / 1024.0,
         rss_connected.max(rss_after) as f64 / 1024.0,
+        rss_each.join(" / "),
         connected_in.as_secs_f64(),
     );
     for t in tasks {
@@ -205,6 +304,14 @@ async fn run(n: usize) {
     }
     let _ = server.kill();
     let _ = server.wait();
+    for (mut other, _) in others {
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+    if let Some(mut etcd) = etcd {
+        let _ = etcd.kill();
+        let _ = etcd.wait();
+    }
 }
 
 /// `$MESHWARD`, or the `meshward` built beside this example.
@@ -220,9 +327,17 @@ fn meshward_binary() -> std::path::PathBuf {
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let servers = args
+        .iter()
+        .position(|a| a == "--servers")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(1);
+    let sizes: Vec<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || args[i - 1] != "--servers")
+        .filter_map(|(_, a)| a.parse().ok())
         .collect();
     let sizes = if sizes.is_empty() {
         vec![100, 1000]
@@ -234,10 +349,10 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "| proxies | p50 | p99 | max | ACKed | server CPU for the push | server RSS idle | server RSS connected | connect time |"
+        "| proxies | servers | p50 | p99 | max | ACKed | first server's CPU for the push | its RSS idle | its RSS connected | each server's RSS | connect time |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
-        runtime.block_on(run(n));
+        runtime.block_on(run(n, servers));
     }
 }

@@ -166,6 +166,8 @@ pub struct Args {
 /// The config store `--store` names.
 fn open_store(args: &Args) -> anyhow::Result<Store> {
     if args.store == "redb" {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating {}", args.data_dir.display()))?;
         return match Store::open(&args.data_dir.join(STORE_FILE)) {
             Ok(store) => Ok(store),
             Err(e) if e.is_in_use() => bail!(held_by_another(&args.data_dir)),
