@@ -245,12 +245,15 @@ struct Entry {
     attempted_at: Instant,
 }
 
-/// Keys fetched from `jwksUri`s, shared by every workload of a process.
+/// Keys fetched from `jwksUri`s, shared by every workload of a process,
+/// and the tokens those (and inline) keys verified
+/// ([`super::verified::VerifiedTokens`]).
 pub struct JwksCache {
     fetcher: Option<Arc<dyn JwksFetcher>>,
     entries: Mutex<HashMap<String, Entry>>,
     cache_duration: Duration,
     min_refresh_interval: Duration,
+    verified: super::verified::VerifiedTokens,
 }
 
 impl std::fmt::Debug for JwksCache {
@@ -292,7 +295,20 @@ impl JwksCache {
             entries: Mutex::new(HashMap::new()),
             cache_duration,
             min_refresh_interval,
+            verified: super::verified::VerifiedTokens::default(),
         }
+    }
+
+    /// This cache, remembering at most `capacity` verified tokens (0:
+    /// none; Envoy's `jwt_cache_size`, 100 by default).
+    pub fn with_verified_tokens(mut self, capacity: usize) -> JwksCache {
+        self.verified = super::verified::VerifiedTokens::new(capacity);
+        self
+    }
+
+    /// The tokens whose signature verified.
+    pub fn verified_tokens(&self) -> &super::verified::VerifiedTokens {
+        &self.verified
     }
 
     /// The keys for `uri`: cached while fresh, fetched when absent or

@@ -8,6 +8,7 @@
 pub mod jwks;
 mod principal;
 mod token;
+pub mod verified;
 
 use std::sync::Arc;
 
@@ -344,12 +345,28 @@ impl Authenticator {
                 .map_err(|_| AuthnFailure::unauthorized("Jwks remote fetch is failed"))?,
             KeySource::None => return Err(VerifyError::NoKey.into_failure()),
         };
-        let mut result = keys.verify(token, header.kid.as_deref(), header.alg);
+        // Shape, issuer, time and audience were checked above, hit or not.
+        let verified = self.jwks.verified_tokens();
+        if verified.verified(token, &keys, now()) {
+            return Ok(());
+        }
+        let mut used = keys;
+        let mut result = used.verify(token, header.kid.as_deref(), header.alg);
         if result == Err(false)
             && let KeySource::Remote { uri, timeout } = &rule.keys
             && let Some(fresh) = self.jwks.refresh_for_unknown_kid(uri, *timeout)
         {
             result = fresh.verify(token, header.kid.as_deref(), header.alg);
+            used = fresh;
+        }
+        match result {
+            // Valid until `exp` with the clock skew check_time allows.
+            Ok(()) => verified.insert(
+                token,
+                used,
+                expiry(claims).map(|exp| exp.saturating_add(CLOCK_SKEW_SECONDS as i64)),
+            ),
+            Err(_) => verified.evict(token),
         }
         result.map_err(|candidate| {
             if candidate {
@@ -367,6 +384,12 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The token's `exp`, if it has a numeric one.
+fn expiry(claims: &serde_json::Map<String, serde_json::Value>) -> Option<i64> {
+    let exp = claims.get("exp")?;
+    exp.as_i64().or(exp.as_f64().map(|f| f as i64))
 }
 
 /// `exp` and `nbf`, with Envoy's clock skew; both are optional.
@@ -740,6 +763,96 @@ mod tests {
                 "attempt {attempt}: only the first fetch"
             );
         }
+    }
+
+    fn token_with(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_rsa_pem(include_bytes!("../../tests/keys/rsa.pem")).unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some("rsa-1".into());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    fn current_keys(authn: &Authenticator) -> Arc<jwks::KeySet> {
+        authn
+            .jwks
+            .keys("http://127.0.0.1:1/jwks", jwks::DEFAULT_FETCH_TIMEOUT)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_by_its_exact_text() {
+        let fetcher = Rotating::new(vec![include_str!("../../tests/keys/jwks.json")]);
+        let authn = authenticator(fetcher, Duration::from_secs(3600));
+        let good = token("rsa-1");
+        assert!(matches!(
+            authn.authenticate(&request(&good)),
+            AuthnOutcome::Authenticated { .. }
+        ));
+        let cache = authn.jwks.verified_tokens();
+        assert_eq!(cache.len(), 1);
+        assert!(cache.verified(&good, &current_keys(&authn), now()));
+        // The same header and claims under another signature: not the
+        // cached token, so verified, and refused.
+        let (signed, _) = good.rsplit_once('.').unwrap();
+        let forged = format!("{signed}.AAAA");
+        match authn.authenticate(&request(&forged)) {
+            AuthnOutcome::Failed(f) => assert_eq!(f.message, "Jwt verification fails"),
+            other => panic!("a forged signature passed: {other:?}"),
+        }
+        assert_eq!(cache.len(), 1, "a failure is not remembered");
+    }
+
+    #[test]
+    fn a_remembered_token_is_still_held_to_its_exp_and_nbf() {
+        let fetcher = Rotating::new(vec![include_str!("../../tests/keys/jwks.json")]);
+        let authn = authenticator(fetcher, Duration::from_secs(3600));
+        let keys = current_keys(&authn);
+        let expired =
+            token_with(serde_json::json!({"iss": "rotating", "sub": "a", "exp": now() - 3600}));
+        let early =
+            token_with(serde_json::json!({"iss": "rotating", "sub": "a", "nbf": now() + 3600}));
+        // As if each had verified earlier, for as long as its keys stay.
+        for t in [&expired, &early] {
+            authn.jwks.verified_tokens().insert(t, keys.clone(), None);
+        }
+        for (t, why) in [(&expired, "Jwt is expired"), (&early, "Jwt not yet valid")] {
+            match authn.authenticate(&request(t)) {
+                AuthnOutcome::Failed(f) => assert_eq!(f.message, why),
+                other => panic!("a remembered token skipped the clock: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_removed_from_the_jwks_no_longer_vouches_for_a_remembered_token() {
+        // The first fetch has rsa-1; every later one (each request fetches:
+        // nothing is fresh) has it no more.
+        let fetcher = Rotating::new(vec![
+            include_str!("../../tests/keys/jwks.json"),
+            include_str!("../../tests/keys/jwks-rotated.json"),
+        ]);
+        let mut ra = RequestAuthentication::default();
+        ra.spec.jwt_rules.push(JwtRule {
+            issuer: "rotating".into(),
+            jwks_uri: "http://127.0.0.1:1/jwks".into(),
+            ..JwtRule::default()
+        });
+        let cache = JwksCache::with_timing(Some(fetcher), Duration::ZERO, Duration::ZERO);
+        let authn = Authenticator::new(&[&ra], Arc::new(cache));
+        let t = token("rsa-1");
+        assert!(matches!(
+            authn.authenticate(&request(&t)),
+            AuthnOutcome::Authenticated { .. }
+        ));
+        assert_eq!(authn.jwks.verified_tokens().len(), 1);
+        match authn.authenticate(&request(&t)) {
+            AuthnOutcome::Failed(f) => assert_eq!(
+                f.message,
+                "Jwks doesn't have key to match kid or alg from Jwt"
+            ),
+            other => panic!("a removed key still vouched: {other:?}"),
+        }
+        assert!(authn.jwks.verified_tokens().is_empty(), "evicted");
     }
 }
 
