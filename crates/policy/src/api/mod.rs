@@ -17,7 +17,7 @@ pub use authorization::{
     Operation, Rule, RuleFrom, RuleTo, Source, authorization_spec,
 };
 pub use mesh::{
-    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, OutboundMode,
+    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, RequestBodyInCheck, MeshConfig, OutboundMode,
     OutboundTrafficPolicy, PathNormalization, PathNormalizationMode,
 };
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
