@@ -1227,3 +1227,61 @@ fn live_describe_warns_without_an_invented_location() {
     assert!(!err.contains("server:"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn validate_and_describe_say_which_provider_a_custom_policy_calls_and_where_it_applies() {
+    let dir = tempdir();
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "extensionProviders:\n- name: http-authz\n  envoyExtAuthzHttp: {service: authz.foo.svc.cluster.local, port: 8000}\n- name: grpc-authz\n  envoyExtAuthzGrpc:\n    service: opa.foo.svc.cluster.local\n    port: 9191\n    includeRequestBodyInCheck: {maxRequestBytes: 8192, allowPartialMessage: true, packAsBytes: true}\n",
+    )
+    .expect("write");
+    let mesh = mesh.to_str().expect("utf-8");
+    let policies = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-http, namespace: foo}\nspec:\n  selector: {matchLabels: {app: a}}\n  action: CUSTOM\n  provider: {name: http-authz}\n  rules: [{}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-grpc, namespace: foo}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: CUSTOM\n  provider: {name: grpc-authz}\n  rules: [{}]\n";
+    let o = meshward(
+        &["validate", "-f", "-", "--mesh-config", mesh],
+        Some(policies),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("<stdin>:7: warning: AuthorizationPolicy foo/by-http: spec.provider.name: provider \"http-authz\" is envoyExtAuthzHttp, which checks HTTP requests only: on TCP ports this policy is ignored"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("foo/by-grpc"),
+        "a gRPC provider checks TCP: {out}"
+    );
+
+    let describe = |app: &str| {
+        let o = meshward(
+            &[
+                "describe",
+                "-f",
+                "-",
+                "--mesh-config",
+                mesh,
+                "-n",
+                "foo",
+                "-l",
+                app,
+            ],
+            Some(policies),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let out = describe("app=a");
+    assert!(
+        out.contains("provider http-authz (envoyExtAuthzHttp: asked for HTTP requests only; on TCP ports the policy is ignored, as in Istio)"),
+        "{out}"
+    );
+    let out = describe("app=b");
+    assert!(
+        out.contains(
+            "provider grpc-authz (envoyExtAuthzGrpc: asked for HTTP requests and TCP connections)"
+        ),
+        "{out}"
+    );
+}

@@ -19,7 +19,6 @@ use envoy_types::pb::envoy::config::core::v3::address::Address as PbAddress;
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue as PbHeader, HeaderValueOption, QueryParameter, socket_address,
 };
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
@@ -27,6 +26,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status;
 use http_body_util::{BodyExt, Full};
@@ -174,8 +174,8 @@ async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
             };
             let record = record.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |r: http::Request<hyper::body::Incoming>| {
+                let service =
+                    hyper::service::service_fn(move |r: http::Request<hyper::body::Incoming>| {
                         let record = record.clone();
                         async move {
                             let (parts, body) = r.into_parts();
@@ -189,8 +189,7 @@ async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
                                 Bytes::from_static(b"app"),
                             )))
                         }
-                    },
-                );
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
@@ -289,8 +288,7 @@ async fn pair(
 }
 
 fn socket(address: &Option<envoy_types::pb::envoy::config::core::v3::Address>) -> SocketAddr {
-    let Some(PbAddress::SocketAddress(s)) = address.as_ref().and_then(|a| a.address.clone())
-    else {
+    let Some(PbAddress::SocketAddress(s)) = address.as_ref().and_then(|a| a.address.clone()) else {
         panic!("not a socket address: {address:?}")
     };
     let Some(socket_address::PortSpecifier::PortValue(port)) = s.port_specifier else {
@@ -329,7 +327,10 @@ async fn grpc_provider_allows_with_edits_and_gets_the_check_request_envoy_sends(
     assert_eq!(got.headers["x-authz-user"], "alice");
     let appended: Vec<_> = got.headers.get_all("x-appended").iter().collect();
     assert_eq!(appended, ["first", "second"], "APPEND_IF_EXISTS_OR_ADD");
-    assert!(got.headers.get("x-remove-me").is_none(), "headers_to_remove");
+    assert!(
+        got.headers.get("x-remove-me").is_none(),
+        "headers_to_remove"
+    );
 
     // The CheckRequest, field by field, as Envoy's documentation of
     // AttributeContext describes each one for this request.
@@ -342,8 +343,14 @@ async fn grpc_provider_allows_with_edits_and_gets_the_check_request_envoy_sends(
     assert_eq!(socket(&source.address).ip().to_string(), "127.0.0.1");
     let destination = attrs.destination.unwrap();
     // destination.principal: the local certificate's URI SAN.
-    assert_eq!(destination.principal, "spiffe://cluster.local/ns/web/sa/web");
-    assert_eq!(socket(&destination.address).port(), server.inbound[0].port());
+    assert_eq!(
+        destination.principal,
+        "spiffe://cluster.local/ns/web/sa/web"
+    );
+    assert_eq!(
+        socket(&destination.address).port(),
+        server.inbound[0].port()
+    );
     let request = attrs.request.unwrap();
     // request.time: when the proxy got the request's first byte.
     let time = request.time.unwrap();
@@ -364,7 +371,10 @@ async fn grpc_provider_allows_with_edits_and_gets_the_check_request_envoy_sends(
     assert_eq!(http.scheme, "https");
     assert_eq!(http.protocol, "HTTP/1.1");
     // size: the Content-Length (0 here, as the client sent one).
-    let length: i64 = http.headers.get("content-length").map_or(-1, |v| v.parse().unwrap());
+    let length: i64 = http
+        .headers
+        .get("content-length")
+        .map_or(-1, |v| v.parse().unwrap());
     assert_eq!(http.size, length);
     // headers: lower-cased keys, pseudo-headers included.
     let h: &HashMap<String, String> = &http.headers;
@@ -400,11 +410,20 @@ async fn grpc_provider_denials_reach_the_client_with_status_headers_and_body() {
     let authz_addr = authz.start().await;
     let (app, received) = recording_app().await;
     let (server, client) = pair(&ca, app, "http", CUSTOM, &grpc_mesh(authz_addr, ""), vec![]).await;
-    let (status, headers, body) =
-        send(client.outbound[0], "GET", "/x", &[("x-authz", "no")], Vec::new()).await;
+    let (status, headers, body) = send(
+        client.outbound[0],
+        "GET",
+        "/x",
+        &[("x-authz", "no")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!((status, body.as_ref()), (418, b"no tea for you".as_ref()));
     assert_eq!(headers["x-denied-by"], "grpc-authorizer");
-    assert!(received.lock().unwrap().is_empty(), "nothing reached the app");
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "nothing reached the app"
+    );
     eventually("the denial is logged", || {
         server.access_log().iter().any(|r| {
             r["decision"] == "deny" && r["ext_authz"] == "deny" && r["policy"] == "web/ext"
@@ -419,17 +438,32 @@ async fn grpc_provider_timeouts_follow_fail_open_and_status_on_error() {
     let authz = Authorizer::default();
     let authz_addr = authz.start().await;
     let (app, received) = recording_app().await;
-    let closed = grpc_mesh(authz_addr, "    timeout: 0.3s\n    statusOnError: \"503\"\n");
+    let closed = grpc_mesh(
+        authz_addr,
+        "    timeout: 0.3s\n    statusOnError: \"503\"\n",
+    );
     let (_server, client) = pair(&ca, app, "http", CUSTOM, &closed, vec![]).await;
-    let (status, _, _) =
-        send(client.outbound[0], "GET", "/x", &[("x-authz", "hang")], Vec::new()).await;
+    let (status, _, _) = send(
+        client.outbound[0],
+        "GET",
+        "/x",
+        &[("x-authz", "hang")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!(status, 503, "failOpen false: statusOnError");
     assert!(received.lock().unwrap().is_empty());
 
     let open = grpc_mesh(authz_addr, "    timeout: 0.3s\n    failOpen: true\n");
     let (_server, client) = pair(&ca, app, "http", CUSTOM, &open, vec![]).await;
-    let (status, _, _) =
-        send(client.outbound[0], "GET", "/x", &[("x-authz", "hang")], Vec::new()).await;
+    let (status, _, _) = send(
+        client.outbound[0],
+        "GET",
+        "/x",
+        &[("x-authz", "hang")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!(status, 200, "failOpen true lets it through");
     assert_eq!(received.lock().unwrap().len(), 1);
 }
@@ -447,7 +481,14 @@ async fn request_bodies_are_checked_and_the_application_gets_the_same_bytes() {
     let (_server, client) = pair(&ca, app, "http", CUSTOM, &whole, vec![]).await;
     let allow = [("x-authz", "allow")];
 
-    let (status, _, _) = send(client.outbound[0], "POST", "/b", &allow, b"hello, body".to_vec()).await;
+    let (status, _, _) = send(
+        client.outbound[0],
+        "POST",
+        "/b",
+        &allow,
+        b"hello, body".to_vec(),
+    )
+    .await;
     assert_eq!(status, 200);
     let http = |i: usize| {
         authz.checks()[i]
@@ -486,7 +527,11 @@ async fn request_bodies_are_checked_and_the_application_gets_the_same_bytes() {
     assert_eq!(checked.raw_body, sent[..16]);
     assert!(checked.body.is_empty());
     assert_eq!(checked.headers["x-envoy-auth-partial-body"], "true");
-    assert_eq!(received.lock().unwrap()[1].body, sent, "every byte, in order");
+    assert_eq!(
+        received.lock().unwrap()[1].body,
+        sent,
+        "every byte, in order"
+    );
 }
 
 /// An HTTP authorizer that records each check's body and allows.
@@ -502,8 +547,8 @@ async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
             };
             let record = record.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |r: http::Request<hyper::body::Incoming>| {
+                let service =
+                    hyper::service::service_fn(move |r: http::Request<hyper::body::Incoming>| {
                         let record = record.clone();
                         async move {
                             let body = r.into_body().collect().await.unwrap().to_bytes();
@@ -512,8 +557,7 @@ async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
                                 Bytes::new(),
                             )))
                         }
-                    },
-                );
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
@@ -595,9 +639,10 @@ async fn tcp_connections_are_checked_once_before_any_byte_reaches_the_applicatio
     assert!(exchange(client.outbound[0], b"secret").await.is_empty());
     assert_eq!(authz.checks().len(), 1);
     eventually("the denied connection is logged", || {
-        server.access_log().iter().any(|r| {
-            r["protocol"] == "TCP" && r["decision"] == "deny" && r["ext_authz"] == "deny"
-        })
+        server
+            .access_log()
+            .iter()
+            .any(|r| r["protocol"] == "TCP" && r["decision"] == "deny" && r["ext_authz"] == "deny")
     })
     .await;
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
@@ -640,7 +685,10 @@ async fn http_providers_are_ignored_on_tcp_as_istio_ignores_them() {
     );
     let (_server, client) = pair(&ca, app, "tcp", CUSTOM, &mesh, vec![]).await;
     assert_eq!(exchange(client.outbound[0], b"hi").await, b"hi");
-    assert!(bodies.lock().unwrap().is_empty(), "the HTTP provider was not asked");
+    assert!(
+        bodies.lock().unwrap().is_empty(),
+        "the HTTP provider was not asked"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,8 +730,14 @@ spec: {mtls: {mode: STRICT}}
         upstream("spiffe://cluster.local/ns/authz/sa/ext-authz"),
     )
     .await;
-    let (status, _, _) =
-        send(client.outbound[0], "GET", "/m", &[("x-authz", "allow")], Vec::new()).await;
+    let (status, _, _) = send(
+        client.outbound[0],
+        "GET",
+        "/m",
+        &[("x-authz", "allow")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(received.lock().unwrap().len(), 1);
     // The authorizer's proxy saw web's certificate.
@@ -705,8 +759,14 @@ spec: {mtls: {mode: STRICT}}
         upstream("spiffe://cluster.local/ns/authz/sa/someone-else"),
     )
     .await;
-    let (status, _, _) =
-        send(client.outbound[0], "GET", "/m", &[("x-authz", "allow")], Vec::new()).await;
+    let (status, _, _) = send(
+        client.outbound[0],
+        "GET",
+        "/m",
+        &[("x-authz", "allow")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!(status, 403);
     eventually("the refused authorizer is logged", || {
         server.access_log().iter().any(|r| {
@@ -717,6 +777,88 @@ spec: {mtls: {mode: STRICT}}
         })
     })
     .await;
-    assert_eq!(authz.checks().len(), 1, "the impostor check never reached it");
+    assert_eq!(
+        authz.checks().len(),
+        1,
+        "the impostor check never reached it"
+    );
     assert_eq!(received.lock().unwrap().len(), 1);
+}
+
+/// Sends the head of a POST whose body comes from `body` (chunked, it ends
+/// when the sender is dropped) and returns the response's status.
+async fn streaming_post(
+    addr: SocketAddr,
+    body: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+) -> u16 {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+    let request = http::Request::post("/stream")
+        .header("host", "web.web")
+        .header("x-authz", "allow")
+        .body(body)
+        .unwrap();
+    let response = tokio::time::timeout(SETTLE, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    response.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_bodies_are_checked_without_waiting_for_their_end() {
+    let ca = Ca::new();
+    let authz = Authorizer::default();
+    let authz_addr = authz.start().await;
+    let (app, received) = recording_app().await;
+    let data = |s: &'static [u8]| Ok(hyper::body::Frame::data(Bytes::from_static(s)));
+
+    // Over the limit while the client is still sending: 413 at once, the
+    // rest never read (the sender stays open until the answer is in).
+    let whole = grpc_mesh(
+        authz_addr,
+        "    includeRequestBodyInCheck: {maxRequestBytes: 16}\n",
+    );
+    let (_server, client) = pair(&ca, app, "http", CUSTOM, &whole, vec![]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(data(b"0123456789abcdefg")).await.unwrap();
+    assert_eq!(streaming_post(client.outbound[0], rx).await, 413);
+    assert!(authz.checks().is_empty());
+    drop(tx);
+
+    // allowPartialMessage: checked once maxRequestBytes are in, while the
+    // client has not finished; then every byte reaches the application.
+    let partial = grpc_mesh(
+        authz_addr,
+        "    includeRequestBodyInCheck: {maxRequestBytes: 16, allowPartialMessage: true}\n",
+    );
+    let (_server, client) = pair(&ca, app, "http", CUSTOM, &partial, vec![]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(data(b"0123456789abcdefgh")).await.unwrap();
+    let post = tokio::spawn(streaming_post(client.outbound[0], rx));
+    eventually("the check before the body ends", || {
+        authz.checks().len() == 1
+    })
+    .await;
+    tx.send(data(b"-and-the-rest")).await.unwrap();
+    drop(tx);
+    assert_eq!(post.await.unwrap(), 200);
+    let http = authz.checks()[0]
+        .attributes
+        .clone()
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
+    assert_eq!(http.body, "0123456789abcdef");
+    assert_eq!(http.headers["x-envoy-auth-partial-body"], "true");
+    assert_eq!(
+        received.lock().unwrap()[0].body,
+        "0123456789abcdefgh-and-the-rest"
+    );
 }

@@ -17,8 +17,8 @@ pub use authorization::{
     Operation, Rule, RuleFrom, RuleTo, Source, authorization_spec,
 };
 pub use mesh::{
-    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, RequestBodyInCheck, MeshConfig, OutboundMode,
-    OutboundTrafficPolicy, PathNormalization, PathNormalizationMode,
+    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, OutboundMode,
+    OutboundTrafficPolicy, PathNormalization, PathNormalizationMode, RequestBodyInCheck,
 };
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
 pub use peer_authentication::{

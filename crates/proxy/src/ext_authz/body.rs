@@ -57,8 +57,7 @@ where
     let mut ended = false;
     // Partial messages are checked once `max` bytes are in; whole ones need
     // one byte more to tell "exactly max" from "longer".
-    while !ended && (held.len() < max || (!settings.allow_partial_message && held.len() == max))
-    {
+    while !ended && (held.len() < max || (!settings.allow_partial_message && held.len() == max)) {
         match body.frame().await {
             None => ended = true,
             Some(Ok(frame)) => match frame.into_data() {
@@ -191,7 +190,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("content-length", "5".parse().unwrap());
         let held = hold(&headers, chunks(&[]), &settings(4, false)).await;
-        assert!(matches!(held, Held::TooLarge), "refused by its declared length");
+        assert!(
+            matches!(held, Held::TooLarge),
+            "refused by its declared length"
+        );
     }
 
     #[tokio::test]

@@ -361,8 +361,8 @@ fn value_json(v: &Value) -> serde_json::Value {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::{HeaderValue as PbHeader, QueryParameter};
-    use envoy_types::pb::envoy::r#type::v3::HttpStatus;
     use envoy_types::pb::envoy::service::auth::v3::{DeniedHttpResponse, OkHttpResponse};
+    use envoy_types::pb::envoy::r#type::v3::HttpStatus;
     use envoy_types::pb::google::rpc::Status;
 
     fn option(key: &str, value: &str, append: Option<bool>, action: i32) -> HeaderValueOption {
@@ -457,7 +457,10 @@ mod tests {
         assert_eq!(a.body, "go away");
         assert_eq!(a.downstream_headers[0].value, "nope");
         let a = answer(denied(0));
-        assert!(matches!(a.verdict.0, CustomVerdict::Deny(403)), "403 unless named");
+        assert!(
+            matches!(a.verdict.0, CustomVerdict::Deny(403)),
+            "403 unless named"
+        );
         let bare = CheckResponse {
             status: Some(Status {
                 code: 7,

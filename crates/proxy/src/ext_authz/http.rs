@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
 use http::Request;
+use http::header::{self, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -172,6 +172,10 @@ mod tests {
         assert_eq!(r.headers()["x-extra"], "1");
         assert_eq!(r.headers()["host"], "web:80");
         assert!(r.headers().get("cookie").is_none());
-        assert_eq!(r.headers()["content-length"], "5", "the held body is the check's body");
+        assert_eq!(
+            r.headers()["content-length"],
+            "5",
+            "the held body is the check's body"
+        );
     }
 }

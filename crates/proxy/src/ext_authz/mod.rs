@@ -206,7 +206,10 @@ impl ExtAuthzAnswer {
         if params.is_empty() {
             return path.to_owned();
         }
-        let query: Vec<String> = params.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let query: Vec<String> = params
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         format!("{path}?{}", query.join("&"))
     }
 }
@@ -230,10 +233,7 @@ pub enum ProviderError {
     #[error(transparent)]
     Http(#[from] hyper_util::client::legacy::Error),
     #[error("gRPC status {code:?}: {message}")]
-    Grpc {
-        code: tonic::Code,
-        message: String,
-    },
+    Grpc { code: tonic::Code, message: String },
 }
 
 /// The client every CUSTOM check goes through.

@@ -152,10 +152,8 @@ async fn handle(
         record_and_log(&shared, record, started);
         // Denied by the CUSTOM authorizer (its denial or its failure), as
         // Envoy's ext_authz flags it.
-        let external = decision.stage == Stage::Authorization
-            && ext
-                .as_ref()
-                .is_some_and(|e| !e.allowed());
+        let external =
+            decision.stage == Stage::Authorization && ext.as_ref().is_some_and(|e| !e.allowed());
         let flags = match external {
             true => ResponseFlags::UnauthorizedExternalService,
             false => ResponseFlags::None,
@@ -274,7 +272,6 @@ enum BodyRefused {
 /// Runs the engine: authentication, then CUSTOM (asked asynchronously,
 /// with the body held first when the provider asks for it), then the rest
 /// of authorization.
-#[allow(clippy::too_many_arguments)]
 async fn decide(
     shared: &Shared,
     snapshot: &Snapshot,
