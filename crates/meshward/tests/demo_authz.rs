@@ -1,7 +1,8 @@
 //! `meshward demo-authz`, the example authorizer of `examples/ext-authz/`,
 //! as a process asked by a real gRPC client of Envoy's ext_authz API: it
 //! allows the allowed caller with the header, and denies the rest with 403,
-//! its header and its reason; TCP checks are decided by the caller.
+//! its header and its reason; TCP checks are decided by the caller; each
+//! check is logged.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -115,16 +116,18 @@ fn demo_authz_decides_on_the_header_and_the_callers_spiffe_id() {
             .code,
         7
     );
-    // Every check is one line on its standard output.
-    wait_until(SETTLE, "a line per check", || {
-        authz.logs.stdout().lines().count() == 5
-    });
-    let lines: Vec<serde_json::Value> = authz
-        .logs
-        .stdout()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // Every check is one JSON line on its standard error.
+    let checks = || -> Vec<serde_json::Value> {
+        authz
+            .logs
+            .stderr()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until(SETTLE, "a line per check", || checks().len() == 5);
+    let lines = checks();
     assert_eq!(lines[0]["verdict"], "allow");
     assert_eq!(lines[0]["source"], SLEEP);
     assert_eq!(lines[0]["path"], "/anything");

@@ -9,7 +9,8 @@
 //! `x-ext-authz-check-result: allowed` for the application and the client.
 //! It denies everything else with 403, `x-ext-authz-check-result: denied`
 //! and a body saying why. A TCP connection (no request in the check) is
-//! allowed when its caller is. Each check is printed as one JSON line.
+//! allowed when its caller is. Each check is printed as one JSON line on
+//! standard error (where `meshward up` keeps an application's log).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -94,7 +95,7 @@ impl Authorization for Authorizer {
         let http = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
-        println!(
+        eprintln!(
             "{}",
             serde_json::json!({
                 "source": attributes.and_then(|a| a.source.as_ref()).map(|s| &s.principal),
