@@ -534,12 +534,12 @@ async fn request_bodies_are_checked_and_the_application_gets_the_same_bytes() {
     );
 }
 
-/// An HTTP authorizer that records each check's body and allows.
-async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
+/// An HTTP authorizer that records each check (head and body) and allows.
+async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let bodies: Arc<Mutex<Vec<Bytes>>> = Arc::default();
-    let record = bodies.clone();
+    let checks: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let record = checks.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -551,8 +551,13 @@ async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
                     hyper::service::service_fn(move |r: http::Request<hyper::body::Incoming>| {
                         let record = record.clone();
                         async move {
-                            let body = r.into_body().collect().await.unwrap().to_bytes();
-                            record.lock().unwrap().push(body);
+                            let (parts, body) = r.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            record.lock().unwrap().push(Received {
+                                path: parts.uri.path_and_query().unwrap().to_string(),
+                                headers: parts.headers,
+                                body,
+                            });
                             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                                 Bytes::new(),
                             )))
@@ -564,7 +569,7 @@ async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
             });
         }
     });
-    (addr, bodies)
+    (addr, checks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,7 +584,7 @@ async fn http_providers_get_the_body_too() {
     let (_server, client) = pair(&ca, app, "http", CUSTOM, &mesh, vec![]).await;
     let (status, _, _) = send(client.outbound[0], "PUT", "/b", &[], b"{\"a\":1}".to_vec()).await;
     assert_eq!(status, 200);
-    assert_eq!(bodies.lock().unwrap()[0], "{\"a\":1}");
+    assert_eq!(bodies.lock().unwrap()[0].body, "{\"a\":1}");
     assert_eq!(received.lock().unwrap()[0].body, "{\"a\":1}");
     let (status, _, _) = send(client.outbound[0], "PUT", "/b", &[], vec![b'y'; 65]).await;
     assert_eq!(status, 413);
@@ -692,7 +697,7 @@ async fn http_providers_are_ignored_on_tcp_as_istio_ignores_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_authorizer_in_the_mesh_is_reached_over_mutual_tls_with_secure_naming() {
+async fn a_grpc_authorizer_in_the_mesh_is_reached_over_mutual_tls_with_secure_naming() {
     let ca = Ca::new();
     let authz = Authorizer::default();
     let authz_addr = authz.start().await;
@@ -860,5 +865,38 @@ async fn streaming_bodies_are_checked_without_waiting_for_their_end() {
     assert_eq!(
         received.lock().unwrap()[0].body,
         "0123456789abcdefgh-and-the-rest"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_authorizer_in_the_mesh_is_reached_over_mutual_tls() {
+    let ca = Ca::new();
+    let (authz_addr, checks) = http_authorizer().await;
+    let authz_proxy = start_proxy(ProxySpec {
+        identity: ca.identity(&id("authz", "ext-authz")),
+        namespace: "authz",
+        labels: &[],
+        inbound: vec![format!("0={authz_addr},protocol=http")],
+        upstreams: vec![],
+        policies: "",
+        mesh_config: None,
+    })
+    .await;
+    let (app, received) = recording_app().await;
+    let mesh = "extensionProviders:\n- name: grpc\n  envoyExtAuthzHttp:\n    service: ext-authz.authz.svc.cluster.local\n    port: 8000\n    pathPrefix: /check\n";
+    let upstream = vec![format!(
+        "ext-authz.authz.svc.cluster.local:8000=127.0.0.1:0,endpoint={},identity=spiffe://cluster.local/ns/authz/sa/ext-authz,protocol=http",
+        authz_proxy.inbound[0]
+    )];
+    let (_server, client) = pair(&ca, app, "http", CUSTOM, mesh, upstream).await;
+    let (status, _, _) = send(client.outbound[0], "GET", "/m?q=1", &[], Vec::new()).await;
+    assert_eq!(status, 200);
+    assert_eq!(received.lock().unwrap().len(), 1);
+    let check = checks.lock().unwrap()[0].clone();
+    assert_eq!(check.path, "/check/m?q=1");
+    let xfcc = check.headers["x-forwarded-client-cert"].to_str().unwrap();
+    assert!(
+        xfcc.ends_with("URI=spiffe://cluster.local/ns/web/sa/web"),
+        "the authorizer's proxy saw web's certificate: {xfcc}"
     );
 }

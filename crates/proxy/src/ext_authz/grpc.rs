@@ -12,12 +12,12 @@
 //! HTTP/2 connection multiplexes them). An authorizer the mesh knows (an
 //! `--upstream` or a service of the control plane's) is dialed through
 //! that service's connector: mutual TLS, accepted only as the identities
-//! allowed to run it. Others are dialed in plaintext.
+//! allowed to run it. Others are dialed in plaintext ([`PlainDial`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -34,14 +34,10 @@ use meshward_policy::authz::CustomVerdict;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{
-    Check, ExtAuthzAnswer, HeaderAction, HeaderMutation, HttpCheck, MeshServices, ProviderError,
-    Verdict, service_host,
+    CONNECT_TIMEOUT, Check, ExtAuthzAnswer, HeaderAction, HeaderMutation, HttpCheck, MeshServices,
+    PlainDial, ProviderError, Verdict, service_host,
 };
 use crate::outbound::OutboundTarget;
-
-/// Connecting to an authorizer gives up after this (the check's own
-/// `timeout` bounds the whole call).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Envoy's header telling the authorizer whether `body` is cut short.
 const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
@@ -50,6 +46,7 @@ const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
 #[derive(Clone)]
 pub struct GrpcProvider {
     mesh: MeshServices,
+    plain: PlainDial,
     channels: Arc<Mutex<HashMap<(String, u16), Pooled>>>,
 }
 
@@ -60,9 +57,10 @@ struct Pooled {
 }
 
 impl GrpcProvider {
-    pub fn new(mesh: MeshServices) -> GrpcProvider {
+    pub fn new(mesh: MeshServices, plain: PlainDial) -> GrpcProvider {
         GrpcProvider {
             mesh,
+            plain,
             channels: Arc::default(),
         }
     }
@@ -89,7 +87,7 @@ impl GrpcProvider {
             .tcp_nodelay(true);
         let channel = match &target {
             Some(target) => endpoint.connect_with_connector_lazy(target.h2_connector()),
-            None => endpoint.connect_lazy(),
+            None => endpoint.connect_with_connector_lazy(self.plain),
         };
         channels.insert(
             key,

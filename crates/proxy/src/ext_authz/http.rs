@@ -8,50 +8,64 @@
 //! allows; any other status denies with that status and the authorizer's
 //! body.
 
-use std::time::Duration;
-
 use bytes::Bytes;
-use http::Request;
 use http::header::{self, HeaderName, HeaderValue};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{Request, Version};
+use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshward_policy::api::EnvoyExtAuthzHttp;
 use meshward_policy::authz::CustomVerdict;
 use meshward_policy::authz::matcher::StringMatch;
 
-use super::{ExtAuthzAnswer, HeaderMutation, HttpCheck, ProviderError, Verdict, service_host};
+use super::{
+    ExtAuthzAnswer, HeaderMutation, HttpCheck, MeshServices, PlainDial, ProviderError, Verdict,
+    service_host,
+};
+use crate::http::{Body, full};
 
 /// A denial body larger than this is cut.
 const MAX_DENY_BODY: usize = 64 * 1024;
 
-/// The pooled HTTP/1.1 client for HTTP providers.
+/// The client of HTTP providers: an authorizer the mesh knows is called
+/// through its service's pools (mutual TLS, secure naming), any other over
+/// a pooled plaintext HTTP/1.1 client.
 #[derive(Clone)]
 pub struct HttpProvider {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for HttpProvider {
-    fn default() -> HttpProvider {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        HttpProvider {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        }
-    }
+    mesh: MeshServices,
+    plain: Client<PlainDial, Body>,
 }
 
 impl HttpProvider {
+    pub fn new(mesh: MeshServices, plain: PlainDial) -> HttpProvider {
+        HttpProvider {
+            mesh,
+            plain: Client::builder(TokioExecutor::new()).build(plain),
+        }
+    }
+
     /// Asks `provider` about `request`.
     pub async fn check(
         &self,
         provider: &EnvoyExtAuthzHttp,
         request: HttpCheck<'_>,
     ) -> Result<ExtAuthzAnswer, ProviderError> {
-        let check = check_request(provider, &request).map_err(ProviderError::Request)?;
-        let response = self.client.request(check).await?;
+        let mut check = check_request(provider, &request).map_err(ProviderError::Request)?;
+        let host = service_host(&provider.service);
+        let port = u16::try_from(provider.port)
+            .map_err(|_| ProviderError::Request(format!("port {} is not a port", provider.port)))?;
+        let response = match self.mesh.find(host, port) {
+            Some(target) => {
+                // Held (counted busy) until the answer is in.
+                let endpoint = target
+                    .pick()
+                    .ok_or_else(|| ProviderError::Request("the service has no endpoint".into()))?;
+                let (client, version) = endpoint.http.for_version(Version::HTTP_11);
+                *check.version_mut() = version;
+                client.request(check).await?
+            }
+            None => self.plain.request(check).await?,
+        };
         let (parts, body) = response.into_parts();
         let pick = |patterns: &[String]| -> Vec<HeaderMutation> {
             let matchers: Vec<StringMatch> = patterns
@@ -89,7 +103,7 @@ impl HttpProvider {
 fn check_request(
     http: &EnvoyExtAuthzHttp,
     request: &HttpCheck<'_>,
-) -> Result<Request<Full<Bytes>>, String> {
+) -> Result<Request<Body>, String> {
     let uri = format!(
         "http://{}:{}{}{}",
         service_host(&http.service),
@@ -102,7 +116,7 @@ fn check_request(
     let mut check = Request::builder()
         .method(request.method.clone())
         .uri(&uri)
-        .body(Full::new(body))
+        .body(full(body))
         .map_err(|e| format!("check request to {uri}: {e}"))?;
     let matchers: Vec<StringMatch> = http
         .include_request_headers_in_check

@@ -14,19 +14,25 @@ pub mod body;
 pub mod grpc;
 pub mod http;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use ::http::header::{HeaderMap, HeaderName, HeaderValue};
 use ::http::{Method, Version};
 use bytes::Bytes;
+use hyper_util::rt::TokioIo;
 use meshward_policy::api::ExtensionProvider;
 use meshward_policy::authz::CustomVerdict;
+use tokio::net::TcpStream;
 
 pub use body::CheckedBody;
 
 use crate::outbound::OutboundTarget;
+use crate::socket::Dial;
 
 /// Istio's default provider timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -245,11 +251,16 @@ pub struct ExtAuthz {
 
 impl ExtAuthz {
     /// `mesh` finds the authorizers that run in the mesh (reached over mutual
-    /// TLS with secure naming); others are called in plaintext.
-    pub fn new(mesh: MeshServices) -> ExtAuthz {
+    /// TLS with secure naming); others are called in plaintext, through
+    /// `dial` (the proxy's socket mark, so capture lets them out).
+    pub fn new(mesh: MeshServices, dial: Dial) -> ExtAuthz {
+        let plain = PlainDial {
+            dial,
+            timeout: CONNECT_TIMEOUT,
+        };
         ExtAuthz {
-            http: http::HttpProvider::default(),
-            grpc: grpc::GrpcProvider::new(mesh),
+            http: http::HttpProvider::new(mesh.clone(), plain),
+            grpc: grpc::GrpcProvider::new(mesh, plain),
         }
     }
 
@@ -298,6 +309,52 @@ impl ExtAuthz {
                 provider.name
             )),
         }
+    }
+}
+
+/// Connecting to an authorizer gives up after this (the check's own
+/// `timeout` bounds the whole call).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Plaintext connections to an authorizer outside the mesh: its name
+/// resolved at each connection, each address tried in turn, every socket
+/// made by the proxy's [`Dial`] (with its `SO_MARK`, which the capture rules
+/// exempt, so the call is not captured again).
+#[derive(Debug, Clone, Copy)]
+pub struct PlainDial {
+    dial: Dial,
+    timeout: Duration,
+}
+
+impl tower_service::Service<::http::Uri> for PlainDial {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: ::http::Uri) -> Self::Future {
+        let this = *self;
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .ok_or_else(|| std::io::Error::other(format!("{uri}: no host")))?;
+            let port = uri.port_u16().unwrap_or(80);
+            let mut failure = std::io::Error::other(format!("{host}: no address"));
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match this.dial.connect(addr, this.timeout).await {
+                    Ok(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        return Ok(TokioIo::new(tcp));
+                    }
+                    Err(e) => failure = e,
+                }
+            }
+            Err(failure)
+        })
     }
 }
 
