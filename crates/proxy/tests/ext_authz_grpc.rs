@@ -652,6 +652,16 @@ async fn tcp_connections_are_checked_once_before_any_byte_reaches_the_applicatio
     .await;
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
     assert_eq!(bytes.load(Ordering::SeqCst), 0);
+    // Istio's metrics flag it as Envoy's ext_authz does.
+    let flagged: f64 = server
+        .scrape()
+        .iter()
+        .filter(|(name, labels, _)| {
+            *name == "istio_tcp_connections_opened_total" && labels["response_flags"] == "UAEX"
+        })
+        .map(|(_, _, value)| value)
+        .sum();
+    assert_eq!(flagged, 1.0);
 
     // Allowed: one check for the connection, whatever it carries.
     authz.tcp_allow.store(true, Ordering::SeqCst);

@@ -54,7 +54,14 @@ where
     );
     if !decision.allowed() {
         count("deny", record.policy.as_ref());
-        // Opened and closed at once, as Envoy counts one its RBAC filter closes.
+        // Opened and closed at once, as Envoy counts one its RBAC filter
+        // closes; flagged `UAEX` when the CUSTOM authorizer denied or failed.
+        let external = decision.stage == meshward_policy::Stage::Authorization
+            && custom.as_ref().is_some_and(|c| !c.allowed());
+        let labels = match external {
+            true => labels.with_flags(ResponseFlags::UnauthorizedExternalService),
+            false => labels,
+        };
         drop(shared.metrics.istio.tcp_opened(&labels));
         record.decision = "deny";
         record.reason = Some(decision.reason(&snapshot.policy, &info.connection, None));
