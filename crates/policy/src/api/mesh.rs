@@ -200,7 +200,7 @@ pub struct EnvoyExtAuthzHttp {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include_request_body_in_check: Option<RequestBodyInCheck>,
     /// Accepted for compatibility; meshward has no route cache to clear.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clear_route_cache: bool,
 }
 
@@ -219,7 +219,7 @@ pub struct EnvoyExtAuthzGrpc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include_request_body_in_check: Option<RequestBodyInCheck>,
     /// Accepted for compatibility; meshward has no route cache to clear.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clear_route_cache: bool,
 }
 
