@@ -910,3 +910,32 @@ async fn an_http_authorizer_in_the_mesh_is_reached_over_mutual_tls() {
         "the authorizer's proxy saw web's certificate: {xfcc}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_grpc_provider_fails_closed_and_says_why() {
+    let ca = Ca::new();
+    let (app, received) = recording_app().await;
+    // Nothing listens on this port (never bound).
+    let closed = closed_addr();
+    let (server, client) = pair(&ca, app, "http", CUSTOM, &grpc_mesh(closed, ""), vec![]).await;
+    let (status, _, _) = send(
+        client.outbound[0],
+        "GET",
+        "/x",
+        &[("x-authz", "allow")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(received.lock().unwrap().is_empty());
+    let why = format!(
+        "provider \"grpc\" (127.0.0.1:{}): gRPC status Unavailable: transport error: Connection refused",
+        closed.port()
+    );
+    eventually("the refused connection is logged", || {
+        server.access_log().iter().any(|r| {
+            r["ext_authz"] == "error" && r["reason"].as_str().is_some_and(|s| s.contains(&why))
+        })
+    })
+    .await;
+}

@@ -113,9 +113,17 @@ impl GrpcProvider {
         let response = AuthorizationClient::new(channel)
             .check(request)
             .await
-            .map_err(|status| ProviderError::Grpc {
-                code: status.code(),
-                message: status.message().to_owned(),
+            .map_err(|status| {
+                // A transport failure's cause (refused, TLS) is the status's
+                // source, which says more than its message.
+                let message = std::error::Error::source(&status).map_or_else(
+                    || status.message().to_owned(),
+                    meshward_identity::error_chain,
+                );
+                ProviderError::Grpc {
+                    code: status.code(),
+                    message,
+                }
             })?;
         Ok(answer(response.into_inner()))
     }

@@ -300,9 +300,10 @@ impl ExtAuthz {
         match tokio::time::timeout(timeout, asked).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => ExtAuthzAnswer::error(format!(
-                "provider {:?} ({}:{port}): {e}",
+                "provider {:?} ({}:{port}): {}",
                 provider.name,
-                service_host(service)
+                service_host(service),
+                meshward_identity::error_chain(&e)
             )),
             Err(_) => ExtAuthzAnswer::error(format!(
                 "provider {:?} did not answer within {timeout:?}",
