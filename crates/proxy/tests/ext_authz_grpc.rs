@@ -786,9 +786,9 @@ spec: {mtls: {mode: STRICT}}
     eventually("the refused authorizer is logged", || {
         server.access_log().iter().any(|r| {
             r["ext_authz"] == "error"
-                && r["reason"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("someone-else") || s.contains("TLS"))
+                && r["reason"].as_str().is_some_and(|s| {
+                    s.contains("secure naming: the server is spiffe://cluster.local/ns/authz/sa/ext-authz, which is not allowed to run this service")
+                })
         })
     })
     .await;
