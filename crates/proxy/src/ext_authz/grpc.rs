@@ -487,6 +487,79 @@ mod tests {
     }
 
     #[test]
+    fn http_attributes_are_filled_as_envoy_fills_them() {
+        let peers = super::super::Peers {
+            source: "[2001:db8::1]:5000".parse().unwrap(),
+            source_principal: None,
+            destination: "10.0.0.2:9000".parse().unwrap(),
+            destination_principal: "spiffe://cluster.local/ns/c/sa/d".into(),
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        let body = super::super::CheckedBody {
+            bytes: bytes::Bytes::from_static(b"ok\xff"),
+            partial: true,
+        };
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
+        let http = HttpCheck {
+            method: &http::Method::PUT,
+            target: "/p?q=1",
+            authority: "web.web:80",
+            scheme: "http",
+            version: http::Version::HTTP_2,
+            headers: &headers,
+            body: Some(&body),
+            time,
+        };
+        let settings = |pack_as_bytes| EnvoyExtAuthzGrpc {
+            include_request_body_in_check: Some(meshward_policy::api::RequestBodyInCheck {
+                max_request_bytes: 3,
+                allow_partial_message: true,
+                pack_as_bytes,
+            }),
+            ..Default::default()
+        };
+        let check = Check {
+            peers: &peers,
+            http: Some(http),
+        };
+        let attrs = check_request(&settings(false), check).attributes.unwrap();
+        // Plaintext: no principal; IPv6 addresses without brackets.
+        let source = attrs.source.unwrap();
+        assert_eq!(source.principal, "");
+        let Some(address::Address::SocketAddress(a)) = source.address.unwrap().address else {
+            panic!("a socket address")
+        };
+        assert_eq!(a.address, "2001:db8::1");
+        let request = attrs.request.unwrap();
+        assert_eq!(
+            request.time.unwrap(),
+            Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5
+            }
+        );
+        let h = request.http.unwrap();
+        assert_eq!(h.protocol, "HTTP/2");
+        assert_eq!(h.method, "PUT");
+        assert_eq!(h.path, "/p?q=1");
+        assert_eq!(h.host, "web.web:80");
+        assert_eq!(h.scheme, "http");
+        assert_eq!(h.size, -1, "no Content-Length");
+        assert_eq!(h.headers["x-multi"], "a,b");
+        assert_eq!(h.headers[":method"], "PUT");
+        assert_eq!(h.headers[":scheme"], "http");
+        assert_eq!(h.headers[PARTIAL_BODY], "true");
+        assert_eq!(h.body, "ok\u{fffd}", "UTF-8 text, other bytes replaced");
+        assert!(h.raw_body.is_empty());
+        let attrs = check_request(&settings(true), check).attributes.unwrap();
+        let h = attrs.request.unwrap().http.unwrap();
+        assert_eq!(h.raw_body, b"ok\xff", "packAsBytes: the bytes as they are");
+        assert!(h.body.is_empty());
+    }
+
+    #[test]
     fn tcp_checks_carry_the_connection_only() {
         let peers = super::super::Peers {
             source: "10.0.0.1:5000".parse().unwrap(),
