@@ -939,3 +939,44 @@ async fn an_unreachable_grpc_provider_fails_closed_and_says_why() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_checked_with_their_message_and_keep_their_trailers() {
+    let ca = Ca::new();
+    let authz = Authorizer::default();
+    let authz_addr = authz.start().await;
+    let app = echo_app("web").await;
+    let mesh = grpc_mesh(
+        authz_addr,
+        "    includeRequestBodyInCheck: {maxRequestBytes: 64, packAsBytes: true}\n",
+    );
+    let (_server, client) = pair(&ca, app, "grpc", CUSTOM, &mesh, vec![]).await;
+    let grpc = [("content-type", "application/grpc"), ("x-authz", "allow")];
+    let (status, _, body, trailers) = h2(client.outbound[0], "POST", "/pkg.Svc/Call", &grpc).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen(&body)["headers"]["x-authz-user"], "alice");
+    assert_eq!(
+        trailers.unwrap()["grpc-status"],
+        "0",
+        "the application's trailers"
+    );
+    let http = authz.checks()[0]
+        .attributes
+        .clone()
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
+    assert_eq!(http.protocol, "HTTP/2");
+    assert_eq!(http.path, "/pkg.Svc/Call");
+    assert_eq!(http.raw_body, [0u8; 5], "the gRPC message, as bytes");
+    assert_eq!(http.headers["content-type"], "application/grpc");
+
+    // Denied (418): a gRPC caller gets a gRPC status, not the authorizer's
+    // body: 418 is UNKNOWN (2) in Envoy's HTTP-to-gRPC status mapping.
+    let grpc = [("content-type", "application/grpc"), ("x-authz", "no")];
+    let (status, headers, _, _) = h2(client.outbound[0], "POST", "/pkg.Svc/Call", &grpc).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["grpc-status"], "2");
+}

@@ -207,6 +207,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn trailers_held_with_the_body_are_forwarded_after_it() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x01x"))),
+            Ok(Frame::trailers(trailers.clone())),
+        ];
+        let body = StreamBody::new(tokio_stream::iter(frames));
+        let Held::Ready(checked, forward) =
+            hold(&HeaderMap::new(), body, &settings(64, false)).await
+        else {
+            panic!("held")
+        };
+        assert_eq!(checked.bytes.len(), 6);
+        let collected = forward.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x01x"[..]);
+    }
+
+    #[tokio::test]
     async fn an_empty_body_is_checked_empty() {
         let (checked, forwarded) = run(&[], 4, false).await.unwrap();
         assert!(checked.bytes.is_empty() && !checked.partial && forwarded.is_empty());
