@@ -161,8 +161,9 @@ struct Received {
     body: Bytes,
 }
 
-/// An HTTP/1.1 application that records every request whole.
-async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
+/// An HTTP/1.1 server that records every request whole and answers 200
+/// with `answer`: the application, and an HTTP authorizer that allows.
+async fn recorder(answer: &'static [u8]) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
@@ -186,7 +187,7 @@ async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
                                 body,
                             });
                             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::from_static(b"app"),
+                                Bytes::from_static(answer),
                             )))
                         }
                     });
@@ -197,6 +198,11 @@ async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
         }
     });
     (addr, seen)
+}
+
+/// The application: records every request.
+async fn recording_app() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    recorder(b"app").await
 }
 
 /// An HTTP/1.1 request through `addr` with `body`.
@@ -536,40 +542,7 @@ async fn request_bodies_are_checked_and_the_application_gets_the_same_bytes() {
 
 /// An HTTP authorizer that records each check (head and body) and allows.
 async fn http_authorizer() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let checks: Arc<Mutex<Vec<Received>>> = Arc::default();
-    let record = checks.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let record = record.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |r: http::Request<hyper::body::Incoming>| {
-                        let record = record.clone();
-                        async move {
-                            let (parts, body) = r.into_parts();
-                            let body = body.collect().await.unwrap().to_bytes();
-                            record.lock().unwrap().push(Received {
-                                path: parts.uri.path_and_query().unwrap().to_string(),
-                                headers: parts.headers,
-                                body,
-                            });
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::new(),
-                            )))
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    (addr, checks)
+    recorder(b"").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
