@@ -373,16 +373,11 @@ pub struct MeshServices {
 }
 
 impl MeshServices {
-    /// The target serving `host:port`, by its full name or a shorter form
-    /// of it (`ext-authz.foo` for `ext-authz.foo.svc.cluster.local`).
+    /// The target serving `host:port` (see [`same_service`]).
     pub fn find(&self, host: &str, port: u16) -> Option<Arc<OutboundTarget>> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let names = |t: &OutboundTarget| {
-            let service = &t.upstream.service;
-            t.upstream.port == port
-                && (*service == host
-                    || (service.starts_with(&host)
-                        && service.as_bytes().get(host.len()) == Some(&b'.')))
+            t.upstream.port == port && same_service(&t.upstream.service, &host)
         };
         self.upstreams
             .iter()
@@ -390,6 +385,26 @@ impl MeshServices {
             .cloned()
             .or_else(|| self.routes.as_ref()?.find_target(|t| names(t)))
     }
+}
+
+/// Whether a provider's `host` names the mesh's `service`: the same name, a
+/// shorter form of it that names the namespace (`ext-authz.foo` for
+/// `ext-authz.foo.svc.cluster.local`),
+/// or its Kubernetes form (`ext-authz.foo.svc.cluster.local` for a
+/// ServiceEntry host `ext-authz.foo`), as Istio users write providers.
+fn same_service(service: &str, host: &str) -> bool {
+    let longer = |long: &str, short: &str| {
+        long.strip_prefix(short)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some()
+    };
+    service == host
+        // A bare name could be any namespace's: the namespace must be named.
+        || (host.contains('.') && longer(service, host))
+        || host
+            .strip_prefix(service)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|rest| rest == "svc" || rest.starts_with("svc."))
 }
 
 #[cfg(test)]
@@ -448,6 +463,26 @@ mod tests {
         assert_eq!(all("c"), [v("2")]);
         assert!(h.get("d").is_none());
         assert_eq!(all("e"), [v("2")]);
+    }
+
+    #[test]
+    fn providers_name_mesh_services_as_istio_users_write_them() {
+        assert!(same_service("ext-authz.foo", "ext-authz.foo"));
+        assert!(same_service(
+            "ext-authz.foo.svc.cluster.local",
+            "ext-authz.foo"
+        ));
+        assert!(same_service(
+            "ext-authz.foo",
+            "ext-authz.foo.svc.cluster.local"
+        ));
+        assert!(same_service("ext-authz.foo", "ext-authz.foo.svc"));
+        assert!(!same_service("ext-authz.foo", "ext-authz.foobar"));
+        assert!(!same_service("ext-authz.foo", "ext-authz.foo.evil.example"));
+        assert!(
+            !same_service("ext-authz.foo", "ext-authz"),
+            "another namespace's, maybe"
+        );
     }
 
     #[test]
