@@ -58,6 +58,8 @@ enum Command {
     Exec(cmd::exec::Args),
     /// A tiny workload for demos and tests: echoes what it received, calls other URLs.
     DemoApp(cmd::demo_app::Args),
+    /// A small external authorizer for CUSTOM policies (Envoy's gRPC ext_authz API): decides on a header and the caller's SPIFFE ID.
+    DemoAuthz(cmd::demo_authz::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
     /// Transparent mode: install, remove or show the iptables rules that send a workload's traffic through its proxy.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => cmd::proxy::run(*args),
         Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
+        Command::DemoAuthz(args) => cmd::demo_authz::run(args),
         Command::Up(args) => cmd::up::run(args),
         Command::Exec(args) => cmd::exec::run(args),
         Command::Guard(args) => cmd::guard::run(args),

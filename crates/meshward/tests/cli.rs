@@ -62,7 +62,7 @@ fn validate_accepts_every_example() {
     );
     assert_eq!(
         stderr(&o).lines().last(),
-        Some("30 document(s): 20 valid policies, 0 error(s), 5 warning(s)"),
+        Some("37 document(s): 21 valid policies, 0 error(s), 5 warning(s)"),
         "{}",
         stderr(&o)
     );
@@ -375,7 +375,7 @@ fn validate_describe_and_up_warn_about_paths_that_base_normalization_leaves_open
     assert_eq!(out.matches("CVE-2021-31920").count(), 2, "{out}");
     // The other three warnings are Istio's own (DENY rules that also deny TCP).
     assert!(
-        stderr(&o).contains("20 valid policies, 0 error(s), 5 warning(s)"),
+        stderr(&o).contains("21 valid policies, 0 error(s), 5 warning(s)"),
         "{}",
         stderr(&o)
     );
@@ -1226,4 +1226,62 @@ fn live_describe_warns_without_an_invented_location() {
     );
     assert!(!err.contains("server:"), "{err}");
     std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn validate_and_describe_say_which_provider_a_custom_policy_calls_and_where_it_applies() {
+    let dir = tempdir();
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "extensionProviders:\n- name: http-authz\n  envoyExtAuthzHttp: {service: authz.foo.svc.cluster.local, port: 8000}\n- name: grpc-authz\n  envoyExtAuthzGrpc:\n    service: opa.foo.svc.cluster.local\n    port: 9191\n    includeRequestBodyInCheck: {maxRequestBytes: 8192, allowPartialMessage: true, packAsBytes: true}\n",
+    )
+    .expect("write");
+    let mesh = mesh.to_str().expect("utf-8");
+    let policies = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-http, namespace: foo}\nspec:\n  selector: {matchLabels: {app: a}}\n  action: CUSTOM\n  provider: {name: http-authz}\n  rules: [{}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-grpc, namespace: foo}\nspec:\n  selector: {matchLabels: {app: b}}\n  action: CUSTOM\n  provider: {name: grpc-authz}\n  rules: [{}]\n";
+    let o = meshward(
+        &["validate", "-f", "-", "--mesh-config", mesh],
+        Some(policies),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("<stdin>:7: warning: AuthorizationPolicy foo/by-http: spec.provider.name: provider \"http-authz\" is envoyExtAuthzHttp, which checks HTTP requests only: on TCP ports this policy is ignored"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("foo/by-grpc"),
+        "a gRPC provider checks TCP: {out}"
+    );
+
+    let describe = |app: &str| {
+        let o = meshward(
+            &[
+                "describe",
+                "-f",
+                "-",
+                "--mesh-config",
+                mesh,
+                "-n",
+                "foo",
+                "-l",
+                app,
+            ],
+            Some(policies),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let out = describe("app=a");
+    assert!(
+        out.contains("provider http-authz (envoyExtAuthzHttp: asked for HTTP requests only; on TCP ports the policy is ignored, as in Istio)"),
+        "{out}"
+    );
+    let out = describe("app=b");
+    assert!(
+        out.contains(
+            "provider grpc-authz (envoyExtAuthzGrpc: asked for HTTP requests and TCP connections)"
+        ),
+        "{out}"
+    );
 }

@@ -73,13 +73,17 @@ impl Loaded {
 
     /// Warnings that depend on the mesh configuration in force, placed like
     /// validation's: a rule on paths that path normalization leaves open
-    /// ([`validate::path_normalization_warning`]).
+    /// ([`validate::path_normalization_warning`]), a CUSTOM policy whose
+    /// HTTP provider TCP connections escape ([`validate::custom_on_tcp_warning`]).
     pub fn mesh_warnings(&self, mesh: &MeshConfig) -> Vec<Diagnostic> {
         self.policies
             .iter()
-            .filter_map(|p| {
-                let issue = validate::path_normalization_warning(&p.policy, mesh.normalization())?;
-                Some(Diagnostic {
+            .flat_map(|p| {
+                let issues = [
+                    validate::path_normalization_warning(&p.policy, mesh.normalization()),
+                    validate::custom_on_tcp_warning(&p.policy, mesh),
+                ];
+                issues.into_iter().flatten().map(move |issue| Diagnostic {
                     severity: issue.severity,
                     location: Location {
                         file: p.location.file.clone(),

@@ -812,6 +812,49 @@ pub fn path_normalization_warning(
     None
 }
 
+/// A CUSTOM policy whose provider is `envoyExtAuthzHttp` and which has a
+/// rule that TCP traffic could match (no host, method or path, no request
+/// principal): Istio ignores such a policy on TCP ports (an HTTP
+/// authorizer cannot judge a connection), so those connections are not
+/// checked by it, which its author may not expect.
+pub fn custom_on_tcp_warning(policy: &Policy, mesh: &crate::api::MeshConfig) -> Option<FieldIssue> {
+    let Policy::AuthorizationPolicy(ap) = policy else {
+        return None;
+    };
+    if ap.spec.action != Action::Custom {
+        return None;
+    }
+    let name = &ap.spec.provider.as_ref()?.name;
+    mesh.extension_provider(name)?
+        .envoy_ext_authz_http
+        .as_ref()?;
+    let tcp_rule = ap.spec.rules.iter().any(|rule| {
+        let http_to = rule
+            .to
+            .iter()
+            .filter_map(|t| t.operation.as_ref())
+            .any(|op| {
+                op.fields().iter().any(|(field, values)| {
+                    !values.is_empty() && !matches!(*field, "ports" | "notPorts")
+                })
+            });
+        let http_from = rule
+            .from
+            .iter()
+            .filter_map(|f| f.source.as_ref())
+            .any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty());
+        !http_to && !http_from
+    });
+    tcp_rule.then(|| {
+        FieldIssue::warning(
+            "spec.provider.name",
+            format!(
+                "provider {name:?} is envoyExtAuthzHttp, which checks HTTP requests only: on TCP ports this policy is ignored, as Istio ignores it, and connections are not checked by it; use an envoyExtAuthzGrpc provider to check TCP connections"
+            ),
+        )
+    })
+}
+
 /// `selector` and `targetRef(s)` are alternatives; each is checked on its own terms.
 fn validate_targeting(
     selector: Option<&WorkloadSelector>,
@@ -1106,6 +1149,40 @@ fn check_label_value(v: &str) -> Result<(), &'static str> {
 mod tests {
     use super::*;
     use crate::diagnostic::Severity;
+
+    #[test]
+    fn custom_policies_with_http_providers_warn_that_tcp_escapes_them() {
+        let mesh = |kind: &str| crate::api::MeshConfig {
+            extension_providers: vec![crate::api::ExtensionProvider {
+                name: "ext".into(),
+                envoy_ext_authz_http: (kind == "http").then(Default::default),
+                envoy_ext_authz_grpc: (kind == "grpc").then(Default::default),
+            }],
+            ..Default::default()
+        };
+        let policy = |rules: &str| {
+            let text = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: ns}}\nspec:\n  action: CUSTOM\n  provider: {{name: ext}}\n  rules: {rules}\n"
+            );
+            let loaded = crate::load::load_str("p.yaml", &text);
+            assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+            loaded.into_policies().remove(0)
+        };
+        let warning = custom_on_tcp_warning(&policy("[{}]"), &mesh("http")).unwrap();
+        assert_eq!(warning.field, "spec.provider.name");
+        assert!(
+            warning.message.contains("envoyExtAuthzHttp"),
+            "{}",
+            warning.message
+        );
+        let ports = policy("[{to: [{operation: {ports: [\"5432\"]}}]}]");
+        assert!(custom_on_tcp_warning(&ports, &mesh("http")).is_some());
+        // Rules only HTTP can match, or a gRPC provider: nothing escapes.
+        let paths = policy("[{to: [{operation: {paths: [/admin]}}]}]");
+        assert!(custom_on_tcp_warning(&paths, &mesh("http")).is_none());
+        assert!(custom_on_tcp_warning(&policy("[{}]"), &mesh("grpc")).is_none());
+        assert!(custom_on_tcp_warning(&policy("[{}]"), &mesh("none")).is_none());
+    }
 
     /// `(line, field, severity, message)` of each diagnostic for one
     /// ServiceEntry spec, and whether it loaded.

@@ -312,7 +312,16 @@ impl Proxy {
             limits,
             metrics,
             logs,
-            ext_authz: ExtAuthz::default(),
+            ext_authz: ExtAuthz::new(
+                ext_authz::MeshServices {
+                    upstreams: outbound.iter().map(|(_, t)| t.clone()).collect(),
+                    routes: routes.clone(),
+                },
+                socket::Dial {
+                    mark: config.mark,
+                    inbound_source: false,
+                },
+            ),
             shutdown: CancellationToken::new(),
             stop_now: CancellationToken::new(),
             http,

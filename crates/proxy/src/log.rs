@@ -167,6 +167,13 @@ pub struct AccessRecord {
     /// What went wrong reaching the upstream, if something did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The CUSTOM authorizer's verdict when it was asked: `allow`, `deny`
+    /// or `error` (unreachable, timed out, or an error answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ext_authz: Option<&'static str>,
+    /// The CUSTOM authorizer's `dynamic_metadata` (gRPC providers), as JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ext_authz_metadata: Option<serde_json::Value>,
 }
 
 impl AccessRecord {
@@ -228,6 +235,8 @@ impl AccessRecord {
             bytes_received: 0,
             bytes_sent: 0,
             error: None,
+            ext_authz: None,
+            ext_authz_metadata: None,
         }
     }
 }

@@ -112,6 +112,13 @@ impl OutboundTarget {
             .pick()
     }
 
+    /// A connector to the service's endpoints offering HTTP/2 (taken in
+    /// turn, with the service's mutual TLS and secure naming): what a gRPC
+    /// client of the proxy's own (a CUSTOM authorizer's) dials through.
+    pub fn h2_connector(&self) -> Connector {
+        self.routes[1].0.clone()
+    }
+
     /// The endpoints in force.
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         self.destination

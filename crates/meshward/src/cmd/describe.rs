@@ -61,6 +61,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Which provider a CUSTOM policy calls, and on which protocols it is
+/// asked (Istio ignores a CUSTOM policy with an HTTP provider on TCP).
+fn provider_note(mesh: &meshward_policy::api::MeshConfig, name: &str) -> String {
+    match mesh.extension_provider(name) {
+        Some(p) if p.envoy_ext_authz_grpc.is_some() && p.envoy_ext_authz_http.is_none() => {
+            format!(
+                "provider {name} (envoyExtAuthzGrpc: asked for HTTP requests and TCP connections)"
+            )
+        }
+        Some(p) if p.envoy_ext_authz_http.is_some() => format!(
+            "provider {name} (envoyExtAuthzHttp: asked for HTTP requests only; on TCP ports the policy is ignored, as in Istio)"
+        ),
+        Some(_) => format!("provider {name} (not an ext_authz provider: denies what it matches)"),
+        None => format!(
+            "provider {name} (not in meshConfig.extensionProviders: denies what it matches)"
+        ),
+    }
+}
+
 /// The text of `meshward describe`.
 pub fn describe(set: &PolicySet, workload: &Workload, ports: &[u16]) -> String {
     let mut s = String::new();
@@ -179,7 +198,7 @@ pub fn describe(set: &PolicySet, workload: &Workload, ports: &[u16]) -> String {
                     notes.push("dry-run: reported, never enforced".into());
                 }
                 if let Some(provider) = &ap.spec.provider {
-                    notes.push(format!("provider {}", provider.name));
+                    notes.push(provider_note(mesh, &provider.name));
                 }
                 lines.push(format!("    {}  [{}]", ap.key(), notes.join(", ")));
             }

@@ -3,6 +3,7 @@ pub mod capture;
 pub mod check;
 pub mod control;
 pub mod demo_app;
+pub mod demo_authz;
 pub mod describe;
 pub mod exec;
 pub mod guard;

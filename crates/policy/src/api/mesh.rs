@@ -149,6 +149,24 @@ impl ExtensionProvider {
             .unwrap_or(403)
     }
 
+    /// The request body settings of either kind.
+    pub fn request_body(&self) -> Option<&RequestBodyInCheck> {
+        match (&self.envoy_ext_authz_http, &self.envoy_ext_authz_grpc) {
+            (Some(h), _) => h.include_request_body_in_check.as_ref(),
+            (None, Some(g)) => g.include_request_body_in_check.as_ref(),
+            (None, None) => None,
+        }
+    }
+
+    /// The kind, as MeshConfig names it.
+    pub fn kind(&self) -> &'static str {
+        match (&self.envoy_ext_authz_http, &self.envoy_ext_authz_grpc) {
+            (Some(_), _) => "envoyExtAuthzHttp",
+            (None, Some(_)) => "envoyExtAuthzGrpc",
+            (None, None) => "other",
+        }
+    }
+
     /// Whether a CUSTOM policy can use this provider for authorization.
     pub fn is_authorizer(&self) -> bool {
         self.envoy_ext_authz_http.is_some() || self.envoy_ext_authz_grpc.is_some()
@@ -178,6 +196,12 @@ pub struct EnvoyExtAuthzHttp {
     pub headers_to_downstream_on_deny: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers_to_downstream_on_allow: Vec<String>,
+    /// The request body in the check request's own body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body_in_check: Option<RequestBodyInCheck>,
+    /// Accepted for compatibility; meshward has no route cache to clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear_route_cache: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -191,4 +215,26 @@ pub struct EnvoyExtAuthzGrpc {
     pub fail_open: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub status_on_error: String,
+    /// The request body in `attributes.request.http.body` / `raw_body`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body_in_check: Option<RequestBodyInCheck>,
+    /// Accepted for compatibility; meshward has no route cache to clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear_route_cache: bool,
+}
+
+/// `EnvoyExternalAuthorizationRequestBody`: how much of a request body the
+/// proxy holds before asking the provider (Envoy's `with_request_body`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestBodyInCheck {
+    /// The most body bytes held; a longer body is refused with 413 unless
+    /// `allowPartialMessage`, which sends the first `maxRequestBytes`.
+    #[serde(default)]
+    pub max_request_bytes: u32,
+    #[serde(default)]
+    pub allow_partial_message: bool,
+    /// gRPC providers: the body as bytes (`raw_body`) rather than UTF-8 (`body`).
+    #[serde(default)]
+    pub pack_as_bytes: bool,
 }

@@ -18,7 +18,7 @@ pub use authorization::{
 };
 pub use mesh::{
     EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, OutboundMode,
-    OutboundTrafficPolicy, PathNormalization, PathNormalizationMode,
+    OutboundTrafficPolicy, PathNormalization, PathNormalizationMode, RequestBodyInCheck,
 };
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
 pub use peer_authentication::{

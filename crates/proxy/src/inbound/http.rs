@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{ConnInfo, InboundTarget};
 use crate::Shared;
-use crate::ext_authz::ExtAuthzAnswer;
+use crate::ext_authz::body::{Held, hold};
+use crate::ext_authz::{Check, ExtAuthzAnswer, HttpCheck, apply_headers};
 use crate::http::{
     Body, BodyEnd, BoxError, Counted, XFCC, apply_edits, is_grpc, local_reply,
     logged_response_body, policy_request, protocol_name, request_authority, set_upstream_target,
@@ -114,7 +115,34 @@ async fn handle(
             return reply(traffic.with_flags(flags), crate::http::bad_request(grpc), 0);
         }
     };
-    let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
+    let (parts, body) = request.into_parts();
+    let decided = decide(&shared, &snapshot, &info, &parts, body, &view, start_time).await;
+    let Decided {
+        decision,
+        ext,
+        body,
+    } = match decided {
+        Ok(decided) => decided,
+        Err(refused) => {
+            // The body the CUSTOM provider was to see could not be held:
+            // too long (Envoy's 413, before failOpen is considered), or
+            // the client's body failed.
+            let (status, message) = match &refused {
+                BodyRefused::TooLarge(_) => (413, "Payload Too Large"),
+                BodyRefused::Failed(_) => (400, "Bad Request"),
+            };
+            let mut record = finish(record, status, false);
+            record.stage = Some(Stage::Authorization);
+            record.reason = Some(refused.to_string());
+            record_and_log(&shared, record, started);
+            return reply(traffic, local_reply(status, message, grpc), 0);
+        }
+    };
+    record.ext_authz = ext.as_ref().map(ExtAuthzAnswer::verdict_name);
+    if let Some(metadata) = ext.as_ref().and_then(|e| e.dynamic_metadata.clone()) {
+        tracing::info!(%metadata, "CUSTOM authorizer's dynamic metadata");
+        record.ext_authz_metadata = Some(metadata);
+    }
 
     describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
     audit(&shared, &snapshot, &info, &view, &decision, &record);
@@ -124,10 +152,8 @@ async fn handle(
         record_and_log(&shared, record, started);
         // Denied by the CUSTOM authorizer (its denial or its failure), as
         // Envoy's ext_authz flags it.
-        let external = decision.stage == Stage::Authorization
-            && ext
-                .as_ref()
-                .is_some_and(|e| !matches!(e.verdict, CustomVerdict::Allow));
+        let external =
+            decision.stage == Stage::Authorization && ext.as_ref().is_some_and(|e| !e.allowed());
         let flags = match external {
             true => ResponseFlags::UnauthorizedExternalService,
             false => ResponseFlags::None,
@@ -137,12 +163,17 @@ async fn handle(
 
     // Forward: the path as authorized, the identity headers as the proxy
     // sets them, nothing the client claimed about identity.
-    let (mut parts, body) = request.into_parts();
+    let mut parts = parts;
     let authorized_path = normalize::normalize(&view.path, snapshot.policy.normalization);
+    // The authorizer's query edits apply to the query forwarded.
+    let original_target = match &ext {
+        Some(ext) => ext.edit_query(&view.path),
+        None => view.path.clone(),
+    };
     let (client, version) = target.app.for_version(parts.version);
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
-    if set_upstream_target(&mut parts, &authority, &authorized_path, &view.path).is_none() {
+    if set_upstream_target(&mut parts, &authority, &authorized_path, &original_target).is_none() {
         let mut record = finish(record, 400, false);
         record.stage = Some(Stage::Request);
         record.reason = Some("bad request: the path cannot be forwarded as authorized".into());
@@ -164,22 +195,19 @@ async fn handle(
     }
     let mut downstream_headers = Vec::new();
     if let Some(ext) = ext {
-        for (name, value) in ext.upstream_headers {
-            parts.headers.insert(name, value);
+        for name in &ext.remove_headers {
+            parts.headers.remove(name);
         }
+        apply_headers(&mut parts.headers, &ext.upstream_headers);
         downstream_headers = ext.downstream_headers;
     }
 
     let received = Arc::new(AtomicU64::new(0));
-    let body: Body = Counted::new(body, received.clone())
-        .map_err(|e| Box::new(e) as BoxError)
-        .boxed();
+    let body: Body = Counted::new(body, received.clone()).boxed();
     match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
-            for (name, value) in downstream_headers {
-                parts.headers.insert(name, value);
-            }
+            apply_headers(&mut parts.headers, &downstream_headers);
             strip_hop_by_hop(&mut parts.headers);
             let record = finish(record, parts.status.as_u16(), true);
             let mut labels = RequestLabels {
@@ -222,21 +250,50 @@ async fn handle(
     }
 }
 
-/// Runs the engine: authentication, then CUSTOM (asked asynchronously),
-/// then the rest of authorization.
+/// The engine's decision, the CUSTOM authorizer's answer if it was asked,
+/// and the body to forward (the bytes it checked, then the rest).
+struct Decided {
+    decision: InboundDecision,
+    ext: Option<ExtAuthzAnswer>,
+    body: Body,
+}
+
+/// Why a request's body could not be held for its CUSTOM check.
+#[derive(Debug, thiserror::Error)]
+enum BodyRefused {
+    #[error(
+        "the request body is longer than provider {0:?}'s includeRequestBodyInCheck.maxRequestBytes (and allowPartialMessage is false)"
+    )]
+    TooLarge(String),
+    #[error("the request body failed before the CUSTOM check: {0}")]
+    Failed(String),
+}
+
+/// Runs the engine: authentication, then CUSTOM (asked asynchronously,
+/// with the body held first when the provider asks for it), then the rest
+/// of authorization.
 async fn decide(
     shared: &Shared,
     snapshot: &Snapshot,
     info: &ConnInfo,
-    request: &Request<Incoming>,
+    parts: &http::request::Parts,
+    body: Incoming,
     view: &HttpRequest,
-) -> (InboundDecision, Option<ExtAuthzAnswer>) {
+    time: SystemTime,
+) -> Result<Decided, BodyRefused> {
     let policy = &snapshot.policy;
+    let forward = |body: Incoming| -> Body { body.map_err(|e| Box::new(e) as BoxError).boxed() };
     let authenticated = match blocking_allowed(snapshot, || {
         policy.authenticate(&info.connection, Some(view))
     }) {
         Ok(a) => a,
-        Err(denied) => return (*denied, None),
+        Err(denied) => {
+            return Ok(Decided {
+                decision: *denied,
+                ext: None,
+                body: forward(body),
+            });
+        }
     };
     let provider = {
         let attrs = authenticated.attributes(policy, &info.connection, Some(view));
@@ -245,30 +302,54 @@ async fn decide(
             .custom_check(&attrs)
             .map(|c| c.provider.clone())
     };
-    let ext = match provider {
-        Some(provider) => {
-            // The authorizer sees the request as the application would: the
-            // path as authorized, no identity header the client set itself.
-            let path = normalize::normalize(&view.path, policy.normalization);
-            let query = &view.path[normalize::strip_query(&view.path).len()..];
-            let mut headers = request.headers().clone();
-            headers.remove(XFCC);
-            for name in policy.authn.output_headers() {
-                headers.remove(name.as_str());
-            }
-            let target = format!("{path}{query}");
-            Some(
-                shared
-                    .ext_authz
-                    .check(&provider, request.method(), &target, &view.host, &headers)
-                    .await,
-            )
-        }
-        None => None,
+    let Some(provider) = provider else {
+        let decision = authenticated.authorize(policy, &info.connection, Some(view), None);
+        return Ok(Decided {
+            decision,
+            ext: None,
+            body: forward(body),
+        });
     };
-    let custom = ext.as_ref().map(|e| e.verdict.clone());
+    let (checked, body) = match provider.request_body() {
+        Some(settings) => match hold(&parts.headers, body, settings).await {
+            Held::Ready(checked, body) => (Some(checked), body),
+            Held::TooLarge => return Err(BodyRefused::TooLarge(provider.name.clone())),
+            Held::Failed(e) => return Err(BodyRefused::Failed(e)),
+        },
+        None => (None, forward(body)),
+    };
+    // The authorizer sees the request as the application would: the path
+    // as authorized, no identity header the client set itself.
+    let path = normalize::normalize(&view.path, policy.normalization);
+    let query = &view.path[normalize::strip_query(&view.path).len()..];
+    let mut headers = parts.headers.clone();
+    headers.remove(XFCC);
+    for name in policy.authn.output_headers() {
+        headers.remove(name.as_str());
+    }
+    let target = format!("{path}{query}");
+    let peers = info.peers(&shared.identity);
+    let check = Check {
+        peers: &peers,
+        http: Some(HttpCheck {
+            method: &parts.method,
+            target: &target,
+            authority: &view.host,
+            scheme: if info.peer.is_some() { "https" } else { "http" },
+            version: parts.version,
+            headers: &headers,
+            body: checked.as_ref(),
+            time,
+        }),
+    };
+    let ext = shared.ext_authz.check(&provider, check).await;
+    let custom = Some(ext.verdict.0.clone());
     let decision = authenticated.authorize(policy, &info.connection, Some(view), custom);
-    (decision, ext)
+    Ok(Decided {
+        decision,
+        ext: Some(ext),
+        body,
+    })
 }
 
 /// Request authentication may fetch a `jwksUri` (at most every 30 s, within
@@ -383,7 +464,7 @@ fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -
         Stage::PeerAuthentication => local_reply(status, "RBAC: access denied", grpc),
         Stage::Authorization => match ext {
             // The authorizer's own denial: its status, body and headers.
-            Some(ext) if matches!(ext.verdict, meshward_policy::authz::CustomVerdict::Deny(_)) => {
+            Some(ext) if matches!(ext.verdict.0, CustomVerdict::Deny(_)) => {
                 let mut response = if grpc {
                     local_reply(status, "RBAC: access denied", true)
                 } else {
@@ -392,9 +473,7 @@ fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -
                     r.headers_mut().remove(http::header::CONTENT_TYPE);
                     r
                 };
-                for (name, value) in ext.downstream_headers {
-                    response.headers_mut().insert(name, value);
-                }
+                apply_headers(response.headers_mut(), &ext.downstream_headers);
                 response
             }
             _ => local_reply(status, "RBAC: access denied", grpc),

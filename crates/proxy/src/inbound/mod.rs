@@ -69,6 +69,22 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// The connection's two ends as a CUSTOM authorizer is told them.
+    pub fn peers(&self, identity: &crate::identity::WorkloadIdentity) -> crate::ext_authz::Peers {
+        let destination = SocketAddr::new(
+            self.connection
+                .destination_ip
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            self.connection.destination_port,
+        );
+        crate::ext_authz::Peers {
+            source: self.peer_addr,
+            source_principal: self.peer.as_ref().map(|p| p.id.clone()),
+            destination,
+            destination_principal: identity.id.to_string(),
+        }
+    }
+
     fn record(&self, target: &InboundTarget, protocol: &'static str, version: u64) -> AccessRecord {
         let mut record = AccessRecord::new(
             self.start_time,

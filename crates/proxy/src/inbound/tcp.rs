@@ -1,14 +1,15 @@
 //! TCP to this workload: one authorization decision per connection (the
-//! rules' L4 form), then bytes both ways with half-close. When the policies
+//! rules' L4 form, and a CUSTOM gRPC authorizer's answer when a CUSTOM rule
+//! matches), then bytes both ways with half-close. When the policies
 //! change, the connection is checked again and closed if it is now denied.
 
 use std::sync::Arc;
 
-use meshward_policy::authz::CustomVerdict;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{ConnInfo, InboundTarget};
 use crate::Shared;
+use crate::ext_authz::{Check, ExtAuthzAnswer};
 use crate::io::Metered;
 use crate::metrics::istio::{self, ResponseFlags};
 use crate::metrics::{DecisionLabels, Direction};
@@ -19,8 +20,16 @@ where
 {
     let mut changes = shared.policies.subscribe();
     let snapshot = changes.borrow_and_update().clone();
-    let decision = decide(&snapshot.policy, &info);
+    let mut custom = None;
+    let decision = decide(&shared, &snapshot.policy, &info, &mut custom).await;
     let mut record = info.record(&target, "TCP", snapshot.version);
+    if let Some(ext) = &custom {
+        record.ext_authz = Some(ext.verdict_name());
+        if let Some(metadata) = ext.dynamic_metadata.clone() {
+            tracing::info!(%metadata, "CUSTOM authorizer's dynamic metadata");
+            record.ext_authz_metadata = Some(metadata);
+        }
+    }
     record.stage = Some(decision.stage);
     record.mtls_mode = Some(decision.mtls_mode.as_str());
     if let Some(rule) = decision.authz.as_ref().and_then(|a| a.deciding.as_ref()) {
@@ -45,7 +54,14 @@ where
     );
     if !decision.allowed() {
         count("deny", record.policy.as_ref());
-        // Opened and closed at once, as Envoy counts one its RBAC filter closes.
+        // Opened and closed at once, as Envoy counts one its RBAC filter
+        // closes; flagged `UAEX` when the CUSTOM authorizer denied or failed.
+        let external = decision.stage == meshward_policy::Stage::Authorization
+            && custom.as_ref().is_some_and(|c| !c.allowed());
+        let labels = match external {
+            true => labels.with_flags(ResponseFlags::UnauthorizedExternalService),
+            false => labels,
+        };
         drop(shared.metrics.istio.tcp_opened(&labels));
         record.decision = "deny";
         record.reason = Some(decision.reason(&snapshot.policy, &info.connection, None));
@@ -82,7 +98,7 @@ where
                     continue;
                 }
                 let snapshot = changes.borrow_and_update().clone();
-                let again = decide(&snapshot.policy, &info);
+                let again = decide(&shared, &snapshot.policy, &info, &mut custom).await;
                 if !again.allowed() {
                     record.decision = "deny";
                     record.config_version = snapshot.version;
@@ -112,17 +128,43 @@ where
     shared.logs.access.write(&record);
 }
 
-/// The decision for a TCP connection. CUSTOM on TCP is only for gRPC
-/// providers (the engine skips HTTP ones), which the proxy cannot ask yet:
-/// such a check fails, and the provider's `failOpen` decides.
-fn decide(
+/// The decision for a TCP connection: the engine's, after asking the
+/// CUSTOM provider when a CUSTOM rule matches (the engine matches only
+/// `envoyExtAuthzGrpc` providers on TCP, as Istio does). The authorizer is
+/// asked once per connection, before anything reaches the application; its
+/// answer (kept in `asked`) stands when the policies change and the
+/// connection is checked again.
+async fn decide(
+    shared: &Shared,
     policy: &meshward_policy::WorkloadPolicy,
     info: &ConnInfo,
+    asked: &mut Option<ExtAuthzAnswer>,
 ) -> meshward_policy::InboundDecision {
-    policy.check(&info.connection, None, |check| {
-        CustomVerdict::Error(format!(
-            "provider {:?} is envoyExtAuthzGrpc, which meshward's proxy does not speak yet",
-            check.provider.name
-        ))
-    })
+    let authenticated = match policy.authenticate(&info.connection, None) {
+        Ok(a) => a,
+        Err(denied) => return *denied,
+    };
+    let provider = {
+        let attrs = authenticated.attributes(policy, &info.connection, None);
+        policy
+            .authz
+            .custom_check(&attrs)
+            .map(|c| c.provider.clone())
+    };
+    let custom = match (provider, asked.as_ref()) {
+        (None, _) => None,
+        (Some(_), Some(earlier)) => Some(earlier.verdict.0.clone()),
+        (Some(provider), None) => {
+            let peers = info.peers(&shared.identity);
+            let check = Check {
+                peers: &peers,
+                http: None,
+            };
+            let answer = shared.ext_authz.check(&provider, check).await;
+            let verdict = answer.verdict.0.clone();
+            *asked = Some(answer);
+            Some(verdict)
+        }
+    };
+    authenticated.authorize(policy, &info.connection, None, custom)
 }

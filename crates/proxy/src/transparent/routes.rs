@@ -138,6 +138,14 @@ impl Routes {
             .clone()
     }
 
+    /// A service port's target the table holds, the first `pick` takes.
+    pub fn find_target(
+        &self,
+        pick: impl Fn(&OutboundTarget) -> bool,
+    ) -> Option<Arc<OutboundTarget>> {
+        self.current().targets.values().find(|t| pick(t)).cloned()
+    }
+
     /// Where a connection the application made to `dst` goes.
     pub fn outbound(&self, dst: SocketAddr) -> Outbound {
         let table = self.current();
