@@ -77,6 +77,12 @@ pub struct Args {
     /// Admin endpoints: /healthz/ready, /config_dump, /stats/prometheus.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// How many verified JWTs to remember, so the same token on the next
+    /// request skips its signature check (Envoy's jwt_cache_size; 0: none).
+    /// Time, issuer and audience are checked on every request regardless,
+    /// and a token is remembered only for the keys that verified it.
+    #[arg(long, default_value_t = meshward_policy::authn::verified::DEFAULT_CAPACITY)]
+    jwt_cache_size: usize,
     /// The mesh CA (`meshward server`); several, comma-separated, are tried
     /// in turn (any server of one mesh renews).
     #[arg(long, default_value = "https://127.0.0.1:15012")]
@@ -292,7 +298,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let fetcher = Fetcher::new(&args.jwks).map_err(anyhow::Error::msg)?;
-    let jwks = Arc::new(JwksCache::new(Some(Arc::new(fetcher))));
+    let jwks =
+        Arc::new(JwksCache::new(Some(Arc::new(fetcher))).with_verified_tokens(args.jwt_cache_size));
     let source = DirSource {
         paths: args.policies.clone(),
         mesh_config: args.mesh_config.clone(),
