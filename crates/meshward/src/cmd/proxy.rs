@@ -77,6 +77,11 @@ pub struct Args {
     /// Admin endpoints: /healthz/ready, /config_dump, /stats/prometheus.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Worker threads (Envoy's `concurrency`, ztunnel's worker threads): a
+    /// sidecar serves one workload, and one thread is its cheapest; 0: one
+    /// per CPU.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
     /// How many verified JWTs to remember, so the same token on the next
     /// request skips its signature check (Envoy's jwt_cache_size; 0: none).
     /// Time, issuer and audience are checked on every request regardless,
@@ -333,7 +338,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }),
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if args.concurrency > 0 {
+        builder.worker_threads(args.concurrency);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
