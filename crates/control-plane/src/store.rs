@@ -240,13 +240,15 @@ fn bump_version(meta: &mut redb::Table<&str, &str>) -> Result<(), redb::StorageE
 
 /// The kind as stored (`authorizationpolicy` → `AuthorizationPolicy`).
 fn canonical_kind(kind: &str) -> &str {
-    const KINDS: [&str; 6] = [
+    const KINDS: [&str; 8] = [
         "AuthorizationPolicy",
         "PeerAuthentication",
         "RequestAuthentication",
         "WorkloadEntry",
         "ServiceEntry",
         "DestinationRule",
+        "Gateway",
+        "VirtualService",
     ];
     KINDS
         .into_iter()
