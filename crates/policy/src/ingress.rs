@@ -522,4 +522,65 @@ spec:
             assert!(e.iter().any(|e| e.contains(expected)), "{http}: {e:?}");
         }
     }
+
+    #[test]
+    fn a_gateway_is_held_to_selectors_and_gateway_target_refs_not_peer_authentication() {
+        let text = r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-selector, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/selected]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-target, namespace: web}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: front}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/targeted]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: other-target, namespace: web}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: elsewhere}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/other]}}]}]
+"#;
+        let loaded = load_str("p.yaml", text);
+        assert!(!loaded.has_errors(), "{:?}", loaded.errors());
+        let set = crate::PolicySet::new(Default::default(), loaded.into_policies());
+        let workload = crate::Workload {
+            namespace: "istio-system".into(),
+            labels: [("istio".to_owned(), "ingressgateway".to_owned())].into(),
+        };
+        let policy = set.for_gateway(&workload, &[("web".into(), "front".into())]);
+        let connection = crate::Connection {
+            source_ip: Some("203.0.113.9".parse().unwrap()),
+            destination_port: 443,
+            ..Default::default()
+        };
+        let status = |path: &str| {
+            let request = crate::HttpRequest {
+                method: "GET".into(),
+                path: path.into(),
+                host: "a.example".into(),
+                ..Default::default()
+            };
+            policy.check(&connection, Some(&request), |_| unreachable!()).status
+        };
+        // STRICT does not refuse the outside world's connection...
+        assert_eq!(status("/open"), 200);
+        // ...while selectors and Gateway targetRefs apply, and only those.
+        assert_eq!(status("/selected"), 403);
+        assert_eq!(status("/targeted"), 403);
+        assert_eq!(status("/other"), 200);
+    }
 }

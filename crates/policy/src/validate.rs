@@ -876,7 +876,7 @@ fn validate_target_ref(r: &PolicyTargetReference, path: &str, v: &mut Issues) {
     }
     v.warning(
         path,
-        "policies with targetRef attach to gateways and waypoints; meshward sidecars are selected by `selector`, so this policy applies to no sidecar workload",
+        "policies with targetRef attach to gateways and waypoints; meshward sidecars are selected by `selector`, so this policy applies to no sidecar workload (meshward's ingress gateway applies it when it names a Gateway the gateway serves)",
     );
 }
 

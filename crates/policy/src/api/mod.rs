@@ -23,6 +23,7 @@ pub use gateway::{
     VirtualService, VirtualServiceSpec,
 };
 pub use mesh::{
+    DefaultProxyConfig, ForwardClientCertDetails, GatewayTopology,
     EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, OutboundMode,
     OutboundTrafficPolicy, PathNormalization, PathNormalizationMode,
 };
