@@ -167,6 +167,9 @@ pub struct AccessRecord {
     /// What went wrong reaching the upstream, if something did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The gateway's VirtualService route (`namespace/name/http[i]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 impl AccessRecord {
@@ -228,6 +231,7 @@ impl AccessRecord {
             bytes_received: 0,
             bytes_sent: 0,
             error: None,
+            route: None,
         }
     }
 }

@@ -387,6 +387,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 proxy.dns().cloned(),
                 control_jwks,
                 proxy.metrics_handle(),
+                None,
                 stop_watching.clone(),
             ));
         }

@@ -224,7 +224,7 @@ async fn handle(
 
 /// Runs the engine: authentication, then CUSTOM (asked asynchronously),
 /// then the rest of authorization.
-async fn decide(
+pub(crate) async fn decide(
     shared: &Shared,
     snapshot: &Snapshot,
     info: &ConnInfo,
@@ -284,7 +284,7 @@ fn blocking_allowed<T>(snapshot: &Snapshot, f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn describe_decision(
+pub(crate) fn describe_decision(
     record: &mut crate::log::AccessRecord,
     decision: &InboundDecision,
     policy: &WorkloadPolicy,
@@ -306,7 +306,7 @@ fn describe_decision(
     }
 }
 
-fn audit(
+pub(crate) fn audit(
     shared: &Shared,
     snapshot: &Snapshot,
     info: &ConnInfo,
@@ -352,13 +352,13 @@ fn audit(
     }
 }
 
-fn record_and_log(shared: &Shared, mut record: crate::log::AccessRecord, started: Instant) {
+pub(crate) fn record_and_log(shared: &Shared, mut record: crate::log::AccessRecord, started: Instant) {
     record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     shared.logs.access.write(&record);
 }
 
 /// The client's answer to a denied request, as Envoy words it.
-fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -> Response<Body> {
+pub(crate) fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -> Response<Body> {
     let status = decision.status;
     match decision.stage {
         Stage::RequestAuthentication => {

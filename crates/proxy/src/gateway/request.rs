@@ -1,0 +1,540 @@
+//! One request at the gateway: the server for its host (404 when none),
+//! the HTTPS redirect, the client's address (`X-Forwarded-For` as far as
+//! `numTrustedProxies` says), the policy engine — the same decision, logs
+//! and denials as the sidecar's inbound side — then the VirtualService
+//! route (404 when none), and forwarding to the chosen service over the
+//! mesh's mutual TLS with the route's rewrite, timeout and retries (503
+//! when no endpoint answers).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use meshward_identity::error_chain;
+use meshward_policy::Connection;
+use meshward_policy::Stage;
+use meshward_policy::api::ForwardClientCertDetails;
+use meshward_policy::authz::normalize;
+
+use super::Gateway;
+use super::routes::{RequestFacts, Route, Table};
+use crate::balance::Picked;
+use crate::http::{
+    Body, BodyEnd, BoxError, Counted, XFCC, apply_edits, full, is_grpc, local_reply,
+    logged_response_body, policy_request, protocol_name, request_authority, set_upstream_target,
+    strip_hop_by_hop, strip_trailing_host_dot,
+};
+use crate::inbound::ConnInfo;
+use crate::inbound::http::{audit, decide, denial, describe_decision, record_and_log};
+use crate::log::{AccessRecord, timestamp};
+use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+use crate::outbound::{EndpointPools, OutboundTarget};
+
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The largest request body kept for replaying on a retry: a route with
+/// retries refuses a larger one (413).
+const REPLAY_LIMIT: usize = 1 << 20;
+
+/// What one accepted connection is.
+pub struct Conn {
+    /// The Gateway port number (what policies name).
+    pub port: u16,
+    pub https: bool,
+    pub sni: Option<String>,
+    pub peer_addr: SocketAddr,
+    pub local_ip: Option<IpAddr>,
+    /// The SHA-256 of a MUTUAL client's certificate.
+    pub client_cert_sha256: Option<String>,
+}
+
+/// The client as policies see it (`remote.ip`): with `trusted` proxies in
+/// front appending to `X-Forwarded-For`, the address that many entries from
+/// its right (Envoy's `xff_num_trusted_hops`); otherwise, or when the
+/// header has fewer entries or a bad one there, the connection's peer.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: u32) -> IpAddr {
+    if trusted == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all(XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let n = usize::try_from(trusted).unwrap_or(usize::MAX);
+    if entries.len() < n {
+        return peer;
+    }
+    entries[entries.len() - n].parse().unwrap_or(peer)
+}
+
+pub async fn handle(
+    mut request: Request<Incoming>,
+    conn: Arc<Conn>,
+    gateway: Arc<Gateway>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let start_time = SystemTime::now();
+    let shared = gateway.shared.clone();
+    let snapshot = shared.policies.current();
+    let grpc = is_grpc(request.headers());
+    strip_trailing_host_dot(&mut request);
+    let mut record = AccessRecord::new(
+        start_time,
+        Direction::Gateway,
+        protocol_name(request.version()),
+        conn.peer_addr,
+        format!("gateway|{}", conn.port),
+    );
+    record.time = timestamp(start_time);
+    record.config_version = snapshot.version;
+    let mut view = policy_request(&request);
+    record.method = Some(view.method.clone());
+    record.path =
+        Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
+    let finish = |mut record: AccessRecord, status: u16, allowed: bool| {
+        record.status = Some(status);
+        record.decision = if allowed { "allow" } else { "deny" };
+        let metrics = &shared.metrics;
+        metrics
+            .requests
+            .get_or_create(&DecisionLabels {
+                direction: Direction::Gateway,
+                decision: record.decision,
+                policy: record.policy.clone().unwrap_or_default(),
+            })
+            .inc();
+        metrics
+            .request_duration
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Gateway,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        record
+    };
+    // A reply of the gateway's own, logged with why.
+    let local = |record: AccessRecord, status: u16, allowed: bool, reason: &str| {
+        let mut record = finish(record, status, allowed);
+        record.reason = Some(reason.to_owned());
+        record_and_log(&shared, record, started);
+        Ok(local_reply(status, reason, grpc))
+    };
+
+    let authority = match request_authority(&request, None) {
+        Ok(authority) => authority,
+        Err(bad) => {
+            let mut record = finish(record, 400, false);
+            record.stage = Some(Stage::Request);
+            record.reason = Some(bad.to_string());
+            record_and_log(&shared, record, started);
+            return Ok(crate::http::bad_request(grpc));
+        }
+    };
+    record.authority = Some(authority.to_string());
+    let host = authority.host().to_ascii_lowercase();
+    let table = gateway.table();
+    let server = table.ports.get(&conn.port).and_then(|port| {
+        if conn.https {
+            Table::server_for_sni(port, conn.sni.as_deref()).filter(|s| s.serves(&host))
+        } else {
+            port.servers
+                .iter()
+                .filter(|s| s.tls.is_none())
+                .find(|s| s.serves(&host))
+                .cloned()
+        }
+    });
+    let Some(server) = server else {
+        return local(record, 404, false, "no server for this host");
+    };
+    if server.https_redirect {
+        let target = view.path.clone();
+        let mut response = local_reply(301, "", false);
+        *response.body_mut() = full(Bytes::new());
+        if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{target}")) {
+            response
+                .headers_mut()
+                .insert(http::header::LOCATION, location);
+        }
+        let mut record = finish(record, 301, true);
+        record.reason = Some("httpsRedirect".into());
+        record_and_log(&shared, record, started);
+        return Ok(response);
+    }
+
+    let topology = snapshot.set.mesh().gateway_topology();
+    view.remote_ip = Some(client_ip(
+        request.headers(),
+        conn.peer_addr.ip(),
+        topology.num_trusted_proxies,
+    ));
+    let info = ConnInfo {
+        connection: Connection {
+            source_ip: Some(conn.peer_addr.ip()),
+            source_principal: None,
+            destination_ip: conn.local_ip,
+            destination_port: conn.port,
+            sni: conn.sni.clone(),
+        },
+        peer_addr: conn.peer_addr,
+        peer: None,
+        started,
+        start_time,
+    };
+    let (decision, ext) = decide(&shared, &snapshot, &info, &request, &view).await;
+    describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
+    audit(&shared, &snapshot, &info, &view, &decision, &record);
+    if !decision.allowed() {
+        let record = finish(record, decision.status, false);
+        record_and_log(&shared, record, started);
+        return Ok(denial(&decision, ext, grpc));
+    }
+
+    let path = normalize::strip_query(&view.path);
+    let facts = RequestFacts {
+        path,
+        method: &view.method,
+        authority: authority.as_str(),
+        headers: request.headers(),
+    };
+    let Some(chosen) = server.route(&host, &facts) else {
+        return local(record, 404, true, "no route for this request");
+    };
+    let route = chosen.route;
+    record.route = Some(route.name.clone());
+    let Some(destination) = route.pick() else {
+        return local(record, 503, true, "the route's destinations all have weight 0");
+    };
+    let Some(target) = destination
+        .hosts
+        .iter()
+        .find_map(|h| gateway.services.service(h, destination.port))
+    else {
+        record.error = Some(format!(
+            "{}: no service {}{} in the registry",
+            route.name,
+            destination.hosts[0],
+            destination.port.map(|p| format!(":{p}")).unwrap_or_default()
+        ));
+        shared.metrics.upstream_error(Direction::Gateway);
+        return local(record, 503, true, "no healthy upstream");
+    };
+
+    // The upstream request: the path as authorized (and rewritten), the
+    // forwarding headers, nothing the client claimed about identity.
+    let authorized = normalize::normalize(&view.path, snapshot.policy.normalization).into_owned();
+    let query = &view.path[path.len()..];
+    let target_path = route
+        .rewritten(chosen.matched, &format!("{authorized}{query}"))
+        .unwrap_or_else(|| format!("{authorized}{query}"));
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let upstream_path = normalize::strip_query(&target_path).to_owned();
+    if set_upstream_target(&mut parts, &authority, &upstream_path, &target_path).is_none() {
+        let mut record = finish(record, 400, false);
+        record.stage = Some(Stage::Request);
+        record.reason = Some("bad request: the path cannot be forwarded".into());
+        record_and_log(&shared, record, started);
+        return Ok(crate::http::bad_request(grpc));
+    }
+    forwarding_headers(
+        &mut parts.headers,
+        &conn,
+        topology.num_trusted_proxies,
+        topology.forward_client_cert_details.unwrap_or_default(),
+        &shared.identity.id.to_string(),
+    );
+    if let Some(edits) = &decision.header_edits {
+        apply_edits(&mut parts.headers, &edits.remove, &edits.set);
+    }
+    let mut downstream_headers = Vec::new();
+    if let Some(ext) = ext {
+        for (name, value) in ext.upstream_headers {
+            parts.headers.insert(name, value);
+        }
+        downstream_headers = ext.downstream_headers;
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let body: Body = Counted::new(body, received.clone())
+        .map_err(|e| Box::new(e) as BoxError)
+        .boxed();
+    record.upstream = Some(format!("{}:{}", target.upstream.service, target.upstream.port));
+    match forward(&target, route, parts, body).await {
+        Ok((response, endpoint, server_identity)) => {
+            let (mut parts, body) = response.into_parts();
+            for (name, value) in downstream_headers {
+                parts.headers.insert(name, value);
+            }
+            strip_hop_by_hop(&mut parts.headers);
+            let mut record = finish(record, parts.status.as_u16(), true);
+            record.upstream = Some(match server_identity {
+                Some(id) => format!("{} ({id})", endpoint.addr),
+                None => endpoint.addr.to_string(),
+            });
+            let body = logged_response_body(
+                body,
+                record,
+                received,
+                started,
+                shared.logs.access.clone(),
+                // The endpoint is busy until its response has streamed.
+                move |_: &BodyEnd, _| drop(endpoint),
+            );
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(failure) => {
+            shared.metrics.upstream_error(Direction::Gateway);
+            let (status, message) = match failure {
+                Failure::NoEndpoint => (503, "no healthy upstream"),
+                Failure::Timeout => (504, "upstream request timeout"),
+                Failure::TooLarge => (413, "request body too large for a route with retries"),
+                Failure::Upstream(_) => (
+                    503,
+                    "upstream connect error or disconnect/reset before headers",
+                ),
+            };
+            if let Failure::Upstream(e) = failure {
+                record.error = Some(e);
+            }
+            let mut record = finish(record, status, true);
+            record.reason = Some(message.to_owned());
+            record_and_log(&shared, record, started);
+            Ok(local_reply(status, message, grpc))
+        }
+    }
+}
+
+/// `X-Forwarded-For` (the peer appended), `X-Forwarded-Proto` (the
+/// client's scheme, unless trusted proxies in front set it) and
+/// `X-Forwarded-Client-Cert` as `forwardClientCertDetails` says.
+fn forwarding_headers(
+    headers: &mut HeaderMap,
+    conn: &Conn,
+    trusted: u32,
+    xfcc: ForwardClientCertDetails,
+    own_id: &str,
+) {
+    let peer = conn.peer_addr.ip().to_string();
+    let existing: Vec<String> = headers
+        .get_all(XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    headers.remove(XFF);
+    let appended = if existing.is_empty() {
+        peer
+    } else {
+        format!("{}, {peer}", existing.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&appended) {
+        headers.insert(XFF, v);
+    }
+    if trusted == 0 || !headers.contains_key(XFP) {
+        headers.insert(
+            XFP,
+            HeaderValue::from_static(if conn.https { "https" } else { "http" }),
+        );
+    }
+    let own = conn
+        .client_cert_sha256
+        .as_ref()
+        .map(|hash| format!("By={own_id};Hash={hash}"));
+    use ForwardClientCertDetails as F;
+    match xfcc {
+        F::Sanitize | F::Undefined => {
+            headers.remove(XFCC);
+        }
+        F::ForwardOnly => {}
+        F::AlwaysForwardOnly => {
+            if conn.client_cert_sha256.is_none() {
+                headers.remove(XFCC);
+            }
+        }
+        F::SanitizeSet => {
+            headers.remove(XFCC);
+            if let Some(v) = own.and_then(|o| HeaderValue::from_str(&o).ok()) {
+                headers.insert(XFCC, v);
+            }
+        }
+        F::AppendForward => {
+            if let Some(own) = own {
+                let value = match headers.get(XFCC).and_then(|v| v.to_str().ok()) {
+                    Some(before) => format!("{before},{own}"),
+                    None => own,
+                };
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(XFCC, v);
+                }
+            }
+        }
+    }
+}
+
+/// Why forwarding failed.
+enum Failure {
+    /// The service has no endpoint (left).
+    NoEndpoint,
+    /// The route's `timeout` passed.
+    Timeout,
+    /// The last attempt's error.
+    Upstream(String),
+    /// The body is too large to keep for retries.
+    TooLarge,
+}
+
+type Forwarded = (
+    Response<Incoming>,
+    Picked<EndpointPools>,
+    Option<Arc<str>>,
+);
+
+/// Sends the request to one of the target's endpoints, and again (to
+/// another endpoint where there is one, as Istio's `previous_hosts`
+/// predicate asks) as the route's retries allow, within its timeout.
+async fn forward(
+    target: &OutboundTarget,
+    route: &Route,
+    parts: http::request::Parts,
+    body: Body,
+) -> Result<Forwarded, Failure> {
+    let deadline = route.timeout.map(|t| Instant::now() + t);
+    let retries = route.retries.as_ref();
+    let attempts = 1 + retries.map_or(0, |r| r.attempts);
+    // Retrying needs the body again.
+    let (mut once, replay) = if attempts > 1 {
+        (None, Some(buffered(body).await?))
+    } else {
+        (Some(body), None)
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last = Failure::NoEndpoint;
+    for attempt in 1..=attempts {
+        let Some(endpoint) = pick_untried(target, &tried) else {
+            return Err(last);
+        };
+        tried.push(endpoint.addr);
+        let (client, version) = endpoint.http.for_version(parts.version);
+        let mut upstream = Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.clone())
+            .version(version);
+        if let Some(h) = upstream.headers_mut() {
+            *h = parts.headers.clone();
+        }
+        let body = match &replay {
+            Some(bytes) => full(bytes.clone()),
+            None => once.take().unwrap_or_else(|| full(Bytes::new())),
+        };
+        if version == http::Version::HTTP_2 {
+            if let Some(h) = upstream.headers_mut() {
+                h.remove(http::header::HOST);
+            }
+        }
+        let Ok(upstream) = upstream.body(body) else {
+            return Err(Failure::Upstream("the request cannot be forwarded".into()));
+        };
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (remaining, retries.and_then(|r| r.per_try_timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = client.request(upstream);
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        let more = attempt < attempts;
+        match result {
+            Some(Ok(response)) => {
+                if more && retries.is_some_and(|r| r.retries_status(response.status().as_u16())) {
+                    last = Failure::Upstream(format!("{} from {}", response.status(), endpoint.addr));
+                    continue;
+                }
+                let server = response
+                    .extensions()
+                    .get::<crate::identity::ServerIdentity>()
+                    .map(|s| s.0.clone());
+                return Ok((response, endpoint, server));
+            }
+            Some(Err(e)) => {
+                last = Failure::Upstream(error_chain(&e));
+                if !(more && retries.is_some_and(|r| r.on_failure)) {
+                    return Err(last);
+                }
+            }
+            None => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Failure::Timeout);
+                }
+                last = Failure::Upstream(format!("per-try timeout at {}", endpoint.addr));
+                if !(more && retries.is_some_and(|r| r.on_failure)) {
+                    return Err(last);
+                }
+            }
+        }
+        // Envoy's base retry back-off.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(last)
+}
+
+/// The request body in memory, so it can be sent again; refused past
+/// [`REPLAY_LIMIT`].
+async fn buffered(mut body: Body) -> Result<Bytes, Failure> {
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Failure::Upstream(format!("reading the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            kept.extend_from_slice(&data);
+            if kept.len() > REPLAY_LIMIT {
+                return Err(Failure::TooLarge);
+            }
+        }
+    }
+    Ok(kept.freeze())
+}
+
+/// An endpoint not tried yet for this request when the balancer offers
+/// one within a few picks, else whichever it picks.
+fn pick_untried(target: &OutboundTarget, tried: &[SocketAddr]) -> Option<Picked<EndpointPools>> {
+    let mut picked = target.pick()?;
+    for _ in 0..4 {
+        if !tried.contains(&picked.addr) {
+            break;
+        }
+        picked = target.pick()?;
+    }
+    Some(picked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_entry_as_many_hops_from_the_right_as_are_trusted() {
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(XFF, "1.1.1.1, 2.2.2.2".parse().unwrap());
+        headers.append(XFF, "3.3.3.3".parse().unwrap());
+        assert_eq!(client_ip(&headers, peer, 0), peer);
+        assert_eq!(client_ip(&headers, peer, 1).to_string(), "3.3.3.3");
+        assert_eq!(client_ip(&headers, peer, 2).to_string(), "2.2.2.2");
+        assert_eq!(client_ip(&headers, peer, 3).to_string(), "1.1.1.1");
+        // Fewer entries than trusted hops: the peer.
+        assert_eq!(client_ip(&headers, peer, 4), peer);
+        headers.insert(XFF, "not-an-ip".parse().unwrap());
+        assert_eq!(client_ip(&headers, peer, 1), peer);
+    }
+}

@@ -1,0 +1,201 @@
+//! TLS from the outside world: the operator's certificate and key for a
+//! Gateway server (`credentialName` in `--credentials-dir`, or file paths),
+//! and for MUTUAL the CA that client certificates must chain to. TLS 1.2
+//! and 1.3 with ECDHE and AES-GCM only (the mesh's own provider), ALPN h2
+//! and http/1.1. The files are watched: a changed certificate is put in
+//! force for new handshakes while open connections carry on; one that does
+//! not load (half written, key not matching) leaves the last good one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use meshward_policy::api::ServerTls as TlsSettings;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+
+use crate::identity::{ALPN_H2, ALPN_HTTP11};
+
+/// The files of one server's credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSource {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// MUTUAL: the CA certificates client certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// `TLSV1_3` asked as the minimum.
+    pub tls13_only: bool,
+}
+
+impl CertSource {
+    /// The files a server's `tls` names: `credentialName` as `NAME.crt`,
+    /// `NAME.key` and (MUTUAL) `NAME-cacert.crt` in `dir`, else the paths.
+    pub fn new(tls: &TlsSettings, dir: Option<&Path>) -> Result<CertSource, String> {
+        let mutual = tls.mode.as_deref() == Some("MUTUAL");
+        let tls13_only = tls.min_protocol_version.as_deref() == Some("TLSV1_3");
+        if !tls.credential_name.is_empty() {
+            let Some(dir) = dir else {
+                return Err(format!(
+                    "credentialName {:?} needs the gateway's --credentials-dir",
+                    tls.credential_name
+                ));
+            };
+            let name = &tls.credential_name;
+            let ca = dir.join(format!("{name}-cacert.crt"));
+            return Ok(CertSource {
+                cert: dir.join(format!("{name}.crt")),
+                key: dir.join(format!("{name}.key")),
+                ca: if mutual {
+                    Some(ca)
+                } else {
+                    None
+                },
+                tls13_only,
+            });
+        }
+        Ok(CertSource {
+            cert: PathBuf::from(&tls.server_certificate),
+            key: PathBuf::from(&tls.private_key),
+            ca: (mutual && !tls.ca_certificates.is_empty())
+                .then(|| PathBuf::from(&tls.ca_certificates)),
+            tls13_only,
+        })
+    }
+
+    /// What changes when a file is rewritten: modification time and length
+    /// of each.
+    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+        [Some(&self.cert), Some(&self.key), self.ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+            })
+            .collect()
+    }
+
+    fn build(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let provider = meshward_identity::tls::provider();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("reading the certificate {}: {e}", self.cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!("no certificate in {}", self.cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| format!("reading the private key {}: {e}", self.key.display()))?;
+        let certified = CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
+            format!(
+                "{} and {}: {e} (does the key belong to the certificate?)",
+                self.cert.display(),
+                self.key.display()
+            )
+        })?;
+        let versions: &[&rustls::SupportedProtocolVersion] = if self.tls13_only {
+            &[&rustls::version::TLS13]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                let cas = CertificateDer::pem_file_iter(ca)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("reading the client CA {}: {e}", ca.display()))?;
+                for c in cas {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("no CA certificate in {}", ca.display()));
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        // A resumed session would skip the client certificate check.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// One server's TLS, reloaded when its files change.
+pub struct ServerTls {
+    pub source: CertSource,
+    current: RwLock<(Vec<Option<(SystemTime, u64)>>, Arc<rustls::ServerConfig>)>,
+}
+
+impl ServerTls {
+    pub fn load(source: CertSource) -> Result<ServerTls, String> {
+        let stamp = source.stamp();
+        let config = source.build()?;
+        Ok(ServerTls {
+            source,
+            current: RwLock::new((stamp, config)),
+        })
+    }
+
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
+    /// Rebuilds when the files changed since the last look; returns what
+    /// happened, for the log (`None`: unchanged).
+    pub fn reload(&self) -> Option<Result<(), String>> {
+        let stamp = self.source.stamp();
+        if self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            == stamp
+        {
+            return None;
+        }
+        let built = self.source.build();
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(match built {
+            Ok(config) => {
+                *current = (stamp, config);
+                Ok(())
+            }
+            Err(e) => {
+                // Looked at: said once, until the files change again.
+                current.0 = stamp;
+                Err(e)
+            }
+        })
+    }
+}
