@@ -60,6 +60,8 @@ enum Command {
     DemoApp(cmd::demo_app::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
+    /// The ingress gateway: serves the Gateways that select it, routes by VirtualServices, enforces policies at the edge, forwards over mutual TLS.
+    Gateway(Box<cmd::gateway::Args>),
     /// Transparent mode: install, remove or show the iptables rules that send a workload's traffic through its proxy.
     #[command(subcommand)]
     Capture(cmd::capture::CaptureCommand),
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(args),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::Gateway(args) => cmd::gateway::run(*args),
         Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::Up(args) => cmd::up::run(args),

@@ -5,6 +5,7 @@ pub mod control;
 pub mod demo_app;
 pub mod describe;
 pub mod exec;
+pub mod gateway;
 pub mod guard;
 pub mod proxy;
 pub mod server;

@@ -133,6 +133,49 @@ pub struct Args {
     dns_upstreams: Vec<SocketAddr>,
 }
 
+/// `--label KEY=VALUE`s as a map.
+pub(crate) fn labels_of(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for label in labels {
+        let Some((k, v)) = label.split_once('=') else {
+            bail!("--label takes KEY=VALUE, got {label:?}");
+        };
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(map)
+}
+
+/// `--control-plane` and `--control-plane-identity` (default: the server's
+/// `spiffe://TRUST_DOMAIN/ns/istio-system/sa/meshward` in `id`'s trust
+/// domain).
+pub(crate) fn control_plane_of(
+    address: &str,
+    identity: Option<&str>,
+    id: &SpiffeId,
+    workload: Option<String>,
+    mark: Option<u32>,
+) -> anyhow::Result<ControlPlane> {
+    let address = address.trim_start_matches("https://");
+    let socket = std::net::ToSocketAddrs::to_socket_addrs(address)
+        .with_context(|| format!("--control-plane {address}"))?
+        .next()
+        .with_context(|| format!("--control-plane {address}: no address"))?;
+    let identity = match identity {
+        Some(cp) => SpiffeId::parse(cp).with_context(|| format!("--control-plane-identity {cp}"))?,
+        None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
+    };
+    Ok(ControlPlane {
+        address: socket,
+        server_name: address
+            .rsplit_once(':')
+            .map_or(address, |(host, _)| host)
+            .to_owned(),
+        identity,
+        workload,
+        mark,
+    })
+}
+
 /// `IP` (port 53) or `IP:PORT`.
 fn dns_upstream(value: &str) -> Result<SocketAddr, String> {
     value
@@ -171,13 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let mut labels = BTreeMap::new();
-    for label in &args.labels {
-        let Some((k, v)) = label.split_once('=') else {
-            bail!("--label takes KEY=VALUE, got {label:?}");
-        };
-        labels.insert(k.to_owned(), v.to_owned());
-    }
+    let labels = labels_of(&args.labels)?;
     let transparent = args.transparent || args.capture;
     let mark = args.capture_args.proxy_mark;
     let capture = if transparent {
@@ -232,29 +269,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let control_plane = match &args.control_plane {
         None => None,
-        Some(address) => {
-            let address = address.trim_start_matches("https://");
-            let socket = std::net::ToSocketAddrs::to_socket_addrs(address)
-                .with_context(|| format!("--control-plane {address}"))?
-                .next()
-                .with_context(|| format!("--control-plane {address}: no address"))?;
-            let identity = match &args.control_plane_identity {
-                Some(id) => {
-                    SpiffeId::parse(id).with_context(|| format!("--control-plane-identity {id}"))?
-                }
-                None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
-            };
-            Some(ControlPlane {
-                address: socket,
-                server_name: address
-                    .rsplit_once(':')
-                    .map_or(address, |(host, _)| host)
-                    .to_owned(),
-                identity,
-                workload: args.workload.clone(),
-                mark,
-            })
-        }
+        Some(address) => Some(control_plane_of(
+            address,
+            args.control_plane_identity.as_deref(),
+            &id,
+            args.workload.clone(),
+            mark,
+        )?),
     };
     let bundle = TrustBundle::read(&args.ca_root)
         .with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
