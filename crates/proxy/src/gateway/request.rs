@@ -436,9 +436,15 @@ async fn forward(
             Some(bytes) => full(bytes.clone()),
             None => once.take().unwrap_or_else(|| full(Bytes::new())),
         };
-        if version == http::Version::HTTP_2 {
-            if let Some(h) = upstream.headers_mut() {
+        // The authority travels as `:authority` in HTTP/2, as `Host` in
+        // HTTP/1.1, whichever the client spoke.
+        if let Some(h) = upstream.headers_mut() {
+            if version == http::Version::HTTP_2 {
                 h.remove(http::header::HOST);
+            } else if let Some(authority) = parts.uri.authority()
+                && let Ok(v) = HeaderValue::from_str(authority.as_str())
+            {
+                h.insert(http::header::HOST, v);
             }
         }
         let Ok(upstream) = upstream.body(body) else {
