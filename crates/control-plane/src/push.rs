@@ -560,16 +560,17 @@ async fn session(
             .current()
             .check_certificate(certificate)
             .map_err(|revoked| Refusal::Revoked(revoked.to_string()));
-        let (version, workload, view) =
-            match revoked.and_then(|()| hub.view(identity, peer, claim.as_deref(), &subscribe, gateway)) {
-                Ok(view) => view,
-                Err(refusal) => {
-                    hub.refuse(&this, peer, &refusal);
-                    // The proxy reads why from the status; it may be gone.
-                    let _ = tx.send(Err(refused_status(&refusal))).await;
-                    return Ok(());
-                }
-            };
+        let (version, workload, view) = match revoked
+            .and_then(|()| hub.view(identity, peer, claim.as_deref(), &subscribe, gateway))
+        {
+            Ok(view) => view,
+            Err(refusal) => {
+                hub.refuse(&this, peer, &refusal);
+                // The proxy reads why from the status; it may be gone.
+                let _ = tx.send(Err(refused_status(&refusal))).await;
+                return Ok(());
+            }
+        };
         if !accepted {
             accepted = true;
             hub.accepted(&this, peer);
@@ -716,7 +717,9 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(&dir);
         for (claim, version) in [("bookinfo/reviews-v1", "v1"), ("bookinfo/reviews-v2", "v2")] {
-            let (_, name, view) = hub.view(&reviews(), peer(), Some(claim), &[], false).unwrap();
+            let (_, name, view) = hub
+                .view(&reviews(), peer(), Some(claim), &[], false)
+                .unwrap();
             assert_eq!(name, claim);
             let own: serde_json::Value = serde_json::from_slice(&view["workload"].body).unwrap();
             assert_eq!(own["labels"]["version"], version, "{own}");
@@ -749,8 +752,9 @@ spec:
         let claim = Some("bookinfo/reviews-v1");
         let (_, _, sidecar) = hub.view(&reviews(), peer(), claim, &[], false).unwrap();
         assert!(
-            sidecar.values().all(|r| r.type_url != types::GATEWAY
-                && r.type_url != types::VIRTUAL_SERVICE),
+            sidecar
+                .values()
+                .all(|r| r.type_url != types::GATEWAY && r.type_url != types::VIRTUAL_SERVICE),
             "{:?}",
             sidecar.keys()
         );
@@ -845,10 +849,18 @@ spec:
             .unwrap();
         let claim = Some("bookinfo/reviews-v1");
         let (_, _, named) = hub
-            .view(&reviews(), peer(), claim, &["Reviews.bookinfo".into()], false)
+            .view(
+                &reviews(),
+                peer(),
+                claim,
+                &["Reviews.bookinfo".into()],
+                false,
+            )
             .unwrap();
         assert_eq!(services(&named), ["service/reviews.bookinfo"]);
-        let (_, _, all) = hub.view(&reviews(), peer(), claim, &["*".into()], false).unwrap();
+        let (_, _, all) = hub
+            .view(&reviews(), peer(), claim, &["*".into()], false)
+            .unwrap();
         assert_eq!(
             services(&all),
             ["service/ratings.bookinfo", "service/reviews.bookinfo"]
@@ -866,7 +878,9 @@ spec:
                 ),
             )
             .unwrap();
-        let (_, _, next) = hub.view(&reviews(), peer(), claim, &["*".into()], false).unwrap();
+        let (_, _, next) = hub
+            .view(&reviews(), peer(), claim, &["*".into()], false)
+            .unwrap();
         assert_eq!(
             services(&next),
             [

@@ -232,7 +232,10 @@ mod tests {
         assert_eq!(for_delete("AP").unwrap().name, "AuthorizationPolicy");
         assert_eq!(for_delete("dr").unwrap().name, "DestinationRule");
         assert_eq!(for_delete("gw").unwrap().name, "Gateway");
-        assert_eq!(for_get("virtualservices.networking.istio.io").unwrap(), Wanted::One(KINDS[7]));
+        assert_eq!(
+            for_get("virtualservices.networking.istio.io").unwrap(),
+            Wanted::One(KINDS[7])
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ impl OutsideCa {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         params.extended_key_usages = vec![if client {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth
         } else {
@@ -321,7 +323,11 @@ fn apply(mesh: &Mesh, dir: &Path, name: &str, yaml: &str, mesh_config: bool) {
 fn sidecar(mesh: &Mesh, workload: &str, inbound: u16, app: SocketAddr) -> Spawned {
     let mut command = meshward();
     command
-        .args(["proxy", "--identity", "spiffe://cluster.local/ns/web/sa/web"])
+        .args([
+            "proxy",
+            "--identity",
+            "spiffe://cluster.local/ns/web/sa/web",
+        ])
         .args(["--workload", &format!("web/{workload}")])
         .args([
             "--inbound",
@@ -329,7 +335,10 @@ fn sidecar(mesh: &Mesh, workload: &str, inbound: u16, app: SocketAddr) -> Spawne
         ])
         .args(["--control-plane", &mesh.ca_addr])
         .args(["--ca-address", &format!("https://{}", mesh.ca_addr)])
-        .args(["--ca-root", mesh.data.join("root-cert.pem").to_str().unwrap()])
+        .args([
+            "--ca-root",
+            mesh.data.join("root-cert.pem").to_str().unwrap(),
+        ])
         .args(["--ca-server-name", "localhost"])
         .args(["--token-file", mesh.token("web", "web").to_str().unwrap()])
         .args(["--admin", &format!("127.0.0.1:{}", free_port())])
@@ -389,7 +398,10 @@ impl Edge {
         command
             .args(["gateway", "--control-plane", &mesh.ca_addr])
             .args(["--ca-address", &format!("https://{}", mesh.ca_addr)])
-            .args(["--ca-root", mesh.data.join("root-cert.pem").to_str().unwrap()])
+            .args([
+                "--ca-root",
+                mesh.data.join("root-cert.pem").to_str().unwrap(),
+            ])
             .args(["--ca-server-name", "localhost"])
             .args([
                 "--token-file",
@@ -463,11 +475,27 @@ impl Edge {
     }
 
     /// curl with `-w WRITE_OUT` and the body thrown away: what it printed.
-    fn curl_w(&self, host: &str, addr: SocketAddr, scheme: &str, path: &str, write_out: &str, extra: &[&str]) -> String {
+    fn curl_w(
+        &self,
+        host: &str,
+        addr: SocketAddr,
+        scheme: &str,
+        path: &str,
+        write_out: &str,
+        extra: &[&str],
+    ) -> String {
         let port = addr.port();
         let out = output(
             Command::new("curl")
-                .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", write_out])
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    write_out,
+                ])
                 .args(["--cacert", self.outside.cert.to_str().unwrap()])
                 .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
                 .args(extra)
@@ -513,8 +541,12 @@ fn tls_offers_only_tls12_and_13_with_ecdhe_aes_gcm_picks_by_sni_and_checks_clien
     }
 
     // Versions: 1.2 and 1.3, nothing older.
-    for (version, ok) in [("-tls1_2", true), ("-tls1_3", true), ("-tls1_1", false), ("-tls1", false)]
-    {
+    for (version, ok) in [
+        ("-tls1_2", true),
+        ("-tls1_3", true),
+        ("-tls1_1", false),
+        ("-tls1", false),
+    ] {
         let mut args = vec![version];
         args.extend(sni("bookinfo.example"));
         if !ok {
@@ -579,7 +611,10 @@ fn tls_offers_only_tls12_and_13_with_ecdhe_aes_gcm_picks_by_sni_and_checks_clien
     // MUTUAL: a client certificate of the configured CA, and only that.
     let client = |ca: &OutsideCa, name: &str| -> (PathBuf, PathBuf) {
         let (cert, key) = ca.issue(name, &[], true);
-        let (c, k) = (edge.dir.join(format!("{name}.crt")), edge.dir.join(format!("{name}.key")));
+        let (c, k) = (
+            edge.dir.join(format!("{name}.crt")),
+            edge.dir.join(format!("{name}.key")),
+        );
         std::fs::write(&c, cert).unwrap();
         std::fs::write(&k, key).unwrap();
         (c, k)
@@ -595,8 +630,16 @@ fn tls_offers_only_tls12_and_13_with_ecdhe_aes_gcm_picks_by_sni_and_checks_clien
         .0
     };
     assert_eq!(with(&good_cert, &good_key), 200);
-    assert_eq!(with(&bad_cert, &bad_key), 0, "a foreign CA's client certificate is refused");
-    assert_eq!(edge.get("mtls.example", "/exact", &[]).0, 0, "no client certificate");
+    assert_eq!(
+        with(&bad_cert, &bad_key),
+        0,
+        "a foreign CA's client certificate is refused"
+    );
+    assert_eq!(
+        edge.get("mtls.example", "/exact", &[]).0,
+        0,
+        "no client certificate"
+    );
 
     // httpsRedirect on the plaintext port.
     let got = edge.curl_w(
@@ -617,7 +660,10 @@ fn virtual_services_route_by_uri_method_headers_and_weight_into_the_mesh() {
     assert_eq!(name(&edge.seen("bookinfo.example", "/exact", &[])), "v1");
     assert_eq!(name(&edge.seen("bookinfo.example", "/items/42", &[])), "v2");
     // The regex holds for the whole path only.
-    assert_eq!(name(&edge.seen("bookinfo.example", "/items/42x", &[])), "v1");
+    assert_eq!(
+        name(&edge.seen("bookinfo.example", "/items/42x", &[])),
+        "v1"
+    );
     assert_eq!(
         name(&edge.seen("bookinfo.example", "/", &["-H", "x-version: v2"])),
         "v2"
@@ -676,11 +722,25 @@ fn virtual_services_route_by_uri_method_headers_and_weight_into_the_mesh() {
     let out = output(&mut command);
     let text = String::from_utf8_lossy(&out.stdout);
     let answers: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-    assert_eq!(answers.len(), 1000, "{}", String::from_utf8_lossy(&out.stderr));
-    let v1 = answers.iter().filter(|l| l.contains("\"name\":\"v1\"")).count();
-    let v2 = answers.iter().filter(|l| l.contains("\"name\":\"v2\"")).count();
+    assert_eq!(
+        answers.len(),
+        1000,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v1 = answers
+        .iter()
+        .filter(|l| l.contains("\"name\":\"v1\""))
+        .count();
+    let v2 = answers
+        .iter()
+        .filter(|l| l.contains("\"name\":\"v2\""))
+        .count();
     assert_eq!(v1 + v2, 1000);
-    assert!((700..=900).contains(&v1), "v1 {v1}, v2 {v2} of 1000 at 80/20");
+    assert!(
+        (700..=900).contains(&v1),
+        "v1 {v1}, v2 {v2} of 1000 at 80/20"
+    );
 }
 
 #[test]
@@ -708,13 +768,16 @@ fn jwt_and_remote_ip_blocks_apply_at_the_edge_with_trusted_hops() {
     // No trusted hop: X-Forwarded-For is the client's to write, so it is
     // ignored, and the connection's address decides.
     let from = |xff: &str| {
-        edge.get("bookinfo.example", "/ip/x", &["-H", &format!("x-forwarded-for: {xff}")])
-            .0
+        edge.get(
+            "bookinfo.example",
+            "/ip/x",
+            &["-H", &format!("x-forwarded-for: {xff}")],
+        )
+        .0
     };
     assert_eq!(from("203.0.113.7"), 200);
-    let topology = |n: u32| {
-        format!("defaultConfig:\n  gatewayTopology:\n    numTrustedProxies: {n}\n")
-    };
+    let topology =
+        |n: u32| format!("defaultConfig:\n  gatewayTopology:\n    numTrustedProxies: {n}\n");
     // One trusted proxy: the entry it appended (the rightmost) is the client.
     apply(&edge.mesh, &edge.dir, "mesh1.yaml", &topology(1), true);
     wait_for(SETTLE, || match from("203.0.113.7") {

@@ -86,7 +86,10 @@ pub fn validate_gateway(gateway: &Gateway) -> Vec<FieldIssue> {
             );
         }
         if server.hosts.is_empty() {
-            v.error(format!("{at}.hosts"), "server config must contain at least one host");
+            v.error(
+                format!("{at}.hosts"),
+                "server config must contain at least one host",
+            );
         }
         for (j, host) in server.hosts.iter().enumerate() {
             let name = host.split_once('/').map_or(host.as_str(), |(_, h)| h);
@@ -574,7 +577,9 @@ spec:
                 host: "a.example".into(),
                 ..Default::default()
             };
-            policy.check(&connection, Some(&request), |_| unreachable!()).status
+            policy
+                .check(&connection, Some(&request), |_| unreachable!())
+                .status
         };
         // STRICT does not refuse the outside world's connection...
         assert_eq!(status("/open"), 200);

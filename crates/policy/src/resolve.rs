@@ -205,7 +205,11 @@ impl PolicySet {
     /// gateway's listeners take TLS from outside the mesh (or plaintext),
     /// which Istio never holds to a PeerAuthentication; the mode is Istio's
     /// default, PERMISSIVE.
-    pub fn for_gateway(&self, workload: &Workload, gateways: &[(String, String)]) -> WorkloadPolicy {
+    pub fn for_gateway(
+        &self,
+        workload: &Workload,
+        gateways: &[(String, String)],
+    ) -> WorkloadPolicy {
         let mut namespaces: Vec<&str> = vec![&workload.namespace, &self.mesh.root_namespace];
         namespaces.extend(gateways.iter().map(|(ns, _)| ns.as_str()));
         namespaces.sort_unstable();

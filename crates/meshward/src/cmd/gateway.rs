@@ -106,7 +106,9 @@ fn port_mapping(value: &str) -> Result<(u16, u16), String> {
         .and_then(|(n, p)| Some((n.parse::<u16>().ok()?, p.parse::<u16>().ok()?)));
     match parsed {
         Some((number, port)) if number > 0 => Ok((number, port)),
-        _ => Err(format!("{value:?} is not NUMBER=PORT (443=8443; PORT 0 for any free one)")),
+        _ => Err(format!(
+            "{value:?} is not NUMBER=PORT (443=8443; PORT 0 for any free one)"
+        )),
     }
 }
 

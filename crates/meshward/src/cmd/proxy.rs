@@ -161,7 +161,9 @@ pub(crate) fn control_plane_of(
         .next()
         .with_context(|| format!("--control-plane {address}: no address"))?;
     let identity = match identity {
-        Some(cp) => SpiffeId::parse(cp).with_context(|| format!("--control-plane-identity {cp}"))?,
+        Some(cp) => {
+            SpiffeId::parse(cp).with_context(|| format!("--control-plane-identity {cp}"))?
+        }
         None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
     };
     Ok(ControlPlane {

@@ -23,9 +23,9 @@ pub use gateway::{
     VirtualService, VirtualServiceSpec,
 };
 pub use mesh::{
-    DefaultProxyConfig, ForwardClientCertDetails, GatewayTopology,
-    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, OutboundMode,
-    OutboundTrafficPolicy, PathNormalization, PathNormalizationMode,
+    DefaultProxyConfig, EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider,
+    ForwardClientCertDetails, GatewayTopology, MeshConfig, OutboundMode, OutboundTrafficPolicy,
+    PathNormalization, PathNormalizationMode,
 };
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
 pub use peer_authentication::{

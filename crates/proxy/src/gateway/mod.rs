@@ -220,10 +220,7 @@ impl Gateway {
                 .as_ref()
                 .map(|t| t.config())
                 .ok_or("no TLS for the server")?;
-            let stream = start
-                .into_stream(config)
-                .await
-                .map_err(|e| e.to_string())?;
+            let stream = start.into_stream(config).await.map_err(|e| e.to_string())?;
             Ok::<_, String>((stream, sni))
         };
         let (stream, sni) =
@@ -254,9 +251,8 @@ impl Gateway {
     {
         let conn = Arc::new(conn);
         let shared = self.shared.clone();
-        let service = hyper::service::service_fn(move |req| {
-            request::handle(req, conn.clone(), self.clone())
-        });
+        let service =
+            hyper::service::service_fn(move |req| request::handle(req, conn.clone(), self.clone()));
         crate::serve_http(&shared, TokioIo::new(stream), service).await;
     }
 

@@ -214,7 +214,12 @@ pub async fn handle(
     let route = chosen.route;
     record.route = Some(route.name.clone());
     let Some(destination) = route.pick() else {
-        return local(record, 503, true, "the route's destinations all have weight 0");
+        return local(
+            record,
+            503,
+            true,
+            "the route's destinations all have weight 0",
+        );
     };
     let Some(target) = destination
         .hosts
@@ -225,7 +230,10 @@ pub async fn handle(
             "{}: no service {}{} in the registry",
             route.name,
             destination.hosts[0],
-            destination.port.map(|p| format!(":{p}")).unwrap_or_default()
+            destination
+                .port
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default()
         ));
         shared.metrics.upstream_error(Direction::Gateway);
         return local(record, 503, true, "no healthy upstream");
@@ -269,7 +277,10 @@ pub async fn handle(
     let body: Body = Counted::new(body, received.clone())
         .map_err(|e| Box::new(e) as BoxError)
         .boxed();
-    record.upstream = Some(format!("{}:{}", target.upstream.service, target.upstream.port));
+    record.upstream = Some(format!(
+        "{}:{}",
+        target.upstream.service, target.upstream.port
+    ));
     match forward(&target, route, parts, body).await {
         Ok((response, endpoint, server_identity)) => {
             let (mut parts, body) = response.into_parts();
@@ -393,11 +404,7 @@ enum Failure {
     TooLarge,
 }
 
-type Forwarded = (
-    Response<Incoming>,
-    Picked<EndpointPools>,
-    Option<Arc<str>>,
-);
+type Forwarded = (Response<Incoming>, Picked<EndpointPools>, Option<Arc<str>>);
 
 /// Sends the request to one of the target's endpoints, and again (to
 /// another endpoint where there is one, as Istio's `previous_hosts`
@@ -464,7 +471,8 @@ async fn forward(
         match result {
             Some(Ok(response)) => {
                 if more && retries.is_some_and(|r| r.retries_status(response.status().as_u16())) {
-                    last = Failure::Upstream(format!("{} from {}", response.status(), endpoint.addr));
+                    last =
+                        Failure::Upstream(format!("{} from {}", response.status(), endpoint.addr));
                     continue;
                 }
                 let server = response
@@ -500,7 +508,8 @@ async fn forward(
 async fn buffered(mut body: Body) -> Result<Bytes, Failure> {
     let mut kept = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Failure::Upstream(format!("reading the request body: {e}")))?;
+        let frame =
+            frame.map_err(|e| Failure::Upstream(format!("reading the request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             kept.extend_from_slice(&data);
             if kept.len() > REPLAY_LIMIT {

@@ -173,10 +173,7 @@ impl Route {
         if self.matches.is_empty() {
             return Some(None);
         }
-        self.matches
-            .iter()
-            .position(|m| m.holds(request))
-            .map(Some)
+        self.matches.iter().position(|m| m.holds(request)).map(Some)
     }
 
     /// A destination by weight; `None` when every weight is 0.
@@ -299,7 +296,7 @@ impl Table {
     /// The HTTPS servers of a port, for choosing by SNI.
     pub fn server_for_sni(port: &Port, sni: Option<&str>) -> Option<Arc<CompiledServer>> {
         let sni = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase());
-        let candidates = port.servers.iter().filter(|s| s.tls.is_some());
+        let mut candidates = port.servers.iter().filter(|s| s.tls.is_some());
         match sni {
             // The server naming the host most specifically.
             Some(name) => candidates
@@ -315,9 +312,8 @@ impl Table {
                 .map(|(_, s)| s.clone()),
             // Without SNI, only a server for every host (`*`).
             None => candidates
-                .filter(|s| s.hosts.iter().any(|h| h == "*"))
-                .cloned()
-                .next(),
+                .find(|s| s.hosts.iter().any(|h| h == "*"))
+                .cloned(),
         }
     }
 }
@@ -359,7 +355,8 @@ pub fn compile(
             .collect();
         for (i, server) in gateway.spec.servers.iter().enumerate() {
             let at = format!("Gateway {gw_ns}/{gw_name} servers[{i}]");
-            let number = u16::try_from(server.port.number).map_err(|_| format!("{at}: bad port"))?;
+            let number =
+                u16::try_from(server.port.number).map_err(|_| format!("{at}: bad port"))?;
             let protocol = match server.port.protocol.to_ascii_uppercase().as_str() {
                 "HTTPS" => PortProtocol::Https,
                 _ => PortProtocol::Http,
@@ -370,7 +367,9 @@ pub fn compile(
                 .iter()
                 .map(|h| match h.split_once('/') {
                     Some((ns, host)) => (
-                        (ns != "*").then_some(ns).map(|ns| if ns == "." { gw_ns.as_str() } else { ns }),
+                        (ns != "*")
+                            .then_some(ns)
+                            .map(|ns| if ns == "." { gw_ns.as_str() } else { ns }),
                         host.to_ascii_lowercase(),
                     ),
                     None => (None, h.to_ascii_lowercase()),
@@ -383,9 +382,9 @@ pub fn compile(
                     let kept = previous_tls.iter().position(|t| t.source == source);
                     Some(match kept {
                         Some(i) => previous_tls.swap_remove(i),
-                        None => Arc::new(
-                            ServerTls::load(source).map_err(|e| format!("{at}.tls: {e}"))?,
-                        ),
+                        None => {
+                            Arc::new(ServerTls::load(source).map_err(|e| format!("{at}.tls: {e}"))?)
+                        }
                     })
                 }
                 _ => None,
@@ -475,7 +474,8 @@ fn compile_route(vs: &str, ns: &str, index: usize, route: &HttpRoute) -> Result<
                     .map(|(k, v)| {
                         Ok((
                             k.clone(),
-                            Matcher::new(v).ok_or_else(|| format!("{at}: headers.{k}: bad match"))?,
+                            Matcher::new(v)
+                                .ok_or_else(|| format!("{at}: headers.{k}: bad match"))?,
                         ))
                     })
                     .collect::<Result<_, String>>()?,
@@ -527,15 +527,15 @@ fn compile_route(vs: &str, ns: &str, index: usize, route: &HttpRoute) -> Result<
                     "503" => policy.status_conditions.push(|s| s == 503),
                     "gateway-error" => {
                         policy.on_failure = true;
-                        policy
-                            .status_conditions
-                            .push(|s| matches!(s, 502..=504));
+                        policy.status_conditions.push(|s| matches!(s, 502..=504));
                     }
                     "5xx" => {
                         policy.on_failure = true;
                         policy.status_conditions.push(|s| s >= 500);
                     }
-                    other => return Err(format!("{at}.retries.retryOn: {other:?} is not supported")),
+                    other => {
+                        return Err(format!("{at}.retries.retryOn: {other:?} is not supported"));
+                    }
                 }
             }
             Some(policy)
@@ -607,7 +607,11 @@ spec:
 
     fn first_host(vs: &CompiledVirtualService, path: &str, method: &str, h: &HeaderMap) -> String {
         let request = facts(path, method, h);
-        let route = vs.routes.iter().find(|r| r.matched(&request).is_some()).unwrap();
+        let route = vs
+            .routes
+            .iter()
+            .find(|r| r.matched(&request).is_some())
+            .unwrap();
         route.destinations[0].hosts[0].clone()
     }
 
@@ -637,7 +641,10 @@ spec:
     fn a_prefix_rewrite_replaces_the_matched_prefix_and_keeps_the_query() {
         let vs = compiled();
         let api = &vs.routes[3];
-        assert_eq!(api.rewritten(Some(0), "/api/v1/x?q=1").as_deref(), Some("/v1/x?q=1"));
+        assert_eq!(
+            api.rewritten(Some(0), "/api/v1/x?q=1").as_deref(),
+            Some("/v1/x?q=1")
+        );
         assert_eq!(vs.routes[0].rewritten(Some(0), "/exact"), None);
     }
 
@@ -648,7 +655,10 @@ spec:
         let a = (0..4000)
             .filter(|_| route.pick().unwrap().hosts[0] == "a")
             .count();
-        assert!((2700..3300).contains(&a), "{a} of 4000 to the 75 % destination");
+        assert!(
+            (2700..3300).contains(&a),
+            "{a} of 4000 to the 75 % destination"
+        );
     }
 
     #[test]

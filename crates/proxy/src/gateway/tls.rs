@@ -47,11 +47,7 @@ impl CertSource {
             return Ok(CertSource {
                 cert: dir.join(format!("{name}.crt")),
                 key: dir.join(format!("{name}.key")),
-                ca: if mutual {
-                    Some(ca)
-                } else {
-                    None
-                },
+                ca: if mutual { Some(ca) } else { None },
                 tls13_only,
             });
         }
@@ -66,7 +62,7 @@ impl CertSource {
 
     /// What changes when a file is rewritten: modification time and length
     /// of each.
-    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+    fn stamp(&self) -> Stamp {
         [Some(&self.cert), Some(&self.key), self.ca.as_ref()]
             .into_iter()
             .flatten()
@@ -143,10 +139,13 @@ impl ResolvesServerCert for Fixed {
     }
 }
 
+/// What the files looked like: modification time and length of each.
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
 /// One server's TLS, reloaded when its files change.
 pub struct ServerTls {
     pub source: CertSource,
-    current: RwLock<(Vec<Option<(SystemTime, u64)>>, Arc<rustls::ServerConfig>)>,
+    current: RwLock<(Stamp, Arc<rustls::ServerConfig>)>,
 }
 
 impl ServerTls {

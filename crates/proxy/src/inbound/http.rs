@@ -352,13 +352,21 @@ pub(crate) fn audit(
     }
 }
 
-pub(crate) fn record_and_log(shared: &Shared, mut record: crate::log::AccessRecord, started: Instant) {
+pub(crate) fn record_and_log(
+    shared: &Shared,
+    mut record: crate::log::AccessRecord,
+    started: Instant,
+) {
     record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     shared.logs.access.write(&record);
 }
 
 /// The client's answer to a denied request, as Envoy words it.
-pub(crate) fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -> Response<Body> {
+pub(crate) fn denial(
+    decision: &InboundDecision,
+    ext: Option<ExtAuthzAnswer>,
+    grpc: bool,
+) -> Response<Body> {
     let status = decision.status;
     match decision.stage {
         Stage::RequestAuthentication => {

@@ -363,7 +363,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ingress = if gateways.is_empty() {
         None
     } else {
-        let identity = SpiffeId::istio(&trust_domain, gateway::NAMESPACE, gateway::SERVICE_ACCOUNT)?;
+        let identity =
+            SpiffeId::istio(&trust_domain, gateway::NAMESPACE, gateway::SERVICE_ACCOUNT)?;
         let token = log_file(&data, "istio-system/ingressgateway", "token");
         meshward_identity::pem::write_private(
             &token,
@@ -451,7 +452,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         if let Some(ca) = &ingress.ca {
-            println!("ingress gateway: certificates made by up, CA {}", ca.display());
+            println!(
+                "ingress gateway: certificates made by up, CA {}",
+                ca.display()
+            );
         }
     }
 

@@ -278,6 +278,8 @@ mod tests {
             data_dir: "/tmp/x".into(),
             process_group: None,
             mode: "namespaced",
+            gateways: Vec::new(),
+            gateway_ca: None,
             workloads: vec![
                 workload(
                     "bookinfo/reviews-v1",
