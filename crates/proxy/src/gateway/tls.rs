@@ -198,3 +198,57 @@ impl ServerTls {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue(cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["a.example".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_rewritten_pair_is_taken_only_once_key_and_certificate_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = CertSource {
+            cert: dir.path().join("a.crt"),
+            key: dir.path().join("a.key"),
+            ca: None,
+            tls13_only: false,
+        };
+        let (cert, key) = issue("first");
+        std::fs::write(&source.cert, &cert).unwrap();
+        std::fs::write(&source.key, &key).unwrap();
+        let tls = ServerTls::load(source.clone()).unwrap();
+        let first = tls.config();
+        assert!(tls.reload().is_none(), "nothing changed");
+
+        // The certificate first: it does not match the key on disk.
+        let (cert2, key2) = issue("second-with-a-longer-name");
+        std::fs::write(&source.cert, &cert2).unwrap();
+        let refused = tls.reload().expect("a change is seen");
+        assert!(
+            refused.unwrap_err().contains("does the key belong"),
+            "mismatch named"
+        );
+        assert!(
+            Arc::ptr_eq(&first, &tls.config()),
+            "the old pair stays in force"
+        );
+        // Looked at once: not again until the files change.
+        assert!(tls.reload().is_none());
+
+        std::fs::write(&source.key, &key2).unwrap();
+        assert_eq!(tls.reload(), Some(Ok(())));
+        assert!(
+            !Arc::ptr_eq(&first, &tls.config()),
+            "the new pair is in force"
+        );
+    }
+}
