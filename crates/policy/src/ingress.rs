@@ -311,7 +311,10 @@ fn validate_http_route(v: &mut Issues, at: &str, route: &HttpRoute) {
             if name.is_empty() || name.bytes().any(|b| b.is_ascii_uppercase()) {
                 v.error(&field, "header name must be lowercase");
             }
-            string_match(v, &field, value);
+            // `{}`: the header is present, with any value.
+            if value != &StringMatch::default() {
+                string_match(v, &field, value);
+            }
         }
     }
     if let Some(rewrite) = &route.rewrite {

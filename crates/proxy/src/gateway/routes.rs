@@ -100,6 +100,8 @@ enum Matcher {
     Exact(String),
     Prefix(String),
     Regex(regex::Regex),
+    /// A header match `{}`: any value.
+    Any,
 }
 
 impl Matcher {
@@ -126,6 +128,7 @@ impl Matcher {
                 .is_some_and(|head| head.eq_ignore_ascii_case(p)),
             Matcher::Prefix(p) => value.starts_with(p.as_str()),
             Matcher::Regex(re) => re.is_match(value),
+            Matcher::Any => true,
         }
     }
 }
@@ -474,8 +477,12 @@ fn compile_route(vs: &str, ns: &str, index: usize, route: &HttpRoute) -> Result<
                     .map(|(k, v)| {
                         Ok((
                             k.clone(),
-                            Matcher::new(v)
-                                .ok_or_else(|| format!("{at}: headers.{k}: bad match"))?,
+                            if *v == StringMatch::default() {
+                                Matcher::Any
+                            } else {
+                                Matcher::new(v)
+                                    .ok_or_else(|| format!("{at}: headers.{k}: bad match"))?
+                            },
                         ))
                     })
                     .collect::<Result<_, String>>()?,
@@ -595,6 +602,8 @@ spec:
   - match: [{uri: {prefix: /api/}}]
     rewrite: {uri: /}
     route: [{destination: {host: api}}]
+  - match: [{headers: {x-debug: {}}}]
+    route: [{destination: {host: debug}}]
   - route:
     - {destination: {host: a, port: {number: 8080}}, weight: 75}
     - {destination: {host: b}, weight: 25}
@@ -629,12 +638,15 @@ spec:
         assert_eq!(first_host(&vs, "/", "POST", &canary), "canary");
         assert_eq!(first_host(&vs, "/", "GET", &canary), "a");
         assert_eq!(first_host(&vs, "/api/v1", "GET", &none), "api");
+        let mut debug = HeaderMap::new();
+        debug.insert("x-debug", "".parse().unwrap());
+        assert_eq!(first_host(&vs, "/", "GET", &debug), "debug");
         // A short name is also looked up in the VirtualService's namespace.
         assert_eq!(
-            vs.routes[4].destinations[0].hosts,
+            vs.routes[5].destinations[0].hosts,
             ["a", "a.web.svc.cluster.local"]
         );
-        assert_eq!(vs.routes[4].destinations[0].port, Some(8080));
+        assert_eq!(vs.routes[5].destinations[0].port, Some(8080));
     }
 
     #[test]
@@ -651,7 +663,7 @@ spec:
     #[test]
     fn weights_share_requests() {
         let vs = compiled();
-        let route = &vs.routes[4];
+        let route = &vs.routes[5];
         let a = (0..4000)
             .filter(|_| route.pick().unwrap().hosts[0] == "a")
             .count();
