@@ -33,7 +33,7 @@ use crate::http::{
 };
 use crate::inbound::ConnInfo;
 use crate::inbound::http::{audit, decide, denial, describe_decision, record_and_log};
-use crate::log::{AccessRecord, timestamp};
+use crate::log::AccessRecord;
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
 use crate::outbound::{EndpointPools, OutboundTarget};
 
@@ -97,7 +97,6 @@ pub async fn handle(
         conn.peer_addr,
         format!("gateway|{}", conn.port),
     );
-    record.time = timestamp(start_time);
     record.config_version = snapshot.version;
     let mut view = policy_request(&request);
     record.method = Some(view.method.clone());
@@ -426,37 +425,49 @@ async fn forward(
     };
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last = Failure::NoEndpoint;
+    let mut held = Some(parts);
     for attempt in 1..=attempts {
         let Some(endpoint) = pick_untried(target, &tried) else {
             return Err(last);
         };
         tried.push(endpoint.addr);
-        let (client, version) = endpoint.http.for_version(parts.version);
-        let mut upstream = Request::builder()
-            .method(parts.method.clone())
-            .uri(parts.uri.clone())
-            .version(version);
-        if let Some(h) = upstream.headers_mut() {
-            *h = parts.headers.clone();
-        }
+        let Some(version_in) = held.as_ref().map(|p| p.version) else {
+            return Err(last);
+        };
+        let (client, version) = endpoint.http.for_version(version_in);
         let body = match &replay {
             Some(bytes) => full(bytes.clone()),
             None => once.take().unwrap_or_else(|| full(Bytes::new())),
         };
+        // The last attempt takes the request head itself, earlier ones a copy.
+        let mut upstream = if attempt == attempts {
+            let Some(mut head) = held.take() else {
+                return Err(last);
+            };
+            head.version = version;
+            Request::from_parts(head, body)
+        } else {
+            let Some(head) = held.as_ref() else {
+                return Err(last);
+            };
+            let mut copy = Request::new(body);
+            *copy.method_mut() = head.method.clone();
+            *copy.uri_mut() = head.uri.clone();
+            *copy.version_mut() = version;
+            *copy.headers_mut() = head.headers.clone();
+            copy
+        };
         // The authority travels as `:authority` in HTTP/2, as `Host` in
         // HTTP/1.1, whichever the client spoke.
-        if let Some(h) = upstream.headers_mut() {
-            if version == http::Version::HTTP_2 {
-                h.remove(http::header::HOST);
-            } else if let Some(authority) = parts.uri.authority()
-                && let Ok(v) = HeaderValue::from_str(authority.as_str())
-            {
-                h.insert(http::header::HOST, v);
-            }
+        if version == http::Version::HTTP_2 {
+            upstream.headers_mut().remove(http::header::HOST);
+        } else if let Some(v) = upstream
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            upstream.headers_mut().insert(http::header::HOST, v);
         }
-        let Ok(upstream) = upstream.body(body) else {
-            return Err(Failure::Upstream("the request cannot be forwarded".into()));
-        };
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let limit = match (remaining, retries.and_then(|r| r.per_try_timeout)) {
             (Some(a), Some(b)) => Some(a.min(b)),
