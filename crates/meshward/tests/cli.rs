@@ -1062,7 +1062,7 @@ fn get_and_delete_take_kubectl_kinds_and_namespaces() {
         (
             &["delete", "policies", "x"][..],
             "delete",
-            "DestinationRule (dr)\n",
+            "Gateway (gw), VirtualService (vs)\n",
         ),
     ] {
         let mut args = args.to_vec();
