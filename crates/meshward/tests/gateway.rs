@@ -891,7 +891,20 @@ fn retries_reach_another_endpoint_and_failures_answer_404_and_503() {
 /// with one (called over mutual TLS as the gateway), 401 expired.
 #[test]
 fn up_publishes_the_bookinfo_gateway_with_a_certificate_it_made() {
-    let root = tempdir("gateway-up");
+    up_bookinfo_gateway("gateway-up", &["--explicit"], "explicit");
+}
+
+/// The same in namespaced mode (as root): the gateway runs in the lab and
+/// is published through a relay on 127.0.0.1; nothing from the machine's
+/// namespace connects into the lab.
+#[test]
+fn up_publishes_the_bookinfo_gateway_from_the_lab() {
+    common::netns::require_root!();
+    up_bookinfo_gateway("gateway-up-ns", &[], "namespaced");
+}
+
+fn up_bookinfo_gateway(name: &str, extra: &[&str], mode: &str) {
+    let root = tempdir(name);
     let dir = root.join("bookinfo");
     std::fs::create_dir_all(&dir).unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
@@ -907,8 +920,9 @@ fn up_publishes_the_bookinfo_gateway_with_a_certificate_it_made() {
     let mut up = spawn(
         "meshward up",
         meshward()
-            .args(["up", dir.to_str().unwrap(), "--explicit", "--data-dir"])
-            .arg(&data),
+            .args(["up", dir.to_str().unwrap(), "--data-dir"])
+            .arg(&data)
+            .args(extra),
     );
     let up_json = data.join("up.json");
     let text = wait_for(START, || {
@@ -916,6 +930,7 @@ fn up_publishes_the_bookinfo_gateway_with_a_certificate_it_made() {
         std::fs::read_to_string(&up_json).map_err(|e| format!("{}: {e}", up_json.display()))
     });
     let mesh: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(mesh["mode"], mode, "{mesh}");
     let published = &mesh["gateways"][0];
     assert_eq!(published["port"], port, "{mesh}");
     assert_eq!(published["hosts"][0], "bookinfo.example", "{mesh}");
