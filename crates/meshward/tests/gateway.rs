@@ -296,6 +296,7 @@ struct Edge {
     foreign_ca: OutsideCa,
     http: SocketAddr,
     https: SocketAddr,
+    admin: SocketAddr,
     gateway: Spawned,
     _sidecars: Vec<Spawned>,
     _apps: Vec<Spawned>,
@@ -394,6 +395,7 @@ impl Edge {
             sidecar(&mesh, "broken", inbound[2], broken),
         ];
 
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut command = meshward();
         command
             .args(["gateway", "--control-plane", &mesh.ca_addr])
@@ -412,7 +414,7 @@ impl Edge {
             .args(["--listen", "127.0.0.1", "--port", "443=0", "--port", "80=0"])
             .args(["--credentials-dir", creds.to_str().unwrap()])
             .args(["--cert-reload-interval", "100ms"])
-            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", &admin.to_string()])
             .args(["--audit-log", "off"])
             .env("MESHWARD_LOG", "warn,meshward_proxy::gateway=info");
         let gateway = spawn("meshward gateway", &mut command);
@@ -431,6 +433,7 @@ impl Edge {
             foreign_ca,
             http,
             https,
+            admin,
             gateway,
             _sidecars: sidecars,
             _apps: apps,
@@ -741,6 +744,22 @@ fn virtual_services_route_by_uri_method_headers_and_weight_into_the_mesh() {
         (700..=900).contains(&v1),
         "v1 {v1}, v2 {v2} of 1000 at 80/20"
     );
+
+    // Istio's metrics, the gateway reporting as the source: at least the
+    // weighted requests answered by web, over mutual TLS.
+    let (_, metrics) = http_get(edge.admin, "/stats/prometheus").unwrap();
+    let answered: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_principal=\"spiffe://cluster.local/ns/web/sa/web\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(answered >= 1000.0, "{answered} in:\n{metrics}");
 }
 
 #[test]

@@ -27,13 +27,14 @@ use super::Gateway;
 use super::routes::{RequestFacts, Route, Table};
 use crate::balance::Picked;
 use crate::http::{
-    Body, BodyEnd, BoxError, Counted, XFCC, apply_edits, full, is_grpc, local_reply,
-    logged_response_body, policy_request, protocol_name, request_authority, set_upstream_target,
-    strip_hop_by_hop, strip_trailing_host_dot,
+    Body, BodyEnd, BoxError, Counted, XFCC, apply_edits, full, grpc_status_in, is_grpc,
+    local_reply, logged_response_body, policy_request, protocol_name, request_authority,
+    set_upstream_target, strip_hop_by_hop, strip_trailing_host_dot,
 };
 use crate::inbound::ConnInfo;
 use crate::inbound::http::{audit, decide, denial, describe_decision, record_and_log};
 use crate::log::AccessRecord;
+use crate::metrics::istio::{self, RequestLabels, ResponseFlags};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
 use crate::outbound::{EndpointPools, OutboundTarget};
 
@@ -280,6 +281,8 @@ pub async fn handle(
         "{}:{}",
         target.upstream.service, target.upstream.port
     ));
+    // Istio's metrics: the gateway reports as the source of the request.
+    let protocol = istio::Protocol::http(grpc);
     match forward(&target, route, parts, body).await {
         Ok((response, endpoint, server_identity)) => {
             let (mut parts, body) = response.into_parts();
@@ -288,23 +291,37 @@ pub async fn handle(
             }
             strip_hop_by_hop(&mut parts.headers);
             let mut record = finish(record, parts.status.as_u16(), true);
+            let mut labels = RequestLabels {
+                traffic: target.istio_labels(&shared, server_identity.as_deref(), protocol),
+                response_code: parts.status.as_u16(),
+                grpc_status: grpc.then(|| grpc_status_in(&parts.headers)).flatten(),
+            };
             record.upstream = Some(match server_identity {
                 Some(id) => format!("{} ({id})", endpoint.addr),
                 None => endpoint.addr.to_string(),
             });
+            let metrics = shared.metrics.clone();
             let body = logged_response_body(
                 body,
                 record,
                 received,
                 started,
                 shared.logs.access.clone(),
-                // The endpoint is busy until its response has streamed.
-                move |_: &BodyEnd, _| drop(endpoint),
+                move |end: &BodyEnd, request_bytes| {
+                    // The endpoint is busy until its response has streamed.
+                    drop(endpoint);
+                    labels.grpc_status = labels.grpc_status.or(end.grpc_status);
+                    (metrics.istio).request(&labels, started.elapsed(), request_bytes, end.bytes);
+                },
             );
             Ok(Response::from_parts(parts, body))
         }
         Err(failure) => {
             shared.metrics.upstream_error(Direction::Gateway);
+            let flags = match failure {
+                Failure::NoEndpoint => ResponseFlags::NoHealthyUpstream,
+                _ => ResponseFlags::UpstreamConnectionFailure,
+            };
             let (status, message) = match failure {
                 Failure::NoEndpoint => (503, "no healthy upstream"),
                 Failure::Timeout => (504, "upstream request timeout"),
@@ -319,8 +336,19 @@ pub async fn handle(
             }
             let mut record = finish(record, status, true);
             record.reason = Some(message.to_owned());
+            let request_bytes = received.load(std::sync::atomic::Ordering::Relaxed);
             record_and_log(&shared, record, started);
-            Ok(local_reply(status, message, grpc))
+            let response = local_reply(status, message, grpc);
+            let traffic = target
+                .istio_labels(&shared, None, protocol)
+                .with_flags(flags);
+            (shared.metrics.istio).local_reply(
+                traffic,
+                &response,
+                started.elapsed(),
+                request_bytes,
+            );
+            Ok(response)
         }
     }
 }
