@@ -207,6 +207,9 @@ spec:
   - port: {number: 443, name: https-mtls, protocol: HTTPS}
     hosts: [mtls.example]
     tls: {mode: MUTUAL, credentialName: mtls}
+  - port: {number: 443, name: https-late, protocol: HTTPS}
+    hosts: [late.example]
+    tls: {mode: SIMPLE, credentialName: late}
   - port: {number: 80, name: http-redirect, protocol: HTTP}
     hosts: [bookinfo.example]
     tls: {httpsRedirect: true}
@@ -217,7 +220,7 @@ apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: shop, namespace: web}
 spec:
-  hosts: [bookinfo.example, other.example, mtls.example]
+  hosts: [bookinfo.example, other.example, mtls.example, late.example]
   gateways: [istio-system/front]
   http:
   - match: [{uri: {exact: /exact}}]
@@ -594,6 +597,20 @@ fn tls_offers_only_tls12_and_13_with_ecdhe_aes_gcm_picks_by_sni_and_checks_clien
     assert!(!done, "{text}");
     let (done, text) = edge.s_client(&["-noservername"]);
     assert!(!done, "{text}");
+    // A server whose credential is not there: refused, while the others
+    // serve; once its files appear, it serves too.
+    let (done, text) = edge.s_client(&sni("late.example"));
+    assert!(!done, "{text}");
+    edge.outside
+        .write(&edge.creds, "late", "late-1", &["late.example"]);
+    wait_for(SETTLE, || {
+        let (_, text) = edge.s_client(&sni("late.example"));
+        if text.contains("CN = late-1") {
+            Ok(())
+        } else {
+            Err(format!("late.example not served yet: {text}"))
+        }
+    });
     // A Host the SNI's server does not serve: 404.
     let (status, _) = edge.get("bookinfo.example", "/exact", &["-H", "host: other.example"]);
     assert_eq!(status, 404);

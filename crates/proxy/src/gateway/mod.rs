@@ -7,9 +7,9 @@
 //! VirtualServices bound to those Gateways ([`routes`], [`request`]).
 //!
 //! The control plane sends every Gateway and VirtualService; the gateway
-//! keeps those that select it, builds a [`routes::Table`] (nothing changes
-//! when one does not build: a certificate that cannot be read refuses the
-//! whole configuration, as any bad resource does), then binds the ports
+//! keeps those that select it, builds a [`routes::Table`] (a server whose
+//! certificate does not load is kept, refusing handshakes until it does,
+//! so one missing credential never holds back the rest), then binds the ports
 //! the new table names and closes those it no longer names.
 
 pub mod request;
@@ -129,6 +129,9 @@ impl Gateway {
     /// yet (a port that cannot be bound is logged and left out) and stops
     /// listening on the others; open connections carry on.
     pub fn commit(self: &Arc<Self>, table: Table) {
+        for problem in &table.problems {
+            tracing::error!("gateway: {problem}");
+        }
         let wanted: Vec<u16> = table.ports.keys().copied().collect();
         *self.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
         let mut listening = self
@@ -218,8 +221,8 @@ impl Gateway {
             let config = server
                 .tls
                 .as_ref()
-                .map(|t| t.config())
-                .ok_or("no TLS for the server")?;
+                .and_then(|t| t.config())
+                .ok_or("the server's certificate has not loaded")?;
             let stream = start.into_stream(config).await.map_err(|e| e.to_string())?;
             Ok::<_, String>((stream, sni))
         };

@@ -293,6 +293,8 @@ pub struct Table {
     /// The Gateways served, (namespace, name): policies with a Gateway
     /// `targetRef` name these.
     pub served: Vec<(String, String)>,
+    /// What did not load (a server's credential), for the log.
+    pub problems: Vec<String>,
 }
 
 impl Table {
@@ -327,7 +329,9 @@ pub struct Credentials<'a> {
 }
 
 /// Builds the table for the gateway with `labels` from every Gateway and
-/// VirtualService; a Gateway whose certificates cannot be read is an error
+/// VirtualService. A server whose certificate files do not load is kept
+/// without TLS (its handshakes fail until they load, see [`ServerTls`]);
+/// a server naming a credential with no credentials directory is an error
 /// (nothing changes).
 pub fn compile(
     gateways: &[Gateway],
@@ -386,7 +390,13 @@ pub fn compile(
                     Some(match kept {
                         Some(i) => previous_tls.swap_remove(i),
                         None => {
-                            Arc::new(ServerTls::load(source).map_err(|e| format!("{at}.tls: {e}"))?)
+                            let (tls, error) = ServerTls::load(source);
+                            if let Some(e) = error {
+                                table.problems.push(format!(
+                                    "{at}.tls: {e}; the server refuses handshakes until its files load"
+                                ));
+                            }
+                            Arc::new(tls)
                         }
                     })
                 }

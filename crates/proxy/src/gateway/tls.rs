@@ -142,24 +142,33 @@ impl ResolvesServerCert for Fixed {
 /// What the files looked like: modification time and length of each.
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
-/// One server's TLS, reloaded when its files change.
+/// One server's TLS, reloaded when its files change. A server whose files
+/// do not load (yet) has none, and refuses handshakes until they do: the
+/// rest of the configuration — other servers, policies — is not held back
+/// by one missing credential.
 pub struct ServerTls {
     pub source: CertSource,
-    current: RwLock<(Stamp, Arc<rustls::ServerConfig>)>,
+    current: RwLock<(Stamp, Option<Arc<rustls::ServerConfig>>)>,
 }
 
 impl ServerTls {
-    pub fn load(source: CertSource) -> Result<ServerTls, String> {
+    /// The server's TLS from its files, and why it has none if it has none.
+    pub fn load(source: CertSource) -> (ServerTls, Option<String>) {
         let stamp = source.stamp();
-        let config = source.build()?;
-        Ok(ServerTls {
+        let (config, error) = match source.build() {
+            Ok(config) => (Some(config), None),
+            Err(e) => (None, Some(e)),
+        };
+        let tls = ServerTls {
             source,
             current: RwLock::new((stamp, config)),
-        })
+        };
+        (tls, error)
     }
 
-    /// The configuration for the next handshake.
-    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+    /// The configuration for the next handshake; `None` while the files
+    /// have never loaded.
+    pub fn config(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -187,7 +196,7 @@ impl ServerTls {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Some(match built {
             Ok(config) => {
-                *current = (stamp, config);
+                *current = (stamp, Some(config));
                 Ok(())
             }
             Err(e) => {
@@ -225,8 +234,9 @@ mod tests {
         let (cert, key) = issue("first");
         std::fs::write(&source.cert, &cert).unwrap();
         std::fs::write(&source.key, &key).unwrap();
-        let tls = ServerTls::load(source.clone()).unwrap();
-        let first = tls.config();
+        let (tls, error) = ServerTls::load(source.clone());
+        assert_eq!(error, None);
+        let first = tls.config().unwrap();
         assert!(tls.reload().is_none(), "nothing changed");
 
         // The certificate first: it does not match the key on disk.
@@ -238,7 +248,7 @@ mod tests {
             "mismatch named"
         );
         assert!(
-            Arc::ptr_eq(&first, &tls.config()),
+            Arc::ptr_eq(&first, &tls.config().unwrap()),
             "the old pair stays in force"
         );
         // Looked at once: not again until the files change.
@@ -247,8 +257,30 @@ mod tests {
         std::fs::write(&source.key, &key2).unwrap();
         assert_eq!(tls.reload(), Some(Ok(())));
         assert!(
-            !Arc::ptr_eq(&first, &tls.config()),
+            !Arc::ptr_eq(&first, &tls.config().unwrap()),
             "the new pair is in force"
         );
+    }
+
+    #[test]
+    fn a_credential_that_appears_later_is_served_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = CertSource {
+            cert: dir.path().join("late.crt"),
+            key: dir.path().join("late.key"),
+            ca: None,
+            tls13_only: false,
+        };
+        let (tls, error) = ServerTls::load(source.clone());
+        assert!(
+            error.unwrap().contains("late.crt"),
+            "the missing file is named"
+        );
+        assert!(tls.config().is_none(), "no handshake until it loads");
+        let (cert, key) = issue("late");
+        std::fs::write(&source.key, &key).unwrap();
+        std::fs::write(&source.cert, &cert).unwrap();
+        assert_eq!(tls.reload(), Some(Ok(())));
+        assert!(tls.config().is_some());
     }
 }
