@@ -591,4 +591,57 @@ mod tests {
         headers.insert(XFF, "not-an-ip".parse().unwrap());
         assert_eq!(client_ip(&headers, peer, 1), peer);
     }
+
+    #[test]
+    fn forwarding_headers_append_the_peer_and_handle_xfcc_as_configured() {
+        let conn = |cert: bool| Conn {
+            port: 443,
+            https: true,
+            sni: None,
+            peer_addr: "203.0.113.5:40000".parse().unwrap(),
+            local_ip: None,
+            client_cert_sha256: cert.then(|| "ab12".to_owned()),
+        };
+        let incoming = || {
+            let mut h = HeaderMap::new();
+            h.insert(XFF, "198.51.100.1".parse().unwrap());
+            h.insert(XFP, "http".parse().unwrap());
+            h.insert(XFCC, "By=spiffe://evil;URI=spiffe://x".parse().unwrap());
+            h
+        };
+        let gw = "spiffe://cluster.local/ns/istio-system/sa/gw";
+        use ForwardClientCertDetails as F;
+        let run = |trusted, mode, cert| {
+            let mut h = incoming();
+            forwarding_headers(&mut h, &conn(cert), trusted, mode, gw);
+            h
+        };
+
+        let h = run(0, F::Sanitize, false);
+        assert_eq!(h[XFF], "198.51.100.1, 203.0.113.5");
+        assert_eq!(
+            h[XFP], "https",
+            "the client's own X-Forwarded-Proto is replaced"
+        );
+        assert!(h.get(XFCC).is_none(), "sanitized by default");
+        assert_eq!(
+            run(1, F::Sanitize, false)[XFP],
+            "http",
+            "kept behind a trusted proxy"
+        );
+        assert_eq!(
+            run(0, F::ForwardOnly, false)[XFCC],
+            "By=spiffe://evil;URI=spiffe://x"
+        );
+        assert!(run(0, F::AlwaysForwardOnly, false).get(XFCC).is_none());
+        assert!(run(0, F::AlwaysForwardOnly, true).get(XFCC).is_some());
+        assert_eq!(
+            run(0, F::SanitizeSet, true)[XFCC],
+            format!("By={gw};Hash=ab12")
+        );
+        assert_eq!(
+            run(0, F::AppendForward, true)[XFCC],
+            format!("By=spiffe://evil;URI=spiffe://x,By={gw};Hash=ab12")
+        );
+    }
 }
