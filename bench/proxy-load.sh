@@ -22,6 +22,13 @@
 #                   --access-log off --audit-log off.
 #   haproxy-tcp     wrk -> haproxy A (mode tcp) -mTLS-> haproxy B (mode tcp) -> nginx
 #   haproxy-http    the same in mode http (keep-alive, pooled server connections)
+#   meshward-gateway   wrk -HTTPS-> meshward gateway (configured by meshward server:
+#                   Gateway, VirtualService, the server hop's WorkloadEntry and
+#                   ServiceEntry) -mTLS-> meshward (inbound, http; STRICT, ALLOW the
+#                   gateway's principal) -> nginx
+#   haproxy-gateway wrk -HTTPS-> haproxy G (mode http, the same certificate,
+#                   versions and suites) -mTLS-> haproxy B (mode http) -> nginx
+#                   The number to compare is the gateway hop's CPU per request.
 #
 # Scenarios in network namespaces (root only; skipped with a message
 # otherwise), all configured by one `meshward server` in a namespace of its
@@ -101,7 +108,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% bus
 NS_ROUNDS=${NS_ROUNDS:-1}      # how many times each ns-* explicit/transparent pair is measured
 NS_PACE_MS=${NS_PACE_MS:-8}    # paced ns-* runs: each connection waits this long after a response (0: none)
 # Which scenarios after direct (always run: the ratios are to it).
-ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
+ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http meshward-gateway haproxy-gateway ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
 
 NS=bench
 TD=cluster.local
@@ -301,6 +308,7 @@ wait_until() { # description timeout_s pid command... (pid: fail at once if it e
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 http_ok() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]]; }
+https_ok() { [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]]; }
 
 # run_in NS cmd...: in network namespace NS, or here when NS is empty.
 run_in() {
@@ -422,7 +430,7 @@ measure() {
     shift 2
     local hop name pid
     local -A idle before before_sys
-    body=$(client_run curl -sS --max-time 3 -H "Authorization: Bearer $JWT" "$url") || die "$scen: curl $url failed"
+    body=$(client_run curl -sSk --max-time 3 -H "Authorization: Bearer $JWT" "$url") || die "$scen: curl $url failed"
     [[ $body == ok ]] || die "$scen: unexpected body from $url: $body"
     for hop in "$@"; do
         pid=${hop#*=}
@@ -662,6 +670,79 @@ haproxy_pair() {
     stop_pid "$b_pid"
 }
 
+# The outside world's certificate for both gateways (wrk does not verify it).
+gateway_credentials() {
+    GW_CREDS=$WORK/gateway-credentials
+    [[ -f $GW_CREDS/bench.crt ]] && return 0
+    mkdir -p "$GW_CREDS"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench.example -addext subjectAltName=DNS:bench.example \
+        -keyout "$GW_CREDS/bench.key" -out "$GW_CREDS/bench.crt" >"$WORK/gateway-cert.log" 2>&1 ||
+        die "making the gateway certificate: $(cat "$WORK/gateway-cert.log")"
+    cat "$GW_CREDS/bench.crt" "$GW_CREDS/bench.key" >"$GW_CREDS/bench.pem"
+}
+
+# meshward_gateway scenario
+meshward_gateway() {
+    local scen=$1 sv_in sv_admin gw_port gw_admin
+    gateway_credentials
+    take_port; sv_in=$PORT
+    take_port; sv_admin=$PORT
+    take_port; gw_port=$PORT
+    take_port; gw_admin=$PORT
+    mkdir -p "$WORK/policies-gateway"
+    render "$TEMPLATES/policies-gateway.yaml.in" "$WORK/policies-gateway/policies.yaml"
+    render "$TEMPLATES/gateway-config.yaml.in" "$WORK/gateway-config.yaml" SERVER_PORT="$sv_in"
+    "$MESHWARD" apply -f "$WORK/gateway-config.yaml" --data-dir "$DATA" --server "https://127.0.0.1:$CA_PORT" \
+        >"$WORK/$scen-apply.log" 2>&1 || die "$scen: apply: $(cat "$WORK/$scen-apply.log")"
+    "$MESHWARD" token create --data-dir "$DATA" -n istio-system \
+        --service-account istio-ingressgateway-service-account >"$WORK/gateway.token"
+    local common=(--ca-address "https://127.0.0.1:$CA_PORT" --ca-root "$DATA/root-cert.pem"
+        --ca-server-name "$CA_SERVER_NAME" --access-log off --audit-log off --drain-grace 1s)
+    start_bg "$scen-server-proxy" "$MESHWARD" proxy --identity "$SERVER_ID" \
+        --inbound "$sv_in=127.0.0.1:$NGINX_PORT,protocol=http" --policies "$WORK/policies-gateway" \
+        --token-file "$WORK/server.token" --admin "127.0.0.1:$sv_admin" "${common[@]}"
+    local sv_pid=$LAST_PID
+    start_bg "$scen-gateway" "$MESHWARD" gateway --control-plane "127.0.0.1:$CA_PORT" \
+        --listen 127.0.0.1 --port "443=$gw_port" --credentials-dir "$GW_CREDS" \
+        --token-file "$WORK/gateway.token" --admin "127.0.0.1:$gw_admin" "${common[@]}"
+    local gw_pid=$LAST_PID
+    wait_until "$scen server proxy ready" 30 "$sv_pid" http_ok "http://127.0.0.1:$sv_admin/healthz/ready"
+    wait_until "$scen gateway serving" 30 "$gw_pid" https_ok "https://127.0.0.1:$gw_port$PATH_OK"
+    log "$scen: gateway pid $gw_pid on $gw_port, server proxy pid $sv_pid on $sv_in"
+    expect_status "$scen" '!200' "plaintext to the server proxy, bypassing mTLS" "http://127.0.0.1:$sv_in$PATH_OK"
+    measure "$scen" "https://127.0.0.1:$gw_port$PATH_OK" "gateway=$gw_pid" "server=$sv_pid"
+    stop_pid "$gw_pid"
+    stop_pid "$sv_pid"
+}
+
+# haproxy_gateway scenario
+haproxy_gateway() {
+    local scen=$1 g_port b_port
+    gateway_credentials
+    take_port; g_port=$PORT
+    take_port; b_port=$PORT
+    render "$TEMPLATES/haproxy-gateway.cfg.in" "$WORK/$scen-g.cfg" LISTEN_PORT="$g_port" \
+        UPSTREAM_PORT="$b_port" CERTS="$CERTS" GATEWAY_PEM="$GW_CREDS/bench.pem"
+    render "$TEMPLATES/haproxy-server.cfg.in" "$WORK/$scen-b.cfg" MODE=http HTTP_OPTIONS='    option http-keep-alive' \
+        LISTEN_PORT="$b_port" UPSTREAM_PORT="$NGINX_PORT" CERTS="$CERTS"
+    local f
+    for f in g b; do
+        "$HAPROXY" -c -q -f "$WORK/$scen-$f.cfg" >"$WORK/$scen-$f-check.log" 2>&1 ||
+            die "haproxy -c $scen-$f.cfg: $(cat "$WORK/$scen-$f-check.log")"
+    done
+    start_bg "$scen-b" "$HAPROXY" -db -f "$WORK/$scen-b.cfg"
+    local b_pid=$LAST_PID
+    start_bg "$scen-g" "$HAPROXY" -db -f "$WORK/$scen-g.cfg"
+    local g_pid=$LAST_PID
+    wait_until "$scen haproxy B" 10 "$b_pid" port_open "$b_port"
+    wait_until "$scen haproxy G" 10 "$g_pid" https_ok "https://127.0.0.1:$g_port$PATH_OK"
+    log "$scen: haproxy G pid $g_pid on $g_port, haproxy B pid $b_pid on $b_port"
+    measure "$scen" "https://127.0.0.1:$g_port$PATH_OK" "gateway=$g_pid" "server=$b_pid"
+    stop_pid "$g_pid"
+    stop_pid "$b_pid"
+}
+
 # --- scenarios in network namespaces -------------------------------------------------
 
 NSP=mwbench$$                   # every namespace's name starts with this
@@ -883,6 +964,8 @@ wanted meshward-l7-nojwt && meshward_pair meshward-l7-nojwt http "$WORK/policies
 [[ $ACCESS_LOG_RUN == 1 ]] && wanted meshward-l7-log && meshward_pair meshward-l7-log http "$WORK/policies-l7" on
 wanted haproxy-tcp && haproxy_pair haproxy-tcp tcp
 wanted haproxy-http && haproxy_pair haproxy-http http
+wanted meshward-gateway && meshward_gateway meshward-gateway
+wanted haproxy-gateway && haproxy_gateway haproxy-gateway
 if ((NS_WANTED)); then
     ns_prepare
     wait_quiet "the namespaced scenarios"

@@ -23,6 +23,10 @@ pub mod types {
     pub const WORKLOAD: &str = "meshward.io/Workload";
     /// The whole revocation list, sent to every proxy.
     pub const REVOCATIONS: &str = "meshward.io/Revocations";
+    /// A `networking.istio.io` Gateway, as JSON, sent to gateways only.
+    pub const GATEWAY: &str = "meshward.io/Gateway";
+    /// A `networking.istio.io` VirtualService, as JSON, sent to gateways only.
+    pub const VIRTUAL_SERVICE: &str = "meshward.io/VirtualService";
 }
 
 /// The JSON bodies of distributed resources that are meshward's own (policies

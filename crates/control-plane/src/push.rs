@@ -36,7 +36,7 @@ use meshward_api::control::{
 use meshward_api::types;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::tls::spiffe_id_of;
-use meshward_policy::api::Policy;
+use meshward_policy::api::{Policy, RegistryObject};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -101,6 +101,10 @@ struct Derived {
     mesh: Resource,
     /// The whole list, for every proxy (it is small).
     revocations: Resource,
+    /// Every Gateway and VirtualService, for gateways only: each gateway
+    /// picks the Gateways whose selector matches its labels and the
+    /// VirtualServices bound to them.
+    ingress: Vec<Resource>,
     root_namespace: String,
 }
 
@@ -313,6 +317,25 @@ impl Hub {
                 serde_json::to_vec(&config.revocations).unwrap_or_default(),
             ),
             root_namespace: config.mesh.root_namespace.clone(),
+            ingress: config
+                .registry
+                .iter()
+                .filter_map(|object| {
+                    let type_url = match object {
+                        RegistryObject::Gateway(_) => types::GATEWAY,
+                        RegistryObject::VirtualService(_) => types::VIRTUAL_SERVICE,
+                        _ => return None,
+                    };
+                    let meta = object.metadata();
+                    let name = format!(
+                        "{}/{}/{}",
+                        object.kind(),
+                        meta.namespace_or_default(),
+                        meta.name
+                    );
+                    Some(resource(name, type_url, serde_json::to_vec(object).ok()?))
+                })
+                .collect(),
         });
         *derived = Some(d.clone());
         d
@@ -326,6 +349,7 @@ impl Hub {
         peer: Option<SocketAddr>,
         claim: Option<&str>,
         subscribe: &[String],
+        gateway: bool,
     ) -> Result<(u64, String, BTreeMap<String, Resource>), Refusal> {
         let config = self.store.config();
         let derived = self.derived(&config);
@@ -349,6 +373,11 @@ impl Hub {
         put(derived.mesh.clone());
         put(derived.revocations.clone());
         put(self.bundle.clone());
+        if gateway {
+            for r in &derived.ingress {
+                put(r.clone());
+            }
+        }
         let own = serde_json::json!({
             "name": workload.as_ref().map(|w| w.name.clone()),
             "namespace": namespace,
@@ -514,6 +543,7 @@ async fn session(
         return Ok(());
     };
     let mut subscribe = first.subscribe;
+    let gateway = first.gateway;
     // The claim is the first request's; later requests cannot change it.
     let claim = (!first.workload.is_empty()).then_some(first.workload);
     let this = {
@@ -540,16 +570,17 @@ async fn session(
             .current()
             .check_certificate(certificate)
             .map_err(|revoked| Refusal::Revoked(revoked.to_string()));
-        let (version, workload, view) =
-            match revoked.and_then(|()| hub.view(identity, peer, claim.as_deref(), &subscribe)) {
-                Ok(view) => view,
-                Err(refusal) => {
-                    hub.refuse(&this, peer, &refusal);
-                    // The proxy reads why from the status; it may be gone.
-                    let _ = tx.send(Err(refused_status(&refusal))).await;
-                    return Ok(());
-                }
-            };
+        let (version, workload, view) = match revoked
+            .and_then(|()| hub.view(identity, peer, claim.as_deref(), &subscribe, gateway))
+        {
+            Ok(view) => view,
+            Err(refusal) => {
+                hub.refuse(&this, peer, &refusal);
+                // The proxy reads why from the status; it may be gone.
+                let _ = tx.send(Err(refused_status(&refusal))).await;
+                return Ok(());
+            }
+        };
         if !accepted {
             accepted = true;
             hub.accepted(&this, peer);
@@ -696,7 +727,9 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(&dir);
         for (claim, version) in [("bookinfo/reviews-v1", "v1"), ("bookinfo/reviews-v2", "v2")] {
-            let (_, name, view) = hub.view(&reviews(), peer(), Some(claim), &[]).unwrap();
+            let (_, name, view) = hub
+                .view(&reviews(), peer(), Some(claim), &[], false)
+                .unwrap();
             assert_eq!(name, claim);
             let own: serde_json::Value = serde_json::from_slice(&view["workload"].body).unwrap();
             assert_eq!(own["labels"]["version"], version, "{own}");
@@ -704,11 +737,54 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
     }
 
     #[test]
+    fn gateways_and_virtual_services_reach_gateways_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(&dir);
+        let ingress = r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: web, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/web]
+  http:
+  - route: [{destination: {host: reviews.bookinfo.svc.cluster.local}}]
+"#;
+        hub.store.apply("ingress.yaml", ingress).unwrap();
+        let claim = Some("bookinfo/reviews-v1");
+        let (_, _, sidecar) = hub.view(&reviews(), peer(), claim, &[], false).unwrap();
+        assert!(
+            sidecar
+                .values()
+                .all(|r| r.type_url != types::GATEWAY && r.type_url != types::VIRTUAL_SERVICE),
+            "{:?}",
+            sidecar.keys()
+        );
+        let (_, _, gateway) = hub.view(&reviews(), peer(), claim, &[], true).unwrap();
+        let gw = &gateway["Gateway/istio-system/web"];
+        assert_eq!(gw.type_url, types::GATEWAY);
+        let body: serde_json::Value = serde_json::from_slice(&gw.body).unwrap();
+        assert_eq!(body["spec"]["selector"]["istio"], "ingressgateway");
+        assert_eq!(
+            gateway["VirtualService/bookinfo/reviews"].type_url,
+            types::VIRTUAL_SERVICE
+        );
+    }
+
+    #[test]
     fn a_refused_proxy_is_listed_once_with_why_until_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(&dir);
         let unclaimed = session("");
-        let refusal = hub.view(&reviews(), peer(), None, &[]).unwrap_err();
+        let refusal = hub.view(&reviews(), peer(), None, &[], false).unwrap_err();
         assert!(matches!(refusal, Refusal::Ambiguous { .. }), "{refusal}");
         let status = refused_status(&refusal);
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -730,7 +806,7 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
         // Another proxy's refusal is its own row.
         let claimed = session("bookinfo/reviews-v3");
         let other = hub
-            .view(&reviews(), peer(), Some("bookinfo/reviews-v3"), &[])
+            .view(&reviews(), peer(), Some("bookinfo/reviews-v3"), &[], false)
             .unwrap_err();
         hub.refuse(&claimed, peer(), &other);
         let claims: Vec<String> = hub
@@ -752,7 +828,7 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
     fn the_record_of_refusals_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(&dir);
-        let refusal = hub.view(&reviews(), peer(), None, &[]).unwrap_err();
+        let refusal = hub.view(&reviews(), peer(), None, &[], false).unwrap_err();
         for i in 0..(MAX_REFUSED + 10) {
             hub.refuse(&session(&format!("bookinfo/w{i}")), peer(), &refusal);
         }
@@ -783,10 +859,18 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
             .unwrap();
         let claim = Some("bookinfo/reviews-v1");
         let (_, _, named) = hub
-            .view(&reviews(), peer(), claim, &["Reviews.bookinfo".into()])
+            .view(
+                &reviews(),
+                peer(),
+                claim,
+                &["Reviews.bookinfo".into()],
+                false,
+            )
             .unwrap();
         assert_eq!(services(&named), ["service/reviews.bookinfo"]);
-        let (_, _, all) = hub.view(&reviews(), peer(), claim, &["*".into()]).unwrap();
+        let (_, _, all) = hub
+            .view(&reviews(), peer(), claim, &["*".into()], false)
+            .unwrap();
         assert_eq!(
             services(&all),
             ["service/ratings.bookinfo", "service/reviews.bookinfo"]
@@ -804,7 +888,9 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
                 ),
             )
             .unwrap();
-        let (_, _, next) = hub.view(&reviews(), peer(), claim, &["*".into()]).unwrap();
+        let (_, _, next) = hub
+            .view(&reviews(), peer(), claim, &["*".into()], false)
+            .unwrap();
         assert_eq!(
             services(&next),
             [
@@ -828,7 +914,7 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(&dir);
         let claim = Some("bookinfo/reviews-v2");
-        assert!(hub.view(&reviews(), peer(), claim, &[]).is_ok());
+        assert!(hub.view(&reviews(), peer(), claim, &[], false).is_ok());
         hub.store
             .apply(
                 "workloads.yaml",
@@ -838,7 +924,7 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
                 ),
             )
             .unwrap();
-        let refusal = hub.view(&reviews(), peer(), claim, &[]).unwrap_err();
+        let refusal = hub.view(&reviews(), peer(), claim, &[], false).unwrap_err();
         assert!(
             matches!(&refusal, Refusal::WrongIdentity { runs_as, .. } if runs_as.ends_with("/sa/bookinfo-reviews-v2")),
             "{refusal}"
@@ -848,7 +934,7 @@ spec: {address: 127.0.0.1, labels: {app: reviews, version: v2}, serviceAccount: 
             tonic::Code::PermissionDenied
         );
         // The other workload of that identity is now the only candidate.
-        let (_, name, _) = hub.view(&reviews(), peer(), None, &[]).unwrap();
+        let (_, name, _) = hub.view(&reviews(), peer(), None, &[], false).unwrap();
         assert_eq!(name, "bookinfo/reviews-v1");
     }
 }

@@ -117,6 +117,8 @@ impl Registry {
                 RegistryObject::WorkloadEntry(we) => entries.push(we),
                 RegistryObject::ServiceEntry(se) => services.push(se),
                 RegistryObject::DestinationRule(dr) => rules.push(dr),
+                // Ingress configuration: sent to gateways as it is (push).
+                RegistryObject::Gateway(_) | RegistryObject::VirtualService(_) => {}
             }
         }
         let workloads: Vec<Workload> = entries

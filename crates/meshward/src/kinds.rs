@@ -70,6 +70,13 @@ pub const KINDS: &[Kind] = &[
         "destinationrules",
         "networking.istio.io",
     ),
+    object("Gateway", "gw", "gateways", "networking.istio.io"),
+    object(
+        "VirtualService",
+        "vs",
+        "virtualservices",
+        "networking.istio.io",
+    ),
     // The revocation list and the mesh config are the server's, in no
     // namespace: read with `get`, changed with `revoke` and `apply
     // --mesh-config`.
@@ -224,6 +231,11 @@ mod tests {
         }
         assert_eq!(for_delete("AP").unwrap().name, "AuthorizationPolicy");
         assert_eq!(for_delete("dr").unwrap().name, "DestinationRule");
+        assert_eq!(for_delete("gw").unwrap().name, "Gateway");
+        assert_eq!(
+            for_get("virtualservices.networking.istio.io").unwrap(),
+            Wanted::One(KINDS[7])
+        );
     }
 
     #[test]
@@ -231,7 +243,7 @@ mod tests {
         let e = for_get("policies").unwrap_err();
         assert_eq!(
             e,
-            "unknown kind \"policies\": get takes AuthorizationPolicy (ap), PeerAuthentication (pa), RequestAuthentication (ra), WorkloadEntry (we), ServiceEntry (se), DestinationRule (dr), Revocation, MeshConfig, or all"
+            "unknown kind \"policies\": get takes AuthorizationPolicy (ap), PeerAuthentication (pa), RequestAuthentication (ra), WorkloadEntry (we), ServiceEntry (se), DestinationRule (dr), Gateway (gw), VirtualService (vs), Revocation, MeshConfig, or all"
         );
         // A group that is not the kind's does not name it.
         assert!(for_get("ap.networking.istio.io").is_err());
@@ -241,7 +253,7 @@ mod tests {
             e.starts_with("unknown kind \"all\": delete takes AuthorizationPolicy (ap),"),
             "{e}"
         );
-        assert!(e.ends_with("DestinationRule (dr)"), "{e}");
+        assert!(e.ends_with("VirtualService (vs)"), "{e}");
     }
 
     #[test]

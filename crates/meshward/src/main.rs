@@ -62,6 +62,8 @@ enum Command {
     DemoAuthz(cmd::demo_authz::Args),
     /// The sidecar: mutual TLS, JWT and authorization in front of a workload.
     Proxy(Box<cmd::proxy::Args>),
+    /// The ingress gateway: serves the Gateways that select it, routes by VirtualServices, enforces policies at the edge, forwards over mutual TLS.
+    Gateway(Box<cmd::gateway::Args>),
     /// Transparent mode: install, remove or show the iptables rules that send a workload's traffic through its proxy.
     #[command(subcommand)]
     Capture(cmd::capture::CaptureCommand),
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(*args),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::Gateway(args) => cmd::gateway::run(*args),
         Command::Capture(command) => cmd::capture::run(command),
         Command::DemoApp(args) => cmd::demo_app::run(args),
         Command::DemoAuthz(args) => cmd::demo_authz::run(args),

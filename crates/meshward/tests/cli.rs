@@ -62,7 +62,7 @@ fn validate_accepts_every_example() {
     );
     assert_eq!(
         stderr(&o).lines().last(),
-        Some("37 document(s): 21 valid policies, 0 error(s), 5 warning(s)"),
+        Some("42 document(s): 24 valid policies, 0 error(s), 5 warning(s)"),
         "{}",
         stderr(&o)
     );
@@ -375,7 +375,7 @@ fn validate_describe_and_up_warn_about_paths_that_base_normalization_leaves_open
     assert_eq!(out.matches("CVE-2021-31920").count(), 2, "{out}");
     // The other three warnings are Istio's own (DENY rules that also deny TCP).
     assert!(
-        stderr(&o).contains("21 valid policies, 0 error(s), 5 warning(s)"),
+        stderr(&o).contains("24 valid policies, 0 error(s), 5 warning(s)"),
         "{}",
         stderr(&o)
     );
@@ -1062,7 +1062,7 @@ fn get_and_delete_take_kubectl_kinds_and_namespaces() {
         (
             &["delete", "policies", "x"][..],
             "delete",
-            "DestinationRule (dr)\n",
+            "Gateway (gw), VirtualService (vs)\n",
         ),
     ] {
         let mut args = args.to_vec();

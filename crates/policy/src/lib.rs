@@ -51,6 +51,7 @@ pub mod authz;
 pub mod check;
 pub mod diagnostic;
 pub mod duration;
+pub mod ingress;
 pub mod load;
 pub mod pipeline;
 pub mod request;

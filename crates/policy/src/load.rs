@@ -39,7 +39,8 @@ pub struct LoadedPolicy {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub policies: Vec<LoadedPolicy>,
-    /// `WorkloadEntry` and `ServiceEntry` documents.
+    /// `WorkloadEntry`, `ServiceEntry`, `DestinationRule`, `Gateway` and
+    /// `VirtualService` documents.
     pub registry: Vec<RegistryObject>,
     pub diagnostics: Vec<Diagnostic>,
     /// How many documents were read (valid or not, skipped ones included).
@@ -313,6 +314,8 @@ fn validate_registry(object: &RegistryObject) -> Result<(), (&'static str, Strin
                 _ => Ok(()),
             }
         }
+        // Checked in full by `crate::ingress`.
+        RegistryObject::Gateway(_) | RegistryObject::VirtualService(_) => Ok(()),
     }
 }
 
@@ -363,6 +366,10 @@ pub fn load_str(file: &str, text: &str) -> Loaded {
                             }
                             RegistryObject::DestinationRule(dr) => {
                                 validate::validate_destination_rule(dr)
+                            }
+                            RegistryObject::Gateway(gw) => crate::ingress::validate_gateway(gw),
+                            RegistryObject::VirtualService(vs) => {
+                                crate::ingress::validate_virtual_service(vs)
                             }
                             RegistryObject::WorkloadEntry(_) => Vec::new(),
                         };
@@ -656,7 +663,7 @@ impl Document<'_> {
         if group == NETWORKING_GROUP
             && matches!(
                 kind_str,
-                "WorkloadEntry" | "ServiceEntry" | "DestinationRule"
+                "WorkloadEntry" | "ServiceEntry" | "DestinationRule" | "Gateway" | "VirtualService"
             )
         {
             if !NETWORKING_VERSIONS.contains(&version) {
@@ -676,6 +683,8 @@ impl Document<'_> {
             return Ok(Read::Registry(match kind_str {
                 "WorkloadEntry" => RegistryObject::WorkloadEntry(self.typed(value, &resource)?),
                 "ServiceEntry" => RegistryObject::ServiceEntry(self.typed(value, &resource)?),
+                "Gateway" => RegistryObject::Gateway(self.typed(value, &resource)?),
+                "VirtualService" => RegistryObject::VirtualService(self.typed(value, &resource)?),
                 _ => RegistryObject::DestinationRule(self.typed(value, &resource)?),
             }));
         }

@@ -194,6 +194,68 @@ impl PolicySet {
     }
 }
 
+impl PolicySet {
+    /// The policies of an ingress gateway (`meshward gateway`) whose labels
+    /// are `workload`'s and which serves the Gateway objects `gateways`
+    /// (namespace, name). Request authentication and authorization apply
+    /// as to any workload — by selector on its labels, from its namespace
+    /// or the root namespace — and also through a `targetRef` to
+    /// `gateway.networking.k8s.io` `Gateway` naming one of `gateways` in
+    /// the policy's own namespace. PeerAuthentication does not apply: the
+    /// gateway's listeners take TLS from outside the mesh (or plaintext),
+    /// which Istio never holds to a PeerAuthentication; the mode is Istio's
+    /// default, PERMISSIVE.
+    pub fn for_gateway(
+        &self,
+        workload: &Workload,
+        gateways: &[(String, String)],
+    ) -> WorkloadPolicy {
+        let mut namespaces: Vec<&str> = vec![&workload.namespace, &self.mesh.root_namespace];
+        namespaces.extend(gateways.iter().map(|(ns, _)| ns.as_str()));
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        let mut request = Vec::new();
+        let mut authz = Vec::new();
+        for policy in namespaces
+            .iter()
+            .filter_map(|ns| self.by_namespace.get(*ns))
+            .flatten()
+            .map(|i| &self.policies[*i])
+        {
+            let refs = policy.target_refs();
+            let applies = if refs.is_empty() {
+                matches!(
+                    self.applicability(policy, workload),
+                    Applicability::Applies(_)
+                )
+            } else {
+                let ns = policy.metadata().namespace_or_default();
+                refs.iter().any(|r| {
+                    r.group == GATEWAY_API_GROUP
+                        && r.kind == "Gateway"
+                        && gateways.iter().any(|(g_ns, g)| g_ns == ns && *g == r.name)
+                })
+            };
+            match policy {
+                Policy::RequestAuthentication(p) if applies => request.push(p),
+                Policy::AuthorizationPolicy(p) if applies => authz.push(p),
+                _ => {}
+            }
+        }
+        WorkloadPolicy {
+            workload: workload.clone(),
+            mtls: MtlsPolicy::compose(&[]),
+            authn: Authenticator::new(&request, self.jwks.clone()),
+            authz: Authorizer::new(&authz, &self.mesh),
+            normalization: self.mesh.normalization(),
+        }
+    }
+}
+
+/// The group of Kubernetes Gateway API's `Gateway`, which a policy's
+/// `targetRef` names to attach to a gateway.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
 fn policy_ref(meta: &crate::api::ObjectMeta) -> PolicyRef {
     PolicyRef::new(meta.namespace_or_default(), &meta.name)
 }

@@ -44,13 +44,13 @@ pub fn validate(policy: &Policy) -> Vec<FieldIssue> {
 }
 
 #[derive(Default)]
-struct Issues(Vec<FieldIssue>);
+pub(crate) struct Issues(pub(crate) Vec<FieldIssue>);
 
 impl Issues {
-    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.push(FieldIssue::error(field, message));
     }
-    fn warning(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn warning(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.push(FieldIssue::warning(field, message));
     }
     /// Two checks can find the same fault (an empty service account is
@@ -62,7 +62,7 @@ impl Issues {
     }
 }
 
-fn validate_metadata(meta: &ObjectMeta, v: &mut Issues) {
+pub(crate) fn validate_metadata(meta: &ObjectMeta, v: &mut Issues) {
     if let Err(e) = check_dns1123_subdomain(&meta.name) {
         v.error(
             "metadata.name",
@@ -919,7 +919,7 @@ fn validate_target_ref(r: &PolicyTargetReference, path: &str, v: &mut Issues) {
     }
     v.warning(
         path,
-        "policies with targetRef attach to gateways and waypoints; meshward sidecars are selected by `selector`, so this policy applies to no sidecar workload",
+        "policies with targetRef attach to gateways and waypoints; meshward sidecars are selected by `selector`, so this policy applies to no sidecar workload (meshward's ingress gateway applies it when it names a Gateway the gateway serves)",
     );
 }
 

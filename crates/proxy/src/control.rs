@@ -31,7 +31,7 @@ use meshward_api::types;
 use meshward_identity::error_chain;
 use meshward_identity::revocation::RevocationList;
 use meshward_identity::spiffe::SpiffeId;
-use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy};
+use meshward_policy::api::{AuthorizationPolicy, MeshConfig, ObjectMeta, Policy, RegistryObject};
 use meshward_policy::authn::JwksCache;
 use meshward_policy::{PolicySet, Workload, load};
 use tokio::sync::mpsc;
@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dns::DnsNames;
 use crate::forward::{Connector, MeshTls};
+use crate::gateway::Gateway;
 use crate::identity::{ALPN_H2, WorkloadIdentity};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundTarget;
@@ -121,6 +122,8 @@ pub struct Targets {
     pub dns: Option<DnsNames>,
     /// Istio's metrics name this workload and the services' namespaces.
     pub metrics: Arc<Metrics>,
+    /// An ingress gateway: its Gateways and VirtualServices.
+    pub gateway: Option<Arc<Gateway>>,
 }
 
 /// What a stream currently holds, by resource name.
@@ -139,13 +142,16 @@ pub async fn run(
     dns: Option<DnsNames>,
     jwks: Arc<JwksCache>,
     metrics: Arc<Metrics>,
+    gateway: Option<Arc<Gateway>>,
     stop: CancellationToken,
 ) {
     let targets = Targets {
+        // A gateway routes by service name through its own table.
+        routes: routes.or_else(|| gateway.as_ref().map(|g| g.services.clone())),
         outbound,
-        routes,
         dns,
         metrics: metrics.clone(),
+        gateway,
     };
     // Without a certificate the server would refuse the stream: wait for
     // the agent's first one, so a normal start says nothing alarming.
@@ -289,6 +295,7 @@ async fn stream(
                 .collect()
         },
         workload: control_plane.workload.clone().unwrap_or_default(),
+        gateway: targets.gateway.is_some(),
         ..Default::default()
     })
     .await
@@ -366,6 +373,8 @@ fn apply(
     let mut own: Option<OwnWorkload> = None;
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
     let mut revocations = RevocationList::default();
+    let mut gateways = Vec::new();
+    let mut virtual_services = Vec::new();
     for resource in resources.values() {
         let body = std::str::from_utf8(&resource.body)
             .map_err(|_| format!("{}: not UTF-8", resource.name))?;
@@ -395,6 +404,19 @@ fn apply(
                     serde_json::from_str(body).map_err(|e| format!("{}: {e}", resource.name))?;
                 revocations =
                     RevocationList::new(&entries).map_err(|e| format!("{}: {e}", resource.name))?;
+            }
+            types::GATEWAY | types::VIRTUAL_SERVICE => {
+                let loaded = load::load_str(&resource.name, body);
+                if loaded.has_errors() {
+                    return Err(loaded.errors().join("; "));
+                }
+                for object in loaded.registry {
+                    match object {
+                        RegistryObject::Gateway(g) => gateways.push(g),
+                        RegistryObject::VirtualService(v) => virtual_services.push(v),
+                        _ => return Err(format!("{}: not a {}", resource.name, resource.type_url)),
+                    }
+                }
             }
             // The bundle is read at start; rotating it live is not done yet.
             types::TRUST_BUNDLE => {}
@@ -430,6 +452,18 @@ fn apply(
         ),
         None => None,
     };
+    // The gateway's table, for the labels it will have.
+    let ingress = match &targets.gateway {
+        Some(gateway) => {
+            let labels = match &own {
+                Some(own) if own.name.is_some() => own.labels.clone(),
+                _ => store.workload().labels,
+            };
+            Some(gateway.prepare(&gateways, &virtual_services, &labels)?)
+        }
+        None => None,
+    };
+    let mut ingress_table = None;
     let prepared = routes
         .into_iter()
         .map(|(target, endpoints, identities)| {
@@ -458,11 +492,24 @@ fn apply(
         );
     }
     istio.set_services(services.values());
-    let workload = own.map(|own| Workload {
-        namespace: own.namespace,
-        labels: own.labels,
-    });
-    store.replace_for(set, workload, format!("control plane, version {version}"));
+    // A gateway without a WorkloadEntry keeps the labels it was started
+    // with (`istio: ingressgateway`): they select its Gateways and policies.
+    let workload = own
+        .filter(|own| targets.gateway.is_none() || own.name.is_some())
+        .map(|own| Workload {
+            namespace: own.namespace,
+            labels: own.labels,
+        });
+    let source = format!("control plane, version {version}");
+    match (&targets.gateway, ingress) {
+        (Some(_), Some(table)) => {
+            store.replace_for_gateway(set, workload, table.served.clone(), source);
+            ingress_table = Some(table);
+        }
+        _ => {
+            store.replace_for(set, workload, source);
+        }
+    }
     for (target, route) in prepared {
         target.set_destination(route);
     }
@@ -471,6 +518,9 @@ fn apply(
     }
     if let Some(dns) = &targets.dns {
         dns.set_services(&services.into_values().collect::<Vec<_>>());
+    }
+    if let (Some(gateway), Some(table)) = (&targets.gateway, ingress_table) {
+        gateway.commit(table);
     }
     Ok(())
 }
@@ -485,6 +535,7 @@ mod tests {
             routes: None,
             dns: None,
             metrics: Arc::default(),
+            gateway: None,
         }
     }
 
@@ -625,6 +676,7 @@ mod tests {
             routes: None,
             dns: Some(dns.clone()),
             metrics: Arc::default(),
+            gateway: None,
         };
         let service = |host: &str, address: &str| Resource {
             name: format!("service/{host}"),

@@ -17,6 +17,7 @@ pub mod control;
 pub mod dns;
 pub mod ext_authz;
 pub mod forward;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod inbound;

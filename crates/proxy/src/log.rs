@@ -174,6 +174,9 @@ pub struct AccessRecord {
     /// The CUSTOM authorizer's `dynamic_metadata` (gRPC providers), as JSON.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ext_authz_metadata: Option<serde_json::Value>,
+    /// The gateway's VirtualService route (`namespace/name/http[i]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 impl AccessRecord {
@@ -237,6 +240,7 @@ impl AccessRecord {
             error: None,
             ext_authz: None,
             ext_authz_metadata: None,
+            route: None,
         }
     }
 }

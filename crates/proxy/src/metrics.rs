@@ -21,6 +21,8 @@ pub enum Direction {
     Inbound,
     /// From this workload to a service it calls.
     Outbound,
+    /// From outside the mesh, through the ingress gateway.
+    Gateway,
 }
 
 impl EncodeLabelValue for Direction {
@@ -28,6 +30,7 @@ impl EncodeLabelValue for Direction {
         encoder.write_str(match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
+            Direction::Gateway => "gateway",
         })
     }
 }

@@ -236,7 +236,7 @@ fn mesh_tls(
 
 impl OutboundTarget {
     /// Istio's labels for traffic to this service, answered by `server`.
-    fn istio_labels(
+    pub(crate) fn istio_labels(
         &self,
         shared: &Shared,
         server: Option<&str>,

@@ -33,11 +33,29 @@ pub struct Snapshot {
     pub fetches_jwks: bool,
 }
 
+/// Whom the policies are compiled for.
+#[derive(Debug, Clone)]
+enum Enforcer {
+    Sidecar,
+    /// An ingress gateway serving these Gateways (namespace, name), which
+    /// policies' `targetRef`s may name.
+    Gateway(Vec<(String, String)>),
+}
+
 impl Snapshot {
-    fn new(version: u64, workload: &Workload, set: PolicySet, source: String) -> Snapshot {
+    fn new(
+        version: u64,
+        workload: &Workload,
+        enforcer: &Enforcer,
+        set: PolicySet,
+        source: String,
+    ) -> Snapshot {
         Snapshot {
             version,
-            policy: set.for_workload(workload),
+            policy: match enforcer {
+                Enforcer::Sidecar => set.for_workload(workload),
+                Enforcer::Gateway(served) => set.for_gateway(workload, served),
+            },
             fetches_jwks: !jwks_uris(&set, workload).is_empty(),
             set,
             source,
@@ -73,7 +91,7 @@ pub struct PolicyStore {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
     /// The workload policies are compiled for. Locked by writers only, one
     /// change at a time; readers never wait for it.
-    writer: Arc<std::sync::Mutex<Workload>>,
+    writer: Arc<std::sync::Mutex<(Workload, Enforcer)>>,
     /// Changes looked at and turned down, so that "the old policies are
     /// still in force" can be told apart from "nobody looked yet".
     refused: Arc<std::sync::Mutex<Refused>>,
@@ -88,12 +106,36 @@ pub struct Refused {
 
 impl PolicyStore {
     pub fn new(workload: Workload, set: PolicySet, source: String) -> PolicyStore {
-        let snapshot = Snapshot::new(1, &workload, set, source);
+        PolicyStore::with_enforcer(workload, Enforcer::Sidecar, set, source)
+    }
+
+    /// A store for an ingress gateway: compiled with
+    /// [`PolicySet::for_gateway`], for the Gateways it serves.
+    pub fn for_gateway(workload: Workload, set: PolicySet, source: String) -> PolicyStore {
+        PolicyStore::with_enforcer(workload, Enforcer::Gateway(Vec::new()), set, source)
+    }
+
+    fn with_enforcer(
+        workload: Workload,
+        enforcer: Enforcer,
+        set: PolicySet,
+        source: String,
+    ) -> PolicyStore {
+        let snapshot = Snapshot::new(1, &workload, &enforcer, set, source);
         PolicyStore {
             tx: Arc::new(watch::channel(Arc::new(snapshot)).0),
-            writer: Arc::new(std::sync::Mutex::new(workload)),
+            writer: Arc::new(std::sync::Mutex::new((workload, enforcer))),
             refused: Arc::default(),
         }
+    }
+
+    /// The workload policies are compiled for.
+    pub fn workload(&self) -> Workload {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
     }
 
     /// Records a change that was not put in force.
@@ -133,16 +175,41 @@ impl PolicyStore {
     /// Like [`PolicyStore::replace`], and when `workload` is given (the
     /// control plane says which workload this is), compiles for it from now on.
     pub fn replace_for(&self, set: PolicySet, workload: Option<Workload>, source: String) -> u64 {
+        self.replace_with(set, workload, None, source)
+    }
+
+    /// Like [`PolicyStore::replace_for`], for a gateway store, which from
+    /// now on serves the Gateways `served` (namespace, name).
+    pub fn replace_for_gateway(
+        &self,
+        set: PolicySet,
+        workload: Option<Workload>,
+        served: Vec<(String, String)>,
+        source: String,
+    ) -> u64 {
+        self.replace_with(set, workload, Some(served), source)
+    }
+
+    fn replace_with(
+        &self,
+        set: PolicySet,
+        workload: Option<Workload>,
+        served: Option<Vec<(String, String)>>,
+        source: String,
+    ) -> u64 {
         // A writer that panicked left nothing half-done: the swap is one step.
         let mut current = self
             .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(workload) = workload {
-            *current = workload;
+            current.0 = workload;
+        }
+        if let (Some(served), Enforcer::Gateway(now)) = (served, &mut current.1) {
+            *now = served;
         }
         let version = self.tx.borrow().version + 1;
-        let snapshot = Snapshot::new(version, &current, set, source);
+        let snapshot = Snapshot::new(version, &current.0, &current.1, set, source);
         self.tx.send_replace(Arc::new(snapshot));
         version
     }

@@ -281,13 +281,15 @@ fn put(
 
 /// The kind as stored (`authorizationpolicy` → `AuthorizationPolicy`).
 fn canonical_kind(kind: &str) -> &str {
-    const KINDS: [&str; 6] = [
+    const KINDS: [&str; 8] = [
         "AuthorizationPolicy",
         "PeerAuthentication",
         "RequestAuthentication",
         "WorkloadEntry",
         "ServiceEntry",
         "DestinationRule",
+        "Gateway",
+        "VirtualService",
     ];
     KINDS
         .into_iter()

@@ -6,6 +6,7 @@ pub mod demo_app;
 pub mod demo_authz;
 pub mod describe;
 pub mod exec;
+pub mod gateway;
 pub mod guard;
 pub mod proxy;
 pub mod server;

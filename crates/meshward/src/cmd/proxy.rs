@@ -148,6 +148,71 @@ pub struct Args {
     dns_upstreams: Vec<SocketAddr>,
 }
 
+/// `--label KEY=VALUE`s as a map.
+pub(crate) fn labels_of(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for label in labels {
+        let Some((k, v)) = label.split_once('=') else {
+            bail!("--label takes KEY=VALUE, got {label:?}");
+        };
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(map)
+}
+
+/// `--control-plane` and `--control-plane-identity` (default: the server's
+/// `spiffe://TRUST_DOMAIN/ns/istio-system/sa/meshward` in `id`'s trust
+/// domain).
+pub(crate) fn control_plane_of(
+    list: &str,
+    identity: Option<&str>,
+    id: &SpiffeId,
+    workload: Option<String>,
+    mark: Option<u32>,
+) -> anyhow::Result<ControlPlane> {
+    // HOST:PORT[,HOST:PORT...]: every address of every entry (a DNS name
+    // may have several), in order.
+    let entries: Vec<&str> = list
+        .split(',')
+        .map(|a| a.trim().trim_start_matches("https://"))
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut addresses = Vec::new();
+    for entry in &entries {
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(entry)
+            .with_context(|| format!("--control-plane {entry}"))?;
+        for address in resolved {
+            if !addresses.contains(&address) {
+                addresses.push(address);
+            }
+        }
+    }
+    let first = entries
+        .first()
+        .with_context(|| format!("--control-plane {list:?}: no address"))?;
+    if addresses.is_empty() {
+        bail!("--control-plane {list}: no address");
+    }
+    let identity = match identity {
+        Some(cp) => {
+            SpiffeId::parse(cp).with_context(|| format!("--control-plane-identity {cp}"))?
+        }
+        None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
+    };
+    Ok(ControlPlane {
+        addresses,
+        // Every server's certificate carries the same names.
+        server_name: first
+            .rsplit_once(':')
+            .map_or(*first, |(host, _)| host)
+            .trim_matches(['[', ']'])
+            .to_owned(),
+        identity,
+        workload,
+        mark,
+    })
+}
+
 /// `IP` (port 53) or `IP:PORT`.
 fn dns_upstream(value: &str) -> Result<SocketAddr, String> {
     value
@@ -186,13 +251,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let mut labels = BTreeMap::new();
-    for label in &args.labels {
-        let Some((k, v)) = label.split_once('=') else {
-            bail!("--label takes KEY=VALUE, got {label:?}");
-        };
-        labels.insert(k.to_owned(), v.to_owned());
-    }
+    let labels = labels_of(&args.labels)?;
     let transparent = args.transparent || args.capture;
     let mark = args.capture_args.proxy_mark;
     let capture = if transparent {
@@ -247,49 +306,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let control_plane = match &args.control_plane {
         None => None,
-        Some(list) => {
-            // HOST:PORT[,HOST:PORT...]: every address of every entry (a DNS
-            // name may have several), in order.
-            let entries: Vec<&str> = list
-                .split(',')
-                .map(|a| a.trim().trim_start_matches("https://"))
-                .filter(|a| !a.is_empty())
-                .collect();
-            let mut addresses = Vec::new();
-            for entry in &entries {
-                let resolved = std::net::ToSocketAddrs::to_socket_addrs(entry)
-                    .with_context(|| format!("--control-plane {entry}"))?;
-                for address in resolved {
-                    if !addresses.contains(&address) {
-                        addresses.push(address);
-                    }
-                }
-            }
-            let first = entries
-                .first()
-                .with_context(|| format!("--control-plane {list:?}: no address"))?;
-            if addresses.is_empty() {
-                bail!("--control-plane {list}: no address");
-            }
-            let identity = match &args.control_plane_identity {
-                Some(id) => {
-                    SpiffeId::parse(id).with_context(|| format!("--control-plane-identity {id}"))?
-                }
-                None => SpiffeId::istio(id.trust_domain(), "istio-system", "meshward")?,
-            };
-            Some(ControlPlane {
-                addresses,
-                // Every server's certificate carries the same names.
-                server_name: first
-                    .rsplit_once(':')
-                    .map_or(*first, |(host, _)| host)
-                    .trim_matches(['[', ']'])
-                    .to_owned(),
-                identity,
-                workload: args.workload.clone(),
-                mark,
-            })
-        }
+        Some(address) => Some(control_plane_of(
+            address,
+            args.control_plane_identity.as_deref(),
+            &id,
+            args.workload.clone(),
+            mark,
+        )?),
     };
     let bundle = TrustBundle::read(&args.ca_root)
         .with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
@@ -433,6 +456,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 proxy.dns().cloned(),
                 control_jwks,
                 proxy.metrics_handle(),
+                None,
                 stop_watching.clone(),
             ));
         }

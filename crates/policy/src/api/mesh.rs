@@ -22,6 +22,55 @@ pub struct MeshConfig {
     /// registry does not know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// `defaultConfig`: of the proxies' defaults, the ingress gateway's
+    /// `gatewayTopology` is read; the rest is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_config: Option<DefaultProxyConfig>,
+}
+
+/// `MeshConfig.defaultConfig` (Istio's `ProxyConfig`), the part meshward reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefaultProxyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_topology: Option<GatewayTopology>,
+}
+
+/// `ProxyConfig.gatewayTopology`: what the ingress gateway may believe of
+/// the headers in front of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTopology {
+    /// How many proxies in front of the gateway append to
+    /// `X-Forwarded-For` (Envoy's `xff_num_trusted_hops`): the client is
+    /// the address that many entries from the right; 0 trusts none and
+    /// takes the connection's peer.
+    #[serde(default)]
+    pub num_trusted_proxies: u32,
+    /// What the gateway does with an incoming `X-Forwarded-Client-Cert`
+    /// (Envoy's `forward_client_cert_details`); unset is `SANITIZE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_client_cert_details: Option<ForwardClientCertDetails>,
+}
+
+/// Envoy's `forward_client_cert_details`, as Istio names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ForwardClientCertDetails {
+    /// Istio's `UNDEFINED`: the default, `SANITIZE`.
+    Undefined,
+    /// Removed; the mesh sees only what the gateway itself sets.
+    #[default]
+    Sanitize,
+    /// Passed on unchanged, nothing added.
+    ForwardOnly,
+    /// Passed on with the gateway's own element appended.
+    AppendForward,
+    /// Replaced by the gateway's own element.
+    SanitizeSet,
+    /// Passed on as is when the client connection is mutual TLS, else
+    /// removed.
+    AlwaysForwardOnly,
 }
 
 /// Istio's `outboundTrafficPolicy`.
@@ -59,6 +108,7 @@ impl Default for MeshConfig {
             extension_providers: Vec::new(),
             path_normalization: None,
             outbound_traffic_policy: None,
+            default_config: None,
         }
     }
 }
@@ -72,6 +122,14 @@ impl MeshConfig {
         self.outbound_traffic_policy
             .as_ref()
             .map(|p| p.mode)
+            .unwrap_or_default()
+    }
+
+    /// `defaultConfig.gatewayTopology`, or its defaults.
+    pub fn gateway_topology(&self) -> GatewayTopology {
+        self.default_config
+            .as_ref()
+            .and_then(|d| d.gateway_topology.clone())
             .unwrap_or_default()
     }
 

@@ -6,6 +6,7 @@
 //! schema validation would, so a typo never silently weakens a policy.
 
 mod authorization;
+mod gateway;
 mod mesh;
 mod meta;
 mod peer_authentication;
@@ -16,9 +17,15 @@ pub use authorization::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProviderRef,
     Operation, Rule, RuleFrom, RuleTo, Source, authorization_spec,
 };
+pub use gateway::{
+    DEFAULT_RETRY_ON, Destination, Gateway, GatewayPort, GatewaySpec, HttpMatch, HttpRoute,
+    PortSelector, RETRY_ON, Retries, Rewrite, RouteDestination, Server, ServerTls, StringMatch,
+    VirtualService, VirtualServiceSpec,
+};
 pub use mesh::{
-    EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider, MeshConfig, OutboundMode,
-    OutboundTrafficPolicy, PathNormalization, PathNormalizationMode, RequestBodyInCheck,
+    DefaultProxyConfig, EnvoyExtAuthzGrpc, EnvoyExtAuthzHttp, ExtensionProvider,
+    ForwardClientCertDetails, GatewayTopology, MeshConfig, OutboundMode, OutboundTrafficPolicy,
+    PathNormalization, PathNormalizationMode, RequestBodyInCheck,
 };
 pub use meta::{DEFAULT_NAMESPACE, ObjectMeta, PolicyTargetReference, WorkloadSelector};
 pub use peer_authentication::{

@@ -238,6 +238,8 @@ pub enum RegistryObject {
     WorkloadEntry(WorkloadEntry),
     ServiceEntry(ServiceEntry),
     DestinationRule(DestinationRule),
+    Gateway(super::Gateway),
+    VirtualService(super::VirtualService),
 }
 
 impl RegistryObject {
@@ -246,6 +248,8 @@ impl RegistryObject {
             RegistryObject::WorkloadEntry(_) => "WorkloadEntry",
             RegistryObject::ServiceEntry(_) => "ServiceEntry",
             RegistryObject::DestinationRule(_) => "DestinationRule",
+            RegistryObject::Gateway(_) => "Gateway",
+            RegistryObject::VirtualService(_) => "VirtualService",
         }
     }
 
@@ -254,6 +258,8 @@ impl RegistryObject {
             RegistryObject::WorkloadEntry(o) => &o.metadata,
             RegistryObject::ServiceEntry(o) => &o.metadata,
             RegistryObject::DestinationRule(o) => &o.metadata,
+            RegistryObject::Gateway(o) => &o.metadata,
+            RegistryObject::VirtualService(o) => &o.metadata,
         }
     }
 }

@@ -252,15 +252,15 @@ async fn handle(
 
 /// The engine's decision, the CUSTOM authorizer's answer if it was asked,
 /// and the body to forward (the bytes it checked, then the rest).
-struct Decided {
-    decision: InboundDecision,
-    ext: Option<ExtAuthzAnswer>,
-    body: Body,
+pub(crate) struct Decided {
+    pub(crate) decision: InboundDecision,
+    pub(crate) ext: Option<ExtAuthzAnswer>,
+    pub(crate) body: Body,
 }
 
 /// Why a request's body could not be held for its CUSTOM check.
 #[derive(Debug, thiserror::Error)]
-enum BodyRefused {
+pub(crate) enum BodyRefused {
     #[error(
         "the request body is longer than provider {0:?}'s includeRequestBodyInCheck.maxRequestBytes (and allowPartialMessage is false)"
     )]
@@ -272,7 +272,7 @@ enum BodyRefused {
 /// Runs the engine: authentication, then CUSTOM (asked asynchronously,
 /// with the body held first when the provider asks for it), then the rest
 /// of authorization.
-async fn decide(
+pub(crate) async fn decide(
     shared: &Shared,
     snapshot: &Snapshot,
     info: &ConnInfo,
@@ -365,7 +365,7 @@ fn blocking_allowed<T>(snapshot: &Snapshot, f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn describe_decision(
+pub(crate) fn describe_decision(
     record: &mut crate::log::AccessRecord,
     decision: &InboundDecision,
     policy: &WorkloadPolicy,
@@ -387,7 +387,7 @@ fn describe_decision(
     }
 }
 
-fn audit(
+pub(crate) fn audit(
     shared: &Shared,
     snapshot: &Snapshot,
     info: &ConnInfo,
@@ -433,13 +433,21 @@ fn audit(
     }
 }
 
-fn record_and_log(shared: &Shared, mut record: crate::log::AccessRecord, started: Instant) {
+pub(crate) fn record_and_log(
+    shared: &Shared,
+    mut record: crate::log::AccessRecord,
+    started: Instant,
+) {
     record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
     shared.logs.access.write(&record);
 }
 
 /// The client's answer to a denied request, as Envoy words it.
-fn denial(decision: &InboundDecision, ext: Option<ExtAuthzAnswer>, grpc: bool) -> Response<Body> {
+pub(crate) fn denial(
+    decision: &InboundDecision,
+    ext: Option<ExtAuthzAnswer>,
+    grpc: bool,
+) -> Response<Body> {
     let status = decision.status;
     match decision.stage {
         Stage::RequestAuthentication => {

@@ -6,7 +6,7 @@
 //! target from the port they own, and transparent capture can resolve it from
 //! the original destination without changing anything here.
 
-mod http;
+pub(crate) mod http;
 mod tcp;
 
 use std::net::SocketAddr;

@@ -165,6 +165,28 @@ impl Routes {
         }
     }
 
+    /// The balanced target of a service port by the service's host name,
+    /// for callers that route by name (the ingress gateway); without a
+    /// port, the service's only one. `None` before the first configuration
+    /// and for unknown hosts and ports.
+    pub fn service(&self, host: &str, port: Option<u16>) -> Option<Arc<OutboundTarget>> {
+        let table = self.current();
+        if !table.configured {
+            return None;
+        }
+        match port {
+            Some(port) => table.targets.get(&(host.to_owned(), port, None)).cloned(),
+            None => {
+                let mut ports = table
+                    .targets
+                    .iter()
+                    .filter(|((h, _, pinned), _)| h == host && pinned.is_none());
+                let (_, only) = ports.next()?;
+                ports.next().is_none().then(|| only.clone())
+            }
+        }
+    }
+
     /// The workload port a peer's connection to `dst` reached: the
     /// protocol a service declares for it, else detected (Istio's inbound
     /// passthrough), forwarded to the application at `dst` itself.

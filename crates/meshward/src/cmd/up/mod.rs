@@ -35,11 +35,12 @@ use anyhow::{Context, bail};
 use meshward_api::control::PlaceRequest;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::token::TokenAuthority;
-use meshward_policy::api::{RegistryObject, ServiceEntry, WorkloadEntry};
+use meshward_policy::api::{Gateway, RegistryObject, ServiceEntry, WorkloadEntry};
 use meshward_policy::load;
 use serde::Serialize;
 
 mod explicit;
+mod gateway;
 mod namespaced;
 mod relay;
 mod screen;
@@ -86,6 +87,12 @@ struct Mesh {
     /// made, which `meshward exec` joins.
     user_namespace: Option<UserNamespace>,
     workloads: Vec<Started>,
+    /// The ingress gateway's ports, published on 127.0.0.1.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    gateways: Vec<gateway::Published>,
+    /// The CA of the gateway certificates `up` made (`curl --cacert`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway_ca: Option<PathBuf>,
 }
 
 /// The user namespace a mesh runs in: that of process `pid`, made by user
@@ -214,6 +221,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             _ => None,
         })
         .collect();
+    let gateways: Vec<&Gateway> = loaded
+        .registry
+        .iter()
+        .filter_map(|o| match o {
+            RegistryObject::Gateway(g) => Some(g),
+            _ => None,
+        })
+        .collect();
     if entries.is_empty() {
         bail!(
             "{} has no WorkloadEntry: nothing to run",
@@ -268,7 +283,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The lab outlives every process in it: declared before `children`,
     // it is dropped after them.
     let network = if namespaced {
-        Some(namespaced::Network::create(&plans)?)
+        Some(namespaced::Network::create(&plans, !gateways.is_empty())?)
     } else {
         None
     };
@@ -372,17 +387,51 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         )?,
     };
 
+    let ingress = if gateways.is_empty() {
+        None
+    } else {
+        let identity =
+            SpiffeId::istio(&trust_domain, gateway::NAMESPACE, gateway::SERVICE_ACCOUNT)?;
+        let token = log_file(&data, "istio-system/ingressgateway", "token");
+        meshward_identity::pem::write_private(
+            &token,
+            &tokens.create(&identity, Duration::from_secs(3600))?,
+        )?;
+        let place = match &network {
+            Some(net) => gateway::Place::Namespaced {
+                host: net.gateway.as_ref().context("the gateway's host")?,
+                control_plane: listen,
+            },
+            None => gateway::Place::Explicit {
+                control_plane: listen,
+            },
+        };
+        Some(gateway::start(
+            &gateways,
+            place,
+            &mut children,
+            &exe,
+            &data,
+            &token,
+        )?)
+    };
+
     // Ready: every application listens, every proxy has its certificate and
     // the control plane's configuration. A process that exits is reported.
     let deadline = Instant::now() + Duration::from(args.ready_timeout);
     let mut pending: Vec<&Started> = started.iter().collect();
-    while !pending.is_empty() {
+    let mut gateway_pending = ingress.is_some();
+    while !pending.is_empty() || gateway_pending {
         for (name, status) in children.exited() {
             eprintln!("meshward up: {name} exited ({status}); it is not running");
         }
         pending.retain(|w| !ready(w));
+        gateway_pending = gateway_pending && !ingress.as_ref().is_some_and(gateway::ready);
         if Instant::now() > deadline {
-            let names: Vec<&str> = pending.iter().map(|w| w.name.as_str()).collect();
+            let mut names: Vec<&str> = pending.iter().map(|w| w.name.as_str()).collect();
+            if gateway_pending {
+                names.push("the ingress gateway");
+            }
             eprintln!(
                 "meshward up: not ready after {}: {}",
                 args.ready_timeout,
@@ -418,13 +467,40 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             _ => None,
         },
         workloads: started,
+        gateways: ingress
+            .as_ref()
+            .map(|g| g.published.clone())
+            .unwrap_or_default(),
+        gateway_ca: ingress.as_ref().and_then(|g| g.ca.clone()),
     };
     write_atomically(&data.join("up.json"), &serde_json::to_string_pretty(&mesh)?)?;
     screen::banner(&mesh, &services);
+    if let Some(ingress) = &ingress {
+        for p in &ingress.published {
+            println!(
+                "ingress gateway: port {} ({}) for {} at {}",
+                p.port,
+                p.protocol,
+                p.hosts.join(", "),
+                p.url
+            );
+        }
+        if let Some(ca) = &ingress.ca {
+            println!(
+                "ingress gateway: certificates made by up, CA {}",
+                ca.display()
+            );
+        }
+    }
 
     // Live decisions until Ctrl-C, SIGTERM or SIGHUP.
     let stop = Arc::new(AtomicBool::new(false));
     let names = Arc::new(screen::Names::new(&mesh));
+    if let Some(ingress) = &ingress {
+        let (stop, names) = (stop.clone(), names.clone());
+        let log = ingress.access_log.clone();
+        std::thread::spawn(move || screen::follow("ingress-gateway", &log, &names, &stop));
+    }
     for w in &mesh.workloads {
         if let Some(log) = w.access_log.clone() {
             let (stop, names) = (stop.clone(), names.clone());

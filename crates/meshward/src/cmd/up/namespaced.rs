@@ -76,13 +76,20 @@ pub struct Network {
     pub control_plane: Host,
     /// By workload name (`namespace/name`).
     pub hosts: BTreeMap<String, Host>,
+    /// The ingress gateway's host, when DIR has a Gateway.
+    pub gateway: Option<Host>,
 }
 
 impl Network {
     /// Makes the lab and a host for each workload, named after it.
-    pub fn create(plans: &[Plan<'_>]) -> anyhow::Result<Network> {
+    pub fn create(plans: &[Plan<'_>], with_gateway: bool) -> anyhow::Result<Network> {
         let lab = Lab::create(PREFIX).context("making the lab's network namespaces")?;
         let control_plane = lab.host("cp")?;
+        let gateway = if with_gateway {
+            Some(lab.host("ingress")?)
+        } else {
+            None
+        };
         let mut hosts = BTreeMap::new();
         for plan in plans {
             let mut name = host_name(&plan.name);
@@ -97,6 +104,7 @@ impl Network {
             _lab: lab,
             control_plane,
             hosts,
+            gateway,
         })
     }
 
@@ -128,7 +136,7 @@ fn host_name(workload: &str) -> String {
         })
         .take(28)
         .collect();
-    if out.is_empty() || out == "hub" || out == "cp" {
+    if out.is_empty() || out == "hub" || out == "cp" || out == "ingress" {
         out.insert_str(0, "w-");
     }
     out

@@ -18,7 +18,13 @@ type Dial = (SocketAddr, mpsc::Sender<std::io::Result<TcpStream>>);
 /// connection to `target` in network namespace `netns`, until the process
 /// ends. Returns the address it listens on.
 pub fn start(netns: &str, target: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("the control plane's relay")?;
+    start_on(SocketAddr::from(([127, 0, 0, 1], 0)), netns, target)
+}
+
+/// Like [`start`], listening on `bind` (a published gateway port).
+pub fn start_on(bind: SocketAddr, netns: &str, target: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener =
+        TcpListener::bind(bind).with_context(|| format!("a relay on {bind} into the lab"))?;
     let addr = listener.local_addr()?;
     // One thread lives in the lab and makes the relay's connections there.
     let (dial, dials) = mpsc::channel::<Dial>();

@@ -281,6 +281,8 @@ mod tests {
             process_group: None,
             mode: "namespaced",
             user_namespace: None,
+            gateways: Vec::new(),
+            gateway_ca: None,
             workloads: vec![
                 workload(
                     "bookinfo/reviews-v1",
