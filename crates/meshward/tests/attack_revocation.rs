@@ -164,37 +164,6 @@ fn closed(conn: &mut TcpStream) -> bool {
     }
 }
 
-/// `meshward proxy` for `ns/sa`, configured by the control plane; returns
-/// once it is ready and configured.
-fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut command = meshward();
-    command
-        .args(["proxy", "--identity", &spiffe(ns, sa)])
-        .args(args)
-        .args(["--control-plane", &mesh.ca_addr])
-        .args(["--ca-address", &format!("https://{}", mesh.ca_addr)])
-        .args([
-            "--ca-root",
-            mesh.data.join("root-cert.pem").to_str().unwrap(),
-        ])
-        .args(["--ca-server-name", "localhost"])
-        .args(["--token-file", mesh.token(ns, sa).to_str().unwrap()])
-        .args(["--admin", &admin.to_string()])
-        .args(["--access-log", "off", "--audit-log", "off"]);
-    let process = spawn(&format!("meshward proxy ({ns}/{sa})"), &mut command);
-    wait_until(
-        &format!("proxy {ns}/{sa} ready and configured"),
-        START,
-        || {
-            http_get(admin, "/healthz/ready").map(|r| r.0) == Some(200)
-                && http_get(admin, "/config_dump")
-                    .is_some_and(|(_, body)| body.contains("control plane, version"))
-        },
-    );
-    (process, admin)
-}
-
 fn registry(http_port: u16, tcp_port: u16) -> String {
     format!(
         r#"
@@ -250,8 +219,7 @@ fn two_proxies(name: &str) -> TwoProxies {
     assert!(out.status.success(), "{}", stderr(&out));
     let (app, held) = holding_app();
     let echo = echo_app();
-    let (web, web_admin) = proxy(
-        &mesh,
+    let (web, web_admin) = mesh.proxy(
         "web",
         "web",
         &[
@@ -263,8 +231,7 @@ fn two_proxies(name: &str) -> TwoProxies {
     );
     let http_out: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let tcp_out: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (sleep, sleep_admin) = proxy(
-        &mesh,
+    let (sleep, sleep_admin) = mesh.proxy(
         "sleep",
         "sleep",
         &[

@@ -184,44 +184,6 @@ fn etcd_values(etcd: &Etcd) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// A proxy whose control plane and CA are `mesh`; ready and configured.
-fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut command = meshward();
-    command
-        .args([
-            "proxy",
-            "--identity",
-            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
-        ])
-        .args(args);
-    // Unless the test names the servers itself.
-    if !args.iter().any(|a| a == "--control-plane") {
-        command
-            .args(["--control-plane", &mesh.ca_addr])
-            .args(["--ca-address", &format!("https://{}", mesh.ca_addr)]);
-    }
-    command
-        .args([
-            "--ca-root",
-            mesh.data.join("root-cert.pem").to_str().unwrap(),
-        ])
-        .args(["--ca-server-name", "localhost"])
-        .args(["--token-file", mesh.token(ns, sa).to_str().unwrap()])
-        .args(["--admin", &admin.to_string()])
-        .args(["--access-log", "off", "--audit-log", "off"]);
-    let mut process = spawn(&format!("meshward proxy ({ns}/{sa})"), &mut command);
-    wait_for(START, || {
-        process.assert_running();
-        let dump = http_get(admin, "/config_dump");
-        match &dump {
-            Some((200, body)) if body.contains("control plane, version") => Ok(()),
-            _ => Err(format!("the proxy is not configured: {dump:?}")),
-        }
-    });
-    (process, admin)
-}
-
 fn apply(mesh: &Mesh, name: &str, yaml: &str) -> std::process::Output {
     let file = mesh.dir.join(name);
     std::fs::write(&file, yaml).unwrap();
@@ -327,14 +289,12 @@ fn servers_on_one_etcd_serve_one_mesh() {
     // web's proxy on B (its certificate from B), sleep's on A (from A): a
     // certificate of one server verifies at the proxy of the other.
     let app = app("web");
-    let (_web, _) = proxy(
-        &b,
+    let (_web, _) = b.proxy(
         "web",
         "web",
         &["--inbound".into(), format!("{web_in}={app},protocol=http")],
     );
-    let (_sleep, sleep_admin) = proxy(
-        &a,
+    let (_sleep, sleep_admin) = a.proxy(
         "sleep",
         "sleep",
         &[
@@ -428,8 +388,7 @@ fn servers_on_one_etcd_serve_one_mesh() {
     assert!(said.contains("etcd"), "{said}");
     assert_eq!(http_get(sleep_out, "/y").unwrap().0, 403);
     assert_eq!(http_get(sleep_out, "/z").unwrap().0, 200);
-    let (_issued, _) = proxy(
-        &b,
+    let (_issued, _) = b.proxy(
         "sleep",
         "other",
         &[

@@ -12,50 +12,6 @@ use std::path::Path;
 
 use common::*;
 
-/// Starts `meshward proxy` with `args` plus the control plane and an admin
-/// port; waits until it is ready and configured by the control plane.
-fn proxy(mesh: &Mesh, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut command = meshward();
-    command
-        .args([
-            "proxy",
-            "--identity",
-            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
-        ])
-        .args(args)
-        .args(["--control-plane", &mesh.ca_addr])
-        .args(["--ca-address", &format!("https://{}", mesh.ca_addr)])
-        .args([
-            "--ca-root",
-            mesh.data.join("root-cert.pem").to_str().unwrap(),
-        ])
-        .args(["--ca-server-name", "localhost"])
-        .args(["--token-file", mesh.token(ns, sa).to_str().unwrap()])
-        .args([
-            "--admin",
-            &admin.to_string(),
-            "--access-log",
-            "off",
-            "--audit-log",
-            "off",
-        ]);
-    let mut process = spawn(&format!("meshward proxy ({ns}/{sa})"), &mut command);
-    wait_for(START, || {
-        process.assert_running();
-        let dump = http_get(admin, "/config_dump");
-        if let Some((200, body)) = &dump
-            && body.contains("control plane, version")
-            && http_get(admin, "/healthz/ready").map(|r| r.0) == Some(200)
-        {
-            Ok(())
-        } else {
-            Err(format!("the proxy is not configured: {dump:?}"))
-        }
-    });
-    (process, admin)
-}
-
 fn apply(mesh: &Mesh, dir: &Path, name: &str, yaml: &str) -> std::process::Output {
     let file = dir.join(name);
     std::fs::write(&file, yaml).unwrap();
@@ -145,14 +101,12 @@ fn the_control_plane_drives_proxies_and_they_fail_static_without_it() {
     );
 
     let app = app("web");
-    let (web, web_admin) = proxy(
-        &mesh,
+    let (web, web_admin) = mesh.proxy(
         "web",
         "web",
         &["--inbound".into(), format!("{web_in}={app},protocol=http")],
     );
-    let (sleep, _) = proxy(
-        &mesh,
+    let (sleep, _) = mesh.proxy(
         "sleep",
         "sleep",
         &[

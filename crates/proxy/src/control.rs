@@ -63,6 +63,19 @@ pub struct ControlPlane {
     pub mark: Option<u32>,
 }
 
+/// `ADDRESS,ADDRESS (IDENTITY)`, as the proxy names its servers.
+impl std::fmt::Display for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, address) in self.addresses.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{address}")?;
+        }
+        write!(f, " ({})", self.identity)
+    }
+}
+
 /// The name of the policy a proxy enforces until its first configuration.
 pub const AWAITING: &str = "meshward-awaiting-control-plane";
 

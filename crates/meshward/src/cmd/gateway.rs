@@ -202,16 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let proxy = Proxy::start(config, identity, store.clone(), logs).await?;
         let gateway = Gateway::start(&proxy, gateway_config);
         let stop = tokio_util::sync::CancellationToken::new();
-        eprintln!(
-            "meshward gateway: configuration from {} ({})",
-            control_plane
-                .addresses
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-            control_plane.identity
-        );
+        eprintln!("meshward gateway: configuration from {control_plane}",);
         tokio::spawn(control::run(
             control_plane,
             proxy.identity().clone(),

@@ -437,16 +437,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         let proxy = Proxy::start(config, identity, store.clone(), logs).await?;
         if let Some(control_plane) = control_plane {
-            eprintln!(
-                "meshward proxy: configuration from {} ({})",
-                control_plane
-                    .addresses
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                control_plane.identity
-            );
+            eprintln!("meshward proxy: configuration from {control_plane}",);
             tokio::spawn(control::run(
                 control_plane,
                 proxy.identity().clone(),

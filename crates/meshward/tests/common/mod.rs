@@ -710,6 +710,50 @@ impl Mesh {
         })
     }
 
+    /// `meshward proxy` for `ns/sa` with `args`, configured by this server
+    /// (unless `args` name `--control-plane` and `--ca-address`
+    /// themselves), logs off; returns once it is ready and configured,
+    /// with its admin address.
+    pub fn proxy(&self, ns: &str, sa: &str, args: &[String]) -> (Spawned, SocketAddr) {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut command = meshward();
+        command
+            .args([
+                "proxy",
+                "--identity",
+                &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            ])
+            .args(args);
+        if !args.iter().any(|a| a == "--control-plane") {
+            command
+                .args(["--control-plane", &self.ca_addr])
+                .args(["--ca-address", &format!("https://{}", self.ca_addr)]);
+        }
+        command
+            .args([
+                "--ca-root",
+                self.data.join("root-cert.pem").to_str().unwrap(),
+            ])
+            .args(["--ca-server-name", "localhost"])
+            .args(["--token-file", self.token(ns, sa).to_str().unwrap()])
+            .args(["--admin", &admin.to_string()])
+            .args(["--access-log", "off", "--audit-log", "off"]);
+        let mut process = spawn(&format!("meshward proxy ({ns}/{sa})"), &mut command);
+        wait_for(START, || {
+            process.assert_running();
+            let dump = http_get(admin, "/config_dump");
+            if let Some((200, body)) = &dump
+                && body.contains("control plane, version")
+                && http_get(admin, "/healthz/ready").map(|r| r.0) == Some(200)
+            {
+                Ok(())
+            } else {
+                Err(format!("the proxy is not configured: {dump:?}"))
+            }
+        });
+        (process, admin)
+    }
+
     pub fn token(&self, ns: &str, sa: &str) -> PathBuf {
         let out = run(&[
             "token",

@@ -33,9 +33,7 @@ use crate::http::{
     strip_hop_by_hop, strip_trailing_host_dot,
 };
 use crate::inbound::ConnInfo;
-use crate::inbound::http::{
-    BodyRefused, Decided, audit, decide, denial, describe_decision, record_and_log,
-};
+use crate::inbound::http::{Decided, audit, decide, denial, describe_decision, record_and_log};
 use crate::log::AccessRecord;
 use crate::metrics::istio::{self, RequestLabels, ResponseFlags};
 use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
@@ -206,14 +204,7 @@ pub async fn handle(
         Err(refused) => {
             // As at a sidecar: the body a CUSTOM provider was to see could
             // not be held.
-            let (status, message) = match &refused {
-                BodyRefused::TooLarge(_) => (413, "Payload Too Large"),
-                BodyRefused::Failed(_) => (400, "Bad Request"),
-            };
-            let mut record = finish(record, status, false);
-            record.stage = Some(Stage::Authorization);
-            record.reason = Some(refused.to_string());
-            record_and_log(&shared, record, started);
+            let (status, message) = refused.logged(&shared, finish, record, started);
             return Ok(local_reply(status, message, grpc));
         }
     };

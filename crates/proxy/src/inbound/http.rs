@@ -124,17 +124,7 @@ async fn handle(
     } = match decided {
         Ok(decided) => decided,
         Err(refused) => {
-            // The body the CUSTOM provider was to see could not be held:
-            // too long (Envoy's 413, before failOpen is considered), or
-            // the client's body failed.
-            let (status, message) = match &refused {
-                BodyRefused::TooLarge(_) => (413, "Payload Too Large"),
-                BodyRefused::Failed(_) => (400, "Bad Request"),
-            };
-            let mut record = finish(record, status, false);
-            record.stage = Some(Stage::Authorization);
-            record.reason = Some(refused.to_string());
-            record_and_log(&shared, record, started);
+            let (status, message) = refused.logged(&shared, finish, record, started);
             return reply(traffic, local_reply(status, message, grpc), 0);
         }
     };
@@ -267,6 +257,30 @@ pub(crate) enum BodyRefused {
     TooLarge(String),
     #[error("the request body failed before the CUSTOM check: {0}")]
     Failed(String),
+}
+
+impl BodyRefused {
+    /// Logs the request as refused for this, and says what the client is
+    /// answered: the body the CUSTOM provider was to see could not be
+    /// held, too long (Envoy's 413, before failOpen is considered), or
+    /// failed on the client's side (400).
+    pub(crate) fn logged(
+        &self,
+        shared: &Shared,
+        finish: impl FnOnce(crate::log::AccessRecord, u16, bool) -> crate::log::AccessRecord,
+        record: crate::log::AccessRecord,
+        started: Instant,
+    ) -> (u16, &'static str) {
+        let (status, message) = match self {
+            BodyRefused::TooLarge(_) => (413, "Payload Too Large"),
+            BodyRefused::Failed(_) => (400, "Bad Request"),
+        };
+        let mut record = finish(record, status, false);
+        record.stage = Some(Stage::Authorization);
+        record.reason = Some(self.to_string());
+        record_and_log(shared, record, started);
+        (status, message)
+    }
 }
 
 /// Runs the engine: authentication, then CUSTOM (asked asynchronously,
