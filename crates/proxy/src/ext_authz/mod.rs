@@ -162,6 +162,17 @@ impl Default for Verdict {
 }
 
 impl ExtAuthzAnswer {
+    /// Applies what the authorizer asked of the request forwarded
+    /// (`remove_headers`, then `upstream_headers`) to `headers`; returns
+    /// the headers it asked for on the response.
+    pub fn apply_upstream(self, headers: &mut HeaderMap) -> Vec<HeaderMutation> {
+        for name in &self.remove_headers {
+            headers.remove(name);
+        }
+        apply_headers(headers, &self.upstream_headers);
+        self.downstream_headers
+    }
+
     pub fn error(message: String) -> ExtAuthzAnswer {
         ExtAuthzAnswer {
             verdict: Verdict(CustomVerdict::Error(message)),

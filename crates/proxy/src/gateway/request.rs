@@ -289,15 +289,9 @@ pub async fn handle(
     if let Some(edits) = &decision.header_edits {
         apply_edits(&mut parts.headers, &edits.remove, &edits.set);
     }
-    let mut downstream_headers = Vec::new();
-    if let Some(ext) = ext {
-        // As at a sidecar (the authorizer never changes Host).
-        for name in &ext.remove_headers {
-            parts.headers.remove(name);
-        }
-        apply_headers(&mut parts.headers, &ext.upstream_headers);
-        downstream_headers = ext.downstream_headers;
-    }
+    let downstream_headers = ext
+        .map(|ext| ext.apply_upstream(&mut parts.headers))
+        .unwrap_or_default();
     let received = Arc::new(AtomicU64::new(0));
     let body: Body = Counted::new(body, received.clone()).boxed();
     record.upstream = Some(format!(
