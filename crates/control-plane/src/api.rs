@@ -240,15 +240,12 @@ impl ConfigService for ConfigApi {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| Status::unavailable(e.to_string()))?;
-            for (server, record) in announced.into_iter().filter(|(s, _)| *s != self.server) {
-                let Ok(theirs) = <StatusResponse as prost::Message>::decode(record.as_slice())
-                else {
-                    continue;
-                };
-                proxies.extend(theirs.proxies.into_iter().map(|mut p| {
-                    p.server.clone_from(&server);
-                    p
-                }));
+            let own = self.store.server_id().unwrap_or_default();
+            for (_, record) in announced.into_iter().filter(|(id, _)| id != own) {
+                // Each names its server in its proxies.
+                if let Ok(theirs) = <StatusResponse as prost::Message>::decode(record.as_slice()) {
+                    proxies.extend(theirs.proxies);
+                }
             }
             proxies.sort_by(|a, b| (&a.workload, &a.identity).cmp(&(&b.workload, &b.identity)));
         }

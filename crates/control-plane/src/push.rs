@@ -213,9 +213,14 @@ impl Hub {
 
     /// What this server records of itself in a shared store: its proxies'
     /// [`Hub::status`], as a protobuf `StatusResponse`.
-    pub fn record(&self) -> Vec<u8> {
+    /// `server` names this server in it (its advertised address).
+    pub fn record(&self, server: &str) -> Vec<u8> {
+        let mut proxies = self.status();
+        for p in &mut proxies {
+            p.server = server.to_owned();
+        }
         prost::Message::encode_to_vec(&meshward_api::control::StatusResponse {
-            proxies: self.status(),
+            proxies,
             ..Default::default()
         })
     }

@@ -40,13 +40,19 @@ pub fn sync(dir: &Path, store: &Store) -> Result<DirectorySync, SyncError> {
     };
     std::fs::metadata(dir).map_err(unreadable)?;
     let files = load::policy_files(dir).map_err(unreadable)?;
+    // In a shared store, the files of this server's directory are named
+    // `SERVER_ID:PATH`: other servers may watch a directory at the same
+    // path, with other files in it.
+    let prefix = store
+        .server_id()
+        .map(|id| format!("{id}:"))
+        .unwrap_or_default();
     let loaded: Vec<_> = files
         .iter()
-        .map(|file| (file.display().to_string(), load::load_file(file)))
+        .map(|file| (format!("{prefix}{}", file.display()), load::load_file(file)))
         .collect();
-    // Files are named under `dir`: what is named otherwise is another
-    // server's (a shared store).
-    let root = dir.join("").display().to_string();
+    // What is named otherwise is another server's.
+    let root = format!("{prefix}{}", dir.join("").display());
     Ok(store.sync_directory_under(&root, &loaded)?)
 }
 

@@ -338,7 +338,17 @@ fn servers_on_one_etcd_serve_one_mesh() {
         String::from_utf8_lossy(&got.stderr)
     );
 
-    // Applies through both servers at once: none is lost.
+    // Applies through both servers at once: none is lost, and each is a
+    // version of its own (one commit over the other, never side by side).
+    let version = |mesh: &Mesh| -> u64 {
+        let status = String::from_utf8(mesh.admin(&["status"]).stdout).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("config version "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no version in {status}"))
+    };
+    let before = version(&a);
     std::thread::scope(|scope| {
         for (server, side) in [(&a, "a"), (&b, "b")] {
             scope.spawn(move || {
@@ -358,6 +368,11 @@ fn servers_on_one_etcd_serve_one_mesh() {
             });
         }
     });
+    wait_until(
+        SETTLE,
+        "both servers at the version of 16 more commits",
+        || version(&a) == before + 16 && version(&b) == before + 16,
+    );
     let listed = String::from_utf8(a.admin(&["get", "ap", "-n", "web"]).stdout).unwrap();
     for side in ["a", "b"] {
         for i in 0..8 {

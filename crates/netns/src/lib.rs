@@ -321,6 +321,10 @@ fn add_in_user_namespace(name: &str) -> Result<(), LabError> {
             })
             .join()
     });
+    if !matches!(made, Ok(Ok(()))) {
+        // Not left behind to block a retry under the same name.
+        let _ = std::fs::remove_file(&path);
+    }
     match made {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(LabError::Make {

@@ -41,8 +41,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::watch;
 
@@ -54,6 +54,9 @@ pub const ATTEMPTS: usize = 16;
 /// How long a request to etcd may take: past it, the store is unavailable
 /// (for instance, etcd lost its quorum) and the write is refused.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest response read (everything under the prefix is read at
+/// once); etcd's own request limit (1.5 MiB by default) bounds each write.
+const MAX_RESPONSE: usize = 256 << 20;
 /// The key beside the tables that every commit changes.
 const COMMIT: &str = "commit";
 /// Where each server records itself (`PREFIX servers/ADDRESS`), under a
@@ -153,7 +156,7 @@ impl Etcd {
             changes,
             lease: std::sync::Arc::default(),
         };
-        etcd.watch();
+        etcd.watch()?;
         Ok(etcd)
     }
 
@@ -165,20 +168,43 @@ impl Etcd {
 
     /// Watches the commit key for as long as the runtime runs,
     /// reconnecting after a failure.
-    fn watch(&self) {
-        let (mut client, key, changes) = (
-            self.client.clone(),
-            format!("{}{COMMIT}", self.prefix),
-            self.changes.clone(),
-        );
+    fn watch(&self) -> Result<(), BackendError> {
+        let key = format!("{}{COMMIT}", self.prefix);
+        // Every commit from here on is seen: the watch starts right after
+        // the revision of this read, which comes before the store's first.
+        let kv = self.kv();
+        let first = key.clone();
+        let start = run(self.runtime.as_ref(), async move {
+            retrying(transient, || {
+                let (mut kv, key) = (kv.clone(), first.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await
+        })
+        .ok_or_else(|| gone(&self.endpoints))?
+        .map_err(self.error("reading"))?
+        .header()
+        .map_or(0, |h| h.revision());
+        let (mut client, changes) = (self.client.clone(), self.changes.clone());
         let Some(runtime) = &self.runtime else {
-            return;
+            return Ok(());
         };
         runtime.spawn(async move {
+            // The last revision whose commits were reported.
+            let mut seen = start;
             loop {
-                match client.watch(key.as_bytes(), None::<WatchOptions>).await {
+                let options = WatchOptions::new().with_start_revision(seen + 1);
+                match client.watch(key.as_bytes(), Some(options)).await {
                     Ok(mut stream) => {
                         while let Ok(Some(response)) = stream.message().await {
+                            if response.compact_revision() > 0 {
+                                // What happened before etcd compacted its
+                                // history is gone from the watch: reload
+                                // everything, and watch on from there.
+                                seen = seen.max(response.compact_revision() - 1);
+                                changes.send_modify(|_| ());
+                                break;
+                            }
                             if let Some(revision) = response
                                 .events()
                                 .iter()
@@ -186,18 +212,26 @@ impl Etcd {
                                 .map(|kv| kv.mod_revision())
                                 .max()
                             {
+                                seen = seen.max(revision);
                                 changes.send_replace(revision);
                             }
                         }
                     }
                     Err(e) => tracing::warn!("watching etcd: {e}"),
                 }
-                // Changes while no watch ran are not lost: the next
-                // reload reads everything. Tell the server to reload.
-                changes.send_modify(|_| ());
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // The next watch starts after the last commit reported, so
+                // none is missed while it is away.
+                tokio::time::sleep(Duration::from_secs(1)).await; // pacing: a lost member is retried once a second
             }
         });
+        Ok(())
+    }
+
+    /// A KV client that takes responses as large as a whole store can be.
+    fn kv(&self) -> KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE)
     }
 
     fn error(&self, what: &str) -> impl FnOnce(etcd_client::Error) -> BackendError + '_ {
@@ -212,7 +246,7 @@ impl Etcd {
     /// Everything under the prefix, the commit key's modification revision
     /// (0: none yet) and the revision read at.
     fn read_all(&self) -> Result<(Tables, i64), BackendError> {
-        let client = self.client.kv_client();
+        let client = self.kv();
         let prefix = self.prefix.clone();
         let response = run(self.runtime.as_ref(), async move {
             retrying(transient, || {
@@ -286,7 +320,7 @@ impl Backend for Etcd {
             let txn = Txn::new()
                 .when([Compare::mod_revision(guard, CompareOp::Equal, commit)])
                 .and_then(operations);
-            let client = self.client.kv_client();
+            let client = self.kv();
             let response = match run(self.runtime.as_ref(), async move {
                 retrying(not_sent, || {
                     let (mut client, txn) = (client.clone(), txn.clone());
@@ -359,7 +393,7 @@ impl Backend for Etcd {
     }
 
     fn shared(&self, name: &str) -> Result<Option<Vec<u8>>, BackendError> {
-        let client = self.client.kv_client();
+        let client = self.kv();
         let key = format!("{}{SHARED}{name}", self.prefix);
         let response = run(self.runtime.as_ref(), async move {
             retrying(transient, || {
@@ -374,7 +408,7 @@ impl Backend for Etcd {
     }
 
     fn share_once(&self, name: &str, value: Vec<u8>) -> Result<bool, BackendError> {
-        let client = self.client.kv_client();
+        let client = self.kv();
         let key = format!("{}{SHARED}{name}", self.prefix);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
@@ -392,7 +426,7 @@ impl Backend for Etcd {
     }
 
     fn announced(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, BackendError> {
-        let mut client = self.client.kv_client();
+        let mut client = self.kv();
         let prefix = format!("{}{SERVERS}", self.prefix);
         let start = prefix.clone();
         let response = run(self.runtime.as_ref(), async move {

@@ -41,6 +41,8 @@ pub mod etcd;
 pub mod redb;
 
 use backend::{Backend, BackendError, META, OBJECTS, REVOCATIONS, SPENT_TOKENS, Tables};
+/// Expired single-use token records removed by each spend, at most.
+const PRUNED_PER_SPEND: usize = 32;
 /// A revocation's reason is for people: one line, this long at most.
 const MAX_REASON: usize = 512;
 
@@ -205,6 +207,9 @@ pub struct Store {
     /// Held from a write's start to its reload, so the configuration in
     /// force is always one committed state with its own version.
     writing: std::sync::Mutex<()>,
+    /// Held through each reload (after writes here, and for other
+    /// servers' commits): one state is read and put in force at a time.
+    reloading: std::sync::Mutex<()>,
     /// Set by the first directory sync: from then on every file owner in
     /// the store is a file of the watched directory, and the API may not
     /// change those objects. Without a watched directory (a server started
@@ -215,6 +220,9 @@ pub struct Store {
     /// describes processes of this run, and their runner places them again
     /// at every start.
     placements: RwLock<BTreeMap<String, Placement>>,
+    /// This server's lasting id among the servers of a shared store: it
+    /// names this server's record and its directory's files.
+    server_id: Option<String>,
 }
 
 /// One more version: every write that changes something is one.
@@ -406,8 +414,10 @@ impl Store {
             current: RwLock::new(Arc::default()),
             revoked: Revocations::new(),
             writing: std::sync::Mutex::new(()),
+            reloading: std::sync::Mutex::new(()),
             directory_in_force: AtomicBool::new(false),
             placements: RwLock::default(),
+            server_id: None,
         };
         store.reload()?;
         Ok(store)
@@ -422,6 +432,17 @@ impl Store {
     /// of them committed; [`Store::reload`] then puts it in force here.
     pub fn remote_changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         self.backend.changes()
+    }
+
+    /// This store, as seen by the server `id` among those sharing it.
+    pub fn with_server_id(mut self, id: String) -> Store {
+        self.server_id = Some(id);
+        self
+    }
+
+    /// The id [`Store::with_server_id`] gave this server.
+    pub fn server_id(&self) -> Option<&str> {
+        self.server_id.as_deref()
     }
 
     /// Whether other servers share this store.
@@ -655,7 +676,9 @@ impl Store {
     /// watched directory defines it.
     fn owned_by_file(&self, key: &str, stored: Option<&Stored>) -> Option<String> {
         let file = stored?.owner.file()?;
-        self.directory_in_force.load(Ordering::Acquire).then(|| {
+        // In a shared store another server's directory may own it.
+        let watched = self.directory_in_force.load(Ordering::Acquire) || self.is_shared();
+        watched.then(|| {
             format!(
                 "{} is defined by {file}: edit or remove it there",
                 display_key(key)
@@ -714,14 +737,26 @@ impl Store {
             changes.push(Change { key, action });
         }
         if changes.iter().any(|c| c.action != "unchanged") {
-            self.update(|tables| {
+            // In place before the version that announces them, so that any
+            // reload of that version lays them over (and back if it fails).
+            let before = std::mem::replace(
+                &mut *self
+                    .placements
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                placements,
+            );
+            let bumped = self.update(|tables| {
                 bump_version(tables);
                 Ok(((), true))
-            })?;
-            *self
-                .placements
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = placements;
+            });
+            if let Err(e) = bumped {
+                *self
+                    .placements
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = before;
+                return Err(e);
+            }
             self.reload()?;
         }
         Ok(changes)
@@ -858,6 +893,10 @@ impl Store {
     /// valid when written; one that no longer loads (a newer meshward
     /// stored it) is skipped with a warning rather than taking the rest down.
     pub fn reload(&self) -> Result<(), StoreError> {
+        let _reloading = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let tables = self.backend.read()?;
         let placements = self.placements();
         let mut objects = Vec::new();
@@ -894,16 +933,6 @@ impl Store {
             }
         }
         revocations.sort_by(|a, b| (a.kind, &a.value).cmp(&(b.kind, &b.value)));
-        // Every entry was checked when written; should one not be now, the
-        // list in force stays as it was rather than losing entries.
-        match RevocationList::new(&revocations) {
-            Ok(list) => {
-                self.revoked.replace(list);
-            }
-            Err(e) => tracing::error!(
-                "the stored revocation list no longer loads, keeping the previous one: {e}"
-            ),
-        }
         let mut config = Config {
             version,
             revocations,
@@ -931,6 +960,16 @@ impl Store {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if config.version >= current.version {
+            // Every entry was checked when written; should one not be now,
+            // the list in force stays as it was rather than losing entries.
+            match RevocationList::new(&config.revocations) {
+                Ok(list) => {
+                    self.revoked.replace(list);
+                }
+                Err(e) => tracing::error!(
+                    "the stored revocation list no longer loads, keeping the previous one: {e}"
+                ),
+            }
             *current = Arc::new(config);
         }
         Ok(())
@@ -956,8 +995,18 @@ impl TokenLedger for Store {
                 return Ok((false, false));
             }
             table.insert(id.to_owned(), expires.to_string());
-            // Records of expired tokens are no longer needed.
-            table.retain(|_, e| e.parse::<u64>().is_ok_and(|e| e >= now));
+            // Records of expired tokens are no longer needed; a few at a
+            // time, so one change stays small (etcd bounds a transaction's
+            // operations) however many expired since the last use.
+            let expired: Vec<String> = table
+                .iter()
+                .filter(|(_, e)| e.parse::<u64>().map_or(true, |e| e < now))
+                .map(|(k, _)| k.clone())
+                .take(PRUNED_PER_SPEND)
+                .collect();
+            for key in expired {
+                table.remove(&key);
+            }
             Ok((true, true))
         })
         .map_err(|e| e.to_string())

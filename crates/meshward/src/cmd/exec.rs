@@ -95,6 +95,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         let pid = i32::try_from(pid).context("up.json: user_namespace.pid")?;
+        // The pid of an `up` that is gone may be another process's now.
+        let recorded = userns
+            .get("namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("");
+        let now = std::fs::read_link(format!("/proc/{pid}/ns/user"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if recorded.is_empty() || now != recorded {
+            bail!(
+                "the `meshward up` of {} (pid {pid}) is no longer running",
+                data.display()
+            );
+        }
         meshward_netns::userns::join(pid).with_context(|| {
             format!(
                 "is the `meshward up` of {} (pid {pid}) still running?",

@@ -178,14 +178,25 @@ pub(crate) fn control_plane_of(
         .filter(|a| !a.is_empty())
         .collect();
     let mut addresses = Vec::new();
+    let mut unresolved = Vec::new();
     for entry in &entries {
-        let resolved = std::net::ToSocketAddrs::to_socket_addrs(entry)
-            .with_context(|| format!("--control-plane {entry}"))?;
-        for address in resolved {
-            if !addresses.contains(&address) {
-                addresses.push(address);
+        // One name that does not resolve leaves the others.
+        match std::net::ToSocketAddrs::to_socket_addrs(entry) {
+            Ok(resolved) => {
+                for address in resolved {
+                    if !addresses.contains(&address) {
+                        addresses.push(address);
+                    }
+                }
             }
+            Err(e) => unresolved.push(format!("{entry}: {e}")),
         }
+    }
+    if addresses.is_empty() && !unresolved.is_empty() {
+        bail!("--control-plane: {}", unresolved.join("; "));
+    }
+    for why in &unresolved {
+        tracing::warn!("--control-plane {why}; using the others");
     }
     let first = entries
         .first()

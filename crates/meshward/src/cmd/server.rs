@@ -145,7 +145,7 @@ pub struct Args {
     etcd_cacert: Option<PathBuf>,
     /// With an etcd store over TLS: a client certificate (PEM) for etcd's
     /// client authentication, with --etcd-key.
-    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_cacert"])]
     etcd_cert: Option<PathBuf>,
     /// The private key (PEM) of --etcd-cert.
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
@@ -204,7 +204,30 @@ fn open_store(args: &Args) -> anyhow::Result<Store> {
     };
     let backend = meshward_control_plane::store::etcd::Etcd::connect(options)
         .context("opening the config store")?;
-    Store::new(Box::new(backend)).context("reading the config store")
+    Ok(Store::new(Box::new(backend))
+        .context("reading the config store")?
+        .with_server_id(server_id(&args.data_dir)?))
+}
+
+/// This server's lasting id among those of a shared store
+/// (`DATA/server-id`, made once): it names its record and its directory's
+/// files there, whatever address it listens on.
+fn server_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("server-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        return Ok(id.trim().to_owned());
+    }
+    // Unique, not secret: the standard library's randomly seeded hasher
+    // over this process and the time.
+    let n = std::hash::BuildHasher::hash_one(
+        &std::collections::hash_map::RandomState::new(),
+        (std::process::id(), std::time::SystemTime::now()),
+    );
+    let id = format!("{n:016x}");
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| std::fs::write(&path, format!("{id}\n")))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 fn positive_duration(s: &str) -> Result<humantime::Duration, String> {
@@ -308,10 +331,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let server = advertised.to_string();
             AbortOnDrop(tokio::spawn(async move {
                 loop {
-                    let record = hub.record();
-                    let (store, server) = (store.clone(), server.clone());
-                    match tokio::task::spawn_blocking(move || store.announce(&server, record)).await
-                    {
+                    let record = hub.record(&server);
+                    let store = store.clone();
+                    let id = store.server_id().unwrap_or_default().to_owned();
+                    match tokio::task::spawn_blocking(move || store.announce(&id, record)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::warn!("recording this server in the store: {e}"),
                         Err(e) => tracing::warn!("recording this server in the store: {e}"),

@@ -63,43 +63,49 @@ pub fn after_open(
     if !store.is_shared() {
         return Ok(false);
     }
-    if let Some(key) = key
-        && store.shared(SEALED)?.is_none()
-    {
-        let sealed = key.seal(SEALED, &pack(data)?).context("sealing the CA")?;
-        if !store.share_once(SEALED, sealed)? {
-            // Another server shared its CA meanwhile.
-            let Some(theirs) = store.shared(SEALED)? else {
-                bail!("the store lost the CA another server shared: start again");
-            };
-            if had_own {
+    let root = ca.bundle().to_pem();
+    // The root first: of servers starting together one is the mesh's
+    // first, and only it shares its (sealed) CA.
+    if store.share_once(ROOT, root.clone().into_bytes())? {
+        if let Some(key) = key {
+            let sealed = key.seal(SEALED, &pack(data)?).context("sealing the CA")?;
+            if !store.share_once(SEALED, sealed)? {
                 bail!(
-                    "{} has a CA of its own, and another server shared the mesh's at the same time: \
-                     remove {}/ca and {}/{TOKEN_KEY} to take the mesh's",
-                    data.display(),
-                    data.display(),
-                    data.display()
+                    "the store has a sealed CA but had no root certificate: remove {}shared/ca from etcd, or start with the data directory that sealed it",
+                    store.describe()
                 );
             }
-            install(data, &open(key, &theirs)?, true)?;
-            return Ok(true);
+        }
+        return Ok(false);
+    }
+    let mesh = store.shared(ROOT)?.unwrap_or_default();
+    if mesh == root.as_bytes() {
+        return Ok(false);
+    }
+    // Another CA is the mesh's. A data directory whose CA was made just
+    // now takes the mesh's, sealed by the first server (which may still
+    // be sharing it).
+    if let (Some(key), false) = (key, had_own) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(theirs) = store.shared(SEALED)? {
+                install(data, &open(key, &theirs)?, true)?;
+                return Ok(true);
+            }
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200)); // pacing: the first server is sealing its CA
         }
     }
-    let root = ca.bundle().to_pem();
-    if !store.share_once(ROOT, root.clone().into_bytes())? {
-        let mesh = store.shared(ROOT)?.unwrap_or_default();
-        if mesh != root.as_bytes() {
-            bail!(
-                "this server's CA ({}/root-cert.pem) is not the one the other servers of {} sign with: \
-                 give every server the same CA (Istio's plug-in files in DATA/ca and the same \
-                 {TOKEN_KEY}), or start every server with --ca-key-encryption-key-file so the first \
-                 shares its CA",
-                data.display(),
-                store.describe()
-            );
-        }
-    }
-    Ok(false)
+    bail!(
+        "this server's CA ({}/root-cert.pem) is not the one the other servers of {} sign with: \
+         give every server the same CA (Istio's plug-in files in DATA/ca and the same \
+         {TOKEN_KEY}), or start every server with --ca-key-encryption-key-file so the first \
+         shares its CA",
+        data.display(),
+        store.describe()
+    )
 }
 
 /// The CA's files of `data`, as JSON: relative path → contents.
@@ -116,6 +122,7 @@ fn pack(data: &Path) -> anyhow::Result<Vec<u8>> {
         let entry = entry?;
         if entry.file_type()?.is_file()
             && let Ok(name) = entry.file_name().into_string()
+            && !name.starts_with('.')
         {
             files.insert(format!("ca/{name}"), read(&entry.path())?);
         }

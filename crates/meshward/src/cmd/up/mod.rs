@@ -101,6 +101,9 @@ struct Mesh {
 struct UserNamespace {
     pid: u32,
     uid: u32,
+    /// `/proc/PID/ns/user` as it reads (`user:[INODE]`): `exec` checks
+    /// that the pid is still this namespace's.
+    namespace: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -463,6 +466,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Some(namespaced::Privilege::UserNamespace { uid }) => Some(UserNamespace {
                 pid: std::process::id(),
                 uid,
+                namespace: std::fs::read_link("/proc/self/ns/user")
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
             }),
             _ => None,
         },
