@@ -72,6 +72,9 @@
 # under load fails the run (exit 1) and prints the logs.
 #
 # Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
+# PROFILE=DIR (record each hop with `perf record -g` during the load and write
+# its flat and by-caller profiles to DIR; the CPU numbers of such a run include
+# perf's own cost), PROFILE_HZ=999, PROFILE_TOP=40,
 # ACCESS_LOG_RUN=1 KEEP=0 (1 keeps the work directory with logs and configs),
 # NS_ROUNDS=1 (measure each ns-* explicit/transparent pair that many times in
 # turn: a capture cost per round, and their median), NS_PACE_MS=8 (after each
@@ -103,6 +106,10 @@ WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
+PROFILE=${PROFILE:-}           # a directory: profile each hop with perf during the load (skews its CPU numbers)
+PROFILE_HZ=${PROFILE_HZ:-999}
+PROFILE_TOP=${PROFILE_TOP:-40}
+PROFILE_SYSCALLS=${PROFILE_SYSCALLS:-syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex}
 KEEP=${KEEP:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% busy
 NS_ROUNDS=${NS_ROUNDS:-1}      # how many times each ns-* explicit/transparent pair is measured
@@ -424,6 +431,44 @@ expect_status() { # scenario want(code, or !200) description curl-args...
 declare -A R_RPS R_P50 R_P99 R_REQS R_HOPS R_OTHER R_WRK
 SCENARIOS=()
 
+# With PROFILE=DIR: each hop's flat profile (self time by symbol, the top
+# PROFILE_TOP) and its profile by caller (children included) into DIR.
+profile_report() { # scenario hop_name=pid...
+    local scen=$1 hop name
+    shift
+    mkdir -p "$PROFILE"
+    for hop in "$@"; do
+        name=${hop%%=*}
+        perf report -i "$WORK/perf-$scen-$name.data" --no-children --sort symbol --percent-limit 0.7 --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -n "$PROFILE_TOP" >"$PROFILE/$scen-$name.self.txt" || true
+        perf report -i "$WORK/perf-$scen-$name.data" --children --sort symbol --percent-limit 3 --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -n "$PROFILE_TOP" >"$PROFILE/$scen-$name.children.txt" || true
+        # Self time by component: the kernel, the allocator, TLS, hyper/h2,
+        # tokio, the policy engine, the proxy, serde, hashing, the rest.
+        perf report -i "$WORK/perf-$scen-$name.data" --no-children --sort symbol --stdio -g none 2>/dev/null \
+            | awk '$1 ~ /%$/ { p = $1 + 0; $1 = ""; s = $0
+                c = "other"
+                if (s ~ /\[k\]/) c = "kernel"
+                else if (s ~ /malloc|free|_int_|realloc|cfree|tcache|arena/) c = "allocator"
+                else if (s ~ /memmove|memcpy|memset|memcmp|strlen/) c = "memcpy/memset"
+                else if (s ~ /aws_lc|aes|gcm|sha|rustls|ecp_|bn_|x25519|chacha/) c = "tls (rustls, aws-lc)"
+                else if (s ~ /hyper|h2::|httparse|http::/) c = "http (hyper, h2, http)"
+                else if (s ~ /tokio|mio::/) c = "tokio"
+                else if (s ~ /meshward_policy/) c = "policy engine"
+                else if (s ~ /meshward_proxy/) c = "proxy"
+                else if (s ~ /serde|json/) c = "serde"
+                else if (s ~ /sip::|[Hh]ash/) c = "hashing"
+                else if (s ~ /prometheus/) c = "metrics"
+                t[c] += p }
+                END { for (c in t) printf "%6.1f%%  %s\n", t[c], c }' | sort -rn >"$PROFILE/$scen-$name.components.txt" || true
+        # System calls per request, by kind.
+        awk -F, -v n="${R_REQS_NOW:-0}" '$1 ~ /^[0-9]/ && n > 0 { sub(/.*sys_enter_/, "", $3); printf "%-16s %.2f per request\n", $3, $1 / n }' \
+            "$WORK/perf-$scen-$name.stat" >"$PROFILE/$scen-$name.syscalls.txt" || true
+        sed -i -E 's/[[:space:]]+$//; s/[[:space:]]+-[[:space:]]+-$//' "$PROFILE/$scen-$name.self.txt" "$PROFILE/$scen-$name.children.txt"
+        log "$scen: profile of $name in $PROFILE/$scen-$name.{self,children,syscalls}.txt"
+    done
+}
+
 # measure scenario url hop_name=pid...
 measure() {
     local scen=$1 url=$2
@@ -450,6 +495,15 @@ measure() {
     b0=$(base_ticks)
     m0=$(machine_ticks)
     log "$scen: load $DURATION"
+    local perf_pids=()
+    if [[ -n ${PROFILE:-} ]]; then
+        for hop in "$@"; do
+            perf record -q -F "$PROFILE_HZ" -g -p "${hop#*=}" -o "$WORK/perf-$scen-${hop%%=*}.data" >/dev/null 2>&1 &
+            perf_pids+=($!)
+            perf stat -x, -e "$PROFILE_SYSCALLS" -p "${hop#*=}" -o "$WORK/perf-$scen-${hop%%=*}.stat" >/dev/null 2>&1 &
+            perf_pids+=($!)
+        done
+    fi
     run_wrk "$url" "$DURATION" "$WORK/wrk-$scen.txt"
     m1=$(machine_ticks)
     b1=$(base_ticks)
@@ -470,6 +524,11 @@ measure() {
     read -r m1b m1t <<<"$m1"
     R_OTHER[$scen]=$(awk -v o=$((m1b - m0b - ours - (b1 - b0) - (c1 - c0))) -v t=$((m1t - m0t)) \
         'BEGIN { v = t > 0 ? 100 * o / t : 0; if (v < 0) v = 0; printf "%.0f", v }')
+    if ((${#perf_pids[@]})); then
+        kill -INT "${perf_pids[@]}" 2>/dev/null || true
+        wait "${perf_pids[@]}" 2>/dev/null || true
+        R_REQS_NOW=$(awk '/ requests in /{print $1}' "$wrk_out") profile_report "$scen" "$@"
+    fi
     check_wrk "$scen" "$wrk_out"
     SCENARIOS+=("$scen")
     R_RPS[$scen]=$(awk '/^Requests\/sec:/{print $2}' "$wrk_out")
