@@ -120,10 +120,16 @@ pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A record's time, formatted only when the record is written.
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
 /// One request or connection.
 #[derive(Debug, Serialize)]
 pub struct AccessRecord {
-    pub time: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub direction: Direction,
@@ -133,9 +139,9 @@ pub struct AccessRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_principal: Option<Arc<str>>,
     /// The port the workload serves (inbound) or the service called (outbound).
-    pub destination: String,
+    pub destination: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -211,10 +217,10 @@ impl AccessRecord {
         direction: Direction,
         protocol: &'static str,
         source_address: SocketAddr,
-        destination: String,
+        destination: Arc<str>,
     ) -> AccessRecord {
         AccessRecord {
-            time: timestamp(time),
+            time,
             kind: "access",
             direction,
             protocol,
@@ -248,14 +254,15 @@ impl AccessRecord {
 /// An AUDIT rule matched, or a dry-run policy would have decided.
 #[derive(Debug, Serialize)]
 pub struct AuditRecord {
-    pub time: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
     /// `audit` or `dry_run`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub source_address: SocketAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_principal: Option<Arc<str>>,
-    pub destination: String,
+    pub destination: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -3,8 +3,11 @@
 //! (`istio_*`, [`istio`]).
 
 pub mod istio;
+pub mod recent;
 
 use std::fmt::Write as _;
+
+use meshward_policy::authz::PolicyRef;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -64,6 +67,26 @@ pub struct DnsLabels {
     /// error: SERVFAIL when no upstream answered, FORMERR, NOTIMP).
     pub result: &'static str,
 }
+
+/// One decision's `meshward_requests` counter and its direction's
+/// `meshward_request_duration_seconds`.
+#[derive(Clone)]
+pub struct DecisionHandles {
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl DecisionHandles {
+    /// Counts a request decided `elapsed` after its headers arrived.
+    pub fn record(&self, elapsed: std::time::Duration) {
+        self.requests.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The decision metrics one connection has fetched (see [`recent`]).
+#[derive(Default)]
+pub struct ConnDecisions(recent::Recent<(Direction, bool, Option<PolicyRef>), DecisionHandles>);
 
 /// Every metric the proxy keeps.
 pub struct Metrics {
@@ -186,6 +209,34 @@ impl Metrics {
 
     pub fn dns_query(&self, result: &'static str) {
         self.dns_queries.get_or_create(&DnsLabels { result }).inc();
+    }
+
+    /// `meshward_requests` and `meshward_request_duration_seconds` of a
+    /// request `policy` decided (or none did), as `connection` keeps them.
+    pub fn decision(
+        &self,
+        connection: &ConnDecisions,
+        direction: Direction,
+        allowed: bool,
+        policy: Option<&PolicyRef>,
+    ) -> DecisionHandles {
+        connection.0.get(
+            |(d, a, p)| *d == direction && *a == allowed && p.as_ref() == policy,
+            || {
+                let labels = DecisionLabels {
+                    direction,
+                    decision: if allowed { "allow" } else { "deny" },
+                    policy: policy.map(PolicyRef::to_string).unwrap_or_default(),
+                };
+                let handles = DecisionHandles {
+                    requests: self.requests.get_or_create(&labels).clone(),
+                    duration: (self.request_duration)
+                        .get_or_create(&DirectionLabels { direction })
+                        .clone(),
+                };
+                ((direction, allowed, policy.cloned()), handles)
+            },
+        )
     }
 
     /// The text exposition format.

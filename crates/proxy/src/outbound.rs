@@ -31,8 +31,8 @@ use crate::http::{
 use crate::identity::{ALPN_H2, ALPN_HTTP11, ServerIdentity, WorkloadIdentity};
 use crate::io::{Metered, Rewind, read_prefix};
 use crate::log::AccessRecord;
-use crate::metrics::istio::{self, RequestLabels, ResponseFlags, TrafficLabels};
-use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+use crate::metrics::istio::{self, ResponseFlags, TrafficLabels};
+use crate::metrics::{ConnDecisions, DecisionLabels, Direction};
 use crate::sniff;
 use crate::socket::Dial;
 
@@ -49,6 +49,10 @@ pub struct OutboundTarget {
     /// Every connector of this target with the ALPN it offers (HTTP/1.1
     /// pool, HTTP/2 pool, TCP), so a new route reaches them all.
     routes: [(Connector, &'static [&'static [u8]]); 3],
+    /// `outbound|PORT|SERVICE`, as records name it.
+    log_name: Arc<str>,
+    /// `SERVICE:PORT`: the authority of a request that names none.
+    authority: String,
 }
 
 /// One endpoint of a target and the ways to reach it (clones share the
@@ -94,6 +98,8 @@ impl OutboundTarget {
                 &upstream.endpoints,
                 None,
             )),
+            log_name: format!("outbound|{}|{}", upstream.port, upstream.service).into(),
+            authority: format!("{}:{}", upstream.service, upstream.port),
             upstream: upstream.clone(),
             destination: std::sync::Mutex::new((
                 upstream.endpoints.clone(),
@@ -242,8 +248,11 @@ impl OutboundTarget {
         server: Option<&str>,
         protocol: istio::Protocol,
     ) -> TrafficLabels {
-        let mutual_tls = self.upstream.tls == UpstreamTls::IstioMutual;
-        (shared.metrics.istio).outbound(&self.upstream.service, server, mutual_tls, protocol)
+        (shared.metrics.istio).outbound(&self.upstream.service, server, self.mutual_tls(), protocol)
+    }
+
+    fn mutual_tls(&self) -> bool {
+        self.upstream.tls == UpstreamTls::IstioMutual
     }
 }
 
@@ -338,10 +347,7 @@ fn record(target: &OutboundTarget, peer: SocketAddr, protocol: &'static str) -> 
         Direction::Outbound,
         protocol,
         peer,
-        format!(
-            "outbound|{}|{}",
-            target.upstream.port, target.upstream.service
-        ),
+        target.log_name.clone(),
     )
 }
 
@@ -349,6 +355,11 @@ async fn serve_http<S>(stream: S, peer: SocketAddr, route: Route, shared: Arc<Sh
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let connection = Arc::new(HttpConnection {
+        peer,
+        requests: Default::default(),
+        decisions: Default::default(),
+    });
     let service = {
         let shared = shared.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -361,22 +372,31 @@ where
                         .or_else(|| request.uri().authority().map(|a| a.as_str())),
                 )
                 .clone();
-            handle(request, peer, target, shared.clone())
+            handle(request, connection.clone(), target, shared.clone())
         })
     };
     crate::serve_http(&shared, TokioIo::new(stream), service).await;
 }
 
+/// One application connection: its address, and the metric handles its
+/// requests reuse.
+struct HttpConnection {
+    peer: SocketAddr,
+    requests: istio::ConnRequests,
+    decisions: ConnDecisions,
+}
+
 async fn handle(
     request: Request<Incoming>,
-    peer: SocketAddr,
+    connection: Arc<HttpConnection>,
     target: Arc<OutboundTarget>,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let grpc = is_grpc(request.headers());
     let protocol = istio::Protocol::http(grpc);
-    let mut record = record(&target, peer, protocol_name(request.version()));
+    let logging = shared.logs.access.is_enabled();
+    let mut record = record(&target, connection.peer, protocol_name(request.version()));
     // A reply of the proxy's own, counted as Istio counts requests.
     let reply = |flags: ResponseFlags,
                  response: Response<Body>,
@@ -390,16 +410,16 @@ async fn handle(
         Ok(response)
     };
     let (parts, body) = request.into_parts();
-    let target_path = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    record.method = Some(parts.method.to_string());
-    record.path = Some(meshward_policy::authz::normalize::strip_query(&target_path).to_owned());
-    let service = format!("{}:{}", target.upstream.service, target.upstream.port);
+    // The path and query as the application sent them (the URI is replaced).
+    let target_path = parts.uri.path_and_query().cloned();
+    let target_path = target_path.as_ref().map_or("/", |pq| pq.as_str());
+    let path = meshward_policy::authz::normalize::strip_query(target_path);
+    if logging {
+        record.method = Some(parts.method.to_string());
+        record.path = Some(path.to_owned());
+    }
     let request_view = Request::from_parts(parts, ());
-    let authority = request_authority(&request_view, Some(&service)).ok();
+    let authority = request_authority(&request_view, Some(&target.authority)).ok();
     let (mut parts, ()) = request_view.into_parts();
     let Some(endpoint) = target.pick() else {
         record.status = Some(503);
@@ -414,9 +434,10 @@ async fn handle(
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
     let targeted = authority.as_ref().and_then(|a| {
-        record.authority = Some(a.to_string());
-        let path = meshward_policy::authz::normalize::strip_query(&target_path);
-        set_upstream_target(&mut parts, a, path, &target_path)
+        if logging {
+            record.authority = Some(a.to_string());
+        }
+        set_upstream_target(&mut parts, a, path, target_path)
     });
     if targeted.is_none() {
         record.status = Some(400);
@@ -432,43 +453,34 @@ async fn handle(
     let body: Body = Counted::new(body, received.clone())
         .map_err(|e| Box::new(e) as BoxError)
         .boxed();
-    let observe = |shared: &Shared, decision: &'static str| {
-        shared
-            .metrics
-            .requests
-            .get_or_create(&DecisionLabels {
-                direction: Direction::Outbound,
-                decision,
-                policy: String::new(),
-            })
-            .inc();
-        shared
-            .metrics
-            .request_duration
-            .get_or_create(&DirectionLabels {
-                direction: Direction::Outbound,
-            })
-            .observe(started.elapsed().as_secs_f64());
+    // Every request this proxy forwards is allowed here: the server's proxy decides.
+    let decided = |shared: &Shared| {
+        let metrics = &shared.metrics;
+        (metrics.decision(&connection.decisions, Direction::Outbound, true, None))
+            .record(started.elapsed());
     };
     match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => {
-            observe(&shared, "allow");
+            decided(&shared);
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            record.status = Some(parts.status.as_u16());
-            let server = parts.extensions.get::<ServerIdentity>().map(|s| &*s.0);
-            let mut labels = RequestLabels {
-                traffic: target.istio_labels(&shared, server, protocol),
-                response_code: parts.status.as_u16(),
-                grpc_status: grpc.then(|| grpc_status_in(&parts.headers)).flatten(),
-            };
-            let metrics = shared.metrics.clone();
+            let status = parts.status.as_u16();
+            record.status = Some(status);
+            let server = parts.extensions.get::<ServerIdentity>().map(|s| s.0.clone());
+            let grpc_status = grpc.then(|| grpc_status_in(&parts.headers)).flatten();
+            let (metrics, mutual_tls) = (shared.metrics.clone(), target.mutual_tls());
             let count = move |end: &BodyEnd, request_bytes| {
                 // The endpoint is busy until its response has streamed.
                 drop(endpoint);
-                labels.grpc_status = labels.grpc_status.or(end.grpc_status);
-                let elapsed = started.elapsed();
-                (metrics.istio).request(&labels, elapsed, request_bytes, end.bytes);
+                let handles = (metrics.istio).outbound_request(
+                    &connection.requests,
+                    &target.upstream.service,
+                    server.as_deref(),
+                    mutual_tls,
+                    protocol,
+                    (status, grpc_status.or(end.grpc_status)),
+                );
+                handles.record(started.elapsed(), request_bytes, end.bytes);
             };
             let body = logged_response_body(
                 body,
@@ -481,7 +493,7 @@ async fn handle(
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
-            observe(&shared, "allow");
+            decided(&shared);
             shared.metrics.upstream_error(Direction::Outbound);
             let error = error_chain(&e);
             record.status = Some(503);
@@ -532,7 +544,7 @@ where
             let labels = target.istio_labels(&shared, server.as_deref(), tcp);
             let connection = shared.metrics.istio.tcp_opened(&labels);
             let mut stream = Metered::new(stream, &connection);
-            record.upstream = server.map(|s| s.to_string());
+            record.upstream = server.map(|s| s.to_string().into());
             record
                 .relay(&mut stream, &mut upstream, &shared.stop_now)
                 .await;

@@ -20,6 +20,7 @@ use token::{Location, extract};
 
 use crate::api::{JwtRule, RequestAuthentication};
 use crate::request::HttpRequest;
+use verified::VerifiedTokens;
 
 /// Claims Envoy always treats as space-delimited lists when matching.
 const SPACE_DELIMITED_DEFAULTS: [&str; 2] = ["permission", "scope"];
@@ -221,7 +222,7 @@ impl Authenticator {
         if self.rules.is_empty() || is_cors_preflight(request) {
             return AuthnOutcome::NoToken;
         }
-        let mut parsed = ParsedTokens::default();
+        let mut parsed = ParsedTokens::new(self.jwks.verified_tokens());
         let verdicts: Vec<RuleVerdict> = self
             .rules
             .iter()
@@ -290,7 +291,7 @@ impl Authenticator {
         &self,
         rule: &CompiledRule,
         token: &str,
-        parsed: &Result<ParsedToken, AuthnFailure>,
+        parsed: &Result<Arc<ParsedToken>, AuthnFailure>,
     ) -> Result<(), Rejection> {
         let parsed = parsed.as_ref().map_err(|f| Rejection::of(f.clone()))?;
         let issuer = parsed
@@ -304,7 +305,7 @@ impl Authenticator {
                 unknown_issuer: true,
             });
         }
-        self.verify_with_rule(token, &parsed.header, &parsed.claims, rule)
+        self.verify_with_rule(token, parsed, rule)
             .map_err(Rejection::of)
     }
 
@@ -331,10 +332,10 @@ impl Authenticator {
     fn verify_with_rule(
         &self,
         token: &str,
-        header: &jsonwebtoken::Header,
-        claims: &serde_json::Map<String, serde_json::Value>,
+        parsed: &Arc<ParsedToken>,
         rule: &CompiledRule,
     ) -> Result<(), AuthnFailure> {
+        let (header, claims) = (&parsed.header, &*parsed.claims);
         check_time(claims)?;
         check_audience(claims, &rule.rule.audiences)?;
         let keys = match &rule.keys {
@@ -365,6 +366,7 @@ impl Authenticator {
                 token,
                 used,
                 expiry(claims).map(|exp| exp.saturating_add(CLOCK_SKEW_SECONDS as i64)),
+                parsed.clone(),
             ),
             Err(_) => verified.evict(token),
         }
@@ -575,26 +577,44 @@ fn requirement_failure(verdicts: &[RuleVerdict]) -> Option<AuthnFailure> {
 }
 
 /// A token's header and claims, decoded once per request however many rules
-/// look at it.
-struct ParsedToken {
-    header: jsonwebtoken::Header,
-    claims: serde_json::Map<String, serde_json::Value>,
+/// look at it, and kept decoded while the token is in the verified-token
+/// cache.
+#[derive(Debug, Default)]
+pub(crate) struct ParsedToken {
+    pub(crate) header: jsonwebtoken::Header,
+    pub(crate) claims: Arc<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Tokens decoded so far in one request. Not `Debug`: it holds tokens.
-#[derive(Default)]
-struct ParsedTokens(Vec<(String, Result<ParsedToken, AuthnFailure>)>);
+struct ParsedTokens<'a> {
+    /// Tokens verified before, kept decoded.
+    verified: &'a VerifiedTokens,
+    parsed: Vec<(String, Result<Arc<ParsedToken>, AuthnFailure>)>,
+}
 
-impl ParsedTokens {
-    fn parse(&mut self, token: &str) -> &Result<ParsedToken, AuthnFailure> {
-        let index = match self.0.iter().position(|(t, _)| t == token) {
+impl<'a> ParsedTokens<'a> {
+    fn new(verified: &'a VerifiedTokens) -> Self {
+        ParsedTokens {
+            verified,
+            parsed: Vec::new(),
+        }
+    }
+
+    /// `token` decoded: as the cache holds it if it verified before
+    /// (decoding depends on its text alone), else now.
+    fn parse(&mut self, token: &str) -> &Result<Arc<ParsedToken>, AuthnFailure> {
+        let index = match self.parsed.iter().position(|(t, _)| t == token) {
             Some(index) => index,
             None => {
-                self.0.push((token.to_owned(), parse_token(token)));
-                self.0.len() - 1
+                let parsed = match self.verified.parsed(token) {
+                    Some(parsed) => Ok(parsed),
+                    None => parse_token(token).map(Arc::new),
+                };
+                self.parsed.push((token.to_owned(), parsed));
+                self.parsed.len() - 1
             }
         };
-        &self.0[index].1
+        &self.parsed[index].1
     }
 }
 
@@ -645,7 +665,10 @@ fn parse_token(token: &str) -> Result<ParsedToken, AuthnFailure> {
         .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid Base64"))?;
     let claims = serde_json::from_slice(&payload)
         .map_err(|_| AuthnFailure::unauthorized("Jwt payload is an invalid JSON"))?;
-    Ok(ParsedToken { header, claims })
+    Ok(ParsedToken {
+        header,
+        claims: Arc::new(claims),
+    })
 }
 
 #[cfg(test)]
@@ -803,6 +826,20 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_token_is_not_decoded_again() {
+        let fetcher = Rotating::new(vec![include_str!("../../tests/keys/jwks.json")]);
+        let authn = authenticator(fetcher, Duration::from_secs(3600));
+        let good = token("rsa-1");
+        let claims = || match authn.authenticate(&request(&good)) {
+            AuthnOutcome::Authenticated { principal, .. } => principal.claims,
+            other => panic!("refused: {other:?}"),
+        };
+        let (first, second) = (claims(), claims());
+        assert!(Arc::ptr_eq(&first, &second), "the cached decoding");
+        assert_eq!(first.get("sub"), Some(&serde_json::json!("alice")));
+    }
+
+    #[test]
     fn a_remembered_token_is_still_held_to_its_exp_and_nbf() {
         let fetcher = Rotating::new(vec![include_str!("../../tests/keys/jwks.json")]);
         let authn = authenticator(fetcher, Duration::from_secs(3600));
@@ -813,7 +850,8 @@ mod tests {
             token_with(serde_json::json!({"iss": "rotating", "sub": "a", "nbf": now() + 3600}));
         // As if each had verified earlier, for as long as its keys stay.
         for t in [&expired, &early] {
-            authn.jwks.verified_tokens().insert(t, keys.clone(), None);
+            let parsed = Arc::new(parse_token(t).unwrap());
+            authn.jwks.verified_tokens().insert(t, keys.clone(), None, parsed);
         }
         for (t, why) in [(&expired, "Jwt is expired"), (&early, "Jwt not yet valid")] {
             match authn.authenticate(&request(t)) {

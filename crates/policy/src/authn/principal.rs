@@ -14,13 +14,14 @@ pub struct JwtPrincipal {
     pub audiences: Vec<String>,
     /// `azp`.
     pub presenter: Option<String>,
-    pub claims: Map<String, Value>,
+    /// Shared with the verified-token cache, which keeps a token decoded.
+    pub claims: Arc<Map<String, Value>>,
     /// Top-level claims matched as space-delimited lists (`scope`, `permission`, ...).
     pub space_delimited: Arc<[String]>,
 }
 
 impl JwtPrincipal {
-    pub fn new(claims: Map<String, Value>, space_delimited: Arc<[String]>) -> JwtPrincipal {
+    pub fn new(claims: Arc<Map<String, Value>>, space_delimited: Arc<[String]>) -> JwtPrincipal {
         let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         let audiences = match claims.get("aud") {
             Some(Value::String(s)) => vec![s.clone()],

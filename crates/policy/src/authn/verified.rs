@@ -16,6 +16,7 @@
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::ParsedToken;
 use super::jwks::KeySet;
 
 /// Envoy's default `jwt_cache_size`.
@@ -27,6 +28,8 @@ struct Entry {
     keys: Arc<KeySet>,
     /// The token's `exp` (Unix seconds, clock skew included), if it has one.
     expires: Option<i64>,
+    /// The token decoded, so that a hit decodes nothing.
+    parsed: Arc<ParsedToken>,
 }
 
 /// A bounded cache of verified tokens (no capacity: nothing is cached).
@@ -88,12 +91,30 @@ impl VerifiedTokens {
         false
     }
 
-    /// Records that `keys` verified `token`, which expires at `expires`.
-    pub fn insert(&self, token: &str, keys: Arc<KeySet>, expires: Option<i64>) {
+    /// Records that `keys` verified `token`, which expires at `expires`
+    /// and decodes as `parsed`.
+    pub(crate) fn insert(
+        &self,
+        token: &str,
+        keys: Arc<KeySet>,
+        expires: Option<i64>,
+        parsed: Arc<ParsedToken>,
+    ) {
         if let Some(entries) = &self.entries {
-            self.lock(entries)
-                .put(token.into(), Entry { keys, expires });
+            let entry = Entry {
+                keys,
+                expires,
+                parsed,
+            };
+            self.lock(entries).put(token.into(), entry);
         }
+    }
+
+    /// `token` decoded, if it is cached (whatever its keys or `exp`: it
+    /// decodes the same either way, and is checked as any other).
+    pub(crate) fn parsed(&self, token: &str) -> Option<Arc<ParsedToken>> {
+        let entries = self.entries.as_ref()?;
+        self.lock(entries).peek(token).map(|e| e.parsed.clone())
     }
 
     /// Forgets `token` (its signature failed with the keys in force).
@@ -116,6 +137,10 @@ impl VerifiedTokens {
 mod tests {
     use super::*;
 
+    fn parsed() -> Arc<ParsedToken> {
+        Arc::default()
+    }
+
     fn keys() -> Arc<KeySet> {
         Arc::new(KeySet::new(&jsonwebtoken::jwk::JwkSet { keys: vec![] }))
     }
@@ -124,7 +149,7 @@ mod tests {
     fn a_hit_needs_the_same_keys_and_an_unexpired_token() {
         let cache = VerifiedTokens::new(10);
         let (k1, k2) = (keys(), keys());
-        cache.insert("t", k1.clone(), Some(100));
+        cache.insert("t", k1.clone(), Some(100), parsed());
         assert!(cache.verified("t", &k1, 50));
         assert!(
             cache.verified("t", &k1, 100),
@@ -135,11 +160,11 @@ mod tests {
         assert!(!cache.verified("t", &k2, 50));
         assert!(!cache.verified("t", &k1, 50), "evicted by the miss");
         // Past its exp: a miss, and gone.
-        cache.insert("t", k1.clone(), Some(100));
+        cache.insert("t", k1.clone(), Some(100), parsed());
         assert!(!cache.verified("t", &k1, 101));
         assert!(cache.is_empty());
         // A token without exp stays valid as long as its keys do.
-        cache.insert("forever", k1.clone(), None);
+        cache.insert("forever", k1.clone(), None, parsed());
         assert!(cache.verified("forever", &k1, i64::MAX));
         cache.evict("forever");
         assert!(!cache.verified("forever", &k1, 0));
@@ -149,20 +174,32 @@ mod tests {
     fn the_cache_is_bounded_least_recently_used_first_out() {
         let cache = VerifiedTokens::new(2);
         let k = keys();
-        cache.insert("a", k.clone(), None);
-        cache.insert("b", k.clone(), None);
+        cache.insert("a", k.clone(), None, parsed());
+        cache.insert("b", k.clone(), None, parsed());
         assert!(cache.verified("a", &k, 0), "a used: b is now the oldest");
-        cache.insert("c", k.clone(), None);
+        cache.insert("c", k.clone(), None, parsed());
         assert_eq!(cache.len(), 2);
         assert!(!cache.verified("b", &k, 0), "b went out");
         assert!(cache.verified("a", &k, 0) && cache.verified("c", &k, 0));
     }
 
     #[test]
+    fn a_cached_token_is_kept_decoded_whatever_its_keys() {
+        let cache = VerifiedTokens::new(10);
+        let decoded = parsed();
+        cache.insert("t", keys(), Some(100), decoded.clone());
+        let hit = cache.parsed("t").expect("cached");
+        assert!(Arc::ptr_eq(&hit, &decoded));
+        assert!(cache.parsed("other").is_none());
+        cache.evict("t");
+        assert!(cache.parsed("t").is_none(), "gone with its entry");
+    }
+
+    #[test]
     fn no_capacity_caches_nothing() {
         let cache = VerifiedTokens::new(0);
         let k = keys();
-        cache.insert("a", k.clone(), None);
+        cache.insert("a", k.clone(), None, parsed());
         assert!(!cache.verified("a", &k, 0));
         assert_eq!(cache.capacity(), 0);
     }

@@ -97,7 +97,7 @@ pub async fn handle(
         Direction::Gateway,
         protocol_name(request.version()),
         conn.peer_addr,
-        format!("gateway|{}", conn.port),
+        format!("gateway|{}", conn.port).into(),
     );
     record.config_version = snapshot.version;
     let mut view = policy_request(&request);
@@ -297,7 +297,7 @@ pub async fn handle(
     record.upstream = Some(format!(
         "{}:{}",
         target.upstream.service, target.upstream.port
-    ));
+    ).into());
     // Istio's metrics: the gateway reports as the source of the request.
     let protocol = istio::Protocol::http(grpc);
     match forward(&target, route, parts, body).await {
@@ -312,8 +312,8 @@ pub async fn handle(
                 grpc_status: grpc.then(|| grpc_status_in(&parts.headers)).flatten(),
             };
             record.upstream = Some(match server_identity {
-                Some(id) => format!("{} ({id})", endpoint.addr),
-                None => endpoint.addr.to_string(),
+                Some(id) => format!("{} ({id})", endpoint.addr).into(),
+                None => endpoint.addr.to_string().into(),
             });
             let metrics = shared.metrics.clone();
             let body = logged_response_body(

@@ -13,7 +13,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use meshward_policy::authz::{CustomVerdict, normalize};
+use meshward_policy::authz::{CustomVerdict, PolicyRef, normalize};
 use meshward_policy::{HttpRequest, InboundDecision, Stage, WorkloadPolicy};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,9 +26,9 @@ use crate::http::{
     logged_response_body, policy_request, protocol_name, request_authority, set_upstream_target,
     strip_hop_by_hop, strip_trailing_host_dot,
 };
-use crate::log::{AuditRecord, timestamp};
-use crate::metrics::istio::{self, RequestLabels, ResponseFlags, TrafficLabels};
-use crate::metrics::{DecisionLabels, Direction, DirectionLabels};
+use crate::log::AuditRecord;
+use crate::metrics::istio::{self, ResponseFlags};
+use crate::metrics::{ConnDecisions, Direction};
 use crate::policies::Snapshot;
 
 /// Serves HTTP/1.1 or HTTP/2 (by its preface) on an admitted connection.
@@ -36,68 +36,97 @@ pub async fn serve<S>(stream: S, info: ConnInfo, target: Arc<InboundTarget>, sha
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let info = Arc::new(info);
+    let connection = Arc::new(HttpConnection::new(info, &shared));
     let service = {
         let shared = shared.clone();
         hyper::service::service_fn(move |request| {
-            handle(request, info.clone(), target.clone(), shared.clone())
+            handle(request, connection.clone(), target.clone(), shared.clone())
         })
     };
     crate::serve_http(&shared, TokioIo::new(stream), service).await;
 }
 
+/// What every request of one connection shares: the peer, the
+/// `x-forwarded-client-cert` value the application is given, and the
+/// metric handles the requests reuse.
+struct HttpConnection {
+    info: ConnInfo,
+    xfcc: Option<HeaderValue>,
+    requests: istio::ConnRequests,
+    decisions: ConnDecisions,
+}
+
+impl HttpConnection {
+    fn new(info: ConnInfo, shared: &Shared) -> HttpConnection {
+        let xfcc = info.peer.as_ref().and_then(|peer| {
+            let value = format!(
+                "By={};Hash={};URI={}",
+                shared.identity.id, peer.cert_sha256, peer.id
+            );
+            HeaderValue::from_str(&value).ok()
+        });
+        HttpConnection {
+            info,
+            xfcc,
+            requests: Default::default(),
+            decisions: Default::default(),
+        }
+    }
+}
+
+/// A forwarded request's Istio metrics: fetched when its response's
+/// headers arrive, or, for a gRPC status sent in trailers, at its end.
+enum Handles {
+    Now(istio::RequestHandles),
+    AtEnd(Arc<Shared>, Arc<HttpConnection>, String),
+}
+
 async fn handle(
     mut request: Request<Incoming>,
-    info: Arc<ConnInfo>,
+    connection: Arc<HttpConnection>,
     target: Arc<InboundTarget>,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let start_time = SystemTime::now();
+    let info = &connection.info;
     let snapshot = shared.policies.current();
     let grpc = is_grpc(request.headers());
+    let protocol = istio::Protocol::http(grpc);
     strip_trailing_host_dot(&mut request);
     let view = policy_request(&request);
+    let logging = shared.logs.access.is_enabled();
     let mut record = info.record(&target, protocol_name(request.version()), snapshot.version);
-    record.time = timestamp(start_time);
-    record.method = Some(view.method.clone());
-    record.authority = Some(view.host.clone());
-    record.path =
-        Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
-    let traffic = shared.metrics.istio.inbound(
-        info.peer.as_ref().map(|p| &*p.id),
-        Some(&view.host),
-        istio::Protocol::http(grpc),
-    );
+    record.time = start_time;
+    if logging {
+        record.method = Some(view.method.clone());
+        record.authority = Some(view.host.clone());
+        record.path =
+            Some(normalize::normalize(&view.path, snapshot.policy.normalization).into_owned());
+    }
+    let peer = info.peer.as_ref().map(|p| &*p.id);
     // A reply of the proxy's own, counted as Istio counts requests.
-    let reply = |traffic: TrafficLabels,
+    let reply = |flags: ResponseFlags,
                  response: Response<Body>,
                  request_bytes: u64|
      -> Result<Response<Body>, Infallible> {
+        let traffic = (shared.metrics.istio)
+            .inbound(peer, Some(&view.host), protocol)
+            .with_flags(flags);
         let elapsed = started.elapsed();
         (shared.metrics.istio).local_reply(traffic, &response, elapsed, request_bytes);
         Ok(response)
     };
-
-    let finish = |mut record: crate::log::AccessRecord, status: u16, allowed: bool| {
+    // The request decided: counted, and its record told how.
+    let finish = |mut record: crate::log::AccessRecord,
+                  status: u16,
+                  allowed: bool,
+                  policy: Option<&PolicyRef>| {
         record.status = Some(status);
         record.decision = if allowed { "allow" } else { "deny" };
-        shared
-            .metrics
-            .requests
-            .get_or_create(&DecisionLabels {
-                direction: Direction::Inbound,
-                decision: record.decision,
-                policy: record.policy.clone().unwrap_or_default(),
-            })
-            .inc();
-        shared
-            .metrics
-            .request_duration
-            .get_or_create(&DirectionLabels {
-                direction: Direction::Inbound,
-            })
-            .observe(started.elapsed().as_secs_f64());
+        let metrics = &shared.metrics;
+        (metrics.decision(&connection.decisions, Direction::Inbound, allowed, policy))
+            .record(started.elapsed());
         record
     };
 
@@ -107,16 +136,16 @@ async fn handle(
     let authority = match request_authority(&request, None) {
         Ok(authority) => authority,
         Err(bad) => {
-            let mut record = finish(record, 400, false);
+            let mut record = finish(record, 400, false, None);
             record.stage = Some(Stage::Request);
             record.reason = Some(bad.to_string());
             record_and_log(&shared, record, started);
             let flags = ResponseFlags::DownstreamProtocolError;
-            return reply(traffic.with_flags(flags), crate::http::bad_request(grpc), 0);
+            return reply(flags, crate::http::bad_request(grpc), 0);
         }
     };
     let (parts, body) = request.into_parts();
-    let decided = decide(&shared, &snapshot, &info, &parts, body, &view, start_time).await;
+    let decided = decide(&shared, &snapshot, info, &parts, body, &view, start_time).await;
     let Decided {
         decision,
         ext,
@@ -124,8 +153,9 @@ async fn handle(
     } = match decided {
         Ok(decided) => decided,
         Err(refused) => {
+            let finish = |record, status, allowed| finish(record, status, allowed, None);
             let (status, message) = refused.logged(&shared, finish, record, started);
-            return reply(traffic, local_reply(status, message, grpc), 0);
+            return reply(ResponseFlags::None, local_reply(status, message, grpc), 0);
         }
     };
     record.ext_authz = ext.as_ref().map(ExtAuthzAnswer::verdict_name);
@@ -133,12 +163,18 @@ async fn handle(
         tracing::info!(%metadata, "CUSTOM authorizer's dynamic metadata");
         record.ext_authz_metadata = Some(metadata);
     }
-
-    describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
-    audit(&shared, &snapshot, &info, &view, &decision, &record);
+    let deciding = decision
+        .authz
+        .as_ref()
+        .and_then(|a| a.deciding.as_ref())
+        .map(|rule| &rule.policy);
+    if logging {
+        describe_decision(&mut record, &decision, &snapshot.policy, info, &view);
+    }
+    audit(&shared, &snapshot, info, &view, &decision, &record);
 
     if !decision.allowed() {
-        let record = finish(record, decision.status, false);
+        let record = finish(record, decision.status, false, deciding);
         record_and_log(&shared, record, started);
         // Denied by the CUSTOM authorizer (its denial or its failure), as
         // Envoy's ext_authz flags it.
@@ -148,7 +184,7 @@ async fn handle(
             true => ResponseFlags::UnauthorizedExternalService,
             false => ResponseFlags::None,
         };
-        return reply(traffic.with_flags(flags), denial(&decision, ext, grpc), 0);
+        return reply(flags, denial(&decision, ext, grpc), 0);
     }
 
     // Forward: the path as authorized, the identity headers as the proxy
@@ -164,21 +200,16 @@ async fn handle(
     parts.version = version;
     strip_hop_by_hop(&mut parts.headers);
     if set_upstream_target(&mut parts, &authority, &authorized_path, &original_target).is_none() {
-        let mut record = finish(record, 400, false);
+        let mut record = finish(record, 400, false, deciding);
         record.stage = Some(Stage::Request);
         record.reason = Some("bad request: the path cannot be forwarded as authorized".into());
         record_and_log(&shared, record, started);
         let flags = ResponseFlags::DownstreamProtocolError;
-        return reply(traffic.with_flags(flags), crate::http::bad_request(grpc), 0);
+        return reply(flags, crate::http::bad_request(grpc), 0);
     }
     parts.headers.remove(XFCC);
-    if let Some(peer) = &info.peer
-        && let Ok(v) = HeaderValue::from_str(&format!(
-            "By={};Hash={};URI={}",
-            shared.identity.id, peer.cert_sha256, peer.id
-        ))
-    {
-        parts.headers.insert(XFCC, v);
+    if let Some(xfcc) = &connection.xfcc {
+        parts.headers.insert(XFCC, xfcc.clone());
     }
     if let Some(edits) = &decision.header_edits {
         apply_edits(&mut parts.headers, &edits.remove, &edits.set);
@@ -194,19 +225,35 @@ async fn handle(
             let (mut parts, body) = response.into_parts();
             apply_headers(&mut parts.headers, &downstream_headers);
             strip_hop_by_hop(&mut parts.headers);
-            let record = finish(record, parts.status.as_u16(), true);
-            let mut labels = RequestLabels {
-                response_code: parts.status.as_u16(),
-                grpc_status: grpc
-                    .then(|| crate::http::grpc_status_in(&parts.headers))
-                    .flatten(),
-                traffic,
+            let record = finish(record, parts.status.as_u16(), true, deciding);
+            let status = parts.status.as_u16();
+            let grpc_status = grpc.then(|| crate::http::grpc_status_in(&parts.headers));
+            // The labels are known now, unless a gRPC response's status is
+            // still to come in its trailers.
+            let handles = match grpc_status {
+                Some(None) => Handles::AtEnd(shared.clone(), connection.clone(), view.host.clone()),
+                known => Handles::Now((shared.metrics.istio).inbound_request(
+                    &connection.requests,
+                    peer,
+                    &view.host,
+                    protocol,
+                    (status, known.flatten()),
+                )),
             };
-            let metrics = shared.metrics.clone();
             let count = move |end: &BodyEnd, request_bytes| {
-                labels.grpc_status = labels.grpc_status.or(end.grpc_status);
-                let elapsed = started.elapsed();
-                (metrics.istio).request(&labels, elapsed, request_bytes, end.bytes);
+                let handles = match handles {
+                    Handles::Now(handles) => handles,
+                    Handles::AtEnd(shared, connection, host) => {
+                        (shared.metrics.istio).inbound_request(
+                            &connection.requests,
+                            connection.info.peer.as_ref().map(|p| &*p.id),
+                            &host,
+                            protocol,
+                            (status, end.grpc_status),
+                        )
+                    }
+                };
+                handles.record(started.elapsed(), request_bytes, end.bytes);
             };
             let body = logged_response_body(
                 body,
@@ -220,7 +267,7 @@ async fn handle(
         }
         Err(e) => {
             shared.metrics.upstream_error(Direction::Inbound);
-            let mut record = finish(record, 503, true);
+            let mut record = finish(record, 503, true, deciding);
             record.error = Some(e.to_string());
             record_and_log(&shared, record, started);
             let response = local_reply(
@@ -230,7 +277,7 @@ async fn handle(
             );
             let flags = ResponseFlags::UpstreamConnectionFailure;
             let request_bytes = received.load(std::sync::atomic::Ordering::Relaxed);
-            reply(traffic.with_flags(flags), response, request_bytes)
+            reply(flags, response, request_bytes)
         }
     }
 }

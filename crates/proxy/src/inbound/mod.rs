@@ -35,6 +35,8 @@ pub struct InboundTarget {
     /// The address peers connected to, when it is not the listener's own
     /// (a captured connection's original destination).
     pub destination_ip: Option<std::net::IpAddr>,
+    /// `inbound|PORT` and the application's address, as records name them.
+    log_names: (Arc<str>, Arc<str>),
 }
 
 impl InboundTarget {
@@ -51,6 +53,10 @@ impl InboundTarget {
         InboundTarget {
             app: HttpPools::new(connector.clone(), connector.clone(), port.protocol),
             connector,
+            log_names: (
+                format!("inbound|{}", port.port).into(),
+                port.app.to_string().into(),
+            ),
             port,
             destination_ip,
         }
@@ -91,10 +97,10 @@ impl ConnInfo {
             Direction::Inbound,
             protocol,
             self.peer_addr,
-            format!("inbound|{}", target.port.port),
+            target.log_names.0.clone(),
         );
         record.source_principal = self.peer.as_ref().map(|p| p.id.clone());
-        record.upstream = Some(target.port.app.to_string());
+        record.upstream = Some(target.log_names.1.clone());
         record.config_version = version;
         record
     }

@@ -53,6 +53,7 @@ use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 use meshward_identity::spiffe::SpiffeId;
+use super::recent::Recent;
 use prometheus_client::encoding::{
     EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
 };
@@ -406,6 +407,17 @@ pub struct RequestLabels {
     pub grpc_status: Option<u32>,
 }
 
+impl RequestLabels {
+    /// `traffic`'s labels with the HTTP status and the gRPC status.
+    pub fn new(traffic: TrafficLabels, (response_code, grpc_status): (u16, Option<u32>)) -> Self {
+        RequestLabels {
+            traffic,
+            response_code,
+            grpc_status,
+        }
+    }
+}
+
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         self.traffic
@@ -661,8 +673,7 @@ impl IstioMetrics {
         }
     }
 
-    /// Counts one HTTP or gRPC request: its histograms first, so that a
-    /// scrape that counts it also has its observations.
+    /// Counts one HTTP or gRPC request.
     pub fn request(
         &self,
         labels: &RequestLabels,
@@ -670,16 +681,65 @@ impl IstioMetrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.request_duration
-            .get_or_create(labels)
-            .observe(duration.as_secs_f64() * 1e3);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(response_bytes as f64);
-        self.requests.get_or_create(labels).inc();
+        self.handles(labels)
+            .record(duration, request_bytes, response_bytes);
+    }
+
+    /// The four request metrics of `labels`, fetched once.
+    pub fn handles(&self, labels: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.request_duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+
+    /// The request metrics of an inbound request from `peer` for the
+    /// service `authority` names, as `connection` keeps them.
+    pub fn inbound_request(
+        &self,
+        connection: &ConnRequests,
+        peer: Option<&str>,
+        authority: &str,
+        protocol: Protocol,
+        response: (u16, Option<u32>),
+    ) -> RequestHandles {
+        let known = self.known();
+        connection.0.get(
+            |key| key.is(&known, authority, None, protocol, response),
+            || {
+                let traffic = self.inbound(peer, Some(authority), protocol);
+                (
+                    RequestKey::new(&known, authority, None, protocol, response),
+                    self.handles(&RequestLabels::new(traffic, response)),
+                )
+            },
+        )
+    }
+
+    /// The request metrics of an outbound request to the service `host`,
+    /// answered by `server`, as `connection` keeps them.
+    pub fn outbound_request(
+        &self,
+        connection: &ConnRequests,
+        host: &str,
+        server: Option<&str>,
+        mutual_tls: bool,
+        protocol: Protocol,
+        response: (u16, Option<u32>),
+    ) -> RequestHandles {
+        let known = self.known();
+        connection.0.get(
+            |key| key.is(&known, host, server, protocol, response),
+            || {
+                let traffic = self.outbound(host, server, mutual_tls, protocol);
+                (
+                    RequestKey::new(&known, host, server, protocol, response),
+                    self.handles(&RequestLabels::new(traffic, response)),
+                )
+            },
+        )
     }
 
     /// Counts a request the proxy answered itself (a denial, an error),
@@ -714,6 +774,76 @@ impl IstioMetrics {
             received: self.tcp_received.get_or_create(labels).clone(),
             sent: self.tcp_sent.get_or_create(labels).clone(),
         }
+    }
+}
+
+/// One label set's request metrics: counting through these is counting
+/// in their families.
+#[derive(Clone)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestHandles {
+    /// Counts one request: its histograms first, so that a scrape that
+    /// counts it also has its observations.
+    pub fn record(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.duration.observe(duration.as_secs_f64() * 1e3);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+        self.requests.inc();
+    }
+}
+
+/// The request metrics one connection has fetched (see [`super::recent`]).
+#[derive(Default)]
+pub struct ConnRequests(Recent<RequestKey, RequestHandles>);
+
+/// What a request's labels were drawn from, besides the connection's own
+/// peer: what was known then (a change of the services or of this
+/// workload makes new labels), the host, the answering server, the
+/// protocol and the response.
+pub struct RequestKey {
+    known: Arc<Known>,
+    host: Box<str>,
+    server: Option<Box<str>>,
+    protocol: Protocol,
+    response: (u16, Option<u32>),
+}
+
+impl RequestKey {
+    fn new(
+        known: &Arc<Known>,
+        host: &str,
+        server: Option<&str>,
+        protocol: Protocol,
+        response: (u16, Option<u32>),
+    ) -> RequestKey {
+        RequestKey {
+            known: known.clone(),
+            host: host.into(),
+            server: server.map(Into::into),
+            protocol,
+            response,
+        }
+    }
+
+    fn is(
+        &self,
+        known: &Arc<Known>,
+        host: &str,
+        server: Option<&str>,
+        protocol: Protocol,
+        response: (u16, Option<u32>),
+    ) -> bool {
+        Arc::ptr_eq(&self.known, known)
+            && *self.host == *host
+            && self.server.as_deref() == server
+            && self.protocol == protocol
+            && self.response == response
     }
 }
 

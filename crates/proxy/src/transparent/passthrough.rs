@@ -35,7 +35,7 @@ fn count(shared: &Shared, decision: &'static str, cluster: &str) {
         .get_or_create(&DecisionLabels {
             direction: Direction::Outbound,
             decision,
-            policy: cluster.to_owned(),
+            policy: cluster.into(),
         })
         .inc();
 }
@@ -56,9 +56,9 @@ pub async fn pass(
         Direction::Outbound,
         "TCP",
         peer,
-        cluster.to_owned(),
+        cluster.into(),
     );
-    record.upstream = Some(dst.to_string());
+    record.upstream = Some(dst.to_string().into());
     count(&shared, "allow", cluster);
     let dial = Dial {
         mark,
@@ -95,9 +95,9 @@ pub fn refuse(peer: SocketAddr, dst: SocketAddr, shared: &Shared) {
         Direction::Outbound,
         "TCP",
         peer,
-        BLACK_HOLE.to_owned(),
+        BLACK_HOLE.into(),
     );
-    record.upstream = Some(dst.to_string());
+    record.upstream = Some(dst.to_string().into());
     record.decision = "deny";
     record.reason = Some(
         "the registry does not know this destination and outboundTrafficPolicy is REGISTRY_ONLY"
