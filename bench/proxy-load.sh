@@ -22,6 +22,17 @@
 #                   --access-log off --audit-log off.
 #   haproxy-tcp     wrk -> haproxy A (mode tcp) -mTLS-> haproxy B (mode tcp) -> nginx
 #   haproxy-http    the same in mode http (keep-alive, pooled server connections)
+#   relay-tcp       the floor: haproxy A (mode tcp) -plaintext-> haproxy B (mode tcp)
+#                   -> nginx, no TLS at all: what merely relaying bytes through two
+#                   processes costs on this machine
+#
+# Fixed rate (Istio's yardstick; RATE_RUN=1): after the saturation run of
+# meshward-l4, meshward-l7, meshward-l7-nojwt, haproxy-tcp, haproxy-http and
+# relay-tcp, the same pair again under h2load --h1 holding RATE requests per
+# second (RATE_CLIENTS connections at RATE/RATE_CLIENTS each) for RATE_DURATION
+# seconds, every response 1 KiB (nginx's /bench/1k): each hop's vCPU (CPU-seconds
+# per second) and RSS at that rate, as Istio reports a sidecar's cost per
+# 1,000 requests per second.
 #   meshward-gateway   wrk -HTTPS-> meshward gateway (configured by meshward server:
 #                   Gateway, VirtualService, the server hop's WorkloadEntry and
 #                   ServiceEntry) -mTLS-> meshward (inbound, http; STRICT, ALLOW the
@@ -106,6 +117,10 @@ WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
+RATE_RUN=${RATE_RUN:-1}         # the fixed-rate (Istio yardstick) runs after each pair's saturation run
+RATE=${RATE:-1000}              # requests per second, in total, of the fixed-rate runs
+RATE_CLIENTS=${RATE_CLIENTS:-10}
+RATE_DURATION=${RATE_DURATION:-10}
 PROFILE=${PROFILE:-}           # a directory: profile each hop with perf during the load (skews its CPU numbers)
 PROFILE_HZ=${PROFILE_HZ:-999}
 PROFILE_TOP=${PROFILE_TOP:-40}
@@ -115,7 +130,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}   # seconds to wait for the machine to be < 10% bus
 NS_ROUNDS=${NS_ROUNDS:-1}      # how many times each ns-* explicit/transparent pair is measured
 NS_PACE_MS=${NS_PACE_MS:-8}    # paced ns-* runs: each connection waits this long after a response (0: none)
 # Which scenarios after direct (always run: the ratios are to it).
-ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http meshward-gateway haproxy-gateway ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
+ONLY=${ONLY:-meshward-l4 meshward-l7 meshward-l7-nojwt meshward-l7-log haproxy-tcp haproxy-http relay-tcp meshward-gateway haproxy-gateway ns-explicit-l4 ns-transparent-l4 ns-explicit-l7 ns-transparent-l7}
 
 NS=bench
 TD=cluster.local
@@ -123,6 +138,7 @@ CLIENT_ID=spiffe://$TD/ns/$NS/sa/client
 SERVER_ID=spiffe://$TD/ns/$NS/sa/server
 CA_SERVER_NAME=istiod.istio-system.svc   # a DNS name in meshward server's certificate
 PATH_OK=/bench/ok
+PATH_1K=/bench/1k   # 1 KiB answers, for the fixed-rate runs
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() {
@@ -162,6 +178,7 @@ install_missing() {
     [[ -n $(find_tool nginx) ]] || missing+=(nginx)
     [[ -n $(find_tool column) ]] || missing+=(bsdextrautils)
     [[ -n $(find_tool ps) ]] || missing+=(procps)
+    if ((RATE_RUN)); then [[ -n $(find_tool h2load) ]] || missing+=(nghttp2-client); fi
     if ((NS_WANTED)); then
         [[ -n $(find_tool ip) ]] || missing+=(iproute2)
         [[ -n $(find_tool iptables) ]] || missing+=(iptables)
@@ -185,6 +202,7 @@ install_missing
 WRK=$(find_tool wrk)
 HAPROXY=$(find_tool haproxy)
 NGINX=$(find_tool nginx)
+H2LOAD=$(find_tool h2load)
 for t in WRK HAPROXY NGINX; do [[ -n ${!t} ]] || die "${t,,} not found after install"; done
 
 if [[ -z ${MESHWARD:-} ]]; then
@@ -388,6 +406,7 @@ base_ticks() {
 }
 
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 to_ms() { # wrk duration (12.3us, 4.5ms, 1.2s, 1.0m) -> ms
     awk -v v="$1" 'BEGIN {
@@ -467,6 +486,45 @@ profile_report() { # scenario hop_name=pid...
         sed -i -E 's/[[:space:]]+$//; s/[[:space:]]+-[[:space:]]+-$//' "$PROFILE/$scen-$name.self.txt" "$PROFILE/$scen-$name.children.txt"
         log "$scen: profile of $name in $PROFILE/$scen-$name.{self,children,syscalls}.txt"
     done
+}
+
+# measure_rate scenario url hop_name=pid...: RATE requests per second held for
+# RATE_DURATION seconds (after a 2 s warm-up at the same rate); each hop's
+# CPU-seconds per second and RSS at the end.
+RATE_ROWS=()
+measure_rate() {
+    ((RATE_RUN)) || return 0
+    local scen=$1 url=$2 hop pid name out=$WORK/h2load-$scen.txt
+    shift 2
+    local -A before
+    local per_client=$((RATE / RATE_CLIENTS))
+    for hop in "$@"; do
+        pid=${hop#*=}
+        before[$pid]=$(cpu_ticks "$pid")
+    done
+    log "$scen: fixed rate $RATE req/s ($RATE_CLIENTS x $per_client) for ${RATE_DURATION}s, 1 KiB responses"
+    local t0 t1
+    t0=$(date +%s.%N)
+    client_run "$H2LOAD" --h1 -c "$RATE_CLIENTS" --rps "$per_client" -D "$RATE_DURATION" --warm-up-time 2 \
+        -H "Authorization: Bearer $JWT" "$url" >"$out" 2>&1 || die "$scen: h2load failed: $(tail -5 "$out")"
+    t1=$(date +%s.%N)
+    local done_ok failed
+    done_ok=$(awk '/^requests:/ { print $8 }' "$out")
+    failed=$(awk '/^requests:/ { print $10 + $12 }' "$out")
+    [[ ${failed:-1} == 0 ]] || die "$scen: $failed requests failed at a fixed rate: $(grep -E '^(requests|status codes):' "$out")"
+    local achieved row
+    achieved=$(awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out")
+    # The hops' CPU over the whole h2load run (warm-up included, as its time).
+    row="$scen|$achieved"
+    for hop in "$@"; do
+        name=${hop%%=*}
+        pid=${hop#*=}
+        local used=$(($(cpu_ticks "$pid") - ${before[$pid]}))
+        row+="|$(awk -v t="$used" -v hz="$CLK_TCK" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (t / hz) / (b - a) }')"
+        row+="|$(mib "$(rss_kib "$pid")")"
+    done
+    RATE_ROWS+=("$row")
+    log "$scen: fixed rate: $achieved req/s achieved, $done_ok succeeded; ${row#*|}"
 }
 
 # measure scenario url hop_name=pid...
@@ -573,7 +631,8 @@ BUSY_BEFORE=$BUSY
 
 # nginx
 mkdir -p "$WORK/nginx-tmp"
-render "$TEMPLATES/nginx.conf.in" "$WORK/nginx.conf" WORK="$WORK" NGINX_LISTEN="127.0.0.1:$NGINX_PORT"
+render "$TEMPLATES/nginx.conf.in" "$WORK/nginx.conf" WORK="$WORK" NGINX_LISTEN="127.0.0.1:$NGINX_PORT" \
+    ONE_KIB="$(head -c 1023 /dev/zero | tr '\0' x)\n"
 "$NGINX" -t -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log" >"$WORK/nginx-test.log" 2>&1 ||
     die "nginx -t: $(cat "$WORK/nginx-test.log")"
 start_bg nginx "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
@@ -690,6 +749,7 @@ meshward_pair() {
         -H "Authorization: Bearer $JWT" "http://127.0.0.1:$sv_in$PATH_OK"
 
     measure "$scen" "$url" "client=$cl_pid" "server=$sv_pid"
+    [[ $access == on ]] || measure_rate "$scen" "http://127.0.0.1:$cl_listen$PATH_1K" "client=$cl_pid" "server=$sv_pid"
 
     pair_metrics "$scen" "" "127.0.0.1:$sv_admin" "" "127.0.0.1:$cl_admin"
     if [[ $access == on ]]; then
@@ -699,16 +759,20 @@ meshward_pair() {
     stop_pid "$sv_pid"
 }
 
-# haproxy_pair scenario mode
+# haproxy_pair scenario mode [tls(yes|no)]
 haproxy_pair() {
-    local scen=$1 mode=$2 a_port b_port opts=
+    local scen=$1 mode=$2 tls=${3:-yes} a_port b_port opts= client_tls= server_tls=
     take_port; a_port=$PORT
     take_port; b_port=$PORT
     [[ $mode == http ]] && opts='    option http-keep-alive'
+    if [[ $tls == yes ]]; then
+        client_tls="ssl verify required crt $CERTS/client.pem ca-file $CERTS/root.pem"
+        server_tls="ssl crt $CERTS/server.pem ca-file $CERTS/root.pem verify required"
+    fi
     render "$TEMPLATES/haproxy-client.cfg.in" "$WORK/$scen-a.cfg" MODE="$mode" HTTP_OPTIONS="$opts" \
-        LISTEN_PORT="$a_port" UPSTREAM_PORT="$b_port" CERTS="$CERTS"
+        LISTEN_PORT="$a_port" UPSTREAM_PORT="$b_port" CLIENT_TLS="$client_tls"
     render "$TEMPLATES/haproxy-server.cfg.in" "$WORK/$scen-b.cfg" MODE="$mode" HTTP_OPTIONS="$opts" \
-        LISTEN_PORT="$b_port" UPSTREAM_PORT="$NGINX_PORT" CERTS="$CERTS"
+        LISTEN_PORT="$b_port" UPSTREAM_PORT="$NGINX_PORT" SERVER_TLS="$server_tls"
     local f
     for f in a b; do
         "$HAPROXY" -c -q -f "$WORK/$scen-$f.cfg" >"$WORK/$scen-$f-check.log" 2>&1 ||
@@ -723,8 +787,11 @@ haproxy_pair() {
     log "$scen: haproxy A pid $a_pid on $a_port, haproxy B pid $b_pid on $b_port (mode $mode)"
     local url=http://127.0.0.1:$a_port$PATH_OK
     expect_status "$scen" 200 "GET $PATH_OK through the pair" "$url"
-    expect_status "$scen" '!200' "plaintext to haproxy B, bypassing mTLS" "http://127.0.0.1:$b_port$PATH_OK"
+    if [[ $tls == yes ]]; then
+        expect_status "$scen" '!200' "plaintext to haproxy B, bypassing mTLS" "http://127.0.0.1:$b_port$PATH_OK"
+    fi
     measure "$scen" "$url" "client=$a_pid" "server=$b_pid"
+    measure_rate "$scen" "http://127.0.0.1:$a_port$PATH_1K" "client=$a_pid" "server=$b_pid"
     stop_pid "$a_pid"
     stop_pid "$b_pid"
 }
@@ -868,7 +935,8 @@ ns_prepare() {
     ns_topology
     local dir=$WORK/ns-nginx
     mkdir -p "$dir/nginx-tmp"
-    render "$TEMPLATES/nginx.conf.in" "$dir/nginx.conf" WORK="$dir" NGINX_LISTEN="$NS_SERVER_IP:$NS_APP_PORT"
+    render "$TEMPLATES/nginx.conf.in" "$dir/nginx.conf" WORK="$dir" NGINX_LISTEN="$NS_SERVER_IP:$NS_APP_PORT" \
+        ONE_KIB="$(head -c 1023 /dev/zero | tr '\0' x)\n"
     ip netns exec "$NS_SERVER" "$NGINX" -t -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" >"$WORK/ns-nginx-test.log" 2>&1 ||
         die "nginx -t (server namespace): $(cat "$WORK/ns-nginx-test.log")"
     start_bg ns-nginx ip netns exec "$NS_SERVER" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log"
@@ -1023,6 +1091,7 @@ wanted meshward-l7-nojwt && meshward_pair meshward-l7-nojwt http "$WORK/policies
 [[ $ACCESS_LOG_RUN == 1 ]] && wanted meshward-l7-log && meshward_pair meshward-l7-log http "$WORK/policies-l7" on
 wanted haproxy-tcp && haproxy_pair haproxy-tcp tcp
 wanted haproxy-http && haproxy_pair haproxy-http http
+wanted relay-tcp && haproxy_pair relay-tcp tcp no
 wanted meshward-gateway && meshward_gateway meshward-gateway
 wanted haproxy-gateway && haproxy_gateway haproxy-gateway
 if ((NS_WANTED)); then
@@ -1063,10 +1132,12 @@ hop_field() { # hops-string index(0|1) field(1=name 2=ticks 3=idle 4=end 5=kerne
     ((${#h[@]} > $1)) || { echo "-"; return; }
     echo "${h[$1]}" | cut -d: -f"$3"
 }
+us_per_req() { # ticks requests -> CPU microseconds per request
+    awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (t / hz) / n * 1e6 }'
+}
 cpu_per_1k() { # ticks requests
     awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.4f", (t / hz) / (n / 1000) }'
 }
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 ROWS=()
 for s in "${SCENARIOS[@]}"; do
@@ -1105,12 +1176,43 @@ echo "| ${HEADER//|/ | } |"
 echo "|---|$(printf -- '---:|%.0s' $(seq 13))"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
 
+# CPU per request per hop, in µs, against haproxy of the same layer (mTLS)
+# and against the plaintext relay (the floor).
+us_hop() { # scenario hop-index -> µs per request, or -
+    local t
+    t=$(hop_field "$2" "${R_HOPS[$1]:-}" 2)
+    if [[ $t == - || -z $t || -z ${R_REQS[$1]:-} ]]; then echo -; else us_per_req "$t" "${R_REQS[$1]}"; fi
+}
+HOP_ROWS=()
+for s in "${SCENARIOS[@]}"; do
+    [[ $s == meshward-* || $s == haproxy-* ]] || continue
+    [[ $s == *gateway* ]] && continue
+    peer=haproxy-http
+    [[ $s == meshward-l4 || $s == haproxy-tcp ]] && peer=haproxy-tcp
+    h1=$(us_hop "$s" 0) h2=$(us_hop "$s" 1)
+    HOP_ROWS+=("$s|$h1 / $h2|$(ratio "$h1" "$(us_hop "$peer" 0)") / $(ratio "$h2" "$(us_hop "$peer" 1)") ($peer)|$(ratio "$h1" "$(us_hop relay-tcp 0)") / $(ratio "$h2" "$(us_hop relay-tcp 1)")")
+done
+if ((${#HOP_ROWS[@]})); then
+    echo
+    echo "CPU per request per hop (hop1 / hop2), µs, and ratios to haproxy of the same layer and to the plaintext relay (relay-tcp: $(us_hop relay-tcp 0) / $(us_hop relay-tcp 1) µs):"
+    echo
+    echo "| scenario | µs per request | ÷ haproxy | ÷ relay-tcp |"
+    echo "|---|---:|---:|---:|"
+    for r in "${HOP_ROWS[@]}"; do echo "| ${r//|/ | } |"; done
+fi
+
+if ((${#RATE_ROWS[@]})); then
+    echo
+    echo "Fixed rate: h2load --h1 -c $RATE_CLIENTS --rps $((RATE / RATE_CLIENTS)) -D $RATE_DURATION (after 2 s warm-up), $RATE req/s of 1 KiB responses; vCPU = CPU-seconds per second of the run:"
+    echo
+    echo "| scenario | req/s achieved | hop1 vCPU | hop1 RSS MiB | hop2 vCPU | hop2 RSS MiB |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for r in "${RATE_ROWS[@]}"; do echo "| ${r//|/ | } |"; done
+fi
+
 # Capture cost: transparent minus explicit CPU per request, per hop, for
 # each layer whose two scenarios both ran.
 CAPTURE_BUDGET_US=2
-us_per_req() { # ticks requests -> CPU microseconds per request
-    awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (t / hz) / n * 1e6 }'
-}
 budget_met() { awk -v d="$1" -v b="$CAPTURE_BUDGET_US" 'BEGIN { print (d <= b ? "yes" : "NO") }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { printf "%+.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 CC_ROWS=()

@@ -474,6 +474,8 @@ impl Proxy {
             // Closing is immediate; the bound only guards against a stuck task.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
         }
+        // The last connections' records, before the process exits.
+        self.shared.logs.flush();
         drained
     }
 }
