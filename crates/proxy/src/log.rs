@@ -95,6 +95,11 @@ impl LogSink {
                     .open(path)?,
             ),
         };
+        LogSink::with_writer(writer, dropped)
+    }
+
+    /// A sink writing to `writer` from a thread of its own.
+    fn with_writer(writer: Box<dyn Write + Send>, dropped: Counter) -> std::io::Result<LogSink> {
         let inner = Arc::new(Buffered {
             pending: Mutex::new(Vec::with_capacity(FLUSH_AT)),
             full: Condvar::new(),
@@ -357,4 +362,90 @@ pub struct AuditRecord {
     /// What was actually decided.
     pub decision: &'static str,
     pub config_version: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Line {
+        n: usize,
+    }
+
+    /// What the writer thread wrote, as it arrives.
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(out: &Mutex<Vec<u8>>) -> usize {
+        lock(out).iter().filter(|b| **b == b'\n').count()
+    }
+
+    #[test]
+    fn records_are_written_within_the_interval_without_a_flush() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = LogSink::with_writer(Box::new(Captured(out.clone())), Counter::default()).unwrap();
+        for n in 0..3 {
+            sink.write(&Line { n });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lines(&out) < 3 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            String::from_utf8(lock(&out).clone()).unwrap(),
+            "{\"n\":0}\n{\"n\":1}\n{\"n\":2}\n"
+        );
+    }
+
+    #[test]
+    fn a_flush_writes_what_is_pending_at_once() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = LogSink::with_writer(Box::new(Captured(out.clone())), Counter::default()).unwrap();
+        sink.write(&Line { n: 7 });
+        sink.flush();
+        assert_eq!(lines(&out), 1);
+    }
+
+    /// A disk that does not take anything until told to.
+    struct Stuck(mpsc::Receiver<()>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn behind_a_stuck_disk_records_are_dropped_and_counted_not_held() {
+        let (release, stuck) = mpsc::channel();
+        let dropped = Counter::default();
+        let sink = LogSink::with_writer(Box::new(Stuck(stuck)), dropped.clone()).unwrap();
+        // The writer takes one batch and is stuck writing it; behind it,
+        // at most MAX_PENDING bytes wait (written twice over, at most).
+        let record = Line { n: usize::MAX };
+        let per = serde_json::to_vec(&record).unwrap().len() + 1;
+        for _ in 0..4 * MAX_PENDING / per {
+            sink.write(&record);
+        }
+        assert!(dropped.get() > 0, "records were dropped and counted");
+        assert!(lock(&sink.inner.as_ref().unwrap().pending).len() <= MAX_PENDING + per);
+        drop(release);
+    }
 }
