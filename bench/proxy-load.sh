@@ -406,6 +406,7 @@ base_ticks() {
 }
 
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+anon_kib() { awk '/^RssAnon:/{print $2}' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 to_ms() { # wrk duration (12.3us, 4.5ms, 1.2s, 1.0m) -> ms
@@ -532,12 +533,13 @@ measure() {
     local scen=$1 url=$2
     shift 2
     local hop name pid
-    local -A idle before before_sys
+    local -A idle idle_anon before before_sys
     body=$(client_run curl -sSk --max-time 3 -H "Authorization: Bearer $JWT" "$url") || die "$scen: curl $url failed"
     [[ $body == ok ]] || die "$scen: unexpected body from $url: $body"
     for hop in "$@"; do
         pid=${hop#*=}
         idle[$pid]=$(rss_kib "$pid")
+        idle_anon[$pid]=$(anon_kib "$pid")
     done
     log "$scen: warm-up $WARMUP"
     run_wrk "$url" "$WARMUP" "$WORK/wrk-$scen-warmup.txt"
@@ -574,7 +576,7 @@ measure() {
         proc_alive "$pid" || die "$scen: $name (pid $pid) died under load"
         local used=$(($(cpu_ticks "$pid") - ${before[$pid]}))
         ours=$((ours + used))
-        hop_rows+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid"):$(($(sys_ticks "$pid") - ${before_sys[$pid]}))")
+        hop_rows+=("$name:$used:${idle[$pid]}:$(rss_kib "$pid"):$(($(sys_ticks "$pid") - ${before_sys[$pid]})):${idle_anon[$pid]}:$(anon_kib "$pid")")
     done
     # What the rest of the machine used meanwhile: busy ticks not spent by
     # wrk, nginx, meshward server or the hops, as % of all CPU time.
@@ -1126,7 +1128,7 @@ fi
 # --- report ------------------------------------------------------------------------
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-hop_field() { # hops-string index(0|1) field(1=name 2=ticks 3=idle 4=end 5=kernel ticks)
+hop_field() { # hops-string index(0|1) field(1=name 2=ticks 3=idle 4=end 5=kernel ticks 6=idle anon 7=end anon)
     local h
     read -r -a h <<<"$2"
     ((${#h[@]} > $1)) || { echo "-"; return; }
@@ -1190,14 +1192,19 @@ for s in "${SCENARIOS[@]}"; do
     peer=haproxy-http
     [[ $s == meshward-l4 || $s == haproxy-tcp ]] && peer=haproxy-tcp
     h1=$(us_hop "$s" 0) h2=$(us_hop "$s" 1)
-    HOP_ROWS+=("$s|$h1 / $h2|$(ratio "$h1" "$(us_hop "$peer" 0)") / $(ratio "$h2" "$(us_hop "$peer" 1)") ($peer)|$(ratio "$h1" "$(us_hop relay-tcp 0)") / $(ratio "$h2" "$(us_hop relay-tcp 1)")")
+    anon=
+    for i in 0 1; do
+        a=$(hop_field "$i" "${R_HOPS[$s]}" 6) e=$(hop_field "$i" "${R_HOPS[$s]}" 7)
+        anon+="${anon:+ / }$(mib "${a:-0}") → $(mib "${e:-0}")"
+    done
+    HOP_ROWS+=("$s|$h1 / $h2|$(ratio "$h1" "$(us_hop "$peer" 0)") / $(ratio "$h2" "$(us_hop "$peer" 1)") ($peer)|$(ratio "$h1" "$(us_hop relay-tcp 0)") / $(ratio "$h2" "$(us_hop relay-tcp 1)")|$anon")
 done
 if ((${#HOP_ROWS[@]})); then
     echo
     echo "CPU per request per hop (hop1 / hop2), µs, and ratios to haproxy of the same layer and to the plaintext relay (relay-tcp: $(us_hop relay-tcp 0) / $(us_hop relay-tcp 1) µs):"
     echo
-    echo "| scenario | µs per request | ÷ haproxy | ÷ relay-tcp |"
-    echo "|---|---:|---:|---:|"
+    echo "| scenario | µs per request | ÷ haproxy | ÷ relay-tcp | anonymous memory MiB, idle → loaded (hop1 / hop2) |"
+    echo "|---|---:|---:|---:|---:|"
     for r in "${HOP_ROWS[@]}"; do echo "| ${r//|/ | } |"; done
 fi
 
@@ -1280,7 +1287,7 @@ echo "- wrk $("$WRK" -v 2>&1 | head -1 | awk '{print $2}'), \`wrk -t$THREADS -c$
 echo "- meshward $("$MESHWARD" --version 2>/dev/null | awk '{print $NF}') (\`$MESHWARD\`; repository at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)), \`--access-log off --audit-log off\` except meshward-l7-log (access logs to files); haproxy $("$HAPROXY" -v | head -1 | awk '{print $3}') with default threads."
 echo "- Identity checks: meshward's client side accepts only the server's SPIFFE ID (secure naming) and the server side allows only the client's principal (L4: per connection; L7: per request, with GET + /bench/* and, in meshward-l7, a verified RS256 JWT); haproxy verifies both chains against the mesh root but checks no SPIFFE ID."
 echo "- other CPU %: busy CPU time during the measured phase not spent by wrk, nginx, meshward server or the hops (other processes, interrupts, hypervisor steal), as % of the machine; more than a few % means the row is skewed."
-echo "- CPU per hop: utime+stime of that proxy process during the measured phase, ÷ (requests ÷ 1,000). RSS: VmRSS before any load and right after it."
+echo "- CPU per hop: utime+stime of that proxy process during the measured phase, ÷ (requests ÷ 1,000). RSS: VmRSS before any load and right after it. VmRSS counts the executable's pages mapped from the page cache, shared by every process running the same binary; anonymous memory (RssAnon: heap, stacks) is what each proxy adds."
 echo "- $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); CPU ${BUSY_BEFORE}% busy in the second before the run (anything else running skews the numbers). wrk, nginx and both proxies share the cores."
 if [[ -n ${R_REQS[ns-direct]:-} ]]; then
     echo "- ns-*: wrk in a client network namespace, nginx in a server namespace (198.18.0.3:$NS_APP_PORT), joined by veth pairs through a bridge; proxies configured by meshward server in a third namespace, with the same flags in both modes but the mode's own: explicit \`--upstream\`/\`--inbound\`, transparent \`--capture\` (both \`--proxy-mark $MARK\`). Transparent: wrk calls the ServiceEntry address $NS_VIP:$NS_APP_PORT. -paced: the same processes again, each wrk connection waiting $NS_PACE_MS ms after every response (ratios to ns-direct-paced). Capture cost: transparent minus explicit CPU per request of each hop; budget ≤ $CAPTURE_BUDGET_US µs per request per hop. wrk's own CPU is shown for context."
