@@ -456,7 +456,7 @@ pub(crate) fn audit(
         return;
     }
     let base = |kind, policy: String, rule, result: String| AuditRecord {
-        time: record.time.clone(),
+        time: record.time,
         kind,
         source_address: info.peer_addr,
         source_principal: info.peer.as_ref().map(|p| p.id.clone()),
