@@ -36,6 +36,15 @@ pub fn protocol_name(version: Version) -> &'static str {
     }
 }
 
+/// A header's value as text: as it is when it is UTF-8 (nearly always,
+/// and checked fast), else with each invalid byte replaced.
+fn text(value: &HeaderValue) -> String {
+    match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+    }
+}
+
 /// The request as the policy engine reads it. An absolute-form HTTP/1
 /// target, and CONNECT's authority form, are kept whole, so the engine
 /// refuses them as Envoy does.
@@ -52,22 +61,12 @@ pub fn policy_request<B>(request: &Request<B>) -> HttpRequest {
     let host = uri
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
-        })
+        .or_else(|| request.headers().get(header::HOST).map(text))
         .unwrap_or_default();
     let headers = request
         .headers()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(k, v)| (k.as_str().to_owned(), text(v)))
         .collect();
     HttpRequest {
         method: request.method().as_str().to_owned(),
