@@ -6,13 +6,15 @@
 //! (`meshward_log_records_dropped_total`). Paths are logged without their
 //! query string, and no header or token value is ever logged.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use meshward_policy::Stage;
+use meshward_policy::learn::record::{RECORD_VERSION, RecordWorkload, RequestAuth};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -113,6 +115,8 @@ fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, writer: Box<dyn Write + Send>) {
 pub struct Logs {
     pub access: LogSink,
     pub audit: LogSink,
+    /// What inbound records keep beyond the decision (`crate::facts`).
+    pub facts: crate::facts::FactSettings,
 }
 
 /// RFC 3339 with milliseconds, UTC.
@@ -177,6 +181,40 @@ pub struct AccessRecord {
     /// The gateway's VirtualService route (`namespace/name/http[i]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// The record format's version (`docs/decision-records.md`).
+    #[serde(rename = "v")]
+    pub record_version: u32,
+    // The facts below let the decision be made again offline (`meshward
+    // replay`, `meshward suggest`); `crate::facts` fills them for inbound
+    // decisions while a log or decision reporting reads records.
+    /// The workload decided for: namespace, labels, and name when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<RecordWorkload>,
+    /// The address the peer connected to (`destination.ip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_ip: Option<IpAddr>,
+    /// The workload port, as policies name it (`destination.port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
+    /// The TLS server name the peer asked for (`connection.sni`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The original client address, when it is not the peer's (`remote.ip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_ip: Option<IpAddr>,
+    /// The path as received (no query), when normalization changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_path: Option<String>,
+    /// The verified JWT's attributes and the claims policies in force read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_auth: Option<RequestAuth>,
+    /// A bearer token was sent and nothing verified it (no
+    /// RequestAuthentication applied): its value is never kept.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bearer_token: bool,
+    /// The headers `--log-header` names: value, or null when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, Option<String>>>,
 }
 
 impl AccessRecord {
@@ -241,6 +279,16 @@ impl AccessRecord {
             ext_authz: None,
             ext_authz_metadata: None,
             route: None,
+            record_version: RECORD_VERSION,
+            workload: None,
+            destination_ip: None,
+            destination_port: None,
+            sni: None,
+            remote_ip: None,
+            original_path: None,
+            request_auth: None,
+            bearer_token: false,
+            headers: None,
         }
     }
 }

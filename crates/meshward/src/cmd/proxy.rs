@@ -21,6 +21,7 @@ use meshward_policy::authn::JwksCache;
 use meshward_proxy::config::{InboundPort, Limits, ProxyConfig, Upstream};
 use meshward_proxy::control::{self, ControlPlane};
 use meshward_proxy::dns::DnsConfig;
+use meshward_proxy::facts::FactSettings;
 use meshward_proxy::identity::WorkloadIdentity;
 use meshward_proxy::jwks::Fetcher;
 use meshward_proxy::log::LogTarget;
@@ -110,6 +111,11 @@ pub struct Args {
     /// Audit log (AUDIT matches and dry-run results): `-`, a file, or `off`.
     #[arg(long, default_value = "-")]
     audit_log: LogTarget,
+    /// Keep this request header's value in access records (repeatable),
+    /// so that `meshward replay` can decide policies that read it;
+    /// `authorization`, `proxy-authorization` and `cookie` are refused.
+    #[arg(long = "log-header", value_name = "NAME")]
+    log_headers: Vec<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "5s")]
     drain_grace: humantime::Duration,
@@ -263,6 +269,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let labels = labels_of(&args.labels)?;
+    let facts = FactSettings::new(args.workload.as_deref(), &args.log_headers)?;
     let transparent = args.transparent || args.capture;
     let mark = args.capture_args.proxy_mark;
     let capture = if transparent {
@@ -445,6 +452,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let logs = LogTargets {
             access: args.access_log,
             audit: args.audit_log,
+            facts,
         };
         let proxy = Proxy::start(config, identity, store.clone(), logs).await?;
         if let Some(control_plane) = control_plane {

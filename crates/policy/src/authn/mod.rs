@@ -199,6 +199,18 @@ impl Authenticator {
         self.rules.is_empty()
     }
 
+    /// Whether a rule takes tokens of `issuer` for one of `audiences`: the
+    /// question `meshward replay` asks of a token verified when it was
+    /// logged (its keys and times are not checked again; the token itself
+    /// is never logged).
+    pub fn accepts(&self, issuer: &str, audiences: &[String]) -> bool {
+        self.rules.iter().any(|r| {
+            r.rule.issuer == issuer
+                && (r.rule.audiences.is_empty()
+                    || r.rule.audiences.iter().any(|a| audiences.contains(a)))
+        })
+    }
+
     /// Authenticates one request as Envoy's `jwt_authn` does under the
     /// requirement Istio generates for these rules, plus one rule of
     /// meshward's: every token at any configured location must verify.

@@ -135,6 +135,15 @@ async fn handle(
     }
 
     describe_decision(&mut record, &decision, &snapshot.policy, &info, &view);
+    let principal = decision.principal.as_ref();
+    crate::facts::add(
+        &mut record,
+        &shared,
+        &snapshot.policy,
+        &info,
+        Some(&view),
+        principal,
+    );
     audit(&shared, &snapshot, &info, &view, &decision, &record);
 
     if !decision.allowed() {
