@@ -3,6 +3,13 @@
 //! were allowed, each with the operations it was seen doing, plus an
 //! `allow-nothing` per namespace.
 //!
+//! Workloads of one namespace with the same `app` label are one
+//! destination, selected by that label: by Istio's convention they are
+//! versions of one app behind one service (`reviews-v1`, `reviews-v2`), and
+//! a caller's requests go to whichever the load balancer picks, so a policy
+//! per version would deny tomorrow what went to the other one today. A
+//! workload without `app` is selected by all its labels.
+//!
 //! Every allowed request that `suggest` takes is allowed by what it writes
 //! (the property `tests/learn.rs` checks through the engine), and nothing
 //! is wider than what was seen except where Istio cannot say it exactly
@@ -104,6 +111,13 @@ pub fn namespaces_denying_by_default(policies: &[Policy]) -> BTreeSet<String> {
 
 const ALLOW_NOTHING: &str = "allow-nothing";
 
+/// The time `ago` before now (`--since`); `None` when that is before
+/// the representable range, which no record predates.
+pub fn time_ago(ago: std::time::Duration) -> Option<Timestamp> {
+    let ago = jiff::SignedDuration::try_from(ago).ok()?;
+    Timestamp::now().checked_sub(ago).ok()
+}
+
 /// How often, and when first and last.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Seen {
@@ -172,7 +186,8 @@ type Operations = BTreeMap<OpKey, BTreeMap<String, Seen>>;
 /// [`super::record::Records`]).
 pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggestion {
     let mut notes = Notes::default();
-    let mut observed: BTreeMap<RecordWorkload, BTreeMap<Caller, Operations>> = BTreeMap::new();
+    let mut observed: BTreeMap<Target, BTreeMap<Caller, Operations>> = BTreeMap::new();
+    let mut members: BTreeMap<Target, BTreeSet<String>> = BTreeMap::new();
     let mut namespaces: BTreeSet<String> = options.namespace.iter().cloned().collect();
     let mut total = Seen::default();
     for record in records {
@@ -217,8 +232,13 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
         };
         let seen = Seen::one(record.time);
         total.add(seen);
+        let target = Target::of(workload);
+        members
+            .entry(target.clone())
+            .or_default()
+            .insert(workload.to_string());
         observed
-            .entry(workload.clone())
+            .entry(target)
             .or_default()
             .entry(caller)
             .or_default()
@@ -254,8 +274,12 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
         suggestion.allow_nothing += 1;
     }
     let mut names: BTreeSet<(String, String)> = BTreeSet::new();
-    for (workload, callers) in &observed {
-        if workload.labels.is_empty() {
+    for (target, callers) in &observed {
+        let workload = members
+            .get(target)
+            .map(|m| m.iter().cloned().collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        if target.selector.is_empty() {
             let requests: u64 = callers
                 .values()
                 .flat_map(|o| o.values())
@@ -269,31 +293,32 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
         }
         let rules: Vec<(&Caller, Seen, Vec<Operation>)> = callers
             .iter()
-            .filter_map(|(caller, ops)| {
-                let (seen, operations) = operations(ops, options, &mut notes, workload);
-                (!operations.is_empty()).then_some((caller, seen, operations))
+            .flat_map(|(caller, ops)| {
+                operations(ops, options, &mut notes, &workload)
+                    .into_iter()
+                    .map(move |(seen, operations)| (caller, seen, operations))
             })
             .collect();
         if rules.is_empty() {
             continue;
         }
-        let mut name = policy_name(workload);
+        let mut name = target.policy_name();
         let mut n = 2;
-        while !names.insert((workload.namespace.clone(), name.clone())) {
-            name = format!("{}-{n}", policy_name(workload));
+        while !names.insert((target.namespace.clone(), name.clone())) {
+            name = format!("{}-{n}", target.policy_name());
             n += 1;
         }
         out.document();
+        let callers = rules.iter().map(|r| r.0).collect::<BTreeSet<_>>().len();
         let _ = writeln!(
             out.0,
-            "# {workload}: {} caller{}.",
-            rules.len(),
-            if rules.len() == 1 { "" } else { "s" }
+            "# {workload}: {callers} caller{}.",
+            if callers == 1 { "" } else { "s" }
         );
-        out.header(&name, &workload.namespace, options.dry_run);
+        out.header(&name, &target.namespace, options.dry_run);
         out.0.push_str("spec:\n  selector:\n    matchLabels:\n");
-        for (k, v) in &workload.labels {
-            let _ = writeln!(out.0, "      {}: {}", quote(k), quote(v));
+        for (k, v) in &target.selector {
+            let _ = writeln!(out.0, "      {}: {}", scalar(k), scalar(v));
         }
         out.0.push_str("  action: ALLOW\n  rules:\n");
         for (caller, seen, operations) in rules {
@@ -363,14 +388,18 @@ struct Operation {
 
 /// A caller's operations, generalized and grouped so that each operation's
 /// methods × ports × paths were all seen together (nothing is widened by
-/// the cross product); and all they cover.
+/// the cross product), each group with what it covers: the HTTP operations,
+/// then the TCP ports. They are two rules: Istio drops a whole ALLOW rule
+/// that names an HTTP field from TCP traffic, so ports beside methods and
+/// paths in one rule would never admit a connection.
 fn operations(
     ops: &Operations,
     options: &SuggestOptions,
     notes: &mut Notes,
-    workload: &RecordWorkload,
-) -> (Seen, Vec<Operation>) {
+    workload: &str,
+) -> Vec<(Seen, Vec<Operation>)> {
     let mut covered = Seen::default();
+    let mut tcp_covered = Seen::default();
     // (port, paths) → methods; TCP ports on their own.
     type Values = Vec<(String, Seen, usize)>;
     let mut by_paths: BTreeMap<(u16, Vec<String>), (Vec<String>, Values)> = BTreeMap::new();
@@ -384,7 +413,7 @@ fn operations(
                     notes.below_min_count += seen.count;
                     continue;
                 }
-                covered.add(seen);
+                tcp_covered.add(seen);
                 tcp.push(key.port);
             }
             Some(method) => {
@@ -419,7 +448,7 @@ fn operations(
         entry.0.push(port);
         merge_values(&mut entry.1, values);
     }
-    let mut out: Vec<Operation> = by_methods
+    let out: Vec<Operation> = by_methods
         .into_iter()
         .map(|((methods, _), (ports, paths))| Operation {
             methods,
@@ -427,7 +456,8 @@ fn operations(
             paths,
         })
         .collect();
-    if !tcp.is_empty() {
+    let mut groups = Vec::new();
+    if !out.is_empty() {
         if out
             .iter()
             .any(|op| op.ports.iter().any(|p| tcp.contains(p)))
@@ -436,13 +466,17 @@ fn operations(
                 "{workload}: a port carried both HTTP and TCP traffic from one caller; its TCP rule (ports only) also admits any HTTP request on that port"
             ));
         }
-        out.push(Operation {
+        groups.push((covered, out));
+    }
+    if !tcp.is_empty() {
+        let tcp = Operation {
             methods: Vec::new(),
             ports: tcp,
             paths: Vec::new(),
-        });
+        };
+        groups.push((tcp_covered, vec![tcp]));
     }
-    (covered, out)
+    groups
 }
 
 /// Adds the counts of `from` to `into`, which holds the same values in
@@ -458,34 +492,74 @@ fn merge_values(into: &mut Vec<(String, Seen, usize)>, from: Vec<(String, Seen, 
     }
 }
 
-/// `NAME-observed`, from the workload's name (or `app` label), as a
-/// DNS-1123 name.
-fn policy_name(workload: &RecordWorkload) -> String {
-    let base = workload
-        .name
-        .as_deref()
-        .or(workload.labels.get("app").map(String::as_str))
-        .unwrap_or("workload");
-    let mut name: String = base
-        .chars()
-        .map(|c| match c.to_ascii_lowercase() {
-            c @ ('a'..='z' | '0'..='9' | '-') => c,
-            _ => '-',
-        })
-        .collect();
-    name = name.trim_matches('-').to_owned();
-    name.truncate(50);
-    let name = name.trim_end_matches('-');
-    if name.is_empty() {
-        "workload-observed".to_owned()
-    } else {
-        format!("{name}-observed")
+/// A destination: the workloads one policy selects.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Target {
+    namespace: String,
+    /// `app` alone when the workload has it, else all its labels.
+    selector: BTreeMap<String, String>,
+    /// The workload's name when it has no `app` label.
+    name: Option<String>,
+}
+
+impl Target {
+    fn of(workload: &RecordWorkload) -> Target {
+        match workload.labels.get_key_value("app") {
+            Some((k, v)) => Target {
+                namespace: workload.namespace.clone(),
+                selector: BTreeMap::from([(k.clone(), v.clone())]),
+                name: None,
+            },
+            None => Target {
+                namespace: workload.namespace.clone(),
+                selector: workload.labels.clone(),
+                name: workload.name.clone(),
+            },
+        }
+    }
+
+    /// `APP-observed` (or the workload's name), as a DNS-1123 name.
+    fn policy_name(&self) -> String {
+        let base = self
+            .selector
+            .get("app")
+            .or(self.name.as_ref())
+            .map_or("workload", String::as_str);
+        let mut name: String = base
+            .chars()
+            .map(|c| match c.to_ascii_lowercase() {
+                c @ ('a'..='z' | '0'..='9' | '-') => c,
+                _ => '-',
+            })
+            .collect();
+        name = name.trim_matches('-').to_owned();
+        name.truncate(50);
+        let name = name.trim_end_matches('-');
+        if name.is_empty() {
+            "workload-observed".to_owned()
+        } else {
+            format!("{name}-observed")
+        }
     }
 }
 
 /// A YAML double-quoted scalar (JSON's string syntax is a subset of it).
 fn quote(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// A name or label as a plain scalar where YAML reads it back as the same
+/// string (a DNS-like name that is not a number, boolean or null), quoted
+/// otherwise.
+fn scalar(s: &str) -> String {
+    let plain = s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b))
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "y" | "n"
+        );
+    if plain { s.to_owned() } else { quote(s) }
 }
 
 /// Whether `method` can be written in `methods` without a warning: an
@@ -508,14 +582,10 @@ impl Yaml {
     fn header(&mut self, name: &str, namespace: &str, dry_run: bool) {
         self.0
             .push_str("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n");
-        let _ = writeln!(self.0, "  name: {}", quote(name));
-        let _ = writeln!(self.0, "  namespace: {}", quote(namespace));
+        let _ = writeln!(self.0, "  name: {}", scalar(name));
+        let _ = writeln!(self.0, "  namespace: {}", scalar(namespace));
         if dry_run {
-            let _ = writeln!(
-                self.0,
-                "  annotations:\n    {}: \"true\"",
-                quote(DRY_RUN_ANNOTATION)
-            );
+            let _ = writeln!(self.0, "  annotations:\n    {DRY_RUN_ANNOTATION}: \"true\"");
         }
     }
 
