@@ -8,7 +8,8 @@
 //! `docs/decision-records.md`.
 //!
 //! Facts are gathered only while something reads records — the access log
-//! or decision reporting — so a proxy with both off does no work for them.
+//! or decision reporting (`LogSink::is_enabled` says either) — so a proxy
+//! with both off does no work for them.
 
 use meshward_policy::authn::JwtPrincipal;
 use meshward_policy::authz::normalize;
@@ -28,6 +29,8 @@ pub struct FactSettings {
     pub workload_name: Option<String>,
     /// Lower-cased header names whose values are kept (`--log-header`).
     pub headers: Vec<String>,
+    /// Where inbound records are also sent (`--report-decisions`).
+    pub report: Option<crate::report::Reporter>,
 }
 
 /// Why a header cannot be logged.
@@ -57,6 +60,7 @@ impl FactSettings {
                 .and_then(|w| w.split_once('/'))
                 .map(|(_, name)| name.to_owned()),
             headers: names,
+            report: None,
         })
     }
 }

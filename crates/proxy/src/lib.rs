@@ -28,6 +28,7 @@ pub mod log;
 pub mod metrics;
 pub mod outbound;
 pub mod policies;
+pub mod report;
 pub mod revocation;
 pub mod sniff;
 pub mod socket;
@@ -167,7 +168,7 @@ impl Proxy {
             })
         };
         let logs = Logs {
-            access: open("access", &logs.access)?,
+            access: open("access", &logs.access)?.reporting(logs.facts.report.clone()),
             audit: open("audit", &logs.audit)?,
             facts: logs.facts,
         };

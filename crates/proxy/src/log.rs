@@ -50,13 +50,38 @@ const QUEUE: usize = 8192;
 pub struct LogSink {
     tx: Option<mpsc::Sender<Vec<u8>>>,
     dropped: Counter,
+    /// Reportable records also go here (`--report-decisions`).
+    report: Option<crate::report::Reporter>,
 }
+
+/// A record a [`LogSink`] writes.
+pub trait Record: Serialize {
+    /// Whether it is also reported to the control plane, when reporting.
+    fn reportable(&self) -> bool {
+        false
+    }
+}
+
+/// Inbound decisions with their facts are reported.
+impl Record for AccessRecord {
+    fn reportable(&self) -> bool {
+        self.workload.is_some()
+    }
+}
+
+impl Record for AuditRecord {}
 
 impl LogSink {
     /// Opens `target` and starts its writer task.
     pub fn open(target: &LogTarget, dropped: Counter) -> std::io::Result<LogSink> {
         let writer: Box<dyn Write + Send> = match target {
-            LogTarget::Off => return Ok(LogSink { tx: None, dropped }),
+            LogTarget::Off => {
+                return Ok(LogSink {
+                    tx: None,
+                    dropped,
+                    report: None,
+                });
+            }
             LogTarget::Stdout => Box::new(std::io::stdout()),
             LogTarget::File(path) => Box::new(
                 std::fs::OpenOptions::new()
@@ -72,15 +97,25 @@ impl LogSink {
         Ok(LogSink {
             tx: Some(tx),
             dropped,
+            report: None,
         })
     }
 
-    pub fn is_enabled(&self) -> bool {
-        self.tx.is_some()
+    /// This sink, also reporting its reportable records to `report`.
+    pub fn reporting(mut self, report: Option<crate::report::Reporter>) -> LogSink {
+        self.report = report;
+        self
     }
 
-    pub fn write<R: Serialize>(&self, record: &R) {
-        let Some(tx) = &self.tx else { return };
+    /// Whether records are read at all: written to the log, or reported.
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some() || self.report.is_some()
+    }
+
+    pub fn write<R: Record>(&self, record: &R) {
+        if !self.is_enabled() {
+            return;
+        }
         let mut line = match serde_json::to_vec(record) {
             Ok(line) => line,
             Err(e) => {
@@ -88,6 +123,12 @@ impl LogSink {
                 return;
             }
         };
+        if let Some(report) = &self.report
+            && record.reportable()
+        {
+            report.offer(&line);
+        }
+        let Some(tx) = &self.tx else { return };
         line.push(b'\n');
         if tx.try_send(line).is_err() {
             self.dropped.inc();

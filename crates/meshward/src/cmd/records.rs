@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use meshward_policy::learn::Records;
 
-/// The directory under a server's data directory holding the decisions
-/// its proxies report (`meshward proxy --report-decisions`).
-pub const DECISIONS_DIR: &str = "decisions";
+use meshward_control_plane::decisions::DIRECTORY as DECISIONS_DIR;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RecordArgs {
