@@ -198,10 +198,8 @@ impl Decisions for DecisionsService {
                     .or_insert_with(|| {
                         self.hub
                             .workload_of(&identity, peer, claim)
-                            .map(|(namespace, name, labels)| {
-                                serde_json::json!({"namespace": namespace, "name": name, "labels": labels})
-                            })
                             .map_err(|e| e.to_string())
+                            .and_then(|w| serde_json::to_value(w).map_err(|e| e.to_string()))
                     })
                     .clone()
             });

@@ -37,6 +37,7 @@ use meshward_api::types;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::tls::spiffe_id_of;
 use meshward_policy::api::{Action, AuthorizationPolicy, Policy, RegistryObject};
+use meshward_policy::learn::record::RecordWorkload;
 use meshward_policy::validate::DRY_RUN_ANNOTATION;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -472,33 +473,36 @@ fn unix_seconds(t: std::time::SystemTime) -> i64 {
 
 impl Hub {
     /// The workload a proxy speaks for — its identity, connecting from
-    /// `peer`, claiming `claim` — as the distribution stream places it:
-    /// (namespace, WorkloadEntry name, labels). With no entry for the
-    /// identity, its namespace without name or labels. Decision reports
-    /// (`decisions.rs`) are filed under it, whatever the records say.
+    /// `peer`, claiming `claim` — as the distribution stream places it;
+    /// with no entry for the identity, its namespace without name or
+    /// labels. Decision reports (`decisions.rs`) are filed under it,
+    /// whatever the records say.
     pub fn workload_of(
         &self,
         identity: &SpiffeId,
         peer: Option<SocketAddr>,
         claim: Option<&str>,
-    ) -> Result<(String, Option<String>, BTreeMap<String, String>), Refusal> {
+    ) -> Result<RecordWorkload, Refusal> {
         let config = self.store.config();
         let derived = self.derived(&config);
         let id = identity.to_string();
-        match derived.registry.resolve(&id, peer.map(|p| p.ip()), claim)? {
-            Some(w) => {
-                let name = w.name.split_once('/').map(|(_, n)| n.to_owned());
-                Ok((w.namespace.clone(), name, w.labels.clone()))
-            }
-            None => Ok((
-                identity
-                    .istio_parts()
-                    .map(|(ns, _)| ns.to_owned())
-                    .unwrap_or_default(),
-                None,
-                BTreeMap::new(),
-            )),
-        }
+        Ok(
+            match derived.registry.resolve(&id, peer.map(|p| p.ip()), claim)? {
+                Some(w) => RecordWorkload {
+                    namespace: w.namespace.clone(),
+                    name: w.name.split_once('/').map(|(_, n)| n.to_owned()),
+                    labels: w.labels.clone(),
+                },
+                None => RecordWorkload {
+                    namespace: identity
+                        .istio_parts()
+                        .map(|(ns, _)| ns.to_owned())
+                        .unwrap_or_default(),
+                    name: None,
+                    labels: BTreeMap::new(),
+                },
+            },
+        )
     }
 }
 

@@ -107,7 +107,9 @@ async fn http_records_keep_the_facts_and_replay_to_the_same_decisions() {
     let out = client.outbound[0];
     let dev = token(&["dev"]);
     let ops = token(&["ops"]);
-    let calls: [(&str, Vec<(&str, &str)>, u16); 5] = [
+    // (path, headers, status)
+    type Call<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
+    let calls: [Call; 5] = [
         ("/public/a?q=1", vec![("authorization", &dev)], 200),
         ("/public/x/../b", vec![("authorization", &dev)], 200),
         ("/public/a", vec![("authorization", &ops)], 403),

@@ -127,8 +127,10 @@ impl Replay {
 pub fn replay(set: &PolicySet, records: &[DecisionRecord]) -> Replay {
     let mut compiled: HashMap<Workload, WorkloadPolicy> = HashMap::new();
     let mut report = Replay::default();
+    // (change, workload, decided by) → count, and per request: count, reason.
     type Key = (Change, String, String);
-    let mut groups: BTreeMap<Key, (u64, BTreeMap<String, (u64, String)>)> = BTreeMap::new();
+    type Examples = BTreeMap<String, (u64, String)>;
+    let mut groups: BTreeMap<Key, (u64, Examples)> = BTreeMap::new();
     for record in records {
         report.records += 1;
         let workload = record.workload.as_ref();

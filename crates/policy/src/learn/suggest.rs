@@ -257,8 +257,8 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
         total.describe("allowed request")
     );
     out.0.push_str(
-        "# Each ALLOW rule lets one caller do what it was seen doing, no more; review it,\n\
-         # and check it with `meshward replay -f FILE --log LOG...` before applying.\n",
+        "# Each ALLOW rule lets one caller do what it was seen doing, no more. Review it,\n\
+         # and check it against the traffic with `meshward replay -f FILE` before applying.\n",
     );
     for ns in &namespaces {
         if options.have_allow_nothing.contains(ns) {
@@ -442,7 +442,8 @@ fn operations(
         }
     }
     // (methods, paths) → ports.
-    let mut by_methods: BTreeMap<(Vec<String>, Vec<String>), (Vec<u16>, Values)> = BTreeMap::new();
+    type MethodsAndPaths = (Vec<String>, Vec<String>);
+    let mut by_methods: BTreeMap<MethodsAndPaths, (Vec<u16>, Values)> = BTreeMap::new();
     for ((port, names), (methods, values)) in by_paths {
         let entry = by_methods.entry((methods, names)).or_default();
         entry.0.push(port);

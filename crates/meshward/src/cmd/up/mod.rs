@@ -492,7 +492,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         gateway_ca: ingress.as_ref().and_then(|g| g.ca.clone()),
     };
     write_atomically(&data.join("up.json"), &serde_json::to_string_pretty(&mesh)?)?;
-    screen::banner(&mesh, &services);
     if args.learn {
         println!(
             "meshward up: learning: every ALLOW and DENY policy is in dry-run, nothing is enforced; \
@@ -500,6 +499,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             data.display()
         );
     }
+    screen::banner(&mesh, &services);
     if let Some(ingress) = &ingress {
         for p in &ingress.published {
             println!(
