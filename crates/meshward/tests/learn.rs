@@ -417,7 +417,9 @@ fn bookinfo_learns_least_privilege_from_its_traffic() {
         Some(403),
         "a path never seen"
     );
+    let root = up.dir.parent().unwrap().to_owned();
     up.stop();
+    std::fs::remove_dir_all(root).ok();
 }
 
 /// Records in the server's window so far.
@@ -606,7 +608,9 @@ fn up_learns_in_dry_run_and_suggest_reads_the_servers_window() {
         let status = request_with(up.call(from, service), "GET", path, headers);
         assert_eq!(status, Some(200), "{from} → {service}{path} enforced");
     }
+    let root = up.dir.parent().unwrap().to_owned();
     up.stop();
+    std::fs::remove_dir_all(root).ok();
 }
 
 /// A workload reporting decisions to a running `meshward server` speaks
