@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod decisions;
 pub mod metrics;
 pub mod push;
 pub mod record;

@@ -36,7 +36,9 @@ use meshward_api::control::{
 use meshward_api::types;
 use meshward_identity::spiffe::SpiffeId;
 use meshward_identity::tls::spiffe_id_of;
-use meshward_policy::api::{Policy, RegistryObject};
+use meshward_policy::api::{Action, AuthorizationPolicy, Policy, RegistryObject};
+use meshward_policy::learn::record::RecordWorkload;
+use meshward_policy::validate::DRY_RUN_ANNOTATION;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -129,6 +131,10 @@ pub struct Hub {
     /// Seconds from a store change to each push it caused.
     pub push_latency: prometheus_client::metrics::histogram::Histogram,
     changed_at: Mutex<std::time::Instant>,
+    /// Learning (`meshward server --dry-run-policies`): every ALLOW and
+    /// DENY AuthorizationPolicy goes to proxies in dry-run, decided and
+    /// logged but not enforced. The store keeps them as they are.
+    pub dry_run_policies: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +176,7 @@ impl Hub {
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
             ),
             changed_at: Mutex::new(std::time::Instant::now()),
+            dry_run_policies: false,
         }
     }
 
@@ -300,7 +307,12 @@ impl Hub {
             .policies
             .iter()
             .filter_map(|policy| {
-                let body = serde_json::to_vec(policy).ok()?;
+                let body = match policy {
+                    Policy::AuthorizationPolicy(ap) if self.dry_run_policies => {
+                        serde_json::to_vec(&in_dry_run(ap)).ok()?
+                    }
+                    _ => serde_json::to_vec(policy).ok()?,
+                };
                 Some((
                     policy.metadata().namespace_or_default().to_owned(),
                     resource(policy_name(policy), types::POLICY, body),
@@ -459,6 +471,41 @@ fn unix_seconds(t: std::time::SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+impl Hub {
+    /// The workload a proxy speaks for — its identity, connecting from
+    /// `peer`, claiming `claim` — as the distribution stream places it;
+    /// with no entry for the identity, its namespace without name or
+    /// labels. Decision reports (`decisions.rs`) are filed under it,
+    /// whatever the records say.
+    pub fn workload_of(
+        &self,
+        identity: &SpiffeId,
+        peer: Option<SocketAddr>,
+        claim: Option<&str>,
+    ) -> Result<RecordWorkload, Refusal> {
+        let config = self.store.config();
+        let derived = self.derived(&config);
+        let id = identity.to_string();
+        Ok(
+            match derived.registry.resolve(&id, peer.map(|p| p.ip()), claim)? {
+                Some(w) => RecordWorkload {
+                    namespace: w.namespace.clone(),
+                    name: w.name.split_once('/').map(|(_, n)| n.to_owned()),
+                    labels: w.labels.clone(),
+                },
+                None => RecordWorkload {
+                    namespace: identity
+                        .istio_parts()
+                        .map(|(ns, _)| ns.to_owned())
+                        .unwrap_or_default(),
+                    name: None,
+                    labels: BTreeMap::new(),
+                },
+            },
+        )
+    }
+}
+
 /// The caller's SPIFFE ID and certificate expiry (Unix seconds), from the
 /// client certificate verified in the TLS handshake.
 pub(crate) fn caller<T>(request: &Request<T>, missing: &str) -> Result<(SpiffeId, i64), Status> {
@@ -473,6 +520,20 @@ pub(crate) fn caller<T>(request: &Request<T>, missing: &str) -> Result<(SpiffeId
         .map(|(_, c)| c.validity().not_after.timestamp())
         .unwrap_or(0);
     Ok((identity, expiry))
+}
+
+/// `policy` as a proxy gets it while learning: an ALLOW or DENY policy
+/// with `istio.io/dry-run: "true"` (the only actions Istio runs in
+/// dry-run); others unchanged.
+fn in_dry_run(policy: &AuthorizationPolicy) -> Policy {
+    let mut policy = policy.clone();
+    if matches!(policy.spec.action, Action::Allow | Action::Deny) {
+        policy
+            .metadata
+            .annotations
+            .insert(DRY_RUN_ANNOTATION.to_owned(), "true".to_owned());
+    }
+    Policy::AuthorizationPolicy(policy)
 }
 
 fn policy_name(policy: &Policy) -> String {

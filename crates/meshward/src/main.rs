@@ -34,6 +34,10 @@ enum Command {
     Check(cmd::check::Args),
     /// Show the effective mTLS mode and every policy that applies to a workload, and why others do not.
     Describe(cmd::describe::Args),
+    /// Least-privilege policies from observed traffic: one ALLOW policy per workload, its observed callers and operations.
+    Suggest(cmd::suggest::Args),
+    /// Decide logged traffic again under proposed policies and report what would change; exit 1 if an allowed request would be denied.
+    Replay(cmd::replay::Args),
     /// The mesh certificate authority: init, issue, inspect.
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
@@ -92,6 +96,8 @@ fn main() -> ExitCode {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Check(args) => cmd::check::run(args),
         Command::Describe(args) => cmd::describe::run(args),
+        Command::Suggest(args) => cmd::suggest::run(args),
+        Command::Replay(args) => cmd::replay::run(args),
         Command::Ca(command) => cmd::ca::run(command),
         Command::Token(command) => cmd::ca::run_token(command),
         Command::Server(args) => cmd::server::run(*args),

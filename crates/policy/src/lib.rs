@@ -52,6 +52,7 @@ pub mod check;
 pub mod diagnostic;
 pub mod duration;
 pub mod ingress;
+pub mod learn;
 pub mod load;
 pub mod pipeline;
 pub mod request;

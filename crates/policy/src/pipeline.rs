@@ -11,7 +11,7 @@ use crate::request::{Connection, HttpRequest};
 use crate::resolve::WorkloadPolicy;
 
 /// Which step decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     PeerAuthentication,
@@ -148,27 +148,7 @@ impl WorkloadPolicy {
         connection: &Connection,
         http: Option<&HttpRequest>,
     ) -> Result<Authenticated, Box<InboundDecision>> {
-        let mode = match self.admit_connection(connection) {
-            Ok(mode) => mode,
-            Err(reason) => {
-                return Err(Box::new(InboundDecision::denied(
-                    Stage::PeerAuthentication,
-                    403,
-                    self.mtls.mode_for_port(connection.destination_port),
-                    reason,
-                )));
-            }
-        };
-        if let Some(h) = http
-            && let Err((status, reason)) = check_request(h)
-        {
-            return Err(Box::new(InboundDecision::denied(
-                Stage::Request,
-                status,
-                mode,
-                reason,
-            )));
-        }
+        let mode = self.admit(connection, http)?;
         let (principal, edits) = match http.map(|h| self.authn.authenticate(h)) {
             None | Some(AuthnOutcome::NoToken) => (None, None),
             Some(AuthnOutcome::Authenticated { principal, headers }) => {
@@ -196,6 +176,59 @@ impl WorkloadPolicy {
             mode,
             principal,
             edits,
+        })
+    }
+}
+
+impl WorkloadPolicy {
+    /// Peer authentication, then what Envoy refuses before any filter.
+    fn admit(
+        &self,
+        connection: &Connection,
+        http: Option<&HttpRequest>,
+    ) -> Result<MtlsMode, Box<InboundDecision>> {
+        let mode = match self.admit_connection(connection) {
+            Ok(mode) => mode,
+            Err(reason) => {
+                return Err(Box::new(InboundDecision::denied(
+                    Stage::PeerAuthentication,
+                    403,
+                    self.mtls.mode_for_port(connection.destination_port),
+                    reason,
+                )));
+            }
+        };
+        if let Some(h) = http
+            && let Err((status, reason)) = check_request(h)
+        {
+            return Err(Box::new(InboundDecision::denied(
+                Stage::Request,
+                status,
+                mode,
+                reason,
+            )));
+        }
+        Ok(mode)
+    }
+
+    /// The steps before authorization for a request whose token was
+    /// verified earlier, with `principal` its outcome (`None`: no token).
+    /// `meshward replay` decides logged requests again this way: tokens are
+    /// never logged, so request authentication cannot run twice, and the
+    /// caller checks first that these rules would take the token
+    /// ([`crate::authn::Authenticator::accepts`]). Peer authentication and
+    /// the request checks run as in [`WorkloadPolicy::authenticate`].
+    pub fn authenticated_as(
+        &self,
+        connection: &Connection,
+        http: Option<&HttpRequest>,
+        principal: Option<JwtPrincipal>,
+    ) -> Result<Authenticated, Box<InboundDecision>> {
+        let mode = self.admit(connection, http)?;
+        Ok(Authenticated {
+            mode,
+            principal: principal.filter(|_| http.is_some()),
+            edits: None,
         })
     }
 }

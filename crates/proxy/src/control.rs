@@ -248,28 +248,23 @@ fn rand_fraction() -> f64 {
     f64::from(nanos % 1000) / 1000.0
 }
 
-/// One stream, until the server ends it; `applied` is set once it put a
-/// response in force.
-#[allow(clippy::too_many_arguments)]
-async fn stream(
+/// A gRPC channel to the control plane: mutual TLS with the workload
+/// certificate, the server accepted only as `control_plane.identity`,
+/// its servers tried from the `first`.
+pub(crate) async fn channel(
     control_plane: &ControlPlane,
     first: usize,
     identity: &WorkloadIdentity,
-    store: &PolicyStore,
-    targets: &Targets,
-    jwks: &Arc<JwksCache>,
     metrics: &Arc<Metrics>,
-    applied: &mut bool,
-) -> Result<(), Ended> {
-    let lost = |e: &dyn std::fmt::Display| Ended::Lost(e.to_string());
+) -> Result<tonic::transport::Channel, String> {
     let tls = MeshTls {
         connector: tokio_rustls::TlsConnector::from(
             identity
                 .client_config(vec![control_plane.identity.clone()], &[ALPN_H2])
-                .map_err(|e| lost(&e))?,
+                .map_err(|e| e.to_string())?,
         ),
         server_name: rustls::pki_types::ServerName::try_from(control_plane.server_name.clone())
-            .map_err(|e| lost(&e))?,
+            .map_err(|e| e.to_string())?,
         revocations: identity.revocations.clone(),
     };
     let mut addresses = control_plane.addresses.clone();
@@ -286,13 +281,32 @@ async fn stream(
         metrics.clone(),
     );
     // Pings find a server that vanished without closing the stream.
-    let channel = tonic::transport::Endpoint::from_static("http://control-plane")
+    tonic::transport::Endpoint::from_static("http://control-plane")
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| Ended::Lost(format!("connecting: {}", error_chain(&e))))?;
+        .map_err(|e| format!("connecting: {}", error_chain(&e)))
+}
+
+/// One stream, until the server ends it; `applied` is set once it put a
+/// response in force.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    control_plane: &ControlPlane,
+    first: usize,
+    identity: &WorkloadIdentity,
+    store: &PolicyStore,
+    targets: &Targets,
+    jwks: &Arc<JwksCache>,
+    metrics: &Arc<Metrics>,
+    applied: &mut bool,
+) -> Result<(), Ended> {
+    let lost = |e: &dyn std::fmt::Display| Ended::Lost(e.to_string());
+    let channel = channel(control_plane, first, identity, metrics)
+        .await
+        .map_err(Ended::Lost)?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(DistributionRequest {
         // The services this workload calls: their endpoints and identities;

@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod ext_authz;
+pub mod facts;
 pub mod forward;
 pub mod gateway;
 pub mod http;
@@ -27,6 +28,7 @@ pub mod log;
 pub mod metrics;
 pub mod outbound;
 pub mod policies;
+pub mod report;
 pub mod revocation;
 pub mod sniff;
 pub mod socket;
@@ -79,11 +81,12 @@ pub enum ProxyError {
     Dns(#[from] dns::DnsError),
 }
 
-/// Where the access and audit logs go.
+/// Where the access and audit logs go, and what their inbound records keep.
 #[derive(Debug, Clone)]
 pub struct LogTargets {
     pub access: LogTarget,
     pub audit: LogTarget,
+    pub facts: facts::FactSettings,
 }
 
 /// A listener as `/config_dump` shows it.
@@ -165,8 +168,9 @@ impl Proxy {
             })
         };
         let logs = Logs {
-            access: open("access", &logs.access)?,
+            access: open("access", &logs.access)?.reporting(logs.facts.report.clone()),
             audit: open("audit", &logs.audit)?,
+            facts: logs.facts,
         };
         let limits = config.limits;
         let bind = |addr: SocketAddr, what: String| async move {

@@ -6,13 +6,15 @@
 //! dropped and counted (`meshward_log_records_dropped_total`). Paths are logged without their
 //! query string, and no header or token value is ever logged.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use meshward_policy::Stage;
+use meshward_policy::learn::record::{RECORD_VERSION, RecordWorkload, RequestAuth};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
@@ -61,6 +63,8 @@ const MAX_PENDING: usize = 8 * 1024 * 1024;
 pub struct LogSink {
     inner: Option<Arc<Buffered>>,
     dropped: Counter,
+    /// Reportable records also go here (`--report-decisions`).
+    report: Option<crate::report::Reporter>,
 }
 
 /// Records waiting for the writer thread, and the file they go to.
@@ -77,6 +81,23 @@ impl std::fmt::Debug for Buffered {
     }
 }
 
+/// A record a [`LogSink`] writes.
+pub trait Record: Serialize {
+    /// Whether it is also reported to the control plane, when reporting.
+    fn reportable(&self) -> bool {
+        false
+    }
+}
+
+/// Inbound decisions with their facts are reported.
+impl Record for AccessRecord {
+    fn reportable(&self) -> bool {
+        self.workload.is_some()
+    }
+}
+
+impl Record for AuditRecord {}
+
 impl LogSink {
     /// Opens `target` and starts its writer thread.
     pub fn open(target: &LogTarget, dropped: Counter) -> std::io::Result<LogSink> {
@@ -85,6 +106,7 @@ impl LogSink {
                 return Ok(LogSink {
                     inner: None,
                     dropped,
+                    report: None,
                 });
             }
             LogTarget::Stdout => Box::new(std::io::stdout()),
@@ -112,15 +134,48 @@ impl LogSink {
         Ok(LogSink {
             inner: Some(inner),
             dropped,
+            report: None,
         })
     }
 
-    pub fn is_enabled(&self) -> bool {
-        self.inner.is_some()
+    /// This sink, also reporting its reportable records to `report`.
+    pub fn reporting(mut self, report: Option<crate::report::Reporter>) -> LogSink {
+        self.report = report;
+        self
     }
 
-    pub fn write<R: Serialize>(&self, record: &R) {
-        let Some(inner) = &self.inner else { return };
+    /// Whether records are read at all: written to the log, or reported.
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some() || self.report.is_some()
+    }
+
+    pub fn write<R: Record>(&self, record: &R) {
+        let Some(report) = self.report.as_ref().filter(|_| record.reportable()) else {
+            if let Some(inner) = &self.inner {
+                self.append(inner, |pending| serde_json::to_writer(pending, record));
+            }
+            return;
+        };
+        // Serialized once for both.
+        let line = match serde_json::to_vec(record) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!("serializing a log record: {e}");
+                return;
+            }
+        };
+        report.offer(&line);
+        if let Some(inner) = &self.inner {
+            self.append(inner, |pending| {
+                pending.extend_from_slice(&line);
+                Ok(())
+            });
+        }
+    }
+
+    /// Appends one record (`put`) and its newline to what waits for the
+    /// writer thread, unless too much waits already.
+    fn append(&self, inner: &Buffered, put: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
         let mut pending = lock(&inner.pending);
         if pending.len() >= MAX_PENDING {
             drop(pending);
@@ -128,7 +183,7 @@ impl LogSink {
             return;
         }
         let start = pending.len();
-        if let Err(e) = serde_json::to_writer(&mut *pending, record) {
+        if let Err(e) = put(&mut pending) {
             pending.truncate(start);
             drop(pending);
             tracing::error!("serializing a log record: {e}");
@@ -192,6 +247,8 @@ fn write_batches(inner: Arc<Buffered>) {
 pub struct Logs {
     pub access: LogSink,
     pub audit: LogSink,
+    /// What inbound records keep beyond the decision (`crate::facts`).
+    pub facts: crate::facts::FactSettings,
 }
 
 impl Logs {
@@ -270,6 +327,40 @@ pub struct AccessRecord {
     /// The gateway's VirtualService route (`namespace/name/http[i]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// The record format's version (`docs/decision-records.md`).
+    #[serde(rename = "v")]
+    pub record_version: u32,
+    // The facts below let the decision be made again offline (`meshward
+    // replay`, `meshward suggest`); `crate::facts` fills them for inbound
+    // decisions while a log or decision reporting reads records.
+    /// The workload decided for: namespace, labels, and name when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<RecordWorkload>,
+    /// The address the peer connected to (`destination.ip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_ip: Option<IpAddr>,
+    /// The workload port, as policies name it (`destination.port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
+    /// The TLS server name the peer asked for (`connection.sni`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The original client address, when it is not the peer's (`remote.ip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_ip: Option<IpAddr>,
+    /// The path as received (no query), when normalization changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_path: Option<String>,
+    /// The verified JWT's attributes and the claims policies in force read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_auth: Option<RequestAuth>,
+    /// A bearer token was sent and nothing verified it (no
+    /// RequestAuthentication applied): its value is never kept.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bearer_token: bool,
+    /// The headers `--log-header` names: value, or null when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, Option<String>>>,
 }
 
 impl AccessRecord {
@@ -334,6 +425,16 @@ impl AccessRecord {
             ext_authz: None,
             ext_authz_metadata: None,
             route: None,
+            record_version: RECORD_VERSION,
+            workload: None,
+            destination_ip: None,
+            destination_port: None,
+            sni: None,
+            remote_ip: None,
+            original_path: None,
+            request_auth: None,
+            bearer_token: false,
+            headers: None,
         }
     }
 }
@@ -375,6 +476,8 @@ mod tests {
         n: usize,
     }
 
+    impl Record for Line {}
+
     /// What the writer thread wrote, as it arrives.
     struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -395,7 +498,8 @@ mod tests {
     #[test]
     fn records_are_written_within_the_interval_without_a_flush() {
         let out = Arc::new(Mutex::new(Vec::new()));
-        let sink = LogSink::with_writer(Box::new(Captured(out.clone())), Counter::default()).unwrap();
+        let sink =
+            LogSink::with_writer(Box::new(Captured(out.clone())), Counter::default()).unwrap();
         for n in 0..3 {
             sink.write(&Line { n });
         }
@@ -413,7 +517,8 @@ mod tests {
     #[test]
     fn a_flush_writes_what_is_pending_at_once() {
         let out = Arc::new(Mutex::new(Vec::new()));
-        let sink = LogSink::with_writer(Box::new(Captured(out.clone())), Counter::default()).unwrap();
+        let sink =
+            LogSink::with_writer(Box::new(Captured(out.clone())), Counter::default()).unwrap();
         sink.write(&Line { n: 7 });
         sink.flush();
         assert_eq!(lines(&out), 1);

@@ -466,7 +466,10 @@ async fn handle(
             strip_hop_by_hop(&mut parts.headers);
             let status = parts.status.as_u16();
             record.status = Some(status);
-            let server = parts.extensions.get::<ServerIdentity>().map(|s| s.0.clone());
+            let server = parts
+                .extensions
+                .get::<ServerIdentity>()
+                .map(|s| s.0.clone());
             let grpc_status = grpc.then(|| grpc_status_in(&parts.headers)).flatten();
             let (metrics, mutual_tls) = (shared.metrics.clone(), target.mutual_tls());
             let count = move |end: &BodyEnd, request_bytes| {

@@ -59,6 +59,7 @@ async fn start(
     let logs = LogTargets {
         access: LogTarget::Off,
         audit: LogTarget::Off,
+        facts: Default::default(),
     };
     let proxy = Proxy::start(config, ca.identity(&id("bookinfo", "app")), store, logs)
         .await
@@ -312,6 +313,7 @@ async fn a_dns_address_that_cannot_be_bound_is_named() {
     let logs = LogTargets {
         access: LogTarget::Off,
         audit: LogTarget::Off,
+        facts: Default::default(),
     };
     let Err(error) = Proxy::start(config, ca.identity(&id("default", "app")), store, logs).await
     else {

@@ -198,6 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let logs = LogTargets {
             access: args.access_log,
             audit: args.audit_log,
+            facts: Default::default(),
         };
         let proxy = Proxy::start(config, identity, store.clone(), logs).await?;
         let gateway = Gateway::start(&proxy, gateway_config);

@@ -21,6 +21,7 @@ use meshward_policy::authn::JwksCache;
 use meshward_proxy::config::{InboundPort, Limits, ProxyConfig, Upstream};
 use meshward_proxy::control::{self, ControlPlane};
 use meshward_proxy::dns::DnsConfig;
+use meshward_proxy::facts::FactSettings;
 use meshward_proxy::identity::WorkloadIdentity;
 use meshward_proxy::jwks::Fetcher;
 use meshward_proxy::log::LogTarget;
@@ -110,6 +111,25 @@ pub struct Args {
     /// Audit log (AUDIT matches and dry-run results): `-`, a file, or `off`.
     #[arg(long, default_value = "-")]
     audit_log: LogTarget,
+    /// Keep this request header's value in access records (repeatable),
+    /// so that `meshward replay` can decide policies that read it;
+    /// `authorization`, `proxy-authorization` and `cookie` are refused.
+    #[arg(long = "log-header", value_name = "NAME")]
+    log_headers: Vec<String>,
+    /// Send inbound decision records (as in the access log, with their
+    /// facts) to the control plane, which keeps the recent ones for
+    /// `meshward suggest --data-dir` and `meshward replay --data-dir`;
+    /// FRACTION of them (evenly sampled, 1 when not given). Traffic never
+    /// waits for it: records that do not fit the queue are dropped.
+    #[arg(
+        long,
+        value_name = "FRACTION",
+        num_args = 0..=1,
+        default_missing_value = "1",
+        value_parser = fraction,
+        requires = "control_plane"
+    )]
+    report_decisions: Option<f64>,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "5s")]
     drain_grace: humantime::Duration,
@@ -146,6 +166,15 @@ pub struct Args {
     /// /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = dns_upstream)]
     dns_upstreams: Vec<SocketAddr>,
+}
+
+/// A fraction in (0, 1].
+fn fraction(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|f| *f > 0.0 && *f <= 1.0)
+        .ok_or_else(|| format!("{value:?} is not a fraction in (0, 1], such as 1 or 0.1"))
 }
 
 /// `--label KEY=VALUE`s as a map.
@@ -263,6 +292,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let labels = labels_of(&args.labels)?;
+    let mut facts = FactSettings::new(args.workload.as_deref(), &args.log_headers)?;
+    let reports = args.report_decisions.map(|fraction| {
+        let (reporter, reports) = meshward_proxy::report::reporter(fraction);
+        facts.report = Some(reporter);
+        reports
+    });
     let transparent = args.transparent || args.capture;
     let mark = args.capture_args.proxy_mark;
     let capture = if transparent {
@@ -445,8 +480,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let logs = LogTargets {
             access: args.access_log,
             audit: args.audit_log,
+            facts,
         };
         let proxy = Proxy::start(config, identity, store.clone(), logs).await?;
+        if let (Some(control_plane), Some(reports)) = (&control_plane, reports) {
+            tokio::spawn(meshward_proxy::report::run(
+                reports,
+                control_plane.clone(),
+                proxy.identity().clone(),
+                proxy.metrics_handle(),
+                stop_watching.clone(),
+            ));
+        }
         if let Some(control_plane) = control_plane {
             eprintln!("meshward proxy: configuration from {control_plane}",);
             tokio::spawn(control::run(

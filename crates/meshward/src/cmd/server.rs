@@ -13,10 +13,12 @@ use meshward_identity::limits::{self, Limits};
 use meshward_identity::service::{self, BootstrapTokens, CallerAuthenticator, ClientCertificates};
 use meshward_identity::token::TokenAuthority;
 
+use meshward_api::control::decisions_server::DecisionsServer;
 use meshward_api::control::distribution_server::DistributionServer;
 use meshward_api::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use meshward_control_plane::admin::{admin_dir, write_admin_credential};
 use meshward_control_plane::api::{ConfigApi, config_server};
+use meshward_control_plane::decisions::{self, DecisionsService};
 use meshward_control_plane::push::{DistributionService, Hub};
 use meshward_control_plane::record::{ServerRecord, record_path};
 use meshward_control_plane::store::Store;
@@ -109,6 +111,17 @@ pub struct Args {
     /// Prometheus metrics over plain HTTP (`/metrics`); Istio uses 15014.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// How much of the decisions proxies report (`meshward proxy
+    /// --report-decisions`) to keep under DATA/decisions, in MiB: the most
+    /// recent, for `meshward suggest` and `meshward replay --data-dir`.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    decision_window_mib: u64,
+    /// Learning: send every ALLOW and DENY AuthorizationPolicy to proxies
+    /// with `istio.io/dry-run: "true"`, so they decide and log by them but
+    /// enforce none (`meshward up --learn`); the store keeps them as
+    /// written.
+    #[arg(long)]
+    dry_run_policies: bool,
     /// The longest lifetime a workload certificate may ask for, at bootstrap
     /// and renewal (Istio's MAX_WORKLOAD_CERT_TTL); longer requests are
     /// refused. A request without a lifetime gets 24h, or this when shorter.
@@ -245,6 +258,8 @@ const CONFIG_MAX_MESSAGE: usize = 4 << 20;
 /// The largest DistributionRequest: a nonce, an error and the hosts a proxy
 /// subscribes to (a thousand full-length names fit).
 const DISTRIBUTION_MAX_MESSAGE: usize = 256 << 10;
+/// A batch of reported decision records (proxies send at most 1 MiB).
+const DECISIONS_MAX_MESSAGE: usize = 4 << 20;
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The store first: on a shared one, the CA may come from it.
@@ -308,6 +323,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         hub.debounce = args.debounce.into();
         hub.debounce_max = args.debounce_max.into();
+        hub.dry_run_policies = args.dry_run_policies;
+        if args.dry_run_policies {
+            say!("learning: every ALLOW and DENY AuthorizationPolicy is sent in dry-run, enforcing none");
+        }
         let hub = Arc::new(hub);
         // A shared store: what other servers commit is put in force here
         // and pushed to this server's proxies too.
@@ -388,6 +407,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .add_service(
             DistributionServer::new(DistributionService(hub.clone()))
                 .max_decoding_message_size(DISTRIBUTION_MAX_MESSAGE),
+        )
+        .add_service(
+            DecisionsServer::new(DecisionsService {
+                hub: hub.clone(),
+                window: Arc::new(
+                    decisions::Window::open(
+                        &args.data_dir,
+                        args.decision_window_mib.saturating_mul(1 << 20),
+                    )
+                    .with_context(|| {
+                        format!("creating {}", args.data_dir.join(decisions::DIRECTORY).display())
+                    })?,
+                ),
+            })
+            .max_decoding_message_size(DECISIONS_MAX_MESSAGE),
         );
         let limits = Limits {
             unauthenticated_per_peer: usize::try_from(args.max_unauthenticated_per_peer)

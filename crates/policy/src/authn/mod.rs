@@ -200,6 +200,18 @@ impl Authenticator {
         self.rules.is_empty()
     }
 
+    /// Whether a rule takes tokens of `issuer` for one of `audiences`: the
+    /// question `meshward replay` asks of a token verified when it was
+    /// logged (its keys and times are not checked again; the token itself
+    /// is never logged).
+    pub fn accepts(&self, issuer: &str, audiences: &[String]) -> bool {
+        self.rules.iter().any(|r| {
+            r.rule.issuer == issuer
+                && (r.rule.audiences.is_empty()
+                    || r.rule.audiences.iter().any(|a| audiences.contains(a)))
+        })
+    }
+
     /// Authenticates one request as Envoy's `jwt_authn` does under the
     /// requirement Istio generates for these rules, plus one rule of
     /// meshward's: every token at any configured location must verify.
@@ -851,7 +863,10 @@ mod tests {
         // As if each had verified earlier, for as long as its keys stay.
         for t in [&expired, &early] {
             let parsed = Arc::new(parse_token(t).unwrap());
-            authn.jwks.verified_tokens().insert(t, keys.clone(), None, parsed);
+            authn
+                .jwks
+                .verified_tokens()
+                .insert(t, keys.clone(), None, parsed);
         }
         for (t, why) in [(&expired, "Jwt is expired"), (&early, "Jwt not yet valid")] {
             match authn.authenticate(&request(t)) {

@@ -152,7 +152,7 @@ impl CompiledRule {
     }
 
     /// Every clause of the rule.
-    fn clauses(&self) -> impl Iterator<Item = &Clause> {
+    pub(crate) fn clauses(&self) -> impl Iterator<Item = &Clause> {
         self.from
             .iter()
             .chain(self.to.iter())

@@ -68,7 +68,7 @@ pub struct RuleRef {
 }
 
 /// allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Allow,
@@ -279,6 +279,43 @@ pub struct Authorizer {
     /// Enforced (not dry-run) ALLOW policies apply: requests no ALLOW rule
     /// matches are denied. Decided at compile time, not per request.
     has_allow: bool,
+    references: References,
+}
+
+/// The request facts beyond the connection, method, path and host that the
+/// rules of one workload read: what a decision record must keep for the
+/// decision to be made again offline (`meshward replay`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct References {
+    /// `request.auth.claims[..]` paths, each once, in first-use order.
+    pub claims: Vec<Vec<String>>,
+    /// Lower-cased header names (`request.headers[..]` and the inline form).
+    pub headers: Vec<String>,
+}
+
+impl References {
+    fn of<'r>(rules: impl Iterator<Item = &'r CompiledRule>) -> References {
+        let mut refs = References::default();
+        for clause in rules.flat_map(CompiledRule::clauses) {
+            match &clause.attr {
+                condition::Attr::RequestClaim(path) if !refs.claims.contains(path) => {
+                    refs.claims.push(path.clone());
+                }
+                condition::Attr::RequestHeader(name) | condition::Attr::InlineHeader(name)
+                    if !refs.headers.contains(name) =>
+                {
+                    refs.headers.push(name.clone());
+                }
+                _ => {}
+            }
+        }
+        refs
+    }
+
+    /// Whether nothing beyond the standard facts is read.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty() && self.headers.is_empty()
+    }
 }
 
 impl Default for Authorizer {
@@ -292,6 +329,7 @@ impl Default for Authorizer {
             dry_run: Vec::new(),
             provider: Ok(None),
             has_allow: false,
+            references: References::default(),
         }
     }
 }
@@ -370,16 +408,33 @@ impl Authorizer {
         let has_allow = sorted
             .iter()
             .any(|p| p.spec.action == Action::Allow && !is_dry_run(p));
+        let custom = ActionRules::new(take(Action::Custom), Action::Custom, custom_on_tcp);
+        let deny = ActionRules::new(take(Action::Deny), Action::Deny, true);
+        let allow = ActionRules::new(take(Action::Allow), Action::Allow, true);
+        let audit = ActionRules::new(take(Action::Audit), Action::Audit, true);
+        // The HTTP form of a rule set holds every rule; the TCP form, fewer clauses.
+        let references = References::of(
+            [&custom, &deny, &allow, &audit]
+                .into_iter()
+                .chain(dry_run.iter().map(|d| &d.rules))
+                .flat_map(|set| set.http.rules.iter()),
+        );
         Authorizer {
             has_allow,
-            custom: ActionRules::new(take(Action::Custom), Action::Custom, custom_on_tcp),
-            deny: ActionRules::new(take(Action::Deny), Action::Deny, true),
-            allow: ActionRules::new(take(Action::Allow), Action::Allow, true),
-            audit: ActionRules::new(take(Action::Audit), Action::Audit, true),
+            custom,
+            deny,
+            allow,
+            audit,
             policies: infos,
             dry_run,
             provider,
+            references,
         }
+    }
+
+    /// The claims and headers this workload's rules read.
+    pub fn references(&self) -> &References {
+        &self.references
     }
 
     fn rule_ref(&self, rule: &CompiledRule) -> RuleRef {

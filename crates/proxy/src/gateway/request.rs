@@ -294,10 +294,7 @@ pub async fn handle(
         .unwrap_or_default();
     let received = Arc::new(AtomicU64::new(0));
     let body: Body = Counted::new(body, received.clone()).boxed();
-    record.upstream = Some(format!(
-        "{}:{}",
-        target.upstream.service, target.upstream.port
-    ).into());
+    record.upstream = Some(format!("{}:{}", target.upstream.service, target.upstream.port).into());
     // Istio's metrics: the gateway reports as the source of the request.
     let protocol = istio::Protocol::http(grpc);
     match forward(&target, route, parts, body).await {

@@ -170,6 +170,15 @@ async fn handle(
         .map(|rule| &rule.policy);
     if logging {
         describe_decision(&mut record, &decision, &snapshot.policy, info, &view);
+        let principal = decision.principal.as_ref();
+        crate::facts::add(
+            &mut record,
+            &shared,
+            &snapshot.policy,
+            info,
+            Some(&view),
+            principal,
+        );
     }
     audit(&shared, &snapshot, info, &view, &decision, &record);
 
@@ -243,15 +252,14 @@ async fn handle(
             let count = move |end: &BodyEnd, request_bytes| {
                 let handles = match handles {
                     Handles::Now(handles) => handles,
-                    Handles::AtEnd(shared, connection, host) => {
-                        (shared.metrics.istio).inbound_request(
+                    Handles::AtEnd(shared, connection, host) => (shared.metrics.istio)
+                        .inbound_request(
                             &connection.requests,
                             connection.info.peer.as_ref().map(|p| &*p.id),
                             &host,
                             protocol,
                             (status, end.grpc_status),
-                        )
-                    }
+                        ),
                 };
                 handles.record(started.elapsed(), request_bytes, end.bytes);
             };

@@ -255,6 +255,7 @@ fn refuse(
     record.policy = Some(policy);
     record.reason = Some(reason);
     record.mtls_mode = Some(mode.as_str());
+    crate::facts::add(&mut record, shared, &snapshot.policy, info, None, None);
     record.duration_ms = info.started.elapsed().as_secs_f64() * 1e3;
     shared.logs.access.write(&record);
 }

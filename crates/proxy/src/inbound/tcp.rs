@@ -36,6 +36,7 @@ where
         record.policy = Some(rule.policy.to_string());
         record.rule = rule.rule;
     }
+    crate::facts::add(&mut record, &shared, &snapshot.policy, &info, None, None);
     let count = |decision: &'static str, policy: Option<&String>| {
         shared
             .metrics

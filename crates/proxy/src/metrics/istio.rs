@@ -52,8 +52,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
-use meshward_identity::spiffe::SpiffeId;
 use super::recent::Recent;
+use meshward_identity::spiffe::SpiffeId;
 use prometheus_client::encoding::{
     EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
 };

@@ -30,7 +30,7 @@ pub use apps::{counting_echo_app, echo_app, tcp_echo};
 pub use ca::{Ca, TD, id};
 pub use client::{closed_addr, get, h2, raw_exchange, seen};
 pub use prometheus::{Labels, Scrape, ScrapeError};
-pub use proxy::{ProxySpec, STRICT_NS, TestProxy, read_json_lines, start_proxy};
+pub use proxy::{ProxySpec, STRICT_NS, TestProxy, read_json_lines, start_proxy, start_proxy_with};
 
 /// How long a change gets to take effect: generous, as CI machines are
 /// shared; it costs time only when a test fails.

@@ -91,6 +91,12 @@ pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
 /// [`TestProxy::inbound`] and [`TestProxy::outbound`], so tests running in
 /// parallel never race for a port.
 pub async fn start_proxy(spec: ProxySpec<'_>) -> TestProxy {
+    start_proxy_with(spec, Default::default()).await
+}
+
+/// [`start_proxy`], keeping `facts` in its access records (`--workload`,
+/// `--log-header`).
+pub async fn start_proxy_with(spec: ProxySpec<'_>, facts: crate::facts::FactSettings) -> TestProxy {
     let dir = tempfile::tempdir().unwrap();
     let policy_dir = dir.path().join("policies");
     std::fs::create_dir(&policy_dir).unwrap();
@@ -147,6 +153,7 @@ pub async fn start_proxy(spec: ProxySpec<'_>) -> TestProxy {
     let logs = LogTargets {
         access: LogTarget::File(dir.path().join("access.log")),
         audit: LogTarget::File(dir.path().join("audit.log")),
+        facts,
     };
     let proxy = Proxy::start(config, spec.identity, store.clone(), logs)
         .await

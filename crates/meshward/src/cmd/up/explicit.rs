@@ -171,6 +171,7 @@ pub fn start(
                 .arg(data.join("root-cert.pem"))
                 .args(["--ca-server-name", "localhost", "--token-file"])
                 .arg(token_for(plan)?)
+                .arg("--report-decisions")
                 .args(["--admin", &admin_addr.to_string(), "--access-log"])
                 .arg(&log)
                 .args(["--audit-log"])

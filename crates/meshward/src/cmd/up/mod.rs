@@ -6,7 +6,10 @@
 //! proxy and its application (`meshward demo-app` unless the entry's
 //! `meshward.io/command` annotation names another; `meshward.io/proxy:
 //! "false"` runs a workload without a proxy), waits until all are ready,
-//! and prints where to call each service from each workload. It then
+//! and prints where to call each service from each workload. Its proxies
+//! report their decisions to the control plane, for `meshward suggest
+//! --data-dir` and `meshward replay --data-dir`; with `--learn`, every
+//! ALLOW and DENY policy is in dry-run. It then
 //! streams allowed and denied decisions with the deciding policy until
 //! Ctrl-C, SIGTERM or SIGHUP (its terminal closed), when it stops
 //! everything it started. Its children share a process group of their own
@@ -71,6 +74,12 @@ pub struct Args {
     /// user, inside a user namespace of `up`'s own).
     #[arg(long)]
     explicit: bool,
+    /// Learn: every ALLOW and DENY AuthorizationPolicy of DIR is decided
+    /// and logged but not enforced (sent to the proxies in dry-run), so the
+    /// application's normal traffic can be recorded, then turned into
+    /// policies with `meshward suggest --data-dir DATA`.
+    #[arg(long)]
+    learn: bool,
 }
 
 /// What `up` started, as written to `DATA/up.json` for scripts and tests.
@@ -314,6 +323,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(relay) = relay {
         server.args(["--advertise", &relay.to_string()]);
     }
+    if args.learn {
+        server.arg("--dry-run-policies");
+    }
     server
         .arg("--data-dir")
         .arg(&data)
@@ -480,6 +492,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         gateway_ca: ingress.as_ref().and_then(|g| g.ca.clone()),
     };
     write_atomically(&data.join("up.json"), &serde_json::to_string_pretty(&mesh)?)?;
+    if args.learn {
+        println!(
+            "meshward up: learning: every ALLOW and DENY policy is in dry-run, nothing is enforced; \
+             send the application's traffic, then: meshward suggest --data-dir {}",
+            data.display()
+        );
+    }
     screen::banner(&mesh, &services);
     if let Some(ingress) = &ingress {
         for p in &ingress.published {

@@ -204,6 +204,7 @@ pub fn start(
                 .args(["--ca-server-name", "localhost", "--token-file"])
                 .arg(token_for(plan)?)
                 .args(["--admin", &format!("127.0.0.1:{ADMIN_PORT}")])
+                .arg("--report-decisions")
                 .arg("--access-log")
                 .arg(&log)
                 .arg("--audit-log")
