@@ -82,7 +82,7 @@
 # on exit. A non-2xx response or a socket error
 # under load fails the run (exit 1) and prints the logs.
 #
-# Settings (environment): DURATION=10s WARMUP=2s CONNECTIONS=32 THREADS=1
+# Settings (environment): DURATION=8s WARMUP=2s CONNECTIONS=32 THREADS=1
 # PROFILE=DIR (record each hop with `perf record -g` during the load and write
 # its flat and by-caller profiles to DIR; the CPU numbers of such a run include
 # perf's own cost), PROFILE_HZ=999, PROFILE_TOP=40,
@@ -112,7 +112,7 @@ REPO=$(cd "$BENCH_DIR/.." && pwd)
 TEMPLATES=$BENCH_DIR/templates
 KEYS=$REPO/crates/policy/tests/keys
 
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-8s}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
@@ -120,7 +120,7 @@ ACCESS_LOG_RUN=${ACCESS_LOG_RUN:-1}
 RATE_RUN=${RATE_RUN:-1}         # the fixed-rate (Istio yardstick) runs after each pair's saturation run
 RATE=${RATE:-1000}              # requests per second, in total, of the fixed-rate runs
 RATE_CLIENTS=${RATE_CLIENTS:-10}
-RATE_DURATION=${RATE_DURATION:-10}
+RATE_DURATION=${RATE_DURATION:-6}
 PROFILE=${PROFILE:-}           # a directory: profile each hop with perf during the load (skews its CPU numbers)
 PROFILE_HZ=${PROFILE_HZ:-999}
 PROFILE_TOP=${PROFILE_TOP:-40}
