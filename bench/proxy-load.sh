@@ -853,7 +853,7 @@ haproxy_gateway() {
     render "$TEMPLATES/haproxy-gateway.cfg.in" "$WORK/$scen-g.cfg" LISTEN_PORT="$g_port" \
         UPSTREAM_PORT="$b_port" CERTS="$CERTS" GATEWAY_PEM="$GW_CREDS/bench.pem"
     render "$TEMPLATES/haproxy-server.cfg.in" "$WORK/$scen-b.cfg" MODE=http HTTP_OPTIONS='    option http-keep-alive' \
-        LISTEN_PORT="$b_port" UPSTREAM_PORT="$NGINX_PORT" CERTS="$CERTS"
+        LISTEN_PORT="$b_port" UPSTREAM_PORT="$NGINX_PORT" SERVER_TLS="ssl crt $CERTS/server.pem ca-file $CERTS/root.pem verify required"
     local f
     for f in g b; do
         "$HAPROXY" -c -q -f "$WORK/$scen-$f.cfg" >"$WORK/$scen-$f-check.log" 2>&1 ||
