@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 /// Istio's certificate service, `istio.v1.auth.IstioCertificateService`.
 pub mod istio_ca {
     #![allow(clippy::all, missing_docs)]

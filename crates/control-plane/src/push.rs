@@ -40,6 +40,8 @@ use meshward_policy::api::{Action, AuthorizationPolicy, Policy, RegistryObject};
 use meshward_policy::learn::record::RecordWorkload;
 use meshward_policy::validate::DRY_RUN_ANNOTATION;
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
+use tokio_stream::adapters::Map;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -92,21 +94,28 @@ impl Refused {
     }
 }
 
+/// A resource as streams share it: encoded once per store version, held
+/// by every stream it concerns (in its view, and in what it last sent)
+/// without a copy per proxy.
+type Shared = Arc<Resource>;
+
 /// What one store version means for streams, derived once and shared by
-/// every stream: the registry, and each policy and the mesh config already
-/// encoded as a resource.
+/// every stream: the registry, and each policy, service and the mesh
+/// config already encoded as a resource.
 struct Derived {
     version: u64,
     registry: Registry,
     /// (namespace, resource) per policy.
-    policies: Vec<(String, Resource)>,
-    mesh: Resource,
+    policies: Vec<(String, Shared)>,
+    /// Per service, by host as the registry keys it.
+    services: HashMap<String, Shared>,
+    mesh: Shared,
     /// The whole list, for every proxy (it is small).
-    revocations: Resource,
+    revocations: Shared,
     /// Every Gateway and VirtualService, for gateways only: each gateway
     /// picks the Gateways whose selector matches its labels and the
     /// VirtualServices bound to them.
-    ingress: Vec<Resource>,
+    ingress: Vec<Shared>,
     root_namespace: String,
 }
 
@@ -114,7 +123,7 @@ struct Derived {
 pub struct Hub {
     store: Arc<Store>,
     trust_domain: String,
-    bundle: Resource,
+    bundle: Shared,
     changes: watch::Sender<u64>,
     sessions: Mutex<HashMap<u64, Session>>,
     refused: Mutex<Vec<Refused>>,
@@ -141,15 +150,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn resource(name: String, type_url: &str, body: Vec<u8>) -> Resource {
+fn resource(name: String, type_url: &str, body: Vec<u8>) -> Shared {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     body.hash(&mut hasher);
-    Resource {
+    Arc::new(Resource {
         name,
         type_url: type_url.to_owned(),
         version: format!("{:016x}", hasher.finish()),
         body,
-    }
+    })
 }
 
 impl Hub {
@@ -319,10 +328,21 @@ impl Hub {
                 ))
             })
             .collect();
+        let registry = Registry::new(&config.registry, &self.trust_domain);
+        let services = registry
+            .services
+            .iter()
+            .filter_map(|(host, service)| {
+                let body = serde_json::to_vec(service).ok()?;
+                let name = format!("service/{}", service.host);
+                Some((host.clone(), resource(name, types::SERVICE, body)))
+            })
+            .collect();
         let d = Arc::new(Derived {
             version: config.version,
-            registry: Registry::new(&config.registry, &self.trust_domain),
+            registry,
             policies,
+            services,
             mesh: resource(
                 "mesh".into(),
                 types::MESH_CONFIG,
@@ -367,7 +387,7 @@ impl Hub {
         claim: Option<&str>,
         subscribe: &[String],
         gateway: bool,
-    ) -> Result<(u64, String, BTreeMap<String, Resource>), Refusal> {
+    ) -> Result<(u64, String, BTreeMap<String, Shared>), Refusal> {
         let config = self.store.config();
         let derived = self.derived(&config);
         let registry = &derived.registry;
@@ -379,7 +399,7 @@ impl Hub {
             .or_else(|| identity.istio_parts().map(|(ns, _)| ns.to_owned()))
             .unwrap_or_default();
         let mut out = BTreeMap::new();
-        let mut put = |r: Resource| {
+        let mut put = |r: Shared| {
             out.insert(r.name.clone(), r);
         };
         for (ns, policy) in &derived.policies {
@@ -407,21 +427,15 @@ impl Hub {
         ));
         // `*`: every service (a transparent proxy routes by destination and
         // answers DNS for all of them); otherwise the hosts named.
-        let services: Vec<&crate::registry::Service> = if subscribe.iter().any(|h| h == "*") {
-            registry.services.values().collect()
+        if subscribe.iter().any(|h| h == "*") {
+            for service in derived.services.values() {
+                put(service.clone());
+            }
         } else {
-            subscribe
-                .iter()
-                .filter_map(|host| registry.services.get(&host.to_ascii_lowercase()))
-                .collect()
-        };
-        for service in services {
-            if let Ok(body) = serde_json::to_vec(service) {
-                put(resource(
-                    format!("service/{}", service.host),
-                    types::SERVICE,
-                    body,
-                ));
+            for host in subscribe {
+                if let Some(service) = derived.services.get(&host.to_ascii_lowercase()) {
+                    put(service.clone());
+                }
             }
         }
         let name = workload.map(|w| w.name).unwrap_or_default();
@@ -549,9 +563,18 @@ fn policy_name(policy: &Policy) -> String {
 /// The gRPC service over a [`Hub`].
 pub struct DistributionService(pub Arc<Hub>);
 
+/// What a stream's task hands to the stream's response body: boxed, since
+/// a tokio channel allocates room for 32 items at once, per stream.
+type Outgoing = Result<Box<DistributionResponse>, Status>;
+
+fn unbox(item: Outgoing) -> Result<DistributionResponse, Status> {
+    item.map(|response| *response)
+}
+
 #[tonic::async_trait]
 impl Distribution for DistributionService {
-    type StreamStream = ReceiverStream<Result<DistributionResponse, Status>>;
+    type StreamStream =
+        Map<ReceiverStream<Outgoing>, fn(Outgoing) -> Result<DistributionResponse, Status>>;
 
     async fn stream(
         &self,
@@ -567,7 +590,6 @@ impl Distribution for DistributionService {
         let expiry = x509_parser::parse_x509_certificate(leaf)
             .map(|(_, c)| c.validity().not_after.timestamp())
             .unwrap_or(0);
-        let certificate = leaf.clone().into_owned();
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -583,13 +605,20 @@ impl Distribution for DistributionService {
             },
         );
         tokio::spawn(async move {
-            let result = session(&hub, id, &identity, &certificate, peer, inbound, tx).await;
+            // The chain the connection's TLS handshake verified, shared
+            // with it rather than copied; its leaf is there (checked above).
+            let result = match certs.first() {
+                Some(leaf) => session(&hub, id, &identity, leaf, peer, inbound, tx).await,
+                None => Ok(()),
+            };
             lock(&hub.sessions).remove(&id);
             if let Err(e) = result {
                 tracing::debug!(%identity, "distribution stream ended: {e}");
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(
+            ReceiverStream::new(rx).map(unbox as fn(_) -> _),
+        ))
     }
 }
 
@@ -600,7 +629,7 @@ async fn session(
     certificate: &tonic::transport::CertificateDer<'static>,
     peer: Option<SocketAddr>,
     mut inbound: Streaming<DistributionRequest>,
-    tx: mpsc::Sender<Result<DistributionResponse, Status>>,
+    tx: mpsc::Sender<Outgoing>,
 ) -> Result<(), Status> {
     let first = tokio::time::timeout(FIRST_MESSAGE, inbound.message())
         .await
@@ -623,7 +652,8 @@ async fn session(
     let mut accepted = false;
     let mut changes = hub.changes.subscribe();
     changes.borrow_and_update();
-    let mut sent: BTreeMap<String, Resource> = BTreeMap::new();
+    // What the proxy was last sent, to send only what differs from it.
+    let mut sent: BTreeMap<String, Shared> = BTreeMap::new();
     let mut nonce = 0u64;
     let mut pending: Option<(String, u64)> = None;
     let mut full = true;
@@ -654,7 +684,7 @@ async fn session(
         let changed: Vec<Resource> = view
             .values()
             .filter(|r| sent.get(&r.name).is_none_or(|s| s.version != r.version))
-            .cloned()
+            .map(|r| Resource::clone(r))
             .collect();
         let removed: Vec<String> = sent
             .keys()
@@ -666,7 +696,7 @@ async fn session(
             let response = DistributionResponse {
                 system_version: version.to_string(),
                 resources: if full {
-                    view.values().cloned().collect()
+                    view.values().map(|r| Resource::clone(r)).collect()
                 } else {
                     changed
                 },
@@ -674,7 +704,7 @@ async fn session(
                 nonce: nonce.to_string(),
                 full,
             };
-            if tx.send(Ok(response)).await.is_err() {
+            if tx.send(Ok(Box::new(response))).await.is_err() {
                 return Ok(());
             }
             hub.pushes.fetch_add(1, Ordering::Relaxed);
@@ -901,7 +931,7 @@ spec:
         assert_eq!(hub.refused().len(), MAX_REFUSED);
     }
 
-    fn services(view: &BTreeMap<String, Resource>) -> Vec<String> {
+    fn services(view: &BTreeMap<String, Shared>) -> Vec<String> {
         view.keys()
             .filter(|k| k.starts_with("service/"))
             .cloned()
@@ -965,7 +995,7 @@ spec:
                 "service/reviews.bookinfo"
             ]
         );
-        let ratings = |v: &BTreeMap<String, Resource>| v["service/ratings.bookinfo"].clone();
+        let ratings = |v: &BTreeMap<String, Shared>| v["service/ratings.bookinfo"].clone();
         assert_ne!(ratings(&next).version, ratings(&all).version);
         let body: crate::registry::Service = serde_json::from_slice(&ratings(&next).body).unwrap();
         assert_eq!(body.addresses, ["192.0.2.7"]);
