@@ -448,21 +448,19 @@ spec:
                 && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")
         })
     });
-    let outbound = mesh.access_log("productpage");
-    assert!(
-        outbound
+    // Each log is written in batches of its own: wait for each record.
+    wait_until(SETTLE, "the refused call in productpage's access log", || {
+        mesh.access_log("productpage")
             .iter()
-            .any(|r| r["destination"] == "outbound|9080|ratings.bookinfo" && r["status"] == 403),
-        "{outbound:?}"
-    );
-    assert!(
-        mesh.access_log("ratings")
-            .iter()
-            .any(|r| r["protocol"] == "HTTP/2"
+            .any(|r| r["destination"] == "outbound|9080|ratings.bookinfo" && r["status"] == 403)
+    });
+    wait_until(SETTLE, "the gRPC call in ratings' access log", || {
+        mesh.access_log("ratings").iter().any(|r| {
+            r["protocol"] == "HTTP/2"
                 && r["path"] == "/grpc.health.v1.Health/Check"
-                && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")),
-        "the gRPC call is not in ratings' access log"
-    );
+                && r["source_principal"] == format!("spiffe://{TD}/ns/{NS}/sa/productpage")
+        })
+    });
 }
 
 #[test]
@@ -558,11 +556,11 @@ fn unknown_destinations_follow_the_outbound_traffic_policy_and_exclusions_bypass
     wait_until(SETTLE, "REGISTRY_ONLY refuses the unknown address", || {
         status(productpage, &unknown) == 0
     });
-    assert!(
+    wait_until(SETTLE, "a BlackHoleCluster denial in the access log", || {
         mesh.access_log("productpage")
             .iter()
             .any(|r| r["destination"] == "BlackHoleCluster" && r["decision"] == "deny")
-    );
+    });
     // An excluded port and an excluded range never reach the proxy.
     let (code, echoed) = productpage.within(|| {
         let addr = SocketAddr::new(IpAddr::V4(outside.ipv4()), 9000);

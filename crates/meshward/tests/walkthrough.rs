@@ -618,11 +618,12 @@ fn namespaced_tour(name: &str, user: User) {
         );
         out.contains("\"name\":\"reviews-v1\"") && out.lines().any(|l| l == "403")
     });
-    assert!(
+    // Records are written in batches: wait for the denial's.
+    wait_until(SETTLE, "reviews-v2 logs its denial", || {
         up.log("bookinfo/reviews-v2")
             .iter()
             .any(|r| r["decision"] == "deny" && r["policy"] == "bookinfo/deny-v2")
-    );
+    });
     assert!(
         !up.log("bookinfo/reviews-v1")
             .iter()
