@@ -449,11 +449,15 @@ spec:
         })
     });
     // Each log is written in batches of its own: wait for each record.
-    wait_until(SETTLE, "the refused call in productpage's access log", || {
-        mesh.access_log("productpage")
-            .iter()
-            .any(|r| r["destination"] == "outbound|9080|ratings.bookinfo" && r["status"] == 403)
-    });
+    wait_until(
+        SETTLE,
+        "the refused call in productpage's access log",
+        || {
+            mesh.access_log("productpage")
+                .iter()
+                .any(|r| r["destination"] == "outbound|9080|ratings.bookinfo" && r["status"] == 403)
+        },
+    );
     wait_until(SETTLE, "the gRPC call in ratings' access log", || {
         mesh.access_log("ratings").iter().any(|r| {
             r["protocol"] == "HTTP/2"
@@ -556,11 +560,15 @@ fn unknown_destinations_follow_the_outbound_traffic_policy_and_exclusions_bypass
     wait_until(SETTLE, "REGISTRY_ONLY refuses the unknown address", || {
         status(productpage, &unknown) == 0
     });
-    wait_until(SETTLE, "a BlackHoleCluster denial in the access log", || {
-        mesh.access_log("productpage")
-            .iter()
-            .any(|r| r["destination"] == "BlackHoleCluster" && r["decision"] == "deny")
-    });
+    wait_until(
+        SETTLE,
+        "a BlackHoleCluster denial in the access log",
+        || {
+            mesh.access_log("productpage")
+                .iter()
+                .any(|r| r["destination"] == "BlackHoleCluster" && r["decision"] == "deny")
+        },
+    );
     // An excluded port and an excluded range never reach the proxy.
     let (code, echoed) = productpage.within(|| {
         let addr = SocketAddr::new(IpAddr::V4(outside.ipv4()), 9000);
