@@ -705,17 +705,10 @@ impl IstioMetrics {
         protocol: Protocol,
         response: (u16, Option<u32>),
     ) -> RequestHandles {
-        let known = self.known();
-        connection.0.get(
-            |key| key.is(&known, authority, None, protocol, response),
-            || {
-                let traffic = self.inbound(peer, Some(authority), protocol);
-                (
-                    RequestKey::new(&known, authority, None, protocol, response),
-                    self.handles(&RequestLabels::new(traffic, response)),
-                )
-            },
-        )
+        let key = (authority, None, protocol, response);
+        self.kept(connection, key, || {
+            self.inbound(peer, Some(authority), protocol)
+        })
     }
 
     /// The request metrics of an outbound request to the service `host`,
@@ -729,15 +722,27 @@ impl IstioMetrics {
         protocol: Protocol,
         response: (u16, Option<u32>),
     ) -> RequestHandles {
+        let key = (host, server, protocol, response);
+        self.kept(connection, key, || {
+            self.outbound(host, server, mutual_tls, protocol)
+        })
+    }
+
+    /// The handles `connection` keeps for `(host, server, protocol,
+    /// response)` under what is known now, or those of `traffic`'s labels.
+    fn kept(
+        &self,
+        connection: &ConnRequests,
+        (host, server, protocol, response): (&str, Option<&str>, Protocol, (u16, Option<u32>)),
+        traffic: impl FnOnce() -> TrafficLabels,
+    ) -> RequestHandles {
         let known = self.known();
         connection.0.get(
             |key| key.is(&known, host, server, protocol, response),
             || {
-                let traffic = self.outbound(host, server, mutual_tls, protocol);
-                (
-                    RequestKey::new(&known, host, server, protocol, response),
-                    self.handles(&RequestLabels::new(traffic, response)),
-                )
+                let labels = RequestLabels::new(traffic(), response);
+                let key = RequestKey::new(&known, host, server, protocol, response);
+                (key, self.handles(&labels))
             },
         )
     }
@@ -964,6 +969,47 @@ mod tests {
             Workload::unknown()
         );
         assert_eq!(Workload::peer("not an id"), Workload::unknown());
+    }
+
+    #[test]
+    fn a_connections_kept_handles_follow_what_is_known() {
+        let (registry, m) = metrics();
+        let connection = ConnRequests::default();
+        let count = || {
+            let handles = m.inbound_request(
+                &connection,
+                None,
+                "api.web:8080",
+                Protocol::Http,
+                (200, None),
+            );
+            handles.record(Duration::from_millis(1), 0, 0);
+        };
+        // Requests counted under `service`, in how many series.
+        let requests = |service: &str| {
+            let scraped = scrape(&registry);
+            let series: Vec<f64> = scraped
+                .iter()
+                .filter(|(name, labels, _)| {
+                    *name == "istio_requests_total"
+                        && labels.get("destination_service").map(String::as_str) == Some(service)
+                })
+                .map(|(_, _, value)| value)
+                .collect();
+            (series.len() == 1).then(|| series[0])
+        };
+        count();
+        count();
+        assert_eq!(requests(UNKNOWN), Some(2.0), "one label set, kept");
+        // The service becomes known: the same host now counts under it.
+        m.set_services([&service(
+            "api.web",
+            "web/api",
+            &["spiffe://cluster.local/ns/web/sa/api"],
+        )]);
+        count();
+        assert_eq!(requests("api.web"), Some(1.0));
+        assert_eq!(requests(UNKNOWN), Some(2.0));
     }
 
     #[test]
