@@ -417,6 +417,19 @@ fn bookinfo_learns_least_privilege_from_its_traffic() {
         Some(403),
         "a path never seen"
     );
+    // An Authorization value whose 7th byte falls inside a multi-byte
+    // character is logged like any other (the proxy used to panic on it
+    // and drop the connection).
+    assert_eq!(
+        request_with(
+            productpage_to_reviews,
+            "GET",
+            "/reviews/0",
+            "authorization: Bearer\u{e9}x\r\n"
+        ),
+        Some(200),
+        "a multi-byte Authorization value"
+    );
     let root = up.dir.parent().unwrap().to_owned();
     up.stop();
     std::fs::remove_dir_all(root).ok();

@@ -188,7 +188,17 @@ pub fn header_values(request: &HttpRequest, names: &[String]) -> BTreeMap<String
 pub fn has_bearer_token(request: &HttpRequest) -> bool {
     request
         .header("authorization")
-        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "))
+        .is_some_and(|v| v.len() > 7 && starts_with_ignore_ascii_case(&v, "bearer "))
+}
+
+/// Whether `value` starts with `prefix`, ASCII case folded. Compares bytes:
+/// `value` comes from the network, and slicing it at `prefix.len()` could
+/// cut a multi-byte character.
+fn starts_with_ignore_ascii_case(value: &str, prefix: &str) -> bool {
+    value
+        .as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// One record as `suggest` and `replay` read it. Fields they do not use
@@ -390,6 +400,20 @@ mod tests {
         assert_eq!(values["x-a"].as_deref(), Some("1,2"));
         assert_eq!(values["x-b"], None);
         assert!(has_bearer_token(&request));
+    }
+
+    /// A value whose 7th byte falls inside a multi-byte character is read,
+    /// not sliced (slicing the `str` there panicked).
+    #[test]
+    fn bearer_check_takes_any_value() {
+        let with = |value: &str| HttpRequest {
+            headers: vec![("authorization".into(), value.into())],
+            ..HttpRequest::default()
+        };
+        assert!(!has_bearer_token(&with("Bearer\u{e9}x")));
+        assert!(!has_bearer_token(&with("\u{1f600}\u{1f600}x")));
+        assert!(has_bearer_token(&with("bEaReR \u{e9}")));
+        assert!(!has_bearer_token(&with("Bearer ")));
     }
 
     #[test]
