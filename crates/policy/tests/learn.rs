@@ -423,3 +423,51 @@ proptest! {
         }
     }
 }
+
+/// A record's strings cannot add to the YAML `suggest` writes: a method,
+/// workload name, path or caller holding line breaks (and the characters
+/// YAML 1.1 reads as ones) stays inside its comment or quoted scalar, and
+/// the output holds exactly the policies `suggest` counted.
+#[test]
+fn record_strings_cannot_inject_yaml() {
+    let injected = "X\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: injected, namespace: bookinfo}\nspec: {rules: [{}]}\n";
+    let mut records = Vec::new();
+    for (i, breaker) in ["\n", "\r", "\u{85}", "\u{2028}", "\u{2029}"]
+        .into_iter()
+        .enumerate()
+    {
+        let forged = injected.replace('\n', breaker);
+        let mut r = bookinfo_calls().remove(0);
+        r.time = Some(jiff::Timestamp::from_second(1_700_000_000 + i as i64).unwrap());
+        r.method = Some(forged.clone());
+        r.path = Some(format!("/a{forged}"));
+        r.source_principal = Some(format!(
+            "spiffe://cluster.local/ns/bookinfo/sa/x{forged}"
+        ));
+        r.workload.as_mut().unwrap().name = Some(format!("reviews{forged}"));
+        records.push(r);
+    }
+    let suggestion = suggest(&records, &SuggestOptions::default());
+    let yaml = &suggestion.yaml;
+    let set = strictly_valid(yaml);
+    assert_eq!((suggestion.policies, suggestion.allow_nothing), (1, 1), "{yaml}");
+    assert_eq!(set.policies().len(), 2, "{yaml}");
+    let names: Vec<&str> = set
+        .policies()
+        .iter()
+        .map(|p| p.metadata().name.as_str())
+        .collect();
+    assert_eq!(names, ["allow-nothing", "reviews-observed"], "{yaml}");
+    for line in yaml.split(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']) {
+        assert!(
+            !line.starts_with("apiVersion") || line == "apiVersion: security.istio.io/v1",
+            "{line:?} in {yaml}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\t'),
+            "{line:?}"
+        );
+    }
+    assert_eq!(yaml.matches("\napiVersion: ").count(), 2, "{yaml}");
+    assert_eq!(yaml.matches("\n---\n").count(), 2, "{yaml}");
+}

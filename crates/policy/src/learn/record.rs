@@ -201,6 +201,36 @@ fn starts_with_ignore_ascii_case(value: &str, prefix: &str) -> bool {
         .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
+/// Whether `s` is an HTTP token (RFC 9110 `tchar`s, at least one): what a
+/// request method can be.
+pub fn is_http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `c` may break a line or a document where a record's strings are
+/// written out (YAML comments, terminal lines): control characters but the
+/// tab (which header values may hold), the Unicode line and paragraph
+/// separators (line breaks to YAML 1.1), and the byte-order mark.
+pub fn is_unsafe_char(c: char) -> bool {
+    (c.is_control() && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
+}
+
+/// `line` with every [`is_unsafe_char`] escaped (`\\u{a}`), so that a
+/// record's strings cannot end or forge a line of a report.
+fn one_line(line: String) -> String {
+    if !line.chars().any(is_unsafe_char) {
+        return line;
+    }
+    line.chars()
+        .map(|c| match is_unsafe_char(c) {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 /// One record as `suggest` and `replay` read it. Fields they do not use
 /// are ignored, so records may grow new fields within a version.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -282,13 +312,14 @@ impl DecisionRecord {
             .destination_port
             .map(|p| format!(" (port {p})"))
             .unwrap_or_default();
-        match (&self.method, &self.path) {
+        let line = match (&self.method, &self.path) {
             (Some(method), Some(path)) if self.is_http() => {
                 let host = self.authority.as_deref().unwrap_or("");
                 format!("{caller} {method} {host}{path}{port}")
             }
             _ => format!("{caller} TCP{port}"),
-        }
+        };
+        one_line(line)
     }
 }
 
