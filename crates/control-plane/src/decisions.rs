@@ -15,7 +15,8 @@
 //! stream — whatever the record said, and the reporter's identity is added;
 //! a record that is not an inbound decision record, or whose claim does not
 //! resolve, is refused. A proxy can so only speak for traffic to its own
-//! workload, which it decides anyway.
+//! workload, which it decides anyway. Every report checks revocation, as
+//! every push does: a revoked proxy's open connection reports nothing more.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -29,7 +30,7 @@ use meshward_policy::learn::record::{is_http_token, is_unsafe_char};
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
-use crate::push::{Hub, caller};
+use crate::push::{Hub, caller, refused_status};
 
 /// The directory under the data directory.
 pub const DIRECTORY: &str = "decisions";
@@ -211,6 +212,14 @@ impl Decisions for DecisionsService {
         request: Request<DecisionBatch>,
     ) -> Result<Response<DecisionBatchResponse>, Status> {
         let (identity, _) = caller(&request, "a proxy reports with its workload certificate")?;
+        // Checked per report, not only at the handshake: the channel a
+        // proxy reports on outlives a revocation.
+        let leaf = request.peer_certs().and_then(|certs| certs.first().cloned());
+        if let Some(leaf) = leaf {
+            self.hub
+                .check_revocation(&leaf)
+                .map_err(|refusal| refused_status(&refusal))?;
+        }
         let peer = request.remote_addr();
         let batch = request.into_inner();
         if batch.records.len() > MAX_BATCH_RECORDS {
