@@ -471,3 +471,29 @@ fn record_strings_cannot_inject_yaml() {
     assert_eq!(yaml.matches("\napiVersion: ").count(), 2, "{yaml}");
     assert_eq!(yaml.matches("\n---\n").count(), 2, "{yaml}");
 }
+
+/// A request the proxy refused itself, before any policy (stage
+/// `request`, written without workload facts), is one no policy changes:
+/// replay reports it unchanged, not undecidable.
+#[test]
+fn requests_refused_before_any_policy_replay_unchanged() {
+    let refused = DecisionRecord {
+        v: 1,
+        kind: "access".into(),
+        direction: "inbound".into(),
+        protocol: "HTTP/1.1".into(),
+        source_address: Some("198.18.0.2:40000".parse().unwrap()),
+        status: Some(400),
+        decision: Some(Verdict::Deny),
+        stage: Some(Stage::Request),
+        ..DecisionRecord::default()
+    };
+    let set = strictly_valid(&suggest(&bookinfo_calls(), &SuggestOptions::default()).yaml);
+    let report = replay(&set, &[refused]);
+    assert_eq!(
+        (report.records, report.unchanged, report.undecidable),
+        (1, 1, 0),
+        "{}",
+        report.text()
+    );
+}
