@@ -497,3 +497,59 @@ fn requests_refused_before_any_policy_replay_unchanged() {
         report.text()
     );
 }
+
+/// `allow-nothing` is written only where it breaks nothing observed: not
+/// with `--workload` (it would deny the namespace's other workloads), and
+/// not in a namespace one of whose workloads no policy can select; each
+/// time a note says why, and a workload known only by its namespace is
+/// not said to lack labels.
+#[test]
+fn allow_nothing_only_where_every_workload_is_covered() {
+    let records = bookinfo_calls();
+    let one = suggest(
+        &records,
+        &SuggestOptions {
+            workload: Some("bookinfo/ratings".into()),
+            ..SuggestOptions::default()
+        },
+    );
+    strictly_valid(&one.yaml);
+    assert_eq!((one.policies, one.allow_nothing), (1, 0), "{}", one.yaml);
+    assert!(!one.yaml.contains("allow-nothing"), "{}", one.yaml);
+    assert!(
+        one.notes
+            .iter()
+            .any(|n| n.starts_with("bookinfo: no allow-nothing written: --workload bookinfo/ratings")),
+        "{:#?}",
+        one.notes
+    );
+
+    let mut unselectable = records.clone();
+    let mut by_namespace = records[0].clone();
+    by_namespace.workload = Some(RecordWorkload {
+        namespace: "bookinfo".into(),
+        name: None,
+        labels: BTreeMap::new(),
+    });
+    unselectable.push(by_namespace);
+    let mut unlabelled = records[0].clone();
+    unlabelled.workload = Some(RecordWorkload {
+        namespace: "other".into(),
+        name: Some("bare".into()),
+        labels: BTreeMap::new(),
+    });
+    unselectable.push(unlabelled);
+    let all = suggest(&unselectable, &SuggestOptions::default());
+    strictly_valid(&all.yaml);
+    assert_eq!((all.policies, all.allow_nothing), (3, 0), "{}", all.yaml);
+    let notes = all.notes.join("\n");
+    for expected in [
+        "bookinfo: left out (1 requests to a workload known only by its namespace",
+        "other/bare: left out (1 requests): it has no labels",
+        "bookinfo: no allow-nothing written: it would deny all traffic to the workloads left out above",
+        "other: no allow-nothing written",
+    ] {
+        assert!(notes.contains(expected), "{expected:?} not in {notes}");
+    }
+    assert!(!notes.contains("bookinfo/{}"), "{notes}");
+}

@@ -260,8 +260,46 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
         "# Each ALLOW rule lets one caller do what it was seen doing, no more. Review it,\n\
          # and check it against the traffic with `meshward replay -f FILE` before applying.\n",
     );
+    // Workloads no policy can select: their traffic gets no ALLOW rule, so
+    // an allow-nothing would deny all of it.
+    let mut left_out: BTreeSet<&str> = BTreeSet::new();
+    for (target, callers) in observed.iter().filter(|(t, _)| t.selector.is_empty()) {
+        let requests: u64 = callers
+            .values()
+            .flat_map(|o| o.values())
+            .flat_map(|p| p.values())
+            .map(|s| s.count)
+            .sum();
+        let note = match &target.name {
+            Some(name) => format!(
+                "{}: left out ({requests} requests): it has no labels, so no policy can select it alone",
+                comment_text(&format!("{}/{name}", target.namespace))
+            ),
+            None => format!(
+                "{}: left out ({requests} requests to a workload known only by its namespace: its proxy reported without a WorkloadEntry or --workload), so no policy can select it",
+                comment_text(&target.namespace)
+            ),
+        };
+        notes.push(note);
+        left_out.insert(&target.namespace);
+    }
     for ns in &namespaces {
         if options.have_allow_nothing.contains(ns) {
+            continue;
+        }
+        if let Some(w) = &options.workload {
+            notes.push(format!(
+                "{}: no allow-nothing written: --workload {} suggests for one workload, and an allow-nothing would deny every other workload of the namespace",
+                comment_text(ns),
+                comment_text(w)
+            ));
+            continue;
+        }
+        if left_out.contains(ns.as_str()) {
+            notes.push(format!(
+                "{}: no allow-nothing written: it would deny all traffic to the workloads left out above",
+                comment_text(ns)
+            ));
             continue;
         }
         out.document();
@@ -285,15 +323,6 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
             })
             .unwrap_or_default();
         if target.selector.is_empty() {
-            let requests: u64 = callers
-                .values()
-                .flat_map(|o| o.values())
-                .flat_map(|p| p.values())
-                .map(|s| s.count)
-                .sum();
-            notes.push(format!(
-                "{workload}: left out ({requests} requests): it has no labels, so no policy can select it alone"
-            ));
             continue;
         }
         let rules: Vec<(&Caller, Seen, Vec<Operation>)> = callers
