@@ -553,3 +553,49 @@ fn allow_nothing_only_where_every_workload_is_covered() {
     }
     assert!(!notes.contains("bookinfo/{}"), "{notes}");
 }
+
+/// Replay does not guess about tokens it cannot see: a record says only
+/// whether the `Authorization: Bearer` header held one, so under proposed
+/// RequestAuthentications that read other headers, parameters or cookies,
+/// a request without a verified token is undecidable for their workloads
+/// (and decided as before where the rules read the default header only).
+#[test]
+fn tokens_at_locations_records_do_not_cover_are_undecidable() {
+    let records = bookinfo_calls();
+    let suggested = suggest(&records, &SuggestOptions::default()).yaml;
+    let with_rule = |locations: &str| {
+        let yaml = format!(
+            "{suggested}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: bookinfo}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example\n    jwksUri: https://issuer.example/jwks\n{locations}"
+        );
+        let loaded = load::load_str("proposed.yaml", &yaml);
+        let errors: Vec<String> = loaded
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .filter(|d| d.contains("error"))
+            .collect();
+        assert!(errors.is_empty(), "{errors:#?}\n{yaml}");
+        replay(
+            &PolicySet::new(MeshConfig::default(), loaded.into_policies()),
+            &records,
+        )
+    };
+    // Two allowed requests and one denied one reach reviews.
+    for locations in [
+        "    fromHeaders: [{name: x-token}]\n",
+        "    fromParams: [token]\n",
+        "    fromCookies: [session]\n",
+    ] {
+        let report = with_rule(locations);
+        assert_eq!(report.undecidable, 3, "{locations}{}", report.text());
+        assert!(
+            report.text().contains("besides `Authorization: Bearer`"),
+            "{}",
+            report.text()
+        );
+    }
+    for locations in ["", "    fromHeaders: [{name: Authorization, prefix: \"Bearer \"}]\n"] {
+        let report = with_rule(locations);
+        assert_eq!(report.undecidable, 0, "{locations:?}{}", report.text());
+    }
+}

@@ -184,7 +184,9 @@ pub fn header_values(request: &HttpRequest, names: &[String]) -> BTreeMap<String
 
 /// Whether `request` carries a bearer token in the `Authorization` header
 /// (the default token location): recorded when no token was verified, so
-/// that replaying under request authentication knows it cannot tell.
+/// that replaying under request authentication knows it cannot tell. Other
+/// locations are not recorded: under rules that read them, replay reports
+/// unverified requests as undecidable.
 pub fn has_bearer_token(request: &HttpRequest) -> bool {
     request
         .header("authorization")

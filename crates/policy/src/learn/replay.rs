@@ -302,6 +302,12 @@ pub fn decide_again(
                     .to_owned(),
             );
         }
+        (None, Some(_)) if policy.authn.reads_tokens_elsewhere() => {
+            return Err(
+                "the proposed RequestAuthentications read tokens from headers, parameters or cookies besides `Authorization: Bearer`, and the record does not say whether it carried one there (a token is never logged)"
+                    .to_owned(),
+            );
+        }
         _ => None,
     };
     if http.is_some() {
