@@ -214,7 +214,9 @@ impl Decisions for DecisionsService {
         let (identity, _) = caller(&request, "a proxy reports with its workload certificate")?;
         // Checked per report, not only at the handshake: the channel a
         // proxy reports on outlives a revocation.
-        let leaf = request.peer_certs().and_then(|certs| certs.first().cloned());
+        let leaf = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned());
         if let Some(leaf) = leaf {
             self.hub
                 .check_revocation(&leaf)
@@ -369,7 +371,9 @@ mod tests {
             assert_eq!(with(bad.clone()), Err(Refused::ControlCharacter), "{bad}");
         }
         assert_eq!(
-            with(serde_json::json!({"method": "PATCH", "path": "/caf\u{e9}", "headers": {"x-a": "a\tb"}})),
+            with(
+                serde_json::json!({"method": "PATCH", "path": "/caf\u{e9}", "headers": {"x-a": "a\tb"}})
+            ),
             Ok(())
         );
     }

@@ -729,7 +729,10 @@ fn a_proxy_cannot_report_decisions_for_another_workload() {
                 }
                 Ok(answer) => {
                     // Kept before the revocation reached the server.
-                    assert!(tokio::time::Instant::now() < deadline, "still reporting: {answer:?}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "still reporting: {answer:?}"
+                    );
                     kept_late += answer.into_inner().kept;
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }

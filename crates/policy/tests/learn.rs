@@ -441,16 +441,18 @@ fn record_strings_cannot_inject_yaml() {
         r.time = Some(jiff::Timestamp::from_second(1_700_000_000 + i as i64).unwrap());
         r.method = Some(forged.clone());
         r.path = Some(format!("/a{forged}"));
-        r.source_principal = Some(format!(
-            "spiffe://cluster.local/ns/bookinfo/sa/x{forged}"
-        ));
+        r.source_principal = Some(format!("spiffe://cluster.local/ns/bookinfo/sa/x{forged}"));
         r.workload.as_mut().unwrap().name = Some(format!("reviews{forged}"));
         records.push(r);
     }
     let suggestion = suggest(&records, &SuggestOptions::default());
     let yaml = &suggestion.yaml;
     let set = strictly_valid(yaml);
-    assert_eq!((suggestion.policies, suggestion.allow_nothing), (1, 1), "{yaml}");
+    assert_eq!(
+        (suggestion.policies, suggestion.allow_nothing),
+        (1, 1),
+        "{yaml}"
+    );
     assert_eq!(set.policies().len(), 2, "{yaml}");
     let names: Vec<&str> = set
         .policies()
@@ -519,7 +521,8 @@ fn allow_nothing_only_where_every_workload_is_covered() {
     assert!(
         one.notes
             .iter()
-            .any(|n| n.starts_with("bookinfo: no allow-nothing written: --workload bookinfo/ratings")),
+            .any(|n| n
+                .starts_with("bookinfo: no allow-nothing written: --workload bookinfo/ratings")),
         "{:#?}",
         one.notes
     );
@@ -594,7 +597,10 @@ fn tokens_at_locations_records_do_not_cover_are_undecidable() {
             report.text()
         );
     }
-    for locations in ["", "    fromHeaders: [{name: Authorization, prefix: \"Bearer \"}]\n"] {
+    for locations in [
+        "",
+        "    fromHeaders: [{name: Authorization, prefix: \"Bearer \"}]\n",
+    ] {
         let report = with_rule(locations);
         assert_eq!(report.undecidable, 0, "{locations:?}{}", report.text());
     }
