@@ -15,7 +15,8 @@
 //! stream — whatever the record said, and the reporter's identity is added;
 //! a record that is not an inbound decision record, or whose claim does not
 //! resolve, is refused. A proxy can so only speak for traffic to its own
-//! workload, which it decides anyway.
+//! workload, which it decides anyway. Every report checks revocation, as
+//! every push does: a revoked proxy's open connection reports nothing more.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,10 +26,11 @@ use std::sync::{Arc, Mutex};
 
 use meshward_api::control::decisions_server::Decisions;
 use meshward_api::control::{DecisionBatch, DecisionBatchResponse};
+use meshward_policy::learn::record::{is_http_token, is_unsafe_char};
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
-use crate::push::{Hub, caller};
+use crate::push::{Hub, caller, refused_status};
 
 /// The directory under the data directory.
 pub const DIRECTORY: &str = "decisions";
@@ -117,8 +119,26 @@ pub enum Refused {
     NotADecision,
     #[error("longer than {MAX_RECORD_BYTES} bytes")]
     TooLong,
+    #[error("its method is not an HTTP token")]
+    Method,
+    #[error("a string holds a control character or line break")]
+    ControlCharacter,
     #[error("{0}")]
     Workload(String),
+}
+
+/// Whether any string in `value` (keys too) holds a character that could
+/// end or forge a line where records are written out.
+fn holds_unsafe_char(value: &Value) -> bool {
+    let unsafe_str = |s: &str| s.chars().any(is_unsafe_char);
+    match value {
+        Value::String(s) => unsafe_str(s),
+        Value::Array(items) => items.iter().any(holds_unsafe_char),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(k, v)| unsafe_str(k) || holds_unsafe_char(v)),
+        _ => false,
+    }
 }
 
 /// The record to keep for `line`, reported by `reporter` for `workload`
@@ -143,6 +163,19 @@ pub fn accept(
         .is_some_and(|v| v >= 1);
     if !is("type", "access") || !is("direction", "inbound") || !versioned {
         return Err(Refused::NotADecision);
+    }
+    // What a proxy writes holds neither; a compromised one could use them to
+    // forge lines of what `suggest` and `replay` print.
+    match fields.get("method") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(method)) if is_http_token(method) => {}
+        Some(_) => return Err(Refused::Method),
+    }
+    if fields
+        .iter()
+        .any(|(k, v)| k.chars().any(is_unsafe_char) || holds_unsafe_char(v))
+    {
+        return Err(Refused::ControlCharacter);
     }
     let claim = fields
         .get("workload")
@@ -179,6 +212,16 @@ impl Decisions for DecisionsService {
         request: Request<DecisionBatch>,
     ) -> Result<Response<DecisionBatchResponse>, Status> {
         let (identity, _) = caller(&request, "a proxy reports with its workload certificate")?;
+        // Checked per report, not only at the handshake: the channel a
+        // proxy reports on outlives a revocation.
+        let leaf = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned());
+        if let Some(leaf) = leaf {
+            self.hub
+                .check_revocation(&leaf)
+                .map_err(|refusal| refused_status(&refusal))?;
+        }
         let peer = request.remote_addr();
         let batch = request.into_inner();
         if batch.records.len() > MAX_BATCH_RECORDS {
@@ -293,5 +336,45 @@ mod tests {
             accept(b"{", "r", |_| Ok(Value::Null)),
             Err(Refused::NotJson(_))
         ));
+    }
+
+    /// What `suggest` and `replay` print cannot be forged through a record:
+    /// a method that is not an HTTP token, or a control character or line
+    /// break in any string (key or value, however deep), is refused.
+    #[test]
+    fn records_that_could_forge_output_are_refused() {
+        let with = |extra: Value| {
+            let mut record = serde_json::json!({"type": "access", "direction": "inbound", "v": 1});
+            record
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let line = serde_json::to_vec(&record).unwrap();
+            accept(&line, "r", |_| Ok(Value::Null)).map(|_| ())
+        };
+        let injected = "X\n---\napiVersion: security.istio.io/v1";
+        assert_eq!(
+            with(serde_json::json!({"method": injected})),
+            Err(Refused::Method)
+        );
+        assert_eq!(
+            with(serde_json::json!({"method": "GET /"})),
+            Err(Refused::Method)
+        );
+        assert_eq!(with(serde_json::json!({"method": 1})), Err(Refused::Method));
+        for bad in [
+            serde_json::json!({"path": "/a\rb"}),
+            serde_json::json!({"source_principal": "spiffe://x\u{85}y"}),
+            serde_json::json!({"headers": {"x-a": "1\u{2028}2"}}),
+            serde_json::json!({"request_auth": {"claims": [{"k\u{7f}": "v"}]}}),
+        ] {
+            assert_eq!(with(bad.clone()), Err(Refused::ControlCharacter), "{bad}");
+        }
+        assert_eq!(
+            with(
+                serde_json::json!({"method": "PATCH", "path": "/caf\u{e9}", "headers": {"x-a": "a\tb"}})
+            ),
+            Ok(())
+        );
     }
 }

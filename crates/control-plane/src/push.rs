@@ -447,7 +447,7 @@ impl Hub {
 /// (`PermissionDenied`), or the server cannot tell which workload the proxy
 /// is (`FailedPrecondition`). The message is the refusal's, for the proxy's
 /// log.
-fn refused_status(refusal: &Refusal) -> Status {
+pub(crate) fn refused_status(refusal: &Refusal) -> Status {
     match refusal {
         Refusal::Malformed { .. } => Status::invalid_argument(refusal.to_string()),
         Refusal::WrongIdentity { .. } | Refusal::WrongAddress { .. } | Refusal::Revoked(_) => {
@@ -486,6 +486,20 @@ fn unix_seconds(t: std::time::SystemTime) -> i64 {
 }
 
 impl Hub {
+    /// Whether `certificate` (a caller's, verified at its handshake) has
+    /// been revoked since: a connection outlives revocation, so every
+    /// request on it (each push, each decision report) checks again.
+    pub(crate) fn check_revocation(
+        &self,
+        certificate: &tonic::transport::CertificateDer<'_>,
+    ) -> Result<(), Refusal> {
+        self.store
+            .revocations()
+            .current()
+            .check_certificate(certificate)
+            .map_err(|revoked| Refusal::Revoked(revoked.to_string()))
+    }
+
     /// The workload a proxy speaks for — its identity, connecting from
     /// `peer`, claiming `claim` — as the distribution stream places it;
     /// with no entry for the identity, its namespace without name or
@@ -660,12 +674,7 @@ async fn session(
     loop {
         // Checked with every version, like the claim: a proxy revoked while
         // connected is cut off at the next push.
-        let revoked = hub
-            .store
-            .revocations()
-            .current()
-            .check_certificate(certificate)
-            .map_err(|revoked| Refusal::Revoked(revoked.to_string()));
+        let revoked = hub.check_revocation(certificate);
         let (version, workload, view) = match revoked
             .and_then(|()| hub.view(identity, peer, claim.as_deref(), &subscribe, gateway))
         {

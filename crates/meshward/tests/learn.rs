@@ -417,6 +417,19 @@ fn bookinfo_learns_least_privilege_from_its_traffic() {
         Some(403),
         "a path never seen"
     );
+    // An Authorization value whose 7th byte falls inside a multi-byte
+    // character is logged like any other (the proxy used to panic on it
+    // and drop the connection).
+    assert_eq!(
+        request_with(
+            productpage_to_reviews,
+            "GET",
+            "/reviews/0",
+            "authorization: Bearer\u{e9}x\r\n"
+        ),
+        Some(200),
+        "a multi-byte Authorization value"
+    );
     let root = up.dir.parent().unwrap().to_owned();
     up.stop();
     std::fs::remove_dir_all(root).ok();
@@ -661,7 +674,7 @@ fn a_proxy_cannot_report_decisions_for_another_workload() {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
+    let kept_late = runtime.block_on(async {
         let connect = |identity: Option<Identity>| {
             let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(&root))
@@ -684,25 +697,50 @@ fn a_proxy_cannot_report_decisions_for_another_workload() {
             std::fs::read_to_string(&key).unwrap(),
         );
         let channel = connect(Some(identity)).await.unwrap();
-        let answer = DecisionsClient::new(channel)
-            .report(batch.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let mut web = DecisionsClient::new(channel);
+        let answer = web.report(batch.clone()).await.unwrap().into_inner();
         assert_eq!((answer.kept, answer.refused), (1, 3), "{answer:?}");
         // Without a workload certificate, the call is refused.
-        let stranger = match connect(None).await {
-            Ok(channel) => DecisionsClient::new(channel)
-                .report(batch)
-                .await
-                .map(|r| format!("{:?}", r.into_inner()))
-                .map_err(|s| s.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        assert!(stranger.is_err(), "a stranger reported: {stranger:?}");
+        let stranger = DecisionsClient::new(connect(None).await.unwrap())
+            .report(batch.clone())
+            .await;
+        match stranger {
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}"),
+            Ok(answer) => panic!("a stranger reported: {answer:?}"),
+        }
+        // Revoked, web can report no more, even on the connection it
+        // opened before.
+        let revoked = mesh.admin(&[
+            "revoke",
+            "identity",
+            "spiffe://cluster.local/ns/web/sa/web",
+            "--reason",
+            "compromised",
+        ]);
+        assert!(revoked.status.success(), "{revoked:?}");
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        let mut kept_late = 0;
+        loop {
+            match web.report(batch.clone()).await {
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+                    assert!(status.message().contains("revoked"), "{status}");
+                    break kept_late;
+                }
+                Ok(answer) => {
+                    // Kept before the revocation reached the server.
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "still reporting: {answer:?}"
+                    );
+                    kept_late += answer.into_inner().kept;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
     });
     let window = window_records(&mesh.data);
-    assert_eq!(window.len(), 1, "{window:#?}");
+    assert_eq!(window.len() as u64, 1 + kept_late, "{window:#?}");
     assert_eq!(
         window[0]["workload"],
         serde_json::json!({"namespace": "web", "name": "web", "labels": {"app": "web"}})

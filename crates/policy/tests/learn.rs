@@ -423,3 +423,185 @@ proptest! {
         }
     }
 }
+
+/// A record's strings cannot add to the YAML `suggest` writes: a method,
+/// workload name, path or caller holding line breaks (and the characters
+/// YAML 1.1 reads as ones) stays inside its comment or quoted scalar, and
+/// the output holds exactly the policies `suggest` counted.
+#[test]
+fn record_strings_cannot_inject_yaml() {
+    let injected = "X\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: injected, namespace: bookinfo}\nspec: {rules: [{}]}\n";
+    let mut records = Vec::new();
+    for (i, breaker) in ["\n", "\r", "\u{85}", "\u{2028}", "\u{2029}"]
+        .into_iter()
+        .enumerate()
+    {
+        let forged = injected.replace('\n', breaker);
+        let mut r = bookinfo_calls().remove(0);
+        r.time = Some(jiff::Timestamp::from_second(1_700_000_000 + i as i64).unwrap());
+        r.method = Some(forged.clone());
+        r.path = Some(format!("/a{forged}"));
+        r.source_principal = Some(format!("spiffe://cluster.local/ns/bookinfo/sa/x{forged}"));
+        r.workload.as_mut().unwrap().name = Some(format!("reviews{forged}"));
+        records.push(r);
+    }
+    let suggestion = suggest(&records, &SuggestOptions::default());
+    let yaml = &suggestion.yaml;
+    let set = strictly_valid(yaml);
+    assert_eq!(
+        (suggestion.policies, suggestion.allow_nothing),
+        (1, 1),
+        "{yaml}"
+    );
+    assert_eq!(set.policies().len(), 2, "{yaml}");
+    let names: Vec<&str> = set
+        .policies()
+        .iter()
+        .map(|p| p.metadata().name.as_str())
+        .collect();
+    assert_eq!(names, ["allow-nothing", "reviews-observed"], "{yaml}");
+    for line in yaml.split(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']) {
+        assert!(
+            !line.starts_with("apiVersion") || line == "apiVersion: security.istio.io/v1",
+            "{line:?} in {yaml}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\t'),
+            "{line:?}"
+        );
+    }
+    assert_eq!(yaml.matches("\napiVersion: ").count(), 2, "{yaml}");
+    assert_eq!(yaml.matches("\n---\n").count(), 2, "{yaml}");
+}
+
+/// A request the proxy refused itself, before any policy (stage
+/// `request`, written without workload facts), is one no policy changes:
+/// replay reports it unchanged, not undecidable.
+#[test]
+fn requests_refused_before_any_policy_replay_unchanged() {
+    let refused = DecisionRecord {
+        v: 1,
+        kind: "access".into(),
+        direction: "inbound".into(),
+        protocol: "HTTP/1.1".into(),
+        source_address: Some("198.18.0.2:40000".parse().unwrap()),
+        status: Some(400),
+        decision: Some(Verdict::Deny),
+        stage: Some(Stage::Request),
+        ..DecisionRecord::default()
+    };
+    let set = strictly_valid(&suggest(&bookinfo_calls(), &SuggestOptions::default()).yaml);
+    let report = replay(&set, &[refused]);
+    assert_eq!(
+        (report.records, report.unchanged, report.undecidable),
+        (1, 1, 0),
+        "{}",
+        report.text()
+    );
+}
+
+/// `allow-nothing` is written only where it breaks nothing observed: not
+/// with `--workload` (it would deny the namespace's other workloads), and
+/// not in a namespace one of whose workloads no policy can select; each
+/// time a note says why, and a workload known only by its namespace is
+/// not said to lack labels.
+#[test]
+fn allow_nothing_only_where_every_workload_is_covered() {
+    let records = bookinfo_calls();
+    let one = suggest(
+        &records,
+        &SuggestOptions {
+            workload: Some("bookinfo/ratings".into()),
+            ..SuggestOptions::default()
+        },
+    );
+    strictly_valid(&one.yaml);
+    assert_eq!((one.policies, one.allow_nothing), (1, 0), "{}", one.yaml);
+    assert!(!one.yaml.contains("allow-nothing"), "{}", one.yaml);
+    assert!(
+        one.notes
+            .iter()
+            .any(|n| n
+                .starts_with("bookinfo: no allow-nothing written: --workload bookinfo/ratings")),
+        "{:#?}",
+        one.notes
+    );
+
+    let mut unselectable = records.clone();
+    let mut by_namespace = records[0].clone();
+    by_namespace.workload = Some(RecordWorkload {
+        namespace: "bookinfo".into(),
+        name: None,
+        labels: BTreeMap::new(),
+    });
+    unselectable.push(by_namespace);
+    let mut unlabelled = records[0].clone();
+    unlabelled.workload = Some(RecordWorkload {
+        namespace: "other".into(),
+        name: Some("bare".into()),
+        labels: BTreeMap::new(),
+    });
+    unselectable.push(unlabelled);
+    let all = suggest(&unselectable, &SuggestOptions::default());
+    strictly_valid(&all.yaml);
+    assert_eq!((all.policies, all.allow_nothing), (3, 0), "{}", all.yaml);
+    let notes = all.notes.join("\n");
+    for expected in [
+        "bookinfo: left out (1 requests to a workload known only by its namespace",
+        "other/bare: left out (1 requests): it has no labels",
+        "bookinfo: no allow-nothing written: it would deny all traffic to the workloads left out above",
+        "other: no allow-nothing written",
+    ] {
+        assert!(notes.contains(expected), "{expected:?} not in {notes}");
+    }
+    assert!(!notes.contains("bookinfo/{}"), "{notes}");
+}
+
+/// Replay does not guess about tokens it cannot see: a record says only
+/// whether the `Authorization: Bearer` header held one, so under proposed
+/// RequestAuthentications that read other headers, parameters or cookies,
+/// a request without a verified token is undecidable for their workloads
+/// (and decided as before where the rules read the default header only).
+#[test]
+fn tokens_at_locations_records_do_not_cover_are_undecidable() {
+    let records = bookinfo_calls();
+    let suggested = suggest(&records, &SuggestOptions::default()).yaml;
+    let with_rule = |locations: &str| {
+        let yaml = format!(
+            "{suggested}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: bookinfo}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example\n    jwksUri: https://issuer.example/jwks\n{locations}"
+        );
+        let loaded = load::load_str("proposed.yaml", &yaml);
+        let errors: Vec<String> = loaded
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .filter(|d| d.contains("error"))
+            .collect();
+        assert!(errors.is_empty(), "{errors:#?}\n{yaml}");
+        replay(
+            &PolicySet::new(MeshConfig::default(), loaded.into_policies()),
+            &records,
+        )
+    };
+    // Two allowed requests and one denied one reach reviews.
+    for locations in [
+        "    fromHeaders: [{name: x-token}]\n",
+        "    fromParams: [token]\n",
+        "    fromCookies: [session]\n",
+    ] {
+        let report = with_rule(locations);
+        assert_eq!(report.undecidable, 3, "{locations}{}", report.text());
+        assert!(
+            report.text().contains("besides `Authorization: Bearer`"),
+            "{}",
+            report.text()
+        );
+    }
+    for locations in [
+        "",
+        "    fromHeaders: [{name: Authorization, prefix: \"Bearer \"}]\n",
+    ] {
+        let report = with_rule(locations);
+        assert_eq!(report.undecidable, 0, "{locations:?}{}", report.text());
+    }
+}

@@ -4,11 +4,15 @@
 //! writer thread writes out in batches (at 64 KiB, or every 100 ms), so a
 //! slow disk never stalls traffic; when 8 MiB are waiting, records are
 //! dropped and counted (`meshward_log_records_dropped_total`). Paths are logged without their
-//! query string, and no header or token value is ever logged.
+//! query string. No token and no credential header (`authorization`,
+//! `proxy-authorization`, `cookie`) is ever logged; the values of headers
+//! the operator names with `--log-header`, and the JWT claims the policies
+//! in force read, are. Log files are created 0600 for that reason.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -87,12 +91,32 @@ pub trait Record: Serialize {
     fn reportable(&self) -> bool {
         false
     }
+
+    /// The record as reported: by default, as logged.
+    fn report_line(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
 }
+
+/// Fields of an access record kept out of what is reported to the control
+/// plane: the CUSTOM authorizer's metadata, and the free text of denials
+/// and upstream errors. Replaying and suggesting need none of them.
+pub const REPORT_LEAVES_OUT: [&str; 3] = ["ext_authz_metadata", "reason", "error"];
 
 /// Inbound decisions with their facts are reported.
 impl Record for AccessRecord {
     fn reportable(&self) -> bool {
         self.workload.is_some()
+    }
+
+    fn report_line(&self) -> serde_json::Result<Vec<u8>> {
+        let mut value = serde_json::to_value(self)?;
+        if let Some(fields) = value.as_object_mut() {
+            for field in REPORT_LEAVES_OUT {
+                fields.remove(field);
+            }
+        }
+        serde_json::to_vec(&value)
     }
 }
 
@@ -114,6 +138,7 @@ impl LogSink {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o600)
                     .open(path)?,
             ),
         };
@@ -150,26 +175,17 @@ impl LogSink {
     }
 
     pub fn write<R: Record>(&self, record: &R) {
-        let Some(report) = self.report.as_ref().filter(|_| record.reportable()) else {
-            if let Some(inner) = &self.inner {
-                self.append(inner, |pending| serde_json::to_writer(pending, record));
+        if let Some(report) = &self.report
+            && record.reportable()
+            && report.pick()
+        {
+            match record.report_line() {
+                Ok(line) => report.send(line),
+                Err(e) => tracing::error!("serializing a reported record: {e}"),
             }
-            return;
-        };
-        // Serialized once for both.
-        let line = match serde_json::to_vec(record) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!("serializing a log record: {e}");
-                return;
-            }
-        };
-        report.offer(&line);
+        }
         if let Some(inner) = &self.inner {
-            self.append(inner, |pending| {
-                pending.extend_from_slice(&line);
-                Ok(())
-            });
+            self.append(inner, |pending| serde_json::to_writer(pending, record));
         }
     }
 
@@ -493,6 +509,47 @@ mod tests {
 
     fn lines(out: &Mutex<Vec<u8>>) -> usize {
         lock(out).iter().filter(|b| **b == b'\n').count()
+    }
+
+    /// Records hold claim and header values: a log file is the proxy's
+    /// user's alone.
+    #[test]
+    fn log_files_are_created_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.jsonl");
+        let sink = LogSink::open(&LogTarget::File(path.clone()), Counter::default()).unwrap();
+        sink.write(&Line { n: 1 });
+        sink.flush();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// What is reported leaves out what only the operator's log keeps;
+    /// the log keeps all of it.
+    #[test]
+    fn reported_records_leave_out_metadata_and_free_text() {
+        let mut record = AccessRecord::new(
+            SystemTime::UNIX_EPOCH,
+            Direction::Inbound,
+            "HTTP/1.1",
+            "127.0.0.1:1".parse().unwrap(),
+            Arc::from("web"),
+        );
+        record.reason = Some("no ALLOW rule matched".into());
+        record.error = Some("upstream reset".into());
+        record.ext_authz_metadata = Some(serde_json::json!({"user": "alice"}));
+        record.method = Some("GET".into());
+        let reported: serde_json::Value =
+            serde_json::from_slice(&record.report_line().unwrap()).unwrap();
+        for field in REPORT_LEAVES_OUT {
+            assert!(reported.get(field).is_none(), "{field} in {reported}");
+        }
+        assert_eq!(reported["method"], "GET", "{reported}");
+        let logged = serde_json::to_value(&record).unwrap();
+        for field in REPORT_LEAVES_OUT {
+            assert!(logged.get(field).is_some(), "{field} not in {logged}");
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! (`try_send`) and dropped, counted, when the queue is full; batches go out
 //! from their own task, and a batch the server cannot take is dropped too
 //! (its count sent with the next one). Records are the access log's, with
-//! the same facts (`crate::facts`), serialized once for both.
+//! the same facts (`crate::facts`), less what only the operator's own log
+//! should hold (`crate::log::REPORT_LEAVES_OUT`); sampling picks them
+//! before they are serialized.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,14 +73,18 @@ pub fn reporter(fraction: f64) -> (Reporter, Reports) {
 }
 
 impl Reporter {
-    /// Offers one serialized record: kept when sampling picks it (the n-th
-    /// record is kept when ⌊n·f⌋ grows, so exactly a fraction f of them,
-    /// evenly spread) and the queue has room.
-    pub(crate) fn offer(&self, line: &[u8]) {
+    /// Whether sampling keeps the next record (the n-th is kept when ⌊n·f⌋
+    /// grows, so exactly a fraction f of them, evenly spread): asked before
+    /// a record is serialized for reporting, so that the others never are.
+    pub(crate) fn pick(&self) -> bool {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
-        let picked = self.fraction >= 1.0
-            || ((n + 1) as f64 * self.fraction).floor() > (n as f64 * self.fraction).floor();
-        if picked && self.tx.try_send(line.to_vec()).is_err() {
+        self.fraction >= 1.0
+            || ((n + 1) as f64 * self.fraction).floor() > (n as f64 * self.fraction).floor()
+    }
+
+    /// Queues one picked, serialized record when the queue has room.
+    pub(crate) fn send(&self, line: Vec<u8>) {
+        if self.tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -187,7 +193,9 @@ mod tests {
     fn sampling_keeps_that_fraction_evenly() {
         let (reporter, mut reports) = reporter(0.25);
         for i in 0..16u8 {
-            reporter.offer(&[i]);
+            if reporter.pick() {
+                reporter.send(vec![i]);
+            }
         }
         let mut kept = Vec::new();
         while let Ok(line) = reports.rx.try_recv() {
@@ -200,7 +208,7 @@ mod tests {
     fn a_full_queue_drops_and_counts() {
         let (reporter, reports) = reporter(1.0);
         for _ in 0..QUEUE + 10 {
-            reporter.offer(b"x");
+            reporter.send(b"x".to_vec());
         }
         assert_eq!(reports.dropped.load(Ordering::Relaxed), 10);
     }

@@ -200,6 +200,19 @@ impl Authenticator {
         self.rules.is_empty()
     }
 
+    /// Whether a rule looks for tokens anywhere but the default locations
+    /// (`fromHeaders`, `fromParams` or `fromCookies` naming others). A
+    /// decision record says only whether the `Authorization: Bearer`
+    /// header held a token, so `meshward replay` cannot tell what an
+    /// unverified request carried there.
+    pub fn reads_tokens_elsewhere(&self) -> bool {
+        let defaults = token::locations(&crate::api::JwtRule::default());
+        self.rules
+            .iter()
+            .flat_map(|r| &r.locations)
+            .any(|l| !defaults.contains(l))
+    }
+
     /// Whether a rule takes tokens of `issuer` for one of `audiences`: the
     /// question `meshward replay` asks of a token verified when it was
     /// logged (its keys and times are not checked again; the token itself

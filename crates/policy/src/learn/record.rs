@@ -184,11 +184,53 @@ pub fn header_values(request: &HttpRequest, names: &[String]) -> BTreeMap<String
 
 /// Whether `request` carries a bearer token in the `Authorization` header
 /// (the default token location): recorded when no token was verified, so
-/// that replaying under request authentication knows it cannot tell.
+/// that replaying under request authentication knows it cannot tell. Other
+/// locations are not recorded: under rules that read them, replay reports
+/// unverified requests as undecidable.
 pub fn has_bearer_token(request: &HttpRequest) -> bool {
     request
         .header("authorization")
-        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "))
+        .is_some_and(|v| v.len() > 7 && starts_with_ignore_ascii_case(&v, "bearer "))
+}
+
+/// Whether `value` starts with `prefix`, ASCII case folded. Compares bytes:
+/// `value` comes from the network, and slicing it at `prefix.len()` could
+/// cut a multi-byte character.
+fn starts_with_ignore_ascii_case(value: &str, prefix: &str) -> bool {
+    value
+        .as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
+}
+
+/// Whether `s` is an HTTP token (RFC 9110 `tchar`s, at least one): what a
+/// request method can be.
+pub fn is_http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `c` may break a line or a document where a record's strings are
+/// written out (YAML comments, terminal lines): control characters but the
+/// tab (which header values may hold), the Unicode line and paragraph
+/// separators (line breaks to YAML 1.1), and the byte-order mark.
+pub fn is_unsafe_char(c: char) -> bool {
+    (c.is_control() && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
+}
+
+/// `line` with every [`is_unsafe_char`] escaped (`\\u{a}`), so that a
+/// record's strings cannot end or forge a line of a report.
+fn one_line(line: String) -> String {
+    if !line.chars().any(is_unsafe_char) {
+        return line;
+    }
+    line.chars()
+        .map(|c| match is_unsafe_char(c) {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// One record as `suggest` and `replay` read it. Fields they do not use
@@ -272,13 +314,14 @@ impl DecisionRecord {
             .destination_port
             .map(|p| format!(" (port {p})"))
             .unwrap_or_default();
-        match (&self.method, &self.path) {
+        let line = match (&self.method, &self.path) {
             (Some(method), Some(path)) if self.is_http() => {
                 let host = self.authority.as_deref().unwrap_or("");
                 format!("{caller} {method} {host}{path}{port}")
             }
             _ => format!("{caller} TCP{port}"),
-        }
+        };
+        one_line(line)
     }
 }
 
@@ -390,6 +433,20 @@ mod tests {
         assert_eq!(values["x-a"].as_deref(), Some("1,2"));
         assert_eq!(values["x-b"], None);
         assert!(has_bearer_token(&request));
+    }
+
+    /// A value whose 7th byte falls inside a multi-byte character is read,
+    /// not sliced (slicing the `str` there panicked).
+    #[test]
+    fn bearer_check_takes_any_value() {
+        let with = |value: &str| HttpRequest {
+            headers: vec![("authorization".into(), value.into())],
+            ..HttpRequest::default()
+        };
+        assert!(!has_bearer_token(&with("Bearer\u{e9}x")));
+        assert!(!has_bearer_token(&with("\u{1f600}\u{1f600}x")));
+        assert!(has_bearer_token(&with("bEaReR \u{e9}")));
+        assert!(!has_bearer_token(&with("Bearer ")));
     }
 
     #[test]

@@ -140,13 +140,17 @@ pub fn replay(set: &PolicySet, records: &[DecisionRecord]) -> Replay {
                 .entry(w.workload())
                 .or_insert_with_key(|w| set.for_workload(w))
         });
-        let (change, decided_by, reason) = match policy
-            .ok_or_else(no_facts)
-            .and_then(|p| decide_again(p, record).map(|d| (p, d)))
-        {
+        let decided = match refused_before_policy(record) {
+            // Whatever the record lacks, no policy changes it.
+            true => Ok(None),
+            false => policy
+                .ok_or_else(no_facts)
+                .and_then(|p| decide_again(p, record).map(|d| d.map(|d| (p, d)))),
+        };
+        let (change, decided_by, reason) = match decided {
             Err(why) => (Change::Undecidable, why, String::new()),
-            Ok((_, None)) => (Change::Unchanged, String::new(), String::new()),
-            Ok((policy, Some(decision))) => {
+            Ok(None) => (Change::Unchanged, String::new(), String::new()),
+            Ok(Some((policy, decision))) => {
                 let change = match (record.allowed(), decision.allowed()) {
                     (true, false) => Change::AllowedToDenied,
                     (false, true) => Change::DeniedToAllowed,
@@ -214,6 +218,12 @@ fn no_facts() -> String {
     "the record has no workload facts (written by a proxy before record version 1)".to_owned()
 }
 
+/// Whether the proxy refused `record`'s request itself, before any policy
+/// (stage `request`: such records are written without facts).
+fn refused_before_policy(record: &DecisionRecord) -> bool {
+    record.stage == Some(Stage::Request)
+}
+
 /// The connection and request as the proxy put them to the engine.
 fn request_of(record: &DecisionRecord) -> (Connection, Option<HttpRequest>) {
     let connection = Connection {
@@ -249,11 +259,13 @@ pub fn decide_again(
     policy: &WorkloadPolicy,
     record: &DecisionRecord,
 ) -> Result<Option<InboundDecision>, String> {
+    if refused_before_policy(record) {
+        return Ok(None);
+    }
     if record.v < 1 || record.workload.is_none() || record.destination_port.is_none() {
         return Err(no_facts());
     }
     match record.stage {
-        Some(Stage::Request) => return Ok(None),
         Some(Stage::RequestAuthentication) if !record.allowed() => {
             return Err(
                 "its token failed verification when logged, and a token is never logged to verify again"
@@ -287,6 +299,12 @@ pub fn decide_again(
         (None, Some(_)) if record.bearer_token && !policy.authn.is_empty() => {
             return Err(
                 "it carried a bearer token that no RequestAuthentication read when logged; the proposed ones would verify it, and a token is never logged"
+                    .to_owned(),
+            );
+        }
+        (None, Some(_)) if policy.authn.reads_tokens_elsewhere() => {
+            return Err(
+                "the proposed RequestAuthentications read tokens from headers, parameters or cookies besides `Authorization: Bearer`, and the record does not say whether it carried one there (a token is never logged)"
                     .to_owned(),
             );
         }

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use jiff::Timestamp;
 
 use super::paths::{self, PathMode};
-use super::record::{DecisionRecord, RecordWorkload};
+use super::record::{DecisionRecord, RecordWorkload, is_http_token, is_unsafe_char};
 use crate::api::{Action, Policy};
 use crate::request::{PeerIdentity, SPIFFE_PREFIX};
 use crate::validate::DRY_RUN_ANNOTATION;
@@ -260,8 +260,46 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
         "# Each ALLOW rule lets one caller do what it was seen doing, no more. Review it,\n\
          # and check it against the traffic with `meshward replay -f FILE` before applying.\n",
     );
+    // Workloads no policy can select: their traffic gets no ALLOW rule, so
+    // an allow-nothing would deny all of it.
+    let mut left_out: BTreeSet<&str> = BTreeSet::new();
+    for (target, callers) in observed.iter().filter(|(t, _)| t.selector.is_empty()) {
+        let requests: u64 = callers
+            .values()
+            .flat_map(|o| o.values())
+            .flat_map(|p| p.values())
+            .map(|s| s.count)
+            .sum();
+        let note = match &target.name {
+            Some(name) => format!(
+                "{}: left out ({requests} requests): it has no labels, so no policy can select it alone",
+                comment_text(&format!("{}/{name}", target.namespace))
+            ),
+            None => format!(
+                "{}: left out ({requests} requests to a workload known only by its namespace: its proxy reported without a WorkloadEntry or --workload), so no policy can select it",
+                comment_text(&target.namespace)
+            ),
+        };
+        notes.push(note);
+        left_out.insert(&target.namespace);
+    }
     for ns in &namespaces {
         if options.have_allow_nothing.contains(ns) {
+            continue;
+        }
+        if let Some(w) = &options.workload {
+            notes.push(format!(
+                "{}: no allow-nothing written: --workload {} suggests for one workload, and an allow-nothing would deny every other workload of the namespace",
+                comment_text(ns),
+                comment_text(w)
+            ));
+            continue;
+        }
+        if left_out.contains(ns.as_str()) {
+            notes.push(format!(
+                "{}: no allow-nothing written: it would deny all traffic to the workloads left out above",
+                comment_text(ns)
+            ));
             continue;
         }
         out.document();
@@ -277,18 +315,14 @@ pub fn suggest(records: &[DecisionRecord], options: &SuggestOptions) -> Suggesti
     for (target, callers) in &observed {
         let workload = members
             .get(target)
-            .map(|m| m.iter().cloned().collect::<Vec<_>>().join(", "))
+            .map(|m| {
+                m.iter()
+                    .map(|w| comment_text(w))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default();
         if target.selector.is_empty() {
-            let requests: u64 = callers
-                .values()
-                .flat_map(|o| o.values())
-                .flat_map(|p| p.values())
-                .map(|s| s.count)
-                .sum();
-            notes.push(format!(
-                "{workload}: left out ({requests} requests): it has no labels, so no policy can select it alone"
-            ));
             continue;
         }
         let rules: Vec<(&Caller, Seen, Vec<Operation>)> = callers
@@ -544,9 +578,39 @@ impl Target {
     }
 }
 
-/// A YAML double-quoted scalar (JSON's string syntax is a subset of it).
+/// A YAML double-quoted scalar: JSON's string syntax (a subset of it),
+/// with every character that is not printable to YAML or that YAML 1.1
+/// reads as a line break escaped too (JSON leaves DEL, C1 controls and the
+/// Unicode separators as they are). Read back, it is `s`; written out, it
+/// is one line whatever `s` holds.
 fn quote(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_unsafe_char(c) || matches!(c, '\u{fffe}' | '\u{ffff}') => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A string from a record as comment text: as it is when it cannot end the
+/// comment's line (or the YAML), quoted otherwise.
+fn comment_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(is_unsafe_char) {
+        std::borrow::Cow::Owned(quote(s))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 /// A name or label as a plain scalar where YAML reads it back as the same
@@ -566,10 +630,7 @@ fn scalar(s: &str) -> String {
 /// Whether `method` can be written in `methods` without a warning: an
 /// HTTP token in upper case (methods match case-sensitively).
 fn plain_method(method: &str) -> bool {
-    !method.is_empty()
-        && method.bytes().all(|b| {
-            b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+    is_http_token(method) && !method.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 #[derive(Debug, Default)]
@@ -604,7 +665,11 @@ impl Yaml {
             let _ = writeln!(
                 self.0,
                 "        # methods left out (any method): {} cannot be matched as written",
-                op.methods.join(", ")
+                op.methods
+                    .iter()
+                    .map(|m| comment_text(m))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         let _ = writeln!(self.0, "        ports: [{}]", ports.join(", "));
