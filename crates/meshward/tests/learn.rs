@@ -734,7 +734,7 @@ fn a_proxy_cannot_report_decisions_for_another_workload() {
                         "still reporting: {answer:?}"
                     );
                     kept_late += answer.into_inner().kept;
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await; // pacing: between polls of a deadline-bounded wait
                 }
             }
         }
