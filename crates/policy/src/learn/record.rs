@@ -182,8 +182,9 @@ pub fn header_values(request: &HttpRequest, names: &[String]) -> BTreeMap<String
         .collect()
 }
 
-/// Whether `request` carries a bearer token in the `Authorization` header
-/// (the default token location): recorded when no token was verified, so
+/// Whether `request` carries a token at a default location (`Authorization:
+/// Bearer`, or the `access_token` query parameter, which records leave out
+/// with the rest of the query): recorded when no token was verified, so
 /// that replaying under request authentication knows it cannot tell. Other
 /// locations are not recorded: under rules that read them, replay reports
 /// unverified requests as undecidable.
@@ -191,6 +192,7 @@ pub fn has_bearer_token(request: &HttpRequest) -> bool {
     request
         .header("authorization")
         .is_some_and(|v| v.len() > 7 && starts_with_ignore_ascii_case(&v, "bearer "))
+        || request.query_params("access_token").any(|t| !t.is_empty())
 }
 
 /// Whether `value` starts with `prefix`, ASCII case folded. Compares bytes:
@@ -447,6 +449,18 @@ mod tests {
         assert!(!has_bearer_token(&with("\u{1f600}\u{1f600}x")));
         assert!(has_bearer_token(&with("bEaReR \u{e9}")));
         assert!(!has_bearer_token(&with("Bearer ")));
+    }
+
+    /// The query is never recorded, so a token there is flagged.
+    #[test]
+    fn a_token_in_the_default_query_parameter_is_flagged() {
+        let at = |path: &str| HttpRequest {
+            path: path.into(),
+            ..HttpRequest::default()
+        };
+        assert!(has_bearer_token(&at("/a?x=1&access_token=abc")));
+        assert!(!has_bearer_token(&at("/a?access_token=")));
+        assert!(!has_bearer_token(&at("/a?other_token=abc")));
     }
 
     #[test]
