@@ -57,6 +57,38 @@ pub fn provider() -> Arc<CryptoProvider> {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
+/// Why a peer with a valid certificate is refused all the same. It travels
+/// inside rustls' error (`CertificateError::Other`), so that those who
+/// count refusals by reason read the reason, not the message's words.
+#[derive(Clone, thiserror::Error)]
+pub enum PeerRefused {
+    #[error("peer {id} is of trust domain {domain}, not one this mesh trusts ({trusted})")]
+    TrustDomain {
+        id: String,
+        domain: String,
+        trusted: String,
+    },
+    #[error(
+        "secure naming: the server is {id}, which is not allowed to run this service (allowed: {allowed})"
+    )]
+    SecureNaming { id: String, allowed: String },
+}
+
+/// As its message: rustls shows an `Other` certificate error with `Debug`.
+impl std::fmt::Debug for PeerRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<PeerRefused> for Error {
+    fn from(refused: PeerRefused) -> Error {
+        Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(refused),
+        )))
+    }
+}
+
 /// The trust domains a peer may belong to: the mesh's and its aliases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustDomains(pub Vec<String>);
@@ -66,11 +98,12 @@ impl TrustDomains {
         if self.0.iter().any(|td| td == id.trust_domain()) {
             Ok(())
         } else {
-            Err(Error::General(format!(
-                "peer {id} is of trust domain {}, not one this mesh trusts ({})",
-                id.trust_domain(),
-                self.0.join(", ")
-            )))
+            Err(PeerRefused::TrustDomain {
+                id: id.to_string(),
+                domain: id.trust_domain().to_owned(),
+                trusted: self.0.join(", "),
+            }
+            .into())
         }
     }
 }
@@ -266,10 +299,11 @@ impl ServerCertVerifier for SecureNamingVerifier {
         });
         if !allowed {
             let allowed: Vec<String> = self.allowed.iter().map(ToString::to_string).collect();
-            return Err(Error::General(format!(
-                "secure naming: the server is {id}, which is not allowed to run this service (allowed: {})",
-                allowed.join(", ")
-            )));
+            return Err(PeerRefused::SecureNaming {
+                id: id.to_string(),
+                allowed: allowed.join(", "),
+            }
+            .into());
         }
         check_revoked(&self.revocations, end_entity, "server")?;
         Ok(ServerCertVerified::assertion())

@@ -163,6 +163,7 @@ impl ServerIdentity {
 
 /// Why a handshake failed, as a metric label.
 pub fn handshake_failure(error: &std::io::Error) -> &'static str {
+    use meshward_identity::tls::PeerRefused;
     use rustls::{CertificateError, Error};
     if error.kind() == std::io::ErrorKind::TimedOut {
         return "timeout";
@@ -184,9 +185,52 @@ pub fn handshake_failure(error: &std::io::Error) -> &'static str {
         ) => "unknown_ca",
         Error::AlertReceived(rustls::AlertDescription::UnknownCA) => "unknown_ca",
         Error::AlertReceived(rustls::AlertDescription::BadCertificate) => "bad_certificate",
-        Error::General(msg) if msg.contains("secure naming") => "secure_naming",
-        Error::General(msg) if msg.contains("trust domain") => "trust_domain",
+        Error::InvalidCertificate(CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<PeerRefused>() {
+                Some(PeerRefused::SecureNaming { .. }) => "secure_naming",
+                Some(PeerRefused::TrustDomain { .. }) => "trust_domain",
+                None => "bad_certificate",
+            }
+        }
         Error::InvalidCertificate(_) => "bad_certificate",
         _ => "protocol",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshward_identity::tls::PeerRefused;
+
+    use super::*;
+
+    fn io(error: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, error)
+    }
+
+    #[test]
+    fn a_refusal_is_counted_by_its_reason_not_its_words() {
+        let naming = PeerRefused::SecureNaming {
+            id: "spiffe://td/ns/a/sa/b".into(),
+            allowed: "spiffe://td/ns/a/sa/c".into(),
+        };
+        let domain = PeerRefused::TrustDomain {
+            id: "spiffe://other/ns/a/sa/b".into(),
+            domain: "other".into(),
+            trusted: "td".into(),
+        };
+        assert_eq!(
+            handshake_failure(&io(naming.clone().into())),
+            "secure_naming"
+        );
+        assert_eq!(handshake_failure(&io(domain.into())), "trust_domain");
+        // The words alone no longer decide.
+        let words = rustls::Error::General("secure naming and trust domain".into());
+        assert_eq!(handshake_failure(&io(words)), "protocol");
+        // The message still says why, for logs.
+        let shown = rustls::Error::from(naming).to_string();
+        assert!(
+            shown.contains("secure naming: the server is spiffe://td/ns/a/sa/b"),
+            "{shown}"
+        );
     }
 }
